@@ -1,0 +1,41 @@
+# Thin wrapper around CMake (as Neovim's): configure once, then forward.
+#   make            build everything into build/
+#   make test       build, then run the CTest suite
+#   make demo       build, then run the demo (examples/ through moec)
+#   make install PREFIX=/usr/local
+#   make clean      remove build/
+# Missing system packages are installed first (tools/install-deps.sh).
+
+BUILD_DIR   ?= build
+BUILD_TYPE  ?= RelWithDebInfo
+PREFIX      ?= /usr/local
+CMAKE_FLAGS ?=
+CTEST_FLAGS ?= --output-on-failure
+GENERATOR   := $(shell command -v ninja >/dev/null 2>&1 && echo Ninja || echo "Unix Makefiles")
+
+all: build
+
+deps:
+	@sh tools/install-deps.sh
+
+$(BUILD_DIR)/.configured: CMakeLists.txt | deps
+	cmake -S . -B $(BUILD_DIR) -G "$(GENERATOR)" -DCMAKE_BUILD_TYPE=$(BUILD_TYPE) \
+	  -DCMAKE_INSTALL_PREFIX=$(PREFIX) $(CMAKE_FLAGS)
+	@touch $@
+
+build: deps $(BUILD_DIR)/.configured
+	cmake --build $(BUILD_DIR)
+
+test: build
+	cd $(BUILD_DIR) && ctest $(CTEST_FLAGS)
+
+demo: build
+	cmake --build $(BUILD_DIR) --target demo
+
+install: build
+	cmake --install $(BUILD_DIR) --prefix $(PREFIX)
+
+clean:
+	rm -rf $(BUILD_DIR)
+
+.PHONY: all deps build test demo install clean

@@ -1,0 +1,186 @@
+/* main.c — the `moec` command line.
+ *   moec check [--print|--summary] FILE...
+ * Exit status: 0 success, 1 an error in a spec, 2 a usage error. */
+#include <getopt.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "front.h"
+
+#ifndef MOEC_VERSION
+#define MOEC_VERSION "0.0.0"
+#endif
+
+enum {
+#define OPT(id, l, s, a, m, h) OPT_##id,
+#include "options.def"
+#undef OPT
+  OPT__COUNT
+};
+
+static const struct option long_opts[] = {
+#define OPT(id, l, s, a, m, h) {l, a ? required_argument : no_argument, NULL, 1000 + OPT_##id},
+#include "options.def"
+#undef OPT
+    {NULL, 0, NULL, 0},
+};
+
+static const struct {
+  char shortc;
+  const char *name, *metavar, *help;
+} opt_info[] = {
+#define OPT(id, l, s, a, m, h) {s, l, m, h},
+#include "options.def"
+#undef OPT
+};
+
+static void usage(FILE *out) {
+  fputs("usage: moec check [options] FILE...   check .moe specs (- reads standard input)\n"
+        "       moec --help | --version\n"
+        "\n"
+        "options:\n",
+        out);
+  for (int i = 0; i < OPT__COUNT; i++) {
+    char left[64];
+    if (opt_info[i].shortc)
+      snprintf(left, sizeof left, "-%c, --%s%s%s", opt_info[i].shortc, opt_info[i].name,
+               *opt_info[i].metavar ? " " : "", opt_info[i].metavar);
+    else
+      snprintf(left, sizeof left, "    --%s%s%s", opt_info[i].name,
+               *opt_info[i].metavar ? " " : "", opt_info[i].metavar);
+    fprintf(out, "  %-22s %s\n", left, opt_info[i].help);
+  }
+  fputs("\nDiagnostics are FILE:LINE:COL: error: MESSAGE, as gcc's. The language is in\n"
+        "docs/LANGUAGE.md.\n",
+        out);
+}
+
+static int usage_error(const char *fmt, const char *arg) {
+  fputs("moec: ", stderr);
+  fprintf(stderr, fmt, arg);
+  fputs("\nTry 'moec --help' for more information.\n", stderr);
+  return 2;
+}
+
+typedef struct opts {
+  bool print, summary, dump_ast, werror, nowarn;
+} opts;
+
+static void print_diags(const moec_diags *d, const opts *o) {
+  if (!o->nowarn || d->nerrors) {
+    if (o->nowarn) {
+      /* errors and their notes only */
+      moec_diags only = *d;
+      moec_diag *keep = NULL, **tail = &keep;
+      bool last_kept = false;
+      for (moec_diag *x = d->head; x; x = x->next) {
+        bool k = x->sev == MOEC_SEV_ERROR || (x->sev == MOEC_SEV_NOTE && last_kept);
+        if (x->sev != MOEC_SEV_NOTE) last_kept = k;
+        if (!k) continue;
+        moec_diag *c = MOEC_NEW(d->arena, moec_diag);
+        *c = *x;
+        c->next = NULL;
+        *tail = c;
+        tail = &c->next;
+      }
+      only.head = keep;
+      moec_diags_print(&only, stderr);
+    } else {
+      moec_diags_print(d, stderr);
+    }
+  }
+}
+
+static int check_file(const char *path, const opts *o, bool many) {
+  moec_arena *a = moec_arena_create();
+  moec_diags d;
+  moec_diags_init(&d, a);
+  const moec_stmt *ast = NULL;
+  moec_spec *s = moec_front_file(a, &d, path, o->dump_ast ? &ast : NULL);
+  print_diags(&d, o);
+  if (o->dump_ast) moec_ast_dump(ast, stdout);
+  bool failed = !s || (o->werror && d.nwarnings);
+  if (!failed) {
+    if (o->print) moec_spec_print(s, stdout);
+    if (o->summary) {
+      if (many) printf("%s:\n", path);
+      moec_spec_summary(s, stdout);
+    }
+  }
+  if (failed && o->werror && s && d.nwarnings)
+    fprintf(stderr, "moec: warnings are errors (--Werror)\n");
+  moec_arena_destroy(a);
+  return failed ? 1 : 0;
+}
+
+int main(int argc, char **argv) {
+  opts o = {0};
+  /* "-": non-options come back in order as code 1, so the subcommand and the
+   * files may stand anywhere among the options. */
+  char shorts[2 * OPT__COUNT + 2];
+  size_t k = 0;
+  shorts[k++] = '-';
+  for (int i = 0; i < OPT__COUNT; i++)
+    if (opt_info[i].shortc) shorts[k++] = opt_info[i].shortc;
+  shorts[k] = 0;
+  opterr = 0;
+  const char *cmd = NULL;
+  int nfiles = 0;
+  const char **files = calloc((size_t)argc + 1, sizeof *files);
+  if (!files) return 1;
+  int rc = 0;
+  int c;
+  while ((c = getopt_long(argc, argv, shorts, long_opts, NULL)) != -1) {
+    if (c == 1) { /* the subcommand first, then files */
+      if (!cmd) cmd = optarg;
+      else files[nfiles++] = optarg;
+      continue;
+    }
+    int id = -1;
+    if (c >= 1000) id = c - 1000;
+    for (int i = 0; i < OPT__COUNT && id < 0; i++)
+      if (opt_info[i].shortc && opt_info[i].shortc == c) id = i;
+    if (id < 0) {
+      char shortname[3] = {'-', (char)optopt, 0};
+      rc = usage_error("unknown option '%s'", optopt ? shortname : argv[optind - 1]);
+      goto out;
+    }
+    switch (id) {
+    case OPT_HELP: usage(stdout); goto out;
+    case OPT_VERSION: printf("moec %s\n", MOEC_VERSION); goto out;
+    case OPT_PRINT: o.print = true; break;
+    case OPT_SUMMARY: o.summary = true; break;
+    case OPT_DUMP_AST: o.dump_ast = true; break;
+    case OPT_WERROR: o.werror = true; break;
+    case OPT_NOWARN: o.nowarn = true; break;
+    }
+  }
+  for (; optind < argc; optind++) { /* after `--` */
+    if (!cmd) cmd = argv[optind];
+    else files[nfiles++] = argv[optind];
+  }
+  if (!cmd) {
+    usage(stderr);
+    rc = 2;
+    goto out;
+  }
+  if (strcmp(cmd, "check") != 0) {
+    rc = usage_error("unknown command '%s'; the commands are: check", cmd);
+    goto out;
+  }
+  if (nfiles == 0) {
+    rc = usage_error("%s: no input files", "check");
+    goto out;
+  }
+  if (o.print && nfiles > 1) {
+    rc = usage_error("%s: --print takes one file", "check");
+    goto out;
+  }
+  for (int i = 0; i < nfiles; i++)
+    if (check_file(files[i], &o, nfiles > 1)) rc = 1;
+out:
+  free(files);
+  return rc;
+}

@@ -1,0 +1,175 @@
+/* spec.h — a checked .moe spec with every default filled in: what sema makes
+ * of the syntax tree, and what the printer, the summary and the later stages
+ * (ir, plan) read. All memory comes from the compilation's arena. */
+#ifndef MOEC_SPEC_H
+#define MOEC_SPEC_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "ast.h"
+#include "diag.h"
+
+
+typedef enum {
+#define DTYPE(k, s) MOEC_DTYPE_##k,
+#include "spec.def"
+#undef DTYPE
+  MOEC_DTYPE__COUNT
+} moec_dtype;
+typedef enum {
+#define ACT(k, s) MOEC_ACT_##k,
+#include "spec.def"
+#undef ACT
+  MOEC_ACT__COUNT
+} moec_act;
+typedef enum {
+#define GATE(k, s) MOEC_GATE_##k,
+#include "spec.def"
+#undef GATE
+  MOEC_GATE__COUNT
+} moec_gate;
+typedef enum {
+#define A2A(k, s) MOEC_A2A_##k,
+#include "spec.def"
+#undef A2A
+  MOEC_A2A__COUNT
+} moec_a2a;
+typedef enum {
+#define SELECT(k, s) MOEC_SELECT_##k,
+#include "spec.def"
+#undef SELECT
+  MOEC_SELECT__COUNT
+} moec_select;
+typedef enum {
+#define OPTIM(k, s) MOEC_OPTIM_##k,
+#include "spec.def"
+#undef OPTIM
+  MOEC_OPTIM__COUNT
+} moec_optim;
+typedef enum {
+#define SCHED(k, s) MOEC_SCHED_##k,
+#include "spec.def"
+#undef SCHED
+  MOEC_SCHED__COUNT
+} moec_sched;
+typedef enum {
+#define LAYER(k, s, f) MOEC_LAYER_##k,
+#include "spec.def"
+#undef LAYER
+  MOEC_LAYER__COUNT
+} moec_layer_kind;
+
+extern const char *const moec_dtype_names[MOEC_DTYPE__COUNT];
+extern const char *const moec_act_names[MOEC_ACT__COUNT];
+extern const char *const moec_gate_names[MOEC_GATE__COUNT];
+extern const char *const moec_a2a_names[MOEC_A2A__COUNT];
+extern const char *const moec_select_names[MOEC_SELECT__COUNT];
+extern const char *const moec_optim_names[MOEC_OPTIM__COUNT];
+extern const char *const moec_sched_names[MOEC_SCHED__COUNT];
+extern const char *const moec_layer_names[MOEC_LAYER__COUNT];
+
+/* Limits, each with its reason. */
+#define MOEC_MAX_REPEAT 4096          /* LANGUAGE.md */
+#define MOEC_MAX_CONTEXT 64           /* LANGUAGE.md */
+#define MOEC_MAX_PARAM_BYTES ((int64_t)1 << 40) /* LANGUAGE.md: 1 TiB of weights */
+/* Layers after `repeat` is expanded: every later stage holds per-layer data,
+ * and no model we know of has more than a few thousand. */
+#define MOEC_MAX_LAYERS ((int64_t)1 << 20)
+/* Experts per MoE layer: gating kernels keep per-expert counters in shared
+ * memory, and the largest published MoE models use a few hundred. */
+#define MOEC_MAX_EXPERTS 4096
+/* The cosine gate's projection width, as Tutel's CosineTopKGate. */
+#define MOEC_COSINE_PROJ 256
+/* Candidate values of the parallel lists. */
+#define MOEC_MAX_CANDIDATES 16
+
+typedef struct moec_moe {
+  int64_t experts, hidden, top_k;
+  double capacity_factor; /* > 0 fixed, 0 dropless, < 0 dynamic capped at |f| */
+  moec_gate gate;
+  moec_act act;
+  double aux_loss;        /* weight of the GShard load-balancing loss */
+  bool bias, normalize_gate, batch_prioritized;
+  double gate_noise;
+} moec_moe;
+
+typedef struct moec_ffn {
+  int64_t hidden;
+  moec_act act;
+} moec_ffn;
+
+typedef struct moec_layer {
+  moec_layer_kind kind;
+  const char *name;          /* MOE, FFN: the name as written */
+  moec_loc loc;              /* the layer's keyword */
+  moec_moe moe;
+  moec_ffn ffn;
+  int64_t count;             /* REPEAT */
+  struct moec_layer *body;   /* RESIDUAL, REPEAT */
+  struct moec_layer *next;
+} moec_layer;
+
+typedef enum { MOEC_DATA_SYNTHETIC, MOEC_DATA_BYTES } moec_data_kind;
+
+typedef struct moec_parallel {
+  bool r_auto;                          /* `auto` listed */
+  int64_t r[MOEC_MAX_CANDIDATES];       /* explicit values, as written */
+  int nr;
+  int64_t degrees[MOEC_MAX_CANDIDATES];
+  int ndegrees;
+  moec_a2a a2a[MOEC_A2A__COUNT];
+  int na2a;
+  moec_select select;
+  int64_t explore_steps;
+} moec_parallel;
+
+typedef struct moec_train {
+  int64_t steps, seed;
+  moec_optim optimizer;
+  double lr, beta1, beta2, eps, weight_decay;
+  int64_t warmup;
+  moec_sched schedule;
+  double clip;
+  moec_data_kind data;
+  const char *data_path;   /* MOEC_DATA_BYTES */
+  int64_t eval_every;
+  const char *checkpoint;  /* NULL: none */
+  int64_t checkpoint_every, log_every;
+} moec_train;
+
+typedef struct moec_spec {
+  const char *name;
+  moec_loc loc;
+  int64_t dim, tokens;
+  moec_dtype dtype;
+  int64_t vocab;   /* 0: no vocabulary (MSE against the teacher) */
+  int64_t context;
+  moec_layer *layers;
+  moec_parallel parallel;
+  bool has_train;  /* false: an inference-only binary */
+  moec_train train;
+  moec_loc train_data_loc; /* the `data` item, for whole-model diagnostics */
+} moec_spec;
+
+/* Checks a parsed file against every rule of docs/LANGUAGE.md, adding a
+ * diagnostic for each violation, and returns the spec with every default
+ * filled in; NULL when there was an error. */
+moec_spec *moec_sema(moec_arena *a, moec_diags *d, const moec_stmt *file);
+
+/* Parameters of one layer with everything inside it (a repeat's copies
+ * included), saturating at INT64_MAX. */
+int64_t moec_layer_params(const moec_spec *s, const moec_layer *l);
+/* Parameters of the whole model: embedding and head included. */
+int64_t moec_spec_params(const moec_spec *s);
+/* Bytes per parameter of the spec's dtype. */
+int moec_dtype_bytes(moec_dtype t);
+
+/* Writes the spec in normal form, every default written out; the output is
+ * itself a valid spec that prints to the same text. */
+void moec_spec_print(const moec_spec *s, FILE *out);
+/* One paragraph about the model: layers, parameters, experts. */
+void moec_spec_summary(const moec_spec *s, FILE *out);
+
+#endif

@@ -1,0 +1,331 @@
+/* moe.y — the grammar of the .moe language (docs/LANGUAGE.md has it in EBNF).
+ * Generic on purpose: a file is a list of statements; a statement is an item
+ * (`key = v, v;`), a bare word (`layernorm;`) or a block (`word [NAME|INT] {`).
+ * Which words are valid where is checked by compiler/sema.c, which can then
+ * name the block, the key and the nearest valid spelling. Actions are one-line
+ * calls to the builders at the end of this file. */
+%define api.pure full
+%locations
+%define api.location.type {moec_span}
+%define parse.error custom
+%expect 0
+%parse-param {moec_parse_ctx *ctx} {void *scanner}
+%lex-param {void *scanner}
+
+%code requires {
+#include "parse.h"
+typedef struct moec_num { int64_t i; double d; bool is_int; } moec_num;
+}
+
+%code {
+#include <string.h>
+int yylex(YYSTYPE *lval, YYLTYPE *lloc, void *scanner);
+static void yyerror(YYLTYPE *loc, moec_parse_ctx *ctx, void *scanner, const char *msg);
+static moec_stmt *mk_item(moec_parse_ctx *ctx, moec_str key, YYLTYPE kl, moec_value_list v, YYLTYPE all);
+static moec_stmt *mk_bare(moec_parse_ctx *ctx, moec_str w, YYLTYPE wl, YYLTYPE all);
+static moec_stmt *mk_block(moec_parse_ctx *ctx, moec_str w, YYLTYPE wl, YYLTYPE lb,
+                           moec_stmt_list body, YYLTYPE rb, YYLTYPE all);
+static moec_stmt *with_name(moec_parse_ctx *ctx, moec_stmt *b, moec_str name, YYLTYPE nl);
+static moec_stmt *with_count(moec_parse_ctx *ctx, moec_stmt *b, moec_num n, YYLTYPE nl);
+static moec_stmt_list append_stmt(moec_stmt_list l, moec_stmt *s);
+static moec_value_list append_value(moec_value_list l, moec_value *v);
+static moec_value *mk_num(moec_parse_ctx *ctx, moec_num n, YYLTYPE l);
+static moec_value *mk_str(moec_parse_ctx *ctx, moec_value_kind k, moec_str s, YYLTYPE l);
+static moec_value *mk_call(moec_parse_ctx *ctx, moec_str f, moec_value_list args, YYLTYPE l);
+#define YYLLOC_DEFAULT(Cur, Rhs, N)                       \
+  do {                                                    \
+    if (N) {                                              \
+      (Cur).start = YYRHSLOC(Rhs, 1).start;               \
+      (Cur).end = YYRHSLOC(Rhs, N).end;                   \
+    } else {                                              \
+      (Cur).start = (Cur).end = YYRHSLOC(Rhs, 0).end;     \
+    }                                                     \
+  } while (0)
+}
+
+%union {
+  moec_str str;
+  moec_num num;
+  moec_stmt *stmt;
+  moec_stmt_list stmts;
+  moec_value *value;
+  moec_value_list values;
+}
+
+%token <str> T_IDENT "name" T_STRING "string"
+%token <num> T_NUMBER "number"
+%token T_INVALID "invalid token"
+%type <stmt> stmt
+%type <stmts> stmts
+%type <value> value
+%type <values> values
+
+%%
+
+file: stmts                         { ctx->result = $1.head; }
+    ;
+
+stmts: %empty                       { $$ = (moec_stmt_list){0}; }
+     | stmts stmt                   { $$ = append_stmt($1, $2); }
+     | stmts error                  { $$ = $1; $$.error = true; }
+     | stmts error ';'              { $$ = $1; $$.error = true; yyerrok; }
+     ;
+
+stmt: T_IDENT '=' values ';'                 { $$ = mk_item(ctx, $1, @1, $3, @$); }
+    | T_IDENT ';'                            { $$ = mk_bare(ctx, $1, @1, @$); }
+    | T_IDENT '{' stmts '}'                  { $$ = mk_block(ctx, $1, @1, @2, $3, @4, @$); }
+    | T_IDENT T_IDENT '{' stmts '}'          { $$ = with_name(ctx, mk_block(ctx, $1, @1, @3, $4, @5, @$), $2, @2); }
+    | T_IDENT T_NUMBER '{' stmts '}'         { $$ = with_count(ctx, mk_block(ctx, $1, @1, @3, $4, @5, @$), $2, @2); }
+    ;
+
+values: value                       { $$ = append_value((moec_value_list){0}, $1); }
+      | values ',' value            { $$ = append_value($1, $3); }
+      ;
+
+value: T_NUMBER                     { $$ = mk_num(ctx, $1, @1); }
+     | T_IDENT                      { $$ = mk_str(ctx, MOEC_VAL_IDENT, $1, @1); }
+     | T_STRING                     { $$ = mk_str(ctx, MOEC_VAL_STRING, $1, @1); }
+     | T_IDENT '(' values ')'       { $$ = mk_call(ctx, $1, $3, @$); }
+     ;
+
+%%
+
+moec_loc moec_parse_loc(const moec_parse_ctx *ctx, moec_span sp) {
+  moec_loc l = {ctx->src, sp.start, sp.end};
+  return l;
+}
+
+static moec_loc L(const moec_parse_ctx *ctx, YYLTYPE sp) { return moec_parse_loc(ctx, sp); }
+
+/* A statement that starts at the token of a syntax error in mid-line (`moe x
+ * y {`) is what is left of a broken statement: what sema would say about it
+ * is a cascade. One that starts on the next line (a `;` forgotten at the end
+ * of the line before) is a statement like any other. */
+static bool is_suspect(const moec_parse_ctx *ctx, size_t tok) {
+  return ctx->error_tok && ctx->error_mid_line && tok + 1 == ctx->error_tok;
+}
+
+static moec_stmt *new_stmt(moec_parse_ctx *ctx, moec_stmt_kind k, moec_str w, YYLTYPE wl,
+                           YYLTYPE all) {
+  moec_stmt *s = MOEC_NEW(ctx->arena, moec_stmt);
+  s->kind = k;
+  s->word = w.s;
+  s->word_loc = L(ctx, wl);
+  s->loc = L(ctx, all);
+  s->suspect = is_suspect(ctx, w.tok);
+  return s;
+}
+
+static moec_stmt *mk_item(moec_parse_ctx *ctx, moec_str key, YYLTYPE kl, moec_value_list v,
+                          YYLTYPE all) {
+  moec_stmt *s = new_stmt(ctx, MOEC_STMT_ITEM, key, kl, all);
+  s->values = v.head;
+  s->nvalues = v.n;
+  return s;
+}
+
+static moec_stmt *mk_bare(moec_parse_ctx *ctx, moec_str w, YYLTYPE wl, YYLTYPE all) {
+  return new_stmt(ctx, MOEC_STMT_BARE, w, wl, all);
+}
+
+static moec_stmt *mk_block(moec_parse_ctx *ctx, moec_str w, YYLTYPE wl, YYLTYPE lb,
+                           moec_stmt_list body, YYLTYPE rb, YYLTYPE all) {
+  moec_stmt *s = new_stmt(ctx, MOEC_STMT_BLOCK, w, wl, all);
+  s->lbrace = L(ctx, lb);
+  s->body = body.head;
+  /* a `}` the lexer supplied at the end of the file: the block never closed */
+  s->body_error = body.error || rb.start == rb.end;
+  return s;
+}
+
+static moec_stmt *with_name(moec_parse_ctx *ctx, moec_stmt *b, moec_str name, YYLTYPE nl) {
+  b->name = name.s;
+  b->name_loc = L(ctx, nl);
+  return b;
+}
+
+static moec_stmt *with_count(moec_parse_ctx *ctx, moec_stmt *b, moec_num n, YYLTYPE nl) {
+  b->has_count = true;
+  b->count_loc = L(ctx, nl);
+  if (!n.is_int) {
+    moec_error(ctx->diags, b->count_loc, "the count of `%s` must be an integer",
+               moec_quote(ctx->arena, b->word, strlen(b->word)));
+    b->count = 1;
+  } else {
+    b->count = n.i;
+  }
+  return b;
+}
+
+static moec_stmt_list append_stmt(moec_stmt_list l, moec_stmt *s) {
+  if (l.tail) l.tail->next = s; else l.head = s;
+  l.tail = s;
+  return l;
+}
+
+static moec_value_list append_value(moec_value_list l, moec_value *v) {
+  if (l.tail) l.tail->next = v; else l.head = v;
+  l.tail = v;
+  l.n++;
+  return l;
+}
+
+static moec_value *mk_num(moec_parse_ctx *ctx, moec_num n, YYLTYPE l) {
+  moec_value *v = MOEC_NEW(ctx->arena, moec_value);
+  v->kind = n.is_int ? MOEC_VAL_INT : MOEC_VAL_NUM;
+  v->loc = L(ctx, l);
+  v->i = n.i;
+  v->d = n.d;
+  return v;
+}
+
+static moec_value *mk_str(moec_parse_ctx *ctx, moec_value_kind k, moec_str s, YYLTYPE l) {
+  moec_value *v = MOEC_NEW(ctx->arena, moec_value);
+  v->kind = k;
+  v->loc = L(ctx, l);
+  v->s = s.s;
+  v->slen = s.len;
+  return v;
+}
+
+static moec_value *mk_call(moec_parse_ctx *ctx, moec_str f, moec_value_list args, YYLTYPE l) {
+  moec_value *v = mk_str(ctx, MOEC_VAL_CALL, f, l);
+  v->args = args.head;
+  return v;
+}
+
+/* --- syntax errors --- */
+
+static const char *describe(moec_parse_ctx *ctx, yysymbol_kind_t t, YYLTYPE l) {
+  const char *text = ctx->src->text + l.start;
+  size_t n = l.end - l.start;
+  switch (t) {
+  case YYSYMBOL_YYEOF: return "end of file";
+  case YYSYMBOL_T_IDENT: return moec_arena_printf(ctx->arena, "name `%s`", moec_quote(ctx->arena, text, n));
+  case YYSYMBOL_T_NUMBER: return moec_arena_printf(ctx->arena, "number `%s`", moec_quote(ctx->arena, text, n));
+  case YYSYMBOL_T_STRING: return moec_arena_printf(ctx->arena, "string %s", moec_quote(ctx->arena, text, n));
+  default: return moec_arena_printf(ctx->arena, "`%s`", moec_quote(ctx->arena, text, n));
+  }
+}
+
+static const char *expected_name(yysymbol_kind_t t) {
+  switch (t) {
+  case YYSYMBOL_YYEOF: return "end of file";
+  case YYSYMBOL_T_IDENT: return "a name";
+  case YYSYMBOL_T_NUMBER: return "a number";
+  case YYSYMBOL_T_STRING: return "a string";
+  default: return NULL;
+  }
+}
+
+static int yyreport_syntax_error(const yypcontext_t *yyctx, moec_parse_ctx *ctx, void *scanner) {
+  (void)scanner;
+  yysymbol_kind_t look = yypcontext_token(yyctx);
+  YYLTYPE ll = *yypcontext_location(yyctx);
+  ctx->error_tok = ctx->ntokens; /* the lookahead is the last token lexed */
+  ctx->error_mid_line = memchr(ctx->src->text + ctx->before_end, '\n',
+                               ll.start > ctx->before_end ? ll.start - ctx->before_end : 0) == NULL;
+  if (look == YYSYMBOL_T_INVALID || ctx->fatal) return 0; /* reported by the lexer */
+
+  if (look == YYSYMBOL_YYEOF && ctx->depth > 0) {
+    moec_open_block *b = &ctx->open[ctx->depth - 1];
+    const char *w = b->word_len ? moec_quote(ctx->arena, ctx->src->text + b->word, b->word_len) : "";
+    moec_span at = {ll.start, ll.start};
+    moec_error(ctx->diags, moec_parse_loc(ctx, at), "expected `}` at end of file");
+    moec_span lb = {b->lbrace, b->lbrace + 1};
+    moec_note(ctx->diags, moec_parse_loc(ctx, lb), "the `%s` block opened here is not closed", w);
+    ctx->depth = 0;
+    return 0;
+  }
+
+  yysymbol_kind_t exp[16];
+  int n = yypcontext_expected_tokens(yyctx, exp, 16);
+  const char *names[16];
+  int k = 0;
+  bool want_semi = false, have_value = false;
+  for (int i = 0; i < n; i++) {
+    yysymbol_kind_t t = exp[i];
+    if (strcmp(yysymbol_name(t), "';'") == 0) want_semi = true;
+    bool is_value = t == YYSYMBOL_T_NUMBER || t == YYSYMBOL_T_STRING;
+    if (is_value) {
+      if (!have_value) names[k++] = "a value";
+      have_value = true;
+      continue;
+    }
+    const char *name = expected_name(t);
+    if (!name) {
+      const char *raw = yysymbol_name(t); /* "'='" */
+      name = moec_arena_printf(ctx->arena, "`%.*s`", (int)strlen(raw) - 2, raw + 1);
+    }
+    names[k++] = name;
+  }
+  /* a name also counts as a value where a value may stand */
+  if (have_value)
+    for (int i = 0; i < k; i++)
+      if (strcmp(names[i], "a name") == 0) {
+        memmove(&names[i], &names[i + 1], sizeof names[0] * (size_t)(k - i - 1));
+        k--;
+        break;
+      }
+  char buf[512];
+  size_t len = 0;
+  buf[0] = 0;
+  for (int i = 0; i < k && len < sizeof buf - 64; i++)
+    len += (size_t)snprintf(buf + len, sizeof buf - len, "%s%s",
+                            i == 0 ? "" : i == k - 1 ? " or " : ", ", names[i]);
+
+  /* A `;` forgotten at the end of a line: point just after the token before,
+   * as gcc does, rather than at the start of the next line. */
+  if (want_semi && ctx->before_end < ll.start) {
+    bool newline = false;
+    for (size_t i = ctx->before_end; i < ll.start; i++) newline |= ctx->src->text[i] == '\n';
+    if (newline) {
+      moec_span at = {ctx->before_end, ctx->before_end};
+      moec_error(ctx->diags, moec_parse_loc(ctx, at), "expected %s after `%s`", buf,
+                 moec_quote(ctx->arena, ctx->src->text + ctx->before_start,
+                            ctx->before_end - ctx->before_start));
+      return 0;
+    }
+  }
+  moec_error(ctx->diags, moec_parse_loc(ctx, ll), "expected %s before %s", buf,
+             describe(ctx, look, ll));
+  return 0;
+}
+
+static void yyerror(YYLTYPE *loc, moec_parse_ctx *ctx, void *scanner, const char *msg) {
+  (void)scanner;
+  /* Only bison's own failures come here ("memory exhausted"); the nesting
+   * limit in the lexer keeps the stack far below its bound. */
+  moec_error(ctx->diags, moec_parse_loc(ctx, *loc), "parser failure: %s", msg);
+}
+
+/* --- the driver --- */
+
+typedef void *yyscan_t;
+int yylex_init_extra(moec_parse_ctx *extra, yyscan_t *scanner);
+int yylex_destroy(yyscan_t scanner);
+struct yy_buffer_state *yy_scan_buffer(char *base, size_t size, yyscan_t scanner);
+
+moec_stmt *moec_parse(moec_arena *a, moec_diags *d, moec_source *src, bool *complete) {
+  moec_parse_ctx *ctx = MOEC_NEW(a, moec_parse_ctx);
+  ctx->arena = a;
+  ctx->diags = d;
+  ctx->src = src;
+  ctx->at_stmt_start = true;
+  yyscan_t scanner;
+  if (yylex_init_extra(ctx, &scanner)) {
+    moec_file_error(d, src, "cannot start the lexer (out of memory)");
+    *complete = false;
+    return NULL;
+  }
+  /* flex scans in place and writes NULs into its buffer as it goes, so it gets
+   * its own copy, ending in the two NULs yy_scan_buffer wants; diagnostics echo
+   * the untouched source. */
+  char *buf = moec_arena_alloc(a, src->len + 2);
+  memcpy(buf, src->text, src->len);
+  yy_scan_buffer(buf, src->len + 2, scanner);
+  int rc = yyparse(ctx, scanner);
+  yylex_destroy(scanner);
+  *complete = rc == 0 && !ctx->fatal && !d->stopped;
+  return ctx->result;
+}

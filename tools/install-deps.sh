@@ -1,0 +1,39 @@
+#!/bin/sh
+# Installs what moec needs to build and test from Debian's packages, once.
+# Called by `make`, `make test` and `make demo` before CMake configures; it does
+# nothing (and needs no network) when every package is already there.
+# Not root: prints the packages to install and fails, so nothing half-builds.
+set -eu
+
+# Debian package names, each with a command or file that proves it is installed.
+# Keep this list and the README's "Dependencies" section in step.
+need=""
+have_cmd() { command -v "$1" >/dev/null 2>&1; }
+have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'ok installed'; }
+
+have_cmd flex  || need="$need flex"
+have_cmd bison || need="$need bison"
+have_cmd cmake || need="$need cmake"
+have_cmd cc    || need="$need gcc"
+
+if [ -z "$need" ]; then
+  exit 0
+fi
+
+if [ "$(id -u)" != 0 ]; then
+  echo "moec: missing packages:$need" >&2
+  echo "moec: install them as root:  apt-get update && apt-get install -y$need" >&2
+  exit 1
+fi
+
+if ! have_cmd apt-get; then
+  echo "moec: missing packages:$need, and there is no apt-get here; install them with your system's package manager" >&2
+  exit 1
+fi
+
+echo "moec: installing missing packages:$need"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+# shellcheck disable=SC2086
+apt-get install -y -qq --no-install-recommends $need >/dev/null
+echo "moec: installed:$need"
