@@ -148,7 +148,10 @@ static void print_snippet(FILE *out, moec_source *src, size_t start, size_t end)
   bool cut_left = from > ls;
   size_t shown = 0;
 
-  fprintf(out, "%5zu | %s", line, cut_left ? "..." : "");
+  /* the gutter is 5 wide, wider for a line number past 99999 */
+  int gutter = snprintf(NULL, 0, "%zu", line);
+  if (gutter < 5) gutter = 5;
+  fprintf(out, "%*zu | %s", gutter, line, cut_left ? "..." : "");
   /* caret line is built beside the echo */
   size_t cap = (size_t)ECHO_WINDOW * 4 + 16;
   char *caret = malloc(cap);
@@ -174,7 +177,7 @@ static void print_snippet(FILE *out, moec_source *src, size_t start, size_t end)
   if (start >= le && ck + 1 < cap) caret[ck++] = '^'; /* error at end of line or file */
   while (ck > 0 && caret[ck - 1] == ' ') ck--;
   caret[ck] = 0;
-  fprintf(out, "\n      | %s\n", caret);
+  fprintf(out, "\n%*s | %s\n", gutter, "", caret);
   free(caret);
 }
 
@@ -245,25 +248,31 @@ const char *moec_quote(moec_arena *a, const char *s, size_t n) {
   return out;
 }
 
-static size_t levenshtein(const char *a, const char *b) {
+/* Edit distance with adjacent transpositions (optimal string alignment):
+ * `trian` is one edit from `train`, as a typist would count it. */
+static size_t edit_distance(const char *a, const char *b) {
   size_t la = strlen(a), lb = strlen(b);
   if (la > 64 || lb > 64) return SIZE_MAX;
-  size_t row[65];
-  for (size_t j = 0; j <= lb; j++) row[j] = j;
+  size_t rows[3][65]; /* rows i-2, i-1 and i, used in rotation */
+  size_t *pp = rows[0], *prev = rows[1], *cur = rows[2];
+  for (size_t j = 0; j <= lb; j++) prev[j] = j;
   for (size_t i = 1; i <= la; i++) {
-    size_t diag = row[0];
-    row[0] = i;
+    cur[0] = i;
     for (size_t j = 1; j <= lb; j++) {
-      size_t up = row[j];
       size_t cost = a[i - 1] == b[j - 1] ? 0 : 1;
-      size_t v = diag + cost;
-      if (row[j] + 1 < v) v = row[j] + 1;
-      if (row[j - 1] + 1 < v) v = row[j - 1] + 1;
-      row[j] = v;
-      diag = up;
+      size_t v = prev[j - 1] + cost;
+      if (prev[j] + 1 < v) v = prev[j] + 1;
+      if (cur[j - 1] + 1 < v) v = cur[j - 1] + 1;
+      if (i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] && pp[j - 2] + 1 < v)
+        v = pp[j - 2] + 1;
+      cur[j] = v;
     }
+    size_t *t = pp;
+    pp = prev;
+    prev = cur;
+    cur = t;
   }
-  return row[lb];
+  return prev[lb];
 }
 
 const char *moec_suggest(const char *word, const char *const *names, size_t n) {
@@ -272,7 +281,7 @@ const char *moec_suggest(const char *word, const char *const *names, size_t n) {
   const char *best = NULL;
   size_t bestd = SIZE_MAX;
   for (size_t i = 0; i < n; i++) {
-    size_t dist = levenshtein(word, names[i]);
+    size_t dist = edit_distance(word, names[i]);
     if (dist <= limit && dist < bestd) { best = names[i]; bestd = dist; }
   }
   return best;

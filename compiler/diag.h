@@ -77,8 +77,9 @@ void moec_source_linecol(moec_source *src, size_t off, size_t *line, size_t *col
  * anything past 40 characters cut to "...". Arena memory. */
 const char *moec_quote(moec_arena *a, const char *s, size_t n);
 
-/* The valid name nearest to word (Levenshtein distance at most a third of its
- * length, and at least 1 edit allowed), or NULL: for "did you mean". */
+/* The valid name nearest to word (edit distance, a swap of two neighbouring
+ * letters counting as one edit, at most a third of its length, and at least 1
+ * edit allowed), or NULL: for "did you mean". */
 const char *moec_suggest(const char *word, const char *const *names, size_t n);
 
 #endif
