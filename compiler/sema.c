@@ -118,7 +118,8 @@ typedef struct sema {
   name_slot *names;    /* open-addressing set of layer names */
   size_t names_cap, names_len;
   const moec_stmt *seen[KEY__COUNT]; /* keys given in the block being checked */
-  bool misspelt[KEY__COUNT];         /* suggested for an unknown key: not "missing" too */
+  bool misspelt[KEY__COUNT];         /* suggested for an unknown key, or written without
+                                        a value: not reported "missing" too */
 } sema;
 
 /* --- small helpers --- */
@@ -313,6 +314,7 @@ static void reject_nested(sema *S, const moec_stmt *st, block b) {
     for (int k = 0; k < KEY__COUNT; k++)
       if (keys[k].blk == b && strcmp(keys[k].name, st->word) == 0) {
         moec_error(S->d, st->word_loc, "`%s` needs a value: `%s = ...;`", st->word, st->word);
+        S->misspelt[k] = true; /* meant to be given: not "missing" too */
         return;
       }
   }
@@ -461,7 +463,7 @@ static bool find_param_crossing(sema *S, const moec_layer *list, int64_t *budget
 
 /* --- layers --- */
 
-static moec_layer *check_layers(sema *S, const moec_stmt *body, int depth);
+static moec_layer *check_layers(sema *S, const moec_stmt *body, const char *parent);
 
 static void check_moe(sema *S, const moec_stmt *st, moec_layer *l) {
   collect_keys_only(S, st->body, BLK_MOE);
@@ -512,19 +514,27 @@ static void check_ffn(sema *S, const moec_stmt *st, moec_layer *l) {
                  l->ffn.hidden);
 }
 
-/* One statement inside `model`, `residual` or `repeat` as a layer; NULL if it
- * is not one (after a diagnostic). */
-static moec_layer *check_layer(sema *S, const moec_stmt *st, int depth) {
+/* One statement inside `model`, `residual` or `repeat` (the parent's keyword)
+ * as a layer; NULL if it is not one (after a diagnostic). */
+static moec_layer *check_layer(sema *S, const moec_stmt *st, const char *parent) {
   int kind = -1;
   for (int k = 0; k < MOEC_LAYER__COUNT; k++)
     if (strcmp(moec_layer_names[k], st->word) == 0) kind = k;
   if (kind < 0) {
     if (st->kind == MOEC_STMT_ITEM) {
       moec_error(S->d, st->word_loc,
-                 "a `%s` block holds layers only; `%s = ...;` cannot go here",
-                 depth == 0 ? "model" : "residual or repeat", q(S, st->word));
+                 "the `%s` block holds layers only; `%s = ...;` cannot go here",
+                 parent, q(S, st->word));
       return NULL;
     }
+    for (int k = 0; k < SEC__COUNT; k++)
+      if (strcmp(section_names[k], st->word) == 0) {
+        /* most often the `}` of the model was forgotten above it */
+        moec_error(S->d, st->word_loc,
+                   "a `%s` block cannot go inside the `%s` block; is a `}` missing before it?",
+                   section_names[k], parent);
+        return NULL;
+      }
     moec_error(S->d, st->word_loc, "unknown layer `%s`%s", q(S, st->word),
                did_you_mean(S, st->word, moec_layer_names, MOEC_LAYER__COUNT));
     if (!moec_suggest(st->word, moec_layer_names, MOEC_LAYER__COUNT))
@@ -589,7 +599,7 @@ static moec_layer *check_layer(sema *S, const moec_stmt *st, int depth) {
     if (st->count <= 0 || st->count > MOEC_MAX_REPEAT) l->count = 1;
     /* fallthrough */
   case MOEC_LAYER_RESIDUAL:
-    l->body = check_layers(S, st->body, depth + 1);
+    l->body = check_layers(S, st->body, kw);
     if (!l->body && !st->body_error)
       moec_error(S->d, st->word_loc, "the `%s` block is empty; it needs at least one layer", kw);
     break;
@@ -598,11 +608,11 @@ static moec_layer *check_layer(sema *S, const moec_stmt *st, int depth) {
   return l;
 }
 
-static moec_layer *check_layers(sema *S, const moec_stmt *body, int depth) {
+static moec_layer *check_layers(sema *S, const moec_stmt *body, const char *parent) {
   moec_layer *head = NULL, *tail = NULL;
   for (const moec_stmt *st = body; st; st = st->next) {
     if (st->suspect) continue;
-    moec_layer *l = check_layer(S, st, depth);
+    moec_layer *l = check_layer(S, st, parent);
     if (!l) continue;
     if (tail) tail->next = l; else head = l;
     tail = l;
@@ -620,6 +630,7 @@ static void check_model(sema *S, const moec_stmt *st) {
   moec_layer *head = NULL, *tail = NULL;
   const moec_stmt *items[KEY__COUNT] = {0};
   bool misspelt[KEY__COUNT] = {0};
+  bool tried_layers = false; /* a statement meant as a layer, even a wrong one */
   for (const moec_stmt *x = st->body; x; x = x->next) {
     if (x->suspect) continue;
     if (x->kind == MOEC_STMT_ITEM) {
@@ -635,15 +646,17 @@ static void check_model(sema *S, const moec_stmt *st) {
       }
     }
     if (x->kind == MOEC_STMT_BARE) {
-      bool is_key = false;
+      int key = -1;
       for (int k = 0; k < KEY__COUNT; k++)
-        is_key |= keys[k].blk == BLK_MODEL && strcmp(keys[k].name, x->word) == 0;
-      if (is_key) {
+        if (keys[k].blk == BLK_MODEL && strcmp(keys[k].name, x->word) == 0) key = k;
+      if (key >= 0) {
         moec_error(S->d, x->word_loc, "`%s` needs a value: `%s = ...;`", x->word, x->word);
+        misspelt[key] = true; /* meant to be given: not "missing" too */
         continue;
       }
     }
-    moec_layer *l = check_layer(S, x, 0);
+    tried_layers = true;
+    moec_layer *l = check_layer(S, x, "model");
     if (!l) continue;
     if (tail) tail->next = l; else head = l;
     tail = l;
@@ -661,7 +674,7 @@ static void check_model(sema *S, const moec_stmt *st) {
   if (GIVEN(MODEL_dim) && s->dim > 0 && s->dim % 2)
     moec_error(S->d, GIVEN(MODEL_dim)->values->loc,
                "`dim` must be even, not %" PRId64 " (kernels move activations in pairs)", s->dim);
-  if (GIVEN(MODEL_context) && !GIVEN(MODEL_vocab))
+  if (GIVEN(MODEL_context) && !GIVEN(MODEL_vocab) && !S->misspelt[KEY_MODEL_vocab])
     moec_error(S->d, GIVEN(MODEL_context)->word_loc,
                "`context` needs `vocab`: it is the window of token embeddings");
   else if (GIVEN(MODEL_context) && s->context > MOEC_MAX_CONTEXT)
@@ -670,7 +683,7 @@ static void check_model(sema *S, const moec_stmt *st) {
   if (s->dim <= 0) s->dim = 2;
   if (s->vocab < 0) s->vocab = 0;
   if (s->context <= 0 || s->context > MOEC_MAX_CONTEXT) s->context = 1;
-  if (!head && !st->body_error)
+  if (!tried_layers && !st->body_error)
     moec_warning(S->d, st->name_loc, "the model has no layers; add `moe`, `ffn` or other layers");
 }
 
@@ -821,6 +834,7 @@ moec_spec *moec_sema(moec_arena *a, moec_diags *d, const moec_stmt *file) {
 
   const moec_stmt *sections[SEC__COUNT] = {0};
   bool first = true;
+  const moec_stmt *before_model = NULL; /* a `parallel` or `train` block before `model` */
   for (const moec_stmt *st = file; st; st = st->next, first = false) {
     if (st->suspect) continue;
     int sec = -1;
@@ -833,10 +847,14 @@ moec_spec *moec_sema(moec_arena *a, moec_diags *d, const moec_stmt *file) {
       else if (sec >= 0)
         moec_error(d, st->word_loc, "`%s` needs a block: `%s%s { ... }`", section_names[sec],
                    section_names[sec], sec == SEC_MODEL ? " NAME" : "");
-      else
+      else if (moec_suggest(st->word, section_names, SEC__COUNT))
         moec_error(d, st->word_loc, "unknown block `%s`%s", q(S, st->word),
                    did_you_mean(S, st->word, section_names, SEC__COUNT));
-      if (sec < 0 && first && !moec_suggest(st->word, section_names, SEC__COUNT))
+      else
+        moec_error(d, st->word_loc, "unknown block `%s`; the blocks are %s", q(S, st->word),
+                   alternatives(S, section_names, SEC__COUNT));
+      if (sec < 0 && first && st->kind != MOEC_STMT_ITEM &&
+          !moec_suggest(st->word, section_names, SEC__COUNT))
         moec_note(d, st->word_loc, "a spec starts with `model NAME { ... }`");
       continue;
     }
@@ -846,8 +864,11 @@ moec_spec *moec_sema(moec_arena *a, moec_diags *d, const moec_stmt *file) {
       continue;
     }
     sections[sec] = st;
-    if (sec == SEC_MODEL && !first)
+    if (sec != SEC_MODEL && !sections[SEC_MODEL] && !before_model) before_model = st;
+    if (sec == SEC_MODEL && before_model) {
       moec_error(d, st->word_loc, "the `model` block must come first, before `parallel` and `train`");
+      moec_note(d, before_model->word_loc, "the `%s` block before it is here", before_model->word);
+    }
     if (sec == SEC_MODEL && !st->name) {
       moec_error(d, st->has_count ? st->count_loc : st->word_loc,
                  "the model needs a name: `model NAME { ... }`");
@@ -877,15 +898,18 @@ moec_spec *moec_sema(moec_arena *a, moec_diags *d, const moec_stmt *file) {
                "`data = bytes(...)` reads bytes, so it needs `vocab = 256`%s",
                s->vocab ? moec_arena_printf(a, ", not `vocab = %" PRId64 "`", s->vocab)
                         : " in the model block");
-  int64_t leaves = 0;
+  /* reported at the top-level layer that takes the count past the limit */
+  int64_t leaves = 0, total = 0;
+  const moec_layer *past = NULL;
   for (const moec_layer *l = s->layers; l; l = l->next) {
     leaves = sat_add(leaves, leaf_count(l));
-    if (leaves > MOEC_MAX_LAYERS) {
-      moec_error(d, l->loc, "the model has more than %" PRId64 " layers once `repeat` is expanded "
-                 "(limit is %" PRId64 ")", MOEC_MAX_LAYERS, MOEC_MAX_LAYERS);
-      break;
-    }
+    if (leaves > MOEC_MAX_LAYERS && !past) past = l;
+    total = leaves;
   }
+  if (past)
+    moec_error(d, past->loc, "too many layers once `repeat` is expanded: %s (limit is %" PRId64 ")",
+               total == INT64_MAX ? "more than 2^63" : moec_arena_printf(a, "%" PRId64, total),
+               MOEC_MAX_LAYERS);
   int64_t budget = MOEC_MAX_PARAM_BYTES / moec_dtype_bytes(s->dtype) - io_params(s);
   if (budget < 0) {
     moec_error(d, s->loc, "the embedding and head alone pass %" PRId64 " bytes (2^40); make "
