@@ -32,6 +32,7 @@ static moec_value_list append_value(moec_value_list l, moec_value *v);
 static moec_value *mk_num(moec_parse_ctx *ctx, moec_num n, YYLTYPE l);
 static moec_value *mk_str(moec_parse_ctx *ctx, moec_value_kind k, moec_str s, YYLTYPE l);
 static moec_value *mk_call(moec_parse_ctx *ctx, moec_str f, moec_value_list args, YYLTYPE l);
+static void no_statements(moec_parse_ctx *ctx);
 #define YYLLOC_DEFAULT(Cur, Rhs, N)                       \
   do {                                                    \
     if (N) {                                              \
@@ -62,13 +63,14 @@ static moec_value *mk_call(moec_parse_ctx *ctx, moec_str f, moec_value_list args
 
 %%
 
-file: stmts                         { ctx->result = $1.head; }
+file: stmts                         { ctx->result = $1.head; if (!$1.head && !$1.error) no_statements(ctx); }
     ;
 
 stmts: %empty                       { $$ = (moec_stmt_list){0}; }
      | stmts stmt                   { $$ = append_stmt($1, $2); }
      | stmts error                  { $$ = $1; $$.error = true; }
      | stmts error ';'              { $$ = $1; $$.error = true; yyerrok; }
+     | stmts error '{' stmts '}'    { $$ = $1; $$.error = true; yyerrok; } /* skip the block of a broken header */
      ;
 
 stmt: T_IDENT '=' values ';'                 { $$ = mk_item(ctx, $1, @1, $3, @$); }
@@ -194,7 +196,46 @@ static moec_value *mk_call(moec_parse_ctx *ctx, moec_str f, moec_value_list args
   return v;
 }
 
+/* A file of nothing but comments and blank lines: one message about the file,
+ * not a caret under an empty line. */
+static void no_statements(moec_parse_ctx *ctx) {
+  if (ctx->diags->nerrors == 0)
+    moec_file_error(ctx->diags, ctx->src, "no `model` block; a spec starts with `model NAME { ... }`");
+}
+
 /* --- syntax errors --- */
+
+/* Words that open a block (`moe NAME {`, `repeat N {`, `train {`) or stand
+ * alone as a layer (`layernorm;`): after one of them and a second word, the
+ * grammar wants `{`; after any other word, a key, the `=` was forgotten. */
+static bool is_block_word(const char *s, size_t n) {
+  static const char *const words[] = {
+#define LAYER(k, w, f) w,
+#define SECTION(k, w) w,
+#include "spec.def"
+#undef LAYER
+#undef SECTION
+  };
+  for (size_t i = 0; i < sizeof words / sizeof words[0]; i++)
+    if (strlen(words[i]) == n && memcmp(words[i], s, n) == 0) return true;
+  return false;
+}
+
+/* `dim 64;`: a statement whose first word is a key and whose second token
+ * stands where its `=` should be. Reports it and returns true. */
+static bool missing_equals(moec_parse_ctx *ctx) {
+  const char *t = ctx->src->text;
+  size_t w = ctx->stmt_word, wend = w + ctx->stmt_word_len;
+  if (!ctx->stmt_word_len || wend > ctx->before_start || is_block_word(t + w, ctx->stmt_word_len))
+    return false;
+  for (size_t i = wend; i < ctx->before_start; i++) /* the two tokens are neighbours */
+    if (t[i] != ' ' && t[i] != '\t' && t[i] != '\r' && t[i] != '\n') return false;
+  moec_span at = {ctx->before_start, ctx->before_end};
+  moec_error(ctx->diags, moec_parse_loc(ctx, at), "expected `=` between `%s` and `%s`",
+             moec_quote(ctx->arena, t + w, ctx->stmt_word_len),
+             moec_quote(ctx->arena, t + ctx->before_start, ctx->before_end - ctx->before_start));
+  return true;
+}
 
 static const char *describe(moec_parse_ctx *ctx, yysymbol_kind_t t, YYLTYPE l) {
   const char *text = ctx->src->text + l.start;
@@ -240,13 +281,26 @@ static int yyreport_syntax_error(const yypcontext_t *yyctx, moec_parse_ctx *ctx,
 
   yysymbol_kind_t exp[16];
   int n = yypcontext_expected_tokens(yyctx, exp, 16);
+  bool at_top = false;
+  for (int i = 0; i < n; i++) at_top |= exp[i] == YYSYMBOL_YYEOF;
+  if (at_top && strcmp(yysymbol_name(look), "'}'") == 0) {
+    moec_error(ctx->diags, moec_parse_loc(ctx, ll), "unmatched `}`; no block is open here");
+    return 0;
+  }
+  /* only `{` can come next: the statement so far is `WORD NAME` or `WORD INT` */
+  if (n == 1 && strcmp(yysymbol_name(exp[0]), "'{'") == 0 && missing_equals(ctx)) return 0;
   const char *names[16];
   int k = 0;
-  bool want_semi = false, have_value = false;
+  bool want_semi = false, have_value = false, value_pos = false;
+  /* a string can stand only where a value can: there, name, number and
+   * string are "a value"; after a block's word they are a name or a count */
+  for (int i = 0; i < n; i++) value_pos |= exp[i] == YYSYMBOL_T_STRING;
   for (int i = 0; i < n; i++) {
     yysymbol_kind_t t = exp[i];
     if (strcmp(yysymbol_name(t), "';'") == 0) want_semi = true;
-    bool is_value = t == YYSYMBOL_T_NUMBER || t == YYSYMBOL_T_STRING;
+    /* "expected end of file or a name": the end is no help to the reader */
+    if (t == YYSYMBOL_YYEOF && n > 1) continue;
+    bool is_value = value_pos && (t == YYSYMBOL_T_NUMBER || t == YYSYMBOL_T_STRING);
     if (is_value) {
       if (!have_value) names[k++] = "a value";
       have_value = true;
