@@ -182,6 +182,13 @@ static void define_name(sema *S, const char *name, moec_loc loc) {
 
 /* --- values --- */
 
+/* "an integer", "a name": what a value is, for "must be X, not Y" messages.
+ * A decimal is "a decimal": "must be an integer, not a number `64.5`" would
+ * read as if 64.5 were not a number. */
+static const char *kind_desc(const moec_value *v) {
+  return v->kind == MOEC_VAL_NUM ? "a decimal" : moec_value_kind_desc[v->kind];
+}
+
 static bool one_value(sema *S, const moec_stmt *it) {
   if (it->nvalues > 1) {
     moec_error(S->d, it->values->next->loc, "`%s` takes one value, not a list", it->word);
@@ -195,7 +202,7 @@ static bool want_int(sema *S, const moec_stmt *it, int64_t *out) {
   const moec_value *v = it->values;
   if (v->kind != MOEC_VAL_INT) {
     moec_error(S->d, v->loc, "`%s` must be an integer, not %s `%s`", it->word,
-               moec_value_kind_desc[v->kind], src_text(S, v->loc));
+               kind_desc(v), src_text(S, v->loc));
     return false;
   }
   *out = v->i;
@@ -207,7 +214,7 @@ static bool want_num(sema *S, const moec_stmt *it, double *out) {
   const moec_value *v = it->values;
   if (v->kind != MOEC_VAL_INT && v->kind != MOEC_VAL_NUM) {
     moec_error(S->d, v->loc, "`%s` must be a number, not %s `%s`", it->word,
-               moec_value_kind_desc[v->kind], src_text(S, v->loc));
+               kind_desc(v), src_text(S, v->loc));
     return false;
   }
   *out = v->d;
@@ -220,7 +227,7 @@ static int match_name(sema *S, const moec_stmt *it, const moec_value *v, const c
   const char *alts = alternatives(S, names, n);
   if (v->kind != MOEC_VAL_IDENT) {
     moec_error(S->d, v->loc, "`%s` must be %s, not %s `%s`", it->word, alts,
-               moec_value_kind_desc[v->kind], src_text(S, v->loc));
+               kind_desc(v), src_text(S, v->loc));
     return -1;
   }
   for (size_t i = 0; i < n; i++)
@@ -243,7 +250,7 @@ static bool want_string(sema *S, const moec_stmt *it, const char **out) {
   const moec_value *v = it->values;
   if (v->kind != MOEC_VAL_STRING) {
     moec_error(S->d, v->loc, "`%s` must be a string in double quotes, not %s `%s`", it->word,
-               moec_value_kind_desc[v->kind], src_text(S, v->loc));
+               kind_desc(v), src_text(S, v->loc));
     return false;
   }
   if (v->slen == 0 || memchr(v->s, 0, v->slen)) {
@@ -687,6 +694,11 @@ static void check_model(sema *S, const moec_stmt *st) {
     moec_warning(S->d, st->name_loc, "the model has no layers; add `moe`, `ffn` or other layers");
 }
 
+static void listed_twice(sema *S, const moec_stmt *it, const moec_value *v) {
+  moec_warning(S->d, v->loc, "`%s` is listed twice in `%s`; the repeat is ignored",
+               src_text(S, v->loc), it->word);
+}
+
 static void check_parallel(sema *S, const moec_stmt *st) {
   moec_parallel *p = &S->spec->parallel;
   collect_keys_only(S, st->body, BLK_PARALLEL);
@@ -696,7 +708,7 @@ static void check_parallel(sema *S, const moec_stmt *st) {
     p->nr = 0;
     for (const moec_value *v = it->values; v; v = v->next) {
       if (v->kind == MOEC_VAL_IDENT && strcmp(v->s, "auto") == 0) {
-        if (p->r_auto) moec_warning(S->d, v->loc, "`auto` is listed twice");
+        if (p->r_auto) listed_twice(S, it, v);
         p->r_auto = true;
         continue;
       }
@@ -707,7 +719,7 @@ static void check_parallel(sema *S, const moec_stmt *st) {
       }
       bool dup = false;
       for (int i = 0; i < p->nr; i++) dup |= p->r[i] == v->i;
-      if (dup) { moec_warning(S->d, v->loc, "`%" PRId64 "` is listed twice", v->i); continue; }
+      if (dup) { listed_twice(S, it, v); continue; }
       if (p->nr == MOEC_MAX_CANDIDATES) {
         moec_error(S->d, v->loc, "too many `adaptive_r` values (limit is %d)", MOEC_MAX_CANDIDATES);
         break;
@@ -725,7 +737,7 @@ static void check_parallel(sema *S, const moec_stmt *st) {
       }
       bool dup = false;
       for (int i = 0; i < p->ndegrees; i++) dup |= p->degrees[i] == v->i;
-      if (dup) { moec_warning(S->d, v->loc, "`%" PRId64 "` is listed twice", v->i); continue; }
+      if (dup) { listed_twice(S, it, v); continue; }
       p->degrees[p->ndegrees++] = v->i;
     }
   }
@@ -736,7 +748,7 @@ static void check_parallel(sema *S, const moec_stmt *st) {
       if (k < 0) continue;
       bool dup = false;
       for (int i = 0; i < p->na2a; i++) dup |= p->a2a[i] == (moec_a2a)k;
-      if (dup) { moec_warning(S->d, v->loc, "`%s` is listed twice", moec_a2a_names[k]); continue; }
+      if (dup) { listed_twice(S, it, v); continue; }
       p->a2a[p->na2a++] = (moec_a2a)k;
     }
   }

@@ -150,8 +150,9 @@ static moec_stmt *with_count(moec_parse_ctx *ctx, moec_stmt *b, moec_num n, YYLT
   b->has_count = true;
   b->count_loc = L(ctx, nl);
   if (!n.is_int) {
-    moec_error(ctx->diags, b->count_loc, "the count of `%s` must be an integer",
-               moec_quote(ctx->arena, b->word, strlen(b->word)));
+    moec_error(ctx->diags, b->count_loc, "the count of `%s` must be an integer, not `%s`",
+               moec_quote(ctx->arena, b->word, strlen(b->word)),
+               moec_quote(ctx->arena, ctx->src->text + nl.start, nl.end - nl.start));
     b->count = 1;
   } else {
     b->count = n.i;
