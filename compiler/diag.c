@@ -86,14 +86,21 @@ static void build_lines(moec_source *src) {
   src->nlines = n;
 }
 
-/* Number of bytes in the UTF-8 sequence starting with byte c (1 for ASCII or an
- * invalid lead byte: such bytes are shown escaped, one at a time). */
+/* Number of bytes in the UTF-8 sequence starting at p (1 for ASCII or for any
+ * byte that does not start a valid sequence: such bytes are shown escaped, one
+ * at a time). As strict as the loader (source.c): overlong forms, surrogates
+ * and code points past U+10FFFF are not valid, so they are never echoed raw. */
 static size_t utf8_len(const unsigned char *p, size_t avail) {
   unsigned c = p[0];
-  size_t n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 1;
-  if (n > avail) return 1;
+  size_t n = c >= 0xC2 && c <= 0xDF ? 2 : c >= 0xE0 && c <= 0xEF ? 3 : c >= 0xF0 && c <= 0xF4 ? 4 : 1;
+  if (n == 1 || n > avail) return 1;
   for (size_t i = 1; i < n; i++)
     if ((p[i] & 0xC0) != 0x80) return 1;
+  unsigned c1 = p[1];
+  if (c == 0xE0 && c1 < 0xA0) return 1; /* overlong */
+  if (c == 0xED && c1 >= 0xA0) return 1; /* surrogate */
+  if (c == 0xF0 && c1 < 0x90) return 1; /* overlong */
+  if (c == 0xF4 && c1 >= 0x90) return 1; /* past U+10FFFF */
   return n;
 }
 
@@ -198,9 +205,10 @@ void moec_diags_print(const moec_diags *d, FILE *out) {
   /* Printed in source order (the order a reader meets them), each error or
    * warning followed by its notes; whole-file messages last. */
   size_t n = 0;
-  for (const moec_diag *x = d->head; x; x = x->next) n += x->sev != MOEC_SEV_NOTE;
-  group *g = n ? malloc(n * sizeof *g) : NULL;
-  if (n && !g) abort();
+  for (const moec_diag *x = d->head; x; x = x->next) n++; /* at most one group each */
+  if (n == 0) return; /* (qsort and malloc want a non-empty array) */
+  group *g = malloc(n * sizeof *g);
+  if (!g) abort();
   size_t k = 0;
   for (const moec_diag *x = d->head; x; x = x->next) {
     if (x->sev == MOEC_SEV_NOTE && k > 0) continue;
