@@ -65,6 +65,11 @@ typedef struct moec_parse_ctx {
   size_t ntokens;         /* tokens returned so far */
   size_t error_tok;       /* token index of the last syntax error, +1 (0: none) */
   bool error_mid_line;    /* that token is on the line of the token before it */
+  /* `moe e experts = 4; ... }`: a block's `{` forgotten. Until the `}` meant
+   * to close it (the one lexed at this depth), statements are suspect, and
+   * the `}` it leaves over at the end is not reported again. -1: none. */
+  int lbrace_missing_depth;
+  int owed_rbraces;       /* `}` left over by forgotten `{`, not to report */
   size_t last_start, last_end;     /* the token lexed last (the lookahead) */
   size_t before_start, before_end; /* the token before it */
   /* lexer state */

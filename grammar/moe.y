@@ -104,6 +104,9 @@ static moec_loc L(const moec_parse_ctx *ctx, YYLTYPE sp) { return moec_parse_loc
  * is a cascade. One that starts on the next line (a `;` forgotten at the end
  * of the line before) is a statement like any other. */
 static bool is_suspect(const moec_parse_ctx *ctx, size_t tok) {
+  /* inside a block without its `{`, or after its `}` closed the enclosing
+   * block early, up to the `}` left over */
+  if (ctx->lbrace_missing_depth >= 0 || ctx->owed_rbraces > 0) return true;
   return ctx->error_tok && ctx->error_mid_line && tok + 1 == ctx->error_tok;
 }
 
@@ -224,6 +227,21 @@ static bool is_block_word(const char *s, size_t n) {
 
 /* `dim 64;`: a statement whose first word is a key and whose second token
  * stands where its `=` should be. Reports it and returns true. */
+static bool missing_equals(moec_parse_ctx *ctx);
+
+/* `moe e experts = 4; ... }`: a block's header followed by a key (a name,
+ * then `=` or `;`) means its `{` was forgotten. The error is reported as
+ * usual; this marks the statements up to the block's `}` as suspect, so
+ * they are not checked as keys of the enclosing block, and the `}` left
+ * over at the end is not reported as unmatched. */
+static void lbrace_forgotten(moec_parse_ctx *ctx, YYLTYPE look) {
+  const char *t = ctx->src->text;
+  size_t i = look.end;
+  while (i < ctx->src->len && (t[i] == ' ' || t[i] == '\t')) i++;
+  if (i < ctx->src->len && (t[i] == '=' || t[i] == ';') && ctx->lbrace_missing_depth < 0)
+    ctx->lbrace_missing_depth = ctx->depth;
+}
+
 static bool missing_equals(moec_parse_ctx *ctx) {
   const char *t = ctx->src->text;
   size_t w = ctx->stmt_word, wend = w + ctx->stmt_word_len;
@@ -285,11 +303,26 @@ static int yyreport_syntax_error(const yypcontext_t *yyctx, moec_parse_ctx *ctx,
   bool at_top = false;
   for (int i = 0; i < n; i++) at_top |= exp[i] == YYSYMBOL_YYEOF;
   if (at_top && strcmp(yysymbol_name(look), "'}'") == 0) {
+    if (ctx->owed_rbraces > 0) { /* left over by a forgotten `{`, already reported */
+      ctx->owed_rbraces--;
+      return 0;
+    }
     moec_error(ctx->diags, moec_parse_loc(ctx, ll), "unmatched `}`; no block is open here");
     return 0;
   }
+  if (strcmp(yysymbol_name(look), "';'") == 0 && ctx->before_end > ctx->before_start) {
+    char prev = ctx->src->text[ctx->before_start];
+    if (prev == '}' || prev == ';') {
+      moec_error(ctx->diags, moec_parse_loc(ctx, ll), "unexpected `;`; %s",
+                 prev == '}' ? "a block ends at its `}` and takes no `;`" : "remove the extra `;`");
+      return 0;
+    }
+  }
   /* only `{` can come next: the statement so far is `WORD NAME` or `WORD INT` */
-  if (n == 1 && strcmp(yysymbol_name(exp[0]), "'{'") == 0 && missing_equals(ctx)) return 0;
+  if (n == 1 && strcmp(yysymbol_name(exp[0]), "'{'") == 0) {
+    if (missing_equals(ctx)) return 0;
+    if (look == YYSYMBOL_T_IDENT) lbrace_forgotten(ctx, ll);
+  }
   const char *names[16];
   int k = 0;
   bool want_semi = false, have_value = false, value_pos = false;
@@ -367,6 +400,7 @@ moec_stmt *moec_parse(moec_arena *a, moec_diags *d, moec_source *src, bool *comp
   ctx->diags = d;
   ctx->src = src;
   ctx->at_stmt_start = true;
+  ctx->lbrace_missing_depth = -1;
   yyscan_t scanner;
   if (yylex_init_extra(ctx, &scanner)) {
     moec_file_error(d, src, "cannot start the lexer (out of memory)");
