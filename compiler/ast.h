@@ -54,6 +54,7 @@ typedef struct moec_stmt {
   const char *name;    /* `moe NAME {`: NULL if none */
   moec_loc name_loc;
   bool has_count;      /* `repeat N {` */
+  bool count_is_int;   /* false: written as a decimal */
   int64_t count;
   moec_loc count_loc;
   moec_loc lbrace;

@@ -18,6 +18,25 @@ void moec_diags_init(moec_diags *d, moec_arena *arena) {
 static void add(moec_diags *d, moec_severity sev, moec_loc loc, bool whole,
                 const char *fmt, va_list ap) {
   if (d->stopped) return;
+  /* Warnings are capped like errors: a machine-made file can hold millions,
+   * and each one echoes its line. Notes go with what they annotate. */
+  if (sev == MOEC_SEV_NOTE && d->dropping) return;
+  d->dropping = false;
+  if (sev == MOEC_SEV_WARNING && d->nwarnings >= MOEC_MAX_ERRORS) {
+    d->nwarnings++;
+    d->dropping = true;
+    if (d->nwarnings == MOEC_MAX_ERRORS + 1) {
+      moec_diag *x = MOEC_NEW(d->arena, moec_diag);
+      x->sev = MOEC_SEV_NOTE;
+      x->loc.src = loc.src;
+      x->whole_file = true;
+      x->msg = moec_arena_printf(d->arena, "further warnings are not shown (limit is %d)",
+                                 MOEC_MAX_ERRORS);
+      if (d->tail) d->tail->next = x; else d->head = x;
+      d->tail = x;
+    }
+    return;
+  }
   if (sev == MOEC_SEV_ERROR && d->nerrors == MOEC_MAX_ERRORS) {
     d->stopped = true;
     moec_diag *x = MOEC_NEW(d->arena, moec_diag);
@@ -283,13 +302,24 @@ static size_t edit_distance(const char *a, const char *b) {
   return prev[lb];
 }
 
+static void lower_copy(char *dst, const char *src, size_t cap) {
+  size_t i = 0;
+  for (; src[i] && i + 1 < cap; i++) dst[i] = (char)(src[i] >= 'A' && src[i] <= 'Z' ? src[i] + 32 : src[i]);
+  dst[i] = 0;
+}
+
 const char *moec_suggest(const char *word, const char *const *names, size_t n) {
   size_t len = strlen(word);
   size_t limit = len / 3 > 1 ? len / 3 : 1;
   const char *best = NULL;
   size_t bestd = SIZE_MAX;
+  /* Case does not count: `SGD` is one step from `sgd`, not three. */
+  char lw[80], ln[80];
+  if (len >= sizeof lw) return NULL;
+  lower_copy(lw, word, sizeof lw);
   for (size_t i = 0; i < n; i++) {
-    size_t dist = edit_distance(word, names[i]);
+    lower_copy(ln, names[i], sizeof ln);
+    size_t dist = strcmp(word, names[i]) == 0 ? 0 : strcmp(lw, ln) == 0 ? 1 : edit_distance(lw, ln);
     if (dist <= limit && dist < bestd) { best = names[i]; bestd = dist; }
   }
   return best;

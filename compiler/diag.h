@@ -49,6 +49,7 @@ typedef struct moec_diags {
   moec_diag *head, *tail;
   int nerrors, nwarnings;
   bool stopped; /* MOEC_MAX_ERRORS reached: stages stop */
+  bool dropping;/* the last warning was over the limit: drop its notes too */
 } moec_diags;
 
 /* Starts an empty list whose messages live in arena. */

@@ -40,14 +40,17 @@ typedef struct moec_str {
   size_t tok; /* index of the token in the file, for error recovery */
 } moec_str;
 
+/* Every member of the parser's value union is three 8-byte words, the third
+ * a plain integer: GCC 12's SRA at -O2 mis-copied the union when a bool and
+ * an int overlapped there (compiler/CMakeLists.txt also turns it off). */
 typedef struct moec_stmt_list {
   moec_stmt *head, *tail;
-  bool error;
+  int64_t error;
 } moec_stmt_list;
 
 typedef struct moec_value_list {
   moec_value *head, *tail;
-  int n;
+  int64_t n;
 } moec_value_list;
 
 typedef struct moec_open_block {

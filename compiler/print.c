@@ -93,8 +93,10 @@ void moec_spec_print(const moec_spec *s, FILE *out) {
   const moec_parallel *p = &s->parallel;
   fputs("parallel {\n  adaptive_r = ", out);
   const char *sep = "";
-  if (p->r_auto) { fputs("auto", out); sep = ", "; }
-  for (int i = 0; i < p->nr; i++, sep = ", ") fprintf(out, "%s%" PRId64, sep, p->r[i]);
+  for (int i = 0; i < p->nr; i++, sep = ", ") {
+    if (p->r[i] == MOEC_R_AUTO) fprintf(out, "%sauto", sep);
+    else fprintf(out, "%s%" PRId64, sep, p->r[i]);
+  }
   fputs(";\n  overlap_degree = ", out);
   for (int i = 0; i < p->ndegrees; i++) fprintf(out, "%s%" PRId64, i ? ", " : "", p->degrees[i]);
   fputs(";\n  all_to_all = ", out);

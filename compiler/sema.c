@@ -577,6 +577,11 @@ static moec_layer *check_layer(sema *S, const moec_stmt *st, const char *parent)
     moec_error(S->d, st->name ? st->name_loc : st->word_loc, "`repeat` needs a count: `repeat N { ... }`");
     return NULL;
   }
+  if (form == FORM_COUNTED && !st->count_is_int) {
+    moec_error(S->d, st->count_loc, "the count of `repeat` must be an integer, not `%s`",
+               src_text(S, st->count_loc));
+    return NULL;
+  }
   if (form == FORM_BODY && (st->name || st->has_count)) {
     moec_error(S->d, st->name ? st->name_loc : st->count_loc, "`%s` takes no name or count", kw);
     return NULL;
@@ -607,7 +612,7 @@ static moec_layer *check_layer(sema *S, const moec_stmt *st, const char *parent)
     /* fallthrough */
   case MOEC_LAYER_RESIDUAL:
     l->body = check_layers(S, st->body, kw);
-    if (!l->body && !st->body_error)
+    if (!l->body && !st->body_error && !st->body) /* not when what it held was reported */
       moec_error(S->d, st->word_loc, "the `%s` block is empty; it needs at least one layer", kw);
     break;
   default: break;
@@ -708,8 +713,12 @@ static void check_parallel(sema *S, const moec_stmt *st) {
     p->nr = 0;
     for (const moec_value *v = it->values; v; v = v->next) {
       if (v->kind == MOEC_VAL_IDENT && strcmp(v->s, "auto") == 0) {
-        if (p->r_auto) listed_twice(S, it, v);
+        if (p->r_auto) {
+          listed_twice(S, it, v);
+          continue;
+        }
         p->r_auto = true;
+        if (p->nr < MOEC_MAX_CANDIDATES) p->r[p->nr++] = MOEC_R_AUTO; /* keeps its place */
         continue;
       }
       if (v->kind != MOEC_VAL_INT || v->i < 0) {
@@ -834,6 +843,8 @@ moec_spec *moec_sema(moec_arena *a, moec_diags *d, const moec_stmt *file) {
   moec_spec *s = S->spec = MOEC_NEW(a, moec_spec);
   /* the parallel block's defaults (LANGUAGE.md) */
   s->parallel.r_auto = true;
+  s->parallel.r[0] = MOEC_R_AUTO;
+  s->parallel.nr = 1;
   s->parallel.degrees[0] = 1;
   s->parallel.degrees[1] = 2;
   s->parallel.degrees[2] = 4;

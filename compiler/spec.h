@@ -82,6 +82,8 @@ extern const char *const moec_layer_names[MOEC_LAYER__COUNT];
 #define MOEC_MAX_EXPERTS 4096
 /* The cosine gate's projection width, as Tutel's CosineTopKGate. */
 #define MOEC_COSINE_PROJ 256
+/* `auto` in the adaptive_r list (0 and every divisor of S, at its place). */
+#define MOEC_R_AUTO (-1)
 /* Candidate values of the parallel lists. */
 #define MOEC_MAX_CANDIDATES 16
 
@@ -115,7 +117,8 @@ typedef enum { MOEC_DATA_SYNTHETIC, MOEC_DATA_BYTES } moec_data_kind;
 
 typedef struct moec_parallel {
   bool r_auto;                          /* `auto` listed */
-  int64_t r[MOEC_MAX_CANDIDATES];       /* explicit values, as written */
+  int64_t r[MOEC_MAX_CANDIDATES];       /* as written, in order; MOEC_R_AUTO for `auto`
+                                           (the order matters: `select = fixed` takes the first) */
   int nr;
   int64_t degrees[MOEC_MAX_CANDIDATES];
   int ndegrees;

@@ -14,7 +14,9 @@
 
 %code requires {
 #include "parse.h"
-typedef struct moec_num { int64_t i; double d; bool is_int; } moec_num;
+/* The union members keep their third word the same width (GCC 12 -O2 miscompiled
+ * a bool and an int overlapping in it; see compiler/CMakeLists.txt). */
+typedef struct moec_num { int64_t i; double d; int64_t is_int; } moec_num;
 }
 
 %code {
@@ -152,14 +154,9 @@ static moec_stmt *with_name(moec_parse_ctx *ctx, moec_stmt *b, moec_str name, YY
 static moec_stmt *with_count(moec_parse_ctx *ctx, moec_stmt *b, moec_num n, YYLTYPE nl) {
   b->has_count = true;
   b->count_loc = L(ctx, nl);
-  if (!n.is_int) {
-    moec_error(ctx->diags, b->count_loc, "the count of `%s` must be an integer, not `%s`",
-               moec_quote(ctx->arena, b->word, strlen(b->word)),
-               moec_quote(ctx->arena, ctx->src->text + nl.start, nl.end - nl.start));
-    b->count = 1;
-  } else {
-    b->count = n.i;
-  }
+  /* a decimal count is sema's to report, and only where a count belongs */
+  b->count_is_int = n.is_int != 0;
+  b->count = n.is_int ? n.i : 1;
   return b;
 }
 
