@@ -15,6 +15,8 @@ have_cmd flex  || need="$need flex"
 have_cmd bison || need="$need bison"
 have_cmd cmake || need="$need cmake"
 have_cmd cc    || need="$need gcc"
+have_pkg libopenmpi-dev  || need="$need libopenmpi-dev"    # comm_mpi.c (mpi.h, libmpi)
+have_cmd mpirun          || need="$need openmpi-bin"       # mpirun, for the mpi tests
 
 if [ -z "$need" ]; then
   exit 0
