@@ -7,7 +7,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "build.h"
+#include "emit_c.h"
 #include "front.h"
+#include "lower.h"
+#include "placement.h"
 
 #ifndef MOEC_VERSION
 #define MOEC_VERSION "0.0.0"
@@ -29,21 +33,25 @@ static const struct option long_opts[] = {
 
 static const struct {
   char shortc;
+  int has_arg;
   const char *name, *metavar, *help;
 } opt_info[] = {
-#define OPT(id, l, s, a, m, h) {s, l, m, h},
+#define OPT(id, l, s, a, m, h) {s, a, l, m, h},
 #include "options.def"
 #undef OPT
 };
 
 static void usage(FILE *out) {
   fputs("usage: moec check [options] FILE...   check .moe specs (- reads standard input)\n"
+        "       moec plan [--json] [--ranks W] FILE   print the plan: shapes, FLOPs, memory\n"
+        "       moec emit FILE [-o DIR]          print (or write into DIR) the generated C driver\n"
+        "       moec build FILE [-o BIN]         compile FILE into an executable that trains it\n"
         "       moec --help | --version\n"
         "\n"
         "options:\n",
         out);
   for (int i = 0; i < OPT__COUNT; i++) {
-    char left[64];
+    char left[80];
     if (opt_info[i].shortc)
       snprintf(left, sizeof left, "-%c, --%s%s%s", opt_info[i].shortc, opt_info[i].name,
                *opt_info[i].metavar ? " " : "", opt_info[i].metavar);
@@ -65,7 +73,9 @@ static int usage_error(const char *fmt, const char *arg) {
 }
 
 typedef struct opts {
-  bool print, summary, dump_ast, werror, nowarn;
+  bool print, summary, dump_ast, werror, nowarn, json, keep;
+  const char *output;
+  int64_t ranks;
 } opts;
 
 static void print_diags(const moec_diags *d, const opts *o) {
@@ -99,6 +109,8 @@ static int check_file(const char *path, const opts *o, bool many) {
   moec_diags_init(&d, a);
   const moec_stmt *ast = NULL;
   moec_spec *s = moec_front_file(a, &d, path, o->dump_ast ? &ast : NULL);
+  /* lowering expands `repeat`, where generated names can collide */
+  if (s && !moec_lower(a, &d, s, path)) s = NULL;
   print_diags(&d, o);
   if (o->dump_ast) moec_ast_dump(ast, stdout);
   bool failed = !s || (o->werror && d.nwarnings);
@@ -115,6 +127,40 @@ static int check_file(const char *path, const opts *o, bool many) {
   return failed ? 1 : 0;
 }
 
+/* plan, emit, build: check and lower the spec, then the command's work. */
+static int compile_cmd(const char *cmd, const char *path, const opts *o) {
+  moec_arena *a = moec_arena_create();
+  moec_diags d;
+  moec_diags_init(&d, a);
+  moec_spec *s = moec_front_file(a, &d, path, NULL);
+  moert_model *m = s ? moec_lower(a, &d, s, path) : NULL;
+  print_diags(&d, o);
+  int rc = 0;
+  if (!m || (o->werror && d.nwarnings)) {
+    rc = 1;
+  } else if (strcmp(cmd, "plan") == 0) {
+    moert_status st = {0};
+    moert_plan *p;
+    /* the nodes, as the runtime sees them: MOEC_LOCAL_SIZE ranks per node */
+    int world = (int)(o->ranks ? o->ranks : 1), nodes = 1;
+    const char *ls = getenv("MOEC_LOCAL_SIZE");
+    if (ls && atoi(ls) > 0 && world % atoi(ls) == 0) nodes = world / atoi(ls);
+    if (!moert_plan_create_nodes(m, world, 0, m->tokens, m->train.has_train, nodes, &p, &st)) {
+      fprintf(stderr, "%s: error: %s\n", path, st.msg);
+      rc = 1;
+    } else {
+      moert_plan_print(p, stdout, o->json);
+      moert_plan_destroy(p);
+    }
+  } else if (strcmp(cmd, "emit") == 0) {
+    rc = o->output ? moec_emit_dir(m, path, o->output) : (moec_emit_c(m, path, stdout), 0);
+  } else {
+    rc = moec_build(m, path, o->output, o->keep);
+  }
+  moec_arena_destroy(a);
+  return rc;
+}
+
 int main(int argc, char **argv) {
   opts o = {0};
   /* "-": non-options come back in order as code 1, so the subcommand and the
@@ -123,7 +169,10 @@ int main(int argc, char **argv) {
   size_t k = 0;
   shorts[k++] = '-';
   for (int i = 0; i < OPT__COUNT; i++)
-    if (opt_info[i].shortc) shorts[k++] = opt_info[i].shortc;
+    if (opt_info[i].shortc) {
+      shorts[k++] = opt_info[i].shortc;
+      if (opt_info[i].has_arg) shorts[k++] = ':';
+    }
   shorts[k] = 0;
   opterr = 0;
   const char *cmd = NULL;
@@ -155,6 +204,19 @@ int main(int argc, char **argv) {
     case OPT_DUMP_AST: o.dump_ast = true; break;
     case OPT_WERROR: o.werror = true; break;
     case OPT_NOWARN: o.nowarn = true; break;
+    case OPT_OUTPUT: o.output = optarg; break;
+    case OPT_JSON: o.json = true; break;
+    case OPT_KEEP: o.keep = true; break;
+    case OPT_RANKS: {
+      char *end;
+      long long v = strtoll(optarg, &end, 10);
+      if (end == optarg || *end || v < 1 || v > 1 << 20) {
+        rc = usage_error("bad value '%s' for --ranks (a whole number from 1 to 1048576)", optarg);
+        goto out;
+      }
+      o.ranks = v;
+      break;
+    }
     }
   }
   for (; optind < argc; optind++) { /* after `--` */
@@ -166,12 +228,21 @@ int main(int argc, char **argv) {
     rc = 2;
     goto out;
   }
-  if (strcmp(cmd, "check") != 0) {
-    rc = usage_error("unknown command '%s'; the commands are: check", cmd);
+  bool is_check = strcmp(cmd, "check") == 0;
+  if (!is_check && strcmp(cmd, "plan") && strcmp(cmd, "emit") && strcmp(cmd, "build")) {
+    rc = usage_error("unknown command '%s'; the commands are: check, plan, emit, build", cmd);
     goto out;
   }
   if (nfiles == 0) {
-    rc = usage_error("%s: no input files", "check");
+    rc = usage_error("%s: no input files", cmd);
+    goto out;
+  }
+  if (!is_check) {
+    if (nfiles > 1) {
+      rc = usage_error("%s: one spec at a time", cmd);
+      goto out;
+    }
+    rc = compile_cmd(cmd, files[0], &o);
     goto out;
   }
   if (o.print && nfiles > 1) {

@@ -1,0 +1,278 @@
+/* lower.c — spec to model description; see lower.h. */
+#include "lower.h"
+
+#include <math.h>
+#include <string.h>
+
+#include "cpu_ops.h"
+
+typedef struct lowering {
+  moec_arena *a;
+  moec_diags *d;
+  const moec_spec *s;
+  moert_layer *layers;
+  int nlayers, cap_layers;
+  moert_param *params;
+  int nparams, cap_params;
+  int counters[MOERT_L__COUNT]; /* for the names of unnamed layers */
+  int nmoe;
+  /* expanded layer names, to catch collisions */
+  struct { const char *name; moec_loc loc; } *names;
+  size_t names_cap, names_len;
+} lowering;
+
+_Static_assert((int)MOEC_DTYPE_BF16 == (int)MOERT_DT_BF16 && (int)MOEC_DTYPE_FP32 == (int)MOERT_DT_FP32,
+               "spec.def and model.h disagree on dtypes");
+_Static_assert((int)MOEC_ACT_RELU == (int)MOERT_ACT_RELU && (int)MOEC_ACT_GELU == (int)MOERT_ACT_GELU &&
+                   (int)MOEC_ACT_SILU == (int)MOERT_ACT_SILU && (int)MOEC_ACT_SWIGLU == (int)MOERT_ACT_SWIGLU,
+               "spec.def and cpu_ops.h disagree on activations");
+_Static_assert((int)MOEC_GATE_COSINE == (int)MOERT_GATE_COSINE, "gate kinds");
+_Static_assert((int)MOEC_OPTIM_ADAM == (int)MOERT_OPT_ADAM, "optimizers");
+_Static_assert((int)MOEC_SCHED_COSINE == (int)MOERT_SCHED_COSINE, "schedules");
+_Static_assert((int)MOEC_A2A_2DH == (int)MOERT_A2A_2DH, "all-to-all algorithms");
+_Static_assert((int)MOEC_SELECT_FIXED == (int)MOERT_SELECT_FIXED, "select modes");
+
+static uint64_t hash_str(const char *s) {
+  uint64_t h = 1469598103934665603ull;
+  for (; *s; s++) h = (h ^ (unsigned char)*s) * 1099511628211ull;
+  return h;
+}
+
+static bool claim_name(lowering *L, const char *name, moec_loc loc) {
+  if (L->names_len * 2 >= L->names_cap) {
+    size_t cap = L->names_cap ? L->names_cap * 2 : 256;
+    __typeof__(L->names) t = moec_arena_alloc(L->a, cap * sizeof *t);
+    for (size_t i = 0; i < L->names_cap; i++) {
+      if (!L->names[i].name) continue;
+      size_t j = hash_str(L->names[i].name) & (cap - 1);
+      while (t[j].name) j = (j + 1) & (cap - 1);
+      t[j] = L->names[i];
+    }
+    L->names = t;
+    L->names_cap = cap;
+  }
+  size_t j = hash_str(name) & (L->names_cap - 1);
+  while (L->names[j].name) {
+    if (strcmp(L->names[j].name, name) == 0) {
+      moec_error(L->d, loc, "once `repeat` is expanded, this layer is named `%s`, a name another "
+                 "layer already has; rename one of them", name);
+      moec_note(L->d, L->names[j].loc, "the other `%s` is here", name);
+      return false;
+    }
+    j = (j + 1) & (L->names_cap - 1);
+  }
+  L->names[j].name = name;
+  L->names[j].loc = loc;
+  L->names_len++;
+  return true;
+}
+
+static moert_layer *add_layer(lowering *L, moert_layer_kind kind, const char *name) {
+  if (L->nlayers == L->cap_layers) {
+    int cap = L->cap_layers ? L->cap_layers * 2 : 64;
+    moert_layer *t = MOEC_NEW_ARRAY(L->a, moert_layer, cap);
+    if (L->nlayers) memcpy(t, L->layers, sizeof *t * (size_t)L->nlayers);
+    L->layers = t;
+    L->cap_layers = cap;
+  }
+  moert_layer *l = &L->layers[L->nlayers++];
+  l->kind = kind;
+  l->name = name ? name
+                 : moec_arena_printf(L->a, "%s_%d", moert_layer_kind_names[kind], L->counters[kind]);
+  L->counters[kind]++;
+  l->param_first = L->nparams;
+  return l;
+}
+
+static void add_param(lowering *L, const char *what, int ndim, const int64_t *shape,
+                      moert_init init, double scale, moert_place place) {
+  if (L->nparams == L->cap_params) {
+    int cap = L->cap_params ? L->cap_params * 2 : 64;
+    moert_param *t = MOEC_NEW_ARRAY(L->a, moert_param, cap);
+    if (L->nparams) memcpy(t, L->params, sizeof *t * (size_t)L->nparams);
+    L->params = t;
+    L->cap_params = cap;
+  }
+  moert_layer *l = &L->layers[L->nlayers - 1];
+  moert_param *p = &L->params[L->nparams++];
+  p->name = moec_arena_printf(L->a, "%s.%s", l->name, what);
+  p->ndim = ndim;
+  for (int i = 0; i < ndim; i++) p->shape[i] = shape[i];
+  p->init = init;
+  p->scale = scale;
+  p->place = place;
+  p->layer = L->nlayers - 1;
+  l->nparams++;
+}
+
+#define SHAPE(...) (const int64_t[]){__VA_ARGS__}
+#define NDIM(...) (int)(sizeof((int64_t[]){__VA_ARGS__}) / sizeof(int64_t))
+#define PARAM(L, what, init, scale, place, ...) \
+  add_param(L, what, NDIM(__VA_ARGS__), SHAPE(__VA_ARGS__), init, scale, place)
+
+static void lower_list(lowering *L, const moec_layer *l, const char *suffix);
+
+static void lower_one(lowering *L, const moec_layer *l, const char *suffix) {
+  int64_t m = L->s->dim;
+  switch (l->kind) {
+  case MOEC_LAYER_LAYERNORM: {
+    add_layer(L, MOERT_L_LAYERNORM, NULL);
+    PARAM(L, "weight", MOERT_INIT_ONES, 0, MOERT_PLACE_REPLICATED, m);
+    PARAM(L, "bias", MOERT_INIT_ZEROS, 0, MOERT_PLACE_REPLICATED, m);
+    break;
+  }
+  case MOEC_LAYER_RMSNORM:
+    add_layer(L, MOERT_L_RMSNORM, NULL);
+    PARAM(L, "weight", MOERT_INIT_ONES, 0, MOERT_PLACE_REPLICATED, m);
+    break;
+  case MOEC_LAYER_FFN: {
+    const char *name = moec_arena_printf(L->a, "%s%s", l->name, suffix);
+    claim_name(L, name, l->loc);
+    moert_layer *x = add_layer(L, MOERT_L_FFN, name);
+    int64_t h = l->ffn.hidden, h1 = l->ffn.act == MOEC_ACT_SWIGLU ? 2 * h : h;
+    x->hidden = h;
+    x->act = (int)l->ffn.act;
+    x->bias = 1;
+    PARAM(L, "fc1_w", MOERT_INIT_UNIFORM, 1 / sqrt((double)m), MOERT_PLACE_REPLICATED, m, h1);
+    PARAM(L, "fc1_b", MOERT_INIT_UNIFORM, 1 / sqrt((double)m), MOERT_PLACE_REPLICATED, h1);
+    PARAM(L, "fc2_w", MOERT_INIT_UNIFORM, 1 / sqrt((double)h), MOERT_PLACE_REPLICATED, h, m);
+    PARAM(L, "fc2_b", MOERT_INIT_UNIFORM, 1 / sqrt((double)h), MOERT_PLACE_REPLICATED, m);
+    break;
+  }
+  case MOEC_LAYER_MOE: {
+    const moec_moe *e = &l->moe;
+    const char *name = moec_arena_printf(L->a, "%s%s", l->name, suffix);
+    claim_name(L, name, l->loc);
+    moert_layer *x = add_layer(L, MOERT_L_MOE, name);
+    int64_t ne = e->experts, h = e->hidden, h1 = e->act == MOEC_ACT_SWIGLU ? 2 * h : h;
+    x->hidden = h;
+    x->act = (int)e->act;
+    x->experts = ne;
+    x->top_k = e->top_k;
+    x->capacity_factor = e->capacity_factor;
+    x->gate = (moert_gate)e->gate;
+    x->aux_loss = e->aux_loss;
+    x->bias = e->bias;
+    x->normalize_gate = e->normalize_gate;
+    x->batch_prioritized = e->batch_prioritized;
+    x->gate_noise = e->gate_noise;
+    x->moe_index = L->nmoe++;
+    if (e->gate == MOEC_GATE_COSINE) {
+      int64_t p = MOEC_COSINE_PROJ;
+      PARAM(L, "gate_proj_w", MOERT_INIT_UNIFORM, 1 / sqrt((double)m), MOERT_PLACE_REPLICATED, m, p);
+      PARAM(L, "gate_proj_b", MOERT_INIT_UNIFORM, 1 / sqrt((double)m), MOERT_PLACE_REPLICATED, p);
+      PARAM(L, "gate_sim", MOERT_INIT_NORMAL, 0.01, MOERT_PLACE_REPLICATED, p, ne);
+      /* Tutel: temperature = log(1 / 0.5), clamped at log(1 / 0.01) when used */
+      PARAM(L, "gate_temp", MOERT_INIT_CONST, log(2.0), MOERT_PLACE_REPLICATED, 1);
+    } else {
+      PARAM(L, "gate_w", MOERT_INIT_UNIFORM, 1 / sqrt((double)m), MOERT_PLACE_REPLICATED, m, ne);
+    }
+    PARAM(L, "fc1_w", MOERT_INIT_UNIFORM, 1 / sqrt((double)m), MOERT_PLACE_EXPERT_IN, ne, m, h1);
+    L->params[L->nparams - 1].swiglu_halves = e->act == MOEC_ACT_SWIGLU;
+    if (e->bias) {
+      PARAM(L, "fc1_b", MOERT_INIT_UNIFORM, 1 / sqrt((double)m), MOERT_PLACE_EXPERT_BIAS, ne, h1);
+      L->params[L->nparams - 1].swiglu_halves = e->act == MOEC_ACT_SWIGLU;
+    }
+    PARAM(L, "fc2_w", MOERT_INIT_UNIFORM, 1 / sqrt((double)h), MOERT_PLACE_EXPERT_OUT, ne, h, m);
+    if (e->bias)
+      PARAM(L, "fc2_b", MOERT_INIT_UNIFORM, 1 / sqrt((double)h), MOERT_PLACE_EXPERT_REP, ne, m);
+    break;
+  }
+  case MOEC_LAYER_RESIDUAL:
+    add_layer(L, MOERT_L_RES_BEGIN, NULL);
+    lower_list(L, l->body, suffix);
+    add_layer(L, MOERT_L_RES_END, NULL);
+    break;
+  case MOEC_LAYER_REPEAT:
+    for (int64_t i = 0; i < l->count; i++)
+      lower_list(L, l->body, moec_arena_printf(L->a, "%s_%lld", suffix, (long long)i));
+    break;
+  case MOEC_LAYER__COUNT: break;
+  }
+}
+
+static void lower_list(lowering *L, const moec_layer *l, const char *suffix) {
+  for (; l; l = l->next) lower_one(L, l, suffix);
+}
+
+moert_model *moec_lower(moec_arena *a, moec_diags *d, const moec_spec *s, const char *spec_file) {
+  lowering *L = MOEC_NEW(a, lowering);
+  L->a = a;
+  L->d = d;
+  L->s = s;
+  int errors = d->nerrors;
+  int64_t m = s->dim;
+  if (s->vocab) {
+    add_layer(L, MOERT_L_EMBED, "embed");
+    /* each of the `context` tables N(0, 1/context): the sum has unit variance */
+    PARAM(L, "table", MOERT_INIT_NORMAL, 1 / sqrt((double)s->context), MOERT_PLACE_REPLICATED,
+          s->context, s->vocab, m);
+  }
+  lower_list(L, s->layers, "");
+  if (s->vocab) {
+    add_layer(L, MOERT_L_HEAD_XENT, "head");
+    PARAM(L, "w", MOERT_INIT_UNIFORM, 1 / sqrt((double)m), MOERT_PLACE_REPLICATED, m, s->vocab);
+  } else {
+    add_layer(L, MOERT_L_MSE, "mse");
+  }
+  if (d->nerrors > errors) return NULL;
+
+  moert_model *md = MOEC_NEW(a, moert_model);
+  md->name = s->name;
+  md->spec_file = spec_file;
+  md->dim = s->dim;
+  md->tokens = s->tokens;
+  md->vocab = s->vocab;
+  md->context = s->vocab ? s->context : 0;
+  md->dtype = (moert_dtype)s->dtype;
+  md->nlayers = L->nlayers;
+  md->layers = L->layers;
+  md->nparams = L->nparams;
+  md->params = L->params;
+  md->nmoe = L->nmoe;
+
+  const moec_parallel *p = &s->parallel;
+  moert_parallel *mp = &md->parallel;
+  mp->r_auto = p->r_auto;
+  mp->nr = p->nr;
+  int64_t *r = MOEC_NEW_ARRAY(a, int64_t, p->nr + 1);
+  memcpy(r, p->r, sizeof *r * (size_t)p->nr);
+  mp->r = r;
+  mp->ndegrees = p->ndegrees;
+  int64_t *deg = MOEC_NEW_ARRAY(a, int64_t, p->ndegrees + 1);
+  memcpy(deg, p->degrees, sizeof *deg * (size_t)p->ndegrees);
+  mp->degrees = deg;
+  mp->na2a = p->na2a;
+  int *a2a = MOEC_NEW_ARRAY(a, int, p->na2a + 1);
+  for (int i = 0; i < p->na2a; i++) a2a[i] = (int)p->a2a[i];
+  mp->a2a = a2a;
+  mp->select = (moert_select_mode)p->select;
+  mp->explore_steps = p->explore_steps;
+
+  moert_train *t = &md->train;
+  const moec_train *st = &s->train;
+  t->has_train = s->has_train;
+  if (s->has_train) {
+    t->steps = st->steps;
+    t->seed = st->seed;
+    t->optimizer = (moert_optim)st->optimizer;
+    t->lr = st->lr;
+    t->beta1 = st->beta1;
+    t->beta2 = st->beta2;
+    t->eps = st->eps;
+    t->weight_decay = st->weight_decay;
+    t->warmup = st->warmup;
+    t->schedule = (moert_sched)st->schedule;
+    t->clip = st->clip;
+    t->data_path = st->data == MOEC_DATA_BYTES ? st->data_path : NULL;
+    t->eval_every = st->eval_every;
+    t->checkpoint = st->checkpoint;
+    t->checkpoint_every = st->checkpoint_every;
+    t->log_every = st->log_every;
+  } else {
+    t->steps = 10; /* an inference binary times this many forward steps by default */
+    t->seed = 1;
+    t->log_every = 1;
+  }
+  return md;
+}
