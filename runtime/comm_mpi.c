@@ -311,6 +311,29 @@ static bool mpi_a2a_start(moert_comm *c, const float *send, float *recv, int64_t
   return true;
 }
 
+static bool mpi_a2av(moert_comm *c, const float *send, const int64_t *scount, const int64_t *sdispl,
+                     float *recv, const int64_t *rcount, const int64_t *rdispl, moert_status *st) {
+  mpi_impl *im = impl_of(c);
+  int W = c->world;
+  int *v = malloc(sizeof(int) * 4 * (size_t)W);
+  if (!v) return MOERT_FAIL(st, "all_to_allv: out of memory");
+  bool ok = true;
+  for (int r = 0; r < W && ok; r++) {
+    if (scount[r] < 0 || rcount[r] < 0 || scount[r] > INT_MAX || rcount[r] > INT_MAX || sdispl[r] < 0 ||
+        rdispl[r] < 0 || sdispl[r] > INT_MAX || rdispl[r] > INT_MAX)
+      ok = MOERT_FAIL(st, "all_to_allv: counts and displacements must be 0 to %d floats (rank %d: "
+                      "send %lld at %lld, receive %lld at %lld)", INT_MAX, r, (long long)scount[r],
+                      (long long)sdispl[r], (long long)rcount[r], (long long)rdispl[r]);
+    v[r] = (int)scount[r];
+    v[W + r] = (int)sdispl[r];
+    v[2 * W + r] = (int)rcount[r];
+    v[3 * W + r] = (int)rdispl[r];
+  }
+  ok = ok && MPIOK(st, MPI_Alltoallv(send, v, v + W, MPI_FLOAT, recv, v + 2 * W, v + 3 * W, MPI_FLOAT, im->comm));
+  free(v);
+  return ok ? true : MOERT_UP(st);
+}
+
 static bool mpi_wait(moert_comm *c, moert_req *rq, moert_status *st) {
   if (!rq) return true;
   bool ok = rq->nmr == 0 || MPIOK(st, MPI_Waitall(rq->nmr, rq->mr, MPI_STATUSES_IGNORE));
@@ -463,6 +486,7 @@ static mpi_comm *comm_new(void) {
   c->gather = mpi_gather;
   c->all_to_all_f32 = mpi_a2a;
   c->all_to_all_start = mpi_a2a_start;
+  c->all_to_allv_f32 = mpi_a2av;
   c->wait = mpi_wait;
   c->split = mpi_split;
   c->barrier = mpi_barrier;

@@ -1,0 +1,63 @@
+/* backend.h — one interface for the devices a step runs on (ggml's
+ * ggml_backend_i): memory and the fused ops, as a table of functions.
+ * The ops have exactly the signatures of cpu_ops.h; on a device backend their
+ * pointers are device addresses, which the host never dereferences. The host
+ * reads device memory only through `download` (loss, capacity, norms).
+ * Implementations: cpu (backend_cpu.c, the numerical reference). */
+#ifndef MOERT_BACKEND_H
+#define MOERT_BACKEND_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "cpu_ops.h"
+#include "status.h"
+
+/* The ops of cpu_ops.h a backend provides, by name. */
+#define MOERT_BACKEND_OPS(X)                                                                   \
+  X(gemm) X(gemm_batched) X(bias_add) X(bias_grad) X(act_fwd) X(act_bwd) X(swiglu_fwd)         \
+  X(swiglu_bwd) X(layernorm_fwd) X(layernorm_bwd) X(rmsnorm_fwd) X(rmsnorm_bwd)                \
+  X(l2norm_rows_fwd) X(l2norm_rows_bwd) X(l2norm_cols_fwd) X(l2norm_cols_bwd) X(gate_topk)     \
+  X(gate_normalize) X(gate_normalize_bwd) X(gate_locations) X(gate_priority_order)             \
+  X(gate_stats) X(gate_scores_bwd) X(softmax_bwd) X(dispatch) X(dispatch_bwd) X(combine)       \
+  X(combine_bwd) X(embed_fwd) X(embed_bwd) X(xent) X(mse) X(sumsq) X(scale) X(adamw) X(sgd)
+
+typedef struct moert_backend moert_backend;
+
+struct moert_backend {
+  const char *name;
+  /* memory: n bytes, zeroed; never fails silently */
+  bool (*alloc)(moert_backend *b, size_t n, void **out, moert_status *st);
+  void (*free)(moert_backend *b, void *p);
+  bool (*upload)(moert_backend *b, void *dst, const void *src, size_t n, moert_status *st);
+  bool (*download)(moert_backend *b, void *dst, const void *src, size_t n, moert_status *st);
+  /* elementwise helpers over n floats */
+  void (*zero)(void *p, size_t bytes);
+  void (*copy)(float *dst, const float *src, int64_t n);
+  void (*add)(float *y, const float *a, const float *b, int64_t n);  /* y = a + b */
+  void (*axpy)(float *y, const float *x, float alpha, int64_t n);    /* y += alpha x */
+  double (*dot)(const float *a, const float *b, int64_t n);
+  /* nblocks blocks of `block` floats: dst + i*dst_stride = (or +=, when add)
+   * src + i*src_stride. Packs and transposes token chunks. */
+  void (*copy_blocks)(float *dst, int64_t dst_stride, const float *src, int64_t src_stride,
+                      int64_t nblocks, int64_t block, bool add);
+  /* loc[i] >= keep becomes INT32_MAX: those claims are dropped whatever the
+   * padded capacity the buffers use. */
+  void (*drop_beyond)(int32_t *loc, int64_t n, int64_t keep);
+  /* the fused ops */
+#define X(op) __typeof__(moert_cpu_##op) *op;
+  MOERT_BACKEND_OPS(X)
+#undef X
+  /* Counters for the zero-cost-switch claim: allocations made, and bytes
+   * that copy, copy_blocks or upload wrote into a watched range (the
+   * parameters and optimizer state, which no variant may move). */
+  int64_t allocs, watched_bytes;
+  const void *watch_lo[2], *watch_hi[2];
+  void *impl;
+};
+
+/* The cpu backend: a static table, nothing to free. */
+moert_backend *moert_backend_cpu(void);
+
+#endif

@@ -1,0 +1,99 @@
+/* backend_cpu.c — the cpu backend: host memory and cpu_ops.c. */
+#include "backend.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+static moert_backend cpu_backend;
+
+static void watch(const void *dst, size_t bytes) {
+  for (int i = 0; i < 2; i++)
+    if (cpu_backend.watch_lo[i] && (const char *)dst < (const char *)cpu_backend.watch_hi[i] &&
+        (const char *)dst + bytes > (const char *)cpu_backend.watch_lo[i])
+      cpu_backend.watched_bytes += (int64_t)bytes;
+}
+
+static bool cpu_alloc(moert_backend *b, size_t n, void **out, moert_status *st) {
+  b->allocs++;
+  /* 64-byte alignment for vector loads; calloc for zeroed pages */
+  size_t rounded = (n + 63) / 64 * 64;
+  void *p = aligned_alloc(64, rounded ? rounded : 64);
+  if (!p) return MOERT_FAIL(st, "out of host memory: could not allocate %zu bytes", n);
+  memset(p, 0, rounded ? rounded : 64);
+  *out = p;
+  return true;
+}
+
+static void cpu_free(moert_backend *b, void *p) {
+  (void)b;
+  free(p);
+}
+
+static bool cpu_upload(moert_backend *b, void *dst, const void *src, size_t n, moert_status *st) {
+  (void)b;
+  (void)st;
+  watch(dst, n);
+  if (n) memmove(dst, src, n);
+  return true;
+}
+
+static bool cpu_download(moert_backend *b, void *dst, const void *src, size_t n, moert_status *st) {
+  (void)b;
+  (void)st;
+  if (n) memmove(dst, src, n);
+  return true;
+}
+
+static void cpu_zero(void *p, size_t bytes) { memset(p, 0, bytes); }
+static void cpu_copy(float *dst, const float *src, int64_t n) {
+  watch(dst, (size_t)n * sizeof *dst);
+  memcpy(dst, src, (size_t)n * sizeof *dst);
+}
+static void cpu_add(float *y, const float *a, const float *b, int64_t n) {
+  for (int64_t i = 0; i < n; i++) y[i] = a[i] + b[i];
+}
+static void cpu_axpy(float *y, const float *x, float alpha, int64_t n) {
+  for (int64_t i = 0; i < n; i++) y[i] += alpha * x[i];
+}
+static double cpu_dot(const float *a, const float *b, int64_t n) {
+  double s = 0;
+  for (int64_t i = 0; i < n; i++) s += (double)a[i] * b[i];
+  return s;
+}
+
+static void cpu_copy_blocks(float *dst, int64_t dst_stride, const float *src, int64_t src_stride,
+                            int64_t nblocks, int64_t block, bool add) {
+  for (int64_t i = 0; i < nblocks; i++) {
+    float *d = dst + i * dst_stride;
+    watch(d, sizeof(float) * (size_t)block);
+    const float *x = src + i * src_stride;
+    if (add)
+      for (int64_t k = 0; k < block; k++) d[k] += x[k];
+    else
+      memmove(d, x, sizeof(float) * (size_t)block);
+  }
+}
+static void cpu_drop_beyond(int32_t *loc, int64_t n, int64_t keep) {
+  for (int64_t i = 0; i < n; i++)
+    if (loc[i] >= keep) loc[i] = INT32_MAX;
+}
+
+static moert_backend cpu_backend = {
+    .name = "cpu",
+    .alloc = cpu_alloc,
+    .free = cpu_free,
+    .upload = cpu_upload,
+    .download = cpu_download,
+    .zero = cpu_zero,
+    .copy = cpu_copy,
+    .add = cpu_add,
+    .axpy = cpu_axpy,
+    .dot = cpu_dot,
+    .copy_blocks = cpu_copy_blocks,
+    .drop_beyond = cpu_drop_beyond,
+#define X(op) .op = moert_cpu_##op,
+    MOERT_BACKEND_OPS(X)
+#undef X
+};
+
+moert_backend *moert_backend_cpu(void) { return &cpu_backend; }

@@ -1,0 +1,85 @@
+/* comm.h — collectives between the ranks of a run, as a table of functions
+ * (nccl-tests' and Tutel's set): all-to-all (linear or 2D-hierarchical,
+ * blocking or not), all-gather, reduce-scatter, all-reduce, broadcast,
+ * gather, and sub-groups. Implementations: `self` (one rank, no MPI) and
+ * `mpi` (host buffers; several ranks may share one GPU); `nccl` comes with
+ * the GPU backend behind the same table. Buffers are host memory for self and
+ * mpi. All ranks of a comm call its collectives in the same order.
+ *
+ * Ranks are numbered node-major: rank = node * local_size + local_rank. The
+ * node of a rank comes from MPI's shared-memory split, or from the
+ * environment variable MOEC_LOCAL_SIZE=n (ranks [0, n) are node 0, [n, 2n)
+ * node 1, ...), so tests can simulate several nodes on one machine. */
+#ifndef MOERT_COMM_H
+#define MOERT_COMM_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "model.h"
+#include "status.h"
+
+typedef enum { MOERT_RED_SUM, MOERT_RED_MAX } moert_red;
+
+typedef struct moert_comm moert_comm;
+/* A nonblocking collective in flight; finished (and freed) by wait. */
+typedef struct moert_req moert_req;
+
+struct moert_comm {
+  const char *name;          /* "self", "mpi" */
+  int world, rank;
+  int nodes, node, local_size, local_rank;
+
+  /* in place, over n elements */
+  bool (*all_reduce_f64)(moert_comm *c, double *x, int64_t n, moert_red op, moert_status *st);
+  bool (*all_reduce_f32)(moert_comm *c, float *x, int64_t n, moert_red op, moert_status *st);
+  bool (*all_reduce_i64)(moert_comm *c, int64_t *x, int64_t n, moert_red op, moert_status *st);
+  /* recv[r * n .. (r+1) * n) = send of rank r; recv holds world * n */
+  bool (*all_gather_f32)(moert_comm *c, const float *send, float *recv, int64_t n, moert_status *st);
+  /* send holds world * n; recv (n) = the sum over ranks of their block `rank` */
+  bool (*reduce_scatter_f32)(moert_comm *c, const float *send, float *recv, int64_t n,
+                             moert_status *st);
+  bool (*broadcast)(moert_comm *c, void *buf, int64_t bytes, int root, moert_status *st);
+  /* root's recv[r * bytes ..) = send of rank r (recv ignored elsewhere) */
+  bool (*gather)(moert_comm *c, const void *send, void *recv, int64_t bytes, int root,
+                 moert_status *st);
+  /* send holds world blocks of n floats, block r for rank r; recv gets world
+   * blocks, block r from rank r. algo 2DH: inside each node first, then
+   * across nodes, with the layout transforms between; its result is bitwise
+   * that of LINEAR. send and recv do not overlap. */
+  bool (*all_to_all_f32)(moert_comm *c, const float *send, float *recv, int64_t n,
+                         moert_a2a_algo algo, moert_status *st);
+  /* Uneven all-to-all: to rank r go scount[r] floats from send + sdispl[r];
+   * from rank r come rcount[r] floats into recv + rdispl[r] (counts in
+   * floats; each at most INT_MAX). */
+  bool (*all_to_allv_f32)(moert_comm *c, const float *send, const int64_t *scount,
+                          const int64_t *sdispl, float *recv, const int64_t *rcount,
+                          const int64_t *rdispl, moert_status *st);
+  /* The same, started now and finished by wait; send and recv must stay
+   * untouched until then. Several may be in flight. */
+  bool (*all_to_all_start)(moert_comm *c, const float *send, float *recv, int64_t n,
+                           moert_a2a_algo algo, moert_req **req, moert_status *st);
+  bool (*wait)(moert_comm *c, moert_req *req, moert_status *st);
+  /* A comm of the ranks that pass the same color, ordered by key (MPI_Comm_split);
+   * its topology is recomputed. Destroy it before its parent. */
+  bool (*split)(moert_comm *c, int color, int key, moert_comm **out, moert_status *st);
+  bool (*barrier)(moert_comm *c, moert_status *st);
+  void (*destroy)(moert_comm *c);
+  void *impl;
+};
+
+/* A world of one rank: collectives copy or do nothing. Static; destroy is a no-op. */
+moert_comm *moert_comm_self(void);
+/* Whether this process was started by mpirun (Open MPI, MPICH or Slurm's
+ * environment variables), so that MPI should be initialized. */
+bool moert_comm_under_mpirun(void);
+/* MPI_Init (thread level FUNNELED) and the world comm with its topology.
+ * Fails with a clear message when MPI cannot start. moert_comm_mpi_finalize
+ * destroys it and calls MPI_Finalize. */
+bool moert_comm_mpi_create(int *argc, char ***argv, moert_comm **out, moert_status *st);
+void moert_comm_mpi_finalize(moert_comm *c);
+/* Stops every rank now (a failure on one rank must not leave the others
+ * waiting in a collective forever): MPI_Abort with the exit code. */
+void moert_comm_abort(moert_comm *c, int code);
+
+#endif

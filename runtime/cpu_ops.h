@@ -1,0 +1,174 @@
+/* cpu_ops.h — the ops of the cpu backend: fp32, row-major, single-threaded
+ * (GEMMs through CBLAS when the build found it). The numerical reference of
+ * moec: every GPU op is compared against these.
+ *
+ * Conventions. Shapes are given as dimensions in the argument list; a tensor
+ * [R, C] is R rows of C contiguous floats. Forward ops write their outputs
+ * (=). Backward ops write the gradient of their input (=) unless the comment
+ * says "accumulates" (+=): parameter gradients always accumulate, so one
+ * parameter used several times (or over several micro-batches) sums up.
+ * Nothing allocates; scratch, where needed, is passed in.
+ *
+ * MoE routing follows Tutel: top-k on (noisy) softmax scores; capacity
+ * locations by a running count per expert, all first choices before all
+ * second choices; gates applied when combining ("post-score"); the GShard
+ * load-balancing loss on the top-1 choice. */
+#ifndef MOERT_CPU_OPS_H
+#define MOERT_CPU_OPS_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+typedef enum { MOERT_ACT_RELU, MOERT_ACT_GELU, MOERT_ACT_SILU, MOERT_ACT_SWIGLU } moert_act;
+
+/* --- dense --- */
+
+/* C = alpha * op(A) @ op(B) + beta * C, op(X) = X or X^T; op(A) is [m, k],
+ * op(B) is [k, n], C is [m, n]; lda/ldb/ldc are row strides as stored. */
+void moert_cpu_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                    const float *a, int64_t lda, const float *b, int64_t ldb, float beta,
+                    float *c, int64_t ldc);
+/* count GEMMs as above, the i-th on a + i*stride_a, b + i*stride_b, c + i*stride_c. */
+void moert_cpu_gemm_batched(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
+                            float alpha, const float *a, int64_t lda, int64_t stride_a,
+                            const float *b, int64_t ldb, int64_t stride_b, float beta, float *c,
+                            int64_t ldc, int64_t stride_c, int64_t count);
+/* y[r, :] += bias, y is [rows, cols]. */
+void moert_cpu_bias_add(float *y, const float *bias, int64_t rows, int64_t cols);
+/* Accumulates dbias[c] += sum_r dy[r, c]. */
+void moert_cpu_bias_grad(float *dbias, const float *dy, int64_t rows, int64_t cols);
+
+/* a = act(h) elementwise, act in relu, gelu (tanh form), silu; n elements. */
+void moert_cpu_act_fwd(moert_act act, const float *h, float *a, int64_t n);
+/* dh = da * act'(h). */
+void moert_cpu_act_bwd(moert_act act, const float *h, const float *da, float *dh, int64_t n);
+/* swiglu: h is [rows, 2*hid]; a[r, j] = silu(h[r, j]) * h[r, hid + j], a is [rows, hid]. */
+void moert_cpu_swiglu_fwd(const float *h, float *a, int64_t rows, int64_t hid);
+/* dh [rows, 2*hid] from da [rows, hid]. */
+void moert_cpu_swiglu_bwd(const float *h, const float *da, float *dh, int64_t rows, int64_t hid);
+
+/* --- norms (eps: layernorm 1e-5, rmsnorm 1e-6, passed by the caller) --- */
+
+/* y = (x - mean) * rstd * g + b per row; saves mean[rows], rstd[rows]. */
+void moert_cpu_layernorm_fwd(const float *x, const float *g, const float *b, float *y, float *mean,
+                             float *rstd, int64_t rows, int64_t dim, float eps);
+/* dx written; dg, db accumulate. */
+void moert_cpu_layernorm_bwd(const float *x, const float *g, const float *mean, const float *rstd,
+                             const float *dy, float *dx, float *dg, float *db, int64_t rows,
+                             int64_t dim);
+/* y = x * rstd * g, rstd = 1/sqrt(mean(x^2) + eps); saves rstd[rows]. */
+void moert_cpu_rmsnorm_fwd(const float *x, const float *g, float *y, float *rstd, int64_t rows,
+                           int64_t dim, float eps);
+/* dx written; dg accumulates. */
+void moert_cpu_rmsnorm_bwd(const float *x, const float *g, const float *rstd, const float *dy,
+                           float *dx, float *dg, int64_t rows, int64_t dim);
+
+/* --- gating --- */
+
+/* Cosine gate pieces (Tutel's CosineTopKGate): rows of x_proj and columns of
+ * the similarity matrix are L2-normalized, y = x / max(||x||, 1e-12). */
+void moert_cpu_l2norm_rows_fwd(const float *x, float *y, float *norm, int64_t rows, int64_t cols);
+void moert_cpu_l2norm_rows_bwd(const float *x, const float *norm, const float *dy, float *dx,
+                               int64_t rows, int64_t cols);
+void moert_cpu_l2norm_cols_fwd(const float *x, float *y, float *norm, int64_t rows, int64_t cols);
+void moert_cpu_l2norm_cols_bwd(const float *x, const float *norm, const float *dy, float *dx,
+                               int64_t rows, int64_t cols);
+
+/* scores = softmax(logits + noise) over each row of [tokens, experts];
+ * noise may be NULL. Then the top_k largest scores of each row, in
+ * descending order (ties: the lower expert index first): idx[t*k + j] and
+ * their scores topv[t*k + j]. */
+void moert_cpu_gate_topk(const float *logits, const float *noise, float *scores, int32_t *idx,
+                         float *topv, int64_t tokens, int64_t experts, int64_t top_k);
+/* Combine weights: gate = topv, or topv / max(sum_j topv, 1e-9) per token
+ * when normalize. */
+void moert_cpu_gate_normalize(const float *topv, float *gate, int64_t tokens, int64_t top_k,
+                              bool normalize);
+/* dtopv from dgate (the inverse of the above). */
+void moert_cpu_gate_normalize_bwd(const float *topv, const float *dgate, float *dtopv,
+                                  int64_t tokens, int64_t top_k, bool normalize);
+/* Slot of each (token, choice) in its expert's buffer, before any capacity
+ * is applied: the running count of earlier claims on that expert, counting
+ * all choice-0 claims of all tokens, then all choice-1 claims, and so on.
+ * Tokens are visited in order, or, when order is not NULL, in the order
+ * order[0..tokens) (batch-prioritized routing: tokens sorted by their top
+ * score, descending; see moert_cpu_gate_priority_order). counts[e] receives
+ * the total number of claims on expert e (all choices). */
+void moert_cpu_gate_locations(const int32_t *idx, const int32_t *order, int32_t *loc,
+                              int32_t *counts, int64_t tokens, int64_t experts, int64_t top_k);
+/* order = token indices sorted by topv[t*k + 0] descending, stable. */
+void moert_cpu_gate_priority_order(const float *topv, int32_t *order, int64_t tokens,
+                                   int64_t top_k);
+/* Load statistics for the GShard loss, accumulated: score_sum[e] += sum_t
+ * scores[t, e]; top1_count[e] += #{t : idx[t*k] == e}. */
+void moert_cpu_gate_stats(const float *scores, const int32_t *idx, float *score_sum,
+                          float *top1_count, int64_t tokens, int64_t experts, int64_t top_k);
+/* GShard aux loss from global statistics over global_tokens tokens:
+ * me = score_sum / N, ce = top1_count / N, loss = E * sum_e me_e * ce_e.
+ * Returns the loss; dscore_sum_coef[e] = d loss / d scores[t, e] for every
+ * token t (the same for all tokens) = E * ce_e / N. */
+float moert_cpu_aux_loss(const float *score_sum, const float *top1_count, float *dscore_coef,
+                         int64_t experts, double global_tokens);
+/* dscores[t, e] accumulates: dtopv scattered to their experts, plus
+ * weight * dscore_coef[e] for every token when dscore_coef is not NULL. */
+void moert_cpu_gate_scores_bwd(const int32_t *idx, const float *dtopv, const float *dscore_coef,
+                               float weight, float *dscores, int64_t tokens, int64_t experts,
+                               int64_t top_k);
+/* dlogits = softmax backward of scores: s * (ds - sum(ds * s)) per row. */
+void moert_cpu_softmax_bwd(const float *scores, const float *dscores, float *dlogits, int64_t rows,
+                           int64_t cols);
+
+/* --- dispatch and combine over the padded [experts, capacity, dim] layout --- */
+
+/* buf[e, c, :] = x[t, :] for every (t, j) with idx = e and loc = c < capacity;
+ * every other slot of buf is set to 0. */
+void moert_cpu_dispatch(const float *x, const int32_t *idx, const int32_t *loc, float *buf,
+                        int64_t tokens, int64_t top_k, int64_t experts, int64_t capacity,
+                        int64_t dim);
+/* dx[t, :] = sum over kept choices j of dbuf[idx, loc, :] (written). */
+void moert_cpu_dispatch_bwd(const float *dbuf, const int32_t *idx, const int32_t *loc, float *dx,
+                            int64_t tokens, int64_t top_k, int64_t experts, int64_t capacity,
+                            int64_t dim);
+/* y[t, :] = sum over kept choices j of gate[t*k+j] * buf[idx, loc, :]; a
+ * token with no kept choice gets 0. */
+void moert_cpu_combine(const float *buf, const int32_t *idx, const int32_t *loc,
+                       const float *gate, float *y, int64_t tokens, int64_t top_k,
+                       int64_t experts, int64_t capacity, int64_t dim);
+/* dbuf[e, c, :] = gate * dy[t, :] for kept slots, 0 elsewhere (written);
+ * dgate[t*k + j] = <dy[t], buf[idx, loc]> for kept choices, 0 for dropped. */
+void moert_cpu_combine_bwd(const float *dy, const float *buf, const int32_t *idx,
+                           const int32_t *loc, const float *gate, float *dbuf, float *dgate,
+                           int64_t tokens, int64_t top_k, int64_t experts, int64_t capacity,
+                           int64_t dim);
+
+/* --- embedding, losses --- */
+
+/* x[t, :] = sum_{c < context} table[c, win[t*context + c], :]; win entries
+ * of -1 are skipped. table is [context, vocab, dim]. */
+void moert_cpu_embed_fwd(const float *table, const int32_t *win, float *x, int64_t tokens,
+                         int64_t context, int64_t vocab, int64_t dim);
+/* dtable accumulates. */
+void moert_cpu_embed_bwd(const float *dx, const int32_t *win, float *dtable, int64_t tokens,
+                         int64_t context, int64_t vocab, int64_t dim);
+/* Sum over rows of -log softmax(logits)[target]; when dlogits is not NULL it
+ * is written with scale * (softmax - onehot). logits is [rows, vocab]. */
+double moert_cpu_xent(const float *logits, const int32_t *target, float *dlogits, int64_t rows,
+                      int64_t vocab, float scale);
+/* Sum of (yhat - y)^2; when dyhat is not NULL it is written with
+ * scale * 2 * (yhat - y). */
+double moert_cpu_mse(const float *yhat, const float *y, float *dyhat, int64_t n, float scale);
+
+/* --- optimizers over flat buffers --- */
+
+/* Sum of squares in double. */
+double moert_cpu_sumsq(const float *x, int64_t n);
+/* x *= s. */
+void moert_cpu_scale(float *x, int64_t n, float s);
+/* AdamW (decoupled weight decay), step >= 1 (bias correction):
+ * m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= lr * (mhat / (sqrt(vhat) + eps) + wd * p). */
+void moert_cpu_adamw(float *p, const float *g, float *m, float *v, int64_t n, float lr, float b1,
+                     float b2, float eps, float wd, int64_t step);
+/* SGD: p -= lr * (g + wd * p). */
+void moert_cpu_sgd(float *p, const float *g, int64_t n, float lr, float wd);
+
+#endif

@@ -1,0 +1,545 @@
+/* driver.c — moert_main: the command line of a moec-built binary, its header,
+ * the training (or inference) loop, the table, the metrics file, evaluation,
+ * checkpoints and text sampling. */
+#include "moert.h"
+
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "backend.h"
+#include "ckpt_io.h"
+#include "comm.h"
+#include "data.h"
+#include "exec.h"
+#include "placement.h"
+#include "rng.h"
+#include "select.h"
+
+#define FLAGS(X)                                                                                   \
+  X(STEPS, "steps", 1, "N", "train (or run) until step N in all; with --resume, the total")        \
+  X(BACKEND, "backend", 1, "cpu|cuda", "where the steps run (default: cpu)")                       \
+  X(METRICS, "metrics", 1, "FILE", "write one JSON object per step to FILE (JSON lines)")          \
+  X(DATA, "data", 1, "PATH", "read the training text from PATH instead of the spec's bytes(...)")  \
+  X(SEED, "seed", 1, "N", "seed of initialization, data and noise (default: the spec's)")          \
+  X(LOG_EVERY, "log-every", 1, "N", "print a table row every N steps")                             \
+  X(TOKENS, "tokens", 1, "N", "tokens per rank per step (default: the spec's)")                    \
+  X(EVAL_EVERY, "eval-every", 1, "N", "evaluate on held-out data every N steps (0: never)")        \
+  X(CHECKPOINT, "checkpoint", 1, "DIR", "save checkpoints into DIR")                               \
+  X(CKPT_EVERY, "checkpoint-every", 1, "N", "save every N steps (0: only at the end)")             \
+  X(RESUME, "resume", 0, "", "continue from the checkpoint in DIR (--checkpoint or the spec's)")   \
+  X(GENERATE, "generate", 1, "N", "after training, sample N bytes of text (byte models)")          \
+  X(PROMPT, "prompt", 1, "TEXT", "the text that sampling continues (default: a line of the data)") \
+  X(COMM, "comm", 1, "mpi|self", "how ranks talk (default: mpi under mpirun, else self)")          \
+  X(VARIANT, "variant", 1, "V", "force V (r=R,d=D,a2a=linear|2dh, or LAYER:V, or cycle); repeatable") \
+  X(QUIET, "quiet", 0, "", "print only errors")                                                    \
+  X(HELP, "help", 0, "", "print this help and exit")
+
+enum {
+#define X(id, name, arg, meta, help) FLAG_##id,
+  FLAGS(X)
+#undef X
+  FLAG__COUNT
+};
+/* getopt_long returns FLAG_BASE + FLAG_x, clear of its own '?' and ':' */
+#define FLAG_BASE 1000
+
+static const struct option long_opts[] = {
+#define X(id, name, arg, meta, help) {name, arg ? required_argument : no_argument, NULL, FLAG_BASE + FLAG_##id},
+    FLAGS(X)
+#undef X
+    {NULL, 0, NULL, 0}};
+
+static const struct {
+  const char *name, *meta, *help;
+} flag_info[] = {
+#define X(id, name, arg, meta, help) {name, meta, help},
+    FLAGS(X)
+#undef X
+};
+
+/* --variant may be given this many times (one per MoE layer, say). */
+#define MAX_FORCED 64
+
+typedef struct options {
+  int64_t steps, seed, log_every, tokens, eval_every, ckpt_every, generate;
+  const char *backend, *metrics, *data, *checkpoint, *prompt, *comm;
+  const char *variants[MAX_FORCED];
+  int nvariants;
+  bool resume, quiet, steps_given;
+} options;
+
+static void usage(const moert_model *m, const char *argv0, FILE *out) {
+  fprintf(out, "usage: %s [options]\n\n%s model `%s`, built by moec from %s.\n\noptions:\n", argv0,
+          m->train.has_train ? "Trains the" : "Runs forward steps of the", m->name, m->spec_file);
+  for (int i = 0; i < FLAG__COUNT; i++) {
+    char left[48];
+    snprintf(left, sizeof left, "--%s%s%s", flag_info[i].name, *flag_info[i].meta ? " " : "",
+             flag_info[i].meta);
+    fprintf(out, "  %-24s %s\n", left, flag_info[i].help);
+  }
+  fputs("\nExit status: 0 success, 1 a failure while running, 2 a usage error.\n", out);
+}
+
+static int usage_error(const char *argv0, const char *msg, const char *arg) {
+  fprintf(stderr, "%s: ", argv0);
+  fprintf(stderr, msg, arg);
+  fprintf(stderr, "\nTry '%s --help' for more information.\n", argv0);
+  return 2;
+}
+
+/* A whole decimal number in [lo, hi]. */
+static bool parse_int(const char *s, int64_t lo, int64_t hi, int64_t *out) {
+  char *end;
+  errno = 0;
+  long long v = strtoll(s, &end, 10);
+  if (errno || end == s || *end || v < lo || v > hi) return false;
+  *out = v;
+  return true;
+}
+
+static double now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static void json_num(FILE *f, double v) {
+  if (isfinite(v)) fprintf(f, "%.17g", v); /* reads back exactly */
+  else fputs("null", f);
+}
+
+static void human(char *buf, size_t n, double v, const char *unit) {
+  const char *pre[] = {"", "k", "M", "G", "T"};
+  int k = 0;
+  while (v >= 1000 && k < 4) {
+    v /= 1000;
+    k++;
+  }
+  snprintf(buf, n, k ? "%.2f %s%s" : "%.0f %s%s", v, pre[k], unit);
+}
+
+static void print_header(const moert_model *m, const moert_plan *p, const options *o,
+                         const moert_backend *b, const moert_comm *c, FILE *out) {
+  int nmoe = 0, nlayers = 0;
+  for (int i = 0; i < m->nlayers; i++) {
+    moert_layer_kind k = m->layers[i].kind;
+    nmoe += k == MOERT_L_MOE;
+    nlayers += k == MOERT_L_MOE || k == MOERT_L_FFN || k == MOERT_L_LAYERNORM || k == MOERT_L_RMSNORM;
+  }
+  char pb[32], mb[32];
+  human(pb, sizeof pb, (double)p->global_params, "");
+  int64_t bytes = (p->param_elems * (m->train.has_train ? 2 : 1) + p->state_elems + p->act_elems +
+                   p->int_elems + p->scratch_elems) * 4;
+  human(mb, sizeof mb, (double)bytes, "B");
+  fprintf(out, "model %s (%s): %s parameters, %d layers (%d moe)%s\n", m->name, m->spec_file, pb,
+          nlayers, nmoe, m->vocab ? ", byte-level language model" : ", regression on a teacher MLP");
+  fprintf(out, "backend %s (fp32), %d rank%s, %" PRId64 " tokens per rank, %s on this rank\n", b->name,
+          c->world, c->world == 1 ? "" : "s", p->tokens, mb);
+  if (m->train.has_train) {
+    const moert_train *t = &m->train;
+    fprintf(out, "training to step %" PRId64 ": %s, lr %g%s%s, %s\n", o->steps,
+            t->optimizer == MOERT_OPT_ADAM ? "adamw" : "sgd", t->lr,
+            t->schedule == MOERT_SCHED_COSINE ? " (cosine)" : "", t->warmup ? " with warm-up" : "",
+            o->data ? o->data : "synthetic data");
+  } else {
+    fprintf(out, "inference: %" PRId64 " forward steps\n", o->steps);
+  }
+  for (int i = 0, shown = 0; i < m->nlayers; i++) {
+    if (m->layers[i].kind != MOERT_L_MOE) continue;
+    const moert_layer_plan *lp = &p->layers[i];
+    if (shown++ == 4) {
+      fputs("  (more MoE layers: the same candidates where their shapes agree)\n", out);
+      break;
+    }
+    fprintf(out, "  moe %s: E %" PRId64 ", S %" PRId64 ", candidates:", m->layers[i].name,
+            m->layers[i].experts, lp->shards);
+    for (int v = 0; v < lp->nvariants; v++) fprintf(out, " %s", lp->variants[v].name);
+    if (lp->dropped[0]) fprintf(out, "; not here: %s", lp->dropped);
+    fputc('\n', out);
+  }
+  fprintf(out, "variants: %s (r = expert split, d = pipeline depth, L/H = linear/2dh all-to-all)\n",
+          m->parallel.select == MOERT_SELECT_FIXED ? "fixed" : "chosen each step by measured time");
+}
+
+static const char *const TABLE_HEAD =
+    "   step       loss        aux        lr  grad_norm      tok/s  TFLOP/s    ms/step  dropped  variants\n";
+
+/* What a step's metrics add for the variants: what the switch cost, and the
+ * selector's table when a layer finished exploring. */
+typedef struct step_extra {
+  int64_t switch_bytes, switch_allocs;
+  const moert_selector *explored; /* NULL: nothing new */
+} step_extra;
+
+/* "r1d2L r0": the variant of each MoE layer, short. */
+static void variants_short(const moert_model *m, const moert_plan *p, const moert_exec *e, char *buf,
+                           size_t n) {
+  size_t k = 0;
+  buf[0] = 0;
+  for (int li = 0; li < m->nlayers && k + 12 < n; li++) {
+    if (m->layers[li].kind != MOERT_L_MOE) continue;
+    const moert_variant *v = &p->layers[li].variants[e->variant[li]];
+    k += (size_t)snprintf(buf + k, n - k, "%sr%dd%d%s", k ? " " : "", v->r, v->d,
+                          v->r == 0 || p->world == 1 ? "" : v->a2a == MOERT_A2A_2DH ? "H" : "L");
+  }
+}
+
+/* Writes the step's metrics line; expert load per MoE layer, summed over ranks. */
+static void write_metrics(FILE *f, const moert_model *m, const moert_exec *e, int64_t step,
+                          const moert_step_stats *s, double ms, double tps, const double *load,
+                          double eval_loss, bool has_eval, const step_extra *x) {
+  fprintf(f, "{\"step\": %" PRId64 ", \"loss\": ", step);
+  json_num(f, s->loss);
+  fputs(", \"aux_loss\": ", f);
+  json_num(f, s->aux_loss);
+  fputs(", \"lr\": ", f);
+  json_num(f, s->lr);
+  fputs(", \"grad_norm\": ", f);
+  json_num(f, s->grad_norm);
+  fputs(", \"ms\": ", f);
+  json_num(f, ms);
+  fputs(", \"tokens_per_s\": ", f);
+  json_num(f, tps);
+  fputs(", \"dropped\": ", f);
+  json_num(f, s->dropped);
+  fputs(", \"expert_load\": {", f);
+  const double *lp = load;
+  bool first = true;
+  for (int i = 0; i < m->nlayers; i++) {
+    const moert_layer *l = &m->layers[i];
+    if (l->kind != MOERT_L_MOE) continue;
+    fprintf(f, "%s\"%s\": [", first ? "" : ", ", l->name);
+    for (int64_t j = 0; j < l->experts; j++) fprintf(f, "%s%.0f", j ? ", " : "", lp[j]);
+    fputc(']', f);
+    lp += l->experts;
+    first = false;
+  }
+  fputs("}, \"variants\": {", f);
+  first = true;
+  for (int i = 0; i < m->nlayers; i++) {
+    if (m->layers[i].kind != MOERT_L_MOE) continue;
+    fprintf(f, "%s\"%s\": \"%s\"", first ? "" : ", ", m->layers[i].name,
+            e->plan->layers[i].variants[e->variant[i]].name);
+    first = false;
+  }
+  fprintf(f, "}, \"switch_bytes\": %" PRId64 ", \"switch_allocs\": %" PRId64, x->switch_bytes, x->switch_allocs);
+  if (x->explored) {
+    fputs(", \"selector\": {", f);
+    first = true;
+    for (int i = 0; i < m->nlayers; i++) {
+      if (m->layers[i].kind != MOERT_L_MOE) continue;
+      if (!first) fputs(", ", f);
+      moert_selector_json(x->explored, i, e->capacity[i], f);
+      first = false;
+    }
+    fputc('}', f);
+  }
+  if (has_eval) {
+    fputs(", \"eval_loss\": ", f);
+    json_num(f, eval_loss);
+  }
+  fputs("}\n", f);
+  fflush(f);
+}
+
+/* Sample n bytes after a prompt, temperature 0.8, from the generator. */
+static bool sample_text(moert_exec *e, moert_data *d, const char *prompt, int64_t n, uint64_t seed,
+                        FILE *out, moert_status *st) {
+  const moert_model *m = e->m;
+  int64_t ctx = m->context, V = m->vocab;
+  char fallback[64] = "";
+  if (!prompt) {
+    int64_t nb;
+    const unsigned char *bytes = moert_data_bytes(d, &nb);
+    /* the start of a line in the held-out tail */
+    int64_t p = nb - nb / 10;
+    while (p < nb - 1 && bytes[p - 1] != '\n') p++;
+    int64_t k = 0;
+    while (k < 40 && p + k < nb && bytes[p + k] != '\n') {
+      fallback[k] = (char)bytes[p + k];
+      k++;
+    }
+    /* end after a whole word, so the model starts the next one */
+    while (k > 1 && fallback[k - 1] != ' ') k--;
+    fallback[k] = 0;
+    prompt = fallback;
+  }
+  int64_t plen = (int64_t)strlen(prompt);
+  int32_t *hist = malloc(sizeof(int32_t) * (size_t)(plen + n + 1));
+  int32_t *win = malloc(sizeof(int32_t) * (size_t)ctx);
+  float *logits = malloc(sizeof(float) * (size_t)V);
+  if (!hist || !win || !logits) {
+    free(hist);
+    free(win);
+    free(logits);
+    return MOERT_FAIL(st, "out of memory");
+  }
+  for (int64_t i = 0; i < plen; i++) hist[i] = (unsigned char)prompt[i];
+  int64_t len = plen;
+  fprintf(out, "\nsample (prompt in brackets):\n[%s]", prompt);
+  bool ok = true;
+  for (int64_t s = 0; s < n && ok; s++) {
+    for (int64_t c = 0; c < ctx; c++) win[c] = len - 1 - c >= 0 ? hist[len - 1 - c] : -1;
+    if (!moert_exec_logits(e, win, 1, logits, st)) {
+      ok = false;
+      break;
+    }
+    double mx = -INFINITY, sum = 0;
+    for (int64_t v = 0; v < V; v++) mx = logits[v] > mx ? logits[v] : mx;
+    for (int64_t v = 0; v < V; v++) sum += exp((logits[v] - mx) / 0.8);
+    double u = moert_rand_uniform(seed, 0x73616d70ull, (uint64_t)s) * sum, acc = 0;
+    int64_t pick = V - 1;
+    for (int64_t v = 0; v < V; v++) {
+      acc += exp((logits[v] - mx) / 0.8);
+      if (acc >= u) {
+        pick = v;
+        break;
+      }
+    }
+    hist[len++] = (int32_t)pick;
+    fputc(pick == '\n' || (pick >= 32 && pick < 127) ? (int)pick : '?', out);
+  }
+  fputs("\n", out);
+  free(hist);
+  free(win);
+  free(logits);
+  return ok ? true : MOERT_UP(st);
+}
+
+static int fail(const char *argv0, const moert_status *st) {
+  fprintf(stderr, "%s: error: %s\n", argv0, st->msg);
+  if (getenv("MOEC_TRACE")) fprintf(stderr, "%s: trace: %s\n", argv0, st->trace);
+  return 1;
+}
+
+int moert_main(const moert_model *m, int argc, char **argv) {
+  const char *argv0 = argc > 0 ? argv[0] : "model";
+  options o = {0};
+  o.steps = m->train.steps;
+  o.seed = m->train.seed;
+  o.log_every = m->train.log_every;
+  o.tokens = m->tokens;
+  o.eval_every = m->train.eval_every;
+  o.ckpt_every = m->train.checkpoint_every;
+  o.backend = "cpu";
+  o.data = m->train.data_path;
+  o.checkpoint = m->train.checkpoint;
+  opterr = 0;
+  int c;
+  /* ":" first: a missing value comes back as ':', an unknown option as '?' */
+  while ((c = getopt_long(argc, argv, ":", long_opts, NULL)) != -1) {
+    if (c == ':')
+      return usage_error(argv0, "option '%s' needs a value", argv[optind - 1]);
+    if (c == '?') return usage_error(argv0, "unknown option '%s'", argv[optind - 1]);
+    c -= FLAG_BASE;
+    const char *a = optarg;
+    bool ok = true;
+    switch (c) {
+    case FLAG_STEPS: ok = parse_int(a, 1, INT64_MAX / 2, &o.steps); o.steps_given = true; break;
+    case FLAG_SEED: ok = parse_int(a, 0, INT64_MAX, &o.seed); break;
+    case FLAG_LOG_EVERY: ok = parse_int(a, 1, INT64_MAX, &o.log_every); break;
+    case FLAG_TOKENS: ok = parse_int(a, 1, (int64_t)1 << 31, &o.tokens); break;
+    case FLAG_EVAL_EVERY: ok = parse_int(a, 0, INT64_MAX, &o.eval_every); break;
+    case FLAG_CKPT_EVERY: ok = parse_int(a, 0, INT64_MAX, &o.ckpt_every); break;
+    case FLAG_GENERATE: ok = parse_int(a, 0, 1 << 20, &o.generate); break;
+    case FLAG_BACKEND: o.backend = a; ok = !strcmp(a, "cpu") || !strcmp(a, "cuda"); break;
+    case FLAG_METRICS: o.metrics = a; break;
+    case FLAG_DATA: o.data = a; break;
+    case FLAG_CHECKPOINT: o.checkpoint = a; break;
+    case FLAG_PROMPT: o.prompt = a; break;
+    case FLAG_COMM: o.comm = a; ok = !strcmp(a, "mpi") || !strcmp(a, "self"); break;
+    case FLAG_VARIANT:
+      if (o.nvariants == MAX_FORCED) return usage_error(argv0, "%s", "too many --variant options (limit is 64)");
+      o.variants[o.nvariants++] = a;
+      break;
+    case FLAG_RESUME: o.resume = true; break;
+    case FLAG_QUIET: o.quiet = true; break;
+    case FLAG_HELP: usage(m, argv0, stdout); return 0;
+    default: return usage_error(argv0, "unknown option '%s'", argv[optind - 1]);
+    }
+    if (!ok) {
+      char msg[160];
+      snprintf(msg, sizeof msg, "bad value '%%s' for --%s (%s)", flag_info[c].name,
+               c == FLAG_BACKEND ? "cpu or cuda" : c == FLAG_COMM ? "mpi or self" : c == FLAG_STEPS || c == FLAG_LOG_EVERY || c == FLAG_TOKENS
+                                                       ? "a whole number of 1 or more"
+                                                       : "a whole number of 0 or more");
+      return usage_error(argv0, msg, a);
+    }
+  }
+  if (optind < argc) return usage_error(argv0, "unexpected argument '%s'", argv[optind]);
+  if (m->vocab == 0 && o.generate) return usage_error(argv0, "%s", "--generate needs a model with a vocabulary");
+  if (o.resume && !o.checkpoint)
+    return usage_error(argv0, "%s", "--resume needs a checkpoint directory: --checkpoint DIR");
+  if (!m->train.has_train && o.resume)
+    return usage_error(argv0, "%s", "--resume needs a model with a train block");
+
+  moert_status st = {0};
+  if (!strcmp(o.backend, "cuda")) {
+    MOERT_FAIL(&st, "this build of moec has no cuda backend yet; run with --backend cpu");
+    return fail(argv0, &st);
+  }
+  moert_backend *b = moert_backend_cpu();
+  moert_comm *comm = moert_comm_self();
+  bool use_mpi = o.comm ? strcmp(o.comm, "mpi") == 0 : moert_comm_under_mpirun();
+  if (use_mpi && !moert_comm_mpi_create(&argc, &argv, &comm, &st)) return fail(argv0, &st);
+  bool training = m->train.has_train;
+  FILE *metrics = NULL;
+  moert_plan *plan = NULL;
+  moert_data *data = NULL;
+  moert_exec *e = NULL;
+  moert_selector *sel = NULL;
+  double *times = NULL;
+  int *prev = NULL;
+  int rc = 1;
+
+  if (!moert_plan_create_nodes(m, comm->world, comm->rank, o.tokens, training, comm->nodes, &plan, &st))
+    goto out;
+  moert_pick_mode mode = m->parallel.select == MOERT_SELECT_FIXED ? MOERT_PICK_FIXED : MOERT_PICK_AUTO;
+  if (!moert_selector_create(plan, mode, m->parallel.explore_steps, o.variants, o.nvariants, &sel, &st))
+    goto out;
+  if (!moert_data_open(&data, o.data, m->vocab, m->dim, m->context, o.tokens * comm->world,
+                       (uint64_t)o.seed, &st))
+    goto out;
+  int64_t start = 0, ckpt_step = 0;
+  if (training && o.checkpoint && !moert_ckpt_check(o.checkpoint, m, o.resume, &ckpt_step, &st)) goto out;
+  if (o.resume) start = ckpt_step;
+  if (o.resume && start >= o.steps) {
+    MOERT_FAIL(&st, "the checkpoint in %s is at step %" PRId64 ", and --steps %" PRId64
+               " is the total to reach; give a larger --steps",
+               o.checkpoint, start, o.steps);
+    goto out;
+  }
+  if (o.metrics && comm->rank == 0) {
+    metrics = fopen(o.metrics, "w");
+    if (!metrics) {
+      MOERT_FAIL(&st, "cannot write the metrics file %s: %s", o.metrics, strerror(errno));
+      goto out;
+    }
+  }
+  if (!moert_exec_create(&e, m, plan, b, comm, training, (uint64_t)o.seed, &st)) goto out;
+  e->total_steps = o.steps;
+  e->pick = moert_selector_pick;
+  e->pick_ctx = sel;
+  if (o.resume && !moert_ckpt_load(o.checkpoint, e, &start, &st)) goto out;
+  times = calloc((size_t)m->nlayers + 1, sizeof *times);
+  prev = calloc((size_t)m->nlayers + 1, sizeof *prev);
+  if (!times || !prev) {
+    MOERT_FAIL(&st, "out of memory");
+    goto out;
+  }
+  /* no variant may move a parameter or its optimizer state: watch them */
+  b->watch_lo[0] = e->params;
+  b->watch_hi[0] = e->params + plan->param_elems;
+  b->watch_lo[1] = e->state;
+  b->watch_hi[1] = e->state ? e->state + plan->state_elems : NULL;
+
+  FILE *out = o.quiet || comm->rank ? NULL : stdout;
+  if (out) print_header(m, plan, &o, b, comm, out);
+  if (o.resume) {
+    /* the model as loaded, on the held-out batch: equal to the loss at the
+     * checkpoint's step, whatever the world size then and now */
+    double resumed_loss = NAN;
+    if (o.eval_every > 0 && !moert_exec_eval(e, data, start, true, &resumed_loss, &st)) goto out;
+    if (out) {
+      fprintf(out, "resumed from %s at step %" PRId64, o.checkpoint, start);
+      if (o.eval_every > 0) fprintf(out, "; held-out loss %.6f", resumed_loss);
+      fputc('\n', out);
+    }
+    if (metrics && o.eval_every > 0) {
+      fprintf(metrics, "{\"step\": %" PRId64 ", \"resumed\": true, \"eval_loss\": ", start);
+      json_num(metrics, resumed_loss);
+      fputs("}\n", metrics);
+    }
+  }
+  if (out) fputs(TABLE_HEAD, out);
+
+  double t_all = now(), first_loss = NAN, last_loss = NAN;
+  double *load = e->load;
+  int64_t nload = 0;
+  for (int i = 0; i < m->nlayers; i++)
+    if (m->layers[i].kind == MOERT_L_MOE) nload += m->layers[i].experts;
+  for (int64_t step = start + 1; step <= o.steps; step++) {
+    double t0 = now();
+    int64_t allocs0 = b->allocs, watched0 = b->watched_bytes;
+    moert_step_stats s = {0};
+    if (training) {
+      if (!moert_exec_train_step(e, data, step, &s, &st)) goto out;
+    } else {
+      if (!moert_exec_eval(e, data, step, false, &s.loss, &st)) goto out;
+      s.flops = plan->flops_fwd * comm->world;
+      s.dropped = e->routed > 0 ? e->dropped / e->routed : 0;
+    }
+    double ms = (now() - t0) * 1e3;
+    /* every rank must see the same times, so every rank picks alike */
+    memcpy(times, e->layer_ms, sizeof *times * (size_t)m->nlayers);
+    times[m->nlayers] = ms;
+    if (!comm->all_reduce_f64(comm, times, m->nlayers + 1, MOERT_RED_MAX, &st)) goto out;
+    ms = times[m->nlayers];
+    if (!comm->all_reduce_f64(comm, load, nload, MOERT_RED_SUM, &st)) goto out;
+    bool switched = false, explored = false;
+    for (int li = 0; li < m->nlayers; li++) {
+      if (m->layers[li].kind != MOERT_L_MOE) continue;
+      switched |= step > start + 1 && prev[li] != e->variant[li];
+      prev[li] = e->variant[li];
+      explored |= moert_selector_record(sel, li, e->capacity[li], e->variant[li], times[li]);
+    }
+    if (!isfinite(s.loss)) {
+      MOERT_FAIL(&st, "the loss is %s at step %" PRId64 "; training diverged. Lower the learning rate "
+                 "(lr = %g), add warm-up, or set `clip` in the train block",
+                 isnan(s.loss) ? "NaN" : "infinite", step, m->train.lr);
+      goto out;
+    }
+    double eval_loss = NAN;
+    bool has_eval = training && o.eval_every > 0 && (step % o.eval_every == 0 || step == o.steps);
+    if (has_eval && !moert_exec_eval(e, data, step, true, &eval_loss, &st)) goto out;
+    double tps = (double)o.tokens * comm->world / (ms / 1e3);
+    if (step == start + 1) first_loss = s.loss;
+    last_loss = s.loss;
+    step_extra x = {switched ? b->watched_bytes - watched0 : 0, switched ? b->allocs - allocs0 : 0,
+                    explored ? sel : NULL};
+    if (metrics) write_metrics(metrics, m, e, step, &s, ms, tps, load, eval_loss, has_eval, &x);
+    if (out && (step % o.log_every == 0 || step == o.steps || step == start + 1)) {
+      char vbuf[64];
+      variants_short(m, plan, e, vbuf, sizeof vbuf);
+      fprintf(out, "%7" PRId64 " %10.4f %10.4f %9.2e %10.4f %10.0f %8.3f %10.2f %7.2f%%  %s\n", step, s.loss,
+              s.aux_loss, s.lr, s.grad_norm, tps, s.flops / (ms / 1e3) / 1e12, ms, 100 * s.dropped, vbuf);
+      if (has_eval) fprintf(out, "%7s eval loss %.4f\n", "", eval_loss);
+      fflush(out);
+    }
+    bool save = training && o.checkpoint &&
+                ((o.ckpt_every > 0 && step % o.ckpt_every == 0) || step == o.steps);
+    if (save && !moert_ckpt_save(o.checkpoint, e, step, &st)) goto out;
+  }
+  if (out) {
+    fprintf(out, "%s %" PRId64 " steps in %.2f s; loss %.4f -> %.4f\n", training ? "trained" : "ran",
+            o.steps - start, now() - t_all, first_loss, last_loss);
+    if (o.checkpoint && training) fprintf(out, "checkpoint: %s (step %" PRId64 ")\n", o.checkpoint, o.steps);
+  }
+  if (o.generate && comm->rank == 0 &&
+      !sample_text(e, data, o.prompt, o.generate, (uint64_t)o.seed, out ? out : stdout, &st))
+    goto out;
+  rc = 0;
+out:
+  if (metrics) fclose(metrics);
+  if (rc && comm->world > 1) {
+    /* the other ranks may be waiting in a collective: stop them all */
+    fprintf(stderr, "%s: rank %d: error: %s\n", argv0, comm->rank, st.msg);
+    fflush(stderr);
+    moert_comm_abort(comm, 1);
+  }
+  free(times);
+  free(prev);
+  moert_exec_destroy(e);
+  moert_selector_destroy(sel);
+  moert_data_close(data);
+  moert_plan_destroy(plan);
+  if (comm != moert_comm_self()) moert_comm_mpi_finalize(comm);
+  if (rc) return fail(argv0, &st);
+  return rc;
+}

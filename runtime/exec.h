@@ -1,0 +1,92 @@
+/* exec.h — running a planned model: forward, loss, backward and update on a
+ * backend, with collectives on a comm. One executor per process; every
+ * buffer is allocated when it is created (the plan's pools) and nothing is
+ * allocated inside a step. */
+#ifndef MOERT_EXEC_H
+#define MOERT_EXEC_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "backend.h"
+#include "comm.h"
+#include "data.h"
+#include "placement.h"
+
+typedef struct moert_step_stats {
+  double loss;        /* task loss, mean over all global tokens */
+  double aux_loss;    /* weighted sum of the MoE aux losses */
+  double grad_norm;   /* before clipping */
+  double lr;
+  double dropped;     /* fraction of routed (token, choice) claims dropped */
+  double flops;       /* model FLOPs of the step, all ranks */
+} moert_step_stats;
+
+/* Chooses the variant of MoE layer li for this step, once its padded
+ * capacity is known (the same on every rank); returns an index into the
+ * layer plan's variants. */
+typedef int (*moert_pick_fn)(void *ctx, int li, int64_t capacity, int64_t step);
+
+typedef struct moert_subcomm {
+  int64_t shards, r;  /* (S, 0): the expert group; (S, r): the H-slice class of r */
+  moert_comm *comm;
+} moert_subcomm;
+
+typedef struct moert_exec {
+  const moert_model *m;
+  moert_plan *plan;
+  moert_backend *b;
+  moert_comm *comm;
+  bool training;
+  uint64_t seed;
+  /* pools */
+  float *params, *grads, *state, *act, *scratch;
+  int32_t *iact;
+  float *input;       /* [T, M] model input (regression) */
+  float *dcur, *dnext;/* [T, M] gradient of the current layer's output / input */
+  float **skip;       /* [max_res_depth] skip-path gradients, [T, M] each */
+  const float **xin;  /* [nlayers] input of each layer in the last forward */
+  const float **stack;/* residual inputs during forward */
+  int64_t *capacity;  /* [nlayers] C used by each MoE layer in the last forward */
+  int64_t rows;       /* tokens of the current forward (<= plan tokens) */
+  int64_t total_steps;/* of the run, for the learning-rate schedule */
+  /* expert load of the last forward: per MoE layer, E global counts */
+  double *load;
+  /* MoE variants */
+  int *variant;       /* [nlayers] the variant each MoE layer ran in the last forward */
+  double *layer_ms;   /* [nlayers] each MoE layer's time in the last step (fwd + bwd) */
+  moert_pick_fn pick; /* NULL: the first candidate */
+  void *pick_ctx;
+  moert_subcomm subcomms[16];
+  int nsubcomms;
+  const char *slow_variant; /* MOEC_TEST_SLOW_VARIANT: that variant sleeps (selector tests) */
+  double routed, dropped;
+  double aux;
+} moert_exec;
+
+/* Allocates every pool of the plan and initializes the parameters from the
+ * seed (identical at every world size). */
+bool moert_exec_create(moert_exec **out, const moert_model *m, moert_plan *plan, moert_backend *b,
+                       moert_comm *comm, bool training, uint64_t seed, moert_status *st);
+void moert_exec_destroy(moert_exec *e);
+
+/* One training step on the batch of `step` (1-based): forward, loss,
+ * backward, gradient norm and clipping, optimizer update. */
+bool moert_exec_train_step(moert_exec *e, moert_data *d, int64_t step, moert_step_stats *out,
+                           moert_status *st);
+/* Forward only: the loss of a batch (eval: the held-out batch; for an
+ * inference binary, the step's batch). */
+bool moert_exec_eval(moert_exec *e, moert_data *d, int64_t step, bool eval, double *loss,
+                     moert_status *st);
+/* Logits of the next token after each of `n` windows (n <= tokens), for
+ * sampling text: out is [n, vocab] on the host. */
+bool moert_exec_logits(moert_exec *e, const int32_t *win, int64_t n, float *out, moert_status *st);
+/* Forward and backward on the batch of `step` without an update: *objective
+ * is the task loss plus the weighted aux losses (what the gradients are of),
+ * the gradients are in e->grads. For gradient checks. */
+bool moert_exec_objective(moert_exec *e, moert_data *d, int64_t step, bool want_grad,
+                          double *objective, moert_status *st);
+/* The learning rate of a step (warm-up and schedule). */
+double moert_lr_at(const moert_train *t, int64_t step, int64_t steps);
+
+#endif

@@ -1,0 +1,681 @@
+/* moe.c — MoE layers on the executor; see moe.h.
+ *
+ * Layout (every variant): this rank's tokens are dispatched into SRC
+ * [E, C, M], expert-major, C the padded capacity; the experts' outputs come
+ * back into SRCY [E, C, M] and are combined. What a variant changes is who
+ * computes which rows of SRC with which parameters:
+ *  r = 0   every rank gathers all E experts whole (GW) and computes its own
+ *          SRC; no token moves. Expert gradients are reduce-scattered back.
+ *  S = 1   (E >= W) rank g owns experts [g El, (g+1) El): chunk i of every
+ *          expert's slots goes to its owner (all-to-all), comes back done.
+ *  S > 1   (E < W) rank g = e S + j holds slice j of expert e. With r | S,
+ *          P = S / r: rank j has H-slice class c = j / P (it all-gathers the
+ *          P base slices of class c, so it holds H / r) and token chunk
+ *          q = j % P (slots [q C/P, (q+1) C/P) of expert e from every
+ *          source). Each source sends chunk q to the r ranks (one per class)
+ *          and sums their r partial outputs; fc2's bias is added by class 0.
+ * d > 1 cuts each source's slots into d chunks: the all-to-all of chunk i+1
+ * is in flight while chunk i's experts compute (nonblocking collectives). */
+#include "moe.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "rng.h"
+
+#define COSINE_MAX_LOG_SCALE 4.605170185988091 /* log(1 / 0.01), as Tutel */
+#define COSINE_PROJ 256
+#define STREAM_NOISE 0x6e6f697365ull
+
+#define P_(e, l, k) ((e)->params + (e)->plan->params[(l)->param_first + (k)].offset)
+#define G_(e, l, k) ((e)->grads + (e)->plan->params[(l)->param_first + (k)].offset)
+#define F(e, li, name) ((e)->act + (e)->plan->layers[li].f[MOERT_F_##name])
+#define I(e, li, name) ((e)->iact + (e)->plan->layers[li].i[MOERT_I_##name])
+#define S(e, li, name) ((e)->scratch + (e)->plan->layers[li].s[MOERT_S_##name])
+
+static double now_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec * 1e3 + 1e-6 * (double)ts.tv_nsec;
+}
+
+/* --- sub-communicators --- */
+
+static moert_comm *subcomm(moert_exec *e, int64_t shards, int64_t r) {
+  for (int i = 0; i < e->nsubcomms; i++)
+    if (e->subcomms[i].shards == shards && e->subcomms[i].r == r) return e->subcomms[i].comm;
+  return NULL;
+}
+
+static bool make_subcomm(moert_exec *e, int64_t shards, int64_t r, moert_status *st) {
+  if (subcomm(e, shards, r)) return true;
+  if (e->nsubcomms == (int)(sizeof e->subcomms / sizeof e->subcomms[0]))
+    return MOERT_FAIL(st, "too many distinct expert groupings (limit is 16)");
+  int rank = e->comm->rank;
+  int64_t ex = rank / shards, j = rank % shards;
+  int color, key;
+  if (r == 0) { /* the expert group */
+    color = (int)ex;
+    key = (int)j;
+  } else { /* the class of H-slice c: P = S / r ranks, keyed by token chunk */
+    int64_t P = shards / r;
+    color = (int)(ex * r + j / P);
+    key = (int)(j % P);
+  }
+  moert_comm *c;
+  MOERT_TRY(st, e->comm->split(e->comm, color, key, &c, st));
+  e->subcomms[e->nsubcomms].shards = shards;
+  e->subcomms[e->nsubcomms].r = r;
+  e->subcomms[e->nsubcomms].comm = c;
+  e->nsubcomms++;
+  return true;
+}
+
+bool moert_moe_setup(moert_exec *e, moert_status *st) {
+  for (int li = 0; li < e->m->nlayers; li++) {
+    if (e->m->layers[li].kind != MOERT_L_MOE) continue;
+    const moert_layer_plan *lp = &e->plan->layers[li];
+    if (lp->shards == 1) continue;
+    MOERT_TRY(st, make_subcomm(e, lp->shards, 0, st));
+    for (int v = 0; v < lp->nvariants; v++) {
+      int r = lp->variants[v].r;
+      if (r >= 1 && r < lp->shards) MOERT_TRY(st, make_subcomm(e, lp->shards, r, st));
+    }
+  }
+  return true;
+}
+
+void moert_moe_teardown(moert_exec *e) {
+  for (int i = e->nsubcomms - 1; i >= 0; i--)
+    if (e->subcomms[i].comm != e->comm) e->subcomms[i].comm->destroy(e->subcomms[i].comm);
+  e->nsubcomms = 0;
+}
+
+/* --- the expert FFN on [n, rows, M] (n experts, rows each) --- */
+
+typedef struct expert_params {
+  const float *w1, *b1, *w2, *b2; /* [n, M, H1x], [n, H1x], [n, Hx, M], [n, M]; b NULL: none */
+  float *dw1, *db1, *dw2, *db2;   /* their gradients (accumulated); db NULL: not wanted */
+  int64_t n, hx;                  /* experts, hidden width here (H / r) */
+} expert_params;
+
+static void experts_fwd(moert_backend *b, const moert_layer *l, const expert_params *p, int64_t M,
+                        int64_t rows, const float *x, float *eh, float *ea, float *y) {
+  bool swiglu = l->act == MOERT_ACT_SWIGLU;
+  int64_t hx = p->hx, h1 = swiglu ? 2 * hx : hx, n = p->n;
+  if (rows == 0) return;
+  b->gemm_batched(false, false, rows, h1, M, 1, x, M, rows * M, p->w1, h1, M * h1, 0, eh, h1, rows * h1, n);
+  if (p->b1)
+    for (int64_t z = 0; z < n; z++) b->bias_add(eh + z * rows * h1, p->b1 + z * h1, rows, h1);
+  if (swiglu) b->swiglu_fwd(eh, ea, n * rows, hx);
+  else b->act_fwd((moert_act)l->act, eh, ea, n * rows * hx);
+  b->gemm_batched(false, false, rows, M, hx, 1, ea, hx, rows * hx, p->w2, M, hx * M, 0, y, M, rows * M, n);
+  if (p->b2)
+    for (int64_t z = 0; z < n; z++) b->bias_add(y + z * rows * M, p->b2 + z * M, rows, M);
+}
+
+/* dy -> dx (written); parameter gradients accumulate. dea and deh are scratch. */
+static void experts_bwd(moert_backend *b, const moert_layer *l, const expert_params *p, int64_t M,
+                        int64_t rows, const float *x, const float *eh, const float *ea,
+                        const float *dy, float *dea, float *deh, float *dx) {
+  bool swiglu = l->act == MOERT_ACT_SWIGLU;
+  int64_t hx = p->hx, h1 = swiglu ? 2 * hx : hx, n = p->n;
+  if (rows == 0) return;
+  if (p->db2)
+    for (int64_t z = 0; z < n; z++) b->bias_grad(p->db2 + z * M, dy + z * rows * M, rows, M);
+  b->gemm_batched(true, false, hx, M, rows, 1, ea, hx, rows * hx, dy, M, rows * M, 1, p->dw2, M, hx * M, n);
+  b->gemm_batched(false, true, rows, hx, M, 1, dy, M, rows * M, p->w2, M, hx * M, 0, dea, hx, rows * hx, n);
+  if (swiglu) b->swiglu_bwd(eh, dea, deh, n * rows, hx);
+  else b->act_bwd((moert_act)l->act, eh, dea, deh, n * rows * hx);
+  if (p->db1)
+    for (int64_t z = 0; z < n; z++) b->bias_grad(p->db1 + z * h1, deh + z * rows * h1, rows, h1);
+  b->gemm_batched(true, false, M, h1, rows, 1, x, M, rows * M, deh, h1, rows * h1, 1, p->dw1, h1, M * h1, n);
+  b->gemm_batched(false, true, rows, M, h1, 1, deh, h1, rows * h1, p->w1, h1, M * h1, 0, dx, M, rows * M, n);
+}
+
+/* --- which parameters a variant computes with --- */
+
+typedef struct layer_geom {
+  int64_t E, K, M, H, H1, S, El, Hl, halves;
+  int kexp;      /* index of fc1_w among the layer's parameters */
+} layer_geom;
+
+static layer_geom geom(const moert_exec *e, int li) {
+  const moert_layer *l = &e->m->layers[li];
+  const moert_layer_plan *lp = &e->plan->layers[li];
+  layer_geom g;
+  g.E = l->experts;
+  g.K = l->top_k;
+  g.M = e->m->dim;
+  g.H = l->hidden;
+  g.halves = l->act == MOERT_ACT_SWIGLU ? 2 : 1;
+  g.H1 = g.halves * g.H;
+  g.S = lp->shards;
+  g.El = lp->experts_local;
+  g.Hl = lp->hidden_local;
+  g.kexp = l->gate == MOERT_GATE_COSINE ? 4 : 1;
+  return g;
+}
+
+/* Offsets of the gathered fc1_w, fc1_b, fc2_w, fc2_b in GW for n experts of
+ * width hx. */
+static void gw_layout(const layer_geom *g, const moert_layer *l, int64_t n, int64_t hx, int64_t off[4]) {
+  int64_t h1 = g->halves * hx;
+  off[0] = 0;
+  off[1] = off[0] + n * g->M * h1;
+  off[2] = off[1] + (l->bias ? n * h1 : 0);
+  off[3] = off[2] + n * hx * g->M;
+}
+
+/* Columns of P slices [P, rows, halves * h] -> [rows, halves * P * h] (or
+ * back when inverse), keeping swiglu's two halves apart. */
+static void join_slices(moert_backend *b, float *dst, const float *src, int64_t P, int64_t rows, int64_t h,
+                        int64_t halves, bool inverse) {
+  for (int64_t p = 0; p < P; p++)
+    for (int64_t half = 0; half < halves; half++) {
+      const float *sl = src + p * rows * halves * h + half * h;
+      float *jn = dst + half * P * h + p * h;
+      if (inverse)
+        b->copy_blocks((float *)sl, halves * h, jn, halves * P * h, rows, h, false);
+      else
+        b->copy_blocks(jn, halves * P * h, sl, halves * h, rows, h, false);
+    }
+}
+
+/* r = 0: every expert whole into GW. */
+static bool gather_all(moert_exec *e, int li, const layer_geom *g, moert_status *st) {
+  const moert_layer *l = &e->m->layers[li];
+  moert_backend *b = e->b;
+  moert_comm *c = e->comm;
+  float *gw = F(e, li, GW), *tmp = S(e, li, DGW);
+  int64_t off[4];
+  gw_layout(g, l, g->E, g->H, off);
+  int64_t h1l = g->halves * g->Hl;
+  if (g->S == 1) {
+    MOERT_TRY(st, c->all_gather_f32(c, P_(e, l, g->kexp), gw + off[0], g->El * g->M * g->H1, st));
+    if (l->bias) MOERT_TRY(st, c->all_gather_f32(c, P_(e, l, g->kexp + 1), gw + off[1], g->El * g->H1, st));
+    MOERT_TRY(st, c->all_gather_f32(c, P_(e, l, g->kexp + (l->bias ? 2 : 1)), gw + off[2], g->El * g->H * g->M, st));
+    if (l->bias) MOERT_TRY(st, c->all_gather_f32(c, P_(e, l, g->kexp + 3), gw + off[3], g->El * g->M, st));
+    return true;
+  }
+  /* S > 1: W slices of width Hl; join each expert's S slices */
+  MOERT_TRY(st, c->all_gather_f32(c, P_(e, l, g->kexp), tmp, g->M * h1l, st));
+  for (int64_t x = 0; x < g->E; x++)
+    join_slices(b, gw + off[0] + x * g->M * g->H1, tmp + x * g->S * g->M * h1l, g->S, g->M, g->Hl, g->halves, false);
+  if (l->bias) {
+    MOERT_TRY(st, c->all_gather_f32(c, P_(e, l, g->kexp + 1), tmp, h1l, st));
+    for (int64_t x = 0; x < g->E; x++)
+      join_slices(b, gw + off[1] + x * g->H1, tmp + x * g->S * h1l, g->S, 1, g->Hl, g->halves, false);
+  }
+  /* fc2_w slices are row blocks: [W, Hl, M] is already [E, H, M] */
+  MOERT_TRY(st, c->all_gather_f32(c, P_(e, l, g->kexp + (l->bias ? 2 : 1)), gw + off[2], g->Hl * g->M, st));
+  if (l->bias) { /* replicated in each group: take slice 0's */
+    MOERT_TRY(st, c->all_gather_f32(c, P_(e, l, g->kexp + 3), tmp, g->M, st));
+    b->copy_blocks(gw + off[3], g->M, tmp, g->S * g->M, g->E, g->M, false);
+  }
+  return true;
+}
+
+/* r = 0, backward: the gathered gradients back to their owners (summed over
+ * ranks), added to the local gradients. */
+static bool scatter_all(moert_exec *e, int li, const layer_geom *g, moert_status *st) {
+  const moert_layer *l = &e->m->layers[li];
+  moert_backend *b = e->b;
+  moert_comm *c = e->comm;
+  float *dgw = S(e, li, DGW), *tmp = S(e, li, GT2);
+  int64_t off[4];
+  gw_layout(g, l, g->E, g->H, off);
+  int64_t h1l = g->halves * g->Hl;
+  int kw2 = g->kexp + (l->bias ? 2 : 1);
+  if (g->S == 1) {
+    int64_t n[4] = {g->El * g->M * g->H1, g->El * g->H1, g->El * g->H * g->M, g->El * g->M};
+    int k[4] = {g->kexp, g->kexp + 1, kw2, g->kexp + 3};
+    for (int i = 0; i < 4; i++) {
+      if ((i == 1 || i == 3) && !l->bias) continue;
+      MOERT_TRY(st, c->reduce_scatter_f32(c, dgw + off[i], tmp, n[i], st));
+      b->axpy(G_(e, l, k[i]), tmp, 1, n[i]);
+    }
+    return true;
+  }
+  /* S > 1: split each expert's gradient into its S slices, rank-major */
+  float *slices = S(e, li, GT1), *mine = S(e, li, GT2);
+  for (int64_t x = 0; x < g->E; x++)
+    join_slices(b, dgw + off[0] + x * g->M * g->H1, slices + x * g->S * g->M * h1l, g->S, g->M, g->Hl, g->halves, true);
+  MOERT_TRY(st, c->reduce_scatter_f32(c, slices, mine, g->M * h1l, st));
+  b->axpy(G_(e, l, g->kexp), mine, 1, g->M * h1l);
+  if (l->bias) {
+    for (int64_t x = 0; x < g->E; x++)
+      join_slices(b, dgw + off[1] + x * g->H1, slices + x * g->S * h1l, g->S, 1, g->Hl, g->halves, true);
+    MOERT_TRY(st, c->reduce_scatter_f32(c, slices, mine, h1l, st));
+    b->axpy(G_(e, l, g->kexp + 1), mine, 1, h1l);
+  }
+  MOERT_TRY(st, c->reduce_scatter_f32(c, dgw + off[2], mine, g->Hl * g->M, st));
+  b->axpy(G_(e, l, kw2), mine, 1, g->Hl * g->M);
+  if (l->bias) { /* every rank of expert x's group gets the whole sum */
+    for (int64_t j = 0; j < g->S; j++)
+      b->copy_blocks(slices + j * g->M, g->S * g->M, dgw + off[3], g->M, g->E, g->M, false);
+    MOERT_TRY(st, c->reduce_scatter_f32(c, slices, mine, g->M, st));
+    b->axpy(G_(e, l, g->kexp + 3), mine, 1, g->M);
+  }
+  return true;
+}
+
+/* S > 1, 1 <= r < S: the P base slices of this rank's class into GW. */
+static bool gather_class(moert_exec *e, int li, const layer_geom *g, int r, moert_status *st) {
+  const moert_layer *l = &e->m->layers[li];
+  moert_comm *c = subcomm(e, g->S, r);
+  int64_t P = g->S / r, h1l = g->halves * g->Hl;
+  float *gw = F(e, li, GW), *tmp = S(e, li, DGW);
+  int64_t off[4];
+  gw_layout(g, l, 1, g->H / r, off);
+  MOERT_TRY(st, c->all_gather_f32(c, P_(e, l, g->kexp), tmp, g->M * h1l, st));
+  join_slices(e->b, gw + off[0], tmp, P, g->M, g->Hl, g->halves, false);
+  if (l->bias) {
+    MOERT_TRY(st, c->all_gather_f32(c, P_(e, l, g->kexp + 1), tmp, h1l, st));
+    join_slices(e->b, gw + off[1], tmp, P, 1, g->Hl, g->halves, false);
+  }
+  MOERT_TRY(st, c->all_gather_f32(c, P_(e, l, g->kexp + (l->bias ? 2 : 1)), gw + off[2], g->Hl * g->M, st));
+  return true;
+}
+
+static bool scatter_class(moert_exec *e, int li, const layer_geom *g, int r, moert_status *st) {
+  const moert_layer *l = &e->m->layers[li];
+  moert_backend *b = e->b;
+  moert_comm *c = subcomm(e, g->S, r);
+  int64_t P = g->S / r, h1l = g->halves * g->Hl;
+  float *dgw = S(e, li, DGW), *slices = S(e, li, GT1), *mine = S(e, li, GT2);
+  int64_t off[4];
+  gw_layout(g, l, 1, g->H / r, off);
+  join_slices(b, dgw + off[0], slices, P, g->M, g->Hl, g->halves, true);
+  MOERT_TRY(st, c->reduce_scatter_f32(c, slices, mine, g->M * h1l, st));
+  b->axpy(G_(e, l, g->kexp), mine, 1, g->M * h1l);
+  if (l->bias) {
+    join_slices(b, dgw + off[1], slices, P, 1, g->Hl, g->halves, true);
+    MOERT_TRY(st, c->reduce_scatter_f32(c, slices, mine, h1l, st));
+    b->axpy(G_(e, l, g->kexp + 1), mine, 1, h1l);
+  }
+  MOERT_TRY(st, c->reduce_scatter_f32(c, dgw + off[2], mine, g->Hl * g->M, st));
+  b->axpy(G_(e, l, g->kexp + (l->bias ? 2 : 1)), mine, 1, g->Hl * g->M);
+  return true;
+}
+
+/* The parameters variant v computes with on this rank. */
+static expert_params params_for(moert_exec *e, int li, const layer_geom *g, const moert_variant *v) {
+  const moert_layer *l = &e->m->layers[li];
+  expert_params p = {0};
+  int kw2 = g->kexp + (l->bias ? 2 : 1);
+  bool gathered = v->r == 0 || v->r < g->S;
+  if (!gathered) { /* own experts (S = 1) or own slice (r = S) */
+    p.n = g->El;
+    p.hx = g->Hl;
+    p.w1 = P_(e, l, g->kexp);
+    p.w2 = P_(e, l, kw2);
+    p.dw1 = G_(e, l, g->kexp);
+    p.dw2 = G_(e, l, kw2);
+    if (l->bias) {
+      p.b1 = P_(e, l, g->kexp + 1);
+      p.db1 = G_(e, l, g->kexp + 1);
+    }
+  } else {
+    p.n = v->r == 0 ? g->E : 1;
+    p.hx = v->r == 0 ? g->H : g->H / v->r;
+    int64_t off[4];
+    gw_layout(g, l, p.n, p.hx, off);
+    float *gw = F(e, li, GW), *dgw = S(e, li, DGW);
+    p.w1 = gw + off[0];
+    p.w2 = gw + off[2];
+    p.dw1 = dgw + off[0];
+    p.dw2 = dgw + off[2];
+    if (l->bias) {
+      p.b1 = gw + off[1];
+      p.db1 = dgw + off[1];
+    }
+  }
+  if (l->bias) {
+    if (v->r == 0) {
+      int64_t off[4];
+      gw_layout(g, l, g->E, g->H, off);
+      p.b2 = F(e, li, GW) + off[3];
+      p.db2 = S(e, li, DGW) + off[3];
+    } else if (g->S == 1 || (e->comm->rank % g->S) / (g->S / v->r) == 0) {
+      /* fc2's bias is added once: by class 0 when partial outputs are summed */
+      p.b2 = P_(e, l, g->kexp + 3);
+      p.db2 = G_(e, l, g->kexp + 3);
+    }
+  }
+  return p;
+}
+
+/* --- the token exchange of variants with r >= 1 --- */
+
+typedef struct exchange {
+  int64_t W, C, d, P, Cq, Cx, n;  /* n: experts here (El or 1); Cx slots per chunk */
+  int64_t block;                   /* floats per rank per chunk */
+  int64_t chunk;                   /* floats per chunk, all ranks */
+} exchange;
+
+static exchange exchange_for(const moert_exec *e, const layer_geom *g, const moert_variant *v, int64_t C) {
+  exchange x;
+  x.W = e->comm->world;
+  x.C = C;
+  x.d = v->d;
+  x.P = g->S == 1 ? 1 : g->S / v->r;
+  x.Cq = C / x.P;
+  x.Cx = x.Cq / x.d;
+  x.n = g->S == 1 ? g->El : 1;
+  x.block = x.n * x.Cx * g->M;
+  x.chunk = x.W * x.block;
+  return x;
+}
+
+/* Chunk i of src [E, C, M] into the send layout [W, n, Cx, M]. */
+static void pack(moert_backend *b, const exchange *x, const layer_geom *g, int64_t i, const float *src,
+                 float *dst) {
+  int64_t M = g->M;
+  if (g->S == 1) {
+    b->copy_blocks(dst, x->Cx * M, src + i * x->Cx * M, x->C * M, g->E, x->Cx * M, false);
+    return;
+  }
+  for (int64_t r = 0; r < x->W; r++) {
+    int64_t ex = r / g->S, q = (r % g->S) % x->P;
+    b->copy_blocks(dst + r * x->block, 0, src + (ex * x->C + q * x->Cq + i * x->Cx) * M, 0, 1, x->block, false);
+  }
+}
+
+/* The inverse of pack, summing what several ranks (the r classes) return. */
+static void unpack_sum(moert_backend *b, const exchange *x, const layer_geom *g, int64_t i, const float *src,
+                       float *dst) {
+  int64_t M = g->M;
+  if (g->S == 1) {
+    b->copy_blocks(dst + i * x->Cx * M, x->C * M, src, x->Cx * M, g->E, x->Cx * M, false);
+    return;
+  }
+  for (int64_t r = 0; r < x->W; r++) {
+    int64_t ex = r / g->S, q = (r % g->S) % x->P;
+    b->copy_blocks(dst + (ex * x->C + q * x->Cq + i * x->Cx) * M, 0, src + r * x->block, 0, 1, x->block, true);
+  }
+}
+
+/* Received [W, n, Cx, M] <-> expert-major [n, W Cx, M]. */
+static void to_experts(moert_backend *b, const exchange *x, int64_t M, const float *src, float *dst, bool back) {
+  for (int64_t r = 0; r < x->W; r++) {
+    if (back)
+      b->copy_blocks(dst + r * x->block, x->Cx * M, src + r * x->Cx * M, x->W * x->Cx * M, x->n, x->Cx * M, false);
+    else
+      b->copy_blocks(dst + r * x->Cx * M, x->W * x->Cx * M, src + r * x->block, x->Cx * M, x->n, x->Cx * M, false);
+  }
+}
+
+/* One pass of the pipelined exchange: for each chunk, pack `in` and send it
+ * to the experts, run `work` on what arrives, send the result back, and sum
+ * it into `out`. The all-to-all of chunk i+1 is in flight while chunk i
+ * works. */
+typedef struct pass_ctx {
+  moert_exec *e;
+  int li;
+  const layer_geom *g;
+  const moert_variant *v;
+  const exchange *x;
+  expert_params p;
+  bool backward;
+} pass_ctx;
+
+static void work_chunk(pass_ctx *c, int64_t i, const float *rows_in, float *rows_out) {
+  moert_exec *e = c->e;
+  int li = c->li;
+  const moert_layer *l = &e->m->layers[li];
+  const layer_geom *g = c->g;
+  const exchange *x = c->x;
+  int64_t rows = x->W * x->Cx, h1 = g->halves * c->p.hx;
+  float *ex = F(e, li, EX) + i * x->chunk;
+  float *eh = F(e, li, EH) + i * x->n * rows * h1;
+  float *ea = F(e, li, EA) + i * x->n * rows * c->p.hx;
+  if (!c->backward) {
+    to_experts(e->b, x, g->M, rows_in, ex, false);
+    float *ey = S(e, li, EY) + i * x->chunk;
+    experts_fwd(e->b, l, &c->p, g->M, rows, ex, eh, ea, ey);
+    to_experts(e->b, x, g->M, ey, rows_out, true);
+  } else {
+    float *dey = S(e, li, EY) + i * x->chunk, *dex = S(e, li, DEX) + i * x->chunk;
+    to_experts(e->b, x, g->M, rows_in, dey, false);
+    experts_bwd(e->b, l, &c->p, g->M, rows, ex, eh, ea, dey, S(e, li, DEA), S(e, li, DEH), dex);
+    to_experts(e->b, x, g->M, dex, rows_out, true);
+  }
+}
+
+static bool exchange_pass(pass_ctx *c, const float *in, float *out, moert_status *st) {
+  moert_exec *e = c->e;
+  int li = c->li;
+  const exchange *x = c->x;
+  moert_comm *comm = e->comm;
+  moert_a2a_algo algo = c->v->a2a;
+  float *xs = S(e, li, XS), *xr = S(e, li, XR), *ys = S(e, li, YS), *yr = S(e, li, YR);
+  moert_req *to[8] = {0}, *back[8] = {0};
+  for (int64_t i = 0; i < x->d; i++) {
+    pack(e->b, x, c->g, i, in, xs + i * x->chunk);
+    MOERT_TRY(st, comm->all_to_all_start(comm, xs + i * x->chunk, xr + i * x->chunk, x->block, algo, &to[i], st));
+  }
+  for (int64_t i = 0; i < x->d; i++) {
+    MOERT_TRY(st, comm->wait(comm, to[i], st));
+    work_chunk(c, i, xr + i * x->chunk, ys + i * x->chunk);
+    MOERT_TRY(st, comm->all_to_all_start(comm, ys + i * x->chunk, yr + i * x->chunk, x->block, algo, &back[i], st));
+  }
+  e->b->zero(out, sizeof(float) * (size_t)(c->g->E * x->C * c->g->M));
+  for (int64_t i = 0; i < x->d; i++) {
+    MOERT_TRY(st, comm->wait(comm, back[i], st));
+    unpack_sum(e->b, x, c->g, i, yr + i * x->chunk, out);
+  }
+  return true;
+}
+
+/* --- the layer --- */
+
+static float cosine_scale(moert_exec *e, const moert_layer *l, bool *clamped, moert_status *st) {
+  float temp = 0;
+  e->b->download(e->b, &temp, P_(e, l, 3), sizeof temp, st);
+  *clamped = temp >= COSINE_MAX_LOG_SCALE;
+  return (float)exp(*clamped ? COSINE_MAX_LOG_SCALE : temp);
+}
+
+static bool gate_fwd(moert_exec *e, int li, const moert_layer *l, const layer_geom *g, const float *x,
+                     int64_t step, moert_status *st) {
+  moert_backend *b = e->b;
+  int64_t T = e->rows, M = g->M, E = g->E, K = g->K;
+  if (l->gate == MOERT_GATE_COSINE) {
+    b->gemm(false, false, T, COSINE_PROJ, M, 1, x, M, P_(e, l, 0), COSINE_PROJ, 0, F(e, li, PROJ), COSINE_PROJ);
+    b->bias_add(F(e, li, PROJ), P_(e, l, 1), T, COSINE_PROJ);
+    b->l2norm_rows_fwd(F(e, li, PROJ), F(e, li, PROJN), F(e, li, PROJNORM), T, COSINE_PROJ);
+    b->l2norm_cols_fwd(P_(e, l, 2), F(e, li, SIMN), F(e, li, SIMNORM), COSINE_PROJ, E);
+    b->gemm(false, false, T, E, COSINE_PROJ, 1, F(e, li, PROJN), COSINE_PROJ, F(e, li, SIMN), E, 0, F(e, li, RAW), E);
+    bool clamped;
+    float scale = cosine_scale(e, l, &clamped, st);
+    if (st->failed) return MOERT_UP(st);
+    b->copy(F(e, li, LOGITS), F(e, li, RAW), T * E);
+    b->scale(F(e, li, LOGITS), T * E, scale);
+  } else {
+    b->gemm(false, false, T, E, M, 1, x, M, P_(e, l, 0), E, 0, F(e, li, LOGITS), E);
+  }
+  const float *noise = NULL;
+  if (l->gate_noise > 0 && e->training && step > 0) {
+    /* Tutel: logits + gate_noise * N(0, 1) / E, keyed by the token's global
+     * position (the same at every world size) */
+    int64_t n = T * E;
+    float *host = malloc(sizeof(float) * (size_t)n);
+    if (!host) return MOERT_FAIL(st, "out of memory");
+    uint64_t first = ((uint64_t)(step - 1) * (uint64_t)e->comm->world + (uint64_t)e->comm->rank) *
+                     (uint64_t)e->plan->tokens * (uint64_t)E;
+    moert_fill_normal(host, n, e->seed, STREAM_NOISE + (uint64_t)l->moe_index, first, 0.0f,
+                      (float)(l->gate_noise / (double)E));
+    bool ok = b->upload(b, F(e, li, NOISE), host, sizeof(float) * (size_t)n, st);
+    free(host);
+    if (!ok) return MOERT_UP(st);
+    noise = F(e, li, NOISE);
+  }
+  b->gate_topk(F(e, li, LOGITS), noise, F(e, li, SCORES), I(e, li, IDX), F(e, li, TOPV), T, E, K);
+  b->gate_normalize(F(e, li, TOPV), F(e, li, GATE), T, K, l->normalize_gate);
+  int32_t *order = NULL;
+  if (l->batch_prioritized) {
+    order = I(e, li, ORDER);
+    b->gate_priority_order(F(e, li, TOPV), order, T, K);
+  }
+  b->gate_locations(I(e, li, IDX), order, I(e, li, LOC), I(e, li, COUNTS), T, E, K);
+  b->zero(F(e, li, SSUM), sizeof(float) * (size_t)E);
+  b->zero(F(e, li, TOP1), sizeof(float) * (size_t)E);
+  b->gate_stats(F(e, li, SCORES), I(e, li, IDX), F(e, li, SSUM), F(e, li, TOP1), T, E, K);
+  return true;
+}
+
+/* The capacity of this step, the same on every rank: one read of the claim
+ * counts. Returns the padded C; drops claims past the kept capacity. */
+static bool capacity(moert_exec *e, int li, const moert_layer *l, const layer_geom *g, int64_t *C,
+                     moert_status *st) {
+  moert_backend *b = e->b;
+  const moert_layer_plan *lp = &e->plan->layers[li];
+  int64_t E = g->E, T = e->rows;
+  int32_t counts[4096];
+  MOERT_TRY(st, b->download(b, counts, I(e, li, COUNTS), sizeof(int32_t) * (size_t)E, st));
+  int64_t maxc = 0;
+  double *load = e->load;
+  for (int i = 0; i < li; i++)
+    if (e->m->layers[i].kind == MOERT_L_MOE) load += e->m->layers[i].experts;
+  for (int64_t j = 0; j < E; j++) {
+    if (counts[j] > maxc) maxc = counts[j];
+    load[j] = counts[j];
+  }
+  MOERT_TRY(st, e->comm->all_reduce_i64(e->comm, &maxc, 1, MOERT_RED_MAX, st));
+  int64_t keep = moert_capacity(l, T, maxc);
+  /* the tokens kept are decided before padding, so every variant keeps the same */
+  int64_t Cp = moert_round_up(keep, lp->align);
+  if (Cp > lp->capacity_bound) {
+    keep = lp->capacity_bound / lp->align * lp->align;
+    Cp = keep;
+  }
+  b->drop_beyond(I(e, li, LOC), T * g->K, keep);
+  for (int64_t j = 0; j < E; j++) {
+    double kept = load[j] < (double)keep ? load[j] : (double)keep;
+    e->routed += load[j];
+    e->dropped += load[j] - kept;
+  }
+  *C = Cp;
+  return true;
+}
+
+bool moert_moe_fwd(moert_exec *e, int li, const float *x, int64_t step, moert_status *st) {
+  double t0 = now_ms();
+  const moert_layer *l = &e->m->layers[li];
+  const moert_layer_plan *lp = &e->plan->layers[li];
+  layer_geom g = geom(e, li);
+  moert_backend *b = e->b;
+  int64_t T = e->rows, M = g.M, E = g.E, K = g.K;
+  MOERT_TRY(st, gate_fwd(e, li, l, &g, x, step, st));
+  int64_t C = 0;
+  MOERT_TRY(st, capacity(e, li, l, &g, &C, st));
+  e->capacity[li] = C;
+  int vi = e->pick ? e->pick(e->pick_ctx, li, C, step) : 0;
+  if (vi < 0 || vi >= lp->nvariants) vi = 0;
+  e->variant[li] = vi;
+  const moert_variant *v = &lp->variants[vi];
+
+  b->dispatch(x, I(e, li, IDX), I(e, li, LOC), F(e, li, SRC), T, K, E, C, M);
+  if (v->r == 0) MOERT_TRY(st, gather_all(e, li, &g, st));
+  else if (v->r < g.S) MOERT_TRY(st, gather_class(e, li, &g, v->r, st));
+  expert_params p = params_for(e, li, &g, v);
+  if (v->r == 0 || e->comm->world == 1) { /* the tokens stay here */
+    experts_fwd(b, l, &p, M, C, F(e, li, SRC), F(e, li, EH), F(e, li, EA), F(e, li, SRCY));
+  } else {
+    exchange xg = exchange_for(e, &g, v, C);
+    pass_ctx c = {e, li, &g, v, &xg, p, false};
+    MOERT_TRY(st, exchange_pass(&c, F(e, li, SRC), F(e, li, SRCY), st));
+  }
+  b->combine(F(e, li, SRCY), I(e, li, IDX), I(e, li, LOC), F(e, li, GATE), F(e, li, OUT), T, K, E, C, M);
+
+  /* GShard aux loss from global load statistics */
+  if (l->aux_loss > 0) {
+    float stats[2 * 4096], coef[4096];
+    MOERT_TRY(st, b->download(b, stats, F(e, li, SSUM), sizeof(float) * (size_t)E, st));
+    MOERT_TRY(st, b->download(b, stats + E, F(e, li, TOP1), sizeof(float) * (size_t)E, st));
+    MOERT_TRY(st, e->comm->all_reduce_f32(e->comm, stats, 2 * E, MOERT_RED_SUM, st));
+    float aux = moert_cpu_aux_loss(stats, stats + E, coef, E, (double)T * e->comm->world);
+    MOERT_TRY(st, b->upload(b, F(e, li, DCOEF), coef, sizeof(float) * (size_t)E, st));
+    e->aux += l->aux_loss * aux;
+  }
+  if (e->slow_variant && strcmp(e->slow_variant, v->name) == 0) usleep(30000);
+  e->layer_ms[li] = now_ms() - t0;
+  return true;
+}
+
+bool moert_moe_bwd(moert_exec *e, int li, moert_status *st) {
+  double t0 = now_ms();
+  const moert_layer *l = &e->m->layers[li];
+  const moert_layer_plan *lp = &e->plan->layers[li];
+  layer_geom g = geom(e, li);
+  moert_backend *b = e->b;
+  int64_t T = e->rows, M = g.M, E = g.E, K = g.K, C = e->capacity[li];
+  const moert_variant *v = &lp->variants[e->variant[li]];
+  const float *x = e->xin[li];
+
+  b->combine_bwd(e->dcur, F(e, li, SRCY), I(e, li, IDX), I(e, li, LOC), F(e, li, GATE), S(e, li, DSRCY),
+                 S(e, li, DGATE), T, K, E, C, M);
+  bool gathered = v->r == 0 || v->r < g.S;
+  if (gathered && lp->s[MOERT_S_DGW] >= 0) {
+    int64_t n = 0;
+    expert_params p0 = params_for(e, li, &g, v);
+    int64_t off[4];
+    gw_layout(&g, l, p0.n, p0.hx, off);
+    n = off[3] + (l->bias ? p0.n * M : 0);
+    b->zero(S(e, li, DGW), sizeof(float) * (size_t)n);
+  }
+  expert_params p = params_for(e, li, &g, v);
+  if (v->r == 0 || e->comm->world == 1) {
+    experts_bwd(b, l, &p, M, C, F(e, li, SRC), F(e, li, EH), F(e, li, EA), S(e, li, DSRCY), S(e, li, DEA),
+                S(e, li, DEH), S(e, li, DSRC));
+    if (v->r == 0) MOERT_TRY(st, scatter_all(e, li, &g, st));
+  } else {
+    exchange xg = exchange_for(e, &g, v, C);
+    pass_ctx c = {e, li, &g, v, &xg, p, true};
+    MOERT_TRY(st, exchange_pass(&c, S(e, li, DSRCY), S(e, li, DSRC), st));
+    if (v->r < g.S) MOERT_TRY(st, scatter_class(e, li, &g, v->r, st));
+    if (g.S > 1 && l->bias) { /* fc2's bias: one sum over the expert's group */
+      moert_comm *grp = subcomm(e, g.S, 0);
+      MOERT_TRY(st, grp->all_reduce_f32(grp, G_(e, l, g.kexp + 3), M, MOERT_RED_SUM, st));
+    }
+  }
+  b->dispatch_bwd(S(e, li, DSRC), I(e, li, IDX), I(e, li, LOC), e->dnext, T, K, E, C, M);
+
+  /* the gate */
+  b->gate_normalize_bwd(F(e, li, TOPV), S(e, li, DGATE), S(e, li, DTOPV), T, K, l->normalize_gate);
+  b->zero(S(e, li, DSCORES), sizeof(float) * (size_t)(T * E));
+  b->gate_scores_bwd(I(e, li, IDX), S(e, li, DTOPV), l->aux_loss > 0 ? F(e, li, DCOEF) : NULL,
+                     (float)l->aux_loss, S(e, li, DSCORES), T, E, K);
+  b->softmax_bwd(F(e, li, SCORES), S(e, li, DSCORES), S(e, li, DLOGITS), T, E);
+  if (l->gate == MOERT_GATE_COSINE) {
+    bool clamped;
+    float scale = cosine_scale(e, l, &clamped, st);
+    if (st->failed) return MOERT_UP(st);
+    /* logits = raw * exp(temp): d temp = sum(dlogits * logits) unless clamped */
+    if (!clamped) {
+      float dtemp = (float)b->dot(S(e, li, DLOGITS), F(e, li, LOGITS), T * E), gsum;
+      MOERT_TRY(st, b->download(b, &gsum, G_(e, l, 3), sizeof gsum, st));
+      gsum += dtemp;
+      MOERT_TRY(st, b->upload(b, G_(e, l, 3), &gsum, sizeof gsum, st));
+    }
+    b->copy(S(e, li, DRAW), S(e, li, DLOGITS), T * E);
+    b->scale(S(e, li, DRAW), T * E, scale);
+    b->gemm(false, true, T, COSINE_PROJ, E, 1, S(e, li, DRAW), E, F(e, li, SIMN), E, 0, S(e, li, DPROJN), COSINE_PROJ);
+    b->gemm(true, false, COSINE_PROJ, E, T, 1, F(e, li, PROJN), COSINE_PROJ, S(e, li, DRAW), E, 0, S(e, li, DSIMN), E);
+    b->l2norm_cols_bwd(P_(e, l, 2), F(e, li, SIMNORM), S(e, li, DSIMN), S(e, li, DSIM), COSINE_PROJ, E);
+    b->axpy(G_(e, l, 2), S(e, li, DSIM), 1, COSINE_PROJ * E);
+    b->l2norm_rows_bwd(F(e, li, PROJ), F(e, li, PROJNORM), S(e, li, DPROJN), S(e, li, DPROJ), T, COSINE_PROJ);
+    b->bias_grad(G_(e, l, 1), S(e, li, DPROJ), T, COSINE_PROJ);
+    b->gemm(true, false, M, COSINE_PROJ, T, 1, x, M, S(e, li, DPROJ), COSINE_PROJ, 1, G_(e, l, 0), COSINE_PROJ);
+    b->gemm(false, true, T, M, COSINE_PROJ, 1, S(e, li, DPROJ), COSINE_PROJ, P_(e, l, 0), COSINE_PROJ, 1, e->dnext, M);
+  } else {
+    b->gemm(true, false, M, E, T, 1, x, M, S(e, li, DLOGITS), E, 1, G_(e, l, 0), E);
+    b->gemm(false, true, T, M, E, 1, S(e, li, DLOGITS), E, P_(e, l, 0), E, 1, e->dnext, M);
+  }
+  e->layer_ms[li] += now_ms() - t0;
+  return true;
+}

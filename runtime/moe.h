@@ -1,0 +1,24 @@
+/* moe.h — a MoE layer on the executor: gating, the capacity shared by all
+ * variants, and every parallelism variant of DESIGN.md (r = 0 data
+ * parallel, r | S expert/model parallel with S/r token chunks, d pipeline
+ * chunks whose all-to-all overlaps the expert FFN, linear or 2dh
+ * all-to-all). All variants read and write the same buffers and parameters;
+ * a switch is the choice of another code path, nothing else. */
+#ifndef MOERT_MOE_H
+#define MOERT_MOE_H
+
+#include "exec.h"
+
+/* The sub-communicators the layers' variants need (expert groups, H-slice
+ * classes), made once, collectively, in layer order. */
+bool moert_moe_setup(moert_exec *e, moert_status *st);
+void moert_moe_teardown(moert_exec *e);
+/* Forward of MoE layer li on input x (e->rows tokens), with the variant in
+ * e->variant[li] (chosen by pick(li, bucket) once the capacity is known);
+ * output in the layer's OUT buffer. */
+bool moert_moe_fwd(moert_exec *e, int li, const float *x, int64_t step, moert_status *st);
+/* Backward: reads e->dcur (d output), writes e->dnext (d input), adds the
+ * parameter gradients. */
+bool moert_moe_bwd(moert_exec *e, int li, moert_status *st);
+
+#endif

@@ -1,0 +1,41 @@
+/* select.h — picks, for every MoE layer and step, one of its variants
+ * (DESIGN.md: the selector). Per (layer, capacity bucket: C rounded up to a
+ * power of two) it keeps each candidate's measured times; it explores every
+ * candidate explore_steps times, in turn, then uses the fastest (lowest mean);
+ * a bucket seen for the first time is explored anew. Times are max-reduced
+ * over ranks before they are recorded, so every rank holds the same table and
+ * picks the same variant. Other modes: fixed (the first candidate), forced
+ * (--variant), cycle (the next candidate every step, for tests). */
+#ifndef MOERT_SELECT_H
+#define MOERT_SELECT_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "placement.h"
+#include "status.h"
+
+typedef enum { MOERT_PICK_AUTO, MOERT_PICK_FIXED, MOERT_PICK_CYCLE } moert_pick_mode;
+
+typedef struct moert_selector moert_selector;
+
+/* forced: NULL or the --variant values ("r=1,d=2,a2a=linear", "cycle",
+ * "LAYER:r=...") of the command line, nforced of them. Fails, naming the fix,
+ * when a forced variant exists in no layer (or not in the named layer). */
+bool moert_selector_create(const moert_plan *plan, moert_pick_mode mode, int64_t explore_steps,
+                           const char *const *forced, int nforced, moert_selector **out,
+                           moert_status *st);
+void moert_selector_destroy(moert_selector *s);
+/* The variant of layer li for a step whose padded capacity is C (an
+ * executor's moert_pick_fn). */
+int moert_selector_pick(void *s, int li, int64_t capacity, int64_t step);
+/* Records layer li's time (ms, already max-reduced over ranks) for the
+ * variant it ran at capacity C. Returns true when this finished exploring
+ * the layer's bucket (the table is then worth reporting). */
+bool moert_selector_record(moert_selector *s, int li, int64_t capacity, int variant, double ms);
+/* Writes `"LAYER": {"bucket": B, "chosen": "...", "ms": {"VARIANT": mean, ...}}`
+ * for layer li's bucket of capacity C. */
+void moert_selector_json(const moert_selector *s, int li, int64_t capacity, FILE *out);
+
+#endif

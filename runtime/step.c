@@ -1,0 +1,425 @@
+/* step.c — the executor: forward, loss, backward and update; see exec.h.
+ * Layers run in the order of the model description; the backward pass walks
+ * them in reverse with two [T, M] gradient buffers (the gradient of the
+ * current layer's output, and of its input) and one skip-path buffer per
+ * level of residual nesting. */
+#include "exec.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "moe.h"
+#include "rng.h"
+
+/* Norm epsilons (PyTorch's LayerNorm default; T5/LLaMA's RMSNorm). */
+#define LN_EPS 1e-5f
+#define RMS_EPS 1e-6f
+#define P(e, l, k) ((e)->params + (e)->plan->params[(l)->param_first + (k)].offset)
+#define G(e, l, k) ((e)->grads + (e)->plan->params[(l)->param_first + (k)].offset)
+#define F(e, li, name) ((e)->act + (e)->plan->layers[li].f[MOERT_F_##name])
+#define I(e, li, name) ((e)->iact + (e)->plan->layers[li].i[MOERT_I_##name])
+#define S(e, li, name) ((e)->scratch + (e)->plan->layers[li].s[MOERT_S_##name])
+
+static bool init_params(moert_exec *e, moert_status *st) {
+  const moert_model *m = e->m;
+  int64_t n = e->plan->param_elems;
+  float *host = malloc(sizeof(float) * (size_t)(n ? n : 1));
+  if (!host) return MOERT_FAIL(st, "out of memory initializing %lld parameters", (long long)n);
+  memset(host, 0, sizeof(float) * (size_t)(n ? n : 1));
+  for (int i = 0; i < m->nparams; i++) {
+    const moert_param *g = &m->params[i];
+    const moert_param_plan *pp = &e->plan->params[i];
+    float *p = host + pp->offset;
+    for (int64_t k = 0; k < pp->count; k++) {
+      uint64_t gi = moert_global_index(g, pp, k);
+      float s = (float)g->scale;
+      switch (g->init) {
+      case MOERT_INIT_ZEROS: p[k] = 0; break;
+      case MOERT_INIT_ONES: p[k] = 1; break;
+      case MOERT_INIT_CONST: p[k] = s; break;
+      case MOERT_INIT_UNIFORM: p[k] = (2 * moert_rand_uniform(e->seed, (uint64_t)i, gi) - 1) * s; break;
+      case MOERT_INIT_NORMAL: p[k] = moert_rand_normal(e->seed, (uint64_t)i, gi) * s; break;
+      }
+    }
+  }
+  bool ok = e->b->upload(e->b, e->params, host, sizeof(float) * (size_t)n, st);
+  free(host);
+  return ok ? true : MOERT_UP(st);
+}
+
+bool moert_exec_create(moert_exec **out, const moert_model *m, moert_plan *plan, moert_backend *b,
+                       moert_comm *comm, bool training, uint64_t seed, moert_status *st) {
+  *out = NULL;
+  moert_exec *e = calloc(1, sizeof *e);
+  if (!e) return MOERT_FAIL(st, "out of memory");
+  e->m = m;
+  e->plan = plan;
+  e->b = b;
+  e->comm = comm;
+  e->training = training;
+  e->seed = seed;
+  e->xin = calloc((size_t)m->nlayers + 1, sizeof *e->xin);
+  e->stack = calloc((size_t)plan->max_res_depth + 1, sizeof *e->stack);
+  e->skip = calloc((size_t)plan->max_res_depth + 1, sizeof *e->skip);
+  e->capacity = calloc((size_t)m->nlayers + 1, sizeof *e->capacity);
+  e->variant = calloc((size_t)m->nlayers + 1, sizeof *e->variant);
+  e->layer_ms = calloc((size_t)m->nlayers + 1, sizeof *e->layer_ms);
+  e->slow_variant = getenv("MOEC_TEST_SLOW_VARIANT");
+  int64_t loads = 0;
+  for (int i = 0; i < m->nlayers; i++)
+    if (m->layers[i].kind == MOERT_L_MOE) loads += m->layers[i].experts;
+  e->load = calloc((size_t)loads + 1, sizeof *e->load);
+  if (!e->xin || !e->stack || !e->skip || !e->capacity || !e->load || !e->variant || !e->layer_ms) {
+    moert_exec_destroy(e);
+    return MOERT_FAIL(st, "out of memory");
+  }
+  int64_t TM = plan->tokens * m->dim;
+  size_t f = sizeof(float);
+#define ALLOC(ptr, n)                                                                  \
+  if (!b->alloc(b, (size_t)(n) * f + f, (void **)&(ptr), st)) {                        \
+    moert_exec_destroy(e);                                                             \
+    return MOERT_UP(st);                                                               \
+  }
+  ALLOC(e->params, plan->param_elems);
+  ALLOC(e->act, plan->act_elems);
+  ALLOC(e->iact, plan->int_elems);
+  ALLOC(e->input, TM);
+  ALLOC(e->scratch, plan->scratch_elems); /* MoE layers use it in the forward pass too */
+  if (training) {
+    ALLOC(e->grads, plan->param_elems);
+    ALLOC(e->state, plan->state_elems);
+    ALLOC(e->dcur, TM);
+    ALLOC(e->dnext, TM);
+    for (int i = 0; i < plan->max_res_depth; i++) ALLOC(e->skip[i], TM);
+  }
+#undef ALLOC
+  if (!init_params(e, st) || !moert_moe_setup(e, st)) {
+    moert_exec_destroy(e);
+    return MOERT_UP(st);
+  }
+  *out = e;
+  return true;
+}
+
+void moert_exec_destroy(moert_exec *e) {
+  if (!e) return;
+  moert_moe_teardown(e);
+  moert_backend *b = e->b;
+  b->free(b, e->params);
+  b->free(b, e->grads);
+  b->free(b, e->state);
+  b->free(b, e->act);
+  b->free(b, e->scratch);
+  b->free(b, e->iact);
+  b->free(b, e->input);
+  b->free(b, e->dcur);
+  b->free(b, e->dnext);
+  if (e->skip)
+    for (int i = 0; i < e->plan->max_res_depth; i++) b->free(b, e->skip[i]);
+  free(e->skip);
+  free(e->xin);
+  free(e->stack);
+  free(e->capacity);
+  free(e->load);
+  free(e->variant);
+  free(e->layer_ms);
+  free(e);
+}
+
+double moert_lr_at(const moert_train *t, int64_t step, int64_t steps) {
+  double lr = t->lr;
+  if (t->warmup > 0 && step <= t->warmup) return lr * (double)step / (double)t->warmup;
+  if (t->schedule == MOERT_SCHED_COSINE && steps > t->warmup) {
+    double progress = (double)(step - t->warmup) / (double)(steps - t->warmup);
+    if (progress > 1) progress = 1;
+    /* from lr down to 10% of lr at the last step */
+    return lr * (0.1 + 0.9 * 0.5 * (1 + cos(M_PI * progress)));
+  }
+  return lr;
+}
+
+/* --- forward --- */
+
+/* Runs every layer on e->input (regression) or the windows in the EMBED
+ * layer's WIN buffer; returns the task loss's sum over this rank's tokens
+ * (and leaves d loss / d output in dcur when training). */
+static bool forward(moert_exec *e, int64_t step, bool want_grad, double *loss_sum, moert_status *st) {
+  moert_backend *b = e->b;
+  const moert_model *m = e->m;
+  int64_t T = e->rows, M = m->dim;
+  const float *cur = e->input;
+  int depth = 0;
+  e->aux = 0;
+  e->routed = e->dropped = 0;
+  double norm = 1.0 / ((double)T * e->comm->world); /* mean over all global tokens */
+  for (int li = 0; li < m->nlayers; li++) {
+    const moert_layer *l = &m->layers[li];
+    e->xin[li] = cur;
+    switch (l->kind) {
+    case MOERT_L_EMBED:
+      b->embed_fwd(P(e, l, 0), I(e, li, WIN), F(e, li, OUT), T, m->context, m->vocab, M);
+      cur = F(e, li, OUT);
+      break;
+    case MOERT_L_LAYERNORM:
+      b->layernorm_fwd(cur, P(e, l, 0), P(e, l, 1), F(e, li, OUT), F(e, li, MEAN), F(e, li, RSTD), T, M, LN_EPS);
+      cur = F(e, li, OUT);
+      break;
+    case MOERT_L_RMSNORM:
+      b->rmsnorm_fwd(cur, P(e, l, 0), F(e, li, OUT), F(e, li, RSTD), T, M, RMS_EPS);
+      cur = F(e, li, OUT);
+      break;
+    case MOERT_L_FFN: {
+      int64_t H = l->hidden, H1 = l->act == MOERT_ACT_SWIGLU ? 2 * H : H;
+      b->gemm(false, false, T, H1, M, 1, cur, M, P(e, l, 0), H1, 0, F(e, li, H), H1);
+      b->bias_add(F(e, li, H), P(e, l, 1), T, H1);
+      if (l->act == MOERT_ACT_SWIGLU) b->swiglu_fwd(F(e, li, H), F(e, li, A), T, H);
+      else b->act_fwd((moert_act)l->act, F(e, li, H), F(e, li, A), T * H);
+      b->gemm(false, false, T, M, H, 1, F(e, li, A), H, P(e, l, 2), M, 0, F(e, li, OUT), M);
+      b->bias_add(F(e, li, OUT), P(e, l, 3), T, M);
+      cur = F(e, li, OUT);
+      break;
+    }
+    case MOERT_L_MOE:
+      if (!moert_moe_fwd(e, li, cur, step, st)) return MOERT_UP(st);
+      cur = F(e, li, OUT);
+      break;
+    case MOERT_L_RES_BEGIN:
+      e->stack[depth++] = cur;
+      break;
+    case MOERT_L_RES_END:
+      b->add(F(e, li, OUT), e->stack[--depth], cur, T * M);
+      cur = F(e, li, OUT);
+      break;
+    case MOERT_L_HEAD_XENT:
+      b->gemm(false, false, T, m->vocab, M, 1, cur, M, P(e, l, 0), m->vocab, 0, F(e, li, HLOGITS), m->vocab);
+      *loss_sum = b->xent(F(e, li, HLOGITS), I(e, li, TOKENS), want_grad ? S(e, li, DLOGITS) : NULL, T,
+                          m->vocab, (float)norm);
+      break;
+    case MOERT_L_MSE:
+      /* per token: the mean over dim of the squared error */
+      *loss_sum = b->mse(cur, F(e, li, TARGET), want_grad ? e->dcur : NULL, T * M, (float)(norm / M)) / M;
+      break;
+    case MOERT_L__COUNT: break;
+    }
+  }
+  return true;
+}
+
+/* --- backward --- */
+
+static void swap(moert_exec *e) {
+  float *t = e->dcur;
+  e->dcur = e->dnext;
+  e->dnext = t;
+}
+
+static bool backward(moert_exec *e, moert_status *st) {
+  moert_backend *b = e->b;
+  const moert_model *m = e->m;
+  int64_t T = e->rows, M = m->dim;
+  int depth = 0;
+  for (int li = m->nlayers - 1; li >= 0; li--) {
+    const moert_layer *l = &m->layers[li];
+    const float *x = e->xin[li];
+    switch (l->kind) {
+    case MOERT_L_MSE: break; /* dcur was written by the loss */
+    case MOERT_L_HEAD_XENT:
+      b->gemm(true, false, M, m->vocab, T, 1, x, M, S(e, li, DLOGITS), m->vocab, 1, G(e, l, 0), m->vocab);
+      b->gemm(false, true, T, M, m->vocab, 1, S(e, li, DLOGITS), m->vocab, P(e, l, 0), m->vocab, 0, e->dcur, M);
+      break;
+    case MOERT_L_RES_END:
+      b->copy(e->skip[depth++], e->dcur, T * M);
+      break;
+    case MOERT_L_RES_BEGIN:
+      b->axpy(e->dcur, e->skip[--depth], 1, T * M);
+      break;
+    case MOERT_L_LAYERNORM:
+      b->layernorm_bwd(x, P(e, l, 0), F(e, li, MEAN), F(e, li, RSTD), e->dcur, e->dnext, G(e, l, 0), G(e, l, 1), T, M);
+      swap(e);
+      break;
+    case MOERT_L_RMSNORM:
+      b->rmsnorm_bwd(x, P(e, l, 0), F(e, li, RSTD), e->dcur, e->dnext, G(e, l, 0), T, M);
+      swap(e);
+      break;
+    case MOERT_L_FFN: {
+      int64_t H = l->hidden, H1 = l->act == MOERT_ACT_SWIGLU ? 2 * H : H;
+      b->bias_grad(G(e, l, 3), e->dcur, T, M);
+      b->gemm(true, false, H, M, T, 1, F(e, li, A), H, e->dcur, M, 1, G(e, l, 2), M);
+      b->gemm(false, true, T, H, M, 1, e->dcur, M, P(e, l, 2), M, 0, S(e, li, DA), H);
+      if (l->act == MOERT_ACT_SWIGLU) b->swiglu_bwd(F(e, li, H), S(e, li, DA), S(e, li, DH), T, H);
+      else b->act_bwd((moert_act)l->act, F(e, li, H), S(e, li, DA), S(e, li, DH), T * H);
+      b->bias_grad(G(e, l, 1), S(e, li, DH), T, H1);
+      b->gemm(true, false, M, H1, T, 1, x, M, S(e, li, DH), H1, 1, G(e, l, 0), H1);
+      b->gemm(false, true, T, M, H1, 1, S(e, li, DH), H1, P(e, l, 0), H1, 0, e->dnext, M);
+      swap(e);
+      break;
+    }
+    case MOERT_L_MOE:
+      if (!moert_moe_bwd(e, li, st)) return MOERT_UP(st);
+      swap(e);
+      break;
+    case MOERT_L_EMBED:
+      b->embed_bwd(e->dcur, I(e, li, WIN), G(e, l, 0), T, m->context, m->vocab, M);
+      break;
+    case MOERT_L__COUNT: break;
+    }
+  }
+  return true;
+}
+
+/* The replicated parameters' gradients summed over ranks (one all-reduce:
+ * they come first in the buffer); expert gradients stay with their owners. */
+static bool reduce_grads(moert_exec *e, moert_status *st) {
+  if (e->comm->world == 1) return true;
+  return e->comm->all_reduce_f32(e->comm, e->grads, e->plan->repl_elems, MOERT_RED_SUM, st) ? true : MOERT_UP(st);
+}
+
+/* The global gradient norm: replicated gradients (the same everywhere)
+ * once, expert gradients summed over their owners; fc2's bias, copied on
+ * every rank of an expert's group, counted by slice 0 only. */
+static double grad_norm(moert_exec *e, moert_status *st) {
+  const moert_model *m = e->m;
+  double repl = e->b->sumsq(e->grads, e->plan->repl_elems), own = 0;
+  for (int i = 0; i < m->nparams; i++) {
+    const moert_param *g = &m->params[i];
+    if (g->place == MOERT_PLACE_REPLICATED) continue;
+    const moert_param_plan *pp = &e->plan->params[i];
+    const moert_layer_plan *lp = &e->plan->layers[g->layer];
+    if (g->place == MOERT_PLACE_EXPERT_REP && lp->shards > 1 && e->comm->rank % lp->shards != 0) continue;
+    own += e->b->sumsq(e->grads + pp->offset, pp->count);
+  }
+  if (!e->comm->all_reduce_f64(e->comm, &own, 1, MOERT_RED_SUM, st)) {
+    MOERT_UP(st);
+    return NAN;
+  }
+  return sqrt(repl + own);
+}
+
+/* --- steps --- */
+
+static int embed_layer(const moert_model *m) {
+  return m->nlayers > 0 && m->layers[0].kind == MOERT_L_EMBED ? 0 : -1;
+}
+
+/* Loads the batch of `step` (eval: the held-out batch) into the buffers. */
+static bool load_batch(moert_exec *e, moert_data *d, int64_t step, bool eval, moert_status *st) {
+  const moert_model *m = e->m;
+  int64_t T = e->rows, first = (int64_t)e->comm->rank * e->plan->tokens;
+  moert_backend *b = e->b;
+  if (m->vocab) {
+    int li = embed_layer(m), head = m->nlayers - 1;
+    int32_t *win = malloc(sizeof(int32_t) * (size_t)(T * m->context));
+    int32_t *next = malloc(sizeof(int32_t) * (size_t)T);
+    if (!win || !next) {
+      free(win);
+      free(next);
+      return MOERT_FAIL(st, "out of memory");
+    }
+    moert_data_tokens(d, step, eval, first, T, win, next);
+    bool ok = b->upload(b, I(e, li, WIN), win, sizeof(int32_t) * (size_t)(T * m->context), st) &&
+              b->upload(b, I(e, head, TOKENS), next, sizeof(int32_t) * (size_t)T, st);
+    free(win);
+    free(next);
+    return ok ? true : MOERT_UP(st);
+  }
+  int64_t n = T * m->dim;
+  float *x = malloc(sizeof(float) * (size_t)n), *y = malloc(sizeof(float) * (size_t)n);
+  if (!x || !y) {
+    free(x);
+    free(y);
+    return MOERT_FAIL(st, "out of memory");
+  }
+  moert_data_regression(d, step, eval, first, T, x, y);
+  bool ok = b->upload(b, e->input, x, sizeof(float) * (size_t)n, st) &&
+            b->upload(b, F(e, m->nlayers - 1, TARGET), y, sizeof(float) * (size_t)n, st);
+  free(x);
+  free(y);
+  return ok ? true : MOERT_UP(st);
+}
+
+bool moert_exec_eval(moert_exec *e, moert_data *d, int64_t step, bool eval, double *loss,
+                     moert_status *st) {
+  e->rows = e->plan->tokens;
+  MOERT_TRY(st, load_batch(e, d, step, eval, st));
+  double sum = 0;
+  bool was = e->training;
+  e->training = false; /* no gate noise */
+  bool ok = forward(e, eval ? 0 : step, false, &sum, st);
+  e->training = was;
+  if (!ok) return MOERT_UP(st);
+  MOERT_TRY(st, e->comm->all_reduce_f64(e->comm, &sum, 1, MOERT_RED_SUM, st));
+  *loss = sum / ((double)e->rows * e->comm->world);
+  return true;
+}
+
+bool moert_exec_logits(moert_exec *e, const int32_t *win, int64_t n, float *out, moert_status *st) {
+  const moert_model *m = e->m;
+  if (!m->vocab || n > e->plan->tokens) return MOERT_FAIL(st, "no vocabulary, or too many windows");
+  e->rows = n;
+  int li = embed_layer(m), head = m->nlayers - 1;
+  MOERT_TRY(st, e->b->upload(e->b, I(e, li, WIN), win, sizeof(int32_t) * (size_t)(n * m->context), st));
+  int32_t *zeros = calloc((size_t)n, sizeof *zeros);
+  if (!zeros) return MOERT_FAIL(st, "out of memory");
+  bool ok = e->b->upload(e->b, I(e, head, TOKENS), zeros, sizeof(int32_t) * (size_t)n, st);
+  free(zeros);
+  if (!ok) return MOERT_UP(st);
+  double sum;
+  bool was = e->training;
+  e->training = false;
+  ok = forward(e, 0, false, &sum, st);
+  e->training = was;
+  e->rows = e->plan->tokens;
+  if (!ok) return MOERT_UP(st);
+  MOERT_TRY(st, e->b->download(e->b, out, F(e, head, HLOGITS), sizeof(float) * (size_t)(n * m->vocab), st));
+  return true;
+}
+
+bool moert_exec_objective(moert_exec *e, moert_data *d, int64_t step, bool want_grad,
+                          double *objective, moert_status *st) {
+  e->rows = e->plan->tokens;
+  MOERT_TRY(st, load_batch(e, d, step, false, st));
+  if (want_grad) e->b->zero(e->grads, sizeof(float) * (size_t)e->plan->param_elems);
+  double sum = 0;
+  MOERT_TRY(st, forward(e, step, want_grad, &sum, st));
+  if (want_grad) MOERT_TRY(st, backward(e, st) && reduce_grads(e, st));
+  double stats[2] = {sum, e->aux};
+  MOERT_TRY(st, e->comm->all_reduce_f64(e->comm, stats, 2, MOERT_RED_SUM, st));
+  *objective = stats[0] / ((double)e->rows * e->comm->world) + stats[1] / e->comm->world;
+  return true;
+}
+
+bool moert_exec_train_step(moert_exec *e, moert_data *d, int64_t step, moert_step_stats *out,
+                           moert_status *st) {
+  const moert_model *m = e->m;
+  const moert_train *t = &m->train;
+  moert_backend *b = e->b;
+  e->rows = e->plan->tokens;
+  MOERT_TRY(st, load_batch(e, d, step, false, st));
+  b->zero(e->grads, sizeof(float) * (size_t)e->plan->param_elems);
+  double sum = 0;
+  MOERT_TRY(st, forward(e, step, true, &sum, st));
+  MOERT_TRY(st, backward(e, st));
+  MOERT_TRY(st, reduce_grads(e, st));
+
+  double stats[4] = {sum, e->aux, e->routed, e->dropped};
+  MOERT_TRY(st, e->comm->all_reduce_f64(e->comm, stats, 4, MOERT_RED_SUM, st));
+  out->loss = stats[0] / ((double)e->rows * e->comm->world);
+  out->aux_loss = stats[1] / e->comm->world; /* the same on every rank */
+  out->dropped = stats[2] > 0 ? stats[3] / stats[2] : 0;
+  out->flops = (e->plan->flops_fwd + e->plan->flops_bwd) * e->comm->world;
+
+  out->grad_norm = grad_norm(e, st);
+  if (st->failed) return MOERT_UP(st);
+  if (t->clip > 0 && out->grad_norm > t->clip)
+    b->scale(e->grads, e->plan->param_elems, (float)(t->clip / out->grad_norm));
+  double lr = moert_lr_at(t, step, e->total_steps);
+  out->lr = lr;
+  int64_t n = e->plan->param_elems;
+  if (t->optimizer == MOERT_OPT_ADAM)
+    b->adamw(e->params, e->grads, e->state, e->state + n, n, (float)lr, (float)t->beta1, (float)t->beta2,
+             (float)t->eps, (float)t->weight_decay, step);
+  else
+    b->sgd(e->params, e->grads, n, (float)lr, (float)t->weight_decay);
+  return true;
+}
