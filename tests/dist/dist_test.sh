@@ -1,0 +1,79 @@
+#!/bin/sh
+# dist_test.sh MODE MOEC SRCDIR WORKDIR MPIEXEC — moec-built binaries under
+# mpirun, as a user runs them (several ranks share this machine's cores).
+set -u
+mode=$1 moec=$2 src=$3 work=$4 mpiexec=$5
+rm -rf "$work" && mkdir -p "$work" && cd "$work" || exit 1
+fail() { echo "FAIL: $mode: $*"; exit 1; }
+field() { sed -n "s/.*\"$1\": \([^,}]*\).*/\1/p" "$2"; }
+run() { n=$1; shift; "$mpiexec" --oversubscribe -np "$n" -x MOEC_LOCAL_SIZE -x MOEC_TEST_SLOW_VARIANT -x OPENBLAS_NUM_THREADS "$@"; }
+export OPENBLAS_NUM_THREADS=1 MOEC_LOCAL_SIZE=${MOEC_LOCAL_SIZE:-} MOEC_TEST_SLOW_VARIANT=${MOEC_TEST_SLOW_VARIANT:-}
+[ -n "$MOEC_LOCAL_SIZE" ] || unset MOEC_LOCAL_SIZE
+"$moec" build "$src/tests/dist/dist.moe" -o dist >/dev/null || fail "moec build"
+# losses of two metrics files agree to a relative tolerance
+same_losses() {
+  field loss "$1" > l1.txt; field loss "$2" > l2.txt
+  [ -s l1.txt ] && [ "$(wc -l < l1.txt)" = "$(wc -l < l2.txt)" ] || fail "$1 and $2 hold different steps"
+  paste l1.txt l2.txt | awk -v tol="$3" '{ d = $1 - $2; if (d < 0) d = -d; r = d / ($2 < 0 ? -$2 : $2);
+    if (r > worst) worst = r } END { printf "worst relative difference %.2e\n", worst; exit !(worst <= tol) }' ||
+    { paste l1.txt l2.txt; fail "losses differ past $3"; }
+}
+
+case $mode in
+cycle_np*)
+  n=${mode#cycle_np}
+  run "$n" ./dist --variant cycle --metrics cycle.jsonl --quiet || fail "cycle run"
+  first=$(sed -n 's/.*"variants": {"\([^"]*\)": "\([^"]*\)".*/\2/p' cycle.jsonl | head -1)
+  run "$n" ./dist --variant "$first" --metrics fixed.jsonl --quiet || fail "fixed run ($first)"
+  same_losses cycle.jsonl fixed.jsonl 1e-5
+  # zero switching cost: the variant changed, and nothing was copied or allocated
+  changes=$(sed -n 's/.*"variants": {\([^}]*\)}.*/\1/p' cycle.jsonl | uniq | wc -l)
+  [ "$changes" -gt 2 ] || fail "the variants did not change from step to step ($changes distinct in a row)"
+  bad=$(grep -c -v '"switch_bytes": 0, "switch_allocs": 0' cycle.jsonl)
+  [ "$bad" = 0 ] || fail "$bad steps switched at a cost: $(grep -v '"switch_bytes": 0, "switch_allocs": 0' cycle.jsonl | head -1)"
+  echo "ok: -np $n: cycling through every variant follows the fixed run's losses; $changes switches cost 0 bytes and 0 allocations" ;;
+invariance)
+  t=32
+  run 1 ./dist --tokens $((4 * t)) --metrics w1.jsonl --quiet || fail "-np 1"
+  run 4 ./dist --tokens $t --metrics w4.jsonl --quiet || fail "-np 4"
+  grep -v resumed w1.jsonl > a.jsonl; grep -v resumed w4.jsonl > b.jsonl
+  same_losses a.jsonl b.jsonl 1e-4
+  echo "ok: -np 1 with $((4 * t)) tokens and -np 4 with $t tokens give the same losses" ;;
+selector)
+  slow="r=0,d=1,a2a=linear"
+  MOEC_TEST_SLOW_VARIANT=$slow run 2 ./dist --steps 30 --metrics s.jsonl --quiet || fail "run"
+  grep -q '"selector"' s.jsonl || fail "the selector never reported a finished exploration"
+  tail -5 s.jsonl | grep -q "$slow" && fail "the selector still uses the slow variant $slow after exploring: $(tail -1 s.jsonl)"
+  echo "ok: exploration over, the selector avoids $slow (made 30 ms slower per use)" ;;
+resume_np*)
+  a=${mode#resume_np}; a=${a%_*}; b=${mode##*_}
+  run "$a" ./dist --tokens $((128 / a)) --steps 8 --checkpoint ck --eval-every 8 --metrics a.jsonl --quiet || fail "-np $a"
+  want=$(grep '"step": 8,' a.jsonl | sed -n 's/.*"eval_loss": \([^,}]*\).*/\1/p')
+  [ -n "$want" ] || fail "no eval loss at the checkpoint step"
+  run "$b" ./dist --tokens $((128 / b)) --steps 10 --checkpoint ck --resume --eval-every 2 --metrics b.jsonl --quiet ||
+    fail "resume at -np $b"
+  got=$(grep '"resumed": true' b.jsonl | sed -n 's/.*"eval_loss": \([^,}]*\).*/\1/p')
+  awk -v a="$want" -v b="$got" 'BEGIN { d = a - b; if (d < 0) d = -d; exit !(b != "" && d <= 1e-5 * a) }' ||
+    fail "held-out loss after resuming at -np $b is $got, at the checkpoint (-np $a) it was $want"
+  [ "$(field step b.jsonl | tail -1)" = 10 ] || fail "training did not go on to step 10"
+  echo "ok: a checkpoint of -np $a resumes at -np $b: held-out loss $want -> $got, training goes on" ;;
+bad_world)
+  # 4 experts cannot be shared by 3 ranks
+  timeout 60 "$mpiexec" --oversubscribe -np 3 ./dist --steps 2 > out.txt 2>&1; rc=$?
+  [ $rc = 1 ] || fail "-np 3 with 4 experts exited $rc, not 1: $(cat out.txt)"
+  grep -q "divides 4 or that 4 divides" out.txt || fail "unclear message: $(cat out.txt)"
+  # hidden 30 is not divisible by S = 4 when one expert is split over 4 ranks
+  printf 'model h { dim = 8; tokens = 8; dtype = fp32; moe e { experts = 1; hidden = 30; top_k = 1; } }\ntrain { steps = 2; }\n' > h.moe
+  "$moec" build h.moe -o h 2>/dev/null || fail "build h"
+  timeout 60 "$mpiexec" --oversubscribe -np 4 ./h > out.txt 2>&1; rc=$?
+  [ $rc = 1 ] || fail "hidden 30 at -np 4 exited $rc: $(cat out.txt)"
+  grep -q "not divisible by the shard count S = 4" out.txt || fail "unclear message: $(cat out.txt)"
+  # a forced variant that no layer has: the error lists the candidates
+  timeout 60 "$mpiexec" --oversubscribe -np 2 ./dist --variant r=3,d=1,a2a=linear > out.txt 2>&1; rc=$?
+  [ $rc = 1 ] || fail "an impossible --variant exited $rc: $(cat out.txt)"
+  grep -q "candidates are: r=0,d=1,a2a=linear" out.txt || fail "the candidates are not listed: $(cat out.txt)"
+  timeout 60 "$mpiexec" --oversubscribe -np 2 ./dist --variant nosuch:r=1,d=1,a2a=linear > out.txt 2>&1; rc=$?
+  [ $rc = 1 ] && grep -q "no MoE layer called .nosuch." out.txt || fail "unknown layer in --variant: rc $rc: $(cat out.txt)"
+  echo "ok: world sizes and variants that cannot be are clear errors on every rank, with no hang" ;;
+*) echo "unknown mode $mode"; exit 2 ;;
+esac

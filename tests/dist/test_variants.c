@@ -1,0 +1,126 @@
+/* test_variants.c — every variant of a MoE layer computes the same function
+ * (DESIGN.md, "What must hold"): run under mpirun at several world sizes, on
+ * specs with E above, equal to and below the world size. For each spec, the
+ * objective (loss + aux) and the whole gradient of one forward and backward
+ * with every MoE layer forced to each candidate are compared with candidate 0:
+ * ||a - b|| / ||b|| over all ranks < 1e-5. The parameters are identical for
+ * every variant (one layout), so the gradient buffers compare element by
+ * element. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "exec.h"
+#include "front.h"
+#include "lower.h"
+
+static const char *const specs[] = {
+    /* E = 8: above every world size tested (S = 1) */
+    "model a { dim = 16; tokens = 24; dtype = fp32; residual { rmsnorm; moe e { experts = 8; hidden = 32; "
+    "top_k = 2; aux_loss = 0.1; } } } parallel { adaptive_r = auto; overlap_degree = 1, 2, 4; "
+    "all_to_all = linear, 2dh; } train { steps = 1; seed = 5; }",
+    /* E = 2: below 4 ranks (S = 2), swiglu, dropless, no bias */
+    "model b { dim = 16; tokens = 20; dtype = fp32; moe e { experts = 2; hidden = 32; top_k = 2; "
+    "capacity_factor = 0; activation = swiglu; bias = false; } } parallel { adaptive_r = auto; "
+    "overlap_degree = 1, 2; all_to_all = linear, 2dh; } train { steps = 1; seed = 6; }",
+    /* E = 1: one expert split over every rank (S = W), gelu, bias, capped capacity, cosine gate */
+    "model c { dim = 16; tokens = 16; dtype = fp32; residual { layernorm; moe e { experts = 1; hidden = 64; "
+    "top_k = 1; capacity_factor = -0.8; activation = gelu; gate = cosine; } } } parallel { "
+    "adaptive_r = auto; overlap_degree = 1, 2; } train { steps = 1; seed = 7; }",
+    /* two MoE layers, E = 4, silu, batch-prioritized with gate noise */
+    "model d { dim = 16; tokens = 32; dtype = fp32; repeat 2 { residual { rmsnorm; moe e { experts = 4; "
+    "hidden = 16; top_k = 2; activation = silu; batch_prioritized = true; gate_noise = 0.5; } } } } "
+    "parallel { adaptive_r = auto; overlap_degree = 1, 2; } train { steps = 1; seed = 8; }",
+};
+
+typedef struct forced {
+  int v;
+} forced;
+
+static int pick(void *ctx, int li, int64_t capacity, int64_t step) {
+  (void)li, (void)capacity, (void)step;
+  return ((forced *)ctx)->v;
+}
+
+static void die(moert_comm *c, const char *what, const moert_status *st) {
+  fprintf(stderr, "rank %d: FAIL: %s: %s\n", c->rank, what, st ? st->msg : "");
+  moert_comm_abort(c, 1);
+}
+
+int main(int argc, char **argv) {
+  moert_status st = {0};
+  moert_comm *c = moert_comm_self();
+  if (moert_comm_under_mpirun() && !moert_comm_mpi_create(&argc, &argv, &c, &st)) {
+    fprintf(stderr, "FAIL: %s\n", st.msg);
+    return 1;
+  }
+  int fails = 0, cases = 0;
+  for (size_t si = 0; si < sizeof specs / sizeof specs[0]; si++) {
+    moec_arena *a = moec_arena_create();
+    moec_diags d;
+    moec_diags_init(&d, a);
+    moec_spec *s = moec_front_buffer(a, &d, "spec", specs[si], strlen(specs[si]));
+    moert_model *m = s ? moec_lower(a, &d, s, "spec") : NULL;
+    if (!m) {
+      moec_diags_print(&d, stderr);
+      die(c, "spec", NULL);
+    }
+    moert_plan *p;
+    moert_data *data;
+    moert_exec *e;
+    forced f = {0};
+    if (!moert_plan_create_nodes(m, c->world, c->rank, m->tokens, true, c->nodes, &p, &st) ||
+        !moert_data_open(&data, NULL, m->vocab, m->dim, m->context, m->tokens * c->world, 3, &st) ||
+        !moert_exec_create(&e, m, p, moert_backend_cpu(), c, true, 3, &st))
+      die(c, m->name, &st);
+    e->total_steps = 1;
+    e->pick = pick;
+    e->pick_ctx = &f;
+    int nv = 1 << 30, li0 = -1;
+    for (int li = 0; li < m->nlayers; li++)
+      if (m->layers[li].kind == MOERT_L_MOE) {
+        if (p->layers[li].nvariants < nv) nv = p->layers[li].nvariants;
+        if (li0 < 0) li0 = li;
+      }
+    int64_t n = p->param_elems;
+    float *ref = malloc(sizeof(float) * (size_t)(n ? n : 1));
+    double ref_obj = 0;
+    for (int v = 0; v < nv; v++) {
+      f.v = v;
+      double obj;
+      if (!moert_exec_objective(e, data, 1, true, &obj, &st)) die(c, p->layers[li0].variants[v].name, &st);
+      if (v == 0) {
+        memcpy(ref, e->grads, sizeof(float) * (size_t)n);
+        ref_obj = obj;
+        continue;
+      }
+      double sums[2] = {0, 0}; /* ||a - b||^2, ||b||^2 over this rank's gradients */
+      for (int64_t k = 0; k < n; k++) {
+        double diff = (double)e->grads[k] - ref[k];
+        sums[0] += diff * diff;
+        sums[1] += (double)ref[k] * ref[k];
+      }
+      if (!c->all_reduce_f64(c, sums, 2, MOERT_RED_SUM, &st)) die(c, "all-reduce", &st);
+      double grad_rel = sqrt(sums[0]) / (sqrt(sums[1]) + 1e-30);
+      double obj_rel = fabs(obj - ref_obj) / fabs(ref_obj);
+      bool good = grad_rel < 1e-5 && obj_rel < 1e-5 && sums[1] > 0;
+      cases++;
+      fails += !good;
+      if (c->rank == 0)
+        printf("W=%d %-6s %-22s vs %-22s objective %.8f  rel %.1e  gradient rel %.1e  %s\n", c->world,
+               m->name, p->layers[li0].variants[v].name, p->layers[li0].variants[0].name, obj, obj_rel,
+               grad_rel, good ? "ok" : "FAIL");
+    }
+    if (c->rank == 0 && nv == 1)
+      printf("W=%d %-6s one variant at this world size (%s)\n", c->world, m->name, p->layers[li0].variants[0].name);
+    free(ref);
+    moert_exec_destroy(e);
+    moert_data_close(data);
+    moert_plan_destroy(p);
+    moec_arena_destroy(a);
+  }
+  if (c->rank == 0) printf("%d passed, %d failed\n", cases - fails, fails);
+  if (c != moert_comm_self()) moert_comm_mpi_finalize(c);
+  return fails ? 1 : 0;
+}

@@ -1,0 +1,148 @@
+#!/bin/sh
+# binary_test.sh MODE MOEC SRCDIR WORKDIR — moec-built binaries as a user runs
+# them. Each MODE is one CTest. Exit 77 means "skipped" (a missing optional
+# tool), with the reason printed.
+set -u
+mode=$1 moec=$2 src=$3 work=$4
+rm -rf "$work" && mkdir -p "$work" && cd "$work" || exit 1
+fail() { echo "FAIL: $mode: $*"; exit 1; }
+# the value of "key" in every line of a JSON-lines file, one per line
+field() { sed -n "s/.*\"$1\": \([^,}]*\).*/\1/p" "$2"; }
+build() { "$moec" build "$src/examples/$1.moe" -o "$1" >/dev/null || fail "moec build $1"; }
+export OPENBLAS_NUM_THREADS=1
+
+case $mode in
+build_examples)
+  for spec in "$src"/examples/*.moe; do
+    name=$(basename "$spec" .moe)
+    "$moec" build "$spec" -o "$name" || fail "moec build $spec"
+    ./"$name" --help > help.txt || fail "$name --help exits $?"
+    grep -q -- "--steps" help.txt || fail "$name --help lists no --steps"
+  done
+  # the binary appears whole or not at all: a failing build leaves nothing
+  printf 'model m { dim = 2; tokens = 1; }' > ok.moe
+  MOEC_CC=false "$moec" build ok.moe -o nothing 2>err.txt && fail "a failing C compiler did not fail the build"
+  [ -e nothing ] && fail "a failed build left a binary"
+  grep -q "C compiler failed" err.txt || fail "no clear message when cc fails: $(cat err.txt)"
+  echo "ok: every example builds and runs --help" ;;
+
+tiny_learns)
+  build tiny
+  ./tiny --metrics m.jsonl --quiet || fail "tiny exited $?"
+  first=$(field loss m.jsonl | head -1) last=$(field loss m.jsonl | tail -1)
+  n=$(wc -l < m.jsonl)
+  [ "$n" = 200 ] || fail "metrics has $n lines, not 200"
+  awk -v a="$first" -v b="$last" 'BEGIN { exit !(b <= a / 2) }' || fail "loss $first -> $last did not halve"
+  echo "ok: tiny's loss $first -> $last" ;;
+
+bytes_learns)
+  build bytes_small
+  corpus="$src/examples/data/corpus.txt"
+  [ -s "$corpus" ] || sh "$src/tools/make-corpus.sh" || fail "no corpus"
+  ./bytes_small --data "$corpus" --steps 200 --eval-every 200 --metrics m.jsonl --quiet || fail "exited $?"
+  ev=$(field eval_loss m.jsonl | tail -1)
+  # unigram entropy of the text in nats: what a model that ignores context reaches
+  h=$(od -An -v -tu1 "$corpus" | tr -s ' ' '\n' | grep -v '^$' | sort -n | uniq -c |
+      awk '{ c[$2] = $1; n += $1 } END { for (k in c) { p = c[k] / n; h -= p * log(p) } printf "%.4f", h }')
+  awk -v e="$ev" -v h="$h" 'BEGIN { exit !(e < h) }' || fail "eval loss $ev is not below the unigram entropy $h"
+  echo "ok: held-out loss $ev nats < unigram entropy $h nats" ;;
+
+resume)
+  build tiny
+  ./tiny --steps 20 --metrics full.jsonl --quiet || fail "uninterrupted run"
+  ./tiny --steps 10 --checkpoint ck --metrics a.jsonl --quiet || fail "first half"
+  [ -f ck/MANIFEST.json ] && [ -f ck/model.safetensors ] && [ -f ck/optimizer.safetensors ] || fail "checkpoint files missing"
+  ./tiny --steps 20 --checkpoint ck --resume --metrics b.jsonl --quiet || fail "resumed half"
+  [ "$(field step b.jsonl | head -1)" = 11 ] || fail "resumed metrics do not start at step 11"
+  [ "$(wc -l < b.jsonl)" = 10 ] || fail "resumed metrics do not hold steps 11..20"
+  field loss full.jsonl | tail -10 > want.txt
+  field loss b.jsonl > got.txt
+  cmp -s want.txt got.txt || { paste want.txt got.txt; fail "losses after resume differ from the uninterrupted run"; }
+  ./tiny --steps 10 --checkpoint ck --resume 2>err.txt && fail "resuming past --steps was accepted"
+  grep -q "larger --steps" err.txt || fail "unclear message: $(cat err.txt)"
+  echo "ok: steps 11..20 after resume equal the uninterrupted run bit for bit" ;;
+
+checkpoint_read)
+  build tiny
+  ./tiny --steps 3 --checkpoint ck --quiet || fail "run"
+  "$moec" plan --json "$src/examples/tiny.moe" > plan.json || fail "moec plan"
+  python3 -c 'import safetensors, numpy' 2>/dev/null || { echo "SKIP: python3 safetensors/numpy not installed (pip install safetensors numpy)"; exit 77; }
+  python3 - ck/model.safetensors plan.json <<'PY' || fail "safetensors read-back"
+import json, sys
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import load_file
+tensors = load_file(sys.argv[1])
+plan = json.load(open(sys.argv[2]))
+want = {t["name"]: t["shape"] for l in plan["layers"] for t in l["tensors"]}
+assert set(tensors) == set(want), (sorted(tensors), sorted(want))
+for name, arr in tensors.items():
+    assert list(arr.shape) == want[name], (name, arr.shape, want[name])
+    assert arr.dtype == np.float32 and np.isfinite(arr).all(), name
+with safe_open(sys.argv[1], "np") as f:
+    assert f.metadata()["format"] == "pt", f.metadata()
+w = tensors["layernorm_0.weight"] if "layernorm_0.weight" in tensors else tensors[sorted(tensors)[0]]
+print("read", len(tensors), "tensors; all shapes as planned; first values", w.ravel()[:3])
+PY
+  echo "ok: Python's safetensors reads the checkpoint" ;;
+
+checkpoint_corrupt)
+  build tiny
+  ./tiny --steps 4 --checkpoint ck --quiet || fail "run"
+  cp -r ck good
+  # truncated weights
+  head -c 100 good/model.safetensors > ck/model.safetensors
+  sum=$(cksum ck/model.safetensors)
+  ./tiny --steps 8 --checkpoint ck --resume 2>err.txt; rc=$?
+  [ $rc = 1 ] || fail "resuming from a truncated checkpoint exited $rc, not 1"
+  grep -q "model.safetensors" err.txt || fail "the message does not name the file: $(cat err.txt)"
+  ./tiny --steps 8 --checkpoint ck 2>err2.txt && fail "a fresh run overwrote a corrupt checkpoint"
+  grep -q "not a valid checkpoint" err2.txt || fail "unclear: $(cat err2.txt)"
+  [ "$(cksum ck/model.safetensors)" = "$sum" ] || fail "the corrupt checkpoint was changed"
+  # one flipped byte in the optimizer state
+  rm -rf ck && cp -r good ck
+  printf '\377' | dd of=ck/optimizer.safetensors bs=1 seek=200 conv=notrunc 2>/dev/null
+  ./tiny --steps 8 --checkpoint ck --resume 2>err.txt; rc=$?
+  [ $rc = 1 ] || fail "resuming from a corrupted checkpoint exited $rc"
+  grep -q "optimizer.safetensors" err.txt || fail "the message does not name the file: $(cat err.txt)"
+  # a leftover half-written checkpoint beside a good one changes nothing
+  rm -rf ck && cp -r good ck && mkdir ck.tmp-XXXXXX && echo junk > ck.tmp-XXXXXX/model.safetensors
+  ./tiny --steps 8 --checkpoint ck --resume --quiet || fail "a leftover temporary directory broke resume"
+  echo "ok: truncated and corrupted checkpoints are clear errors and stay untouched" ;;
+
+bad_input)
+  build tiny
+  build bytes_small
+  ./bytes_small --data /nonexistent/corpus.txt 2>err.txt; rc=$?
+  [ $rc = 1 ] && grep -q "cannot open the data file /nonexistent/corpus.txt" err.txt || fail "missing data file: rc $rc: $(cat err.txt)"
+  printf 'tiny' > small.txt
+  ./bytes_small --data small.txt 2>err.txt; rc=$?
+  [ $rc = 1 ] && grep -q "has 4 bytes" err.txt || fail "too-small data file: rc $rc: $(cat err.txt)"
+  ./tiny --metrics /nonexistent/dir/m.jsonl 2>err.txt; rc=$?
+  [ $rc = 1 ] && grep -q "cannot write the metrics file" err.txt || fail "unwritable metrics: rc $rc: $(cat err.txt)"
+  ./tiny --bogus 2>err.txt; rc=$?
+  [ $rc = 2 ] && grep -q "unknown option '--bogus'" err.txt || fail "unknown flag: rc $rc: $(cat err.txt)"
+  for bad in "--steps 0" "--steps abc" "--steps" "--tokens -3" "--backend gpu" "--log-every 0"; do
+    # shellcheck disable=SC2086
+    ./tiny $bad 2>err.txt; rc=$?
+    [ $rc = 2 ] || fail "'$bad' exited $rc, not 2"
+    grep -q "Try" err.txt || fail "'$bad': no usage hint: $(cat err.txt)"
+  done
+  ./tiny --steps 3 --metrics out.jsonl extra 2>/dev/null && fail "a stray argument was accepted"
+  [ -e out.jsonl ] && fail "a usage error left a metrics file"
+  printf 'model d { dim = 8; tokens = 16; ffn f { hidden = 16; } }\ntrain { optimizer = sgd; lr = 1e30; steps = 5; }\n' > diverge.moe
+  "$moec" build diverge.moe -o diverge || fail "build diverge"
+  ./diverge --quiet 2>err.txt; rc=$?
+  [ $rc = 1 ] && grep -q "training diverged" err.txt || fail "NaN loss: rc $rc: $(cat err.txt)"
+  echo "ok: bad input gives clear messages and the documented exit status" ;;
+
+inference)
+  printf '# inference only\nmodel inf { dim = 32; tokens = 64; moe e { experts = 4; hidden = 64; top_k = 2; capacity_factor = 0; activation = swiglu; } }\n' > inf.moe
+  "$moec" build inf.moe -o inf || fail "build"
+  ./inf --steps 5 > out.txt || fail "exited $?"
+  grep -q "inference: 5 forward steps" out.txt || fail "no inference header: $(cat out.txt)"
+  grep -q "ran 5 steps" out.txt || fail "no summary: $(cat out.txt)"
+  echo "ok: an inference binary runs forward steps and reports them" ;;
+
+*) echo "unknown mode $mode"; exit 2 ;;
+esac

@@ -1,0 +1,159 @@
+/* test_layers.c — finite-difference gradient checks of whole models: every
+ * layer kind and every option, run by the real executor (runtime/step.c) on
+ * specs compiled by the real front end. For each spec: the objective (task
+ * loss + weighted aux losses) and its gradient by the backward pass, then
+ * central differences on a sample of elements of every parameter tensor.
+ * Perturbations that change a routing decision (an expert choice or a slot)
+ * make the objective jump and are skipped; each case must keep most of its
+ * samples. A wrong sign, a missing term or a wrong factor fails the check. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "exec.h"
+#include "front.h"
+#include "lower.h"
+
+typedef struct gcase {
+  const char *name, *spec;
+} gcase;
+
+#define HEAD(body) "model m { dim = 8; tokens = 24; dtype = fp32; " body " } train { steps = 1; seed = 7; }"
+#define VOCAB(body) "model m { dim = 8; tokens = 24; vocab = 16; context = 3; dtype = fp32; " body " } train { steps = 1; seed = 3; }"
+
+static const gcase cases[] = {
+    {"layernorm", HEAD("layernorm;")},
+    {"rmsnorm", HEAD("rmsnorm;")},
+    {"ffn_relu", HEAD("ffn f { hidden = 16; activation = relu; }")},
+    {"ffn_gelu", HEAD("ffn f { hidden = 16; activation = gelu; }")},
+    {"ffn_silu", HEAD("ffn f { hidden = 16; activation = silu; }")},
+    {"ffn_swiglu", HEAD("ffn f { hidden = 16; activation = swiglu; }")},
+    {"residual_nested", HEAD("residual { rmsnorm; residual { layernorm; ffn f { hidden = 8; } } ffn g { hidden = 8; activation = gelu; } }")},
+    {"repeat", HEAD("repeat 2 { residual { rmsnorm; ffn f { hidden = 8; activation = silu; } } }")},
+    {"moe_softmax_top2", HEAD("moe e { experts = 4; hidden = 16; top_k = 2; activation = gelu; aux_loss = 1.0; }")},
+    {"moe_relu", HEAD("moe e { experts = 4; hidden = 16; top_k = 2; aux_loss = 1.0; }")},
+    {"moe_top1_drop", HEAD("moe e { experts = 4; hidden = 16; top_k = 1; capacity_factor = 0.5; activation = silu; aux_loss = 1.0; }")},
+    {"moe_cosine", HEAD("moe e { experts = 4; hidden = 16; top_k = 2; gate = cosine; activation = gelu; aux_loss = 0.5; }")},
+    {"moe_swiglu_nobias_dropless", HEAD("moe e { experts = 4; hidden = 16; top_k = 2; capacity_factor = 0; activation = swiglu; bias = false; normalize_gate = false; }")},
+    {"moe_dynamic_bp_noise", HEAD("moe e { experts = 4; hidden = 16; top_k = 2; capacity_factor = -0.75; activation = silu; batch_prioritized = true; gate_noise = 1.0; aux_loss = 1.0; }")},
+    {"moe_top3_of_8", HEAD("residual { layernorm; moe e { experts = 8; hidden = 8; top_k = 3; capacity_factor = 1.5; activation = gelu; } }")},
+    {"lm_embed_head", VOCAB("residual { rmsnorm; moe e { experts = 4; hidden = 8; top_k = 2; activation = gelu; aux_loss = 0.5; } }")},
+};
+
+/* A checksum of every MoE layer's routing (choices and slots). */
+static unsigned long routing(const moert_exec *e) {
+  unsigned long h = 1469598103934665603ul;
+  for (int li = 0; li < e->m->nlayers; li++) {
+    const moert_layer *l = &e->m->layers[li];
+    if (l->kind != MOERT_L_MOE) continue;
+    const moert_layer_plan *lp = &e->plan->layers[li];
+    int64_t n = e->rows * l->top_k;
+    const int32_t *idx = e->iact + lp->i[MOERT_I_IDX], *loc = e->iact + lp->i[MOERT_I_LOC];
+    for (int64_t i = 0; i < n; i++) {
+      int32_t kept = loc[i] < e->capacity[li] ? loc[i] : -1;
+      h = (h ^ (unsigned long)(idx[i] * 131 + kept)) * 1099511628211ul;
+    }
+    h = (h ^ (unsigned long)e->capacity[li]) * 1099511628211ul;
+  }
+  return h;
+}
+
+static int run_case(const gcase *c) {
+  moec_arena *a = moec_arena_create();
+  moec_diags d;
+  moec_diags_init(&d, a);
+  moec_spec *s = moec_front_buffer(a, &d, c->name, c->spec, strlen(c->spec));
+  moert_model *m = s ? moec_lower(a, &d, s, c->name) : NULL;
+  if (!m) {
+    moec_diags_print(&d, stderr);
+    fprintf(stderr, "FAIL %s: the spec does not compile\n", c->name);
+    moec_arena_destroy(a);
+    return 1;
+  }
+  moert_status st = {0};
+  moert_plan *p = NULL;
+  moert_data *data = NULL;
+  moert_exec *e = NULL;
+  int fails = 1;
+  if (!moert_plan_create(m, 1, 0, m->tokens, true, &p, &st) ||
+      !moert_data_open(&data, NULL, m->vocab, m->dim, m->context, m->tokens, 7, &st) ||
+      !moert_exec_create(&e, m, p, moert_backend_cpu(), moert_comm_self(), true, 7, &st)) {
+    fprintf(stderr, "FAIL %s: %s\n", c->name, st.msg);
+    goto out;
+  }
+  e->total_steps = 1;
+  double f0;
+  if (!moert_exec_objective(e, data, 1, true, &f0, &st)) {
+    fprintf(stderr, "FAIL %s: %s\n", c->name, st.msg);
+    goto out;
+  }
+  unsigned long r0 = routing(e);
+  float *grad = malloc(sizeof(float) * (size_t)p->param_elems);
+  memcpy(grad, e->grads, sizeof(float) * (size_t)p->param_elems);
+  double num2 = 0, den2 = 0, worst = 0;
+  int checked = 0, skipped = 0, worst_param = -1;
+  const float eps = 1e-2f;
+  unsigned seed = 12345;
+  for (int i = 0; i < m->nparams; i++) {
+    const moert_param_plan *pp = &p->params[i];
+    int samples = pp->count < 6 ? (int)pp->count : 6;
+    for (int k = 0; k < samples; k++) {
+      seed = seed * 1103515245u + 12345u;
+      int64_t at = pp->offset + (int64_t)((seed >> 8) % (unsigned)pp->count);
+      float keep = e->params[at];
+      double fp, fm;
+      e->params[at] = keep + eps;
+      bool ok = moert_exec_objective(e, data, 1, false, &fp, &st);
+      unsigned long rp = routing(e);
+      e->params[at] = keep - eps;
+      ok = ok && moert_exec_objective(e, data, 1, false, &fm, &st);
+      unsigned long rm = routing(e);
+      e->params[at] = keep;
+      if (!ok) {
+        fprintf(stderr, "FAIL %s: %s\n", c->name, st.msg);
+        free(grad);
+        goto out;
+      }
+      if (rp != r0 || rm != r0) {
+        skipped++;
+        continue;
+      }
+      double fd = (fp - fm) / (2.0 * eps), an = grad[at];
+      double diff = fabs(fd - an);
+      num2 += diff * diff;
+      den2 += an * an;
+      double rel = diff / (fabs(an) + 1e-3);
+      if (rel > worst) {
+        worst = rel;
+        worst_param = i;
+      }
+      if (diff > 2e-3 + 2e-2 * fabs(an))
+        fprintf(stderr, "  %s: %s[%lld]: analytic %.6g, finite difference %.6g\n", c->name,
+                m->params[i].name, (long long)(at - pp->offset), an, fd);
+      checked++;
+    }
+  }
+  free(grad);
+  double rel = sqrt(num2) / (sqrt(den2) + 1e-12);
+  /* relu's kink sits inside some finite-difference intervals: a looser bound */
+  double bound = strstr(c->name, "relu") ? 5e-2 : 1e-2;
+  bool good = rel < bound && checked >= 3 * (checked + skipped) / 5 && den2 > 0;
+  printf("%-28s objective %.5f  %3d checked, %2d skipped  |fd-an|/|an| = %.2e  worst element %.2e (%s)  %s\n",
+         c->name, f0, checked, skipped, rel, worst, worst_param >= 0 ? m->params[worst_param].name : "-",
+         good ? "ok" : "FAIL");
+  fails = good ? 0 : 1;
+out:
+  moert_exec_destroy(e);
+  moert_data_close(data);
+  moert_plan_destroy(p);
+  moec_arena_destroy(a);
+  return fails;
+}
+
+int main(void) {
+  int fails = 0;
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) fails += run_case(&cases[i]);
+  printf("%d passed, %d failed\n", (int)(sizeof cases / sizeof cases[0]) - fails, fails);
+  return fails ? 1 : 0;
+}
