@@ -15,10 +15,23 @@ have_cmd flex  || need="$need flex"
 have_cmd bison || need="$need bison"
 have_cmd cmake || need="$need cmake"
 have_cmd cc    || need="$need gcc"
+have_pkg libopenblas-dev || need="$need libopenblas-dev"   # cpu GEMMs (CBLAS)
 have_pkg libopenmpi-dev  || need="$need libopenmpi-dev"    # comm_mpi.c (mpi.h, libmpi)
 have_cmd mpirun          || need="$need openmpi-bin"       # mpirun, for the mpi tests
+have_cmd bible || need="$need bible-kjv"                    # text of the byte-level examples
+
+# The Python reader of safetensors, for the test that PyTorch's loader reads
+# our checkpoints. Optional: that test skips without it.
+py_extra() {
+  if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import safetensors, numpy' 2>/dev/null; then
+    python3 -m pip install -q safetensors numpy >/dev/null 2>&1 ||
+      echo "moec: note: could not pip install safetensors numpy; the safetensors read-back test will skip"
+  fi
+}
 
 if [ -z "$need" ]; then
+  py_extra
+  sh tools/make-corpus.sh
   exit 0
 fi
 
@@ -39,3 +52,5 @@ apt-get update -qq
 # shellcheck disable=SC2086
 apt-get install -y -qq --no-install-recommends $need >/dev/null
 echo "moec: installed:$need"
+py_extra
+sh tools/make-corpus.sh
