@@ -59,5 +59,8 @@ struct moert_backend {
 
 /* The cpu backend: a static table, nothing to free. */
 moert_backend *moert_backend_cpu(void);
+/* Splits the host's cores among the ranks_here ranks that share it (BLAS
+ * threads per rank). */
+void moert_backend_cpu_share_cores(int ranks_here);
 
 #endif

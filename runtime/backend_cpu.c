@@ -3,6 +3,11 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
+
+#ifdef MOERT_HAVE_CBLAS
+#include <cblas.h>
+#endif
 
 static moert_backend cpu_backend;
 
@@ -97,3 +102,17 @@ static moert_backend cpu_backend = {
 };
 
 moert_backend *moert_backend_cpu(void) { return &cpu_backend; }
+
+void moert_backend_cpu_share_cores(int ranks_here) {
+#ifdef MOERT_HAVE_CBLAS
+  /* OpenBLAS starts a thread per core in every process; ranks sharing a host
+   * would oversubscribe it. OPENBLAS_NUM_THREADS, when set, wins. */
+  if (ranks_here > 1 && !getenv("OPENBLAS_NUM_THREADS")) {
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    int n = cores > 0 ? (int)(cores / ranks_here) : 1;
+    openblas_set_num_threads(n > 0 ? n : 1);
+  }
+#else
+  (void)ranks_here;
+#endif
+}

@@ -105,7 +105,7 @@ void moert_cpu_gate_stats(const float *scores, const int32_t *idx, float *score_
                           float *top1_count, int64_t tokens, int64_t experts, int64_t top_k);
 /* GShard aux loss from global statistics over global_tokens tokens:
  * me = score_sum / N, ce = top1_count / N, loss = E * sum_e me_e * ce_e.
- * Returns the loss; dscore_sum_coef[e] = d loss / d scores[t, e] for every
+ * Returns the loss; dscore_coef[e] = d loss / d scores[t, e] for every
  * token t (the same for all tokens) = E * ce_e / N. */
 float moert_cpu_aux_loss(const float *score_sum, const float *top1_count, float *dscore_coef,
                          int64_t experts, double global_tokens);

@@ -388,6 +388,7 @@ int moert_main(const moert_model *m, int argc, char **argv) {
   moert_comm *comm = moert_comm_self();
   bool use_mpi = o.comm ? strcmp(o.comm, "mpi") == 0 : moert_comm_under_mpirun();
   if (use_mpi && !moert_comm_mpi_create(&argc, &argv, &comm, &st)) return fail(argv0, &st);
+  moert_backend_cpu_share_cores(comm->local_size);
   bool training = m->train.has_train;
   FILE *metrics = NULL;
   moert_plan *plan = NULL;
