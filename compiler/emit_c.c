@@ -1,6 +1,8 @@
 /* emit_c.c — writes the generated driver; see emit_c.h. */
 #include "emit_c.h"
 
+#include "spec.h"
+
 #include <inttypes.h>
 #include <math.h>
 #include <stdlib.h>
@@ -24,11 +26,7 @@ static void c_str(FILE *out, const char *s) {
 /* A double that reads back exactly. */
 static void c_num(FILE *out, double v) {
   char buf[40];
-  for (int prec = 1; prec <= 17; prec++) {
-    snprintf(buf, sizeof buf, "%.*g", prec, v);
-    if (strtod(buf, NULL) == v) break;
-  }
-  if (!strpbrk(buf, ".eEn")) strcat(buf, ".0");
+  moec_format_double(buf, sizeof buf, v);
   fputs(buf, out);
 }
 

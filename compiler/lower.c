@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "cpu_ops.h"
+#include "names.h"
 
 typedef struct lowering {
   moec_arena *a;
@@ -16,9 +17,7 @@ typedef struct lowering {
   int nparams, cap_params;
   int counters[MOERT_L__COUNT]; /* for the names of unnamed layers */
   int nmoe;
-  /* expanded layer names, to catch collisions */
-  struct { const char *name; moec_loc loc; } *names;
-  size_t names_cap, names_len;
+  moec_names names;             /* expanded layer names, to catch collisions */
 } lowering;
 
 _Static_assert((int)MOEC_DTYPE_BF16 == (int)MOERT_DT_BF16 && (int)MOEC_DTYPE_FP32 == (int)MOERT_DT_FP32,
@@ -32,39 +31,13 @@ _Static_assert((int)MOEC_SCHED_COSINE == (int)MOERT_SCHED_COSINE, "schedules");
 _Static_assert((int)MOEC_A2A_2DH == (int)MOERT_A2A_2DH, "all-to-all algorithms");
 _Static_assert((int)MOEC_SELECT_FIXED == (int)MOERT_SELECT_FIXED, "select modes");
 
-static uint64_t hash_str(const char *s) {
-  uint64_t h = 1469598103934665603ull;
-  for (; *s; s++) h = (h ^ (unsigned char)*s) * 1099511628211ull;
-  return h;
-}
-
 static bool claim_name(lowering *L, const char *name, moec_loc loc) {
-  if (L->names_len * 2 >= L->names_cap) {
-    size_t cap = L->names_cap ? L->names_cap * 2 : 256;
-    __typeof__(L->names) t = moec_arena_alloc(L->a, cap * sizeof *t);
-    for (size_t i = 0; i < L->names_cap; i++) {
-      if (!L->names[i].name) continue;
-      size_t j = hash_str(L->names[i].name) & (cap - 1);
-      while (t[j].name) j = (j + 1) & (cap - 1);
-      t[j] = L->names[i];
-    }
-    L->names = t;
-    L->names_cap = cap;
-  }
-  size_t j = hash_str(name) & (L->names_cap - 1);
-  while (L->names[j].name) {
-    if (strcmp(L->names[j].name, name) == 0) {
-      moec_error(L->d, loc, "once `repeat` is expanded, this layer is named `%s`, a name another "
-                 "layer already has; rename one of them", name);
-      moec_note(L->d, L->names[j].loc, "the other `%s` is here", name);
-      return false;
-    }
-    j = (j + 1) & (L->names_cap - 1);
-  }
-  L->names[j].name = name;
-  L->names[j].loc = loc;
-  L->names_len++;
-  return true;
+  const moec_loc *other = moec_names_add(&L->names, name, loc);
+  if (!other) return true;
+  moec_error(L->d, loc, "once `repeat` is expanded, this layer is named `%s`, a name another "
+             "layer already has; rename one of them", name);
+  moec_note(L->d, *other, "the other `%s` is here", name);
+  return false;
 }
 
 static moert_layer *add_layer(lowering *L, moert_layer_kind kind, const char *name) {
@@ -200,6 +173,7 @@ moert_model *moec_lower(moec_arena *a, moec_diags *d, const moec_spec *s, const 
   L->a = a;
   L->d = d;
   L->s = s;
+  moec_names_init(&L->names, a);
   int errors = d->nerrors;
   int64_t m = s->dim;
   if (s->vocab) {

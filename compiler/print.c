@@ -9,15 +9,17 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Shortest decimal that reads back as the same double, always with a `.` or
- * an exponent so it reads back as a number, not an integer. */
-static void put_num(FILE *out, double v) {
-  char buf[40];
+void moec_format_double(char *buf, size_t n, double v) {
   for (int prec = 1; prec <= 17; prec++) {
-    snprintf(buf, sizeof buf, "%.*g", prec, v);
+    snprintf(buf, n, "%.*g", prec, v);
     if (strtod(buf, NULL) == v) break;
   }
-  if (!strpbrk(buf, ".eEn")) strcat(buf, ".0");
+  if (!strpbrk(buf, ".eEn") && strlen(buf) + 3 <= n) strcat(buf, ".0");
+}
+
+static void put_num(FILE *out, double v) {
+  char buf[40];
+  moec_format_double(buf, sizeof buf, v);
   fputs(buf, out);
 }
 

@@ -10,6 +10,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "names.h"
 #include "parse.h"
 
 const char *const moec_dtype_names[] = {
@@ -105,18 +106,13 @@ static const struct {
 
 #define COUNT(a) (sizeof(a) / sizeof((a)[0]))
 
-typedef struct name_slot {
-  const char *name;
-  moec_loc loc;
-} name_slot;
 
 typedef struct sema {
   moec_arena *a;
   moec_diags *d;
   moec_spec *spec;
   bool syntax_errors;  /* the parser reported something: skip whole-file checks */
-  name_slot *names;    /* open-addressing set of layer names */
-  size_t names_cap, names_len;
+  moec_names names;    /* layer names, unique as written */
   const moec_stmt *seen[KEY__COUNT]; /* keys given in the block being checked */
   bool misspelt[KEY__COUNT];         /* suggested for an unknown key, or written without
                                         a value: not reported "missing" too */
@@ -146,38 +142,11 @@ static const char *did_you_mean(sema *S, const char *word, const char *const *na
 
 /* --- layer names: unique over the whole spec --- */
 
-static uint64_t hash_str(const char *s) {
-  uint64_t h = 1469598103934665603ull;
-  for (; *s; s++) h = (h ^ (unsigned char)*s) * 1099511628211ull;
-  return h;
-}
-
 static void define_name(sema *S, const char *name, moec_loc loc) {
-  if (S->names_len * 2 >= S->names_cap) {
-    size_t cap = S->names_cap ? S->names_cap * 2 : 64;
-    name_slot *t = MOEC_NEW_ARRAY(S->a, name_slot, cap);
-    for (size_t i = 0; i < S->names_cap; i++) {
-      if (!S->names[i].name) continue;
-      size_t j = hash_str(S->names[i].name) & (cap - 1);
-      while (t[j].name) j = (j + 1) & (cap - 1);
-      t[j] = S->names[i];
-    }
-    S->names = t;
-    S->names_cap = cap;
-  }
-  size_t j = hash_str(name) & (S->names_cap - 1);
-  while (S->names[j].name) {
-    if (strcmp(S->names[j].name, name) == 0) {
-      moec_error(S->d, loc, "layer name `%s` is defined twice; each layer needs its own name",
-                 q(S, name));
-      moec_note(S->d, S->names[j].loc, "`%s` was first defined here", q(S, name));
-      return;
-    }
-    j = (j + 1) & (S->names_cap - 1);
-  }
-  S->names[j].name = name;
-  S->names[j].loc = loc;
-  S->names_len++;
+  const moec_loc *first = moec_names_add(&S->names, name, loc);
+  if (!first) return;
+  moec_error(S->d, loc, "layer name `%s` is defined twice; each layer needs its own name", q(S, name));
+  moec_note(S->d, *first, "`%s` was first defined here", q(S, name));
 }
 
 /* --- values --- */
@@ -840,6 +809,7 @@ moec_spec *moec_sema(moec_arena *a, moec_diags *d, const moec_stmt *file) {
   S->a = a;
   S->d = d;
   S->syntax_errors = d->nerrors > 0;
+  moec_names_init(&S->names, a);
   moec_spec *s = S->spec = MOEC_NEW(a, moec_spec);
   /* the parallel block's defaults (LANGUAGE.md) */
   s->parallel.r_auto = true;

@@ -172,6 +172,9 @@ int moec_dtype_bytes(moec_dtype t);
 /* Writes the spec in normal form, every default written out; the output is
  * itself a valid spec that prints to the same text. */
 void moec_spec_print(const moec_spec *s, FILE *out);
+/* The shortest decimal that reads back as the same double, always with a
+ * `.` or an exponent (so it reads back as a number, not an integer). n >= 32. */
+void moec_format_double(char *buf, size_t n, double v);
 /* One paragraph about the model: layers, parameters, experts. */
 void moec_spec_summary(const moec_spec *s, FILE *out);
 
