@@ -4,7 +4,11 @@
  * gather, and sub-groups. Implementations: `self` (one rank, no MPI) and
  * `mpi` (host buffers; several ranks may share one GPU); `nccl` comes with
  * the GPU backend behind the same table. Buffers are host memory for self and
- * mpi. All ranks of a comm call its collectives in the same order.
+ * mpi; the executor passes backend memory to the float collectives (f32
+ * reductions, all-gather, reduce-scatter, all-to-all) and host memory to the
+ * rest, so with a device backend and a host comm it wraps the comm in a
+ * staging comm (moert_comm_staged_create). All ranks of a comm call its
+ * collectives in the same order.
  *
  * Ranks are numbered node-major: rank = node * local_size + local_rank. The
  * node of a rank comes from MPI's shared-memory split, or from the
@@ -67,6 +71,13 @@ struct moert_comm {
   void (*destroy)(moert_comm *c);
   void *impl;
 };
+
+/* A comm over `inner` (host buffers) whose float collectives take backend
+ * memory of b, copied through host buffers it keeps (grown as needed, freed
+ * by destroy, which does not destroy inner). Nonblocking all-to-alls finish
+ * at start (staging needs the data). */
+typedef struct moert_backend moert_backend;
+bool moert_comm_staged_create(moert_comm *inner, moert_backend *b, moert_comm **out, moert_status *st);
 
 /* A world of one rank: collectives copy or do nothing. Static; destroy is a no-op. */
 moert_comm *moert_comm_self(void);

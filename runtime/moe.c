@@ -594,10 +594,14 @@ bool moert_moe_fwd(moert_exec *e, int li, const float *x, int64_t step, moert_st
 
   /* GShard aux loss from global load statistics */
   if (l->aux_loss > 0) {
+    /* host values: reduced in double (the float collectives are for backend memory) */
     float stats[2 * 4096], coef[4096];
+    double sums[2 * 4096];
     MOERT_TRY(st, b->download(b, stats, F(e, li, SSUM), sizeof(float) * (size_t)E, st));
     MOERT_TRY(st, b->download(b, stats + E, F(e, li, TOP1), sizeof(float) * (size_t)E, st));
-    MOERT_TRY(st, e->comm->all_reduce_f32(e->comm, stats, 2 * E, MOERT_RED_SUM, st));
+    for (int64_t j = 0; j < 2 * E; j++) sums[j] = stats[j];
+    MOERT_TRY(st, e->comm->all_reduce_f64(e->comm, sums, 2 * E, MOERT_RED_SUM, st));
+    for (int64_t j = 0; j < 2 * E; j++) stats[j] = (float)sums[j];
     float aux = moert_cpu_aux_loss(stats, stats + E, coef, E, (double)T * e->comm->world);
     MOERT_TRY(st, b->upload(b, F(e, li, DCOEF), coef, sizeof(float) * (size_t)E, st));
     e->aux += l->aux_loss * aux;

@@ -55,6 +55,12 @@ int main(int argc, char **argv) {
     fprintf(stderr, "FAIL: %s\n", st.msg);
     return 1;
   }
+  /* the staging comm of device backends, tested here over host memory */
+  moert_comm *world = c;
+  if (getenv("MOEC_TEST_STAGED_COMM") && !moert_comm_staged_create(world, moert_backend_cpu(), &c, &st)) {
+    fprintf(stderr, "FAIL: %s\n", st.msg);
+    return 1;
+  }
   int fails = 0, cases = 0;
   for (size_t si = 0; si < sizeof specs / sizeof specs[0]; si++) {
     moec_arena *a = moec_arena_create();
@@ -121,6 +127,7 @@ int main(int argc, char **argv) {
     moec_arena_destroy(a);
   }
   if (c->rank == 0) printf("%d passed, %d failed\n", cases - fails, fails);
-  if (c != moert_comm_self()) moert_comm_mpi_finalize(c);
+  if (c != world) c->destroy(c);
+  if (world != moert_comm_self()) moert_comm_mpi_finalize(world);
   return fails ? 1 : 0;
 }
