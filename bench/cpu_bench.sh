@@ -13,7 +13,9 @@
 #          It is measured again before each of the sections below, and each
 #          section's fractions use the reference measured just before it.
 #   build  `moec build` of every examples/*.moe: BUILD_RUNS timed runs (default
-#          7) after one untimed run; median, min and max wall time.
+#          7) after one untimed run; median, min and max wall time; and the
+#          median of `moec emit` (check, lower, write the C driver) alike: the
+#          rest of a build is cc compiling the driver and linking.
 #   train  one process per example: REPEATS runs (default 3) of N steps, with
 #          --metrics; the step time is the median over the steps after the first
 #          WARM (default 2) of all runs, tokens/s likewise; model TFLOP/s from
@@ -64,6 +66,9 @@ die() {
 command -v python3 >/dev/null 2>&1 || die "python3 is needed (statistics)"
 command -v cc >/dev/null 2>&1 || die "cc is needed (the sgemm reference and moec build)"
 
+# the byte-level examples' text (does nothing when it is there)
+sh "$root/tools/make-corpus.sh" >&2 || die "no $corpus: tools/make-corpus.sh failed"
+
 if [ -n "${BENCH_DIR:-}" ]; then
   dir=$BENCH_DIR
   mkdir -p "$dir"
@@ -72,7 +77,7 @@ else
   trap 'rm -rf "$dir"' EXIT INT TERM
 fi
 dir=$(cd "$dir" && pwd)
-mkdir -p "$dir/bin" "$dir/runs"
+mkdir -p "$dir/bin" "$dir/runs" "$dir/emit"
 
 has() {
   case " $sections " in *" $1 "*) return 0 ;; esac
@@ -154,11 +159,14 @@ st() { python3 "$dir/stats.py" "$@"; }
 
 # --- header ------------------------------------------------------------------------
 cpu=$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -n 1)
-commit=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)
-dirty=$(git -C "$root" status --porcelain --untracked-files=no 2>/dev/null | wc -l | tr -d ' ')
+if commit=$(git -C "$root" rev-parse --short HEAD 2>/dev/null); then
+  commit="commit $commit ($(git -C "$root" status --porcelain --untracked-files=no | wc -l | tr -d ' ') tracked files modified in the work tree)"
+else
+  commit="not a git checkout"
+fi
 echo "# moec CPU benchmark"
 echo
-echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC'); commit $commit ($dirty tracked files modified in the work tree)"
+echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC'); $commit; sources $root"
 echo "- machine: nproc $(nproc), $cpu, $(awk '/MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo), $(uname -sr)"
 echo "- moec: $moec (build type ${MOEC_BUILD_TYPE:-unknown}); cc: $(cc --version | head -n 1)"
 echo "- load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -191,15 +199,16 @@ build_all() {
   done
 }
 if has build; then
-  echo "## moec build ($build_runs timed runs after 1 untimed, wall ms)"
+  echo "## moec build ($build_runs timed runs after 1 untimed, wall ms; moec emit alone likewise)"
   echo
-  echo "| spec | lines | median ms | min ms | max ms | load |"
-  echo "|---|---:|---:|---:|---:|---:|"
+  echo "| spec | lines | median ms | min ms | max ms | moec emit median ms | load |"
+  echo "|---|---:|---:|---:|---:|---:|---:|"
   for spec in "$root"/examples/*.moe; do
     name=$(basename "$spec" .moe)
     l=$(load1)
     set -- $(cd "$root" && st time "$build_runs" "$moec" build "examples/$name.moe" -o "$dir/bin/$name")
-    echo "| $name.moe | $(wc -l <"$spec" | tr -d ' ') | **$1** | $2 | $3 | $l |"
+    e=$(cd "$root" && st time "$build_runs" "$moec" emit "examples/$name.moe" -o "$dir/emit/$name" | cut -d' ' -f1)
+    echo "| $name.moe | $(wc -l <"$spec" | tr -d ' ') | **$1** | $2 | $3 | $e | $l |"
   done
   echo
 fi
@@ -344,7 +353,7 @@ if has dist; then
   echo
   echo "## Distributed: each variant forced with --variant (20 steps a run)"
   echo
-  echo "| spec | ranks | MOEC_LOCAL_SIZE | variant | runs x steps | median ms/step | runs' medians ms | steps/s | tokens/s (all ranks) | model TFLOP/s | of sgemm | kB sent/rank/step | load |"
+  echo "| spec | ranks | MOEC_LOCAL_SIZE | variant | runs x steps | median ms/step | runs' medians ms | steps/s | tokens/s (all ranks) | model TFLOP/s | of sgemm | kB sent/rank/step (all MoE layers, plan) | load |"
   echo "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
   for cfg in "tiny 2 0" "tiny 4 0" "tiny 4 2" "e2 4 0" "e2 4 2"; do
     set -- $cfg
