@@ -37,6 +37,7 @@
   X(PROMPT, "prompt", 1, "TEXT", "the text that sampling continues (default: a line of the data)") \
   X(COMM, "comm", 1, "mpi|self", "how ranks talk (default: mpi under mpirun, else self)")          \
   X(VARIANT, "variant", 1, "V", "force V (r=R,d=D,a2a=linear|2dh, or LAYER:V, or cycle); repeatable") \
+  X(TRACE, "trace", 1, "FILE.json", "write a Chrome trace (chrome://tracing, Perfetto) of every op of every rank") \
   X(QUIET, "quiet", 0, "", "print only errors")                                                    \
   X(HELP, "help", 0, "", "print this help and exit")
 
@@ -68,7 +69,7 @@ static const struct {
 
 typedef struct options {
   int64_t steps, seed, log_every, tokens, eval_every, ckpt_every, generate;
-  const char *backend, *metrics, *data, *checkpoint, *prompt, *comm;
+  const char *backend, *metrics, *data, *checkpoint, *prompt, *comm, *trace;
   const char *variants[MAX_FORCED];
   int nvariants;
   bool resume, quiet, steps_given;
@@ -353,6 +354,7 @@ int moert_main(const moert_model *m, int argc, char **argv) {
     case FLAG_DATA: o.data = a; break;
     case FLAG_CHECKPOINT: o.checkpoint = a; break;
     case FLAG_PROMPT: o.prompt = a; break;
+    case FLAG_TRACE: o.trace = a; break;
     case FLAG_COMM: o.comm = a; ok = !strcmp(a, "mpi") || !strcmp(a, "self"); break;
     case FLAG_VARIANT:
       if (o.nvariants == MAX_FORCED) return usage_error(argv0, "%s", "too many --variant options (limit is 64)");
@@ -395,6 +397,7 @@ int moert_main(const moert_model *m, int argc, char **argv) {
   moert_data *data = NULL;
   moert_exec *e = NULL;
   moert_selector *sel = NULL;
+  moert_trace *trace = NULL;
   double *times = NULL;
   int *prev = NULL;
   int rc = 1;
@@ -427,6 +430,9 @@ int moert_main(const moert_model *m, int argc, char **argv) {
   e->total_steps = o.steps;
   e->pick = moert_selector_pick;
   e->pick_ctx = sel;
+  /* a trace of at most ~200 events per layer and step (48 MB at 1M events) */
+  if (o.trace && !moert_trace_create(o.trace, 1 << 20, &trace, &st)) goto out;
+  e->trace = trace;
   if (o.resume && !moert_ckpt_load(o.checkpoint, e, &start, &st)) goto out;
   times = calloc((size_t)m->nlayers + 1, sizeof *times);
   prev = calloc((size_t)m->nlayers + 1, sizeof *prev);
@@ -522,6 +528,8 @@ int moert_main(const moert_model *m, int argc, char **argv) {
             o.steps - start, now() - t_all, first_loss, last_loss);
     if (o.checkpoint && training) fprintf(out, "checkpoint: %s (step %" PRId64 ")\n", o.checkpoint, o.steps);
   }
+  if (trace && !moert_trace_write(trace, comm, &st)) goto out;
+  if (trace && out) fprintf(out, "trace: %s (open in chrome://tracing or ui.perfetto.dev)\n", o.trace);
   if (o.generate && comm->rank == 0 &&
       !sample_text(e, data, o.prompt, o.generate, (uint64_t)o.seed, out ? out : stdout, &st))
     goto out;
@@ -538,6 +546,7 @@ out:
   free(prev);
   moert_exec_destroy(e);
   moert_selector_destroy(sel);
+  moert_trace_destroy(trace);
   moert_data_close(data);
   moert_plan_destroy(plan);
   if (comm != moert_comm_self()) moert_comm_mpi_finalize(comm);

@@ -12,6 +12,7 @@
 #include "comm.h"
 #include "data.h"
 #include "placement.h"
+#include "trace.h"
 
 typedef struct moert_step_stats {
   double loss;        /* task loss, mean over all global tokens */
@@ -60,6 +61,8 @@ typedef struct moert_exec {
   moert_subcomm subcomms[16];
   int nsubcomms;
   const char *slow_variant; /* MOEC_TEST_SLOW_VARIANT: that variant sleeps (selector tests) */
+  moert_trace *trace;       /* NULL: no trace */
+  int64_t step;             /* the step being run, for the trace */
   double routed, dropped;
   double aux;
 } moert_exec;

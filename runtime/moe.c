@@ -36,6 +36,12 @@
 #define I(e, li, name) ((e)->iact + (e)->plan->layers[li].i[MOERT_I_##name])
 #define S(e, li, name) ((e)->scratch + (e)->plan->layers[li].s[MOERT_S_##name])
 
+#define TNOW(e) ((e)->trace ? moert_trace_now() : 0.0)
+/* Records [t0, now) as name on thread tid when tracing. */
+static void span(moert_exec *e, const char *name, const char *cat, int tid, double t0) {
+  if (e->trace) moert_trace_span(e->trace, name, cat, tid, t0, moert_trace_now(), e->step);
+}
+
 static double now_ms(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -454,18 +460,36 @@ static bool exchange_pass(pass_ctx *c, const float *in, float *out, moert_status
   moert_a2a_algo algo = c->v->a2a;
   float *xs = S(e, li, XS), *xr = S(e, li, XR), *ys = S(e, li, YS), *yr = S(e, li, YR);
   moert_req *to[8] = {0}, *back[8] = {0};
+  double t_to[8] = {0}, t_back[8] = {0};
+  const char *dir = c->backward ? "bwd " : "";
+  char name[48];
   for (int64_t i = 0; i < x->d; i++) {
     pack(e->b, x, c->g, i, in, xs + i * x->chunk);
+    t_to[i] = TNOW(e);
     MOERT_TRY(st, comm->all_to_all_start(comm, xs + i * x->chunk, xr + i * x->chunk, x->block, algo, &to[i], st));
   }
   for (int64_t i = 0; i < x->d; i++) {
     MOERT_TRY(st, comm->wait(comm, to[i], st));
+    if (e->trace) {
+      snprintf(name, sizeof name, "%sa2a to experts %lld/%lld", dir, (long long)i + 1, (long long)x->d);
+      moert_trace_span(e->trace, name, "all-to-all", MOERT_TID_A2A, t_to[i], moert_trace_now(), e->step);
+    }
+    double t0 = TNOW(e);
     work_chunk(c, i, xr + i * x->chunk, ys + i * x->chunk);
+    if (e->trace) {
+      snprintf(name, sizeof name, "%sexperts %lld/%lld", dir, (long long)i + 1, (long long)x->d);
+      moert_trace_span(e->trace, name, "experts", MOERT_TID_COMPUTE, t0, moert_trace_now(), e->step);
+    }
+    t_back[i] = TNOW(e);
     MOERT_TRY(st, comm->all_to_all_start(comm, ys + i * x->chunk, yr + i * x->chunk, x->block, algo, &back[i], st));
   }
   e->b->zero(out, sizeof(float) * (size_t)(c->g->E * x->C * c->g->M));
   for (int64_t i = 0; i < x->d; i++) {
     MOERT_TRY(st, comm->wait(comm, back[i], st));
+    if (e->trace) {
+      snprintf(name, sizeof name, "%sa2a back %lld/%lld", dir, (long long)i + 1, (long long)x->d);
+      moert_trace_span(e->trace, name, "all-to-all", MOERT_TID_A2A, t_back[i], moert_trace_now(), e->step);
+    }
     unpack_sum(e->b, x, c->g, i, yr + i * x->chunk, out);
   }
   return true;
@@ -570,18 +594,24 @@ bool moert_moe_fwd(moert_exec *e, int li, const float *x, int64_t step, moert_st
   layer_geom g = geom(e, li);
   moert_backend *b = e->b;
   int64_t T = e->rows, M = g.M, E = g.E, K = g.K;
+  double tg = TNOW(e);
   MOERT_TRY(st, gate_fwd(e, li, l, &g, x, step, st));
   int64_t C = 0;
   MOERT_TRY(st, capacity(e, li, l, &g, &C, st));
+  span(e, "gate and capacity", "gate", MOERT_TID_COMPUTE, tg);
   e->capacity[li] = C;
   int vi = e->pick ? e->pick(e->pick_ctx, li, C, step) : 0;
   if (vi < 0 || vi >= lp->nvariants) vi = 0;
   e->variant[li] = vi;
   const moert_variant *v = &lp->variants[vi];
 
+  double td = TNOW(e);
   b->dispatch(x, I(e, li, IDX), I(e, li, LOC), F(e, li, SRC), T, K, E, C, M);
+  span(e, "dispatch", "dispatch", MOERT_TID_COMPUTE, td);
+  double tw = TNOW(e);
   if (v->r == 0) MOERT_TRY(st, gather_all(e, li, &g, st));
   else if (v->r < g.S) MOERT_TRY(st, gather_class(e, li, &g, v->r, st));
+  if (v->r == 0 || v->r < g.S) span(e, "gather experts", "gather", MOERT_TID_GATHER, tw);
   expert_params p = params_for(e, li, &g, v);
   if (v->r == 0 || e->comm->world == 1) { /* the tokens stay here */
     experts_fwd(b, l, &p, M, C, F(e, li, SRC), F(e, li, EH), F(e, li, EA), F(e, li, SRCY));
@@ -590,7 +620,9 @@ bool moert_moe_fwd(moert_exec *e, int li, const float *x, int64_t step, moert_st
     pass_ctx c = {e, li, &g, v, &xg, p, false};
     MOERT_TRY(st, exchange_pass(&c, F(e, li, SRC), F(e, li, SRCY), st));
   }
+  double tc = TNOW(e);
   b->combine(F(e, li, SRCY), I(e, li, IDX), I(e, li, LOC), F(e, li, GATE), F(e, li, OUT), T, K, E, C, M);
+  span(e, "combine", "combine", MOERT_TID_COMPUTE, tc);
 
   /* GShard aux loss from global load statistics */
   if (l->aux_loss > 0) {

@@ -2,7 +2,7 @@
 # so a built model is one self-contained executable). The compiler links
 # placement.c and status.c from here too (compiler/CMakeLists.txt).
 add_library(moert STATIC
-  status.c cpu_ops.c rng.c checkpoint.c placement.c backend_cpu.c comm_self.c comm_staged.c moe.c select.c
+  status.c cpu_ops.c rng.c checkpoint.c placement.c backend_cpu.c comm_self.c comm_staged.c moe.c select.c trace.c
   data.c step.c ckpt_io.c driver.c comm_mpi.c)
 target_include_directories(moert PUBLIC ${CMAKE_CURRENT_SOURCE_DIR})
 target_link_libraries(moert PUBLIC m)

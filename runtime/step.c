@@ -156,6 +156,7 @@ static bool forward(moert_exec *e, int64_t step, bool want_grad, double *loss_su
   for (int li = 0; li < m->nlayers; li++) {
     const moert_layer *l = &m->layers[li];
     e->xin[li] = cur;
+    double t0 = e->trace ? moert_trace_now() : 0;
     switch (l->kind) {
     case MOERT_L_EMBED:
       b->embed_fwd(P(e, l, 0), I(e, li, WIN), F(e, li, OUT), T, m->context, m->vocab, M);
@@ -202,6 +203,8 @@ static bool forward(moert_exec *e, int64_t step, bool want_grad, double *loss_su
       break;
     case MOERT_L__COUNT: break;
     }
+    if (e->trace && l->kind != MOERT_L_RES_BEGIN)
+      moert_trace_span(e->trace, l->name, "forward", MOERT_TID_COMPUTE, t0, moert_trace_now(), e->step);
   }
   return true;
 }
@@ -222,6 +225,7 @@ static bool backward(moert_exec *e, moert_status *st) {
   for (int li = m->nlayers - 1; li >= 0; li--) {
     const moert_layer *l = &m->layers[li];
     const float *x = e->xin[li];
+    double t0 = e->trace ? moert_trace_now() : 0;
     switch (l->kind) {
     case MOERT_L_MSE: break; /* dcur was written by the loss */
     case MOERT_L_HEAD_XENT:
@@ -264,6 +268,8 @@ static bool backward(moert_exec *e, moert_status *st) {
       break;
     case MOERT_L__COUNT: break;
     }
+    if (e->trace && l->kind != MOERT_L_RES_BEGIN && l->kind != MOERT_L_MSE)
+      moert_trace_span(e->trace, l->name, "backward", MOERT_TID_COMPUTE, t0, moert_trace_now(), e->step);
   }
   return true;
 }
@@ -395,6 +401,7 @@ bool moert_exec_train_step(moert_exec *e, moert_data *d, int64_t step, moert_ste
   const moert_train *t = &m->train;
   moert_backend *b = e->b;
   e->rows = e->plan->tokens;
+  e->step = step;
   MOERT_TRY(st, load_batch(e, d, step, false, st));
   b->zero(e->grads, sizeof(float) * (size_t)e->plan->param_elems);
   double sum = 0;
@@ -416,10 +423,12 @@ bool moert_exec_train_step(moert_exec *e, moert_data *d, int64_t step, moert_ste
   double lr = moert_lr_at(t, step, e->total_steps);
   out->lr = lr;
   int64_t n = e->plan->param_elems;
+  double t_opt = e->trace ? moert_trace_now() : 0;
   if (t->optimizer == MOERT_OPT_ADAM)
     b->adamw(e->params, e->grads, e->state, e->state + n, n, (float)lr, (float)t->beta1, (float)t->beta2,
              (float)t->eps, (float)t->weight_decay, step);
   else
     b->sgd(e->params, e->grads, n, (float)lr, (float)t->weight_decay);
+  if (e->trace) moert_trace_span(e->trace, "optimizer", "update", MOERT_TID_COMPUTE, t_opt, moert_trace_now(), step);
   return true;
 }

@@ -57,6 +57,24 @@ resume_np*)
     fail "held-out loss after resuming at -np $b is $got, at the checkpoint (-np $a) it was $want"
   [ "$(field step b.jsonl | tail -1)" = 10 ] || fail "training did not go on to step 10"
   echo "ok: a checkpoint of -np $a resumes at -np $b: held-out loss $want -> $got, training goes on" ;;
+trace)
+  run 2 ./dist --steps 3 --variant r=1,d=2,a2a=linear --trace t.json --quiet || fail "run"
+  python3 - t.json <<'PY' || fail "the trace is wrong"
+import json, sys
+t = json.load(open(sys.argv[1]))
+ev = [e for e in t["traceEvents"] if e["ph"] == "X"]
+assert {e["pid"] for e in ev} == {0, 1}, "events of both ranks"
+names = {e["name"] for e in ev}
+for want in ("a2a to experts 1/2", "a2a to experts 2/2", "experts 2/2", "bwd a2a back 1/2", "dispatch",
+             "combine", "gate and capacity", "optimizer", "e_0", "e_1", "rmsnorm_0", "end_1"):
+    assert want in names, (want, sorted(names))
+a2a = [e for e in ev if e["cat"] == "all-to-all"]
+assert a2a and all(e["tid"] == 1 for e in a2a), "all-to-alls on their own thread"
+assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in ev)
+assert {e["args"]["step"] for e in ev} == {1, 2, 3}
+print(len(ev), "events,", len(a2a), "all-to-all spans")
+PY
+  echo "ok: the trace holds every rank's layers, MoE phases and all-to-all chunks" ;;
 bad_world)
   # 4 experts cannot be shared by 3 ranks
   timeout 60 "$mpiexec" --oversubscribe -np 3 ./dist --steps 2 > out.txt 2>&1; rc=$?
