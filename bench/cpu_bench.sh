@@ -34,6 +34,12 @@
 #          (two simulated nodes of 2 ranks: the 2dh variants), and bench/e2.moe
 #          (2 experts < 4 ranks: r = 0, 1, 2) at -np 4, plain and with
 #          MOEC_LOCAL_SIZE=2.
+# and, only when SECTIONS names it:
+#   contention  tiny (30 steps) and bytes_small (10 steps), one process, while
+#          one busy loop per core holds the machine, with OpenBLAS's default
+#          threads and with one: how a loaded machine (a test suite beside the
+#          run) changes the step time. The busy loops are this script's own
+#          children, ended at the end of the section (or on exit).
 # A figure whose per-run medians spread by more than NOISE (default 0.2) of
 # their median is measured again, REPEATS more runs, once; the tables mark it.
 # Every row carries the 1-minute load average (/proc/loadavg) when it started:
@@ -69,12 +75,20 @@ command -v cc >/dev/null 2>&1 || die "cc is needed (the sgemm reference and moec
 # the byte-level examples' text (does nothing when it is there)
 sh "$root/tools/make-corpus.sh" >&2 || die "no $corpus: tools/make-corpus.sh failed"
 
+hogs=
+tmpdir=
+cleanup() {
+  [ -z "$hogs" ] || kill $hogs 2>/dev/null || true
+  [ -z "$tmpdir" ] || rm -rf "$tmpdir"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 if [ -n "${BENCH_DIR:-}" ]; then
   dir=$BENCH_DIR
   mkdir -p "$dir"
 else
   dir=$(mktemp -d "${TMPDIR:-/tmp}/moec-cpu-bench.XXXXXX")
-  trap 'rm -rf "$dir"' EXIT INT TERM
+  tmpdir=$dir
 fi
 dir=$(cd "$dir" && pwd)
 mkdir -p "$dir/bin" "$dir/runs" "$dir/emit"
@@ -363,6 +377,29 @@ if has dist; then
       run_dist "$name" "$np" "$ls" 20 "$v"
     done
   done
+  echo
+fi
+
+# --- contention (not in the default SECTIONS) -------------------------------------
+if has contention; then
+  reference contention
+  echo "## Contention: one process while $(nproc) busy loops (sh -c 'while :; do :; done') hold every core"
+  echo
+  echo "| example | BLAS threads | runs x steps | steps measured | median ms/step | runs' medians ms | tokens/s | model GFLOP/step | model TFLOP/s | table TFLOP/s | of sgemm (unloaded) | variants (steps) | load |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"
+  k=0
+  while [ "$k" -lt "$(nproc)" ]; do
+    sh -c 'while :; do :; done' &
+    hogs="$hogs $!"
+    k=$((k + 1))
+  done
+  sleep 1
+  run_train tiny 30 default
+  run_train tiny 30 1
+  run_train bytes_small 10 default
+  run_train bytes_small 10 1
+  kill $hogs
+  hogs=
   echo
 fi
 
