@@ -396,7 +396,8 @@ bool moert_plan_create_nodes(const moert_model *m, int world, int rank, int64_t 
          * one chunk (C r / S slots) from every source for its expert */
         double rows = r == 0 ? (double)E * Cb : S == 1 ? (double)El * world * Cb : (double)world * Cb * r / S;
         double h1 = r == 0 ? (double)H1 : (double)H1 / r, h = r == 0 ? (double)H : (double)H / r;
-        vv->flops = 3 * (2.0 * rows * M * h1 + 2.0 * rows * h * M);
+        /* forward, and backward (twice the forward) when training */
+        vv->flops = (training ? 3 : 1) * (2.0 * rows * M * h1 + 2.0 * rows * h * M);
         double gathered = 0; /* parameter elements gathered from other ranks */
         if (r == 0) gathered = (double)E * (M * H1 + H * M + (l->bias ? H1 + M : 0));
         else if (r < S) gathered = (M * (double)H1 + (double)H * M + (l->bias ? (double)H1 : 0)) / r;
@@ -438,7 +439,6 @@ bool moert_plan_create_nodes(const moert_model *m, int world, int rank, int64_t 
     p->flops_fwd += lp->flops_fwd;
     p->flops_bwd += lp->flops_bwd;
   }
-  (void)training;
   p->act_elems = ftop;
   p->int_elems = itop;
   p->scratch_elems = smax;
