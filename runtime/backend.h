@@ -63,4 +63,44 @@ moert_backend *moert_backend_cpu(void);
  * threads per rank). */
 void moert_backend_cpu_share_cores(int ranks_here);
 
+/* --- the cuda backend (backend_cuda.c): the ops as kernels of templates/
+ * compiled by NVRTC at start, GEMMs through cuBLAS; nothing CUDA linked --- */
+
+/* True when the CUDA driver loads and sees a GPU; false, and nothing said,
+ * on a machine without one (or a build without the CUDA headers). */
+bool moert_cuda_available(void);
+/* The cuda backend on GPU `device`: loads the driver, NVRTC and cuBLAS
+ * (dlopen), compiles the kernels for the device, or takes them from the
+ * cache in cache_dir (NULL: $XDG_CACHE_HOME/moec, else ~/.cache/moec) when
+ * use_cache; a corrupt cache entry is recompiled with a warning on stderr,
+ * an unwritable cache directory warned about and done without. One per
+ * process at a time; the table is owned by the library until destroy. An op
+ * that fails is recorded and reported by the next upload, download or alloc
+ * (the ops return nothing); later ops are skipped. */
+bool moert_backend_cuda_create(moert_backend **out, int device, const char *cache_dir,
+                               bool use_cache, moert_status *st);
+void moert_backend_cuda_destroy(moert_backend *b);
+/* Whether create took the kernels from the cache, and the cache entry's path
+ * (NULL without a cache): for tests. */
+bool moert_backend_cuda_cache_hit(const moert_backend *b);
+const char *moert_backend_cuda_cache_path(const moert_backend *b);
+/* moert_cpu_aux_loss on the device (device pointers; the loss comes back to
+ * the host). The executor computes it on the host from all-reduced
+ * statistics; this is the device's twin, for a fused gate later. */
+float moert_backend_cuda_aux_loss(const float *score_sum, const float *top1_count,
+                                  float *dscore_coef, int64_t experts, double global_tokens);
+
+/* For tests without a GPU: whether NVRTC loads; the embedded templates
+ * (common.cuh first); compiling them for arch ("sm_90", "compute_80"), all
+ * (only < 0: and every kernel the backend uses must be in the result) or
+ * common.cuh and template `only`; compiling any source (a failure's message
+ * holds the first lines of NVRTC's log and the path of the whole log, saved
+ * in log_dir, else in $TMPDIR or /tmp). */
+bool moert_nvrtc_available(void);
+int moert_cuda_template_count(void);
+const char *moert_cuda_template_name(int i);
+bool moert_cuda_compile_check(const char *arch, int only, moert_status *st);
+bool moert_cuda_compile_source(const char *src, const char *arch, const char *log_dir,
+                               moert_status *st);
+
 #endif

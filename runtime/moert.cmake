@@ -1,17 +1,42 @@
 # libmoert: the runtime that every moec-built binary links (a static library,
 # so a built model is one self-contained executable). The compiler links
 # placement.c and status.c from here too (compiler/CMakeLists.txt).
+
+# The kernel templates (templates/*.cu), embedded as byte arrays for the cuda
+# backend, which compiles them with NVRTC at start (templates/embed.cmake).
+set(MOERT_TEMPLATE_DIR ${CMAKE_SOURCE_DIR}/templates)
+set(MOERT_TEMPLATES common.cuh gating.cu dispatch.cu act.cu norm.cu loss.cu optim.cu)
+list(TRANSFORM MOERT_TEMPLATES PREPEND ${MOERT_TEMPLATE_DIR}/ OUTPUT_VARIABLE MOERT_TEMPLATE_PATHS)
+string(REPLACE ";" ":" MOERT_TEMPLATE_ARG "${MOERT_TEMPLATES}")
+add_custom_command(
+  OUTPUT ${CMAKE_CURRENT_BINARY_DIR}/moert_templates.c
+  COMMAND ${CMAKE_COMMAND} -DDIR=${MOERT_TEMPLATE_DIR} -DFILES=${MOERT_TEMPLATE_ARG}
+          -DOUT=${CMAKE_CURRENT_BINARY_DIR}/moert_templates.c -P ${MOERT_TEMPLATE_DIR}/embed.cmake
+  DEPENDS ${MOERT_TEMPLATE_PATHS} ${MOERT_TEMPLATE_DIR}/embed.cmake
+  COMMENT "Embedding the kernel templates (moert_templates.c)")
+
 add_library(moert STATIC
   status.c cpu_ops.c rng.c checkpoint.c placement.c backend_cpu.c comm_self.c comm_staged.c moe.c select.c trace.c
-  data.c step.c ckpt_io.c driver.c comm_mpi.c)
+  data.c step.c ckpt_io.c driver.c comm_mpi.c backend_cuda.c ${CMAKE_CURRENT_BINARY_DIR}/moert_templates.c)
 target_include_directories(moert PUBLIC ${CMAKE_CURRENT_SOURCE_DIR})
-target_link_libraries(moert PUBLIC m)
-set(MOERT_LINK_LIBS "-lm")
+# backend_cuda.c opens the driver, NVRTC and cuBLAS with dlopen: their headers
+# at build time (for the types), nothing CUDA at link time, no GPU needed.
+find_path(MOEC_CUDA_INCLUDE cuda.h
+  HINTS $ENV{CUDA_HOME}/include $ENV{CUDA_PATH}/include /usr/local/cuda/include)
+if(MOEC_CUDA_INCLUDE AND EXISTS ${MOEC_CUDA_INCLUDE}/nvrtc.h AND EXISTS ${MOEC_CUDA_INCLUDE}/cublas_v2.h)
+  message(STATUS "cuda backend: headers in ${MOEC_CUDA_INCLUDE} (libraries opened at run time)")
+  target_include_directories(moert SYSTEM PRIVATE ${MOEC_CUDA_INCLUDE})
+  target_compile_definitions(moert PRIVATE MOERT_HAVE_CUDA_HEADERS)
+else()
+  message(STATUS "cuda backend: cuda.h, nvrtc.h or cublas_v2.h not found; built without it")
+endif()
+target_link_libraries(moert PUBLIC m ${CMAKE_DL_LIBS})
+set(MOERT_LINK_LIBS "-lm;-ldl")
 if(MOEC_CBLAS AND CBLAS_INCLUDE AND OPENBLAS_LIB)
   target_include_directories(moert SYSTEM PRIVATE ${CBLAS_INCLUDE})
   target_compile_definitions(moert PRIVATE MOERT_HAVE_CBLAS)
   target_link_libraries(moert PUBLIC ${OPENBLAS_LIB})
-  set(MOERT_LINK_LIBS "${OPENBLAS_LIB};-lm")
+  set(MOERT_LINK_LIBS "${OPENBLAS_LIB};-lm;-ldl")
 endif()
 if(MOEC_SANITIZE)
   list(APPEND MOERT_LINK_LIBS "-fsanitize=address,undefined")

@@ -1,0 +1,193 @@
+// common.cuh — the preamble of every moec kernel file: the helpers the op
+// families share (warp, row-group and block reductions, 16-byte vector
+// access, the ranking order of gate scores). The runtime compiles it with
+// NVRTC followed by the .cu files of templates/ (runtime/backend_cuda.c);
+// each .cu file also compiles alone after it (tests/gpu/test_nvrtc.c).
+//
+// NVRTC has no standard headers: nothing is included, integers are `int` and
+// `long long`, and the math functions are NVRTC's built-ins.
+//
+// Launch conventions, which runtime/backend_cuda.c follows:
+// - element-wise kernels: a 1-D grid-stride loop over the elements (over
+//   float4s when every pointer is 16-byte aligned, then the tail);
+// - row kernels: blockDim.x threads (a "row group", a multiple of 32, at most
+//   1024) share one row; blockDim.y rows per block; a block walks rows
+//   blockIdx.x*blockDim.y + threadIdx.y, stepping by gridDim.x*blockDim.y,
+//   with the same trip count for every thread, so group reductions may use
+//   __syncthreads;
+// - column reductions: blockDim (32, 8); blockIdx.x a tile of 32 columns,
+//   blockIdx.y a chunk of rows; one double per (chunk, column) in a partial
+//   array, summed in chunk order by a finishing kernel: deterministic, and
+//   sums in double as the cpu ops do.
+
+#define MOERT_INF (__int_as_float(0x7f800000))
+#define MOERT_INT32_MAX 2147483647
+#define MOERT_FULL_MASK 0xffffffffu
+// The largest row group and the most warps a block may have.
+#define MOERT_MAX_WARPS 32
+// The most rows a block of a row kernel holds (blockDim.y), and the shape of
+// a column-reduction block.
+#define MOERT_MAX_ROWS 8
+#define MOERT_COL_TILE 32
+#define MOERT_COL_ROWS 8
+
+typedef unsigned long long moert_uptr;
+
+__device__ __forceinline__ bool moert_aligned16(const void *p) {
+  return ((moert_uptr)p & 15ull) == 0;
+}
+
+__device__ __forceinline__ float moert_warp_sum_f(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(MOERT_FULL_MASK, v, o);
+  return v;
+}
+
+__device__ __forceinline__ double moert_warp_sum_d(double v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(MOERT_FULL_MASK, v, o);
+  return v;
+}
+
+// NaN-ignoring maximum: NaN never wins (as `if (v > mx) mx = v`).
+__device__ __forceinline__ double moert_warp_max_d(double v) {
+  for (int o = 16; o > 0; o >>= 1) {
+    double w = __shfl_xor_sync(MOERT_FULL_MASK, v, o);
+    v = w > v ? w : v;
+  }
+  return v;
+}
+
+__device__ __forceinline__ float moert_warp_max_f(float v) {
+  for (int o = 16; o > 0; o >>= 1) {
+    float w = __shfl_xor_sync(MOERT_FULL_MASK, v, o);
+    v = w > v ? w : v;
+  }
+  return v;
+}
+
+// The sum of v over the threads of this thread's row group (threadIdx.y),
+// returned to every thread of the group. Every thread of the block must
+// call it (it may synchronize). sh: MOERT_MAX_WARPS doubles per row of the
+// block. The order of the additions is fixed: the result is deterministic.
+__device__ double moert_group_sum_d(double v, double *sh) {
+  v = moert_warp_sum_d(v);
+  if (blockDim.x == 32) return v;
+  int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  double *row = sh + threadIdx.y * MOERT_MAX_WARPS;
+  __syncthreads(); // the previous call's readers are done with sh
+  if (lane == 0) row[w] = v;
+  __syncthreads();
+  v = lane < nw ? row[lane] : 0.0;
+  return moert_warp_sum_d(v);
+}
+
+// The NaN-ignoring maximum of v over the row group; as moert_group_sum_d.
+__device__ double moert_group_max_d(double v, double *sh) {
+  v = moert_warp_max_d(v);
+  if (blockDim.x == 32) return v;
+  int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  double *row = sh + threadIdx.y * MOERT_MAX_WARPS;
+  __syncthreads();
+  if (lane == 0) row[w] = v;
+  __syncthreads();
+  v = lane < nw ? row[lane] : -(double)MOERT_INF;
+  return moert_warp_max_d(v);
+}
+
+// The sum of v over every thread of the block (1-D or 2-D), valid in thread
+// 0. Every thread must call it. sh: MOERT_MAX_WARPS doubles.
+__device__ double moert_block_sum_d(double v, double *sh) {
+  int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  int nthreads = blockDim.x * blockDim.y;
+  v = moert_warp_sum_d(v);
+  __syncthreads();
+  if ((tid & 31) == 0) sh[tid >> 5] = v;
+  __syncthreads();
+  if (tid < 32) {
+    v = tid < (nthreads + 31) / 32 ? sh[tid] : 0.0;
+    v = moert_warp_sum_d(v);
+  }
+  return v;
+}
+
+// True when score sa of index a ranks before score sb of index b: the larger
+// first, equal scores by the lower index, NaN after every number (as the cpu
+// ops' ranks_before).
+__device__ __forceinline__ bool moert_ranks_before(float sa, long long a, float sb, long long b) {
+  bool na = isnan(sa), nb = isnan(sb);
+  if (na != nb) return nb;
+  if (!na && sa != sb) return sa > sb;
+  return a < b;
+}
+
+// A key whose unsigned order is the ranking order above for the score part:
+// larger scores give smaller keys, -0 and +0 are one key, NaN the largest.
+__device__ __forceinline__ unsigned moert_rank_key(float s) {
+  if (isnan(s)) return 0xffffffffu;
+  if (s == 0.0f) s = 0.0f;
+  unsigned u = __float_as_uint(s);
+  unsigned asc = (u & 0x80000000u) ? ~u : (u | 0x80000000u); // ascending order of floats
+  return ~asc;
+}
+
+__device__ __forceinline__ long long moert_min64(long long a, long long b) { return a < b ? a : b; }
+
+__device__ __forceinline__ long long moert_gtid() {
+  return (long long)blockIdx.x * blockDim.x + threadIdx.x;
+}
+
+__device__ __forceinline__ long long moert_gstride() {
+  return (long long)gridDim.x * blockDim.x;
+}
+
+// Column-chunk sums (see the conventions above): for the columns c of [0, w)
+// of this block's tile and the rows of its chunk [blockIdx.y*rpc, +rpc),
+// term(r, c, acc) adds each row's N terms to acc[0..N); the sums over the
+// chunk go to part[i][blockIdx.y*w + c]. blockDim must be
+// (MOERT_COL_TILE, MOERT_COL_ROWS).
+template <int N, class F>
+__device__ void moert_colsum_part(const F &term, long long rows, long long w, long long rpc,
+                                  double *part0, double *part1) {
+  __shared__ double sh[N][MOERT_COL_ROWS][MOERT_COL_TILE + 1];
+  long long c = (long long)blockIdx.x * MOERT_COL_TILE + threadIdx.x;
+  long long r0 = (long long)blockIdx.y * rpc, r1 = moert_min64(rows, r0 + rpc);
+  double acc[N];
+  for (int i = 0; i < N; i++) acc[i] = 0.0;
+  if (c < w)
+    for (long long r = r0 + threadIdx.y; r < r1; r += MOERT_COL_ROWS) term(r, c, acc);
+  for (int i = 0; i < N; i++) sh[i][threadIdx.y][threadIdx.x] = acc[i];
+  __syncthreads();
+  if (threadIdx.y == 0 && c < w)
+    for (int i = 0; i < N; i++) {
+      double s = 0.0;
+      for (int y = 0; y < MOERT_COL_ROWS; y++) s += sh[i][y][threadIdx.x];
+      (i == 0 ? part0 : part1)[blockIdx.y * w + c] = s;
+    }
+}
+
+// The sum over the nchunk chunks of column c, in chunk order.
+__device__ __forceinline__ double moert_colsum_total(const double *part, long long nchunk,
+                                                     long long w, long long c) {
+  double s = 0.0;
+  for (long long k = 0; k < nchunk; k++) s += part[k * w + c];
+  return s;
+}
+
+// ------------------------------------------------- kernels shared by the ops
+
+// out[c] = out[c] + (sum of column c of part), for c in [0, w): the
+// accumulating parameter gradients and load statistics. 1-D, any block.
+extern "C" __global__ void moert_k_colsum_add(float *out, const double *part, long long nchunk,
+                                              long long w) {
+  for (long long c = moert_gtid(); c < w; c += moert_gstride())
+    out[c] = (float)((double)out[c] + moert_colsum_total(part, nchunk, w, c));
+}
+
+// out[0] = the sum of part[0..n), in a fixed order: the last step of every
+// reduction to a scalar (losses, sums of squares, dots). One block of 1024.
+extern "C" __global__ void moert_k_reduce_sum(const double *part, long long n, double *out) {
+  __shared__ double sh[MOERT_MAX_WARPS];
+  double s = 0.0;
+  for (long long i = threadIdx.x; i < n; i += blockDim.x) s += part[i];
+  s = moert_block_sum_d(s, sh);
+  if (threadIdx.x == 0) out[0] = s;
+}

@@ -1,0 +1,948 @@
+/* test_ops_gpu.c — the cuda backend against the cpu backend (label gpu;
+ * ggml's test-backend-ops, llm.c's check_tensor). Every op of the backend
+ * table and every memory helper runs on both backends on the same fresh
+ * random inputs (never zeros), over several shapes (odd sizes, one-element
+ * edges, E and k variety, capacities that drop claims, the batch-prioritized
+ * order), all of it twice: with 16-byte aligned device pointers and with
+ * pointers one float off (the kernels' scalar paths). Outputs start as random
+ * garbage on both sides, so an op that skips an element or writes where it
+ * should accumulate is caught. Floats are compared by the norm-relative
+ * error ||gpu - cpu|| / ||cpu|| (fp32 ops: 1e-5; copies: exact), integers
+ * exactly; a failure prints the first mismatches and the largest difference.
+ * Then the kernel cache: a second create hits, a corrupted entry is
+ * recompiled with a warning, an unwritable directory is only warned about;
+ * and a failing op is reported by the next download.
+ *
+ * Skips (exit 77) where no GPU is found. MOEC_TEST_SEED sets the seed. */
+#include "backend.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static moert_backend *cpu, *gpu;
+static int checks, failures;
+
+/* --- random inputs --- */
+
+static uint64_t rng_state;
+
+static uint64_t next_u64(void) { /* splitmix64 */
+  uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+static double urand(void) { return (double)(next_u64() >> 11) * 0x1p-53; }
+static int64_t irand(int64_t n) { return (int64_t)(next_u64() % (uint64_t)n); }
+
+/* Uniform in [lo, hi), never exactly zero. */
+static float frand(float lo, float hi) {
+  float v = (float)(lo + (hi - lo) * urand());
+  return v == 0 ? 0.25f * (hi - lo) + lo + 1e-3f : v;
+}
+
+/* --- buffers: a host copy (the cpu's) and a device copy (the gpu's) --- */
+
+typedef struct fbuf {
+  float *h, *d;
+  int64_t n;
+} fbuf;
+typedef struct ibuf {
+  int32_t *h, *d;
+  int64_t n;
+} ibuf;
+
+enum { MAX_ALLOCS = 96 };
+static void *host_allocs[MAX_ALLOCS], *dev_allocs[MAX_ALLOCS];
+static int nhost, ndev;
+static bool misalign; /* device pointers one float past 16-byte alignment */
+
+static void die(const char *what, const moert_status *st) {
+  printf("FATAL: %s: %s\n  at %s\n", what, st->msg, st->trace);
+  exit(1);
+}
+
+static void *host_alloc(size_t bytes) {
+  void *p = calloc(bytes ? bytes : 1, 1);
+  if (!p || nhost == MAX_ALLOCS) {
+    printf("FATAL: out of host memory or test allocations\n");
+    exit(1);
+  }
+  return host_allocs[nhost++] = p;
+}
+
+static void *dev_alloc(size_t bytes) {
+  moert_status st = {0};
+  void *p;
+  if (ndev == MAX_ALLOCS) exit(1);
+  if (!gpu->alloc(gpu, bytes + 16, &p, &st)) die("alloc", &st);
+  dev_allocs[ndev++] = p;
+  return (char *)p + (misalign ? 4 : 0);
+}
+
+static void upload(void *d, const void *h, size_t bytes) {
+  moert_status st = {0};
+  if (!gpu->upload(gpu, d, h, bytes, &st)) die("upload", &st);
+}
+
+static void download(void *h, const void *d, size_t bytes) {
+  moert_status st = {0};
+  if (!gpu->download(gpu, h, d, bytes, &st)) die("download", &st);
+}
+
+/* n random floats in [lo, hi) on both sides. */
+static fbuf fb(int64_t n, float lo, float hi) {
+  fbuf b = {host_alloc(sizeof(float) * (size_t)n), dev_alloc(sizeof(float) * (size_t)n), n};
+  for (int64_t i = 0; i < n; i++) b.h[i] = frand(lo, hi);
+  upload(b.d, b.h, sizeof(float) * (size_t)n);
+  return b;
+}
+static fbuf garbage(int64_t n) { return fb(n, -7, 7); }
+
+/* A buffer holding src's values (an output of the cpu used as an input). */
+static fbuf fb_of(const float *src, int64_t n) {
+  fbuf b = {host_alloc(sizeof(float) * (size_t)n), dev_alloc(sizeof(float) * (size_t)n), n};
+  memcpy(b.h, src, sizeof(float) * (size_t)n);
+  upload(b.d, b.h, sizeof(float) * (size_t)n);
+  return b;
+}
+
+/* n ints in [lo, hi) on both sides. */
+static ibuf ib(int64_t n, int64_t lo, int64_t hi) {
+  ibuf b = {host_alloc(sizeof(int32_t) * (size_t)n), dev_alloc(sizeof(int32_t) * (size_t)n), n};
+  for (int64_t i = 0; i < n; i++) b.h[i] = (int32_t)(lo + irand(hi - lo));
+  upload(b.d, b.h, sizeof(int32_t) * (size_t)n);
+  return b;
+}
+static void sync_i(ibuf b) { upload(b.d, b.h, sizeof(int32_t) * (size_t)b.n); }
+static void sync_f(fbuf b) { upload(b.d, b.h, sizeof(float) * (size_t)b.n); }
+
+/* --- cases and checks --- */
+
+static char case_name[256];
+static double case_worst; /* the largest relative error of the case's checks */
+static int case_failures;
+
+static void begin(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void begin(const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(case_name, sizeof case_name, fmt, ap);
+  va_end(ap);
+  case_worst = 0;
+  case_failures = 0;
+}
+
+static void end(void) {
+  moert_status st = {0};
+  /* a last synchronizing call: an op that failed is reported here */
+  float probe;
+  if (ndev && !gpu->download(gpu, &probe, dev_allocs[0], sizeof probe, &st))
+    die(case_name, &st);
+  if (!case_failures)
+    printf("ok   %s%s (max rel err %.2e)\n", case_name, misalign ? " [unaligned]" : "", case_worst);
+  for (int i = 0; i < nhost; i++) free(host_allocs[i]);
+  for (int i = 0; i < ndev; i++) gpu->free(gpu, dev_allocs[i]);
+  nhost = ndev = 0;
+}
+
+static void fail_header(const char *what) {
+  if (!case_failures) printf("FAIL %s%s\n", case_name, misalign ? " [unaligned]" : "");
+  printf("  %s:\n", what);
+  case_failures++;
+  failures++;
+}
+
+enum { SHOW = 5 };
+
+/* The gpu's b.d against the cpu's b.h: ||d - h|| / ||h|| <= tol (tol 0:
+ * bitwise equal); NaN must match NaN. */
+static void check_f(const char *what, fbuf b, double tol) {
+  checks++;
+  float *got = malloc(sizeof(float) * (size_t)(b.n ? b.n : 1));
+  download(got, b.d, sizeof(float) * (size_t)b.n);
+  double dd = 0, ww = 0, worst = -1;
+  int64_t worst_i = -1, nan_bad = 0;
+  for (int64_t i = 0; i < b.n; i++) {
+    double w = b.h[i], g = got[i];
+    if (isnan(w) || isnan(g)) {
+      nan_bad += isnan(w) != isnan(g);
+      continue;
+    }
+    dd += (g - w) * (g - w);
+    ww += w * w;
+    if (fabs(g - w) > worst) worst = fabs(g - w), worst_i = i;
+  }
+  double rel = ww > 0 ? sqrt(dd / ww) : sqrt(dd);
+  bool ok = nan_bad == 0 && (tol == 0 ? dd == 0 : rel <= tol);
+  if (rel > case_worst) case_worst = rel;
+  if (!ok) {
+    fail_header(what);
+    printf("    rel err %.3e (tol %.1e), %lld NaN mismatches, %lld elements\n", rel, tol,
+           (long long)nan_bad, (long long)b.n);
+    double rms = b.n ? sqrt(ww / (double)b.n) : 0;
+    int shown = 0;
+    for (int64_t i = 0; i < b.n && shown < SHOW; i++) {
+      double w = b.h[i], g = got[i];
+      bool bad = isnan(w) != isnan(g) ||
+                 (!isnan(w) && fabs(g - w) > (tol > 0 ? tol : 0) * (fabs(w) + rms));
+      if (bad) {
+        printf("    [%lld] gpu %.9g cpu %.9g diff %.3e\n", (long long)i, g, w, fabs(g - w));
+        shown++;
+      }
+    }
+    if (worst_i >= 0)
+      printf("    largest diff at [%lld]: gpu %.9g cpu %.9g diff %.3e\n", (long long)worst_i,
+             got[worst_i], b.h[worst_i], worst);
+  }
+  free(got);
+}
+
+static void check_i(const char *what, ibuf b) {
+  checks++;
+  int32_t *got = malloc(sizeof(int32_t) * (size_t)(b.n ? b.n : 1));
+  download(got, b.d, sizeof(int32_t) * (size_t)b.n);
+  int64_t bad = 0;
+  for (int64_t i = 0; i < b.n; i++) bad += got[i] != b.h[i];
+  if (bad) {
+    fail_header(what);
+    printf("    %lld of %lld differ\n", (long long)bad, (long long)b.n);
+    int shown = 0;
+    for (int64_t i = 0; i < b.n && shown < SHOW; i++)
+      if (got[i] != b.h[i]) {
+        printf("    [%lld] gpu %d cpu %d\n", (long long)i, got[i], b.h[i]);
+        shown++;
+      }
+  }
+  free(got);
+}
+
+static void check_scalar(const char *what, double got, double want, double tol) {
+  checks++;
+  double rel = fabs(got - want) / (fabs(want) > 0 ? fabs(want) : 1);
+  if (rel > case_worst) case_worst = rel;
+  if (!(rel <= tol)) {
+    fail_header(what);
+    printf("    gpu %.17g cpu %.17g rel err %.3e (tol %.1e)\n", got, want, rel, tol);
+  }
+}
+
+/* fp32 ops; GEMMs (no TF32) as fp32 */
+#define TOL 1e-5
+#define TOL_SCORES 1e-6
+
+/* --- memory helpers --- */
+
+static void t_memory(int64_t n) {
+  begin("memory n=%lld", (long long)n);
+  moert_status st = {0};
+  int64_t allocs = gpu->allocs;
+  void *z;
+  if (!gpu->alloc(gpu, sizeof(float) * (size_t)n, &z, &st)) die("alloc", &st);
+  dev_allocs[ndev++] = z;
+  checks++;
+  if (gpu->allocs != allocs + 1) fail_header("alloc counts its allocations");
+  float *back = host_alloc(sizeof(float) * (size_t)n);
+  download(back, z, sizeof(float) * (size_t)n);
+  for (int64_t i = 0; i < n; i++)
+    if (back[i] != 0) {
+      fail_header("alloc zeroes");
+      break;
+    }
+  fbuf a = fb(n, -1, 1), b = fb(n, -1, 1), y = garbage(n);
+  check_f("upload/download round trip", a, 0);
+  /* zero: a range in the middle, in bytes */
+  int64_t z0 = n / 3, zn = n - n / 3 - n / 5;
+  cpu->zero(a.h + z0, sizeof(float) * (size_t)zn);
+  gpu->zero(a.d + z0, sizeof(float) * (size_t)zn);
+  check_f("zero", a, 0);
+  cpu->copy(y.h + 1, b.h, n - 1);
+  gpu->copy(y.d + 1, b.d, n - 1);
+  check_f("copy", y, 0);
+  cpu->add(y.h, a.h, b.h, n);
+  gpu->add(y.d, a.d, b.d, n);
+  check_f("add", y, 0);
+  cpu->axpy(y.h, b.h, -0.375f, n);
+  gpu->axpy(y.d, b.d, -0.375f, n);
+  check_f("axpy", y, 1e-6);
+  check_scalar("dot", gpu->dot(a.d, b.d, n), cpu->dot(a.h, b.h, n), 1e-9);
+  end();
+}
+
+static void t_copy_blocks(int64_t nblocks, int64_t block, int64_t dst_stride, int64_t src_stride,
+                          bool add) {
+  begin("copy_blocks nblocks=%lld block=%lld strides dst %lld src %lld add=%d",
+        (long long)nblocks, (long long)block, (long long)dst_stride, (long long)src_stride, add);
+  int64_t nd = (nblocks - 1) * dst_stride + block, ns = (nblocks - 1) * src_stride + block;
+  fbuf dst = garbage(nd + 3), src = fb(ns, -1, 1);
+  /* the watched-bytes counter, on a window of dst */
+  for (int i = 0; i < 2; i++) {
+    cpu->watch_lo[i] = gpu->watch_lo[i] = NULL;
+    cpu->watch_hi[i] = gpu->watch_hi[i] = NULL;
+  }
+  int64_t wc = cpu->watched_bytes, wg = gpu->watched_bytes;
+  cpu->watch_lo[0] = dst.h + nd / 2, cpu->watch_hi[0] = dst.h + nd / 2 + 1;
+  gpu->watch_lo[0] = dst.d + nd / 2, gpu->watch_hi[0] = dst.d + nd / 2 + 1;
+  cpu->copy_blocks(dst.h, dst_stride, src.h, src_stride, nblocks, block, add);
+  gpu->copy_blocks(dst.d, dst_stride, src.d, src_stride, nblocks, block, add);
+  checks++;
+  if (cpu->watched_bytes - wc != gpu->watched_bytes - wg) {
+    fail_header("watched bytes");
+    printf("    gpu %lld cpu %lld\n", (long long)(gpu->watched_bytes - wg),
+           (long long)(cpu->watched_bytes - wc));
+  }
+  cpu->watch_lo[0] = cpu->watch_hi[0] = gpu->watch_lo[0] = gpu->watch_hi[0] = NULL;
+  check_f("dst", dst, 0);
+  end();
+}
+
+static void t_drop_beyond(int64_t n, int64_t keep) {
+  begin("drop_beyond n=%lld keep=%lld", (long long)n, (long long)keep);
+  ibuf loc = ib(n, -1, 2 * keep + 2);
+  cpu->drop_beyond(loc.h, n, keep);
+  gpu->drop_beyond(loc.d, n, keep);
+  check_i("loc", loc);
+  end();
+}
+
+/* --- dense --- */
+
+static void t_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, float beta,
+                   int64_t pad) {
+  begin("gemm ta=%d tb=%d m=%lld n=%lld k=%lld alpha=%g beta=%g pad=%lld", ta, tb, (long long)m,
+        (long long)n, (long long)k, alpha, beta, (long long)pad);
+  int64_t ar = ta ? k : m, ac = ta ? m : k, br = tb ? n : k, bc = tb ? k : n;
+  int64_t lda = ac + pad, ldb = bc + pad, ldc = n + pad;
+  fbuf a = fb(ar * lda, -1, 1), b = fb(br * ldb, -1, 1), c = garbage(m * ldc);
+  cpu->gemm(ta, tb, m, n, k, alpha, a.h, lda, b.h, ldb, beta, c.h, ldc);
+  gpu->gemm(ta, tb, m, n, k, alpha, a.d, lda, b.d, ldb, beta, c.d, ldc);
+  check_f("c", c, TOL);
+  end();
+}
+
+static void t_gemm_batched(bool ta, bool tb, int64_t m, int64_t n, int64_t k, int64_t count,
+                           float beta) {
+  begin("gemm_batched ta=%d tb=%d m=%lld n=%lld k=%lld count=%lld beta=%g", ta, tb, (long long)m,
+        (long long)n, (long long)k, (long long)count, beta);
+  int64_t ar = ta ? k : m, ac = ta ? m : k, br = tb ? n : k, bc = tb ? k : n;
+  int64_t lda = ac + 1, ldb = bc, ldc = n + 2;
+  int64_t sa = ar * lda + 5, sb = br * ldb, sc = m * ldc + 3; /* gaps between matrices */
+  fbuf a = fb(sa * count, -1, 1), b = fb(sb * count, -1, 1), c = garbage(sc * count);
+  cpu->gemm_batched(ta, tb, m, n, k, 0.5f, a.h, lda, sa, b.h, ldb, sb, beta, c.h, ldc, sc, count);
+  gpu->gemm_batched(ta, tb, m, n, k, 0.5f, a.d, lda, sa, b.d, ldb, sb, beta, c.d, ldc, sc, count);
+  check_f("c", c, TOL);
+  end();
+}
+
+static void t_bias(int64_t rows, int64_t cols) {
+  begin("bias_add, bias_grad rows=%lld cols=%lld", (long long)rows, (long long)cols);
+  fbuf y = fb(rows * cols, -1, 1), bias = fb(cols, -1, 1), db = fb(cols, -1, 1),
+       dy = fb(rows * cols, -1, 1);
+  cpu->bias_add(y.h, bias.h, rows, cols);
+  gpu->bias_add(y.d, bias.d, rows, cols);
+  check_f("y", y, 0);
+  cpu->bias_grad(db.h, dy.h, rows, cols);
+  gpu->bias_grad(db.d, dy.d, rows, cols);
+  check_f("dbias (accumulated)", db, TOL);
+  end();
+}
+
+static const char *const act_names[] = {"relu", "gelu", "silu"};
+
+static void t_act(moert_act act, int64_t n) {
+  begin("act_fwd, act_bwd %s n=%lld", act_names[act], (long long)n);
+  fbuf h = fb(n, -6, 6), a = garbage(n), da = fb(n, -1, 1), dh = garbage(n);
+  cpu->act_fwd(act, h.h, a.h, n);
+  gpu->act_fwd(act, h.d, a.d, n);
+  check_f("a", a, TOL);
+  cpu->act_bwd(act, h.h, da.h, dh.h, n);
+  gpu->act_bwd(act, h.d, da.d, dh.d, n);
+  check_f("dh", dh, TOL);
+  end();
+}
+
+static void t_swiglu(int64_t rows, int64_t hid) {
+  begin("swiglu_fwd, swiglu_bwd rows=%lld hid=%lld", (long long)rows, (long long)hid);
+  fbuf h = fb(rows * 2 * hid, -5, 5), a = garbage(rows * hid), da = fb(rows * hid, -1, 1),
+       dh = garbage(rows * 2 * hid);
+  cpu->swiglu_fwd(h.h, a.h, rows, hid);
+  gpu->swiglu_fwd(h.d, a.d, rows, hid);
+  check_f("a", a, TOL);
+  cpu->swiglu_bwd(h.h, da.h, dh.h, rows, hid);
+  gpu->swiglu_bwd(h.d, da.d, dh.d, rows, hid);
+  check_f("dh", dh, TOL);
+  end();
+}
+
+/* --- norms --- */
+
+static void t_layernorm(int64_t rows, int64_t dim) {
+  begin("layernorm_fwd, layernorm_bwd rows=%lld dim=%lld", (long long)rows, (long long)dim);
+  fbuf x = fb(rows * dim, 1, 4), g = fb(dim, 0.5f, 1.5f), b = fb(dim, -1, 1);
+  fbuf y = garbage(rows * dim), mean = garbage(rows), rstd = garbage(rows);
+  cpu->layernorm_fwd(x.h, g.h, b.h, y.h, mean.h, rstd.h, rows, dim, 1e-5f);
+  gpu->layernorm_fwd(x.d, g.d, b.d, y.d, mean.d, rstd.d, rows, dim, 1e-5f);
+  check_f("y", y, TOL);
+  check_f("mean", mean, TOL);
+  check_f("rstd", rstd, TOL);
+  fbuf m2 = fb_of(mean.h, rows), r2 = fb_of(rstd.h, rows);
+  fbuf dy = fb(rows * dim, -1, 1), dx = garbage(rows * dim), dg = fb(dim, -1, 1),
+       db = fb(dim, -1, 1);
+  cpu->layernorm_bwd(x.h, g.h, m2.h, r2.h, dy.h, dx.h, dg.h, db.h, rows, dim);
+  gpu->layernorm_bwd(x.d, g.d, m2.d, r2.d, dy.d, dx.d, dg.d, db.d, rows, dim);
+  check_f("dx", dx, TOL);
+  check_f("dg (accumulated)", dg, TOL);
+  check_f("db (accumulated)", db, TOL);
+  end();
+}
+
+static void t_rmsnorm(int64_t rows, int64_t dim) {
+  begin("rmsnorm_fwd, rmsnorm_bwd rows=%lld dim=%lld", (long long)rows, (long long)dim);
+  fbuf x = fb(rows * dim, -2, 2), g = fb(dim, 0.5f, 1.5f);
+  fbuf y = garbage(rows * dim), rstd = garbage(rows);
+  cpu->rmsnorm_fwd(x.h, g.h, y.h, rstd.h, rows, dim, 1e-6f);
+  gpu->rmsnorm_fwd(x.d, g.d, y.d, rstd.d, rows, dim, 1e-6f);
+  check_f("y", y, TOL);
+  check_f("rstd", rstd, TOL);
+  fbuf r2 = fb_of(rstd.h, rows);
+  fbuf dy = fb(rows * dim, -1, 1), dx = garbage(rows * dim), dg = fb(dim, -1, 1);
+  cpu->rmsnorm_bwd(x.h, g.h, r2.h, dy.h, dx.h, dg.h, rows, dim);
+  gpu->rmsnorm_bwd(x.d, g.d, r2.d, dy.d, dx.d, dg.d, rows, dim);
+  check_f("dx", dx, TOL);
+  check_f("dg (accumulated)", dg, TOL);
+  end();
+}
+
+/* tiny: the first row (or column) below the norm's floor. */
+static void t_l2norm_rows(int64_t rows, int64_t cols, bool tiny) {
+  begin("l2norm_rows_fwd, _bwd rows=%lld cols=%lld%s", (long long)rows, (long long)cols,
+        tiny ? " (a row under the floor)" : "");
+  fbuf x = fb(rows * cols, -1, 1), y = garbage(rows * cols), norm = garbage(rows);
+  if (tiny) {
+    for (int64_t c = 0; c < cols; c++) x.h[c] *= 1e-14f;
+    sync_f(x);
+  }
+  cpu->l2norm_rows_fwd(x.h, y.h, norm.h, rows, cols);
+  gpu->l2norm_rows_fwd(x.d, y.d, norm.d, rows, cols);
+  check_f("y", y, TOL);
+  check_f("norm", norm, TOL);
+  fbuf n2 = fb_of(norm.h, rows), dy = fb(rows * cols, -1, 1), dx = garbage(rows * cols);
+  cpu->l2norm_rows_bwd(x.h, n2.h, dy.h, dx.h, rows, cols);
+  gpu->l2norm_rows_bwd(x.d, n2.d, dy.d, dx.d, rows, cols);
+  check_f("dx", dx, TOL);
+  end();
+}
+
+static void t_l2norm_cols(int64_t rows, int64_t cols, bool tiny) {
+  begin("l2norm_cols_fwd, _bwd rows=%lld cols=%lld%s", (long long)rows, (long long)cols,
+        tiny ? " (a column under the floor)" : "");
+  fbuf x = fb(rows * cols, -1, 1), y = garbage(rows * cols), norm = garbage(cols);
+  if (tiny) {
+    for (int64_t r = 0; r < rows; r++) x.h[r * cols] *= 1e-14f;
+    sync_f(x);
+  }
+  cpu->l2norm_cols_fwd(x.h, y.h, norm.h, rows, cols);
+  gpu->l2norm_cols_fwd(x.d, y.d, norm.d, rows, cols);
+  check_f("y", y, TOL);
+  check_f("norm", norm, TOL);
+  fbuf n2 = fb_of(norm.h, cols), dy = fb(rows * cols, -1, 1), dx = garbage(rows * cols);
+  cpu->l2norm_cols_bwd(x.h, n2.h, dy.h, dx.h, rows, cols);
+  gpu->l2norm_cols_bwd(x.d, n2.d, dy.d, dx.d, rows, cols);
+  check_f("dx", dx, TOL);
+  end();
+}
+
+/* --- gating --- */
+
+/* ties: logits from {0, 0.5, 1}, so rows hold equal scores (broken by the
+ * lower expert index). */
+static void t_gate_topk(int64_t T, int64_t E, int64_t K, bool noise, bool ties) {
+  begin("gate_topk T=%lld E=%lld k=%lld%s%s", (long long)T, (long long)E, (long long)K,
+        noise ? " noise" : "", ties ? " ties" : "");
+  fbuf logits = fb(T * E, -4, 4), nz = noise ? fb(T * E, -0.5f, 0.5f) : (fbuf){0};
+  if (ties) {
+    for (int64_t i = 0; i < T * E; i++) logits.h[i] = (float)irand(3) * 0.5f;
+    sync_f(logits);
+  }
+  fbuf scores = garbage(T * E), topv = garbage(T * K);
+  ibuf idx = ib(T * K, -5, 5);
+  cpu->gate_topk(logits.h, nz.h, scores.h, idx.h, topv.h, T, E, K);
+  gpu->gate_topk(logits.d, nz.d, scores.d, idx.d, topv.d, T, E, K);
+  check_f("scores", scores, TOL_SCORES);
+  check_i("idx", idx);
+  check_f("topv", topv, TOL_SCORES);
+  end();
+}
+
+static void t_gate_normalize(int64_t T, int64_t K, bool normalize) {
+  begin("gate_normalize, _bwd T=%lld k=%lld normalize=%d", (long long)T, (long long)K, normalize);
+  fbuf topv = fb(T * K, 0.01f, 1), gate = garbage(T * K), dgate = fb(T * K, -1, 1),
+       dtopv = garbage(T * K);
+  cpu->gate_normalize(topv.h, gate.h, T, K, normalize);
+  gpu->gate_normalize(topv.d, gate.d, T, K, normalize);
+  check_f("gate", gate, TOL);
+  cpu->gate_normalize_bwd(topv.h, dgate.h, dtopv.h, T, K, normalize);
+  gpu->gate_normalize_bwd(topv.d, dgate.d, dtopv.d, T, K, normalize);
+  check_f("dtopv", dtopv, TOL);
+  end();
+}
+
+/* Claims on experts in [0, E), with a few on no expert (-1, E). */
+static ibuf claims(int64_t T, int64_t K, int64_t E) {
+  ibuf idx = ib(T * K, 0, E);
+  for (int64_t i = 0; i < T * K; i++)
+    if (irand(17) == 0) idx.h[i] = irand(2) ? -1 : (int32_t)E;
+  sync_i(idx);
+  return idx;
+}
+
+static void t_gate_locations(int64_t T, int64_t E, int64_t K, bool ordered) {
+  begin("gate_locations T=%lld E=%lld k=%lld%s", (long long)T, (long long)E, (long long)K,
+        ordered ? " in priority order" : "");
+  ibuf idx = claims(T, K, E), loc = ib(T * K, -9, 9), counts = ib(E, -9, 9), order = {0};
+  if (ordered) { /* a permutation */
+    order = ib(T, 0, 1);
+    for (int64_t i = 0; i < T; i++) order.h[i] = (int32_t)i;
+    for (int64_t i = T - 1; i > 0; i--) {
+      int64_t j = irand(i + 1);
+      int32_t t = order.h[i];
+      order.h[i] = order.h[j];
+      order.h[j] = t;
+    }
+    sync_i(order);
+  }
+  cpu->gate_locations(idx.h, order.h, loc.h, counts.h, T, E, K);
+  gpu->gate_locations(idx.d, order.d, loc.d, counts.d, T, E, K);
+  check_i("loc", loc);
+  check_i("counts", counts);
+  end();
+}
+
+/* edges: equal scores, NaN, -0 and +0 among the first choices. */
+static void t_gate_priority_order(int64_t T, int64_t K, bool edges) {
+  begin("gate_priority_order T=%lld k=%lld%s", (long long)T, (long long)K,
+        edges ? " (ties, NaN, -0)" : "");
+  fbuf topv = fb(T * K, 0, 1);
+  if (edges) {
+    for (int64_t t = 0; t < T; t++) {
+      int64_t r = irand(8);
+      float *v = &topv.h[t * K];
+      if (r < 3) *v = (float)irand(4) * 0.25f; /* ties, 0 among them */
+      else if (r == 3) *v = NAN;
+      else if (r == 4) *v = -0.0f;
+    }
+    sync_f(topv);
+  }
+  ibuf order = ib(T, -3, 3);
+  cpu->gate_priority_order(topv.h, order.h, T, K);
+  gpu->gate_priority_order(topv.d, order.d, T, K);
+  check_i("order", order);
+  end();
+}
+
+static void t_gate_stats(int64_t T, int64_t E, int64_t K) {
+  begin("gate_stats T=%lld E=%lld k=%lld", (long long)T, (long long)E, (long long)K);
+  fbuf scores = fb(T * E, 0, 1), ssum = fb(E, 0, 5), top1 = fb(E, 0, 1);
+  for (int64_t e = 0; e < E; e++) top1.h[e] = (float)irand(10);
+  sync_f(top1);
+  ibuf idx = claims(T, K, E);
+  cpu->gate_stats(scores.h, idx.h, ssum.h, top1.h, T, E, K);
+  gpu->gate_stats(scores.d, idx.d, ssum.d, top1.d, T, E, K);
+  check_f("score_sum (accumulated)", ssum, TOL);
+  check_f("top1_count (accumulated)", top1, 0);
+  end();
+}
+
+static void t_aux_loss(int64_t E, bool coef) {
+  begin("aux_loss (cuda's own) E=%lld%s", (long long)E, coef ? "" : " no coefficients");
+  fbuf ssum = fb(E, 0, 50), top1 = fb(E, 0, 1), dcoef = garbage(E);
+  for (int64_t e = 0; e < E; e++) top1.h[e] = (float)irand(100);
+  sync_f(top1);
+  float want = moert_cpu_aux_loss(ssum.h, top1.h, coef ? dcoef.h : NULL, E, 1000.0);
+  float got = moert_backend_cuda_aux_loss(ssum.d, top1.d, coef ? dcoef.d : NULL, E, 1000.0);
+  check_scalar("loss", got, want, 1e-6);
+  check_f("dscore_coef", dcoef, TOL);
+  end();
+}
+
+static void t_gate_scores_bwd(int64_t T, int64_t E, int64_t K, bool coef, bool dtopv) {
+  begin("gate_scores_bwd T=%lld E=%lld k=%lld%s%s", (long long)T, (long long)E, (long long)K,
+        coef ? " coef" : "", dtopv ? " dtopv" : "");
+  ibuf idx = claims(T, K, E);
+  fbuf dt = dtopv ? fb(T * K, -1, 1) : (fbuf){0}, c = coef ? fb(E, -1, 1) : (fbuf){0};
+  fbuf ds = fb(T * E, -1, 1);
+  cpu->gate_scores_bwd(idx.h, dt.h, c.h, 0.01f, ds.h, T, E, K);
+  gpu->gate_scores_bwd(idx.d, dt.d, c.d, 0.01f, ds.d, T, E, K);
+  check_f("dscores (accumulated)", ds, TOL);
+  end();
+}
+
+static void t_softmax_bwd(int64_t rows, int64_t cols) {
+  begin("softmax_bwd rows=%lld cols=%lld", (long long)rows, (long long)cols);
+  fbuf s = fb(rows * cols, 0, 1), ds = fb(rows * cols, -1, 1), dl = garbage(rows * cols);
+  cpu->softmax_bwd(s.h, ds.h, dl.h, rows, cols);
+  gpu->softmax_bwd(s.d, ds.d, dl.d, rows, cols);
+  check_f("dlogits", dl, TOL);
+  end();
+}
+
+/* --- dispatch and combine --- */
+
+/* Routing as the executor makes it: claims, locations (in token or priority
+ * order), a capacity C that drops some, and drop_beyond(keep) dropping more. */
+static void t_dispatch_combine(int64_t T, int64_t K, int64_t E, int64_t C, int64_t keep,
+                               int64_t M, bool ordered) {
+  begin("dispatch, combine, _bwd T=%lld k=%lld E=%lld C=%lld keep=%lld M=%lld%s", (long long)T,
+        (long long)K, (long long)E, (long long)C, (long long)keep, (long long)M,
+        ordered ? " priority order" : "");
+  ibuf idx = claims(T, K, E), loc = ib(T * K, 0, 1), counts = ib(E, 0, 1), order = {0};
+  if (ordered) {
+    fbuf topv = fb(T * K, 0, 1);
+    order = ib(T, 0, 1);
+    cpu->gate_priority_order(topv.h, order.h, T, K);
+  }
+  cpu->gate_locations(idx.h, order.h, loc.h, counts.h, T, E, K);
+  cpu->drop_beyond(loc.h, T * K, keep);
+  sync_i(loc);
+  int64_t kept = 0;
+  for (int64_t i = 0; i < T * K; i++) kept += idx.h[i] >= 0 && idx.h[i] < E && loc.h[i] < C;
+  printf("     (%lld of %lld claims kept)\n", (long long)kept, (long long)(T * K));
+  fbuf x = fb(T * M, -1, 1), buf = garbage(E * C * M);
+  cpu->dispatch(x.h, idx.h, loc.h, buf.h, T, K, E, C, M);
+  gpu->dispatch(x.d, idx.d, loc.d, buf.d, T, K, E, C, M);
+  check_f("buf (dispatch)", buf, 0);
+  fbuf dbuf = fb(E * C * M, -1, 1), dx = garbage(T * M);
+  cpu->dispatch_bwd(dbuf.h, idx.h, loc.h, dx.h, T, K, E, C, M);
+  gpu->dispatch_bwd(dbuf.d, idx.d, loc.d, dx.d, T, K, E, C, M);
+  check_f("dx (dispatch_bwd)", dx, 0);
+  fbuf ebuf = fb(E * C * M, -1, 1), gate = fb(T * K, 0, 1), y = garbage(T * M);
+  cpu->combine(ebuf.h, idx.h, loc.h, gate.h, y.h, T, K, E, C, M);
+  gpu->combine(ebuf.d, idx.d, loc.d, gate.d, y.d, T, K, E, C, M);
+  check_f("y (combine)", y, TOL);
+  fbuf dy = fb(T * M, -1, 1), dbuf2 = garbage(E * C * M), dgate = garbage(T * K);
+  cpu->combine_bwd(dy.h, ebuf.h, idx.h, loc.h, gate.h, dbuf2.h, dgate.h, T, K, E, C, M);
+  gpu->combine_bwd(dy.d, ebuf.d, idx.d, loc.d, gate.d, dbuf2.d, dgate.d, T, K, E, C, M);
+  check_f("dbuf (combine_bwd)", dbuf2, TOL);
+  check_f("dgate (combine_bwd)", dgate, TOL);
+  end();
+}
+
+/* --- embedding, losses --- */
+
+static void t_embed(int64_t T, int64_t context, int64_t vocab, int64_t M) {
+  begin("embed_fwd, embed_bwd T=%lld context=%lld vocab=%lld M=%lld", (long long)T,
+        (long long)context, (long long)vocab, (long long)M);
+  fbuf table = fb(context * vocab * M, -1, 1), x = garbage(T * M);
+  ibuf win = ib(T * context, -1, vocab + 1); /* -1 and vocab: skipped */
+  cpu->embed_fwd(table.h, win.h, x.h, T, context, vocab, M);
+  gpu->embed_fwd(table.d, win.d, x.d, T, context, vocab, M);
+  check_f("x", x, TOL);
+  fbuf dx = fb(T * M, -1, 1), dtable = fb(context * vocab * M, -1, 1);
+  cpu->embed_bwd(dx.h, win.h, dtable.h, T, context, vocab, M);
+  gpu->embed_bwd(dx.d, win.d, dtable.d, T, context, vocab, M);
+  check_f("dtable (accumulated)", dtable, TOL);
+  end();
+}
+
+static void t_xent(int64_t rows, int64_t vocab, bool grad) {
+  begin("xent rows=%lld vocab=%lld%s", (long long)rows, (long long)vocab, grad ? " with dlogits" : "");
+  fbuf logits = fb(rows * vocab, -6, 6), dl = garbage(rows * vocab);
+  ibuf target = ib(rows, 0, vocab);
+  for (int64_t r = 0; r < rows; r += 5) target.h[r] = r % 10 ? -1 : (int32_t)vocab; /* ignored */
+  sync_i(target);
+  float scale = 1.0f / (float)rows;
+  double want = cpu->xent(logits.h, target.h, grad ? dl.h : NULL, rows, vocab, scale);
+  double got = gpu->xent(logits.d, target.d, grad ? dl.d : NULL, rows, vocab, scale);
+  check_scalar("loss", got, want, 1e-6);
+  check_f("dlogits", dl, TOL);
+  end();
+}
+
+static void t_mse(int64_t n, bool grad) {
+  begin("mse n=%lld%s", (long long)n, grad ? " with dyhat" : "");
+  fbuf yhat = fb(n, -1, 1), y = fb(n, -1, 1), d = garbage(n);
+  double want = cpu->mse(yhat.h, y.h, grad ? d.h : NULL, n, 0.125f);
+  double got = gpu->mse(yhat.d, y.d, grad ? d.d : NULL, n, 0.125f);
+  check_scalar("sum", got, want, 1e-9);
+  check_f("dyhat", d, TOL);
+  end();
+}
+
+/* --- optimizers --- */
+
+static void t_optim(int64_t n) {
+  begin("sumsq, scale, adamw, sgd n=%lld", (long long)n);
+  fbuf x = fb(n, -1, 1);
+  check_scalar("sumsq", gpu->sumsq(x.d, n), cpu->sumsq(x.h, n), 1e-9);
+  cpu->scale(x.h, n, 0.37f);
+  gpu->scale(x.d, n, 0.37f);
+  check_f("scale", x, 0);
+  fbuf p = fb(n, -1, 1), g = fb(n, -1, 1), m = fb(n, -0.1f, 0.1f), v = fb(n, 0, 0.01f);
+  for (int64_t step = 1; step <= 7; step += 6) {
+    cpu->adamw(p.h, g.h, m.h, v.h, n, 1e-3f, 0.9f, 0.999f, 1e-8f, 0.01f, step);
+    gpu->adamw(p.d, g.d, m.d, v.d, n, 1e-3f, 0.9f, 0.999f, 1e-8f, 0.01f, step);
+  }
+  check_f("adamw p", p, TOL);
+  check_f("adamw m", m, TOL);
+  check_f("adamw v", v, TOL);
+  cpu->sgd(p.h, g.h, n, 0.1f, 0.01f);
+  gpu->sgd(p.d, g.d, n, 0.1f, 0.01f);
+  check_f("sgd p", p, TOL);
+  end();
+}
+
+static void run_all(void) {
+  /* memory */
+  t_memory(1);
+  t_memory(1001);
+  t_copy_blocks(7, 13, 20, 17, false);
+  t_copy_blocks(7, 13, 20, 17, true);
+  t_copy_blocks(5, 64, 128, 96, false);
+  t_copy_blocks(5, 64, 128, 96, true);
+  t_copy_blocks(1, 333, 0, 0, false);
+  t_drop_beyond(1000, 37);
+  /* dense */
+  for (int ta = 0; ta < 2; ta++)
+    for (int tb = 0; tb < 2; tb++) {
+      t_gemm(ta, tb, 37, 29, 53, 1, 0, 0);
+      t_gemm(ta, tb, 64, 128, 96, 0.5f, 1, 3);
+      t_gemm(ta, tb, 1, 1, 1, 1, 0.25f, 0);
+      t_gemm_batched(ta, tb, 17, 33, 9, 3, 0);
+      t_gemm_batched(ta, tb, 16, 32, 64, 4, 1);
+    }
+  t_gemm(false, false, 5, 300, 7, 1, 0.5f, 1);
+  t_gemm(false, true, 12, 7, 0, 1, 0.5f, 2); /* k = 0: C = beta C */
+  t_gemm(true, false, 12, 7, 5, 0, 0, 2);    /* alpha = 0, beta = 0: zeros */
+  for (int i = 0; i < 5; i++) {
+    static const int64_t shapes[5][2] = {{1, 1}, {37, 3}, {1000, 64}, {129, 129}, {3000, 1000}};
+    t_bias(shapes[i][0], shapes[i][1]);
+  }
+  for (int a = 0; a < 3; a++) {
+    t_act((moert_act)a, 1);
+    t_act((moert_act)a, 7);
+    t_act((moert_act)a, 4099);
+  }
+  t_swiglu(3, 5);
+  t_swiglu(64, 128);
+  t_swiglu(17, 33);
+  /* norms */
+  static const int64_t norm_shapes[][2] = {{1, 1}, {7, 5}, {130, 64}, {33, 257}, {9, 1500}, {4, 4096}};
+  for (int i = 0; i < 6; i++) {
+    t_layernorm(norm_shapes[i][0], norm_shapes[i][1]);
+    t_rmsnorm(norm_shapes[i][0], norm_shapes[i][1]);
+    t_l2norm_rows(norm_shapes[i][0], norm_shapes[i][1], false);
+    t_softmax_bwd(norm_shapes[i][0], norm_shapes[i][1]);
+  }
+  t_l2norm_rows(9, 31, true);
+  t_l2norm_cols(256, 8, false);
+  t_l2norm_cols(256, 13, true);
+  t_l2norm_cols(3, 1, false); /* one row would make dx exactly 0: noise on both sides */
+  t_l2norm_cols(100, 300, false);
+  /* gating */
+  static const int64_t gate_shapes[][3] = {{1, 1, 1}, {37, 2, 1}, {37, 2, 2}, {257, 8, 2},
+                                           {1000, 13, 3}, {1000, 64, 2}, {300, 100, 4}};
+  for (int i = 0; i < 7; i++) {
+    int64_t T = gate_shapes[i][0], E = gate_shapes[i][1], K = gate_shapes[i][2];
+    t_gate_topk(T, E, K, false, false);
+    t_gate_topk(T, E, K, true, false);
+    t_gate_topk(T, E, K, false, true);
+    t_gate_normalize(T, K, true);
+    t_gate_normalize(T, K, false);
+    t_gate_locations(T, E, K, false);
+    t_gate_locations(T, E, K, true);
+    t_gate_stats(T, E, K);
+    t_gate_scores_bwd(T, E, K, true, true);
+    t_gate_scores_bwd(T, E, K, false, true);
+    t_gate_scores_bwd(T, E, K, true, false);
+    t_aux_loss(E, true);
+    t_aux_loss(E, false);
+  }
+  t_gate_locations(5000, 2048, 2, true);
+  t_gate_priority_order(1, 1, false);
+  t_gate_priority_order(1000, 2, false);
+  t_gate_priority_order(1000, 2, true);
+  t_gate_priority_order(4099, 1, true);
+  /* dispatch, combine */
+  t_dispatch_combine(1, 1, 1, 1, 1, 1, false);
+  t_dispatch_combine(37, 2, 4, 16, 16, 3, false);
+  t_dispatch_combine(37, 2, 4, 12, 9, 64, true);    /* drops */
+  t_dispatch_combine(500, 2, 8, 100, 90, 130, false);
+  t_dispatch_combine(1000, 4, 13, 200, 200, 64, true);
+  t_dispatch_combine(256, 1, 64, 8, 6, 256, false); /* many drops */
+  /* embedding, losses */
+  t_embed(37, 1, 50, 5);
+  t_embed(300, 3, 50, 64);
+  for (int g = 0; g < 2; g++) {
+    t_xent(1, 2, g);
+    t_xent(37, 50, g);
+    t_xent(300, 1000, g);
+    t_xent(64, 5000, g);
+    t_mse(1, g);
+    t_mse(10007, g);
+  }
+  /* optimizers */
+  t_optim(1);
+  t_optim(7);
+  t_optim(100003);
+}
+
+/* An op that fails (a GEMM beyond cuBLAS's 32-bit sizes) is reported by the
+ * next download, with what failed. Leaves the backend failed. */
+static void t_sticky_error(void) {
+  begin("a failed op is reported by the next download");
+  fbuf c = garbage(4);
+  gpu->gemm(false, false, (int64_t)1 << 32, 1, 1, 1, c.d, 1, c.d, 1, 0, c.d, 1);
+  moert_status st = {0};
+  float v;
+  bool ok = gpu->download(gpu, &v, c.d, sizeof v, &st);
+  checks++;
+  if (ok || !strstr(st.msg, "GEMM")) {
+    fail_header("sticky error");
+    printf("    download %s; message: %s\n", ok ? "succeeded" : "failed", st.msg);
+  } else {
+    printf("ok   %s: \"%s\"\n", case_name, st.msg);
+  }
+  for (int i = 0; i < nhost; i++) free(host_allocs[i]);
+  for (int i = 0; i < ndev; i++) gpu->free(gpu, dev_allocs[i]);
+  nhost = ndev = 0;
+}
+
+/* --- the kernel cache --- */
+
+/* Creates the backend on dir, with stderr captured into err (cap bytes). */
+static bool create_captured(const char *dir, char *err, size_t cap, moert_status *st) {
+  char path[] = "/tmp/moec-stderr-XXXXXX";
+  int fd = mkstemp(path);
+  fflush(stderr);
+  int saved = dup(2);
+  dup2(fd, 2);
+  bool ok = moert_backend_cuda_create(&gpu, 0, dir, true, st);
+  fflush(stderr);
+  dup2(saved, 2);
+  close(saved);
+  ssize_t n = pread(fd, err, cap - 1, 0);
+  while (n > 0 && err[n - 1] == '\n') n--;
+  err[n > 0 ? n : 0] = 0;
+  close(fd);
+  unlink(path);
+  return ok;
+}
+
+static void cache_case(const char *what, const char *dir, bool want_hit, const char *want_warning) {
+  begin("kernel cache: %s", what);
+  char err[2048];
+  moert_status st = {0};
+  checks++;
+  if (!create_captured(dir, err, sizeof err, &st)) {
+    fail_header("create");
+    printf("    %s\n    at %s\n    stderr: %s\n", st.msg, st.trace, err);
+    gpu = NULL;
+    return;
+  }
+  bool hit = moert_backend_cuda_cache_hit(gpu);
+  if (hit != want_hit || (want_warning && !strstr(err, want_warning)) || (!want_warning && err[0])) {
+    fail_header("cache");
+    printf("    hit %d (want %d); stderr: \"%s\" (want %s)\n", hit, want_hit, err,
+           want_warning ? want_warning : "nothing");
+  }
+  /* the kernels work */
+  fbuf x = fb(5, -1, 1);
+  cpu->scale(x.h, 5, 3);
+  gpu->scale(x.d, 5, 3);
+  check_f("scale after create", x, 0);
+  if (!case_failures) printf("ok   %s%s%s\n", case_name, err[0] ? ": " : "", err);
+  for (int i = 0; i < nhost; i++) free(host_allocs[i]);
+  for (int i = 0; i < ndev; i++) gpu->free(gpu, dev_allocs[i]);
+  nhost = ndev = 0;
+  moert_backend_cuda_destroy(gpu);
+  gpu = NULL;
+}
+
+static void overwrite(const char *path, const char *bytes, size_t n) {
+  FILE *f = fopen(path, "wb");
+  if (!f || fwrite(bytes, 1, n, f) != n || fclose(f) != 0) printf("FATAL: cannot write %s\n", path);
+}
+
+static void t_cache(void) {
+  char dir[] = "/tmp/moec-kcache-XXXXXX";
+  if (!mkdtemp(dir)) {
+    perror("mkdtemp");
+    exit(1);
+  }
+  char sub[64], path[4200] = "";
+  snprintf(sub, sizeof sub, "%s/nested/dir", dir); /* created on demand */
+  cache_case("a fresh directory misses", sub, false, NULL);
+  moert_status st = {0};
+  if (moert_backend_cuda_create(&gpu, 0, sub, true, &st)) {
+    snprintf(path, sizeof path, "%s", moert_backend_cuda_cache_path(gpu));
+    moert_backend_cuda_destroy(gpu);
+  }
+  printf("     cache entry %s\n", path);
+  cache_case("the second create hits", sub, true, NULL);
+  overwrite(path, "garbage, not a cubin\n", 21);
+  cache_case("a corrupted entry is recompiled", sub, false, "corrupt");
+  cache_case("and rewritten", sub, true, NULL);
+  /* the header intact, the image truncated */
+  FILE *f = fopen(path, "r+b");
+  if (f) {
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    if (ftruncate(fileno(f), n / 2) != 0) perror("ftruncate");
+    fclose(f);
+  }
+  cache_case("a truncated entry is recompiled", sub, false, "corrupt");
+  /* a flipped byte in the image */
+  f = fopen(path, "r+b");
+  if (f) {
+    fseek(f, -7, SEEK_END);
+    int c = fgetc(f);
+    fseek(f, -7, SEEK_END);
+    fputc(c ^ 0x5a, f);
+    fclose(f);
+  }
+  cache_case("a flipped byte is recompiled", sub, false, "corrupt");
+  cache_case("an unwritable directory warns", "/proc/moec-cannot-be-here", false, "warning");
+  unlink(path);
+  rmdir(sub);
+  snprintf(sub, sizeof sub, "%s/nested", dir);
+  rmdir(sub);
+  rmdir(dir);
+}
+
+int main(void) {
+  if (!moert_cuda_available()) {
+    printf("SKIP: no CUDA GPU here (libcuda.so.1 did not load, or it sees no device): the cuda "
+           "backend's op tests need one\n");
+    return 77;
+  }
+  const char *seed = getenv("MOEC_TEST_SEED");
+  rng_state = seed ? strtoull(seed, NULL, 0) : 20240611;
+  printf("seed %llu (MOEC_TEST_SEED)\n", (unsigned long long)rng_state);
+  cpu = moert_backend_cpu();
+  char dir[] = "/tmp/moec-kcache-XXXXXX";
+  if (!mkdtemp(dir)) {
+    perror("mkdtemp");
+    return 1;
+  }
+  moert_status st = {0};
+  if (!moert_backend_cuda_create(&gpu, 0, dir, true, &st)) die("moert_backend_cuda_create", &st);
+  for (int pass = 0; pass < 2; pass++) {
+    misalign = pass == 1;
+    run_all();
+  }
+  misalign = false;
+  t_sticky_error();
+  char path[4200];
+  snprintf(path, sizeof path, "%s", moert_backend_cuda_cache_path(gpu));
+  moert_backend_cuda_destroy(gpu);
+  unlink(path);
+  rmdir(dir);
+  t_cache();
+  printf("%d checks, %d failed\n", checks, failures);
+  return failures ? 1 : 0;
+}
