@@ -69,6 +69,8 @@ void moert_backend_cpu_share_cores(int ranks_here);
 /* True when the CUDA driver loads and sees a GPU; false, and nothing said,
  * on a machine without one (or a build without the CUDA headers). */
 bool moert_cuda_available(void);
+/* GPUs the driver sees (0 without one). */
+int moert_cuda_device_count(void);
 /* The cuda backend on GPU `device`: loads the driver, NVRTC and cuBLAS
  * (dlopen), compiles the kernels for the device, or takes them from the
  * cache in cache_dir (NULL: $XDG_CACHE_HOME/moec, else ~/.cache/moec) when

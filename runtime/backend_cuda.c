@@ -53,6 +53,7 @@ const char *moert_cuda_template_name(int i) {
 
 /* Built without cuda.h: no cuda backend, said plainly. */
 bool moert_cuda_available(void) { return false; }
+int moert_cuda_device_count(void) { return 0; }
 bool moert_nvrtc_available(void) { return false; }
 bool moert_backend_cuda_create(moert_backend **out, int device, const char *cache_dir,
                                bool use_cache, moert_status *st) {
@@ -1161,6 +1162,11 @@ static bool load_kernels(const char *cache_dir, bool use_cache, moert_status *st
 bool moert_nvrtc_available(void) {
   const char *missing;
   return load_nvrtc(&missing);
+}
+
+int moert_cuda_device_count(void) {
+  int n = 0;
+  return moert_cuda_available() && cu.cuDeviceGetCount(&n) == CUDA_SUCCESS ? n : 0;
 }
 
 bool moert_cuda_available(void) {

@@ -23,7 +23,9 @@
 
 #define FLAGS(X)                                                                                   \
   X(STEPS, "steps", 1, "N", "train (or run) until step N in all; with --resume, the total")        \
-  X(BACKEND, "backend", 1, "cpu|cuda", "where the steps run (default: cpu)")                       \
+  X(BACKEND, "backend", 1, "cpu|cuda", "where the steps run (default: cuda when a GPU is found)")   \
+  X(KCACHE, "kernel-cache", 1, "DIR", "cache compiled GPU kernels in DIR (default $XDG_CACHE_HOME/moec)") \
+  X(NO_KCACHE, "no-kernel-cache", 0, "", "compile the GPU kernels at every start")                   \
   X(METRICS, "metrics", 1, "FILE", "write one JSON object per step to FILE (JSON lines)")          \
   X(DATA, "data", 1, "PATH", "read the training text from PATH instead of the spec's bytes(...)")  \
   X(SEED, "seed", 1, "N", "seed of initialization, data and noise (default: the spec's)")          \
@@ -69,7 +71,8 @@ static const struct {
 
 typedef struct options {
   int64_t steps, seed, log_every, tokens, eval_every, ckpt_every, generate;
-  const char *backend, *metrics, *data, *checkpoint, *prompt, *comm, *trace;
+  const char *backend, *metrics, *data, *checkpoint, *prompt, *comm, *trace, *kernel_cache;
+  bool no_kernel_cache;
   const char *variants[MAX_FORCED];
   int nvariants;
   bool resume, quiet, steps_given;
@@ -140,7 +143,8 @@ static void print_header(const moert_model *m, const moert_plan *p, const option
   human(mb, sizeof mb, (double)bytes, "B");
   fprintf(out, "model %s (%s): %s parameters, %d layers (%d moe)%s\n", m->name, m->spec_file, pb,
           nlayers, nmoe, m->vocab ? ", byte-level language model" : ", regression on a teacher MLP");
-  fprintf(out, "backend %s (fp32), %d rank%s, %" PRId64 " tokens per rank, %s on this rank\n", b->name,
+  fprintf(out, "backend %s (fp32%s), %d rank%s, %" PRId64 " tokens per rank, %s on this rank\n", b->name,
+          o->backend ? "" : strcmp(b->name, "cpu") == 0 ? "; no GPU found" : "; a GPU was found",
           c->world, c->world == 1 ? "" : "s", p->tokens, mb);
   if (m->train.has_train) {
     const moert_train *t = &m->train;
@@ -328,7 +332,7 @@ int moert_main(const moert_model *m, int argc, char **argv) {
   o.tokens = m->tokens;
   o.eval_every = m->train.eval_every;
   o.ckpt_every = m->train.checkpoint_every;
-  o.backend = "cpu";
+  o.backend = NULL; /* cuda when a GPU is found */
   o.data = m->train.data_path;
   o.checkpoint = m->train.checkpoint;
   opterr = 0;
@@ -354,6 +358,8 @@ int moert_main(const moert_model *m, int argc, char **argv) {
     case FLAG_DATA: o.data = a; break;
     case FLAG_CHECKPOINT: o.checkpoint = a; break;
     case FLAG_PROMPT: o.prompt = a; break;
+    case FLAG_KCACHE: o.kernel_cache = a; break;
+    case FLAG_NO_KCACHE: o.no_kernel_cache = true; break;
     case FLAG_TRACE: o.trace = a; break;
     case FLAG_COMM: o.comm = a; ok = !strcmp(a, "mpi") || !strcmp(a, "self"); break;
     case FLAG_VARIANT:
@@ -382,14 +388,37 @@ int moert_main(const moert_model *m, int argc, char **argv) {
     return usage_error(argv0, "%s", "--resume needs a model with a train block");
 
   moert_status st = {0};
-  if (!strcmp(o.backend, "cuda")) {
-    MOERT_FAIL(&st, "this build of moec has no cuda backend yet; run with --backend cpu");
-    return fail(argv0, &st);
-  }
-  moert_backend *b = moert_backend_cpu();
   moert_comm *comm = moert_comm_self();
   bool use_mpi = o.comm ? strcmp(o.comm, "mpi") == 0 : moert_comm_under_mpirun();
   if (use_mpi && !moert_comm_mpi_create(&argc, &argv, &comm, &st)) return fail(argv0, &st);
+  moert_comm *host_comm = comm;
+  bool want_cuda = o.backend ? strcmp(o.backend, "cuda") == 0 : moert_cuda_available();
+  if (o.backend && want_cuda && !moert_cuda_available()) {
+    MOERT_FAIL(&st, "--backend cuda: no usable NVIDIA GPU was found (no libcuda.so.1, or no device); run "
+               "with --backend cpu");
+    if (comm != moert_comm_self()) moert_comm_mpi_finalize(comm);
+    return fail(argv0, &st);
+  }
+  moert_backend *b = moert_backend_cpu();
+  if (want_cuda) {
+    /* one GPU per rank on a host, round robin (several ranks may share one) */
+    int gpus = moert_cuda_device_count();
+    int device = gpus > 0 ? comm->local_rank % gpus : 0;
+    bool ok = moert_backend_cuda_create(&b, device, o.kernel_cache, !o.no_kernel_cache, &st);
+    if (ok && !moert_comm_staged_create(host_comm, b, &comm, &st)) {
+      moert_backend_cuda_destroy(b);
+      ok = false;
+    }
+    if (!ok) {
+      if (host_comm->world > 1) { /* the other ranks may have started: stop them all */
+        fprintf(stderr, "%s: rank %d: error: %s\n", argv0, host_comm->rank, st.msg);
+        fflush(stderr);
+        moert_comm_abort(host_comm, 1);
+      }
+      if (host_comm != moert_comm_self()) moert_comm_mpi_finalize(host_comm);
+      return fail(argv0, &st);
+    }
+  }
   moert_backend_cpu_share_cores(comm->local_size);
   bool training = m->train.has_train;
   FILE *metrics = NULL;
@@ -448,6 +477,9 @@ int moert_main(const moert_model *m, int argc, char **argv) {
 
   FILE *out = o.quiet || comm->rank ? NULL : stdout;
   if (out) print_header(m, plan, &o, b, comm, out);
+  if (out && b != moert_backend_cpu())
+    fprintf(out, "kernels: %s (%s)\n", moert_backend_cuda_cache_hit(b) ? "from the cache" : "compiled by NVRTC",
+            moert_backend_cuda_cache_path(b) ? moert_backend_cuda_cache_path(b) : "no cache");
   if (o.resume) {
     /* the model as loaded, on the held-out batch: equal to the loss at the
      * checkpoint's step, whatever the world size then and now */
@@ -540,7 +572,7 @@ out:
     /* the other ranks may be waiting in a collective: stop them all */
     fprintf(stderr, "%s: rank %d: error: %s\n", argv0, comm->rank, st.msg);
     fflush(stderr);
-    moert_comm_abort(comm, 1);
+    moert_comm_abort(host_comm, 1);
   }
   free(times);
   free(prev);
@@ -549,7 +581,9 @@ out:
   moert_trace_destroy(trace);
   moert_data_close(data);
   moert_plan_destroy(plan);
-  if (comm != moert_comm_self()) moert_comm_mpi_finalize(comm);
+  if (comm != host_comm) comm->destroy(comm);
+  if (b != moert_backend_cpu()) moert_backend_cuda_destroy(b);
+  if (host_comm != moert_comm_self()) moert_comm_mpi_finalize(host_comm);
   if (rc) return fail(argv0, &st);
   return rc;
 }

@@ -1,0 +1,62 @@
+#!/bin/sh
+# gpu_train_test.sh MODE MOEC SRCDIR WORKDIR MPIEXEC — built models on the
+# cuda backend, compared with the cpu backend (label gpu). Exits 77 (skipped)
+# where no GPU is found.
+set -u
+mode=$1 moec=$2 src=$3 work=$4 mpiexec=$5
+rm -rf "$work" && mkdir -p "$work" && cd "$work" || exit 1
+fail() { echo "FAIL: $mode: $*"; exit 1; }
+field() { sed -n "s/.*\"$1\": \([^,}]*\).*/\1/p" "$2"; }
+export OPENBLAS_NUM_THREADS=1
+"$moec" build "$src/examples/tiny.moe" -o tiny >/dev/null || fail "moec build tiny"
+"$moec" build "$src/tests/dist/dist.moe" -o dist >/dev/null || fail "moec build dist"
+./tiny --backend cuda --steps 1 --quiet --kernel-cache kc > probe.txt 2>&1 || {
+  if grep -q "no usable NVIDIA GPU" probe.txt; then echo "SKIP: no GPU here: $(cat probe.txt)"; exit 77; fi
+  fail "the cuda backend does not start: $(cat probe.txt)"
+}
+# losses of two runs agree: the first `n` steps (all when not given) to a
+# relative tolerance `tol`, later steps to `late` (routing is discrete: once a
+# near-tied top-k choice flips, two correct runs drift apart)
+close() {
+  field loss "$1" > a.txt; field loss "$2" > b.txt
+  [ -s a.txt ] && [ "$(wc -l < a.txt)" = "$(wc -l < b.txt)" ] || fail "different steps in $1 and $2"
+  paste a.txt b.txt | awk -v tol="$3" -v n="${4:-1000000}" -v late="${5:-0}" '
+    { d = $1 - $2; if (d < 0) d = -d; r = d / ($2 < 0 ? -$2 : $2);
+      if (NR <= n) { if (r > w) { w = r; ws = NR } } else if (r > wl) { wl = r; wls = NR } }
+    END { printf "worst relative difference %.2e at step %d (tolerance %s, first %d steps)", w, ws, tol, n;
+          if (wl > 0) printf "; later %.2e at step %d (tolerance %s)", wl, wls, late; printf "\n";
+          exit !(w <= tol && wl <= late) }' ||
+    { paste a.txt b.txt | awk '{ printf "step %d: %s %s\n", NR, $1, $2 }'; fail "losses differ"; }
+}
+case $mode in
+train_vs_cpu)
+  ./tiny --backend cpu --steps 50 --metrics cpu.jsonl --quiet || fail "cpu run"
+  ./tiny --backend cuda --steps 50 --metrics cuda.jsonl --kernel-cache kc --quiet || fail "cuda run"
+  close cpu.jsonl cuda.jsonl 1e-5 20 5e-2
+  echo "ok: 50 steps on cuda follow the cpu's losses" ;;
+cache)
+  rm -rf kc2
+  ./tiny --backend cuda --steps 2 --kernel-cache kc2 > first.txt || fail "first run"
+  grep -q "kernels: compiled by NVRTC" first.txt || fail "the first start did not compile: $(grep kernels first.txt)"
+  ./tiny --backend cuda --steps 2 --kernel-cache kc2 > second.txt || fail "second run"
+  grep -q "kernels: from the cache" second.txt || fail "the second start compiled again: $(grep kernels second.txt)"
+  ./tiny --backend cuda --steps 2 --no-kernel-cache > third.txt || fail "--no-kernel-cache"
+  grep -q "kernels: compiled by NVRTC" third.txt || fail "--no-kernel-cache used a cache"
+  for f in kc2/*.bin; do printf 'garbage' > "$f"; done
+  ./tiny --backend cuda --steps 2 --kernel-cache kc2 > fourth.txt 2> warn.txt || fail "a corrupt cache broke the run: $(cat warn.txt)"
+  grep -qi "warning" warn.txt || fail "no warning for a corrupt cache entry"
+  echo "ok: the second start compiles nothing; a corrupt cache warns and recompiles" ;;
+variants_np*)
+  n=${mode#variants_np}
+  run() { "$mpiexec" --oversubscribe -np "$n" "$@"; }
+  run ./dist --backend cuda --kernel-cache kc --variant cycle --metrics cycle.jsonl --quiet || fail "cycle"
+  first=$(sed -n 's/.*"variants": {"\([^"]*\)": "\([^"]*\)".*/\2/p' cycle.jsonl | head -1)
+  run ./dist --backend cuda --kernel-cache kc --variant "$first" --metrics fixed.jsonl --quiet || fail "fixed"
+  close cycle.jsonl fixed.jsonl 1e-4
+  run ./dist --backend cpu --variant "$first" --metrics cpu.jsonl --quiet || fail "cpu"
+  close cpu.jsonl fixed.jsonl 2e-3
+  bad=$(grep -c -v '"switch_bytes": 0, "switch_allocs": 0' cycle.jsonl)
+  [ "$bad" = 0 ] || fail "$bad steps switched at a cost"
+  echo "ok: -np $n ranks sharing the GPU: every variant, cycled, follows the fixed one and the cpu; switches cost nothing" ;;
+*) echo "unknown mode $mode"; exit 2 ;;
+esac
