@@ -12,6 +12,7 @@
 #include <stdint.h>
 
 #include "cpu_ops.h"
+#include "cpu_ops_typed.h"
 #include "status.h"
 
 /* The ops of cpu_ops.h a backend provides, by name. */
@@ -22,6 +23,11 @@
   X(gate_normalize) X(gate_normalize_bwd) X(gate_locations) X(gate_priority_order)             \
   X(gate_stats) X(gate_scores_bwd) X(softmax_bwd) X(dispatch) X(dispatch_bwd) X(combine)       \
   X(combine_bwd) X(embed_fwd) X(embed_bwd) X(xent) X(mse) X(sumsq) X(scale) X(adamw) X(sgd)
+
+/* The ops of cpu_ops_typed.h (the expert path in a storage type). */
+#define MOERT_BACKEND_TYPED_OPS(X)                                                             \
+  X(convert) X(gemm_ex) X(bias_add_t) X(bias_grad_t) X(act_fwd_t) X(act_bwd_t) X(swiglu_fwd_t) \
+  X(swiglu_bwd_t) X(dispatch_t) X(dispatch_bwd_t) X(combine_t) X(combine_bwd_t)
 
 typedef struct moert_backend moert_backend;
 
@@ -45,9 +51,16 @@ struct moert_backend {
   /* loc[i] >= keep becomes INT32_MAX: those claims are dropped whatever the
    * padded capacity the buffers use. */
   void (*drop_beyond)(int32_t *loc, int64_t n, int64_t keep);
+  /* copy_blocks over elements of type dt (offsets and strides in elements) */
+  void (*copy_blocks_t)(moert_dt dt, void *dst, int64_t dst_stride, const void *src,
+                        int64_t src_stride, int64_t nblocks, int64_t block, bool add);
+  /* Whether the expert path of a bf16 model runs in bf16 here (the cuda
+   * backend; the cpu only when asked to emulate it, for tests). */
+  bool bf16;
   /* the fused ops */
 #define X(op) __typeof__(moert_cpu_##op) *op;
   MOERT_BACKEND_OPS(X)
+  MOERT_BACKEND_TYPED_OPS(X)
 #undef X
   /* Counters for the zero-cost-switch claim: allocations made, and bytes
    * that copy, copy_blocks or upload wrote into a watched range (the
@@ -57,7 +70,9 @@ struct moert_backend {
   void *impl;
 };
 
-/* The cpu backend: a static table, nothing to free. */
+/* The cpu backend: a static table, nothing to free. Its `bf16` is false
+ * unless the environment sets MOEC_CPU_BF16=1: then bf16 models keep their
+ * expert path in bf16 as on the GPU (emulated; for tests). */
 moert_backend *moert_backend_cpu(void);
 /* Splits the host's cores among the ranks_here ranks that share it (BLAS
  * threads per rank). */

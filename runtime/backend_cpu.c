@@ -78,6 +78,23 @@ static void cpu_copy_blocks(float *dst, int64_t dst_stride, const float *src, in
       memmove(d, x, sizeof(float) * (size_t)block);
   }
 }
+static void cpu_copy_blocks_t(moert_dt dt, void *dst, int64_t dst_stride, const void *src,
+                              int64_t src_stride, int64_t nblocks, int64_t block, bool add) {
+  if (dt == MOERT_F32) {
+    cpu_copy_blocks(dst, dst_stride, src, src_stride, nblocks, block, add);
+    return;
+  }
+  for (int64_t i = 0; i < nblocks; i++) {
+    uint16_t *d = (uint16_t *)dst + i * dst_stride;
+    const uint16_t *x = (const uint16_t *)src + i * src_stride;
+    watch(d, sizeof(uint16_t) * (size_t)block);
+    if (add)
+      for (int64_t k = 0; k < block; k++)
+        d[k] = moert_f32_to_bf16(moert_bf16_to_f32(d[k]) + moert_bf16_to_f32(x[k]));
+    else
+      memmove(d, x, sizeof(uint16_t) * (size_t)block);
+  }
+}
 static void cpu_drop_beyond(int32_t *loc, int64_t n, int64_t keep) {
   for (int64_t i = 0; i < n; i++)
     if (loc[i] >= keep) loc[i] = INT32_MAX;
@@ -96,12 +113,18 @@ static moert_backend cpu_backend = {
     .dot = cpu_dot,
     .copy_blocks = cpu_copy_blocks,
     .drop_beyond = cpu_drop_beyond,
+    .copy_blocks_t = cpu_copy_blocks_t,
 #define X(op) .op = moert_cpu_##op,
     MOERT_BACKEND_OPS(X)
+    MOERT_BACKEND_TYPED_OPS(X)
 #undef X
 };
 
-moert_backend *moert_backend_cpu(void) { return &cpu_backend; }
+moert_backend *moert_backend_cpu(void) {
+  const char *e = getenv("MOEC_CPU_BF16");
+  cpu_backend.bf16 = e && strcmp(e, "1") == 0;
+  return &cpu_backend;
+}
 
 void moert_backend_cpu_share_cores(int ranks_here) {
 #ifdef MOERT_HAVE_CBLAS

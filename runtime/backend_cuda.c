@@ -115,7 +115,7 @@ bool moert_cuda_compile_source(const char *src, const char *arch, const char *lo
 
 #define CUBLAS_FUNCS(X)                                                                        \
   X(cublasCreate) X(cublasDestroy) X(cublasSetStream) X(cublasSetMathMode) X(cublasSgemm)      \
-  X(cublasSgemmStridedBatched) X(cublasGetStatusString)
+  X(cublasSgemmStridedBatched) X(cublasGemmStridedBatchedEx) X(cublasGetStatusString)
 
 #define DECLARE(f) __typeof__(f) *f;
 static struct {
@@ -242,7 +242,11 @@ MOERT_CHECK_GEN(cublas_check, cublasStatus_t, CUBLAS_STATUS_SUCCESS, cublas_errs
   X(gate_stats_part) X(aux_loss) X(gate_scores_bwd) X(softmax_bwd) X(dispatch)                   \
   X(dispatch_bwd) X(combine) X(combine_bwd) X(drop_beyond) X(copy_blocks) X(embed_fwd)           \
   X(embed_bwd) X(xent) X(mse) X(dot) X(adamw) X(sgd) X(scale) X(add) X(axpy) X(bias_add)         \
-  X(bias_grad_part) X(scale_rows)
+  X(bias_grad_part) X(scale_rows) X(cvt_f2bf) X(cvt_bf2f) X(dispatch_bf16) X(dispatch_bwd_bf16)     \
+  X(combine_bf16) X(combine_bwd_bf16) X(act_fwd_relu_bf16) X(act_fwd_gelu_bf16)                  \
+  X(act_fwd_silu_bf16) X(act_bwd_relu_bf16) X(act_bwd_gelu_bf16) X(act_bwd_silu_bf16)           \
+  X(swiglu_fwd_bf16) X(swiglu_bwd_bf16) X(bias_add_bf16) X(bias_grad_part_bf16)                  \
+  X(copy_blocks_bf16)
 
 enum {
 #define X(k) K_##k,
@@ -820,6 +824,196 @@ static void cuda_combine_bwd(const float *dy, const float *buf, const int32_t *i
                     &capacity, &dim));
 }
 
+/* ------------------------------------------------------------ the expert path, typed */
+
+static void cuda_convert(void *dst, moert_dt dt, const void *src, moert_dt st, int64_t n) {
+  if (n <= 0) return;
+  if (dt == st) {
+    watch(dst, (size_t)n * (size_t)moert_dt_size(dt));
+    if (healthy())
+      CUOK(&G.err, cuMemcpyDtoDAsync, (DPTR(dst), DPTR(src), (size_t)n * (size_t)moert_dt_size(dt), G.stream));
+    return;
+  }
+  launch(dt == MOERT_BF16 ? K_cvt_f2bf : K_cvt_bf2f, grid_for(n, 1024), 1, 256, 1, ARGS(&dst, &src, &n));
+}
+
+static cudaDataType cuda_type(moert_dt t) { return t == MOERT_BF16 ? CUDA_R_16BF : CUDA_R_32F; }
+
+static void cuda_bias_add_t(moert_dt dt, void *y, const void *bias, int64_t count, int64_t rows,
+                            int64_t cols) {
+  if (count <= 0 || rows <= 0 || cols <= 0) return;
+  if (dt == MOERT_F32) {
+    for (int64_t z = 0; z < count; z++)
+      cuda_bias_add((float *)y + z * rows * cols, (const float *)bias + z * cols, rows, cols);
+    return;
+  }
+  launch(K_bias_add_bf16, grid_for(cols, 256), (uint64_t)clamp64(count * rows, 1, MAX_GRID_Y), 256, 1,
+         ARGS(&y, &bias, &count, &rows, &cols));
+}
+
+/* Every GEMM of the expert path: fp32 through cublasSgemmStridedBatched
+ * (as cuda_gemm_batched, TF32 off), bf16 operands through
+ * cublasGemmStridedBatchedEx with fp32 accumulation and C in fp32 or bf16. */
+static void cuda_gemm_ex(const moert_gemm *g) {
+  if (!healthy() || g->m <= 0 || g->n <= 0 || g->count <= 0) return;
+  if (g->ab_type == MOERT_F32 && g->c_type == MOERT_F32) {
+    cuda_gemm_batched(g->trans_a, g->trans_b, g->m, g->n, g->k, g->alpha, g->a, g->lda, g->stride_a, g->b,
+                      g->ldb, g->stride_b, g->beta, g->c, g->ldc, g->stride_c, g->count);
+  } else if (g->k <= 0 || g->alpha == 0) {
+    MOERT_FAIL(&G.err, "a bf16 GEMM with k = 0 or alpha = 0 (not supported)");
+    return;
+  } else if (g->ab_type != MOERT_BF16) {
+    MOERT_FAIL(&G.err, "a GEMM of fp32 operands into a bf16 result (not supported)");
+    return;
+  } else if (!fits_int(g->m) || !fits_int(g->n) || !fits_int(g->k) || !fits_int(g->lda) ||
+             !fits_int(g->ldb) || !fits_int(g->ldc) || !fits_int(g->count)) {
+    MOERT_FAIL(&G.err, "a batched GEMM of %" PRId64 " x %" PRId64 "x%" PRId64 "x%" PRId64
+               " exceeds cuBLAS's 32-bit sizes", g->count, g->m, g->n, g->k);
+    return;
+  } else {
+    float alpha = g->alpha, beta = g->beta;
+    CUBLASOK(&G.err, cublasGemmStridedBatchedEx,
+             (G.blas, g->trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, g->trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
+              (int)g->n, (int)g->m, (int)g->k, &alpha, g->b, CUDA_R_16BF, (int)g->ldb, (long long)g->stride_b,
+              g->a, CUDA_R_16BF, (int)g->lda, (long long)g->stride_a, &beta, g->c, cuda_type(g->c_type),
+              (int)g->ldc, (long long)g->stride_c, (int)g->count, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  }
+  if (g->bias) {
+    if (g->ldc != g->n) {
+      MOERT_FAIL(&G.err, "a GEMM with a bias needs packed rows of C");
+      return;
+    }
+    if (g->stride_c == g->m * g->n) cuda_bias_add_t(g->c_type, g->c, g->bias, g->count, g->m, g->n);
+    else
+      for (int64_t z = 0; z < g->count; z++)
+        cuda_bias_add_t(g->c_type, (char *)g->c + z * g->stride_c * moert_dt_size(g->c_type),
+                        (const char *)g->bias + z * g->stride_bias * moert_dt_size(g->c_type), 1, g->m, g->n);
+  }
+}
+
+static void cuda_bias_grad_t(moert_dt dt, float *dbias, const void *dy, int64_t count, int64_t rows,
+                             int64_t cols) {
+  if (cols <= 0) return;
+  if (dt == MOERT_F32) {
+    for (int64_t z = 0; z < count; z++)
+      cuda_bias_grad(dbias + z * cols, (const float *)dy + z * rows * cols, rows, cols);
+    return;
+  }
+  col_plan p = plan_cols(rows, cols, 1);
+  double *part = scratch_d(0);
+  for (int64_t z = 0; z < count; z++)
+    for (int64_t c0 = 0; c0 < cols; c0 += p.w) {
+      long long w = (long long)(cols - c0 < p.w ? cols - c0 : p.w);
+      const uint16_t *x = (const uint16_t *)dy + z * rows * cols + c0;
+      launch(K_bias_grad_part_bf16, (uint64_t)cdiv(w, 32), (uint64_t)p.nchunk, 32, 8,
+             ARGS(&x, &rows, &cols, &w, &p.rpc, &part));
+      colsum_add(dbias + z * cols + c0, part, &p, w);
+    }
+}
+
+static void cuda_act_fwd_t(moert_dt dt, moert_act act, const void *h, void *a, int64_t n) {
+  if (dt == MOERT_F32) {
+    cuda_act_fwd(act, h, a, n);
+    return;
+  }
+  if (n <= 0) return;
+  int k = act == MOERT_ACT_RELU ? K_act_fwd_relu_bf16 : act == MOERT_ACT_GELU ? K_act_fwd_gelu_bf16
+                                                                              : K_act_fwd_silu_bf16;
+  launch(k, grid_for(n, 1024), 1, 256, 1, ARGS(&h, &a, &n));
+}
+
+static void cuda_act_bwd_t(moert_dt dt, moert_act act, const void *h, const void *da, void *dh, int64_t n) {
+  if (dt == MOERT_F32) {
+    cuda_act_bwd(act, h, da, dh, n);
+    return;
+  }
+  if (n <= 0) return;
+  int k = act == MOERT_ACT_RELU ? K_act_bwd_relu_bf16 : act == MOERT_ACT_GELU ? K_act_bwd_gelu_bf16
+                                                                              : K_act_bwd_silu_bf16;
+  launch(k, grid_for(n, 1024), 1, 256, 1, ARGS(&h, &da, &dh, &n));
+}
+
+static void cuda_swiglu_fwd_t(moert_dt dt, const void *h, void *a, int64_t rows, int64_t hid) {
+  if (dt == MOERT_F32) {
+    cuda_swiglu_fwd(h, a, rows, hid);
+    return;
+  }
+  if (rows <= 0 || hid <= 0) return;
+  launch(K_swiglu_fwd_bf16, grid_for(rows * hid, 1024), 1, 256, 1, ARGS(&h, &a, &rows, &hid));
+}
+
+static void cuda_swiglu_bwd_t(moert_dt dt, const void *h, const void *da, void *dh, int64_t rows,
+                              int64_t hid) {
+  if (dt == MOERT_F32) {
+    cuda_swiglu_bwd(h, da, dh, rows, hid);
+    return;
+  }
+  if (rows <= 0 || hid <= 0) return;
+  launch(K_swiglu_bwd_bf16, grid_for(rows * hid, 1024), 1, 256, 1, ARGS(&h, &da, &dh, &rows, &hid));
+}
+
+/* bf16 token kernels: threads for a row of 8-element groups. */
+static void token_launch8(int k, int64_t tokens, int64_t dim, void **args) {
+  if (tokens <= 0) return;
+  launch(k, (uint64_t)clamp64(tokens, 1, MAX_GRID_X), 1, threads_for(cdiv(dim, 8)), 1, args);
+}
+
+static void cuda_dispatch_t(moert_dt dt, const float *x, const int32_t *idx, const int32_t *loc, void *buf,
+                            int64_t tokens, int64_t top_k, int64_t experts, int64_t capacity, int64_t dim) {
+  if (dt == MOERT_F32) {
+    cuda_dispatch(x, idx, loc, buf, tokens, top_k, experts, capacity, dim);
+    return;
+  }
+  cuda_zero(buf, 2 * (size_t)(experts * capacity * dim));
+  token_launch8(K_dispatch_bf16, tokens, dim, ARGS(&x, &idx, &loc, &buf, &tokens, &top_k, &experts, &capacity, &dim));
+}
+
+static void cuda_dispatch_bwd_t(moert_dt dt, const void *dbuf, const int32_t *idx, const int32_t *loc, float *dx,
+                                int64_t tokens, int64_t top_k, int64_t experts, int64_t capacity, int64_t dim) {
+  if (dt == MOERT_F32) {
+    cuda_dispatch_bwd(dbuf, idx, loc, dx, tokens, top_k, experts, capacity, dim);
+    return;
+  }
+  token_launch8(K_dispatch_bwd_bf16, tokens, dim,
+                ARGS(&dbuf, &idx, &loc, &dx, &tokens, &top_k, &experts, &capacity, &dim));
+}
+
+static void cuda_combine_t(moert_dt dt, const void *buf, const int32_t *idx, const int32_t *loc, const float *gate,
+                           float *y, int64_t tokens, int64_t top_k, int64_t experts, int64_t capacity, int64_t dim) {
+  if (dt == MOERT_F32) {
+    cuda_combine(buf, idx, loc, gate, y, tokens, top_k, experts, capacity, dim);
+    return;
+  }
+  token_launch8(K_combine_bf16, tokens, dim,
+                ARGS(&buf, &idx, &loc, &gate, &y, &tokens, &top_k, &experts, &capacity, &dim));
+}
+
+static void cuda_combine_bwd_t(moert_dt dt, const float *dy, const void *buf, const int32_t *idx,
+                               const int32_t *loc, const float *gate, void *dbuf, float *dgate, int64_t tokens,
+                               int64_t top_k, int64_t experts, int64_t capacity, int64_t dim) {
+  if (dt == MOERT_F32) {
+    cuda_combine_bwd(dy, buf, idx, loc, gate, dbuf, dgate, tokens, top_k, experts, capacity, dim);
+    return;
+  }
+  cuda_zero(dbuf, 2 * (size_t)(experts * capacity * dim));
+  token_launch8(K_combine_bwd_bf16, tokens, dim,
+                ARGS(&dy, &buf, &idx, &loc, &gate, &dbuf, &dgate, &tokens, &top_k, &experts, &capacity, &dim));
+}
+
+static void cuda_copy_blocks_t(moert_dt dt, void *dst, int64_t dst_stride, const void *src, int64_t src_stride,
+                               int64_t nblocks, int64_t block, bool add) {
+  if (dt == MOERT_F32) {
+    cuda_copy_blocks(dst, dst_stride, src, src_stride, nblocks, block, add);
+    return;
+  }
+  for (int64_t i = 0; i < nblocks && (G.b.watch_lo[0] || G.b.watch_lo[1]); i++)
+    watch((uint16_t *)dst + i * dst_stride, 2 * (size_t)block);
+  if (nblocks <= 0 || block <= 0) return;
+  int a = add;
+  launch(K_copy_blocks_bf16, grid_for(cdiv(block, 8), 256), (uint64_t)clamp64(nblocks, 1, MAX_GRID_Y), 256, 1,
+         ARGS(&dst, &dst_stride, &src, &src_stride, &nblocks, &block, &a));
+}
+
 /* ------------------------------------------------------------ embedding, losses */
 
 static void cuda_embed_fwd(const float *table, const int32_t *win, float *x, int64_t tokens,
@@ -1250,8 +1444,11 @@ bool moert_backend_cuda_create(moert_backend **out, int device, const char *cach
       .dot = cuda_dot,
       .copy_blocks = cuda_copy_blocks,
       .drop_beyond = cuda_drop_beyond,
+      .copy_blocks_t = cuda_copy_blocks_t,
+      .bf16 = true,
 #define X(op) .op = cuda_##op,
       MOERT_BACKEND_OPS(X)
+      MOERT_BACKEND_TYPED_OPS(X)
 #undef X
           .impl = &G,
   };

@@ -128,7 +128,7 @@ static void human(char *buf, size_t n, double v, const char *unit) {
   snprintf(buf, n, k ? "%.2f %s%s" : "%.0f %s%s", v, pre[k], unit);
 }
 
-static void print_header(const moert_model *m, const moert_plan *p, const options *o,
+static void print_header(const moert_model *m, const moert_plan *p, moert_dt xdt, const options *o,
                          const moert_backend *b, const moert_comm *c, FILE *out) {
   int nmoe = 0, nlayers = 0;
   for (int i = 0; i < m->nlayers; i++) {
@@ -143,7 +143,10 @@ static void print_header(const moert_model *m, const moert_plan *p, const option
   human(mb, sizeof mb, (double)bytes, "B");
   fprintf(out, "model %s (%s): %s parameters, %d layers (%d moe)%s\n", m->name, m->spec_file, pb,
           nlayers, nmoe, m->vocab ? ", byte-level language model" : ", regression on a teacher MLP");
-  fprintf(out, "backend %s (fp32%s), %d rank%s, %" PRId64 " tokens per rank, %s on this rank\n", b->name,
+  const char *prec = xdt == MOERT_BF16 ? "bf16 experts, fp32 gating, masters and the rest"
+                    : m->dtype == MOERT_DT_BF16 && strcmp(b->name, "cpu") ? "fp32: M or H / S is odd"
+                                                                         : "fp32";
+  fprintf(out, "backend %s (%s%s), %d rank%s, %" PRId64 " tokens per rank, %s on this rank\n", b->name, prec,
           o->backend ? "" : strcmp(b->name, "cpu") == 0 ? "; no GPU found" : "; a GPU was found",
           c->world, c->world == 1 ? "" : "s", p->tokens, mb);
   if (m->train.has_train) {
@@ -476,7 +479,7 @@ int moert_main(const moert_model *m, int argc, char **argv) {
   b->watch_hi[1] = e->state ? e->state + plan->state_elems : NULL;
 
   FILE *out = o.quiet || comm->rank ? NULL : stdout;
-  if (out) print_header(m, plan, &o, b, comm, out);
+  if (out) print_header(m, plan, e->xdt, &o, b, comm, out);
   if (out && b != moert_backend_cpu())
     fprintf(out, "kernels: %s (%s)\n", moert_backend_cuda_cache_hit(b) ? "from the cache" : "compiled by NVRTC",
             moert_backend_cuda_cache_path(b) ? moert_backend_cuda_cache_path(b) : "no cache");

@@ -42,6 +42,11 @@ typedef struct moert_exec {
   uint64_t seed;
   /* pools */
   float *params, *grads, *state, *act, *scratch;
+  /* The expert path's storage type: bf16 for a bf16 model on a backend
+   * that keeps it in bf16 (then wlow holds the parameters as bf16, rounded
+   * from the fp32 masters at the start of every forward), else fp32. */
+  moert_dt xdt;
+  void *wlow;
   int32_t *iact;
   float *input;       /* [T, M] model input (regression) */
   float *dcur, *dnext;/* [T, M] gradient of the current layer's output / input */

@@ -35,6 +35,13 @@
 #define F(e, li, name) ((e)->act + (e)->plan->layers[li].f[MOERT_F_##name])
 #define I(e, li, name) ((e)->iact + (e)->plan->layers[li].i[MOERT_I_##name])
 #define S(e, li, name) ((e)->scratch + (e)->plan->layers[li].s[MOERT_S_##name])
+/* A parameter as the experts compute with it: the bf16 copy on a bf16 expert
+ * path, else the fp32 master. */
+#define PT_(e, l, k)                                                                              \
+  ((e)->xdt == MOERT_BF16 ? (void *)((uint16_t *)(e)->wlow + (e)->plan->params[(l)->param_first + (k)].offset) \
+                          : (void *)P_(e, l, k))
+/* Element `off` of an expert-path tensor p (type g->dt). */
+#define AT(g, p, off) ((void *)((char *)(p) + (int64_t)(off) * (g)->es))
 
 #define TNOW(e) ((e)->trace ? moert_trace_now() : 0.0)
 /* Records [t0, now) as name on thread tid when tracing. */
@@ -80,6 +87,13 @@ static bool make_subcomm(moert_exec *e, int64_t shards, int64_t r, moert_status 
   return true;
 }
 
+bool moert_moe_bf16_fits(const moert_model *m, const moert_plan *plan) {
+  if (m->dim % 2) return false;
+  for (int li = 0; li < m->nlayers; li++)
+    if (m->layers[li].kind == MOERT_L_MOE && plan->layers[li].hidden_local % 2) return false;
+  return true;
+}
+
 bool moert_moe_setup(moert_exec *e, moert_status *st) {
   for (int li = 0; li < e->m->nlayers; li++) {
     if (e->m->layers[li].kind != MOERT_L_MOE) continue;
@@ -103,43 +117,50 @@ void moert_moe_teardown(moert_exec *e) {
 /* --- the expert FFN on [n, rows, M] (n experts, rows each) --- */
 
 typedef struct expert_params {
-  const float *w1, *b1, *w2, *b2; /* [n, M, H1x], [n, H1x], [n, Hx, M], [n, M]; b NULL: none */
-  float *dw1, *db1, *dw2, *db2;   /* their gradients (accumulated); db NULL: not wanted */
-  int64_t n, hx;                  /* experts, hidden width here (H / r) */
+  const void *w1, *b1, *w2, *b2; /* [n, M, H1x], [n, H1x], [n, Hx, M], [n, M] (type dt); b NULL: none */
+  float *dw1, *db1, *dw2, *db2;  /* their gradients (fp32, accumulated); db NULL: not wanted */
+  int64_t n, hx;                 /* experts, hidden width here (H / r) */
 } expert_params;
 
-static void experts_fwd(moert_backend *b, const moert_layer *l, const expert_params *p, int64_t M,
-                        int64_t rows, const float *x, float *eh, float *ea, float *y) {
+/* count GEMMs of the expert path: op(A) [m, k] and op(B) [k, n] of type ab,
+ * C [m, n] of type ct, every operand packed (ld = its columns) and batched
+ * contiguously; bias (type ct, one row of n per GEMM) added when not NULL. */
+static void gemm_t(moert_backend *b, bool ta, bool tb, int64_t m, int64_t n, int64_t k, int64_t count,
+                   moert_dt ab, const void *a_, const void *b_, float beta, moert_dt ct, void *c,
+                   const void *bias) {
+  moert_gemm g = {.trans_a = ta, .trans_b = tb, .m = m, .n = n, .k = k, .count = count, .alpha = 1,
+                  .beta = beta, .a = a_, .b = b_, .ab_type = ab, .lda = ta ? m : k, .stride_a = m * k,
+                  .ldb = tb ? k : n, .stride_b = k * n, .c = c, .c_type = ct, .ldc = n, .stride_c = m * n,
+                  .bias = bias, .stride_bias = n};
+  b->gemm_ex(&g);
+}
+
+static void experts_fwd(moert_backend *b, moert_dt dt, const moert_layer *l, const expert_params *p,
+                        int64_t M, int64_t rows, const void *x, void *eh, void *ea, void *y) {
   bool swiglu = l->act == MOERT_ACT_SWIGLU;
   int64_t hx = p->hx, h1 = swiglu ? 2 * hx : hx, n = p->n;
   if (rows == 0) return;
-  b->gemm_batched(false, false, rows, h1, M, 1, x, M, rows * M, p->w1, h1, M * h1, 0, eh, h1, rows * h1, n);
-  if (p->b1)
-    for (int64_t z = 0; z < n; z++) b->bias_add(eh + z * rows * h1, p->b1 + z * h1, rows, h1);
-  if (swiglu) b->swiglu_fwd(eh, ea, n * rows, hx);
-  else b->act_fwd((moert_act)l->act, eh, ea, n * rows * hx);
-  b->gemm_batched(false, false, rows, M, hx, 1, ea, hx, rows * hx, p->w2, M, hx * M, 0, y, M, rows * M, n);
-  if (p->b2)
-    for (int64_t z = 0; z < n; z++) b->bias_add(y + z * rows * M, p->b2 + z * M, rows, M);
+  gemm_t(b, false, false, rows, h1, M, n, dt, x, p->w1, 0, dt, eh, p->b1);
+  if (swiglu) b->swiglu_fwd_t(dt, eh, ea, n * rows, hx);
+  else b->act_fwd_t(dt, (moert_act)l->act, eh, ea, n * rows * hx);
+  gemm_t(b, false, false, rows, M, hx, n, dt, ea, p->w2, 0, dt, y, p->b2);
 }
 
 /* dy -> dx (written); parameter gradients accumulate. dea and deh are scratch. */
-static void experts_bwd(moert_backend *b, const moert_layer *l, const expert_params *p, int64_t M,
-                        int64_t rows, const float *x, const float *eh, const float *ea,
-                        const float *dy, float *dea, float *deh, float *dx) {
+static void experts_bwd(moert_backend *b, moert_dt dt, const moert_layer *l, const expert_params *p,
+                        int64_t M, int64_t rows, const void *x, const void *eh, const void *ea,
+                        const void *dy, void *dea, void *deh, void *dx) {
   bool swiglu = l->act == MOERT_ACT_SWIGLU;
   int64_t hx = p->hx, h1 = swiglu ? 2 * hx : hx, n = p->n;
   if (rows == 0) return;
-  if (p->db2)
-    for (int64_t z = 0; z < n; z++) b->bias_grad(p->db2 + z * M, dy + z * rows * M, rows, M);
-  b->gemm_batched(true, false, hx, M, rows, 1, ea, hx, rows * hx, dy, M, rows * M, 1, p->dw2, M, hx * M, n);
-  b->gemm_batched(false, true, rows, hx, M, 1, dy, M, rows * M, p->w2, M, hx * M, 0, dea, hx, rows * hx, n);
-  if (swiglu) b->swiglu_bwd(eh, dea, deh, n * rows, hx);
-  else b->act_bwd((moert_act)l->act, eh, dea, deh, n * rows * hx);
-  if (p->db1)
-    for (int64_t z = 0; z < n; z++) b->bias_grad(p->db1 + z * h1, deh + z * rows * h1, rows, h1);
-  b->gemm_batched(true, false, M, h1, rows, 1, x, M, rows * M, deh, h1, rows * h1, 1, p->dw1, h1, M * h1, n);
-  b->gemm_batched(false, true, rows, M, h1, 1, deh, h1, rows * h1, p->w1, h1, M * h1, 0, dx, M, rows * M, n);
+  if (p->db2) b->bias_grad_t(dt, p->db2, dy, n, rows, M);
+  gemm_t(b, true, false, hx, M, rows, n, dt, ea, dy, 1, MOERT_F32, p->dw2, NULL);
+  gemm_t(b, false, true, rows, hx, M, n, dt, dy, p->w2, 0, dt, dea, NULL);
+  if (swiglu) b->swiglu_bwd_t(dt, eh, dea, deh, n * rows, hx);
+  else b->act_bwd_t(dt, (moert_act)l->act, eh, dea, deh, n * rows * hx);
+  if (p->db1) b->bias_grad_t(dt, p->db1, deh, n, rows, h1);
+  gemm_t(b, true, false, M, h1, rows, n, dt, x, deh, 1, MOERT_F32, p->dw1, NULL);
+  gemm_t(b, false, true, rows, M, h1, n, dt, deh, p->w1, 0, dt, dx, NULL);
 }
 
 /* --- which parameters a variant computes with --- */
@@ -147,6 +168,8 @@ static void experts_bwd(moert_backend *b, const moert_layer *l, const expert_par
 typedef struct layer_geom {
   int64_t E, K, M, H, H1, S, El, Hl, halves;
   int kexp;      /* index of fc1_w among the layer's parameters */
+  moert_dt dt;   /* the expert path's storage type */
+  int64_t es;    /* its bytes per element */
 } layer_geom;
 
 static layer_geom geom(const moert_exec *e, int li) {
@@ -163,6 +186,8 @@ static layer_geom geom(const moert_exec *e, int li) {
   g.El = lp->experts_local;
   g.Hl = lp->hidden_local;
   g.kexp = l->gate == MOERT_GATE_COSINE ? 4 : 1;
+  g.dt = e->xdt;
+  g.es = moert_dt_size(e->xdt);
   return g;
 }
 
@@ -178,17 +203,24 @@ static void gw_layout(const layer_geom *g, const moert_layer *l, int64_t n, int6
 
 /* Columns of P slices [P, rows, halves * h] -> [rows, halves * P * h] (or
  * back when inverse), keeping swiglu's two halves apart. */
-static void join_slices(moert_backend *b, float *dst, const float *src, int64_t P, int64_t rows, int64_t h,
-                        int64_t halves, bool inverse) {
+static void join_slices(moert_backend *b, moert_dt dt, void *dst, const void *src, int64_t P, int64_t rows,
+                        int64_t h, int64_t halves, bool inverse) {
+  int64_t es = moert_dt_size(dt);
   for (int64_t p = 0; p < P; p++)
     for (int64_t half = 0; half < halves; half++) {
-      const float *sl = src + p * rows * halves * h + half * h;
-      float *jn = dst + half * P * h + p * h;
+      char *sl = (char *)src + (p * rows * halves * h + half * h) * es;
+      char *jn = (char *)dst + (half * P * h + p * h) * es;
       if (inverse)
-        b->copy_blocks((float *)sl, halves * h, jn, halves * P * h, rows, h, false);
+        b->copy_blocks_t(dt, sl, halves * h, jn, halves * P * h, rows, h, false);
       else
-        b->copy_blocks(jn, halves * P * h, sl, halves * h, rows, h, false);
+        b->copy_blocks_t(dt, jn, halves * P * h, sl, halves * h, rows, h, false);
     }
+}
+
+/* all_gather of n elements of the expert path's type (n even for bf16). */
+static bool gather_t(moert_comm *c, const layer_geom *g, const void *send, void *recv, int64_t n,
+                     moert_status *st) {
+  return c->all_gather_f32(c, send, recv, n * g->es / (int64_t)sizeof(float), st);
 }
 
 /* r = 0: every expert whole into GW. */
@@ -196,31 +228,33 @@ static bool gather_all(moert_exec *e, int li, const layer_geom *g, moert_status 
   const moert_layer *l = &e->m->layers[li];
   moert_backend *b = e->b;
   moert_comm *c = e->comm;
-  float *gw = F(e, li, GW), *tmp = S(e, li, DGW);
+  void *gw = F(e, li, GW), *tmp = S(e, li, DGW);
   int64_t off[4];
   gw_layout(g, l, g->E, g->H, off);
   int64_t h1l = g->halves * g->Hl;
   if (g->S == 1) {
-    MOERT_TRY(st, c->all_gather_f32(c, P_(e, l, g->kexp), gw + off[0], g->El * g->M * g->H1, st));
-    if (l->bias) MOERT_TRY(st, c->all_gather_f32(c, P_(e, l, g->kexp + 1), gw + off[1], g->El * g->H1, st));
-    MOERT_TRY(st, c->all_gather_f32(c, P_(e, l, g->kexp + (l->bias ? 2 : 1)), gw + off[2], g->El * g->H * g->M, st));
-    if (l->bias) MOERT_TRY(st, c->all_gather_f32(c, P_(e, l, g->kexp + 3), gw + off[3], g->El * g->M, st));
+    MOERT_TRY(st, gather_t(c, g, PT_(e, l, g->kexp), AT(g, gw, off[0]), g->El * g->M * g->H1, st));
+    if (l->bias) MOERT_TRY(st, gather_t(c, g, PT_(e, l, g->kexp + 1), AT(g, gw, off[1]), g->El * g->H1, st));
+    MOERT_TRY(st, gather_t(c, g, PT_(e, l, g->kexp + (l->bias ? 2 : 1)), AT(g, gw, off[2]), g->El * g->H * g->M, st));
+    if (l->bias) MOERT_TRY(st, gather_t(c, g, PT_(e, l, g->kexp + 3), AT(g, gw, off[3]), g->El * g->M, st));
     return true;
   }
   /* S > 1: W slices of width Hl; join each expert's S slices */
-  MOERT_TRY(st, c->all_gather_f32(c, P_(e, l, g->kexp), tmp, g->M * h1l, st));
+  MOERT_TRY(st, gather_t(c, g, PT_(e, l, g->kexp), tmp, g->M * h1l, st));
   for (int64_t x = 0; x < g->E; x++)
-    join_slices(b, gw + off[0] + x * g->M * g->H1, tmp + x * g->S * g->M * h1l, g->S, g->M, g->Hl, g->halves, false);
+    join_slices(b, g->dt, AT(g, gw, off[0] + x * g->M * g->H1), AT(g, tmp, x * g->S * g->M * h1l), g->S, g->M,
+                g->Hl, g->halves, false);
   if (l->bias) {
-    MOERT_TRY(st, c->all_gather_f32(c, P_(e, l, g->kexp + 1), tmp, h1l, st));
+    MOERT_TRY(st, gather_t(c, g, PT_(e, l, g->kexp + 1), tmp, h1l, st));
     for (int64_t x = 0; x < g->E; x++)
-      join_slices(b, gw + off[1] + x * g->H1, tmp + x * g->S * h1l, g->S, 1, g->Hl, g->halves, false);
+      join_slices(b, g->dt, AT(g, gw, off[1] + x * g->H1), AT(g, tmp, x * g->S * h1l), g->S, 1, g->Hl, g->halves,
+                  false);
   }
   /* fc2_w slices are row blocks: [W, Hl, M] is already [E, H, M] */
-  MOERT_TRY(st, c->all_gather_f32(c, P_(e, l, g->kexp + (l->bias ? 2 : 1)), gw + off[2], g->Hl * g->M, st));
+  MOERT_TRY(st, gather_t(c, g, PT_(e, l, g->kexp + (l->bias ? 2 : 1)), AT(g, gw, off[2]), g->Hl * g->M, st));
   if (l->bias) { /* replicated in each group: take slice 0's */
-    MOERT_TRY(st, c->all_gather_f32(c, P_(e, l, g->kexp + 3), tmp, g->M, st));
-    b->copy_blocks(gw + off[3], g->M, tmp, g->S * g->M, g->E, g->M, false);
+    MOERT_TRY(st, gather_t(c, g, PT_(e, l, g->kexp + 3), tmp, g->M, st));
+    b->copy_blocks_t(g->dt, AT(g, gw, off[3]), g->M, tmp, g->S * g->M, g->E, g->M, false);
   }
   return true;
 }
@@ -249,12 +283,13 @@ static bool scatter_all(moert_exec *e, int li, const layer_geom *g, moert_status
   /* S > 1: split each expert's gradient into its S slices, rank-major */
   float *slices = S(e, li, GT1), *mine = S(e, li, GT2);
   for (int64_t x = 0; x < g->E; x++)
-    join_slices(b, dgw + off[0] + x * g->M * g->H1, slices + x * g->S * g->M * h1l, g->S, g->M, g->Hl, g->halves, true);
+    join_slices(b, MOERT_F32, dgw + off[0] + x * g->M * g->H1, slices + x * g->S * g->M * h1l, g->S, g->M, g->Hl,
+                g->halves, true);
   MOERT_TRY(st, c->reduce_scatter_f32(c, slices, mine, g->M * h1l, st));
   b->axpy(G_(e, l, g->kexp), mine, 1, g->M * h1l);
   if (l->bias) {
     for (int64_t x = 0; x < g->E; x++)
-      join_slices(b, dgw + off[1] + x * g->H1, slices + x * g->S * h1l, g->S, 1, g->Hl, g->halves, true);
+      join_slices(b, MOERT_F32, dgw + off[1] + x * g->H1, slices + x * g->S * h1l, g->S, 1, g->Hl, g->halves, true);
     MOERT_TRY(st, c->reduce_scatter_f32(c, slices, mine, h1l, st));
     b->axpy(G_(e, l, g->kexp + 1), mine, 1, h1l);
   }
@@ -274,16 +309,16 @@ static bool gather_class(moert_exec *e, int li, const layer_geom *g, int r, moer
   const moert_layer *l = &e->m->layers[li];
   moert_comm *c = subcomm(e, g->S, r);
   int64_t P = g->S / r, h1l = g->halves * g->Hl;
-  float *gw = F(e, li, GW), *tmp = S(e, li, DGW);
+  void *gw = F(e, li, GW), *tmp = S(e, li, DGW);
   int64_t off[4];
   gw_layout(g, l, 1, g->H / r, off);
-  MOERT_TRY(st, c->all_gather_f32(c, P_(e, l, g->kexp), tmp, g->M * h1l, st));
-  join_slices(e->b, gw + off[0], tmp, P, g->M, g->Hl, g->halves, false);
+  MOERT_TRY(st, gather_t(c, g, PT_(e, l, g->kexp), tmp, g->M * h1l, st));
+  join_slices(e->b, g->dt, AT(g, gw, off[0]), tmp, P, g->M, g->Hl, g->halves, false);
   if (l->bias) {
-    MOERT_TRY(st, c->all_gather_f32(c, P_(e, l, g->kexp + 1), tmp, h1l, st));
-    join_slices(e->b, gw + off[1], tmp, P, 1, g->Hl, g->halves, false);
+    MOERT_TRY(st, gather_t(c, g, PT_(e, l, g->kexp + 1), tmp, h1l, st));
+    join_slices(e->b, g->dt, AT(g, gw, off[1]), tmp, P, 1, g->Hl, g->halves, false);
   }
-  MOERT_TRY(st, c->all_gather_f32(c, P_(e, l, g->kexp + (l->bias ? 2 : 1)), gw + off[2], g->Hl * g->M, st));
+  MOERT_TRY(st, gather_t(c, g, PT_(e, l, g->kexp + (l->bias ? 2 : 1)), AT(g, gw, off[2]), g->Hl * g->M, st));
   return true;
 }
 
@@ -295,11 +330,11 @@ static bool scatter_class(moert_exec *e, int li, const layer_geom *g, int r, moe
   float *dgw = S(e, li, DGW), *slices = S(e, li, GT1), *mine = S(e, li, GT2);
   int64_t off[4];
   gw_layout(g, l, 1, g->H / r, off);
-  join_slices(b, dgw + off[0], slices, P, g->M, g->Hl, g->halves, true);
+  join_slices(b, MOERT_F32, dgw + off[0], slices, P, g->M, g->Hl, g->halves, true);
   MOERT_TRY(st, c->reduce_scatter_f32(c, slices, mine, g->M * h1l, st));
   b->axpy(G_(e, l, g->kexp), mine, 1, g->M * h1l);
   if (l->bias) {
-    join_slices(b, dgw + off[1], slices, P, 1, g->Hl, g->halves, true);
+    join_slices(b, MOERT_F32, dgw + off[1], slices, P, 1, g->Hl, g->halves, true);
     MOERT_TRY(st, c->reduce_scatter_f32(c, slices, mine, h1l, st));
     b->axpy(G_(e, l, g->kexp + 1), mine, 1, h1l);
   }
@@ -317,12 +352,12 @@ static expert_params params_for(moert_exec *e, int li, const layer_geom *g, cons
   if (!gathered) { /* own experts (S = 1) or own slice (r = S) */
     p.n = g->El;
     p.hx = g->Hl;
-    p.w1 = P_(e, l, g->kexp);
-    p.w2 = P_(e, l, kw2);
+    p.w1 = PT_(e, l, g->kexp);
+    p.w2 = PT_(e, l, kw2);
     p.dw1 = G_(e, l, g->kexp);
     p.dw2 = G_(e, l, kw2);
     if (l->bias) {
-      p.b1 = P_(e, l, g->kexp + 1);
+      p.b1 = PT_(e, l, g->kexp + 1);
       p.db1 = G_(e, l, g->kexp + 1);
     }
   } else {
@@ -330,13 +365,14 @@ static expert_params params_for(moert_exec *e, int li, const layer_geom *g, cons
     p.hx = v->r == 0 ? g->H : g->H / v->r;
     int64_t off[4];
     gw_layout(g, l, p.n, p.hx, off);
-    float *gw = F(e, li, GW), *dgw = S(e, li, DGW);
-    p.w1 = gw + off[0];
-    p.w2 = gw + off[2];
+    void *gw = F(e, li, GW);
+    float *dgw = S(e, li, DGW);
+    p.w1 = AT(g, gw, off[0]);
+    p.w2 = AT(g, gw, off[2]);
     p.dw1 = dgw + off[0];
     p.dw2 = dgw + off[2];
     if (l->bias) {
-      p.b1 = gw + off[1];
+      p.b1 = AT(g, gw, off[1]);
       p.db1 = dgw + off[1];
     }
   }
@@ -344,11 +380,11 @@ static expert_params params_for(moert_exec *e, int li, const layer_geom *g, cons
     if (v->r == 0) {
       int64_t off[4];
       gw_layout(g, l, g->E, g->H, off);
-      p.b2 = F(e, li, GW) + off[3];
+      p.b2 = AT(g, F(e, li, GW), off[3]);
       p.db2 = S(e, li, DGW) + off[3];
     } else if (g->S == 1 || (e->comm->rank % g->S) / (g->S / v->r) == 0) {
       /* fc2's bias is added once: by class 0 when partial outputs are summed */
-      p.b2 = P_(e, l, g->kexp + 3);
+      p.b2 = PT_(e, l, g->kexp + 3);
       p.db2 = G_(e, l, g->kexp + 3);
     }
   }
@@ -378,40 +414,46 @@ static exchange exchange_for(const moert_exec *e, const layer_geom *g, const moe
 }
 
 /* Chunk i of src [E, C, M] into the send layout [W, n, Cx, M]. */
-static void pack(moert_backend *b, const exchange *x, const layer_geom *g, int64_t i, const float *src,
-                 float *dst) {
+static void pack(moert_backend *b, const exchange *x, const layer_geom *g, int64_t i, const void *src,
+                 void *dst) {
   int64_t M = g->M;
   if (g->S == 1) {
-    b->copy_blocks(dst, x->Cx * M, src + i * x->Cx * M, x->C * M, g->E, x->Cx * M, false);
+    b->copy_blocks_t(g->dt, dst, x->Cx * M, AT(g, src, i * x->Cx * M), x->C * M, g->E, x->Cx * M, false);
     return;
   }
   for (int64_t r = 0; r < x->W; r++) {
     int64_t ex = r / g->S, q = (r % g->S) % x->P;
-    b->copy_blocks(dst + r * x->block, 0, src + (ex * x->C + q * x->Cq + i * x->Cx) * M, 0, 1, x->block, false);
+    b->copy_blocks_t(g->dt, AT(g, dst, r * x->block), 0, AT(g, src, (ex * x->C + q * x->Cq + i * x->Cx) * M), 0, 1,
+                     x->block, false);
   }
 }
 
 /* The inverse of pack, summing what several ranks (the r classes) return. */
-static void unpack_sum(moert_backend *b, const exchange *x, const layer_geom *g, int64_t i, const float *src,
-                       float *dst) {
+static void unpack_sum(moert_backend *b, const exchange *x, const layer_geom *g, int64_t i, const void *src,
+                       void *dst) {
   int64_t M = g->M;
   if (g->S == 1) {
-    b->copy_blocks(dst + i * x->Cx * M, x->C * M, src, x->Cx * M, g->E, x->Cx * M, false);
+    b->copy_blocks_t(g->dt, AT(g, dst, i * x->Cx * M), x->C * M, src, x->Cx * M, g->E, x->Cx * M, false);
     return;
   }
   for (int64_t r = 0; r < x->W; r++) {
     int64_t ex = r / g->S, q = (r % g->S) % x->P;
-    b->copy_blocks(dst + (ex * x->C + q * x->Cq + i * x->Cx) * M, 0, src + r * x->block, 0, 1, x->block, true);
+    b->copy_blocks_t(g->dt, AT(g, dst, (ex * x->C + q * x->Cq + i * x->Cx) * M), 0, AT(g, src, r * x->block), 0, 1,
+                     x->block, true);
   }
 }
 
 /* Received [W, n, Cx, M] <-> expert-major [n, W Cx, M]. */
-static void to_experts(moert_backend *b, const exchange *x, int64_t M, const float *src, float *dst, bool back) {
+static void to_experts(moert_backend *b, const exchange *x, const layer_geom *g, const void *src, void *dst,
+                       bool back) {
+  int64_t M = g->M;
   for (int64_t r = 0; r < x->W; r++) {
     if (back)
-      b->copy_blocks(dst + r * x->block, x->Cx * M, src + r * x->Cx * M, x->W * x->Cx * M, x->n, x->Cx * M, false);
+      b->copy_blocks_t(g->dt, AT(g, dst, r * x->block), x->Cx * M, AT(g, src, r * x->Cx * M), x->W * x->Cx * M, x->n,
+                       x->Cx * M, false);
     else
-      b->copy_blocks(dst + r * x->Cx * M, x->W * x->Cx * M, src + r * x->block, x->Cx * M, x->n, x->Cx * M, false);
+      b->copy_blocks_t(g->dt, AT(g, dst, r * x->Cx * M), x->W * x->Cx * M, AT(g, src, r * x->block), x->Cx * M, x->n,
+                       x->Cx * M, false);
   }
 }
 
@@ -429,44 +471,47 @@ typedef struct pass_ctx {
   bool backward;
 } pass_ctx;
 
-static void work_chunk(pass_ctx *c, int64_t i, const float *rows_in, float *rows_out) {
+static void work_chunk(pass_ctx *c, int64_t i, const void *rows_in, void *rows_out) {
   moert_exec *e = c->e;
   int li = c->li;
   const moert_layer *l = &e->m->layers[li];
   const layer_geom *g = c->g;
   const exchange *x = c->x;
   int64_t rows = x->W * x->Cx, h1 = g->halves * c->p.hx;
-  float *ex = F(e, li, EX) + i * x->chunk;
-  float *eh = F(e, li, EH) + i * x->n * rows * h1;
-  float *ea = F(e, li, EA) + i * x->n * rows * c->p.hx;
+  void *ex = AT(g, F(e, li, EX), i * x->chunk);
+  void *eh = AT(g, F(e, li, EH), i * x->n * rows * h1);
+  void *ea = AT(g, F(e, li, EA), i * x->n * rows * c->p.hx);
   if (!c->backward) {
-    to_experts(e->b, x, g->M, rows_in, ex, false);
-    float *ey = S(e, li, EY) + i * x->chunk;
-    experts_fwd(e->b, l, &c->p, g->M, rows, ex, eh, ea, ey);
-    to_experts(e->b, x, g->M, ey, rows_out, true);
+    to_experts(e->b, x, g, rows_in, ex, false);
+    void *ey = AT(g, S(e, li, EY), i * x->chunk);
+    experts_fwd(e->b, g->dt, l, &c->p, g->M, rows, ex, eh, ea, ey);
+    to_experts(e->b, x, g, ey, rows_out, true);
   } else {
-    float *dey = S(e, li, EY) + i * x->chunk, *dex = S(e, li, DEX) + i * x->chunk;
-    to_experts(e->b, x, g->M, rows_in, dey, false);
-    experts_bwd(e->b, l, &c->p, g->M, rows, ex, eh, ea, dey, S(e, li, DEA), S(e, li, DEH), dex);
-    to_experts(e->b, x, g->M, dex, rows_out, true);
+    void *dey = AT(g, S(e, li, EY), i * x->chunk), *dex = AT(g, S(e, li, DEX), i * x->chunk);
+    to_experts(e->b, x, g, rows_in, dey, false);
+    experts_bwd(e->b, g->dt, l, &c->p, g->M, rows, ex, eh, ea, dey, S(e, li, DEA), S(e, li, DEH), dex);
+    to_experts(e->b, x, g, dex, rows_out, true);
   }
 }
 
-static bool exchange_pass(pass_ctx *c, const float *in, float *out, moert_status *st) {
+static bool exchange_pass(pass_ctx *c, const void *in, void *out, moert_status *st) {
   moert_exec *e = c->e;
   int li = c->li;
   const exchange *x = c->x;
+  const layer_geom *g = c->g;
   moert_comm *comm = e->comm;
   moert_a2a_algo algo = c->v->a2a;
-  float *xs = S(e, li, XS), *xr = S(e, li, XR), *ys = S(e, li, YS), *yr = S(e, li, YR);
+  void *xs = S(e, li, XS), *xr = S(e, li, XR), *ys = S(e, li, YS), *yr = S(e, li, YR);
+  /* the all-to-all moves bytes: a block of bf16 is half as many floats (M is even then) */
+  int64_t nf = x->block * g->es / (int64_t)sizeof(float);
   moert_req *to[8] = {0}, *back[8] = {0};
   double t_to[8] = {0}, t_back[8] = {0};
   const char *dir = c->backward ? "bwd " : "";
   char name[48];
   for (int64_t i = 0; i < x->d; i++) {
-    pack(e->b, x, c->g, i, in, xs + i * x->chunk);
+    pack(e->b, x, g, i, in, AT(g, xs, i * x->chunk));
     t_to[i] = TNOW(e);
-    MOERT_TRY(st, comm->all_to_all_start(comm, xs + i * x->chunk, xr + i * x->chunk, x->block, algo, &to[i], st));
+    MOERT_TRY(st, comm->all_to_all_start(comm, AT(g, xs, i * x->chunk), AT(g, xr, i * x->chunk), nf, algo, &to[i], st));
   }
   for (int64_t i = 0; i < x->d; i++) {
     MOERT_TRY(st, comm->wait(comm, to[i], st));
@@ -475,22 +520,22 @@ static bool exchange_pass(pass_ctx *c, const float *in, float *out, moert_status
       moert_trace_span(e->trace, name, "all-to-all", MOERT_TID_A2A, t_to[i], moert_trace_now(), e->step);
     }
     double t0 = TNOW(e);
-    work_chunk(c, i, xr + i * x->chunk, ys + i * x->chunk);
+    work_chunk(c, i, AT(g, xr, i * x->chunk), AT(g, ys, i * x->chunk));
     if (e->trace) {
       snprintf(name, sizeof name, "%sexperts %lld/%lld", dir, (long long)i + 1, (long long)x->d);
       moert_trace_span(e->trace, name, "experts", MOERT_TID_COMPUTE, t0, moert_trace_now(), e->step);
     }
     t_back[i] = TNOW(e);
-    MOERT_TRY(st, comm->all_to_all_start(comm, ys + i * x->chunk, yr + i * x->chunk, x->block, algo, &back[i], st));
+    MOERT_TRY(st, comm->all_to_all_start(comm, AT(g, ys, i * x->chunk), AT(g, yr, i * x->chunk), nf, algo, &back[i], st));
   }
-  e->b->zero(out, sizeof(float) * (size_t)(c->g->E * x->C * c->g->M));
+  e->b->zero(out, (size_t)(g->es * g->E * x->C * g->M));
   for (int64_t i = 0; i < x->d; i++) {
     MOERT_TRY(st, comm->wait(comm, back[i], st));
     if (e->trace) {
       snprintf(name, sizeof name, "%sa2a back %lld/%lld", dir, (long long)i + 1, (long long)x->d);
       moert_trace_span(e->trace, name, "all-to-all", MOERT_TID_A2A, t_back[i], moert_trace_now(), e->step);
     }
-    unpack_sum(e->b, x, c->g, i, yr + i * x->chunk, out);
+    unpack_sum(e->b, x, g, i, AT(g, yr, i * x->chunk), out);
   }
   return true;
 }
@@ -606,7 +651,7 @@ bool moert_moe_fwd(moert_exec *e, int li, const float *x, int64_t step, moert_st
   const moert_variant *v = &lp->variants[vi];
 
   double td = TNOW(e);
-  b->dispatch(x, I(e, li, IDX), I(e, li, LOC), F(e, li, SRC), T, K, E, C, M);
+  b->dispatch_t(g.dt, x, I(e, li, IDX), I(e, li, LOC), F(e, li, SRC), T, K, E, C, M);
   span(e, "dispatch", "dispatch", MOERT_TID_COMPUTE, td);
   double tw = TNOW(e);
   if (v->r == 0) MOERT_TRY(st, gather_all(e, li, &g, st));
@@ -614,14 +659,14 @@ bool moert_moe_fwd(moert_exec *e, int li, const float *x, int64_t step, moert_st
   if (v->r == 0 || v->r < g.S) span(e, "gather experts", "gather", MOERT_TID_GATHER, tw);
   expert_params p = params_for(e, li, &g, v);
   if (v->r == 0 || e->comm->world == 1) { /* the tokens stay here */
-    experts_fwd(b, l, &p, M, C, F(e, li, SRC), F(e, li, EH), F(e, li, EA), F(e, li, SRCY));
+    experts_fwd(b, g.dt, l, &p, M, C, F(e, li, SRC), F(e, li, EH), F(e, li, EA), F(e, li, SRCY));
   } else {
     exchange xg = exchange_for(e, &g, v, C);
     pass_ctx c = {e, li, &g, v, &xg, p, false};
     MOERT_TRY(st, exchange_pass(&c, F(e, li, SRC), F(e, li, SRCY), st));
   }
   double tc = TNOW(e);
-  b->combine(F(e, li, SRCY), I(e, li, IDX), I(e, li, LOC), F(e, li, GATE), F(e, li, OUT), T, K, E, C, M);
+  b->combine_t(g.dt, F(e, li, SRCY), I(e, li, IDX), I(e, li, LOC), F(e, li, GATE), F(e, li, OUT), T, K, E, C, M);
   span(e, "combine", "combine", MOERT_TID_COMPUTE, tc);
 
   /* GShard aux loss from global load statistics */
@@ -653,8 +698,8 @@ bool moert_moe_bwd(moert_exec *e, int li, moert_status *st) {
   const moert_variant *v = &lp->variants[e->variant[li]];
   const float *x = e->xin[li];
 
-  b->combine_bwd(e->dcur, F(e, li, SRCY), I(e, li, IDX), I(e, li, LOC), F(e, li, GATE), S(e, li, DSRCY),
-                 S(e, li, DGATE), T, K, E, C, M);
+  b->combine_bwd_t(g.dt, e->dcur, F(e, li, SRCY), I(e, li, IDX), I(e, li, LOC), F(e, li, GATE), S(e, li, DSRCY),
+                   S(e, li, DGATE), T, K, E, C, M);
   bool gathered = v->r == 0 || v->r < g.S;
   if (gathered && lp->s[MOERT_S_DGW] >= 0) {
     int64_t n = 0;
@@ -666,7 +711,7 @@ bool moert_moe_bwd(moert_exec *e, int li, moert_status *st) {
   }
   expert_params p = params_for(e, li, &g, v);
   if (v->r == 0 || e->comm->world == 1) {
-    experts_bwd(b, l, &p, M, C, F(e, li, SRC), F(e, li, EH), F(e, li, EA), S(e, li, DSRCY), S(e, li, DEA),
+    experts_bwd(b, g.dt, l, &p, M, C, F(e, li, SRC), F(e, li, EH), F(e, li, EA), S(e, li, DSRCY), S(e, li, DEA),
                 S(e, li, DEH), S(e, li, DSRC));
     if (v->r == 0) MOERT_TRY(st, scatter_all(e, li, &g, st));
   } else {
@@ -679,7 +724,7 @@ bool moert_moe_bwd(moert_exec *e, int li, moert_status *st) {
       MOERT_TRY(st, grp->all_reduce_f32(grp, G_(e, l, g.kexp + 3), M, MOERT_RED_SUM, st));
     }
   }
-  b->dispatch_bwd(S(e, li, DSRC), I(e, li, IDX), I(e, li, LOC), e->dnext, T, K, E, C, M);
+  b->dispatch_bwd_t(g.dt, S(e, li, DSRC), I(e, li, IDX), I(e, li, LOC), e->dnext, T, K, E, C, M);
 
   /* the gate */
   b->gate_normalize_bwd(F(e, li, TOPV), S(e, li, DGATE), S(e, li, DTOPV), T, K, l->normalize_gate);

@@ -12,6 +12,10 @@
 /* The sub-communicators the layers' variants need (expert groups, H-slice
  * classes), made once, collectively, in layer order. */
 bool moert_moe_setup(moert_exec *e, moert_status *st);
+/* Whether every MoE layer's expert path can be stored as bf16: each
+ * collective over it moves whole floats, so M and every H / S must be even.
+ * Otherwise the model computes its experts in fp32 (said in the header). */
+bool moert_moe_bf16_fits(const moert_model *m, const moert_plan *plan);
 void moert_moe_teardown(moert_exec *e);
 /* Forward of MoE layer li on input x (e->rows tokens), with the variant in
  * e->variant[li] (chosen by pick(li, bucket) once the capacity is known);

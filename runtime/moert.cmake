@@ -5,7 +5,7 @@
 # The kernel templates (templates/*.cu), embedded as byte arrays for the cuda
 # backend, which compiles them with NVRTC at start (templates/embed.cmake).
 set(MOERT_TEMPLATE_DIR ${CMAKE_SOURCE_DIR}/templates)
-set(MOERT_TEMPLATES common.cuh gating.cu dispatch.cu act.cu norm.cu loss.cu optim.cu)
+set(MOERT_TEMPLATES common.cuh gating.cu dispatch.cu act.cu norm.cu loss.cu optim.cu bf16.cu)
 list(TRANSFORM MOERT_TEMPLATES PREPEND ${MOERT_TEMPLATE_DIR}/ OUTPUT_VARIABLE MOERT_TEMPLATE_PATHS)
 string(REPLACE ";" ":" MOERT_TEMPLATE_ARG "${MOERT_TEMPLATES}")
 add_custom_command(
@@ -16,7 +16,7 @@ add_custom_command(
   COMMENT "Embedding the kernel templates (moert_templates.c)")
 
 add_library(moert STATIC
-  status.c cpu_ops.c rng.c checkpoint.c placement.c backend_cpu.c comm_self.c comm_staged.c moe.c select.c trace.c
+  status.c cpu_ops.c cpu_ops_typed.c rng.c checkpoint.c placement.c backend_cpu.c comm_self.c comm_staged.c moe.c select.c trace.c
   data.c step.c ckpt_io.c driver.c comm_mpi.c backend_cuda.c ${CMAKE_CURRENT_BINARY_DIR}/moert_templates.c)
 target_include_directories(moert PUBLIC ${CMAKE_CURRENT_SOURCE_DIR})
 # backend_cuda.c opens the driver, NVRTC and cuBLAS with dlopen: their headers

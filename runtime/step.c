@@ -82,6 +82,8 @@ bool moert_exec_create(moert_exec **out, const moert_model *m, moert_plan *plan,
     return MOERT_UP(st);                                                               \
   }
   ALLOC(e->params, plan->param_elems);
+  e->xdt = m->dtype == MOERT_DT_BF16 && b->bf16 && moert_moe_bf16_fits(m, plan) ? MOERT_BF16 : MOERT_F32;
+  if (e->xdt == MOERT_BF16) ALLOC(e->wlow, (plan->param_elems + 1) / 2);
   ALLOC(e->act, plan->act_elems);
   ALLOC(e->iact, plan->int_elems);
   ALLOC(e->input, TM);
@@ -107,6 +109,7 @@ void moert_exec_destroy(moert_exec *e) {
   moert_moe_teardown(e);
   moert_backend *b = e->b;
   b->free(b, e->params);
+  b->free(b, e->wlow);
   b->free(b, e->grads);
   b->free(b, e->state);
   b->free(b, e->act);
@@ -152,6 +155,8 @@ static bool forward(moert_exec *e, int64_t step, bool want_grad, double *loss_su
   int depth = 0;
   e->aux = 0;
   e->routed = e->dropped = 0;
+  /* the experts compute with bf16 copies of this step's parameters */
+  if (e->xdt == MOERT_BF16) b->convert(e->wlow, MOERT_BF16, e->params, MOERT_F32, e->plan->param_elems);
   double norm = 1.0 / ((double)T * e->comm->world); /* mean over all global tokens */
   for (int li = 0; li < m->nlayers; li++) {
     const moert_layer *l = &m->layers[li];

@@ -11,42 +11,9 @@
 
 // ---------------------------------------------------------------- kernels
 
-#define MOERT_GELU_K 0.7978845608028654f // sqrt(2/pi)
-#define MOERT_GELU_C 0.044715f
+// The activation functions (moert_act, moert_act_grad) are in common.cuh:
+// the bf16 kernels of bf16.cu use them too.
 
-enum { MOERT_RELU = 0, MOERT_GELU = 1, MOERT_SILU = 2 };
-
-// sigmoid(z) and sigmoid(-z) = 1 - sigmoid(z), each without cancellation.
-__device__ __forceinline__ void moert_sigmoid2(float z, float *s, float *sm) {
-  float e = expf(-fabsf(z)), p = 1.0f / (1.0f + e);
-  *s = z >= 0.0f ? p : e * p;
-  *sm = z >= 0.0f ? e * p : p;
-}
-
-template <int A> __device__ __forceinline__ float moert_act(float x) {
-  if (A == MOERT_RELU) return x > 0.0f ? x : 0.0f;
-  float s, sm;
-  if (A == MOERT_GELU) { // 0.5 x (1 + tanh(u)) = x sigmoid(2u)
-    moert_sigmoid2(2.0f * MOERT_GELU_K * (x + MOERT_GELU_C * x * x * x), &s, &sm);
-    return x * s;
-  }
-  moert_sigmoid2(x, &s, &sm);
-  return x * s;
-}
-
-// da * act'(x).
-template <int A> __device__ __forceinline__ float moert_act_grad(float x, float da) {
-  if (A == MOERT_RELU) return x > 0.0f ? da : 0.0f;
-  float s, sm;
-  if (A == MOERT_GELU) { // 0.5 (1 + t) + 0.5 x (1 - t^2) K (1 + 3 C x^2), t = tanh(u)
-    moert_sigmoid2(2.0f * MOERT_GELU_K * (x + MOERT_GELU_C * x * x * x), &s, &sm);
-    return da * (s + 2.0f * x * s * sm * MOERT_GELU_K * (1.0f + 3.0f * MOERT_GELU_C * x * x));
-  }
-  moert_sigmoid2(x, &s, &sm); // silu' = s (1 + x (1 - s))
-  return da * (s + x * s * sm);
-}
-
-__device__ __forceinline__ float moert_silu(float x) { return moert_act<MOERT_SILU>(x); }
 
 template <int A> __device__ void moert_act_fwd(const float *h, float *a, long long n) {
   long long i0 = moert_gtid(), step = moert_gstride();

@@ -139,6 +139,55 @@ __device__ __forceinline__ long long moert_gstride() {
   return (long long)gridDim.x * blockDim.x;
 }
 
+// ---- activations (act.cu, bf16.cu): fp32 math
+#define MOERT_GELU_K 0.7978845608028654f // sqrt(2/pi)
+#define MOERT_GELU_C 0.044715f
+
+enum { MOERT_RELU = 0, MOERT_GELU = 1, MOERT_SILU = 2 };
+
+// sigmoid(z) and sigmoid(-z) = 1 - sigmoid(z), each without cancellation.
+__device__ __forceinline__ void moert_sigmoid2(float z, float *s, float *sm) {
+  float e = expf(-fabsf(z)), p = 1.0f / (1.0f + e);
+  *s = z >= 0.0f ? p : e * p;
+  *sm = z >= 0.0f ? e * p : p;
+}
+
+template <int A> __device__ __forceinline__ float moert_act(float x) {
+  if (A == MOERT_RELU) return x > 0.0f ? x : 0.0f;
+  float s, sm;
+  if (A == MOERT_GELU) { // 0.5 x (1 + tanh(u)) = x sigmoid(2u)
+    moert_sigmoid2(2.0f * MOERT_GELU_K * (x + MOERT_GELU_C * x * x * x), &s, &sm);
+    return x * s;
+  }
+  moert_sigmoid2(x, &s, &sm);
+  return x * s;
+}
+
+// da * act'(x).
+template <int A> __device__ __forceinline__ float moert_act_grad(float x, float da) {
+  if (A == MOERT_RELU) return x > 0.0f ? da : 0.0f;
+  float s, sm;
+  if (A == MOERT_GELU) { // 0.5 (1 + t) + 0.5 x (1 - t^2) K (1 + 3 C x^2), t = tanh(u)
+    moert_sigmoid2(2.0f * MOERT_GELU_K * (x + MOERT_GELU_C * x * x * x), &s, &sm);
+    return da * (s + 2.0f * x * s * sm * MOERT_GELU_K * (1.0f + 3.0f * MOERT_GELU_C * x * x));
+  }
+  moert_sigmoid2(x, &s, &sm); // silu' = s (1 + x (1 - s))
+  return da * (s + x * s * sm);
+}
+
+__device__ __forceinline__ float moert_silu(float x) { return moert_act<MOERT_SILU>(x); }
+
+// ---- token slots (dispatch.cu, bf16.cu)
+// The offset of claim tj's slot in [experts, capacity, dim], or -1 when the
+// claim was dropped (loc >= capacity) or names no expert.
+__device__ __forceinline__ long long moert_slot(const int *idx, const int *loc, long long tj,
+                                                long long experts, long long capacity,
+                                                long long dim) {
+  long long e = idx[tj], c = loc[tj];
+  if (e < 0 || e >= experts || c < 0 || c >= capacity) return -1;
+  return (e * capacity + c) * dim;
+}
+
 // Column-chunk sums (see the conventions above): for the columns c of [0, w)
 // of this block's tile and the rows of its chunk [blockIdx.y*rpc, +rpc),
 // term(r, c, acc) adds each row's N terms to acc[0..N); the sums over the

@@ -20,15 +20,7 @@
 
 // ---------------------------------------------------------------- kernels
 
-// The offset of claim tj's slot in [experts, capacity, dim], or -1 when the
-// claim was dropped (loc >= capacity) or names no expert.
-__device__ __forceinline__ long long moert_slot(const int *idx, const int *loc, long long tj,
-                                                long long experts, long long capacity,
-                                                long long dim) {
-  long long e = idx[tj], c = loc[tj];
-  if (e < 0 || e >= experts || c < 0 || c >= capacity) return -1;
-  return (e * capacity + c) * dim;
-}
+// moert_slot (the offset of a claim's slot) is in common.cuh, shared with bf16.cu.
 
 // buf[e, c, :] = x[t, :] for every kept claim (t, j) on (e, c); the caller has
 // zeroed buf.

@@ -32,6 +32,24 @@ cycle_np*)
   bad=$(grep -c -v '"switch_bytes": 0, "switch_allocs": 0' cycle.jsonl)
   [ "$bad" = 0 ] || fail "$bad steps switched at a cost: $(grep -v '"switch_bytes": 0, "switch_allocs": 0' cycle.jsonl | head -1)"
   echo "ok: -np $n: cycling through every variant follows the fixed run's losses; $changes switches cost 0 bytes and 0 allocations" ;;
+bf16_np4)
+  # the bf16 expert path, emulated on the cpu (MOEC_CPU_BF16=1): its addressing
+  # in every variant, against itself and against fp32
+  sed 's/dtype = fp32/dtype = bf16/' "$src/tests/dist/dist.moe" > distb.moe
+  "$moec" build distb.moe -o distb >/dev/null 2>&1 || fail "moec build (bf16)"
+  MOEC_CPU_BF16=1 ./distb --steps 1 | grep -q "bf16 experts" || fail "the header does not say the experts run in bf16"
+  brun() { n=$1; shift; MOEC_CPU_BF16=1 run "$n" -x MOEC_CPU_BF16 "$@"; }
+  brun 4 ./distb --variant cycle --metrics cycle.jsonl --quiet || fail "cycle run"
+  first=$(sed -n 's/.*"variants": {"\([^"]*\)": "\([^"]*\)".*/\2/p' cycle.jsonl | head -1)
+  brun 4 ./distb --variant "$first" --metrics fixed.jsonl --quiet || fail "fixed run ($first)"
+  same_losses cycle.jsonl fixed.jsonl 2e-3
+  bad=$(grep -c -v '"switch_bytes": 0, "switch_allocs": 0' cycle.jsonl)
+  [ "$bad" = 0 ] || fail "$bad steps switched at a cost"
+  brun 1 ./distb --tokens 128 --metrics w1.jsonl --quiet || fail "-np 1"
+  same_losses w1.jsonl fixed.jsonl 2e-2
+  run 4 ./dist --variant "$first" --metrics f32.jsonl --quiet || fail "fp32 run"
+  same_losses f32.jsonl fixed.jsonl 2e-2
+  echo "ok: bf16 experts: every variant follows the fixed one, -np 1 and fp32 within bf16 tolerance; switches free" ;;
 invariance)
   t=32
   run 1 ./dist --tokens $((4 * t)) --metrics w1.jsonl --quiet || fail "-np 1"

@@ -34,6 +34,24 @@ train_vs_cpu)
   ./tiny --backend cuda --steps 50 --metrics cuda.jsonl --kernel-cache kc --quiet || fail "cuda run"
   close cpu.jsonl cuda.jsonl 1e-5 20 5e-2
   echo "ok: 50 steps on cuda follow the cpu's losses" ;;
+bf16)
+  # the bf16 expert path on the GPU against the cpu's emulation of it
+  # (MOEC_CPU_BF16=1), the fp32 run, and at -np 2 every variant against one
+  sed 's/dtype = fp32/dtype = bf16/' "$src/examples/tiny.moe" > tinyb.moe
+  "$moec" build tinyb.moe -o tinyb >/dev/null 2>&1 || fail "moec build (bf16)"
+  ./tinyb --backend cuda --steps 1 --kernel-cache kc | grep -q "bf16 experts" || fail "the header does not say bf16"
+  ./tinyb --backend cuda --steps 50 --metrics gpu.jsonl --kernel-cache kc --quiet || fail "cuda run"
+  MOEC_CPU_BF16=1 ./tinyb --backend cpu --steps 50 --metrics emu.jsonl --quiet || fail "cpu emulation run"
+  ./tiny --backend cpu --steps 50 --metrics f32.jsonl --quiet || fail "cpu fp32 run"
+  close emu.jsonl gpu.jsonl 2e-3 10 5e-2
+  close f32.jsonl gpu.jsonl 2e-2 10 1e-1
+  "$mpiexec" --oversubscribe -np 2 ./tinyb --backend cuda --kernel-cache kc --variant cycle --steps 20 --metrics cycle.jsonl --quiet || fail "cycle"
+  first=$(sed -n 's/.*"variants": {"\([^"]*\)": "\([^"]*\)".*/\2/p' cycle.jsonl | head -1)
+  "$mpiexec" --oversubscribe -np 2 ./tinyb --backend cuda --kernel-cache kc --variant "$first" --steps 20 --metrics fixed.jsonl --quiet || fail "fixed"
+  close cycle.jsonl fixed.jsonl 1e-2
+  bad=$(grep -c -v '"switch_bytes": 0, "switch_allocs": 0' cycle.jsonl)
+  [ "$bad" = 0 ] || fail "$bad steps switched at a cost"
+  echo "ok: bf16 experts on the GPU follow the cpu's emulation and fp32; every variant at -np 2 follows one" ;;
 cache)
   rm -rf kc2
   ./tiny --backend cuda --steps 2 --kernel-cache kc2 > first.txt || fail "first run"

@@ -696,6 +696,179 @@ static void t_optim(int64_t n) {
   end();
 }
 
+
+/* --- the expert path in bf16 (cpu_ops_typed.h): the gpu against the cpu's
+ * emulation, which rounds to bf16 at the same points; the two differ only by
+ * the order of fp32 sums, so a rounding step now and then (tolerance 1e-2,
+ * conversions and copies exact). --- */
+
+#define TOLB 1e-2
+
+typedef struct hbuf {
+  uint16_t *h;
+  void *d;
+  int64_t n;
+} hbuf;
+
+/* n random bf16 values in [lo, hi) on both sides. */
+static hbuf hb(int64_t n, float lo, float hi) {
+  hbuf b = {host_alloc(2 * (size_t)n), dev_alloc(2 * (size_t)n), n};
+  for (int64_t i = 0; i < n; i++) b.h[i] = moert_f32_to_bf16(frand(lo, hi));
+  upload(b.d, b.h, 2 * (size_t)n);
+  return b;
+}
+
+/* The gpu's bf16 b.d against the cpu's b.h, widened (the gpu's convert is
+ * checked exactly by t_convert first). */
+static void check_h(const char *what, hbuf b, double tol) {
+  fbuf w = {host_alloc(sizeof(float) * (size_t)b.n), dev_alloc(sizeof(float) * (size_t)b.n), b.n};
+  moert_cpu_convert(w.h, MOERT_F32, b.h, MOERT_BF16, b.n);
+  gpu->convert(w.d, MOERT_F32, b.d, MOERT_BF16, b.n);
+  check_f(what, w, tol);
+}
+
+static void t_convert(int64_t n) {
+  begin("convert fp32 <-> bf16 n=%lld", (long long)n);
+  fbuf x = fb(n, -100, 100);
+  x.h[0] = 1.00390625f; /* a tie: rounds to even */
+  if (n > 2) x.h[1] = NAN, x.h[2] = -0.0f;
+  sync_f(x);
+  hbuf y = hb(n, -1, 1);
+  moert_cpu_convert(y.h, MOERT_BF16, x.h, MOERT_F32, n);
+  gpu->convert(y.d, MOERT_BF16, x.d, MOERT_F32, n);
+  uint16_t *got = host_alloc(2 * (size_t)n);
+  download(got, y.d, 2 * (size_t)n);
+  checks++;
+  if (memcmp(got, y.h, 2 * (size_t)n) != 0) {
+    fail_header("bf16 bits (convert fp32 -> bf16)");
+    for (int64_t i = 0, shown = 0; i < n && shown < SHOW; i++)
+      if (got[i] != y.h[i]) printf("    [%lld] gpu %04x cpu %04x\n", (long long)i, got[i], y.h[i]), shown++;
+  }
+  fbuf z = garbage(n);
+  moert_cpu_convert(z.h, MOERT_F32, y.h, MOERT_BF16, n);
+  gpu->convert(z.d, MOERT_F32, y.d, MOERT_BF16, n);
+  check_f("fp32 (convert bf16 -> fp32)", z, 0);
+  end();
+}
+
+static void t_gemm_bf16(bool ta, bool tb, int64_t m, int64_t n, int64_t k, int64_t count, bool c_f32,
+                        bool bias, float beta) {
+  begin("gemm_ex bf16%s%s %lldx%lldx%lld x%lld -> %s%s beta=%g", ta ? " A^T" : "", tb ? " B^T" : "",
+        (long long)m, (long long)n, (long long)k, (long long)count, c_f32 ? "fp32" : "bf16",
+        bias ? " +bias" : "", beta);
+  hbuf a = hb(count * m * k, -1, 1), b = hb(count * k * n, -1, 1);
+  moert_gemm g = {.trans_a = ta, .trans_b = tb, .m = m, .n = n, .k = k, .count = count, .alpha = 1,
+                  .beta = beta, .ab_type = MOERT_BF16, .lda = ta ? m : k, .stride_a = m * k,
+                  .ldb = tb ? k : n, .stride_b = k * n, .ldc = n, .stride_c = m * n, .stride_bias = n};
+  moert_gemm h = g;
+  g.a = a.d, g.b = b.d, h.a = a.h, h.b = b.h;
+  if (c_f32) {
+    fbuf c = fb(count * m * n, -1, 1);
+    g.c = c.d, h.c = c.h, g.c_type = h.c_type = MOERT_F32;
+    fbuf bs = fb(count * n, -1, 1);
+    if (bias) g.bias = bs.d, h.bias = bs.h;
+    moert_cpu_gemm_ex(&h);
+    gpu->gemm_ex(&g);
+    check_f("C (fp32)", c, 1e-5);
+  } else {
+    hbuf c = hb(count * m * n, -1, 1);
+    g.c = c.d, h.c = c.h, g.c_type = h.c_type = MOERT_BF16;
+    hbuf bs = hb(count * n, -1, 1);
+    if (bias) g.bias = bs.d, h.bias = bs.h;
+    moert_cpu_gemm_ex(&h);
+    gpu->gemm_ex(&g);
+    check_h("C (bf16)", c, TOLB);
+  }
+  end();
+}
+
+static void t_act_bf16(int64_t rows, int64_t hid) {
+  begin("activations, swiglu, bias in bf16 rows=%lld hid=%lld", (long long)rows, (long long)hid);
+  int64_t n = rows * hid;
+  for (int a = 0; a < 3; a++) {
+    hbuf h = hb(n, -4, 4), y = hb(n, -1, 1), da = hb(n, -1, 1), dh = hb(n, -1, 1);
+    moert_cpu_act_fwd_t(MOERT_BF16, (moert_act)a, h.h, y.h, n);
+    gpu->act_fwd_t(MOERT_BF16, (moert_act)a, h.d, y.d, n);
+    check_h(act_names[a], y, TOLB);
+    moert_cpu_act_bwd_t(MOERT_BF16, (moert_act)a, h.h, da.h, dh.h, n);
+    gpu->act_bwd_t(MOERT_BF16, (moert_act)a, h.d, da.d, dh.d, n);
+    check_h(act_names[a], dh, TOLB);
+  }
+  hbuf h = hb(2 * n, -4, 4), y = hb(n, -1, 1), da = hb(n, -1, 1), dh = hb(2 * n, -1, 1);
+  moert_cpu_swiglu_fwd_t(MOERT_BF16, h.h, y.h, rows, hid);
+  gpu->swiglu_fwd_t(MOERT_BF16, h.d, y.d, rows, hid);
+  check_h("swiglu", y, TOLB);
+  moert_cpu_swiglu_bwd_t(MOERT_BF16, h.h, da.h, dh.h, rows, hid);
+  gpu->swiglu_bwd_t(MOERT_BF16, h.d, da.d, dh.d, rows, hid);
+  check_h("swiglu_bwd", dh, TOLB);
+  int64_t count = 3;
+  hbuf yb = hb(count * n, -1, 1), bias = hb(count * hid, -1, 1);
+  moert_cpu_bias_add_t(MOERT_BF16, yb.h, bias.h, count, rows, hid);
+  gpu->bias_add_t(MOERT_BF16, yb.d, bias.d, count, rows, hid);
+  check_h("bias_add_t", yb, TOLB);
+  fbuf db = fb(count * hid, -1, 1);
+  moert_cpu_bias_grad_t(MOERT_BF16, db.h, yb.h, count, rows, hid);
+  gpu->bias_grad_t(MOERT_BF16, db.d, yb.d, count, rows, hid);
+  check_f("bias_grad_t (fp32 from bf16)", db, 1e-5);
+  end();
+}
+
+static void t_dispatch_bf16(int64_t T, int64_t K, int64_t E, int64_t C, int64_t keep, int64_t M) {
+  begin("dispatch, combine, _bwd in bf16 T=%lld k=%lld E=%lld C=%lld keep=%lld M=%lld", (long long)T,
+        (long long)K, (long long)E, (long long)C, (long long)keep, (long long)M);
+  ibuf idx = claims(T, K, E), loc = ib(T * K, 0, 1), counts = ib(E, 0, 1);
+  cpu->gate_locations(idx.h, NULL, loc.h, counts.h, T, E, K);
+  cpu->drop_beyond(loc.h, T * K, keep);
+  sync_i(loc);
+  fbuf x = fb(T * M, -1, 1);
+  hbuf buf = hb(E * C * M, -7, 7);
+  moert_cpu_dispatch_t(MOERT_BF16, x.h, idx.h, loc.h, buf.h, T, K, E, C, M);
+  gpu->dispatch_t(MOERT_BF16, x.d, idx.d, loc.d, buf.d, T, K, E, C, M);
+  check_h("buf (dispatch_t)", buf, 0);
+  hbuf dbuf = hb(E * C * M, -1, 1);
+  fbuf dx = garbage(T * M);
+  moert_cpu_dispatch_bwd_t(MOERT_BF16, dbuf.h, idx.h, loc.h, dx.h, T, K, E, C, M);
+  gpu->dispatch_bwd_t(MOERT_BF16, dbuf.d, idx.d, loc.d, dx.d, T, K, E, C, M);
+  check_f("dx (dispatch_bwd_t)", dx, 1e-6);
+  fbuf gate = fb(T * K, 0, 1), y = garbage(T * M);
+  moert_cpu_combine_t(MOERT_BF16, dbuf.h, idx.h, loc.h, gate.h, y.h, T, K, E, C, M);
+  gpu->combine_t(MOERT_BF16, dbuf.d, idx.d, loc.d, gate.d, y.d, T, K, E, C, M);
+  check_f("y (combine_t)", y, 1e-6);
+  fbuf dy = fb(T * M, -1, 1), dgate = garbage(T * K);
+  hbuf dbuf2 = hb(E * C * M, -7, 7);
+  moert_cpu_combine_bwd_t(MOERT_BF16, dy.h, dbuf.h, idx.h, loc.h, gate.h, dbuf2.h, dgate.h, T, K, E, C, M);
+  gpu->combine_bwd_t(MOERT_BF16, dy.d, dbuf.d, idx.d, loc.d, gate.d, dbuf2.d, dgate.d, T, K, E, C, M);
+  check_h("dbuf (combine_bwd_t)", dbuf2, 0);
+  check_f("dgate (combine_bwd_t)", dgate, 1e-5);
+  /* strided block copies of bf16, plain and summed */
+  int64_t nb = 5, block = M * 2, sstr = block + 8, dstr = block + 16;
+  hbuf src = hb(nb * sstr, -1, 1), dst = hb(nb * dstr, -1, 1);
+  cpu->copy_blocks_t(MOERT_BF16, dst.h, dstr, src.h, sstr, nb, block, false);
+  gpu->copy_blocks_t(MOERT_BF16, dst.d, dstr, src.d, sstr, nb, block, false);
+  check_h("copy_blocks_t", dst, 0);
+  cpu->copy_blocks_t(MOERT_BF16, dst.h, dstr, src.h, sstr, nb, block, true);
+  gpu->copy_blocks_t(MOERT_BF16, dst.d, dstr, src.d, sstr, nb, block, true);
+  check_h("copy_blocks_t (add)", dst, 0);
+  end();
+}
+
+static void run_typed(void) {
+  t_convert(1);
+  t_convert(100003);
+  t_gemm_bf16(false, false, 64, 96, 128, 3, false, true, 0);
+  t_gemm_bf16(false, false, 37, 50, 23, 2, false, false, 0);
+  t_gemm_bf16(true, false, 48, 64, 200, 4, true, false, 1);   /* weight gradients */
+  t_gemm_bf16(false, true, 200, 48, 64, 4, false, false, 0);  /* input gradients */
+  t_gemm_bf16(false, false, 256, 512, 256, 2, true, true, 0.5f);
+  t_act_bf16(1, 2);
+  t_act_bf16(37, 66);
+  t_act_bf16(64, 1024);
+  t_dispatch_bf16(37, 2, 4, 16, 16, 8);
+  t_dispatch_bf16(37, 2, 4, 12, 9, 6);
+  t_dispatch_bf16(500, 2, 8, 100, 90, 136);
+  t_dispatch_bf16(256, 1, 64, 8, 6, 256);
+}
+
 static void run_all(void) {
   /* memory */
   t_memory(1);
@@ -789,6 +962,7 @@ static void run_all(void) {
   t_optim(1);
   t_optim(7);
   t_optim(100003);
+  run_typed();
 }
 
 /* An op that fails (a GEMM beyond cuBLAS's 32-bit sizes) is reported by the

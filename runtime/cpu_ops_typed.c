@@ -1,0 +1,169 @@
+/* cpu_ops_typed.c — the expert-path ops of cpu_ops_typed.h on the cpu. fp32
+ * tensors go straight to the fp32 ops of cpu_ops.c. bf16 tensors are widened
+ * into fp32 temporaries, computed with by the same fp32 ops, and rounded back
+ * where they are stored: an emulation of the GPU's bf16 storage (fp32
+ * arithmetic, bf16 tensors), used to test the executor's bf16 addressing
+ * without a GPU. It allocates (the fp32 path does not). */
+#include "cpu_ops_typed.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static void *must_alloc(int64_t n) {
+  void *p = malloc((size_t)(n > 0 ? n : 1) * sizeof(float));
+  if (!p) {
+    fprintf(stderr, "moec: out of host memory in the cpu's bf16 emulation (%lld floats)\n",
+            (long long)n);
+    abort();
+  }
+  return p;
+}
+
+void moert_cpu_convert(void *dst, moert_dt dt, const void *src, moert_dt st, int64_t n) {
+  if (dt == st) {
+    memmove(dst, src, (size_t)n * (size_t)moert_dt_size(dt));
+  } else if (dt == MOERT_BF16) {
+    const float *s = src;
+    uint16_t *d = dst;
+    for (int64_t i = 0; i < n; i++) d[i] = moert_f32_to_bf16(s[i]);
+  } else {
+    const uint16_t *s = src;
+    float *d = dst;
+    for (int64_t i = 0; i < n; i++) d[i] = moert_bf16_to_f32(s[i]);
+  }
+}
+
+/* An fp32 view of n elements of p: p itself, or a widened copy. */
+static float *widen(const void *p, moert_dt t, int64_t n) {
+  if (t == MOERT_F32 || !p) return (float *)p;
+  float *w = must_alloc(n);
+  moert_cpu_convert(w, MOERT_F32, p, t, n);
+  return w;
+}
+
+/* Stores the fp32 view w of p back (rounded) and frees it. */
+static void narrow(void *p, moert_dt t, float *w, int64_t n) {
+  if (t == MOERT_F32 || !p) return;
+  moert_cpu_convert(p, t, w, MOERT_F32, n);
+  free(w);
+}
+
+/* Frees a view that was only read. */
+static void drop(const void *p, float *w) {
+  if (w != p) free(w);
+}
+
+/* Elements a [rows, cols] operand with row stride ld spans. */
+static int64_t span_of(int64_t rows, int64_t cols, int64_t ld) {
+  return rows > 0 ? (rows - 1) * ld + cols : 0;
+}
+
+void moert_cpu_gemm_ex(const moert_gemm *g) {
+  int64_t ar = g->trans_a ? g->k : g->m, ac = g->trans_a ? g->m : g->k;
+  int64_t br = g->trans_b ? g->n : g->k, bc = g->trans_b ? g->k : g->n;
+  int64_t na = span_of(ar, ac, g->lda), nb = span_of(br, bc, g->ldb), nc = span_of(g->m, g->n, g->ldc);
+  int64_t es = moert_dt_size(g->ab_type), cs = moert_dt_size(g->c_type);
+  for (int64_t i = 0; i < g->count; i++) {
+    const char *ai = (const char *)g->a + i * g->stride_a * es;
+    const char *bi = (const char *)g->b + i * g->stride_b * es;
+    char *ci = (char *)g->c + i * g->stride_c * cs;
+    float *a = widen(ai, g->ab_type, na), *b = widen(bi, g->ab_type, nb);
+    float *c = widen(ci, g->c_type, nc);
+    moert_cpu_gemm(g->trans_a, g->trans_b, g->m, g->n, g->k, g->alpha, a, g->lda, b, g->ldb, g->beta,
+                   c, g->ldc);
+    if (g->bias) {
+      float *bias = widen((const char *)g->bias + i * g->stride_bias * cs, g->c_type, g->n);
+      for (int64_t r = 0; r < g->m; r++)
+        for (int64_t j = 0; j < g->n; j++) c[r * g->ldc + j] += bias[j];
+      drop((const char *)g->bias + i * g->stride_bias * cs, bias);
+    }
+    drop(ai, a);
+    drop(bi, b);
+    narrow(ci, g->c_type, c, nc);
+  }
+}
+
+void moert_cpu_bias_add_t(moert_dt dt, void *y, const void *bias, int64_t count, int64_t rows,
+                          int64_t cols) {
+  float *yw = widen(y, dt, count * rows * cols), *bw = widen(bias, dt, count * cols);
+  for (int64_t z = 0; z < count; z++) moert_cpu_bias_add(yw + z * rows * cols, bw + z * cols, rows, cols);
+  drop(bias, bw);
+  narrow(y, dt, yw, count * rows * cols);
+}
+
+void moert_cpu_bias_grad_t(moert_dt dt, float *dbias, const void *dy, int64_t count, int64_t rows,
+                           int64_t cols) {
+  float *w = widen(dy, dt, count * rows * cols);
+  for (int64_t z = 0; z < count; z++) moert_cpu_bias_grad(dbias + z * cols, w + z * rows * cols, rows, cols);
+  drop(dy, w);
+}
+
+void moert_cpu_act_fwd_t(moert_dt dt, moert_act act, const void *h, void *a, int64_t n) {
+  float *hw = widen(h, dt, n), *aw = widen(a, dt, n);
+  moert_cpu_act_fwd(act, hw, aw, n);
+  drop(h, hw);
+  narrow(a, dt, aw, n);
+}
+
+void moert_cpu_act_bwd_t(moert_dt dt, moert_act act, const void *h, const void *da, void *dh,
+                         int64_t n) {
+  float *hw = widen(h, dt, n), *daw = widen(da, dt, n), *dhw = widen(dh, dt, n);
+  moert_cpu_act_bwd(act, hw, daw, dhw, n);
+  drop(h, hw);
+  drop(da, daw);
+  narrow(dh, dt, dhw, n);
+}
+
+void moert_cpu_swiglu_fwd_t(moert_dt dt, const void *h, void *a, int64_t rows, int64_t hid) {
+  float *hw = widen(h, dt, 2 * rows * hid), *aw = widen(a, dt, rows * hid);
+  moert_cpu_swiglu_fwd(hw, aw, rows, hid);
+  drop(h, hw);
+  narrow(a, dt, aw, rows * hid);
+}
+
+void moert_cpu_swiglu_bwd_t(moert_dt dt, const void *h, const void *da, void *dh, int64_t rows,
+                            int64_t hid) {
+  float *hw = widen(h, dt, 2 * rows * hid), *daw = widen(da, dt, rows * hid);
+  float *dhw = widen(dh, dt, 2 * rows * hid);
+  moert_cpu_swiglu_bwd(hw, daw, dhw, rows, hid);
+  drop(h, hw);
+  drop(da, daw);
+  narrow(dh, dt, dhw, 2 * rows * hid);
+}
+
+void moert_cpu_dispatch_t(moert_dt dt, const float *x, const int32_t *idx, const int32_t *loc,
+                          void *buf, int64_t tokens, int64_t top_k, int64_t experts,
+                          int64_t capacity, int64_t dim) {
+  int64_t n = experts * capacity * dim;
+  float *w = dt == MOERT_F32 ? buf : must_alloc(n);
+  moert_cpu_dispatch(x, idx, loc, w, tokens, top_k, experts, capacity, dim);
+  narrow(buf, dt, w, n);
+}
+
+void moert_cpu_dispatch_bwd_t(moert_dt dt, const void *dbuf, const int32_t *idx,
+                              const int32_t *loc, float *dx, int64_t tokens, int64_t top_k,
+                              int64_t experts, int64_t capacity, int64_t dim) {
+  float *w = widen(dbuf, dt, experts * capacity * dim);
+  moert_cpu_dispatch_bwd(w, idx, loc, dx, tokens, top_k, experts, capacity, dim);
+  drop(dbuf, w);
+}
+
+void moert_cpu_combine_t(moert_dt dt, const void *buf, const int32_t *idx, const int32_t *loc,
+                         const float *gate, float *y, int64_t tokens, int64_t top_k,
+                         int64_t experts, int64_t capacity, int64_t dim) {
+  float *w = widen(buf, dt, experts * capacity * dim);
+  moert_cpu_combine(w, idx, loc, gate, y, tokens, top_k, experts, capacity, dim);
+  drop(buf, w);
+}
+
+void moert_cpu_combine_bwd_t(moert_dt dt, const float *dy, const void *buf, const int32_t *idx,
+                             const int32_t *loc, const float *gate, void *dbuf, float *dgate,
+                             int64_t tokens, int64_t top_k, int64_t experts, int64_t capacity,
+                             int64_t dim) {
+  int64_t n = experts * capacity * dim;
+  float *w = widen(buf, dt, n), *dw = dt == MOERT_F32 ? dbuf : must_alloc(n);
+  moert_cpu_combine_bwd(dy, w, idx, loc, gate, dw, dgate, tokens, top_k, experts, capacity, dim);
+  drop(buf, w);
+  narrow(dbuf, dt, dw, n);
+}

@@ -1,0 +1,84 @@
+/* cpu_ops_typed.h — the ops of the expert path in a storage type, apart from
+ * cpu_ops.h (which the unit tests twin in double). */
+#ifndef MOERT_CPU_OPS_TYPED_H
+#define MOERT_CPU_OPS_TYPED_H
+
+#include "cpu_ops.h"
+
+/* --- the expert path in a storage type (fp32, or bf16 on a device) ---
+ *
+ * With a bf16 model on the GPU, the tensors of the expert path (the
+ * dispatched tokens, the experts' hidden and output rows, their gradients,
+ * the exchanged blocks, the experts' weights as computed with) are stored as
+ * bf16; gating, the layer's input and output, parameter gradients, master
+ * weights and optimizer state stay fp32. These ops take such tensors as
+ * `void *` with their type. On the cpu, bf16 tensors are rounded to bf16
+ * where they are stored and computed with in fp32 (an emulation, for tests of
+ * the executor; it allocates temporaries); fp32 calls the ops above. */
+
+typedef enum { MOERT_F32, MOERT_BF16 } moert_dt;
+
+/* Bytes per element. */
+static inline int moert_dt_size(moert_dt t) { return t == MOERT_BF16 ? 2 : 4; }
+/* bf16 <-> fp32: round to nearest even, NaN stays NaN. */
+static inline uint16_t moert_f32_to_bf16(float f) {
+  union { float f; uint32_t u; } v = {f};
+  if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40u);
+  return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
+static inline float moert_bf16_to_f32(uint16_t h) {
+  union { uint32_t u; float f; } v = {(uint32_t)h << 16};
+  return v.f;
+}
+
+/* dst (type dt) = src (type st), n elements. */
+void moert_cpu_convert(void *dst, moert_dt dt, const void *src, moert_dt st, int64_t n);
+
+/* count GEMMs C_i = alpha op(A_i) op(B_i) + beta C_i, each operand in its
+ * own type, accumulated in fp32 (A and B share a type). Then, when bias is
+ * not NULL, C_i[r, :] += bias_i (bias in C's type, bias_i = bias + i *
+ * stride_bias). */
+typedef struct moert_gemm {
+  bool trans_a, trans_b;
+  int64_t m, n, k, count;
+  float alpha, beta;
+  const void *a, *b;
+  moert_dt ab_type;
+  int64_t lda, stride_a, ldb, stride_b;
+  void *c;
+  moert_dt c_type;
+  int64_t ldc, stride_c;
+  const void *bias;
+  int64_t stride_bias;
+} moert_gemm;
+void moert_cpu_gemm_ex(const moert_gemm *g);
+
+/* The ops of the expert path, with their tensors of type dt (see above):
+ * y[z] += bias[z] over count blocks [rows, cols] (bias [count, cols]);
+ * dbias[z] (fp32) accumulates the column sums of dy[z]. */
+void moert_cpu_bias_add_t(moert_dt dt, void *y, const void *bias, int64_t count, int64_t rows,
+                          int64_t cols);
+void moert_cpu_bias_grad_t(moert_dt dt, float *dbias, const void *dy, int64_t count, int64_t rows,
+                           int64_t cols);
+void moert_cpu_act_fwd_t(moert_dt dt, moert_act act, const void *h, void *a, int64_t n);
+void moert_cpu_act_bwd_t(moert_dt dt, moert_act act, const void *h, const void *da, void *dh,
+                         int64_t n);
+void moert_cpu_swiglu_fwd_t(moert_dt dt, const void *h, void *a, int64_t rows, int64_t hid);
+void moert_cpu_swiglu_bwd_t(moert_dt dt, const void *h, const void *da, void *dh, int64_t rows,
+                            int64_t hid);
+/* dispatch and combine with buf/dbuf of type dt; x, dx, y, dy, gate fp32 */
+void moert_cpu_dispatch_t(moert_dt dt, const float *x, const int32_t *idx, const int32_t *loc,
+                          void *buf, int64_t tokens, int64_t top_k, int64_t experts,
+                          int64_t capacity, int64_t dim);
+void moert_cpu_dispatch_bwd_t(moert_dt dt, const void *dbuf, const int32_t *idx,
+                              const int32_t *loc, float *dx, int64_t tokens, int64_t top_k,
+                              int64_t experts, int64_t capacity, int64_t dim);
+void moert_cpu_combine_t(moert_dt dt, const void *buf, const int32_t *idx, const int32_t *loc,
+                         const float *gate, float *y, int64_t tokens, int64_t top_k,
+                         int64_t experts, int64_t capacity, int64_t dim);
+void moert_cpu_combine_bwd_t(moert_dt dt, const float *dy, const void *buf, const int32_t *idx,
+                             const int32_t *loc, const float *gate, void *dbuf, float *dgate,
+                             int64_t tokens, int64_t top_k, int64_t experts, int64_t capacity,
+                             int64_t dim);
+
+#endif
