@@ -120,4 +120,12 @@ bool moert_cuda_compile_check(const char *arch, int only, moert_status *st);
 bool moert_cuda_compile_source(const char *src, const char *arch, const char *log_dir,
                                moert_status *st);
 
+/* Facts about the cuda backend's GPU, for the driver (MFU, memory); b must
+ * be the cuda backend, else NULL / false. The device's name ("NVIDIA H100
+ * 80GB HBM3"), owned by the library; its compute capability; the bytes
+ * free and in all on it now (cuMemGetInfo). */
+const char *moert_backend_cuda_device_name(const moert_backend *b);
+bool moert_backend_cuda_compute_capability(const moert_backend *b, int *major, int *minor);
+bool moert_backend_cuda_mem_info(const moert_backend *b, size_t *free_bytes, size_t *total_bytes);
+
 #endif

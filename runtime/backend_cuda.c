@@ -399,6 +399,12 @@ static bool cuda_alloc(moert_backend *b, size_t n, void **out, moert_status *st)
   size_t rounded = (n + 255) / 256 * 256;
   if (!rounded) rounded = 256;
   CUresult rc = cu.cuMemAlloc(&p, rounded);
+  if (rc == CUDA_ERROR_OUT_OF_MEMORY) { /* the words the executor looks for: MOERT_OOM_PREFIX */
+    size_t free_b = 0, total_b = 0;
+    moert_backend_cuda_mem_info(b, &free_b, &total_b);
+    return MOERT_FAIL(st, "out of GPU memory: allocating %.2f GB failed; the GPU has %.2f GB free of %.2f GB",
+                      (double)n / 1e9, (double)free_b / 1e9, (double)total_b / 1e9);
+  }
   if (rc != CUDA_SUCCESS)
     return MOERT_FAIL(st, "cuMemAlloc failed: %s (%zu bytes)", cu_errstr(rc), n);
   if (!CUOK(st, cuMemsetD8, (p, 0, rounded))) {
@@ -1504,6 +1510,52 @@ bool moert_cuda_compile_check(const char *arch, int only, moert_status *st) {
         ok = MOERT_FAIL(st, "the kernels compiled for %s have no %s", arch, kernel_names[k]);
   free(img.data);
   return ok || MOERT_UP(st);
+}
+
+#endif /* MOERT_HAVE_CUDA_HEADERS */
+
+/* ------------------------------------------------------------ device facts (driver: MFU, memory) */
+
+#ifndef MOERT_HAVE_CUDA_HEADERS
+
+const char *moert_backend_cuda_device_name(const moert_backend *b) {
+  (void)b;
+  return NULL;
+}
+bool moert_backend_cuda_compute_capability(const moert_backend *b, int *major, int *minor) {
+  (void)b;
+  *major = *minor = 0;
+  return false;
+}
+bool moert_backend_cuda_mem_info(const moert_backend *b, size_t *free_bytes, size_t *total_bytes) {
+  (void)b;
+  *free_bytes = *total_bytes = 0;
+  return false;
+}
+
+#else
+
+const char *moert_backend_cuda_device_name(const moert_backend *b) {
+  static char name[256];
+  if (!b || b != &G.b || !G.live) return NULL;
+  if (cu.cuDeviceGetName(name, (int)sizeof name - 1, G.dev) != CUDA_SUCCESS) return NULL;
+  return name[0] ? name : NULL;
+}
+
+bool moert_backend_cuda_compute_capability(const moert_backend *b, int *major, int *minor) {
+  bool live = b && b == &G.b && G.live;
+  *major = live ? G.cc_major : 0;
+  *minor = live ? G.cc_minor : 0;
+  return live;
+}
+
+bool moert_backend_cuda_mem_info(const moert_backend *b, size_t *free_bytes, size_t *total_bytes) {
+  /* looked up here rather than in CU_FUNCS: the one user, at start */
+  static __typeof__(cuMemGetInfo) *get_info;
+  *free_bytes = *total_bytes = 0;
+  if (!b || b != &G.b || !G.live) return false;
+  if (!get_info) get_info = (__typeof__(cuMemGetInfo) *)dlsym(cu.lib, XSTR(cuMemGetInfo));
+  return get_info && get_info(free_bytes, total_bytes) == CUDA_SUCCESS;
 }
 
 #endif /* MOERT_HAVE_CUDA_HEADERS */

@@ -138,9 +138,7 @@ static void print_header(const moert_model *m, const moert_plan *p, moert_dt xdt
   }
   char pb[32], mb[32];
   human(pb, sizeof pb, (double)p->global_params, "");
-  int64_t bytes = (p->param_elems * (m->train.has_train ? 2 : 1) + p->state_elems + p->act_elems +
-                   p->int_elems + p->scratch_elems) * 4;
-  human(mb, sizeof mb, (double)bytes, "B");
+  human(mb, sizeof mb, (double)moert_exec_bytes(p, m->train.has_train), "B");
   fprintf(out, "model %s (%s): %s parameters, %d layers (%d moe)%s\n", m->name, m->spec_file, pb,
           nlayers, nmoe, m->vocab ? ", byte-level language model" : ", regression on a teacher MLP");
   const char *prec = xdt == MOERT_BF16 ? "bf16 experts, fp32 gating, masters and the rest"
@@ -175,8 +173,98 @@ static void print_header(const moert_model *m, const moert_plan *p, moert_dt xdt
           m->parallel.select == MOERT_SELECT_FIXED ? "fixed" : "chosen each step by measured time");
 }
 
+/* The table's head; MFU (model FLOPs utilization) only when a peak is known. */
 static const char *const TABLE_HEAD =
     "   step       loss        aux        lr  grad_norm      tok/s  TFLOP/s    ms/step  dropped  variants\n";
+static const char *const TABLE_HEAD_MFU =
+    "   step       loss        aux        lr  grad_norm      tok/s  TFLOP/s    MFU    ms/step  dropped  variants\n";
+
+/* Dense bf16 tensor-core peaks per GPU, TFLOP/s (the vendor's data sheets,
+ * without sparsity): MFU's denominator. The first entry whose name is in
+ * the device's name and whose compute capability major agrees wins, so the
+ * more specific names come first. */
+static const struct {
+  const char *name;
+  int cc_major;
+  double tflops;
+} GPU_PEAKS[] = {
+    {"H100 PCIe", 9, 756.0}, {"H100 NVL", 9, 835.5}, {"H100", 9, 989.4},
+    {"H200 NVL", 9, 835.5},  {"H200", 9, 989.4},     {"A100", 8, 312.0},
+};
+
+/* The peak MFU is measured against, per GPU (per rank on the cpu), in
+ * TFLOP/s: MOEC_PEAK_TFLOPS when set, else the table's entry for the cuda
+ * backend's GPU; 0 when none is known (no MFU). *what says where it came
+ * from, for the header (an unknown GPU: why there is no MFU). False when
+ * MOEC_PEAK_TFLOPS is not a positive number. */
+static bool peak_tflops(const moert_backend *b, double *peak, char *what, size_t n) {
+  *peak = 0;
+  what[0] = 0;
+  const char *env = getenv("MOEC_PEAK_TFLOPS");
+  if (env && *env) {
+    char *end;
+    errno = 0;
+    double v = strtod(env, &end);
+    if (errno || end == env || *end || !(v > 0) || !isfinite(v)) return false;
+    *peak = v;
+    snprintf(what, n, "peak %g TFLOP/s per %s, from MOEC_PEAK_TFLOPS", v,
+             b == moert_backend_cpu() ? "rank" : "GPU");
+    return true;
+  }
+  const char *name = moert_backend_cuda_device_name(b);
+  int major = 0, minor = 0;
+  if (!name || !moert_backend_cuda_compute_capability(b, &major, &minor)) return true; /* the cpu */
+  for (size_t i = 0; i < sizeof GPU_PEAKS / sizeof GPU_PEAKS[0]; i++)
+    if (strstr(name, GPU_PEAKS[i].name) && major == GPU_PEAKS[i].cc_major) {
+      *peak = GPU_PEAKS[i].tflops;
+      snprintf(what, n, "peak %g TFLOP/s dense bf16 per GPU (%s, sm_%d%d)", *peak, name, major, minor);
+      return true;
+    }
+  snprintf(what, n, "no MFU column: no dense bf16 peak is known for %s (sm_%d%d); set MOEC_PEAK_TFLOPS "
+           "(TFLOP/s per GPU)", name, major, minor);
+  return true;
+}
+
+/* The device's free and total bytes: the cuda backend's, or for tests on
+ * any backend MOEC_TEST_DEVICE_MEMORY="FREE,TOTAL" (bytes). False: unknown. */
+static bool device_memory(const moert_backend *b, double *free_b, double *total_b) {
+  const char *env = getenv("MOEC_TEST_DEVICE_MEMORY");
+  if (env && sscanf(env, "%lf,%lf", free_b, total_b) == 2) return true;
+  size_t f = 0, t = 0;
+  if (!moert_backend_cuda_mem_info(b, &f, &t)) return false;
+  *free_b = (double)f;
+  *total_b = (double)t;
+  return true;
+}
+
+/* Before any pool is allocated: each rank's planned bytes against its
+ * device's free memory. When some rank's do not fit, every rank fails alike
+ * (*agreed: no abort needed) and *reporter is the first rank short of
+ * memory, the one that prints its message; the others record a short one. */
+static bool check_memory(const moert_plan *p, bool training, const moert_backend *b, moert_comm *comm,
+                         bool *agreed, int *reporter, moert_status *st) {
+  double fr = 0, tot = 0;
+  bool known = device_memory(b, &fr, &tot);
+  double need = (double)moert_exec_bytes(p, training);
+  int W = comm->world;
+  double *v = calloc((size_t)W, sizeof *v);
+  if (!v) return MOERT_FAIL(st, "out of memory");
+  v[comm->rank] = known && need > fr ? 1 : 0;
+  if (W > 1 && !comm->all_reduce_f64(comm, v, W, MOERT_RED_SUM, st)) {
+    free(v);
+    return MOERT_UP(st);
+  }
+  int first = -1;
+  for (int r = 0; r < W && first < 0; r++)
+    if (v[r] > 0) first = r;
+  free(v);
+  if (first < 0) return true;
+  *agreed = true;
+  *reporter = first;
+  if (first != comm->rank && !(known && need > fr))
+    return MOERT_FAIL(st, MOERT_OOM_PREFIX " on rank %d (its message says why)", first);
+  return moert_exec_oom(p, training, moert_backend_cuda_device_name(b), fr, tot, st);
+}
 
 /* What a step's metrics add for the variants: what the switch cost, and the
  * selector's table when a layer finished exploring. */
@@ -200,8 +288,9 @@ static void variants_short(const moert_model *m, const moert_plan *p, const moer
 
 /* Writes the step's metrics line; expert load per MoE layer, summed over ranks. */
 static void write_metrics(FILE *f, const moert_model *m, const moert_exec *e, int64_t step,
-                          const moert_step_stats *s, double ms, double tps, const double *load,
-                          double eval_loss, bool has_eval, const step_extra *x) {
+                          const moert_step_stats *s, double ms, double tps, double tflops, double mfu,
+                          const double *load, const double *layer_ms, double eval_loss, bool has_eval,
+                          const step_extra *x) {
   fprintf(f, "{\"step\": %" PRId64 ", \"loss\": ", step);
   json_num(f, s->loss);
   fputs(", \"aux_loss\": ", f);
@@ -214,6 +303,12 @@ static void write_metrics(FILE *f, const moert_model *m, const moert_exec *e, in
   json_num(f, ms);
   fputs(", \"tokens_per_s\": ", f);
   json_num(f, tps);
+  fputs(", \"tflops\": ", f);
+  json_num(f, tflops);
+  if (mfu >= 0) { /* only when a peak is known */
+    fputs(", \"mfu\": ", f);
+    json_num(f, mfu);
+  }
   fputs(", \"dropped\": ", f);
   json_num(f, s->dropped);
   fputs(", \"expert_load\": {", f);
@@ -234,6 +329,14 @@ static void write_metrics(FILE *f, const moert_model *m, const moert_exec *e, in
     if (m->layers[i].kind != MOERT_L_MOE) continue;
     fprintf(f, "%s\"%s\": \"%s\"", first ? "" : ", ", m->layers[i].name,
             e->plan->layers[i].variants[e->variant[i]].name);
+    first = false;
+  }
+  fputs("}, \"layer_ms\": {", f);
+  first = true;
+  for (int i = 0; i < m->nlayers; i++) {
+    if (m->layers[i].kind != MOERT_L_MOE) continue;
+    fprintf(f, "%s\"%s\": ", first ? "" : ", ", m->layers[i].name);
+    json_num(f, layer_ms[i]);
     first = false;
   }
   fprintf(f, "}, \"switch_bytes\": %" PRId64 ", \"switch_allocs\": %" PRId64, x->switch_bytes, x->switch_allocs);
@@ -423,7 +526,24 @@ int moert_main(const moert_model *m, int argc, char **argv) {
     }
   }
   moert_backend_cpu_share_cores(comm->local_size);
+  double peak = 0;
+  char peak_what[320];
+  if (!peak_tflops(b, &peak, peak_what, sizeof peak_what)) {
+    if (comm != host_comm) comm->destroy(comm);
+    if (b != moert_backend_cpu()) moert_backend_cuda_destroy(b);
+    if (host_comm != moert_comm_self()) moert_comm_mpi_finalize(host_comm);
+    return usage_error(argv0, "bad value '%s' for MOEC_PEAK_TFLOPS (TFLOP/s per GPU, a number above 0)",
+                       getenv("MOEC_PEAK_TFLOPS"));
+  }
+  /* MFU's denominator: one peak per GPU; ranks that share a GPU share its peak */
+  double accelerators = comm->world;
+  if (b != moert_backend_cpu()) {
+    int gpus = moert_cuda_device_count();
+    if (gpus > 0 && gpus < comm->local_size) accelerators = (double)comm->nodes * gpus;
+  }
   bool training = m->train.has_train;
+  bool oom_agreed = false;
+  int oom_reporter = 0, my_rank = comm->rank;
   FILE *metrics = NULL;
   moert_plan *plan = NULL;
   moert_data *data = NULL;
@@ -458,6 +578,7 @@ int moert_main(const moert_model *m, int argc, char **argv) {
       goto out;
     }
   }
+  if (!check_memory(plan, training, b, comm, &oom_agreed, &oom_reporter, &st)) goto out;
   if (!moert_exec_create(&e, m, plan, b, comm, training, (uint64_t)o.seed, &st)) goto out;
   e->total_steps = o.steps;
   e->pick = moert_selector_pick;
@@ -480,6 +601,7 @@ int moert_main(const moert_model *m, int argc, char **argv) {
 
   FILE *out = o.quiet || comm->rank ? NULL : stdout;
   if (out) print_header(m, plan, e->xdt, &o, b, comm, out);
+  if (out && peak_what[0]) fprintf(out, "MFU: %s\n", peak_what);
   if (out && b != moert_backend_cpu())
     fprintf(out, "kernels: %s (%s)\n", moert_backend_cuda_cache_hit(b) ? "from the cache" : "compiled by NVRTC",
             moert_backend_cuda_cache_path(b) ? moert_backend_cuda_cache_path(b) : "no cache");
@@ -499,7 +621,7 @@ int moert_main(const moert_model *m, int argc, char **argv) {
       fputs("}\n", metrics);
     }
   }
-  if (out) fputs(TABLE_HEAD, out);
+  if (out) fputs(peak > 0 ? TABLE_HEAD_MFU : TABLE_HEAD, out);
 
   double t_all = now(), first_loss = NAN, last_loss = NAN;
   double *load = e->load;
@@ -545,12 +667,16 @@ int moert_main(const moert_model *m, int argc, char **argv) {
     last_loss = s.loss;
     step_extra x = {switched ? b->watched_bytes - watched0 : 0, switched ? b->allocs - allocs0 : 0,
                     explored ? sel : NULL};
-    if (metrics) write_metrics(metrics, m, e, step, &s, ms, tps, load, eval_loss, has_eval, &x);
+    double tflops = s.flops / (ms / 1e3) / 1e12;
+    double mfu = peak > 0 ? tflops / (peak * accelerators) : -1;
+    if (metrics) write_metrics(metrics, m, e, step, &s, ms, tps, tflops, mfu, load, times, eval_loss, has_eval, &x);
     if (out && (step % o.log_every == 0 || step == o.steps || step == start + 1)) {
       char vbuf[64];
       variants_short(m, plan, e, vbuf, sizeof vbuf);
-      fprintf(out, "%7" PRId64 " %10.4f %10.4f %9.2e %10.4f %10.0f %8.3f %10.2f %7.2f%%  %s\n", step, s.loss,
-              s.aux_loss, s.lr, s.grad_norm, tps, s.flops / (ms / 1e3) / 1e12, ms, 100 * s.dropped, vbuf);
+      char mfu_col[16] = "";
+      if (peak > 0) snprintf(mfu_col, sizeof mfu_col, " %5.1f%%", 100 * mfu);
+      fprintf(out, "%7" PRId64 " %10.4f %10.4f %9.2e %10.4f %10.0f %8.3f%s %10.2f %7.2f%%  %s\n", step, s.loss,
+              s.aux_loss, s.lr, s.grad_norm, tps, tflops, mfu_col, ms, 100 * s.dropped, vbuf);
       if (has_eval) fprintf(out, "%7s eval loss %.4f\n", "", eval_loss);
       fflush(out);
     }
@@ -571,7 +697,7 @@ int moert_main(const moert_model *m, int argc, char **argv) {
   rc = 0;
 out:
   if (metrics) fclose(metrics);
-  if (rc && comm->world > 1) {
+  if (rc && comm->world > 1 && !oom_agreed) {
     /* the other ranks may be waiting in a collective: stop them all */
     fprintf(stderr, "%s: rank %d: error: %s\n", argv0, comm->rank, st.msg);
     fflush(stderr);
@@ -587,6 +713,8 @@ out:
   if (comm != host_comm) comm->destroy(comm);
   if (b != moert_backend_cpu()) moert_backend_cuda_destroy(b);
   if (host_comm != moert_comm_self()) moert_comm_mpi_finalize(host_comm);
+  /* every rank failed the memory check alike: one of them says why */
+  if (rc && oom_agreed && oom_reporter != my_rank) return 1;
   if (rc) return fail(argv0, &st);
   return rc;
 }

@@ -72,8 +72,26 @@ typedef struct moert_exec {
   double aux;
 } moert_exec;
 
+/* Bytes the executor allocates on this rank: the plan's pools (parameters;
+ * gradients and optimizer state when training; saved activations; scratch)
+ * and its [T, M] token buffers. What the header calls "on this rank". */
+int64_t moert_exec_bytes(const moert_plan *plan, bool training);
+
+/* The words that begin a backend's message when an allocation finds the
+ * device full (backend_cuda.c's cuda_alloc). */
+#define MOERT_OOM_PREFIX "out of GPU memory"
+
+/* Records the out-of-memory failure of this rank: what the plan needs here
+ * (and of what), what the device (device: its name, or NULL) has free and in
+ * all, and what to change to fit. When st already holds a backend's failure
+ * that begins with MOERT_OOM_PREFIX, its message is replaced by this one
+ * (the trace kept); another earlier failure is left alone. Returns false. */
+bool moert_exec_oom(const moert_plan *plan, bool training, const char *device, double free_bytes,
+                    double total_bytes, moert_status *st);
+
 /* Allocates every pool of the plan and initializes the parameters from the
- * seed (identical at every world size). */
+ * seed (identical at every world size). A backend's out-of-memory failure
+ * comes back as moert_exec_oom's message. */
 bool moert_exec_create(moert_exec **out, const moert_model *m, moert_plan *plan, moert_backend *b,
                        moert_comm *comm, bool training, uint64_t seed, moert_status *st);
 void moert_exec_destroy(moert_exec *e);

@@ -48,6 +48,66 @@ static bool init_params(moert_exec *e, moert_status *st) {
   return ok ? true : MOERT_UP(st);
 }
 
+int64_t moert_exec_bytes(const moert_plan *plan, bool training) {
+  int64_t TM = plan->tokens * plan->model->dim;
+  int64_t elems = plan->param_elems + plan->act_elems + plan->int_elems + plan->scratch_elems + TM;
+  if (training) elems += plan->param_elems + plan->state_elems + (2 + (int64_t)plan->max_res_depth) * TM;
+  /* a bf16 model's bf16 copy of the parameters (when its experts run in bf16) */
+  if (plan->model->dtype == MOERT_DT_BF16) elems += (plan->param_elems + 1) / 2;
+  return elems * (int64_t)sizeof(float);
+}
+
+bool moert_exec_oom(const moert_plan *plan, bool training, const char *device, double free_bytes,
+                    double total_bytes, moert_status *st) {
+  if (st->failed && strncmp(st->msg, MOERT_OOM_PREFIX, strlen(MOERT_OOM_PREFIX)) != 0) return false;
+  const moert_model *m = plan->model;
+  double gb = 1e9, f = sizeof(float);
+  double need = (double)moert_exec_bytes(plan, training);
+  double par = (double)plan->param_elems * f, grads = training ? par : 0,
+         state = training ? (double)plan->state_elems * f : 0;
+  double act = (double)(plan->act_elems + plan->int_elems) * f, scratch = (double)plan->scratch_elems * f;
+  double tok = need - par - grads - state - act - scratch;
+  /* everything but the parameters grows with the tokens, about linearly */
+  double fixed = par + grads + state, per_token = (need - fixed) / (double)plan->tokens;
+  int64_t fit = free_bytes > fixed && per_token > 0 ? (int64_t)((free_bytes - fixed) / per_token * 0.9) : 0;
+  char tokens_hint[96];
+  if (fit > 0 && fit < plan->tokens)
+    snprintf(tokens_hint, sizeof tokens_hint, "now %lld; about %lld might fit", (long long)plan->tokens,
+             (long long)fit);
+  else
+    snprintf(tokens_hint, sizeof tokens_hint, "now %lld", (long long)plan->tokens);
+  char b[8][24];
+  double v[8] = {need, par, grads, state, act, scratch, tok, free_bytes};
+  for (int i = 0; i < 8; i++) {
+    double x = v[i] < 0 ? 0 : v[i];
+    if (x >= 0.1 * gb || x == 0) snprintf(b[i], sizeof b[i], "%.2f GB", x / gb);
+    else snprintf(b[i], sizeof b[i], "%.2f MB", x / 1e6);
+  }
+  char msg[sizeof st->msg];
+  snprintf(msg, sizeof msg,
+           MOERT_OOM_PREFIX " on rank %d: the plan needs %s on this rank (parameters %s, gradients %s, "
+           "optimizer state %s, saved activations %s, scratch %s, token buffers %s) and the GPU%s%s%s "
+           "has %s free of %.2f GB. To fit: fewer tokens per rank (--tokens N; %s), more ranks (mpirun "
+           "-np N splits the experts and the tokens), smaller `experts` or `hidden` in the spec%s",
+           plan->rank, b[0], b[1], b[2], b[3], b[4], b[5], b[6], device ? " (" : "", device ? device : "",
+           device ? ")" : "", b[7], total_bytes / gb, tokens_hint,
+           m->dtype == MOERT_DT_FP32 ? ", or `dtype = bf16`" : "");
+  if (!st->failed) return MOERT_FAIL(st, "%s", msg);
+  memcpy(st->msg, msg, sizeof msg);
+  return MOERT_UP(st);
+}
+
+/* A failed pool allocation: a backend's out-of-memory message becomes
+ * moert_exec_oom's, with the device's memory after the pools were freed. */
+static bool oom(const moert_plan *plan, bool training, const moert_backend *b, moert_status *st) {
+  size_t free_b = 0, total_b = 0;
+  if (strncmp(st->msg, MOERT_OOM_PREFIX, strlen(MOERT_OOM_PREFIX)) != 0 ||
+      !moert_backend_cuda_mem_info(b, &free_b, &total_b))
+    return MOERT_UP(st);
+  return moert_exec_oom(plan, training, moert_backend_cuda_device_name(b), (double)free_b,
+                        (double)total_b, st);
+}
+
 bool moert_exec_create(moert_exec **out, const moert_model *m, moert_plan *plan, moert_backend *b,
                        moert_comm *comm, bool training, uint64_t seed, moert_status *st) {
   *out = NULL;
@@ -79,7 +139,7 @@ bool moert_exec_create(moert_exec **out, const moert_model *m, moert_plan *plan,
 #define ALLOC(ptr, n)                                                                  \
   if (!b->alloc(b, (size_t)(n) * f + f, (void **)&(ptr), st)) {                        \
     moert_exec_destroy(e);                                                             \
-    return MOERT_UP(st);                                                               \
+    return oom(plan, training, b, st);                                                 \
   }
   ALLOC(e->params, plan->param_elems);
   e->xdt = m->dtype == MOERT_DT_BF16 && b->bf16 && moert_moe_bf16_fits(m, plan) ? MOERT_BF16 : MOERT_F32;

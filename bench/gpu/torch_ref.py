@@ -5,8 +5,11 @@ through torch.matmul), the device copy bandwidth (bytes read + written), and a
 plain PyTorch MoE layer (softmax top-k gate, per-expert gather, two matmuls,
 index_add), bf16, forward + backward + SGD, median of repeated steps.
 
-usage: torch_ref.py [--configs T,M,H,E,k,f ...] [--json FILE]
-Prints a table; --json writes the numbers for bench/RESULTS.md.
+usage: torch_ref.py [--configs T,M,H,E,k,f ...] [--dtypes bf16[,fp32]] [--json FILE]
+Prints a table; --json writes the numbers for bench/RESULTS.md (and for
+bench/gpu/layer_bench.sh, which runs it beside moec's layer). --dtypes picks
+the GEMM peaks and the layers measured: bf16 (the default), fp32 (no TF32, as
+moec's fp32 GEMMs), or both.
 """
 import argparse, json, statistics, sys, time
 
@@ -30,10 +33,13 @@ def median_ms(fn, warmup=5, reps=30):
     return statistics.median(times)
 
 
-def gemm_peak(n=8192):
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def gemm_peak(n=8192, dtype=torch.bfloat16):
     # fresh random inputs (never zeros), several sets rotated so caches do not flatter
-    xs = [torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
-    ws = [torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    xs = [torch.randn(n, n, device="cuda", dtype=dtype) for _ in range(3)]
+    ws = [torch.randn(n, n, device="cuda", dtype=dtype) for _ in range(3)]
     i = [0]
 
     def f():
@@ -82,11 +88,11 @@ class TorchMoE(torch.nn.Module):
         return out
 
 
-def torch_layer_ms(T, M, H, E, k, f):
+def torch_layer_ms(T, M, H, E, k, f, dtype=torch.bfloat16):
     torch.manual_seed(0)
-    layer = TorchMoE(M, H, E, k, f).cuda().to(torch.bfloat16)
+    layer = TorchMoE(M, H, E, k, f).cuda().to(dtype)
     opt = torch.optim.SGD(layer.parameters(), lr=1e-3)
-    x = torch.randn(T, M, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(T, M, device="cuda", dtype=dtype)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -101,28 +107,41 @@ def main():
     ap.add_argument("--configs", nargs="*", default=["16384,2048,2048,8,2,1.0",
                                                      "4096,1024,4096,64,2,1.0",
                                                      "16384,2048,2048,8,2,0"])
+    ap.add_argument("--dtypes", default="bf16", help="bf16, fp32 or bf16,fp32")
     ap.add_argument("--json")
     a = ap.parse_args()
+    dtypes = a.dtypes.split(",")
+    for d in dtypes:
+        if d not in DTYPES:
+            ap.error(f"unknown dtype {d} (bf16 or fp32)")
+    if not torch.cuda.is_available():
+        sys.exit("torch_ref.py: no CUDA device is visible to PyTorch")
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 is fp32, as moec's cuBLAS calls
     dev = torch.cuda.get_device_name()
-    peak = gemm_peak()
+    peaks = {d: gemm_peak(dtype=DTYPES[d]) for d in dtypes}
     bw = copy_bandwidth()
     rows = []
-    for c in a.configs:
-        T, M, H, E, k = (int(v) for v in c.split(",")[:5])
-        f = float(c.split(",")[5])
-        ms = torch_layer_ms(T, M, H, E, k, f)
-        useful = 12.0 * T * k * M * H  # fwd + bwd GEMM FLOPs on the routed tokens
-        rows.append({"T": T, "M": M, "H": H, "E": E, "k": k, "f": f, "torch_ms": ms,
-                     "torch_tflops": useful / (ms / 1e3) / 1e12})
+    for d in dtypes:
+        for c in a.configs:
+            T, M, H, E, k = (int(v) for v in c.split(",")[:5])
+            f = float(c.split(",")[5])
+            ms = torch_layer_ms(T, M, H, E, k, f, DTYPES[d])
+            useful = 12.0 * T * k * M * H  # fwd + bwd GEMM FLOPs on the routed tokens
+            rows.append({"T": T, "M": M, "H": H, "E": E, "k": k, "f": f, "dtype": d, "torch_ms": ms,
+                         "torch_tflops": useful / (ms / 1e3) / 1e12})
     print(f"device: {dev}; torch {torch.__version__}")
-    print(f"bf16 GEMM peak (8192^3, median of 40): {peak:.1f} TFLOP/s; copy bandwidth (2 GiB, read+write): {bw:.0f} GB/s")
-    print(f"{'T':>6} {'M':>5} {'H':>5} {'E':>3} {'k':>2} {'f':>4} {'torch ms':>9} {'TFLOP/s':>8} {'% peak':>7}")
+    for d in dtypes:
+        print(f"{d} GEMM peak (8192^3, median of 40): {peaks[d]:.1f} TFLOP/s")
+    print(f"copy bandwidth (2 GiB, read+write): {bw:.0f} GB/s")
+    print(f"{'T':>6} {'M':>5} {'H':>5} {'E':>3} {'k':>2} {'f':>4} {'dtype':>5} {'torch ms':>9} {'TFLOP/s':>8} {'% peak':>7}")
     for r in rows:
-        print(f"{r['T']:>6} {r['M']:>5} {r['H']:>5} {r['E']:>3} {r['k']:>2} {r['f']:>4} {r['torch_ms']:>9.2f} "
-              f"{r['torch_tflops']:>8.1f} {100 * r['torch_tflops'] / peak:>6.1f}%")
+        print(f"{r['T']:>6} {r['M']:>5} {r['H']:>5} {r['E']:>3} {r['k']:>2} {r['f']:>4} {r['dtype']:>5} "
+              f"{r['torch_ms']:>9.2f} {r['torch_tflops']:>8.1f} {100 * r['torch_tflops'] / peaks[r['dtype']]:>6.1f}%")
     if a.json:
-        json.dump({"device": dev, "torch": torch.__version__, "gemm_peak_tflops": peak,
-                   "copy_gbps": bw, "layers": rows}, open(a.json, "w"), indent=1)
+        json.dump({"device": dev, "torch": torch.__version__,
+                   "gemm_peak_tflops": peaks.get("bf16", next(iter(peaks.values()))),
+                   "gemm_peak_tflops_by_dtype": peaks, "copy_gbps": bw, "layers": rows},
+                  open(a.json, "w"), indent=1)
 
 
 if __name__ == "__main__":

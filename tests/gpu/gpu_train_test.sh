@@ -76,5 +76,46 @@ variants_np*)
   bad=$(grep -c -v '"switch_bytes": 0, "switch_allocs": 0' cycle.jsonl)
   [ "$bad" = 0 ] || fail "$bad steps switched at a cost"
   echo "ok: -np $n ranks sharing the GPU: every variant, cycled, follows the fixed one and the cpu; switches cost nothing" ;;
+mfu)
+  # the GPU's peak from the table by its name (or, on a GPU the table lacks, no MFU, said once)
+  ./tiny --backend cuda --kernel-cache kc --steps 3 --log-every 1 --metrics m.jsonl > out.txt || fail "run"
+  if grep -q "^MFU: peak" out.txt; then
+    peak=$(sed -n 's/^MFU: peak \([0-9.]*\) TFLOP.*/\1/p' out.txt)
+    grep -q "TFLOP/s    MFU" out.txt || fail "no MFU column: $(cat out.txt)"
+    python3 - m.jsonl "$peak" <<'PY' || fail "mfu is not tflops / peak"
+import json, sys
+for r in map(json.loads, open(sys.argv[1])):
+    assert abs(r["mfu"] - r["tflops"] / float(sys.argv[2])) <= 1e-9, r
+PY
+    echo "ok: $(grep '^MFU' out.txt)"
+  else
+    [ "$(grep -c 'no MFU column' out.txt)" = 1 ] || fail "no peak and no word why: $(cat out.txt)"
+    grep -q '"mfu"' m.jsonl && fail "mfu in the metrics without a peak"
+    echo "ok (a GPU the table lacks): $(grep '^MFU' out.txt)"
+  fi
+  MOEC_PEAK_TFLOPS=100 ./tiny --backend cuda --kernel-cache kc --steps 2 > out.txt || fail "run with MOEC_PEAK_TFLOPS"
+  grep -q "MFU: peak 100 TFLOP/s per GPU, from MOEC_PEAK_TFLOPS" out.txt || fail "the override: $(cat out.txt)" ;;
+
+oom)
+  # 16M tokens of tiny: a plan of about 195 GB, more than any GPU has
+  ./tiny --backend cuda --kernel-cache kc --tokens 16000000 --steps 1 >out.txt 2>err.txt; rc=$?
+  [ $rc = 1 ] || fail "a plan larger than the GPU exited $rc, not 1: $(cat err.txt)"
+  [ "$(grep -c 'out of GPU memory' err.txt)" = 1 ] || fail "not one message: $(cat err.txt)"
+  for w in "on rank 0" "the plan needs [0-9.]* GB on this rank" "free of" "--tokens N; now 16000000" "more ranks"; do
+    grep -q -- "$w" err.txt || fail "the message lacks '$w': $(cat err.txt)"
+  done
+  echo "early check: $(cat err.txt)"
+  # past the check (the free memory faked as 1 PB): cuMemAlloc itself fails, same message
+  MOEC_TEST_DEVICE_MEMORY=1e15,1e15 ./tiny --backend cuda --kernel-cache kc --tokens 16000000 --steps 1 \
+    >out.txt 2>err.txt; rc=$?
+  [ $rc = 1 ] || fail "a real out-of-memory exited $rc, not 1: $(cat err.txt)"
+  grep -q "out of GPU memory on rank 0: the plan needs" err.txt || fail "a real out-of-memory: $(cat err.txt)"
+  echo "cuMemAlloc: $(cat err.txt)"
+  # two ranks on the GPU: both stop, one message
+  "$mpiexec" --oversubscribe -np 2 ./tiny --backend cuda --kernel-cache kc --tokens 16000000 --steps 1 \
+    >out.txt 2>&1 && fail "2 ranks out of memory succeeded"
+  [ "$(grep -c 'error: out of GPU memory' out.txt)" = 1 ] || fail "not one message from 2 ranks: $(cat out.txt)"
+  echo "ok: a plan larger than the GPU fails with exit 1 and one message naming the fix" ;;
+
 *) echo "unknown mode $mode"; exit 2 ;;
 esac

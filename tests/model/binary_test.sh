@@ -144,5 +144,63 @@ inference)
   grep -q "ran 5 steps" out.txt || fail "no summary: $(cat out.txt)"
   echo "ok: an inference binary runs forward steps and reports them" ;;
 
+mfu)
+  build tiny
+  # with a peak: an MFU column, and metrics whose mfu is tflops / peak and tflops is flops / time
+  MOEC_PEAK_TFLOPS=0.5 ./tiny --steps 4 --log-every 1 --metrics m.jsonl > out.txt || fail "run with MOEC_PEAK_TFLOPS: exit $?"
+  grep -q "TFLOP/s    MFU    ms/step" out.txt || fail "no MFU column: $(cat out.txt)"
+  grep -q "MFU: peak 0.5 TFLOP/s per rank, from MOEC_PEAK_TFLOPS" out.txt || fail "the header does not say where the peak comes from"
+  [ "$(grep -c '%  *[0-9.]*  *[0-9.]*%' out.txt)" = 4 ] || fail "not 4 rows with an MFU value: $(cat out.txt)"
+  "$moec" plan --json "$src/examples/tiny.moe" > plan.json || fail "moec plan"
+  flops=$(python3 -c 'import json,sys; f=json.load(open(sys.argv[1]))["flops_per_step"]; print(f["forward"]+f["backward"])' plan.json)
+  python3 - m.jsonl "$flops" 0.5 <<'PY' || fail "mfu and tflops of the metrics do not agree with flops / time / peak"
+import json, sys
+flops, peak = float(sys.argv[2]), float(sys.argv[3])
+rows = [json.loads(l) for l in open(sys.argv[1])]
+assert len(rows) == 4
+for r in rows:
+    tf = flops / (r["ms"] / 1e3) / 1e12
+    assert abs(r["tflops"] - tf) <= 1e-9 * tf, (r["tflops"], tf)
+    assert abs(r["mfu"] - tf / peak) <= 1e-9 * tf / peak, (r["mfu"], tf / peak)
+print("mfu of step 1:", rows[0]["mfu"])
+PY
+  # ... and its table column is the same number, in percent
+  awk '$1 ~ /^[0-9]+$/ { print $8 }' out.txt | head -1 > col.txt
+  python3 -c 'import json,sys; print("%.1f%%" % (100 * json.loads(open(sys.argv[1]).readline())["mfu"]))' m.jsonl > want.txt
+  cmp -s col.txt want.txt || fail "the MFU column says $(cat col.txt), the metrics $(cat want.txt)"
+  # without: no column, no mfu key; tflops still there
+  ./tiny --steps 2 --log-every 1 --metrics n.jsonl > out2.txt || fail "run without a peak"
+  grep -q "MFU" out2.txt && fail "an MFU column on the cpu without MOEC_PEAK_TFLOPS: $(cat out2.txt)"
+  grep -q '"mfu"' n.jsonl && fail "mfu in the metrics without a peak"
+  grep -q '"tflops"' n.jsonl || fail "no tflops in the metrics"
+  MOEC_PEAK_TFLOPS=fast ./tiny --steps 1 2>err.txt; rc=$?
+  [ $rc = 2 ] && grep -q "MOEC_PEAK_TFLOPS" err.txt || fail "a bad MOEC_PEAK_TFLOPS: rc $rc: $(cat err.txt)"
+  echo "ok: MFU column and metrics with MOEC_PEAK_TFLOPS, none without" ;;
+
+oom_message)
+  # the memory check before any allocation, with the device memory faked
+  # (MOEC_TEST_DEVICE_MEMORY=FREE,TOTAL bytes; on a GPU it is cuMemGetInfo's)
+  build tiny
+  MOEC_TEST_DEVICE_MEMORY=79000000000,81000000000 ./tiny --tokens 8000000 --steps 1 >out.txt 2>err.txt; rc=$?
+  [ $rc = 1 ] || fail "a plan larger than the device exited $rc, not 1: $(cat err.txt)"
+  [ "$(grep -c 'out of GPU memory' err.txt)" = 1 ] || fail "not one message: $(cat err.txt)"
+  for w in "on rank 0" "the plan needs [0-9.]* GB on this rank" "saved activations" "79.00 GB free of 81.00 GB" \
+           "--tokens N; now 8000000; about" "more ranks" "hidden"; do
+    grep -q -- "$w" err.txt || fail "the message lacks '$w': $(cat err.txt)"
+  done
+  [ -s out.txt ] && fail "something was printed before the failure: $(cat out.txt)"
+  MOEC_TEST_DEVICE_MEMORY=79000000000,81000000000 ./tiny --steps 2 --quiet || fail "a plan that fits failed"
+  if command -v mpirun >/dev/null 2>&1; then
+    export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_mpi_yield_when_idle=1
+    # rank 1 short, rank 0 not: every rank stops, rank 1 says why, once
+    mpirun --oversubscribe -np 1 ./tiny --steps 2 --quiet : -np 1 -x MOEC_TEST_DEVICE_MEMORY=1000,2000 \
+      ./tiny --steps 2 --quiet >out.txt 2>&1 && fail "mpirun succeeded with a rank out of memory"
+    [ "$(grep -c 'error: out of GPU memory' out.txt)" = 1 ] || fail "not one message from 2 ranks: $(cat out.txt)"
+    grep -q "out of GPU memory on rank 1" out.txt || fail "not rank 1's message: $(cat out.txt)"
+    grep -q "MPI_ABORT" out.txt && fail "the ranks were aborted: $(cat out.txt)"
+    echo "ok: 2 ranks stop together, one message"
+  fi
+  echo "ok: a plan larger than the device's free memory fails at start with one clear message" ;;
+
 *) echo "unknown mode $mode"; exit 2 ;;
 esac
