@@ -578,7 +578,15 @@ int moert_main(const moert_model *m, int argc, char **argv) {
       goto out;
     }
   }
-  if (!check_memory(plan, training, b, comm, &oom_agreed, &oom_reporter, &st)) goto out;
+  if (!check_memory(plan, training, b, comm, &oom_agreed, &oom_reporter, &st)) {
+    if (oom_agreed) { /* one rank says why, before any rank exits (mpirun kills the rest then) */
+      moert_status bst = {0};
+      if (oom_reporter == my_rank) fail(argv0, &st);
+      fflush(stderr);
+      comm->barrier(comm, &bst);
+    }
+    goto out;
+  }
   if (!moert_exec_create(&e, m, plan, b, comm, training, (uint64_t)o.seed, &st)) goto out;
   e->total_steps = o.steps;
   e->pick = moert_selector_pick;
@@ -714,7 +722,7 @@ out:
   if (b != moert_backend_cpu()) moert_backend_cuda_destroy(b);
   if (host_comm != moert_comm_self()) moert_comm_mpi_finalize(host_comm);
   /* every rank failed the memory check alike: one of them says why */
-  if (rc && oom_agreed && oom_reporter != my_rank) return 1;
+  if (rc && oom_agreed) return 1;
   if (rc) return fail(argv0, &st);
   return rc;
 }
