@@ -101,6 +101,10 @@ void moert_backend_cuda_destroy(moert_backend *b);
  * (NULL without a cache): for tests. */
 bool moert_backend_cuda_cache_hit(const moert_backend *b);
 const char *moert_backend_cuda_cache_path(const moert_backend *b);
+/* The CUstream the backend's ops run on, in order (NULL when b is not the
+ * live cuda backend): a device comm enqueues its collectives there, so they
+ * are ordered with the kernels without a host synchronization. */
+void *moert_backend_cuda_stream(const moert_backend *b);
 /* moert_cpu_aux_loss on the device (device pointers; the loss comes back to
  * the host). The executor computes it on the host from all-reduced
  * statistics; this is the device's twin, for a fused gate later. */

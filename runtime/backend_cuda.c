@@ -71,6 +71,10 @@ const char *moert_backend_cuda_cache_path(const moert_backend *b) {
   (void)b;
   return NULL;
 }
+void *moert_backend_cuda_stream(const moert_backend *b) {
+  (void)b;
+  return NULL;
+}
 float moert_backend_cuda_aux_loss(const float *score_sum, const float *top1_count,
                                   float *dscore_coef, int64_t experts, double global_tokens) {
   (void)score_sum, (void)top1_count, (void)dscore_coef, (void)experts, (void)global_tokens;
@@ -1472,6 +1476,10 @@ bool moert_backend_cuda_cache_hit(const moert_backend *b) {
 
 const char *moert_backend_cuda_cache_path(const moert_backend *b) {
   return b && b == &G.b && G.live && G.cache_path[0] ? G.cache_path : NULL;
+}
+
+void *moert_backend_cuda_stream(const moert_backend *b) {
+  return b && b == &G.b && G.live ? (void *)G.stream : NULL;
 }
 
 /* ------------------------------------------------------------ compile checks (CI) */

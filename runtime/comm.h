@@ -1,14 +1,15 @@
 /* comm.h — collectives between the ranks of a run, as a table of functions
  * (nccl-tests' and Tutel's set): all-to-all (linear or 2D-hierarchical,
  * blocking or not), all-gather, reduce-scatter, all-reduce, broadcast,
- * gather, and sub-groups. Implementations: `self` (one rank, no MPI) and
- * `mpi` (host buffers; several ranks may share one GPU); `nccl` comes with
- * the GPU backend behind the same table. Buffers are host memory for self and
- * mpi; the executor passes backend memory to the float collectives (f32
- * reductions, all-gather, reduce-scatter, all-to-all) and host memory to the
- * rest, so with a device backend and a host comm it wraps the comm in a
- * staging comm (moert_comm_staged_create). All ranks of a comm call its
- * collectives in the same order.
+ * gather, and sub-groups. Implementations: `self` (one rank, no MPI), `mpi`
+ * (host buffers; several ranks may share one GPU) and `nccl` (comm_nccl.c:
+ * device buffers of the cuda backend, one GPU per rank). Buffers are host
+ * memory for self and mpi; the executor passes backend memory to the float
+ * collectives (f32 reductions, all-gather, reduce-scatter, all-to-all) and
+ * host memory to the rest, so with a device backend and a host comm it wraps
+ * the comm in a staging comm (moert_comm_staged_create); the nccl comm takes
+ * device memory itself. All ranks of a comm call its collectives in the same
+ * order.
  *
  * Ranks are numbered node-major: rank = node * local_size + local_rank. The
  * node of a rank comes from MPI's shared-memory split, or from the
@@ -30,7 +31,7 @@ typedef struct moert_comm moert_comm;
 typedef struct moert_req moert_req;
 
 struct moert_comm {
-  const char *name;          /* "self", "mpi" */
+  const char *name;          /* "self", "mpi", "nccl" */
   int world, rank;
   int nodes, node, local_size, local_rank;
 
@@ -78,6 +79,28 @@ struct moert_comm {
  * at start (staging needs the data). */
 typedef struct moert_backend moert_backend;
 bool moert_comm_staged_create(moert_comm *inner, moert_backend *b, moert_comm **out, moert_status *st);
+
+/* The nccl comm (comm_nccl.c) over the ranks of `host` (self or mpi, host
+ * buffers), on the cuda backend b: libnccl.so.2 is opened with dlopen. The
+ * float collectives take device memory of b and are enqueued on b's stream
+ * (moert_backend_cuda_stream), in order with its kernels and without a host
+ * synchronization (a download of b waits for them); the nonblocking
+ * all-to-all runs on a stream of the comm, ordered by events (wait makes b's
+ * stream wait for it). The f64/i64 all-reduces, broadcast, gather and barrier
+ * take host memory and go to host. Collective over host: bootstraps NCCL's
+ * unique id over it, and fails on every rank alike when two ranks share a GPU
+ * (NCCL needs one GPU per rank) or a rank cannot load NCCL. The comm keeps
+ * host and b (destroy neither; destroy it first). With host =
+ * moert_comm_self() no MPI is needed. */
+bool moert_comm_nccl_create(moert_comm *host, moert_backend *b, moert_comm **out, moert_status *st);
+/* Whether the nccl comm can run over host on b, alike on every rank
+ * (collective over host): every rank has NCCL, the cuda backend and a GPU of
+ * its own (no two ranks on one host with one PCI bus id). False is no
+ * failure; st is for the host comm's. For choosing the default comm. */
+bool moert_comm_nccl_fits(moert_comm *host, moert_backend *b, bool *fits, moert_status *st);
+/* Whether libnccl.so.2 loads with every function the nccl comm calls (false,
+ * quietly, in a build without nccl.h). Touches no GPU. */
+bool moert_nccl_available(void);
 
 /* A world of one rank: collectives copy or do nothing. Static; destroy is a no-op. */
 moert_comm *moert_comm_self(void);

@@ -37,7 +37,7 @@
   X(RESUME, "resume", 0, "", "continue from the checkpoint in DIR (--checkpoint or the spec's)")   \
   X(GENERATE, "generate", 1, "N", "after training, sample N bytes of text (byte models)")          \
   X(PROMPT, "prompt", 1, "TEXT", "the text that sampling continues (default: a line of the data)") \
-  X(COMM, "comm", 1, "mpi|self", "how ranks talk (default: mpi under mpirun, else self)")          \
+  X(COMM, "comm", 1, "nccl|mpi|self", "how ranks talk (default under mpirun: nccl with cuda and a GPU per rank, else mpi; else self)") \
   X(VARIANT, "variant", 1, "V", "force V (r=R,d=D,a2a=linear|2dh, or LAYER:V, or cycle); repeatable") \
   X(TRACE, "trace", 1, "FILE.json", "write a Chrome trace (chrome://tracing, Perfetto) of every op of every rank") \
   X(QUIET, "quiet", 0, "", "print only errors")                                                    \
@@ -144,8 +144,10 @@ static void print_header(const moert_model *m, const moert_plan *p, moert_dt xdt
   const char *prec = xdt == MOERT_BF16 ? "bf16 experts, fp32 gating, masters and the rest"
                     : m->dtype == MOERT_DT_BF16 && strcmp(b->name, "cpu") ? "fp32: M or H / S is odd"
                                                                          : "fp32";
-  fprintf(out, "backend %s (%s%s), %d rank%s, %" PRId64 " tokens per rank, %s on this rank\n", b->name, prec,
-          o->backend ? "" : strcmp(b->name, "cpu") == 0 ? "; no GPU found" : "; a GPU was found",
+  const bool device = strcmp(b->name, "cpu") != 0, nccl = strcmp(c->name, "nccl") == 0;
+  fprintf(out, "backend %s (%s%s), comm %s%s, %d rank%s, %" PRId64 " tokens per rank, %s on this rank\n",
+          b->name, prec, o->backend ? "" : device ? "; a GPU was found" : "; no GPU found", c->name,
+          nccl ? " (GPU memory, a GPU per rank)" : device && c->world > 1 ? " (staged through host memory)" : "",
           c->world, c->world == 1 ? "" : "s", p->tokens, mb);
   if (m->train.has_train) {
     const moert_train *t = &m->train;
@@ -467,7 +469,7 @@ int moert_main(const moert_model *m, int argc, char **argv) {
     case FLAG_KCACHE: o.kernel_cache = a; break;
     case FLAG_NO_KCACHE: o.no_kernel_cache = true; break;
     case FLAG_TRACE: o.trace = a; break;
-    case FLAG_COMM: o.comm = a; ok = !strcmp(a, "mpi") || !strcmp(a, "self"); break;
+    case FLAG_COMM: o.comm = a; ok = !strcmp(a, "mpi") || !strcmp(a, "self") || !strcmp(a, "nccl"); break;
     case FLAG_VARIANT:
       if (o.nvariants == MAX_FORCED) return usage_error(argv0, "%s", "too many --variant options (limit is 64)");
       o.variants[o.nvariants++] = a;
@@ -480,7 +482,7 @@ int moert_main(const moert_model *m, int argc, char **argv) {
     if (!ok) {
       char msg[160];
       snprintf(msg, sizeof msg, "bad value '%%s' for --%s (%s)", flag_info[c].name,
-               c == FLAG_BACKEND ? "cpu or cuda" : c == FLAG_COMM ? "mpi or self" : c == FLAG_STEPS || c == FLAG_LOG_EVERY || c == FLAG_TOKENS
+               c == FLAG_BACKEND ? "cpu or cuda" : c == FLAG_COMM ? "nccl, mpi or self" : c == FLAG_STEPS || c == FLAG_LOG_EVERY || c == FLAG_TOKENS
                                                        ? "a whole number of 1 or more"
                                                        : "a whole number of 0 or more");
       return usage_error(argv0, msg, a);
@@ -492,18 +494,30 @@ int moert_main(const moert_model *m, int argc, char **argv) {
     return usage_error(argv0, "%s", "--resume needs a checkpoint directory: --checkpoint DIR");
   if (!m->train.has_train && o.resume)
     return usage_error(argv0, "%s", "--resume needs a model with a train block");
+  const bool want_nccl = o.comm && strcmp(o.comm, "nccl") == 0;
+  if (want_nccl && o.backend && strcmp(o.backend, "cpu") == 0)
+    return usage_error(argv0, "%s", "--comm nccl needs the cuda backend (NCCL moves GPU memory); with "
+                                    "--backend cpu use --comm mpi");
 
   moert_status st = {0};
   moert_comm *comm = moert_comm_self();
-  bool use_mpi = o.comm ? strcmp(o.comm, "mpi") == 0 : moert_comm_under_mpirun();
+  /* the host comm: mpi under mpirun (or when asked), else self; the nccl
+   * comm is made over it once the cuda backend runs */
+  bool use_mpi = o.comm && !want_nccl ? strcmp(o.comm, "mpi") == 0 : moert_comm_under_mpirun();
   if (use_mpi && !moert_comm_mpi_create(&argc, &argv, &comm, &st)) return fail(argv0, &st);
   moert_comm *host_comm = comm;
   bool want_cuda = o.backend ? strcmp(o.backend, "cuda") == 0 : moert_cuda_available();
-  if (o.backend && want_cuda && !moert_cuda_available()) {
-    MOERT_FAIL(&st, "--backend cuda: no usable NVIDIA GPU was found (no libcuda.so.1, or no device); run "
-               "with --backend cpu");
-    if (comm != moert_comm_self()) moert_comm_mpi_finalize(comm);
-    return fail(argv0, &st);
+  if ((o.backend || want_nccl) && !moert_cuda_available()) {
+    if (o.backend && want_cuda)
+      MOERT_FAIL(&st, "--backend cuda: no usable NVIDIA GPU was found (no libcuda.so.1, or no device); run "
+                 "with --backend cpu");
+    else if (want_nccl)
+      MOERT_FAIL(&st, "--comm nccl: no usable NVIDIA GPU was found (no libcuda.so.1, or no device); run "
+                 "with --comm mpi (or --comm self on one rank)");
+    if (st.failed) {
+      if (comm != moert_comm_self()) moert_comm_mpi_finalize(comm);
+      return fail(argv0, &st);
+    }
   }
   moert_backend *b = moert_backend_cpu();
   if (want_cuda) {
@@ -511,7 +525,14 @@ int moert_main(const moert_model *m, int argc, char **argv) {
     int gpus = moert_cuda_device_count();
     int device = gpus > 0 ? comm->local_rank % gpus : 0;
     bool ok = moert_backend_cuda_create(&b, device, o.kernel_cache, !o.no_kernel_cache, &st);
-    if (ok && !moert_comm_staged_create(host_comm, b, &comm, &st)) {
+    /* nccl by default where it can run: several ranks, every one with a GPU
+     * of its own (by PCI bus id, so ranks that MOEC_LOCAL_SIZE puts on other
+     * nodes of one machine count too) and NCCL; all ranks choose alike */
+    bool nccl = want_nccl;
+    if (ok && !o.comm && host_comm->world > 1)
+      ok = moert_comm_nccl_fits(host_comm, b, &nccl, &st);
+    if (ok && !(nccl ? moert_comm_nccl_create(host_comm, b, &comm, &st)
+                     : moert_comm_staged_create(host_comm, b, &comm, &st))) {
       moert_backend_cuda_destroy(b);
       ok = false;
     }

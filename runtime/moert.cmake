@@ -16,8 +16,9 @@ add_custom_command(
   COMMENT "Embedding the kernel templates (moert_templates.c)")
 
 add_library(moert STATIC
-  status.c cpu_ops.c cpu_ops_typed.c rng.c checkpoint.c placement.c backend_cpu.c comm_self.c comm_staged.c moe.c select.c trace.c
-  data.c step.c ckpt_io.c driver.c comm_mpi.c backend_cuda.c ${CMAKE_CURRENT_BINARY_DIR}/moert_templates.c)
+  status.c cpu_ops.c cpu_ops_typed.c rng.c checkpoint.c placement.c backend_cpu.c comm_self.c comm_staged.c moe.c
+  select.c trace.c data.c step.c ckpt_io.c driver.c comm_mpi.c comm_nccl.c backend_cuda.c
+  ${CMAKE_CURRENT_BINARY_DIR}/moert_templates.c)
 target_include_directories(moert PUBLIC ${CMAKE_CURRENT_SOURCE_DIR})
 # backend_cuda.c opens the driver, NVRTC and cuBLAS with dlopen: their headers
 # at build time (for the types), nothing CUDA at link time, no GPU needed.
@@ -29,6 +30,17 @@ if(MOEC_CUDA_INCLUDE AND EXISTS ${MOEC_CUDA_INCLUDE}/nvrtc.h AND EXISTS ${MOEC_C
   target_compile_definitions(moert PRIVATE MOERT_HAVE_CUDA_HEADERS)
 else()
   message(STATUS "cuda backend: cuda.h, nvrtc.h or cublas_v2.h not found; built without it")
+endif()
+# comm_nccl.c opens libnccl.so.2 with dlopen the same way: nccl.h (and the
+# CUDA headers it includes) at build time, nothing NCCL at link time.
+find_path(MOEC_NCCL_INCLUDE nccl.h
+  HINTS $ENV{NCCL_HOME}/include $ENV{NCCL_ROOT}/include ${MOEC_CUDA_INCLUDE} /usr/local/include /usr/include)
+if(MOEC_CUDA_INCLUDE AND MOEC_NCCL_INCLUDE AND EXISTS ${MOEC_CUDA_INCLUDE}/cuda_runtime.h)
+  message(STATUS "nccl comm: nccl.h in ${MOEC_NCCL_INCLUDE} (libnccl.so.2 opened at run time)")
+  target_include_directories(moert SYSTEM PRIVATE ${MOEC_NCCL_INCLUDE})
+  target_compile_definitions(moert PRIVATE MOERT_HAVE_NCCL_HEADERS)
+else()
+  message(STATUS "nccl comm: nccl.h or the CUDA headers not found; built without it")
 endif()
 target_link_libraries(moert PUBLIC m ${CMAKE_DL_LIBS})
 set(MOERT_LINK_LIBS "-lm;-ldl")

@@ -1,7 +1,8 @@
 #!/bin/sh
 # gpu_train_test.sh MODE MOEC SRCDIR WORKDIR MPIEXEC — built models on the
-# cuda backend, compared with the cpu backend (label gpu). Exits 77 (skipped)
-# where no GPU is found.
+# cuda backend, compared with the cpu backend, and the nccl comm with the
+# others (label gpu). Exits 77 (skipped) where no GPU (or, for nccl_*, no
+# NCCL) is found.
 set -u
 mode=$1 moec=$2 src=$3 work=$4 mpiexec=$5
 rm -rf "$work" && mkdir -p "$work" && cd "$work" || exit 1
@@ -117,5 +118,41 @@ oom)
   [ "$(grep -c 'error: out of GPU memory' out.txt)" = 1 ] || fail "not one message from 2 ranks: $(cat out.txt)"
   echo "ok: a plan larger than the GPU fails with exit 1 and one message naming the fix" ;;
 
+nccl_np1)
+  # one rank, no mpirun: the nccl comm over the self host comm (a world of one)
+  ./tiny --backend cuda --steps 30 --kernel-cache kc > default.txt || fail "default run"
+  grep -q "comm self" default.txt || fail "one rank does not default to self: $(grep '^backend' default.txt)"
+  ./tiny --backend cuda --comm self --steps 30 --metrics self.jsonl --kernel-cache kc --quiet || fail "--comm self"
+  ./tiny --backend cuda --comm nccl --steps 30 --metrics nccl.jsonl --kernel-cache kc > nccl.txt 2> err.txt || {
+    if grep -q "NCCL could not be loaded" err.txt; then echo "SKIP: no NCCL here: $(cat err.txt)"; exit 77; fi
+    fail "--comm nccl: $(cat err.txt)"
+  }
+  grep -q "comm nccl" nccl.txt || fail "the header does not name the nccl comm: $(grep '^backend' nccl.txt)"
+  close self.jsonl nccl.jsonl 1e-6 20 5e-2
+  echo "ok: --comm nccl at one rank follows --comm self" ;;
+nccl_np2)
+  # two ranks: with a GPU each, nccl is the default and follows mpi; on one
+  # GPU, --comm nccl is refused on every rank with the way out, and the
+  # default is the staged mpi comm
+  run() { timeout 120 "$mpiexec" --oversubscribe -np 2 "$@"; }
+  run ./dist --backend cuda --comm nccl --kernel-cache kc --variant cycle --metrics nccl.jsonl > nccl.txt 2>&1; rc=$?
+  if [ $rc != 0 ]; then
+    grep -q "NCCL could not be loaded" nccl.txt && { echo "SKIP: no NCCL here"; exit 77; }
+    [ $rc != 124 ] || fail "--comm nccl on a shared GPU hung"
+    grep -q "share one GPU" nccl.txt && grep -q -- "--comm mpi" nccl.txt ||
+      fail "--comm nccl failed without the shared-GPU message: $(cat nccl.txt)"
+    run ./dist --backend cuda --kernel-cache kc --steps 3 > default.txt 2>&1 || fail "default run: $(cat default.txt)"
+    grep -q "comm mpi (staged" default.txt || fail "two ranks on one GPU do not default to mpi: $(grep '^backend' default.txt)"
+    echo "ok: one GPU: --comm nccl is refused on both ranks with a clear message; the default is staged mpi"
+    exit 0
+  fi
+  grep -q "comm nccl" nccl.txt || fail "the header does not name the nccl comm"
+  run ./dist --backend cuda --comm mpi --kernel-cache kc --variant cycle --metrics mpi.jsonl --quiet || fail "--comm mpi"
+  close mpi.jsonl nccl.jsonl 1e-4 20 5e-2
+  bad=$(grep -c -v '"switch_bytes": 0, "switch_allocs": 0' nccl.jsonl)
+  [ "$bad" = 0 ] || fail "$bad steps switched at a cost"
+  run ./dist --backend cuda --kernel-cache kc --steps 3 > default.txt 2>&1 || fail "default run"
+  grep -q "comm nccl" default.txt || fail "a GPU per rank does not default to nccl: $(grep '^backend' default.txt)"
+  echo "ok: -np 2 on two GPUs: nccl is the default; every variant, cycled, follows mpi's losses" ;;
 *) echo "unknown mode $mode"; exit 2 ;;
 esac

@@ -122,7 +122,10 @@ bad_input)
   [ $rc = 1 ] && grep -q "cannot write the metrics file" err.txt || fail "unwritable metrics: rc $rc: $(cat err.txt)"
   ./tiny --bogus 2>err.txt; rc=$?
   [ $rc = 2 ] && grep -q "unknown option '--bogus'" err.txt || fail "unknown flag: rc $rc: $(cat err.txt)"
-  for bad in "--steps 0" "--steps abc" "--steps" "--tokens -3" "--backend gpu" "--log-every 0"; do
+  ./tiny --comm nccl --backend cpu --steps 1 2>err.txt; rc=$?
+  [ $rc = 2 ] && grep -q "\-\-comm nccl needs the cuda backend" err.txt && grep -q "use --comm mpi" err.txt ||
+    fail "--comm nccl --backend cpu: rc $rc: $(cat err.txt)"
+  for bad in "--steps 0" "--steps abc" "--steps" "--tokens -3" "--backend gpu" "--log-every 0" "--comm gloo"; do
     # shellcheck disable=SC2086
     ./tiny $bad 2>err.txt; rc=$?
     [ $rc = 2 ] || fail "'$bad' exited $rc, not 2"

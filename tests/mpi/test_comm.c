@@ -12,10 +12,23 @@
  * splits (halves, reversed, across nodes, uneven), the pure topology check on
  * layouts one machine cannot make, and argument errors.
  *
- * Usage: mpirun -np N test_comm [--big] (MOEC_LOCAL_SIZE picks the nodes).
- * --big adds one all-to-all of more than 2^31 bytes per rank (slow: 4 GiB a rank).
- * Exit 0 when every count is 0, 1 otherwise. Any failed call prints and calls
- * moert_comm_abort, so no rank waits forever. */
+ * The same checks run on the nccl comm (--nccl): each rank on a GPU of its
+ * own, the cuda backend, the nccl comm bootstrapped over the mpi comm. Its
+ * float collectives take device memory, so the checks reach it through a
+ * view (below) that uploads their host buffers, calls it and downloads the
+ * results; in-place calls stay in place on the device. The mpi comm's hooks
+ * (largest count, scratch and request counts) are skipped there. Then an
+ * nccl comm over moert_comm_self() on every rank (the bootstrap without
+ * MPI). --nccl skips (exit 77, every rank) without a GPU, without libnccl,
+ * or with more ranks on a node than it has GPUs. --nccl-shared puts every
+ * rank on GPU 0 and checks that the nccl comm refuses (two ranks on one GPU)
+ * on every rank with the message (exit 0 when it does).
+ *
+ * Usage: mpirun -np N test_comm [--big] [--nccl | --nccl-shared]
+ * (MOEC_LOCAL_SIZE picks the nodes). --big adds one all-to-all of more than
+ * 2^31 bytes per rank (slow: 4 GiB a rank). Exit 0 when every count is 0, 1
+ * otherwise. Any failed call prints and calls moert_comm_abort, so no rank
+ * waits forever. */
 #include <inttypes.h>
 #include <mpi.h>
 #include <stdio.h>
@@ -23,10 +36,13 @@
 #include <string.h>
 #include <time.h>
 
+#include "backend.h"
 #include "comm.h"
 #include "comm_mpi_impl.h"
 
 static moert_comm *g_comm;
+static bool g_nccl;           /* the comm under test is the nccl comm (through a view) */
+static const char *g_name = "mpi";
 static moert_status g_st;
 static int g_rank;
 static int64_t g_total_wrong;
@@ -55,6 +71,189 @@ static double now(void) {
   struct timespec t;
   clock_gettime(CLOCK_MONOTONIC, &t);
   return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+/* ---- the nccl comm seen with host buffers -------------------------------- */
+
+/* A comm over a device comm (nccl) whose float collectives take host
+ * buffers: each call uploads its inputs (and recv's old contents, so that an
+ * element the comm fails to write keeps its poison), runs the device comm and
+ * downloads recv. In place stays in place (all_gather's send inside recv,
+ * reduce_scatter's send == recv). The host-value collectives pass through. */
+typedef struct view_req {
+  moert_req *inner;
+  float *dsend, *drecv, *hrecv;
+  size_t bytes;
+} view_req;
+enum { VIEW_REQS = 8 };
+typedef struct view {
+  moert_comm pub;
+  moert_comm *inner;
+  moert_backend *b;
+  view_req reqs[VIEW_REQS];
+} view;
+
+static view *V_(moert_comm *c) { return (view *)c->impl; }
+
+static float *dev_in(view *v, const void *h, size_t bytes) {
+  void *d = NULL;
+  if (!v->b->alloc(v->b, bytes ? bytes : 4, &d, &g_st) || (bytes && !v->b->upload(v->b, d, h, bytes, &g_st))) {
+    fprintf(stderr, "rank %d: the view's upload failed: %s\n", g_rank, g_st.msg);
+    moert_comm_abort(g_comm, 1);
+  }
+  return d;
+}
+static bool dev_out(view *v, void *h, const float *d, size_t bytes) {
+  return !bytes || v->b->download(v->b, h, d, bytes, &g_st);
+}
+static void dev_free(view *v, float *d) {
+  if (d) v->b->free(v->b, d);
+}
+
+static bool view_f32(moert_comm *c, float *x, int64_t n, moert_red op, moert_status *st) {
+  view *v = V_(c);
+  if (n < 0) return v->inner->all_reduce_f32(v->inner, x, n, op, st);
+  size_t bytes = (size_t)n * sizeof(float);
+  float *d = dev_in(v, x, bytes);
+  bool ok = v->inner->all_reduce_f32(v->inner, d, n, op, st) && dev_out(v, x, d, bytes);
+  dev_free(v, d);
+  return ok;
+}
+static bool view_all_gather(moert_comm *c, const float *send, float *recv, int64_t n, moert_status *st) {
+  view *v = V_(c);
+  if (n < 0) return v->inner->all_gather_f32(v->inner, send, recv, n, st);
+  size_t bytes = (size_t)n * sizeof(float), all = bytes * (size_t)c->world;
+  float *drecv = dev_in(v, recv, all);
+  bool in_place = send == recv + (size_t)c->rank * n;
+  float *dsend = in_place ? drecv + (size_t)c->rank * n : dev_in(v, send, bytes);
+  bool ok = v->inner->all_gather_f32(v->inner, dsend, drecv, n, st) && dev_out(v, recv, drecv, all);
+  if (!in_place) dev_free(v, dsend);
+  dev_free(v, drecv);
+  return ok;
+}
+static bool view_reduce_scatter(moert_comm *c, const float *send, float *recv, int64_t n, moert_status *st) {
+  view *v = V_(c);
+  if (n < 0) return v->inner->reduce_scatter_f32(v->inner, send, recv, n, st);
+  size_t bytes = (size_t)n * sizeof(float), all = bytes * (size_t)c->world;
+  float *dsend = dev_in(v, send, all);
+  float *drecv = send == recv ? dsend : dev_in(v, recv, bytes);
+  bool ok = v->inner->reduce_scatter_f32(v->inner, dsend, drecv, n, st) && dev_out(v, recv, drecv, bytes);
+  if (drecv != dsend) dev_free(v, drecv);
+  dev_free(v, dsend);
+  return ok;
+}
+static bool view_a2a(moert_comm *c, const float *send, float *recv, int64_t n, moert_a2a_algo algo,
+                     moert_status *st) {
+  view *v = V_(c);
+  if (n < 0 || (algo != MOERT_A2A_LINEAR && algo != MOERT_A2A_2DH)) /* refused, untouched */
+    return v->inner->all_to_all_f32(v->inner, send, recv, n, algo, st);
+  size_t all = (size_t)n * sizeof(float) * (size_t)c->world;
+  float *dsend = dev_in(v, send, all), *drecv = dev_in(v, recv, all);
+  bool ok = v->inner->all_to_all_f32(v->inner, dsend, drecv, n, algo, st) && dev_out(v, recv, drecv, all);
+  dev_free(v, dsend);
+  dev_free(v, drecv);
+  return ok;
+}
+static bool view_a2av(moert_comm *c, const float *send, const int64_t *sc, const int64_t *sd, float *recv,
+                      const int64_t *rc, const int64_t *rd, moert_status *st) {
+  view *v = V_(c);
+  int64_t sn = 0, rn = 0;
+  for (int r = 0; r < c->world; r++) {
+    if (sc[r] < 0 || rc[r] < 0 || sd[r] < 0 || rd[r] < 0) /* refused by the comm, untouched */
+      return v->inner->all_to_allv_f32(v->inner, send, sc, sd, recv, rc, rd, st);
+    if (sd[r] + sc[r] > sn) sn = sd[r] + sc[r];
+    if (rd[r] + rc[r] > rn) rn = rd[r] + rc[r];
+  }
+  float *dsend = dev_in(v, send, (size_t)sn * sizeof(float)), *drecv = dev_in(v, recv, (size_t)rn * sizeof(float));
+  bool ok = v->inner->all_to_allv_f32(v->inner, dsend, sc, sd, drecv, rc, rd, st) &&
+            dev_out(v, recv, drecv, (size_t)rn * sizeof(float));
+  dev_free(v, dsend);
+  dev_free(v, drecv);
+  return ok;
+}
+static bool view_start(moert_comm *c, const float *send, float *recv, int64_t n, moert_a2a_algo algo,
+                       moert_req **req, moert_status *st) {
+  view *v = V_(c);
+  *req = NULL;
+  if (n < 0 || (algo != MOERT_A2A_LINEAR && algo != MOERT_A2A_2DH))
+    return v->inner->all_to_all_start(v->inner, send, recv, n, algo, req, st);
+  view_req *vr = NULL;
+  for (int i = 0; i < VIEW_REQS && !vr; i++)
+    if (!v->reqs[i].dsend) vr = &v->reqs[i];
+  if (!vr) return MOERT_FAIL(st, "the test's view: too many all-to-alls in flight");
+  size_t all = (size_t)n * sizeof(float) * (size_t)c->world;
+  vr->dsend = dev_in(v, send, all);
+  vr->drecv = dev_in(v, recv, all);
+  vr->hrecv = recv;
+  vr->bytes = all;
+  if (!v->inner->all_to_all_start(v->inner, vr->dsend, vr->drecv, n, algo, &vr->inner, st) || !vr->inner) {
+    bool failed = st->failed;
+    dev_free(v, vr->dsend);
+    dev_free(v, vr->drecv);
+    memset(vr, 0, sizeof *vr);
+    return !failed; /* n = 0: nothing in flight, like the comm's own NULL */
+  }
+  *req = (moert_req *)vr;
+  return true;
+}
+static bool view_wait(moert_comm *c, moert_req *req, moert_status *st) {
+  view *v = V_(c);
+  if (!req) return v->inner->wait(v->inner, NULL, st);
+  view_req *vr = (view_req *)req;
+  bool ok = v->inner->wait(v->inner, vr->inner, st) && dev_out(v, vr->hrecv, vr->drecv, vr->bytes);
+  dev_free(v, vr->dsend);
+  dev_free(v, vr->drecv);
+  memset(vr, 0, sizeof *vr);
+  return ok;
+}
+static bool view_f64(moert_comm *c, double *x, int64_t n, moert_red op, moert_status *st) {
+  return V_(c)->inner->all_reduce_f64(V_(c)->inner, x, n, op, st);
+}
+static bool view_i64(moert_comm *c, int64_t *x, int64_t n, moert_red op, moert_status *st) {
+  return V_(c)->inner->all_reduce_i64(V_(c)->inner, x, n, op, st);
+}
+static bool view_broadcast(moert_comm *c, void *buf, int64_t bytes, int root, moert_status *st) {
+  return V_(c)->inner->broadcast(V_(c)->inner, buf, bytes, root, st);
+}
+static bool view_gather(moert_comm *c, const void *send, void *recv, int64_t bytes, int root, moert_status *st) {
+  return V_(c)->inner->gather(V_(c)->inner, send, recv, bytes, root, st);
+}
+static bool view_barrier(moert_comm *c, moert_status *st) { return V_(c)->inner->barrier(V_(c)->inner, st); }
+static moert_comm *view_create(moert_comm *inner, moert_backend *b);
+static bool view_split(moert_comm *c, int color, int key, moert_comm **out, moert_status *st) {
+  moert_comm *child;
+  *out = NULL;
+  if (!V_(c)->inner->split(V_(c)->inner, color, key, &child, st)) return false;
+  *out = view_create(child, V_(c)->b);
+  return true;
+}
+/* Destroys the view and the device comm it wraps. */
+static void view_destroy(moert_comm *c) {
+  V_(c)->inner->destroy(V_(c)->inner);
+  free(V_(c));
+}
+static moert_comm *view_create(moert_comm *inner, moert_backend *b) {
+  view *v = calloc(1, sizeof *v);
+  if (!v) {
+    fprintf(stderr, "rank %d: out of memory\n", g_rank);
+    moert_comm_abort(g_comm, 1);
+  }
+  v->inner = inner;
+  v->b = b;
+  v->pub = (moert_comm){
+      .name = inner->name, .world = inner->world, .rank = inner->rank, .nodes = inner->nodes,
+      .node = inner->node, .local_size = inner->local_size, .local_rank = inner->local_rank,
+      .all_reduce_f64 = view_f64, .all_reduce_f32 = view_f32, .all_reduce_i64 = view_i64,
+      .all_gather_f32 = view_all_gather, .reduce_scatter_f32 = view_reduce_scatter,
+      .broadcast = view_broadcast, .gather = view_gather, .all_to_all_f32 = view_a2a,
+      .all_to_allv_f32 = view_a2av, .all_to_all_start = view_start, .wait = view_wait,
+      .split = view_split, .barrier = view_barrier, .destroy = view_destroy, .impl = v};
+  return &v->pub;
+}
+
+/* The mpi comm's test hooks, where the comm is the mpi comm. */
+static void set_max_count(moert_comm *c, int64_t max_count) {
+  if (!g_nccl) moert_comm_mpi_set_max_count(c, max_count);
 }
 
 /* ---- the values: functions of (seed, rank, index) ------------------------ */
@@ -306,9 +505,9 @@ static void check_a2a(moert_comm *c, int64_t n, uint32_t seed, const char *tag) 
   t0 = now();
   wrong = total && memcmp(lin, tdh, total * sizeof *lin) != 0;
   /* The scratch is the comm's, world * n floats at least, only for 2 levels. */
-  int64_t scratch = moert_comm_mpi_scratch_bytes(c);
+  int64_t scratch = g_nccl ? 0 : moert_comm_mpi_scratch_bytes(c);
   bool two = c->nodes > 1 && c->local_size > 1;
-  if (two ? scratch < (int64_t)(total * sizeof(float)) : scratch != 0) {
+  if (!g_nccl && (two ? scratch < (int64_t)(total * sizeof(float)) : scratch != 0)) {
     fprintf(stderr, "rank %d: 2dh scratch is %" PRId64 " bytes after n = %" PRId64 "\n", g_rank,
             scratch, n);
     wrong++;
@@ -326,7 +525,7 @@ static void check_nonblocking(moert_comm *c, uint32_t seed, int64_t max_count, c
   static const int64_t ns[3] = {37, 5, 101};
   static const moert_a2a_algo algos[3] = {MOERT_A2A_LINEAR, MOERT_A2A_2DH, MOERT_A2A_2DH};
   static const int order[3] = {1, 2, 0};
-  moert_comm_mpi_set_max_count(c, max_count);
+  set_max_count(c, max_count);
   for (int round = 0; round < 2; round++) {
     double t0 = now();
     int64_t wrong = 0;
@@ -349,7 +548,7 @@ static void check_nonblocking(moert_comm *c, uint32_t seed, int64_t max_count, c
       free(send[k]);
       free(recv[k]);
     }
-    if (moert_comm_mpi_req_count(c) != 3) {
+    if (!g_nccl && moert_comm_mpi_req_count(c) != 3) {
       fprintf(stderr, "rank %d: %d requests allocated after round %d, want 3\n", g_rank,
               moert_comm_mpi_req_count(c), round);
       wrong++;
@@ -358,7 +557,7 @@ static void check_nonblocking(moert_comm *c, uint32_t seed, int64_t max_count, c
     snprintf(detail, sizeof detail, "3 in flight%s %s", round ? ", reused" : "", tag);
     report("a2a start/wait", detail, 143, wrong, t0);
   }
-  moert_comm_mpi_set_max_count(c, 0);
+  set_max_count(c, 0);
   /* n = 0: nothing in flight, and wait(NULL) is fine */
   double t0 = now();
   moert_req *r0 = (moert_req *)&r0;
@@ -368,9 +567,49 @@ static void check_nonblocking(moert_comm *c, uint32_t seed, int64_t max_count, c
   report("a2a start/wait", "n = 0", 0, wrong, t0);
 }
 
+/* The uneven all-to-all (test_alltoallv.c's values): rank s sends rank d
+ * count(s, d) floats (0 for some pairs), with gaps between the blocks on both
+ * sides; the gaps of recv must keep their poison. */
+static int64_t v_count(int s, int d, int scale) { return ((s * 7 + d * 3) % 5 + (s == d)) * scale; }
+static float v_value(int s, int d, int64_t i) { return (float)(s * 1000 + d * 10) + (float)i * 0.5f; }
+
+static void check_a2av(moert_comm *c, int scale) {
+  const int W = c->world, me = c->rank;
+  double t0 = now();
+  int64_t *sc = xmalloc(4 * (size_t)W * sizeof *sc), *sd = sc + W, *rc = sc + 2 * W, *rd = sc + 3 * W;
+  int64_t stot = 0, rtot = 0;
+  for (int r = 0; r < W; r++) {
+    sc[r] = v_count(me, r, scale);
+    sd[r] = stot;
+    stot += sc[r] + 2;
+    rc[r] = v_count(r, me, scale);
+    rd[r] = rtot;
+    rtot += rc[r] + 3;
+  }
+  float *send = xmalloc(sizeof(float) * (size_t)stot), *recv = xmalloc(sizeof(float) * (size_t)rtot);
+  for (int64_t i = 0; i < stot; i++) send[i] = -1;
+  for (int64_t i = 0; i < rtot; i++) recv[i] = -7;
+  for (int r = 0; r < W; r++)
+    for (int64_t i = 0; i < sc[r]; i++) send[sd[r] + i] = v_value(me, r, i);
+  TRY(c->all_to_allv_f32(c, send, sc, sd, recv, rc, rd, &g_st));
+  int64_t wrong = 0;
+  for (int r = 0; r < W; r++) {
+    for (int64_t i = 0; i < rc[r]; i++)
+      if (recv[rd[r] + i] != v_value(r, me, i)) mismatch(&wrong, "all_to_allv", rd[r] + i, recv[rd[r] + i], v_value(r, me, i));
+    for (int64_t i = rd[r] + rc[r]; i < rd[r] + rc[r] + 3; i++)
+      if (recv[i] != -7) mismatch(&wrong, "all_to_allv gap", i, recv[i], -7);
+  }
+  free(send);
+  free(recv);
+  free(sc);
+  char detail[64];
+  snprintf(detail, sizeof detail, "uneven, gaps, counts x%d", scale);
+  report("all_to_allv", detail, rtot, wrong, t0);
+}
+
 static void check_sizes(moert_comm *c, int64_t max_count, const int64_t *sizes, int nsizes,
                         const char *tag) {
-  moert_comm_mpi_set_max_count(c, max_count);
+  set_max_count(c, max_count);
   for (int s = 0; s < nsizes; s++) {
     uint32_t seed = 1000u * (uint32_t)s + (uint32_t)max_count;
     check_all_reduce(c, sizes[s], seed, tag);
@@ -379,7 +618,7 @@ static void check_sizes(moert_comm *c, int64_t max_count, const int64_t *sizes, 
     check_broadcast_gather(c, sizes[s], seed + 3, tag);
     check_a2a(c, sizes[s], seed + 4, tag);
   }
-  moert_comm_mpi_set_max_count(c, 0);
+  set_max_count(c, 0);
 }
 
 /* The topology a child of split must have: its members' parent nodes in
@@ -431,7 +670,7 @@ static void check_split(moert_comm *c, const char *name, int color, int key, uin
   int want_local = expected_child_local(node_of, members);
   if (k->world != members || k->rank != before || k->local_size != want_local ||
       k->nodes * k->local_size != k->world || k->node != k->rank / want_local ||
-      k->local_rank != k->rank % want_local || strcmp(k->name, "mpi") != 0) {
+      k->local_rank != k->rank % want_local || strcmp(k->name, g_name) != 0) {
     fprintf(stderr,
             "rank %d: split %s: world %d rank %d nodes %d node %d local %d/%d; want world %d "
             "rank %d local size %d\n",
@@ -603,8 +842,54 @@ static void check_big(moert_comm *c) {
   report("all_to_all", "linear, > 2^31 bytes per rank", n, wrong, t0);
 }
 
+/* --nccl-shared: every rank on GPU 0; the nccl comm must refuse on every
+ * rank, with the message, when there are two or more. */
+static int nccl_shared(moert_comm *host, moert_backend *b) {
+  moert_comm *k = NULL;
+  moert_status st = {0};
+  bool made = moert_comm_nccl_create(host, b, &k, &st);
+  bool good = host->world == 1 ? made : !made && strstr(st.msg, "share one GPU") && strstr(st.msg, "--comm mpi");
+  fprintf(stderr, "rank %d: %s%s\n", host->rank, made ? "made an nccl comm" : "refused: ", made ? "" : st.msg);
+  if (made) k->destroy(k);
+  long long bad = !good, total = 0;
+  MPI_Allreduce(&bad, &total, 1, MPI_LONG_LONG, MPI_SUM, MPI_COMM_WORLD);
+  if (host->rank == 0)
+    printf("test_comm --nccl-shared: %d ranks on one GPU: %s\n", host->world,
+           total ? "FAIL (a rank did not refuse with the message)" : "every rank refused, ok");
+  return total ? 1 : 0;
+}
+
+/* An nccl comm over moert_comm_self() (no MPI in the bootstrap), on every
+ * rank: a world of one whose collectives copy. */
+static void check_nccl_self(moert_backend *b) {
+  double t0 = now();
+  int64_t wrong = 0;
+  moert_comm *k = NULL;
+  TRY(moert_comm_nccl_create(moert_comm_self(), b, &k, &g_st));
+  moert_comm *c = view_create(k, b);
+  if (c->world != 1 || c->rank != 0 || strcmp(c->name, "nccl") != 0) wrong++;
+  float x[5] = {1, 2, 3, 4, 5}, y[5] = {0};
+  TRY(c->all_reduce_f32(c, x, 5, MOERT_RED_SUM, &g_st));
+  TRY(c->all_to_all_f32(c, x, y, 5, MOERT_A2A_2DH, &g_st));
+  for (int i = 0; i < 5; i++)
+    if (x[i] != (float)(i + 1) || y[i] != x[i]) mismatch(&wrong, "nccl over self", i, y[i], (double)i + 1);
+  moert_comm *half;
+  TRY(c->split(c, 0, 0, &half, &g_st));
+  TRY(half->all_gather_f32(half, x, y, 5, &g_st));
+  for (int i = 0; i < 5; i++)
+    if (y[i] != x[i]) mismatch(&wrong, "nccl over self, split", i, y[i], x[i]);
+  half->destroy(half);
+  c->destroy(c);
+  report("nccl over self", "bootstrap without MPI, split", 5, wrong, t0);
+}
+
 int main(int argc, char **argv) {
-  bool big = argc > 1 && strcmp(argv[1], "--big") == 0;
+  bool big = false, shared = false;
+  for (int i = 1; i < argc; i++) {
+    big |= strcmp(argv[i], "--big") == 0;
+    g_nccl |= strcmp(argv[i], "--nccl") == 0;
+    shared |= strcmp(argv[i], "--nccl-shared") == 0;
+  }
   if (!moert_comm_under_mpirun()) fprintf(stderr, "test_comm: note: not started by mpirun; one rank\n");
   if (!moert_comm_mpi_create(&argc, &argv, &g_comm, &g_st)) {
     fprintf(stderr, "test_comm: %s [%s]\n", g_st.msg, g_st.trace);
@@ -612,10 +897,37 @@ int main(int argc, char **argv) {
   }
   moert_comm *c = g_comm;
   g_rank = c->rank;
+  moert_backend *gpu = NULL;
+  if (g_nccl || shared) {
+    /* every rank skips alike: a GPU each (or GPU 0 for all), and NCCL */
+    const char *why = !moert_cuda_available()  ? "no GPU found"
+                      : !moert_nccl_available() ? "libnccl.so.2 could not be loaded"
+                      : !shared && c->local_size > moert_cuda_device_count()
+                          ? "fewer GPUs than ranks on a node (the nccl comm needs one GPU per rank)"
+                          : NULL;
+    int skip = why != NULL, any = 0;
+    MPI_Allreduce(&skip, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+    if (any) {
+      if (why) fprintf(stderr, "rank %d: SKIP: %s\n", g_rank, why);
+      moert_comm_mpi_finalize(c);
+      return 77;
+    }
+    TRY(moert_backend_cuda_create(&gpu, shared ? 0 : c->local_rank, NULL, true, &g_st));
+    if (shared) {
+      int rc = nccl_shared(c, gpu);
+      moert_backend_cuda_destroy(gpu);
+      moert_comm_mpi_finalize(c);
+      return rc;
+    }
+    moert_comm *k;
+    TRY(moert_comm_nccl_create(c, gpu, &k, &g_st));
+    c = view_create(k, gpu);
+    g_name = "nccl";
+  }
   double t_all = now();
   if (g_rank == 0) {
-    printf("test_comm: %d ranks, %d node%s of %d (MOEC_LOCAL_SIZE=%s)\n", c->world, c->nodes,
-           c->nodes == 1 ? "" : "s", c->local_size,
+    printf("test_comm: %s comm, %d ranks, %d node%s of %d (MOEC_LOCAL_SIZE=%s)\n", g_name, c->world,
+           c->nodes, c->nodes == 1 ? "" : "s", c->local_size,
            getenv("MOEC_LOCAL_SIZE") && *getenv("MOEC_LOCAL_SIZE") ? getenv("MOEC_LOCAL_SIZE")
                                                                    : "unset");
     printf("%-16s %-36s %9s %8s %10s\n", "op", "detail", "n", "wrong", "time_us");
@@ -629,7 +941,7 @@ int main(int argc, char **argv) {
   report("world", "size, rank, topology", mw,
          c->world != mw || c->rank != mr || c->local_size != want_local ||
              c->nodes != mw / want_local || c->node != mr / want_local ||
-             c->local_rank != mr % want_local || strcmp(c->name, "mpi") != 0,
+             c->local_rank != mr % want_local || strcmp(c->name, g_name) != 0,
          now());
 
   static const int64_t sizes[] = {0, 1, 7, 1000, 4099};
@@ -638,10 +950,13 @@ int main(int argc, char **argv) {
   check_sizes(c, 5, small, 4, "(passes of 5)");
   check_nonblocking(c, 500, 0, "");
   check_nonblocking(c, 600, 5, "(passes of 5)");
+  check_a2av(c, 1);
+  check_a2av(c, 1000);
   check_splits(c);
   check_topology_rules();
   check_arg_errors(c);
   if (big) check_big(c);
+  if (gpu) check_nccl_self(gpu);
   double t0 = now();
   TRY(c->barrier(c, &g_st));
   report("barrier", "", 0, 0, t0);
@@ -650,6 +965,10 @@ int main(int argc, char **argv) {
     printf("test_comm: %d checks, %" PRId64 " wrong elements, %.2f s: %s\n", g_rows, g_total_wrong,
            now() - t_all, g_total_wrong ? "FAIL" : "ok");
   int rc = g_total_wrong ? 1 : 0;
-  moert_comm_mpi_finalize(c);
+  if (gpu) {
+    c->destroy(c); /* the view and the nccl comm */
+    moert_backend_cuda_destroy(gpu);
+  }
+  moert_comm_mpi_finalize(g_comm);
   return rc;
 }
