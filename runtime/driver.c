@@ -404,7 +404,8 @@ int moert_main(const moert_model *m, int argc, char **argv) {
     /* one GPU per rank on a host, round robin (several ranks may share one) */
     int gpus = moert_cuda_device_count();
     int device = gpus > 0 ? comm->local_rank % gpus : 0;
-    bool ok = moert_backend_cuda_create(&b, device, o.kernel_cache, !o.no_kernel_cache, &st);
+    bool ok = moert_backend_cuda_create(&b, device, o.kernel_cache, !o.no_kernel_cache,
+                                        m->kernels_cu, &st);
     if (ok && !moert_comm_staged_create(host_comm, b, &comm, &st)) {
       moert_backend_cuda_destroy(b);
       ok = false;

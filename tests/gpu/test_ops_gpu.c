@@ -821,7 +821,7 @@ static bool create_captured(const char *dir, char *err, size_t cap, moert_status
   fflush(stderr);
   int saved = dup(2);
   dup2(fd, 2);
-  bool ok = moert_backend_cuda_create(&gpu, 0, dir, true, st);
+  bool ok = moert_backend_cuda_create(&gpu, 0, dir, true, NULL, st);
   fflush(stderr);
   dup2(saved, 2);
   close(saved);
@@ -878,7 +878,7 @@ static void t_cache(void) {
   snprintf(sub, sizeof sub, "%s/nested/dir", dir); /* created on demand */
   cache_case("a fresh directory misses", sub, false, NULL);
   moert_status st = {0};
-  if (moert_backend_cuda_create(&gpu, 0, sub, true, &st)) {
+  if (moert_backend_cuda_create(&gpu, 0, sub, true, NULL, &st)) {
     snprintf(path, sizeof path, "%s", moert_backend_cuda_cache_path(gpu));
     moert_backend_cuda_destroy(gpu);
   }
@@ -930,7 +930,7 @@ int main(void) {
     return 1;
   }
   moert_status st = {0};
-  if (!moert_backend_cuda_create(&gpu, 0, dir, true, &st)) die("moert_backend_cuda_create", &st);
+  if (!moert_backend_cuda_create(&gpu, 0, dir, true, NULL, &st)) die("moert_backend_cuda_create", &st);
   for (int pass = 0; pass < 2; pass++) {
     misalign = pass == 1;
     run_all();
