@@ -19,6 +19,7 @@
  * nothing, or other dims, is merely slower. */
 #include "emit_cuda.h"
 
+#include <ctype.h>
 #include <limits.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -180,10 +181,9 @@ static void arg_names(const char *params, char *buf, size_t n) {
     const char *end = strchr(p, ',');
     if (!end) end = p + strlen(p);
     const char *s = end;
-    while (s > p && (s[-1] == '_' || (s[-1] >= 'a' && s[-1] <= 'z') || (s[-1] >= 'A' && s[-1] <= 'Z') ||
-                     (s[-1] >= '0' && s[-1] <= '9')))
-      s--;
-    k += (size_t)snprintf(buf + k, k < n ? n - k : 0, "%s%.*s", p == params ? "" : ", ", (int)(end - s), s);
+    while (s > p && (isalnum((unsigned char)s[-1]) || s[-1] == '_')) s--;
+    k += (size_t)snprintf(buf + k, k < n ? n - k : 0, "%s%.*s", p == params ? "" : ", ",
+                          (int)(end - s), s);
     p = *end ? end + 1 : end;
     while (*p == ' ') p++;
   }
@@ -277,7 +277,8 @@ static void emit_section(FILE *out, const moert_model *m, const char *source_nam
     const use *ui = u + i * MAX_LAYER_SPECS;
     if (!nu[i]) continue;
     bool seen = false;
-    for (int j = 0; j < i && !seen; j++) seen = same_uses(u + j * MAX_LAYER_SPECS, nu[j], ui, nu[i]);
+    for (int j = 0; j < i && !seen; j++)
+      seen = same_uses(u + j * MAX_LAYER_SPECS, nu[j], ui, nu[i]);
     if (seen) continue; /* in the section of its first layer */
     fputs("\n// ------------------------------------------------------------------------\n", out);
     for (int j = i; j < n; j++)
