@@ -5,6 +5,10 @@
 // cpu rounds them, ties to the lower expert index, NaN after every number,
 // all choice-0 claims (in token or priority order) before all choice-1 ones.
 //
+// Specialization (common.cuh, compiler/emit_cuda.c): the kernels that a
+// model's kernels.cu specializes are `template <...> moert_X_impl`s over
+// their dims (0: a runtime argument), wrapped by the generic moert_k_X.
+//
 // Launch (runtime/backend_cuda.c):
 // - gate_topk: a warp a token, blockDim (32, 8); no shared memory.
 // - gate_normalize(_bwd): a thread a token, 256 threads, 1-D grid-stride.

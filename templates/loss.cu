@@ -9,6 +9,10 @@
 // scalar, which the backend downloads. Fixed grids make the sums
 // deterministic; sums are in double, as on the cpu.
 //
+// Specialization (common.cuh, compiler/emit_cuda.c): the kernels that a
+// model's kernels.cu specializes are `template <...> moert_X_impl`s over
+// their dims (0: a runtime argument), wrapped by the generic moert_k_X.
+//
 // Launch (runtime/backend_cuda.c): embed_fwd, embed_bwd: a block a token;
 // xent: a row kernel (common.cuh), at most 1024 blocks striding over the rows;
 // mse, sumsq, dot: 256 threads, at most 1024 blocks, grid-stride, float4 when

@@ -4,6 +4,10 @@
 // summed in double (as the cpu ops); forward outputs in fp32, the backward's
 // dx in double (its terms cancel), rounded once.
 //
+// Specialization (common.cuh, compiler/emit_cuda.c): the kernels that a
+// model's kernels.cu specializes are `template <...> moert_X_impl`s over
+// their dims (0: a runtime argument), wrapped by the generic moert_k_X.
+//
 // Launch (runtime/backend_cuda.c): row kernels as common.cuh says, a row
 // group of 32 to 1024 threads (about dim/8, a power of two), up to 8 rows a
 // block. Parameter gradients (dg, db) and column norms: column-chunk partial
