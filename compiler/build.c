@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "emit_c.h"
+#include "emit_cuda.h"
 
 #ifndef MOEC_RUNTIME_INCLUDE
 #error "MOEC_RUNTIME_INCLUDE must name the runtime's header directory"
@@ -38,17 +39,20 @@ static int errorf(const char *fmt, const char *a, const char *b) {
   return 1;
 }
 
-/* Writes the driver to path through a temporary file and a rename. */
-static int write_driver(const moert_model *m, const char *spec_path, const char *path) {
-  char tmp[PATH_MAX], suffix[32];
+/* Writes path's temporary file tmp (path.tmp.PID): the driver, or kernels.cu
+ * when cuda. Nothing is left behind on failure. */
+static int write_tmp(const moert_model *m, const char *spec_path, const char *path, bool cuda,
+                     char *tmp, size_t n) {
+  char suffix[32];
   snprintf(suffix, sizeof suffix, ".tmp.%ld", (long)getpid());
-  if (!join(tmp, sizeof tmp, path, suffix)) return errorf("path too long: %s%s", path, "");
+  if (!join(tmp, n, path, suffix)) return errorf("path too long: %s%s", path, "");
   FILE *f = fopen(tmp, "w");
-  if (!f) return errorf("cannot write %s: %s", tmp, strerror(errno));
-  moec_emit_c(m, spec_path, f);
+  if (!f) return errorf("cannot write %s: %s", path, strerror(errno));
+  if (cuda) moec_emit_cuda(m, spec_path, f);
+  else moec_emit_c(m, spec_path, f);
   bool bad = ferror(f) != 0;
   bad |= fclose(f) != 0;
-  if (bad || rename(tmp, path) != 0) {
+  if (bad) {
     int e = errno;
     unlink(tmp);
     return errorf("cannot write %s: %s", path, strerror(e ? e : EIO));
@@ -56,13 +60,39 @@ static int write_driver(const moert_model *m, const char *spec_path, const char 
   return 0;
 }
 
+/* Moves tmp onto path; removes tmp when it cannot. */
+static int commit(const char *tmp, const char *path) {
+  if (rename(tmp, path) == 0) return 0;
+  int e = errno;
+  unlink(tmp);
+  return errorf("cannot write %s: %s", path, strerror(e));
+}
+
+/* Writes the driver to path through a temporary file and a rename. */
+static int write_driver(const moert_model *m, const char *spec_path, const char *path) {
+  char tmp[PATH_MAX];
+  if (write_tmp(m, spec_path, path, false, tmp, sizeof tmp)) return 1;
+  return commit(tmp, path);
+}
+
 int moec_emit_dir(const moert_model *m, const char *spec_path, const char *dir) {
   if (mkdir(dir, 0777) != 0 && errno != EEXIST) return errorf("cannot create %s: %s", dir, strerror(errno));
   struct stat st;
   if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode)) return errorf("%s is not a directory%s", dir, "");
-  char path[PATH_MAX];
-  if (!join(path, sizeof path, dir, "/model.c")) return errorf("path too long: %s%s", dir, "");
-  return write_driver(m, spec_path, path);
+  char driver[PATH_MAX], kernels[PATH_MAX], tmp_driver[PATH_MAX], tmp_kernels[PATH_MAX];
+  if (!join(driver, sizeof driver, dir, "/model.c") || !join(kernels, sizeof kernels, dir, "/kernels.cu"))
+    return errorf("path too long: %s%s", dir, "");
+  /* both written before either is renamed: a failure leaves the old files */
+  if (write_tmp(m, spec_path, kernels, true, tmp_kernels, sizeof tmp_kernels)) return 1;
+  if (write_tmp(m, spec_path, driver, false, tmp_driver, sizeof tmp_driver)) {
+    unlink(tmp_kernels);
+    return 1;
+  }
+  if (commit(tmp_kernels, kernels)) {
+    unlink(tmp_driver);
+    return 1;
+  }
+  return commit(tmp_driver, driver);
 }
 
 /* The runtime's include directory and library: installed beside this moec,

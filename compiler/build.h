@@ -8,7 +8,8 @@
 
 #include "model.h"
 
-/* Writes DIR/model.c (created atomically; DIR is created if missing).
+/* Writes DIR/model.c and DIR/kernels.cu (each atomically, through a
+ * temporary file and a rename, kernels.cu first; DIR is created if missing).
  * Returns 0, or 1 after printing an error. */
 int moec_emit_dir(const moert_model *m, const char *spec_path, const char *dir);
 /* Compiles m into the executable `output` (default: the spec's base name

@@ -1,9 +1,11 @@
 /* emit_c.c — writes the generated driver; see emit_c.h. */
 #include "emit_c.h"
 
+#include "emit_cuda.h"
 #include "spec.h"
 
 #include <inttypes.h>
+#include <stdbool.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,6 +32,44 @@ static void c_num(FILE *out, double v) {
   fputs(buf, out);
 }
 
+/* Pieces of one string literal at most this long: a line of kernels.cu is
+ * one piece (longer lines are split), far below C's limit on a literal. */
+enum { LITERAL_PIECE = 1024 };
+
+/* kernels.cu (emit_cuda.c) as the string moec_kernels_cu, one literal per
+ * line of it, concatenated by the C compiler. Octal escapes (never followed
+ * by a digit that could extend them: they are always three digits) and \?
+ * after ? (no trigraphs under -std=c11) keep every byte as it is. */
+static void kernels_literal(const moert_model *m, const char *source_name, FILE *out) {
+  char *text = moec_emit_cuda_string(m, source_name);
+  fputs("\n// kernels.cu, as `moec emit --cuda` prints it: the cuda backend compiles this text.\n"
+        "const char moec_kernels_cu[] =\n",
+        out);
+  size_t piece = 0;
+  bool open = false;
+  for (const char *p = text; *p; p++) {
+    if (!open) {
+      fputs("    \"", out);
+      open = true;
+      piece = 0;
+    }
+    unsigned char c = (unsigned char)*p;
+    if (c == '\n') fputs("\\n", out);
+    else if (c == '\t') fputs("\\t", out);
+    else if (c == '"' || c == '\\') fprintf(out, "\\%c", c);
+    else if (c == '?' && p > text && p[-1] == '?') fputs("\\?", out);
+    else if (c < 0x20 || c >= 0x7f) fprintf(out, "\\%03o", c);
+    else fputc(c, out);
+    if (c == '\n' || ++piece >= LITERAL_PIECE || !p[1]) {
+      fputs("\"\n", out);
+      open = false;
+    }
+  }
+  if (!*text) fputs("    \"\"\n", out);
+  fputs("    ;\n", out);
+  free(text);
+}
+
 static const char *const init_names[] = {"MOERT_INIT_ZEROS", "MOERT_INIT_ONES", "MOERT_INIT_UNIFORM",
                                          "MOERT_INIT_NORMAL", "MOERT_INIT_CONST"};
 static const char *const place_names[] = {"MOERT_PLACE_REPLICATED", "MOERT_PLACE_EXPERT_IN",
@@ -46,7 +86,8 @@ void moec_emit_c(const moert_model *m, const char *source_name, FILE *out) {
   fputs("// The model as the runtime (libmoert) sees it: layers in execution order,\n"
         "// `repeat` expanded, residual blocks as residual/end pairs; every parameter\n"
         "// with its global shape, initializer and placement over ranks.\n"
-        "#include \"moert.h\"\n\n",
+        "#include \"moert.h\"\n\n"
+        "extern const char moec_kernels_cu[]; /* kernels.cu, at the end of this file */\n\n",
         out);
 
   fprintf(out, "static const moert_param params[%d] = {\n", m->nparams ? m->nparams : 1);
@@ -132,7 +173,9 @@ void moec_emit_c(const moert_model *m, const char *source_name, FILE *out) {
   c_str(out, t->data_path);
   fprintf(out, ",\n             .eval_every = %" PRId64 ", .checkpoint = ", t->eval_every);
   c_str(out, t->checkpoint);
-  fprintf(out, ", .checkpoint_every = %" PRId64 ", .log_every = %" PRId64 "},\n};\n\n",
+  fprintf(out, ", .checkpoint_every = %" PRId64 ", .log_every = %" PRId64 "},\n",
           t->checkpoint_every, t->log_every);
+  fputs("  .kernels_cu = moec_kernels_cu,\n};\n\n", out);
   fputs("int main(int argc, char **argv) { return moert_main(&model, argc, argv); }\n", out);
+  kernels_literal(m, source_name, out);
 }

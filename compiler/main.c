@@ -1,5 +1,8 @@
 /* main.c — the `moec` command line.
  *   moec check [--print|--summary] FILE...
+ *   moec plan [--json] [--ranks W] FILE
+ *   moec emit FILE [--cuda] [-o DIR]
+ *   moec build FILE [-o BIN] [--keep]
  * Exit status: 0 success, 1 an error in a spec, 2 a usage error. */
 #include <getopt.h>
 #include <stdbool.h>
@@ -9,6 +12,7 @@
 
 #include "build.h"
 #include "emit_c.h"
+#include "emit_cuda.h"
 #include "front.h"
 #include "lower.h"
 #include "placement.h"
@@ -45,6 +49,7 @@ static void usage(FILE *out) {
   fputs("usage: moec check [options] FILE...   check .moe specs (- reads standard input)\n"
         "       moec plan [--json] [--ranks W] FILE   print the plan: shapes, FLOPs, memory\n"
         "       moec emit FILE [-o DIR]          print (or write into DIR) the generated C driver\n"
+        "       moec emit FILE --cuda            print the model's CUDA kernels (kernels.cu)\n"
         "       moec build FILE [-o BIN]         compile FILE into an executable that trains it\n"
         "       moec --help | --version\n"
         "\n"
@@ -73,7 +78,7 @@ static int usage_error(const char *fmt, const char *arg) {
 }
 
 typedef struct opts {
-  bool print, summary, dump_ast, werror, nowarn, json, keep;
+  bool print, summary, dump_ast, werror, nowarn, json, keep, cuda;
   const char *output;
   int64_t ranks;
 } opts;
@@ -153,7 +158,9 @@ static int compile_cmd(const char *cmd, const char *path, const opts *o) {
       moert_plan_destroy(p);
     }
   } else if (strcmp(cmd, "emit") == 0) {
-    rc = o->output ? moec_emit_dir(m, path, o->output) : (moec_emit_c(m, path, stdout), 0);
+    if (o->output) rc = moec_emit_dir(m, path, o->output); /* model.c and kernels.cu */
+    else if (o->cuda) moec_emit_cuda(m, path, stdout);
+    else moec_emit_c(m, path, stdout);
   } else {
     rc = moec_build(m, path, o->output, o->keep);
   }
@@ -207,6 +214,7 @@ int main(int argc, char **argv) {
     case OPT_OUTPUT: o.output = optarg; break;
     case OPT_JSON: o.json = true; break;
     case OPT_KEEP: o.keep = true; break;
+    case OPT_CUDA: o.cuda = true; break;
     case OPT_RANKS: {
       char *end;
       long long v = strtoll(optarg, &end, 10);

@@ -93,9 +93,12 @@ int moert_cuda_device_count(void);
  * an unwritable cache directory warned about and done without. One per
  * process at a time; the table is owned by the library until destroy. An op
  * that fails is recorded and reported by the next upload, download or alloc
- * (the ops return nothing); later ops are skipped. */
+ * (the ops return nothing); later ops are skipped. kernels_src: the source
+ * to compile, a model's kernels.cu (moert_model.kernels_cu: the templates
+ * and kernels specialized on its dims, launched where the dims match); NULL:
+ * the embedded templates. The caller keeps it; create copies what it needs. */
 bool moert_backend_cuda_create(moert_backend **out, int device, const char *cache_dir,
-                               bool use_cache, moert_status *st);
+                               bool use_cache, const char *kernels_src, moert_status *st);
 void moert_backend_cuda_destroy(moert_backend *b);
 /* Whether create took the kernels from the cache, and the cache entry's path
  * (NULL without a cache): for tests. */
@@ -105,6 +108,9 @@ const char *moert_backend_cuda_cache_path(const moert_backend *b);
  * live cuda backend): a device comm enqueues its collectives there, so they
  * are ordered with the kernels without a host synchronization. */
 void *moert_backend_cuda_stream(const moert_backend *b);
+/* How many specialized kernels (moert_k_<op>__<key>) the ops launched so far
+ * found in the module: for tests and the run's header. */
+int moert_backend_cuda_specialized(const moert_backend *b);
 /* moert_cpu_aux_loss on the device (device pointers; the loss comes back to
  * the host). The executor computes it on the host from all-reduced
  * statistics; this is the device's twin, for a fused gate later. */
@@ -123,6 +129,11 @@ const char *moert_cuda_template_name(int i);
 bool moert_cuda_compile_check(const char *arch, int only, moert_status *st);
 bool moert_cuda_compile_source(const char *src, const char *arch, const char *log_dir,
                                moert_status *st);
+/* Compiles src (a model's kernels.cu) for arch and checks, for a cubin, that
+ * every kernel the backend looks up and every specialization src defines
+ * (moert_k_<op>__<key>) is in it; *nspecialized: how many of the latter. */
+bool moert_cuda_compile_check_source(const char *src, const char *arch, int *nspecialized,
+                                     moert_status *st);
 
 /* Facts about the cuda backend's GPU, for the driver (MFU, memory); b must
  * be the cuda backend, else NULL / false. The device's name ("NVIDIA H100

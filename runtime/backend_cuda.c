@@ -12,6 +12,12 @@
  * to finish when NVRTC is older than the GPU) and cached on disk, keyed by
  * the xxh64 of the source, the options, the architecture and NVRTC's version.
  * Every kernel is looked up at create: a template that lost one fails there.
+ * The source is the model's kernels.cu when the driver has one (moec emits
+ * it: the templates, then kernels specialized on the layers' dims,
+ * compiler/emit_cuda.c), else the templates alone. The ops of
+ * runtime/kernel_specs.def launch moert_k_<op>__<key>, the key formatted
+ * from the launch's dims, when the module has it (looked up once per
+ * (kernel, dims) and memoized), else the generic moert_k_<op>.
  *
  * Execution: one stream. The ops of the table return nothing, so a failed
  * launch or cuBLAS call is recorded in a sticky status, later ops are skipped,
@@ -56,8 +62,8 @@ bool moert_cuda_available(void) { return false; }
 int moert_cuda_device_count(void) { return 0; }
 bool moert_nvrtc_available(void) { return false; }
 bool moert_backend_cuda_create(moert_backend **out, int device, const char *cache_dir,
-                               bool use_cache, moert_status *st) {
-  (void)device, (void)cache_dir, (void)use_cache;
+                               bool use_cache, const char *kernels_src, moert_status *st) {
+  (void)device, (void)cache_dir, (void)use_cache, (void)kernels_src;
   *out = NULL;
   return MOERT_FAIL(st, "this build of moec has no cuda backend (the CUDA headers were not "
                         "found when it was built); run with --backend cpu");
@@ -75,6 +81,11 @@ void *moert_backend_cuda_stream(const moert_backend *b) {
   (void)b;
   return NULL;
 }
+
+int moert_backend_cuda_specialized(const moert_backend *b) {
+  (void)b;
+  return 0;
+}
 float moert_backend_cuda_aux_loss(const float *score_sum, const float *top1_count,
                                   float *dscore_coef, int64_t experts, double global_tokens) {
   (void)score_sum, (void)top1_count, (void)dscore_coef, (void)experts, (void)global_tokens;
@@ -87,6 +98,12 @@ bool moert_cuda_compile_check(const char *arch, int only, moert_status *st) {
 bool moert_cuda_compile_source(const char *src, const char *arch, const char *log_dir,
                                moert_status *st) {
   (void)src, (void)arch, (void)log_dir;
+  return MOERT_FAIL(st, "this build of moec has no cuda backend (no CUDA headers)");
+}
+bool moert_cuda_compile_check_source(const char *src, const char *arch, int *nspecialized,
+                                     moert_status *st) {
+  (void)src, (void)arch;
+  *nspecialized = 0;
   return MOERT_FAIL(st, "this build of moec has no cuda backend (no CUDA headers)");
 }
 
@@ -265,6 +282,25 @@ static const char *const kernel_names[] = {
 #undef X
 };
 
+/* The key formats of the specialized kernels (kernel_specs.def), by kernel;
+ * NULL for the kernels that have none. */
+static const char *const spec_keys[K_COUNT] = {
+#define SPEC(op, key) [K_##op] = key,
+#include "kernel_specs.def"
+#undef SPEC
+};
+
+/* Specializations looked up per process: (kernel, dims) pairs a model
+ * launches, a handful a layer. Beyond this the generic kernels run. */
+enum { MAX_SPEC_LOOKUPS = 256 };
+
+/* A looked-up specialization: fn NULL when the module has none. */
+typedef struct spec_fn {
+  int k;
+  long long a, b;
+  CUfunction fn;
+} spec_fn;
+
 /* NVRTC's options, in the cache key. */
 static const char *const nvrtc_options[] = {"-default-device", "--std=c++17", "-lineinfo"};
 enum { N_NVRTC_OPTIONS = sizeof nvrtc_options / sizeof nvrtc_options[0] };
@@ -293,6 +329,9 @@ typedef struct cuda_state {
   int sm_count, cc_major, cc_minor;
   bool cache_hit;
   char cache_path[4096];
+  bool own_src;             /* compiled a kernels.cu: look specializations up */
+  int nspecs;
+  spec_fn specs[MAX_SPEC_LOOKUPS];
 } cuda_state;
 
 static cuda_state G;
@@ -307,6 +346,31 @@ static void launch(int k, uint64_t gx, uint64_t gy, unsigned bx, unsigned by, vo
   if (!healthy()) return;
   cu_check(cu.cuLaunchKernel(G.fn[k], (unsigned)gx, (unsigned)gy, 1, bx, by, 1, 0, G.stream, args,
                              NULL),
+           kernel_names[k], __FILE__, __LINE__, &G.err);
+}
+
+/* Kernel k's specialization for dims (a, b) (b unused by one-dim keys), or
+ * the generic kernel; looked up once, then memoized. */
+static CUfunction pick(int k, long long a, long long b) {
+  if (!spec_keys[k] || !G.own_src) return G.fn[k];
+  for (int i = 0; i < G.nspecs; i++)
+    if (G.specs[i].k == k && G.specs[i].a == a && G.specs[i].b == b)
+      return G.specs[i].fn ? G.specs[i].fn : G.fn[k];
+  char key[64], name[160];
+  snprintf(key, sizeof key, spec_keys[k], a, b);
+  snprintf(name, sizeof name, "%s__%s", kernel_names[k], key);
+  CUfunction f = NULL;
+  if (cu.cuModuleGetFunction(&f, G.mod, name) != CUDA_SUCCESS) f = NULL;
+  if (G.nspecs < MAX_SPEC_LOOKUPS) G.specs[G.nspecs++] = (spec_fn){k, a, b, f};
+  return f ? f : G.fn[k];
+}
+
+/* launch() of kernel k's specialization for dims (a, b) when there is one. */
+static void launch_spec(int k, long long a, long long b, uint64_t gx, uint64_t gy, unsigned bx,
+                        unsigned by, void **args) {
+  if (!healthy()) return;
+  cu_check(cu.cuLaunchKernel(pick(k, a, b), (unsigned)gx, (unsigned)gy, 1, bx, by, 1, 0, G.stream,
+                             args, NULL),
            kernel_names[k], __FILE__, __LINE__, &G.err);
 }
 
@@ -597,7 +661,7 @@ static void cuda_layernorm_fwd(const float *x, const float *g, const float *b, f
   if (rows <= 0) return;
   unsigned bx, by;
   row_shape(dim, &bx, &by);
-  launch(K_layernorm_fwd, row_grid(rows, by, MAX_GRID_X), 1, bx, by,
+  launch_spec(K_layernorm_fwd, dim, 0, row_grid(rows, by, MAX_GRID_X), 1, bx, by,
          ARGS(&x, &g, &b, &y, &mean, &rstd, &rows, &dim, &eps));
 }
 
@@ -607,7 +671,7 @@ static void cuda_layernorm_bwd(const float *x, const float *g, const float *mean
   if (rows <= 0 || dim <= 0) return;
   unsigned bx, by;
   row_shape(dim, &bx, &by);
-  launch(K_layernorm_bwd_dx, row_grid(rows, by, MAX_GRID_X), 1, bx, by,
+  launch_spec(K_layernorm_bwd_dx, dim, 0, row_grid(rows, by, MAX_GRID_X), 1, bx, by,
          ARGS(&x, &g, &mean, &rstd, &dy, &dx, &rows, &dim));
   col_plan p = plan_cols(rows, dim, 2);
   for (int64_t c0 = 0; c0 < dim; c0 += p.w) {
@@ -626,7 +690,7 @@ static void cuda_rmsnorm_fwd(const float *x, const float *g, float *y, float *rs
   if (rows <= 0) return;
   unsigned bx, by;
   row_shape(dim, &bx, &by);
-  launch(K_rmsnorm_fwd, row_grid(rows, by, MAX_GRID_X), 1, bx, by,
+  launch_spec(K_rmsnorm_fwd, dim, 0, row_grid(rows, by, MAX_GRID_X), 1, bx, by,
          ARGS(&x, &g, &y, &rstd, &rows, &dim, &eps));
 }
 
@@ -635,7 +699,7 @@ static void cuda_rmsnorm_bwd(const float *x, const float *g, const float *rstd, 
   if (rows <= 0 || dim <= 0) return;
   unsigned bx, by;
   row_shape(dim, &bx, &by);
-  launch(K_rmsnorm_bwd_dx, row_grid(rows, by, MAX_GRID_X), 1, bx, by,
+  launch_spec(K_rmsnorm_bwd_dx, dim, 0, row_grid(rows, by, MAX_GRID_X), 1, bx, by,
          ARGS(&x, &g, &rstd, &dy, &dx, &rows, &dim));
   col_plan p = plan_cols(rows, dim, 1);
   for (int64_t c0 = 0; c0 < dim; c0 += p.w) {
@@ -653,7 +717,7 @@ static void cuda_l2norm_rows_fwd(const float *x, float *y, float *norm, int64_t 
   if (rows <= 0) return;
   unsigned bx, by;
   row_shape(cols, &bx, &by);
-  launch(K_l2norm_rows_fwd, row_grid(rows, by, MAX_GRID_X), 1, bx, by,
+  launch_spec(K_l2norm_rows_fwd, cols, 0, row_grid(rows, by, MAX_GRID_X), 1, bx, by,
          ARGS(&x, &y, &norm, &rows, &cols));
 }
 
@@ -662,7 +726,7 @@ static void cuda_l2norm_rows_bwd(const float *x, const float *norm, const float 
   if (rows <= 0) return;
   unsigned bx, by;
   row_shape(cols, &bx, &by);
-  launch(K_l2norm_rows_bwd, row_grid(rows, by, MAX_GRID_X), 1, bx, by,
+  launch_spec(K_l2norm_rows_bwd, cols, 0, row_grid(rows, by, MAX_GRID_X), 1, bx, by,
          ARGS(&x, &norm, &dy, &dx, &rows, &cols));
 }
 
@@ -706,7 +770,7 @@ static void cuda_l2norm_cols_bwd(const float *x, const float *norm, const float 
 static void cuda_gate_topk(const float *logits, const float *noise, float *scores, int32_t *idx,
                            float *topv, int64_t tokens, int64_t experts, int64_t top_k) {
   if (tokens <= 0) return;
-  launch(K_gate_topk, row_grid(tokens, 8, MAX_GRID_X), 1, 32, 8,
+  launch_spec(K_gate_topk, experts, top_k, row_grid(tokens, 8, MAX_GRID_X), 1, 32, 8,
          ARGS(&logits, &noise, &scores, &idx, &topv, &tokens, &experts, &top_k));
 }
 
@@ -714,7 +778,7 @@ static void cuda_gate_normalize(const float *topv, float *gate, int64_t tokens, 
                                 bool normalize) {
   if (tokens <= 0) return;
   int nz = normalize;
-  launch(K_gate_normalize, grid_for(tokens, 256), 1, 256, 1,
+  launch_spec(K_gate_normalize, top_k, 0, grid_for(tokens, 256), 1, 256, 1,
          ARGS(&topv, &gate, &tokens, &top_k, &nz));
 }
 
@@ -722,7 +786,7 @@ static void cuda_gate_normalize_bwd(const float *topv, const float *dgate, float
                                     int64_t tokens, int64_t top_k, bool normalize) {
   if (tokens <= 0) return;
   int nz = normalize;
-  launch(K_gate_normalize_bwd, grid_for(tokens, 256), 1, 256, 1,
+  launch_spec(K_gate_normalize_bwd, top_k, 0, grid_for(tokens, 256), 1, 256, 1,
          ARGS(&topv, &dgate, &dtopv, &tokens, &top_k, &nz));
 }
 
@@ -730,7 +794,7 @@ static void cuda_gate_locations(const int32_t *idx, const int32_t *order, int32_
                                 int32_t *counts, int64_t tokens, int64_t experts,
                                 int64_t top_k) {
   if (experts <= 0) return;
-  launch(K_gate_locations, (uint64_t)clamp64(experts, 1, MAX_GRID_X), 1, 512, 1,
+  launch_spec(K_gate_locations, top_k, 0, (uint64_t)clamp64(experts, 1, MAX_GRID_X), 1, 512, 1,
          ARGS(&idx, &order, &loc, &counts, &tokens, &experts, &top_k));
 }
 
@@ -760,7 +824,7 @@ static void cuda_gate_stats(const float *scores, const int32_t *idx, float *scor
     long long w = (long long)(experts - c0 < p.w ? experts - c0 : p.w), cc0 = (long long)c0;
     const float *s = scores + c0;
     double *ps = scratch_d(0), *pc = scratch_d(p.nchunk * w);
-    launch(K_gate_stats_part, (uint64_t)cdiv(w, 32), (uint64_t)p.nchunk, 32, 8,
+    launch_spec(K_gate_stats_part, experts, top_k, (uint64_t)cdiv(w, 32), (uint64_t)p.nchunk, 32, 8,
            ARGS(&s, &idx, &tokens, &experts, &w, &p.rpc, &cc0, &top_k, &ps, &pc));
     colsum_add(score_sum + c0, ps, &p, w);
     colsum_add(top1_count + c0, pc, &p, w);
@@ -772,8 +836,8 @@ static void cuda_gate_scores_bwd(const int32_t *idx, const float *dtopv, const f
                                  int64_t top_k) {
   if (tokens <= 0 || experts <= 0) return;
   unsigned bx = threads_for(experts);
-  launch(K_gate_scores_bwd, (uint64_t)cdiv(experts, bx), (uint64_t)clamp64(tokens, 1, MAX_GRID_Y),
-         bx, 1, ARGS(&idx, &dtopv, &dscore_coef, &weight, &dscores, &tokens, &experts, &top_k));
+  launch_spec(K_gate_scores_bwd, experts, top_k, (uint64_t)cdiv(experts, bx),
+              (uint64_t)clamp64(tokens, 1, MAX_GRID_Y), bx, 1, ARGS(&idx, &dtopv, &dscore_coef, &weight, &dscores, &tokens, &experts, &top_k));
 }
 
 static void cuda_softmax_bwd(const float *scores, const float *dscores, float *dlogits,
@@ -781,7 +845,7 @@ static void cuda_softmax_bwd(const float *scores, const float *dscores, float *d
   if (rows <= 0) return;
   unsigned bx, by;
   row_shape(cols, &bx, &by);
-  launch(K_softmax_bwd, row_grid(rows, by, MAX_GRID_X), 1, bx, by,
+  launch_spec(K_softmax_bwd, cols, 0, row_grid(rows, by, MAX_GRID_X), 1, bx, by,
          ARGS(&scores, &dscores, &dlogits, &rows, &cols));
 }
 
@@ -1046,7 +1110,8 @@ static double cuda_xent(const float *logits, const int32_t *target, float *dlogi
   row_shape(vocab, &bx, &by);
   uint64_t grid = row_grid(rows, by, MAX_PARTS);
   double *part = scratch_d(0);
-  launch(K_xent, grid, 1, bx, by, ARGS(&logits, &target, &dlogits, &rows, &vocab, &scale, &part));
+  launch_spec(K_xent, vocab, 0, grid, 1, bx, by,
+              ARGS(&logits, &target, &dlogits, &rows, &vocab, &scale, &part));
   return reduce_parts(grid);
 }
 
@@ -1322,10 +1387,12 @@ static bool cache_dir_of(const char *given, char *dir, size_t cap) {
 
 /* Kernels for the device: from the cache when it holds a good entry, else
  * compiled (and cached). Loads the module and every function. */
-static bool load_kernels(const char *cache_dir, bool use_cache, moert_status *st) {
+static bool load_kernels(const char *cache_dir, bool use_cache, const char *kernels_src,
+                         moert_status *st) {
   char arch[32], dir[4000];
   MOERT_TRY(st, pick_arch(G.cc_major, G.cc_minor, arch, sizeof arch, st));
-  char *src = assemble(-1);
+  G.own_src = kernels_src != NULL;
+  char *src = kernels_src ? strdup(kernels_src) : assemble(-1);
   if (!src) return MOERT_FAIL(st, "out of host memory");
   uint64_t key = cache_key(src, arch);
   bool have_dir = use_cache && cache_dir_of(cache_dir, dir, sizeof dir);
@@ -1394,7 +1461,8 @@ static void release(void) {
   memset(&G, 0, sizeof G);
 }
 
-static bool setup(int device, const char *cache_dir, bool use_cache, moert_status *st) {
+static bool setup(int device, const char *cache_dir, bool use_cache, const char *kernels_src,
+                  moert_status *st) {
   const char *missing = NULL;
   if (!load_cu(&missing))
     return MOERT_FAIL(st, "no CUDA driver: %s could not be loaded (is there an NVIDIA GPU and "
@@ -1421,7 +1489,7 @@ static bool setup(int device, const char *cache_dir, bool use_cache, moert_statu
   /* A blocking stream: ordered with the legacy default stream too. */
   CUTRY(st, cuStreamCreate, (&G.stream, CU_STREAM_DEFAULT));
   CUTRY(st, cuMemAlloc, (&G.scratch, SCRATCH_BYTES));
-  MOERT_TRY(st, load_kernels(cache_dir, use_cache, st));
+  MOERT_TRY(st, load_kernels(cache_dir, use_cache, kernels_src, st));
   if (!CUBLASOK(st, cublasCreate, (&G.blas))) return MOERT_UP(st);
   /* fp32 GEMMs as fp32 (no TF32), close to the cpu's */
   if (!CUBLASOK(st, cublasSetMathMode, (G.blas, CUBLAS_DEFAULT_MATH)) ||
@@ -1431,12 +1499,12 @@ static bool setup(int device, const char *cache_dir, bool use_cache, moert_statu
 }
 
 bool moert_backend_cuda_create(moert_backend **out, int device, const char *cache_dir,
-                               bool use_cache, moert_status *st) {
+                               bool use_cache, const char *kernels_src, moert_status *st) {
   *out = NULL;
   if (G.live)
     return MOERT_FAIL(st, "a cuda backend exists already (one per process; destroy it first)");
   memset(&G, 0, sizeof G);
-  if (!setup(device, cache_dir, use_cache, st)) {
+  if (!setup(device, cache_dir, use_cache, kernels_src, st)) {
     release();
     return MOERT_UP(st);
   }
@@ -1482,6 +1550,13 @@ void *moert_backend_cuda_stream(const moert_backend *b) {
   return b && b == &G.b && G.live ? (void *)G.stream : NULL;
 }
 
+int moert_backend_cuda_specialized(const moert_backend *b) {
+  int n = 0;
+  if (b && b == &G.b && G.live)
+    for (int i = 0; i < G.nspecs; i++) n += G.specs[i].fn != NULL;
+  return n;
+}
+
 /* ------------------------------------------------------------ compile checks (CI) */
 
 bool moert_cuda_compile_source(const char *src, const char *arch, const char *log_dir,
@@ -1501,6 +1576,39 @@ static bool image_has(const image *img, const char *name) {
   for (size_t i = 0; i + n <= img->size; i++)
     if ((i == 0 || img->data[i - 1] == 0) && memcmp(img->data + i, name, n) == 0) return true;
   return false;
+}
+
+bool moert_cuda_compile_check_source(const char *src, const char *arch, int *nspecialized,
+                                     moert_status *st) {
+  const char *missing;
+  *nspecialized = 0;
+  if (!load_nvrtc(&missing)) return MOERT_FAIL(st, "NVRTC could not be loaded (%s)", missing);
+  image img = {0};
+  bool ok = nvrtc_compile(src, arch, NULL, cache_key(src, arch), &img, st);
+  if (ok && !img.ptx) {
+    for (int k = 0; k < K_COUNT && ok; k++)
+      if (!image_has(&img, kernel_names[k]))
+        ok = MOERT_FAIL(st, "the kernels compiled for %s have no %s", arch, kernel_names[k]);
+    /* every kernel the source defines as moert_k_<op>__<key> */
+    static const char pat[] = "__global__ void moert_k_";
+    for (const char *p = strstr(src, pat); p && ok; p = strstr(p, pat)) {
+      p += sizeof pat - 1 - strlen("moert_k_");
+      size_t n = 0;
+      while (p[n] == '_' || (p[n] >= 'a' && p[n] <= 'z') || (p[n] >= 'A' && p[n] <= 'Z') ||
+             (p[n] >= '0' && p[n] <= '9'))
+        n++;
+      char name[200];
+      snprintf(name, sizeof name, "%.*s", (int)n, p);
+      p += n;
+      if (!strstr(name + strlen("moert_k_"), "__")) continue; /* a generic kernel */
+      if (!image_has(&img, name))
+        ok = MOERT_FAIL(st, "the kernels compiled for %s have no %s", arch, name);
+      else
+        ++*nspecialized;
+    }
+  }
+  free(img.data);
+  return ok || MOERT_UP(st);
 }
 
 bool moert_cuda_compile_check(const char *arch, int only, moert_status *st) {

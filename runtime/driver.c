@@ -524,7 +524,7 @@ int moert_main(const moert_model *m, int argc, char **argv) {
     /* one GPU per rank on a host, round robin (several ranks may share one) */
     int gpus = moert_cuda_device_count();
     int device = gpus > 0 ? comm->local_rank % gpus : 0;
-    bool ok = moert_backend_cuda_create(&b, device, o.kernel_cache, !o.no_kernel_cache, &st);
+    bool ok = moert_backend_cuda_create(&b, device, o.kernel_cache, !o.no_kernel_cache, m->kernels_cu, &st);
     /* nccl by default where it can run: several ranks, every one with a GPU
      * of its own (by PCI bus id, so ranks that MOEC_LOCAL_SIZE puts on other
      * nodes of one machine count too) and NCCL; all ranks choose alike */

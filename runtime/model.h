@@ -61,6 +61,10 @@ typedef enum {
 
 #define MOERT_MAX_DIMS 3
 
+/* The width of the cosine gate's projection (runtime/moe.c): a row width of
+ * its kernels, which kernels.cu specializes. */
+#define MOERT_COSINE_PROJ 256
+
 typedef struct moert_param {
   const char *name;       /* "layer.what": the checkpoint's tensor name */
   int ndim;
@@ -127,6 +131,10 @@ typedef struct moert_model {
   int nmoe;
   moert_parallel parallel;
   moert_train train;
+  /* kernels.cu as moec emitted it for this model (compiler/emit_cuda.c): the
+   * templates and kernels specialized on the layers' dims, compiled by the
+   * cuda backend; NULL: the runtime's own templates, unspecialized. */
+  const char *kernels_cu;
 } moert_model;
 
 extern const char *const moert_layer_kind_names[MOERT_L__COUNT];

@@ -27,7 +27,7 @@
 #include "rng.h"
 
 #define COSINE_MAX_LOG_SCALE 4.605170185988091 /* log(1 / 0.01), as Tutel */
-#define COSINE_PROJ 256
+#define COSINE_PROJ MOERT_COSINE_PROJ
 #define STREAM_NOISE 0x6e6f697365ull
 
 #define P_(e, l, k) ((e)->params + (e)->plan->params[(l)->param_first + (k)].offset)

@@ -15,10 +15,14 @@ add_custom_command(
   DEPENDS ${MOERT_TEMPLATE_PATHS} ${MOERT_TEMPLATE_DIR}/embed.cmake
   COMMENT "Embedding the kernel templates (moert_templates.c)")
 
+# An object library: libmoert.a holds them, and moec too (compiler/emit_cuda.c
+# writes them into kernels.cu).
+add_library(moert_templates OBJECT ${CMAKE_CURRENT_BINARY_DIR}/moert_templates.c)
+
 add_library(moert STATIC
   status.c cpu_ops.c cpu_ops_typed.c rng.c checkpoint.c placement.c backend_cpu.c comm_self.c comm_staged.c moe.c
   select.c trace.c data.c step.c ckpt_io.c driver.c comm_mpi.c comm_nccl.c backend_cuda.c
-  ${CMAKE_CURRENT_BINARY_DIR}/moert_templates.c)
+  $<TARGET_OBJECTS:moert_templates>)
 target_include_directories(moert PUBLIC ${CMAKE_CURRENT_SOURCE_DIR})
 # backend_cuda.c opens the driver, NVRTC and cuBLAS with dlopen: their headers
 # at build time (for the types), nothing CUDA at link time, no GPU needed.

@@ -240,3 +240,45 @@ extern "C" __global__ void moert_k_reduce_sum(const double *part, long long n, d
   s = moert_block_sum_d(s, sh);
   if (threadIdx.x == 0) out[0] = s;
 }
+
+// ------------------------------------------------- compile-time shapes
+// The kernels of gating.cu, norm.cu and loss.cu are C++ templates over the
+// model's constants (`template <int D> __device__ void moert_X_impl`): the
+// generic extern "C" kernel moert_k_X instantiates them with 0 ("a runtime
+// argument"), and kernels.cu, as moec emits it for a model
+// (compiler/emit_cuda.c), adds moert_k_X__<key> instantiated with the
+// layer's dims, which runtime/backend_cuda.c launches when the dims match.
+
+// The row group backend_cuda.c's row_shape gives a row of d elements: 32 to
+// 1024 threads, about d/8.
+__host__ __device__ constexpr int moert_row_group(long long d) {
+  int g = 32;
+  while (g < 1024 && (long long)g * 8 < d) g *= 2;
+  return g;
+}
+
+// A row kernel over rows of D elements (D == 0: unknown until the launch).
+// With D known and small enough, each thread holds its PER elements of the
+// row in registers between passes (CACHE), when the block has the row group
+// moert_row_group(D) (launches of another shape take the generic path).
+#define MOERT_ROW_CACHE_MAX 8
+template <int D> struct moert_row {
+  static constexpr int G = moert_row_group(D);
+  static constexpr bool CACHE = D > 0 && (D + G - 1) / G <= MOERT_ROW_CACHE_MAX;
+  static constexpr int PER = CACHE ? (D + G - 1) / G : 1; // elements a thread holds
+};
+
+// f(q, i) for the elements i of the row that this thread handles, in order
+// (i = threadIdx.x + q*blockDim.x); q is a constant when the row is cached.
+template <int D, class F>
+__device__ __forceinline__ void moert_row_each(long long dim, const F &f) {
+  if constexpr (moert_row<D>::CACHE) {
+#pragma unroll
+    for (int q = 0; q < moert_row<D>::PER; q++) {
+      long long i = threadIdx.x + (long long)q * moert_row<D>::G;
+      if (i < D) f(q, i);
+    }
+  } else {
+    for (long long i = threadIdx.x; i < dim; i += blockDim.x) f(0, i);
+  }
+}

@@ -9,6 +9,10 @@
 // scalar, which the backend downloads. Fixed grids make the sums
 // deterministic; sums are in double, as on the cpu.
 //
+// Specialization (common.cuh, compiler/emit_cuda.c): the kernels that a
+// model's kernels.cu specializes are `template <...> moert_X_impl`s over
+// their dims (0: a runtime argument), wrapped by the generic moert_k_X.
+//
 // Launch (runtime/backend_cuda.c): embed_fwd, embed_bwd: a block a token;
 // xent: a row kernel (common.cuh), at most 1024 blocks striding over the rows;
 // mse, sumsq, dot: 256 threads, at most 1024 blocks, grid-stride, float4 when
@@ -67,9 +71,19 @@ extern "C" __global__ void moert_k_embed_bwd(const float *dx, const int *win, fl
 // -log softmax(logits)[target] (rows whose target is outside [0, vocab)
 // count 0); dlogits, when not null, = scale * (softmax - onehot), 0 on the
 // ignored rows.
-extern "C" __global__ void moert_k_xent(const float *logits, const int *target, float *dlogits,
-                                        long long rows, long long vocab, float scale,
-                                        double *part) {
+// V: the vocabulary (the row width) when known at compile time, else 0.
+template <int V>
+__device__ __forceinline__ void moert_xent_impl(const float *logits, const int *target,
+                                                float *dlogits, long long rows,
+                                                long long vocab_arg, float scale, double *part) {
+  typedef moert_row<V> R;
+  if constexpr (R::CACHE) {
+    if (blockDim.x != R::G) {
+      moert_xent_impl<0>(logits, target, dlogits, rows, vocab_arg, scale, part);
+      return;
+    }
+  }
+  const long long vocab = V > 0 ? V : vocab_arg;
   __shared__ double sh[MOERT_MAX_ROWS * MOERT_MAX_WARPS];
   double total = 0.0; // the losses of this thread's rows (kept by the group's thread 0)
   for (long long base = (long long)blockIdx.x * blockDim.y; base < rows;
@@ -79,25 +93,42 @@ extern "C" __global__ void moert_k_xent(const float *logits, const int *target, 
     const float *l = logits + r * vocab;
     long long tgt = live ? (long long)target[r] : -1;
     bool valid = tgt >= 0 && tgt < vocab;
+    float lv[R::PER]; // CACHE: this thread's logits, then their exp(l - max)
     double mx = -(double)MOERT_INF;
     if (live)
-      for (long long v = threadIdx.x; v < vocab; v += blockDim.x) mx = l[v] > mx ? l[v] : mx;
+      moert_row_each<V>(vocab, [&](int q, long long v) {
+        float x = l[v];
+        if constexpr (R::CACHE) lv[q] = x;
+        mx = x > mx ? x : mx;
+      });
     mx = moert_group_max_d(mx, sh);
     float mxf = (float)mx; // a logit: exact
     double sum = 0.0;
     if (live)
-      for (long long v = threadIdx.x; v < vocab; v += blockDim.x) sum += expf(l[v] - mxf);
+      moert_row_each<V>(vocab, [&](int q, long long v) {
+        float ex = expf((R::CACHE ? lv[q] : l[v]) - mxf);
+        if constexpr (R::CACHE) lv[q] = ex;
+        sum += ex;
+      });
     sum = moert_group_sum_d(sum, sh);
     if (valid && threadIdx.x == 0) total += mx + log(sum) - (double)l[tgt];
     if (live && dlogits) {
       float *d = dlogits + r * vocab;
       float inv = (float)(1.0 / sum);
-      for (long long v = threadIdx.x; v < vocab; v += blockDim.x)
-        d[v] = valid ? scale * (expf(l[v] - mxf) * inv - (v == tgt ? 1.0f : 0.0f)) : 0.0f;
+      moert_row_each<V>(vocab, [&](int q, long long v) {
+        float ex = R::CACHE ? lv[q] : expf(l[v] - mxf);
+        d[v] = valid ? scale * (ex * inv - (v == tgt ? 1.0f : 0.0f)) : 0.0f;
+      });
     }
   }
   total = moert_block_sum_d(total, sh);
   if (threadIdx.x == 0 && threadIdx.y == 0) part[blockIdx.x] = total;
+}
+
+extern "C" __global__ void moert_k_xent(const float *logits, const int *target, float *dlogits,
+                                        long long rows, long long vocab, float scale,
+                                        double *part) {
+  moert_xent_impl<0>(logits, target, dlogits, rows, vocab, scale, part);
 }
 
 // Squared error: part[blockIdx.x] = this block's share of sum (yhat - y)^2;

@@ -4,6 +4,10 @@
 // summed in double (as the cpu ops); forward outputs in fp32, the backward's
 // dx in double (its terms cancel), rounded once.
 //
+// Specialization (common.cuh, compiler/emit_cuda.c): the kernels that a
+// model's kernels.cu specializes are `template <...> moert_X_impl`s over
+// their dims (0: a runtime argument), wrapped by the generic moert_k_X.
+//
 // Launch (runtime/backend_cuda.c): row kernels as common.cuh says, a row
 // group of 32 to 1024 threads (about dim/8, a power of two), up to 8 rows a
 // block. Parameter gradients (dg, db) and column norms: column-chunk partial
@@ -15,44 +19,75 @@
 // ---------------------------------------------------------------- kernels
 
 // y = (x - mean) * rstd * g + b per row; mean[rows], rstd[rows] saved.
-extern "C" __global__ void moert_k_layernorm_fwd(const float *x, const float *g, const float *b,
-                                                 float *y, float *mean, float *rstd,
-                                                 long long rows, long long dim, float eps) {
+template <int D>
+__device__ __forceinline__ void
+moert_layernorm_fwd_impl(const float *x, const float *g, const float *b, float *y, float *mean,
+                         float *rstd, long long rows, long long dim_arg, float eps) {
+  typedef moert_row<D> R;
+  if constexpr (R::CACHE) {
+    if (blockDim.x != R::G) {
+      moert_layernorm_fwd_impl<0>(x, g, b, y, mean, rstd, rows, dim_arg, eps);
+      return;
+    }
+  }
+  const long long dim = D > 0 ? D : dim_arg;
   __shared__ double sh[MOERT_MAX_ROWS * MOERT_MAX_WARPS];
   for (long long base = (long long)blockIdx.x * blockDim.y; base < rows;
        base += (long long)gridDim.x * blockDim.y) {
     long long r = base + threadIdx.y;
     bool live = r < rows; // every thread iterates alike: group sums synchronize
     const float *xr = x + r * dim;
+    float xv[R::PER]; // CACHE: this thread's elements of the row
+#define MOERT_X(q, i) (R::CACHE ? xv[q] : xr[i])
     double s = 0.0;
     if (live)
-      for (long long i = threadIdx.x; i < dim; i += blockDim.x) s += xr[i];
+      moert_row_each<D>(dim, [&](int q, long long i) {
+        float v = xr[i];
+        if constexpr (R::CACHE) xv[q] = v;
+        s += v;
+      });
     double mu = moert_group_sum_d(s, sh) / (double)dim;
     double v = 0.0; // two passes: no cancellation
     if (live)
-      for (long long i = threadIdx.x; i < dim; i += blockDim.x) {
-        double d = xr[i] - mu;
+      moert_row_each<D>(dim, [&](int q, long long i) {
+        double d = MOERT_X(q, i) - mu;
         v += d * d;
-      }
+      });
     double rs = 1.0 / sqrt(moert_group_sum_d(v, sh) / (double)dim + (double)eps);
     if (live) {
       float *yr = y + r * dim;
       float muf = (float)mu, rsf = (float)rs;
-      for (long long i = threadIdx.x; i < dim; i += blockDim.x)
-        yr[i] = (xr[i] - muf) * rsf * g[i] + b[i];
+      moert_row_each<D>(dim, [&](int q, long long i) {
+        yr[i] = (MOERT_X(q, i) - muf) * rsf * g[i] + b[i];
+      });
       if (threadIdx.x == 0) {
         mean[r] = muf;
         rstd[r] = rsf;
       }
     }
+#undef MOERT_X
   }
 }
 
+extern "C" __global__ void moert_k_layernorm_fwd(const float *x, const float *g, const float *b,
+                                                 float *y, float *mean, float *rstd,
+                                                 long long rows, long long dim, float eps) {
+  moert_layernorm_fwd_impl<0>(x, g, b, y, mean, rstd, rows, dim, eps);
+}
+
 // dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), dxhat = dy g.
-extern "C" __global__ void moert_k_layernorm_bwd_dx(const float *x, const float *g,
-                                                    const float *mean, const float *rstd,
-                                                    const float *dy, float *dx, long long rows,
-                                                    long long dim) {
+template <int D>
+__device__ __forceinline__ void
+moert_layernorm_bwd_dx_impl(const float *x, const float *g, const float *mean, const float *rstd,
+                            const float *dy, float *dx, long long rows, long long dim_arg) {
+  typedef moert_row<D> R;
+  if constexpr (R::CACHE) {
+    if (blockDim.x != R::G) {
+      moert_layernorm_bwd_dx_impl<0>(x, g, mean, rstd, dy, dx, rows, dim_arg);
+      return;
+    }
+  }
+  const long long dim = D > 0 ? D : dim_arg;
   __shared__ double sh[MOERT_MAX_ROWS * MOERT_MAX_WARPS];
   for (long long base = (long long)blockIdx.x * blockDim.y; base < rows;
        base += (long long)gridDim.x * blockDim.y) {
@@ -60,23 +95,34 @@ extern "C" __global__ void moert_k_layernorm_bwd_dx(const float *x, const float 
     bool live = r < rows; // every thread iterates alike: group sums synchronize
     const float *xr = x + r * dim, *dyr = dy + r * dim;
     double mu = live ? mean[r] : 0.0, rs = live ? rstd[r] : 0.0;
+    double xhv[R::PER], dxhv[R::PER]; // CACHE: xhat, dxhat of this thread's elements
     double s1 = 0.0, s2 = 0.0;
     if (live)
-      for (long long i = threadIdx.x; i < dim; i += blockDim.x) {
+      moert_row_each<D>(dim, [&](int q, long long i) {
         double xh = (xr[i] - mu) * rs, dxh = (double)dyr[i] * g[i];
+        if constexpr (R::CACHE) xhv[q] = xh, dxhv[q] = dxh;
         s1 += dxh;
         s2 += dxh * xh;
-      }
+      });
     s1 = moert_group_sum_d(s1, sh) / (double)dim;
     s2 = moert_group_sum_d(s2, sh) / (double)dim;
     if (live) { // in double: the terms cancel where dim is small
       float *dxr = dx + r * dim;
-      for (long long i = threadIdx.x; i < dim; i += blockDim.x) {
-        double xh = (xr[i] - mu) * rs, dxh = (double)dyr[i] * g[i];
+      moert_row_each<D>(dim, [&](int q, long long i) {
+        double xh, dxh;
+        if constexpr (R::CACHE) xh = xhv[q], dxh = dxhv[q];
+        else xh = (xr[i] - mu) * rs, dxh = (double)dyr[i] * g[i];
         dxr[i] = (float)(rs * (dxh - s1 - xh * s2));
-      }
+      });
     }
   }
+}
+
+extern "C" __global__ void moert_k_layernorm_bwd_dx(const float *x, const float *g,
+                                                    const float *mean, const float *rstd,
+                                                    const float *dy, float *dx, long long rows,
+                                                    long long dim) {
+  moert_layernorm_bwd_dx_impl<0>(x, g, mean, rstd, dy, dx, rows, dim);
 }
 
 // Partials of dg (sum_r dy xhat) and db (sum_r dy).
@@ -95,49 +141,95 @@ extern "C" __global__ void moert_k_layernorm_bwd_part(const float *x, const floa
 }
 
 // y = x * rstd * g, rstd = 1/sqrt(mean(x^2) + eps); rstd[rows] saved.
-extern "C" __global__ void moert_k_rmsnorm_fwd(const float *x, const float *g, float *y,
-                                               float *rstd, long long rows, long long dim,
-                                               float eps) {
+template <int D>
+__device__ __forceinline__ void moert_rmsnorm_fwd_impl(const float *x, const float *g, float *y,
+                                                       float *rstd, long long rows,
+                                                       long long dim_arg, float eps) {
+  typedef moert_row<D> R;
+  if constexpr (R::CACHE) {
+    if (blockDim.x != R::G) {
+      moert_rmsnorm_fwd_impl<0>(x, g, y, rstd, rows, dim_arg, eps);
+      return;
+    }
+  }
+  const long long dim = D > 0 ? D : dim_arg;
   __shared__ double sh[MOERT_MAX_ROWS * MOERT_MAX_WARPS];
   for (long long base = (long long)blockIdx.x * blockDim.y; base < rows;
        base += (long long)gridDim.x * blockDim.y) {
     long long r = base + threadIdx.y;
     bool live = r < rows; // every thread iterates alike: group sums synchronize
     const float *xr = x + r * dim;
+    float xv[R::PER]; // CACHE: this thread's elements of the row
     double ss = 0.0;
     if (live)
-      for (long long i = threadIdx.x; i < dim; i += blockDim.x) ss += (double)xr[i] * xr[i];
+      moert_row_each<D>(dim, [&](int q, long long i) {
+        float v = xr[i];
+        if constexpr (R::CACHE) xv[q] = v;
+        ss += (double)v * v;
+      });
     double rs = 1.0 / sqrt(moert_group_sum_d(ss, sh) / (double)dim + (double)eps);
     if (live) {
       float *yr = y + r * dim;
       float rsf = (float)rs;
-      for (long long i = threadIdx.x; i < dim; i += blockDim.x) yr[i] = xr[i] * rsf * g[i];
+      moert_row_each<D>(dim, [&](int q, long long i) {
+        yr[i] = (R::CACHE ? xv[q] : xr[i]) * rsf * g[i];
+      });
       if (threadIdx.x == 0) rstd[r] = rsf;
     }
   }
 }
 
+extern "C" __global__ void moert_k_rmsnorm_fwd(const float *x, const float *g, float *y,
+                                               float *rstd, long long rows, long long dim,
+                                               float eps) {
+  moert_rmsnorm_fwd_impl<0>(x, g, y, rstd, rows, dim, eps);
+}
+
 // dx = rstd dy g - x rstd^3 mean(dy g x).
-extern "C" __global__ void moert_k_rmsnorm_bwd_dx(const float *x, const float *g,
-                                                  const float *rstd, const float *dy, float *dx,
-                                                  long long rows, long long dim) {
+template <int D>
+__device__ __forceinline__ void
+moert_rmsnorm_bwd_dx_impl(const float *x, const float *g, const float *rstd, const float *dy,
+                          float *dx, long long rows, long long dim_arg) {
+  typedef moert_row<D> R;
+  if constexpr (R::CACHE) {
+    if (blockDim.x != R::G) {
+      moert_rmsnorm_bwd_dx_impl<0>(x, g, rstd, dy, dx, rows, dim_arg);
+      return;
+    }
+  }
+  const long long dim = D > 0 ? D : dim_arg;
   __shared__ double sh[MOERT_MAX_ROWS * MOERT_MAX_WARPS];
   for (long long base = (long long)blockIdx.x * blockDim.y; base < rows;
        base += (long long)gridDim.x * blockDim.y) {
     long long r = base + threadIdx.y;
     bool live = r < rows; // every thread iterates alike: group sums synchronize
     const float *xr = x + r * dim, *dyr = dy + r * dim;
+    float xv[R::PER], dyv[R::PER]; // CACHE: this thread's elements of x, dy
     double s = 0.0;
     if (live)
-      for (long long i = threadIdx.x; i < dim; i += blockDim.x) s += (double)dyr[i] * g[i] * xr[i];
+      moert_row_each<D>(dim, [&](int q, long long i) {
+        float a = xr[i], d = dyr[i];
+        if constexpr (R::CACHE) xv[q] = a, dyv[q] = d;
+        s += (double)d * g[i] * a;
+      });
     s = moert_group_sum_d(s, sh);
     if (live) { // in double: the terms cancel where dim is small
       double rs = rstd[r], c = rs * rs * rs * s / (double)dim;
       float *dxr = dx + r * dim;
-      for (long long i = threadIdx.x; i < dim; i += blockDim.x)
-        dxr[i] = (float)(rs * dyr[i] * g[i] - xr[i] * c);
+      moert_row_each<D>(dim, [&](int q, long long i) {
+        float a, d;
+        if constexpr (R::CACHE) a = xv[q], d = dyv[q];
+        else a = xr[i], d = dyr[i];
+        dxr[i] = (float)(rs * d * g[i] - a * c);
+      });
     }
   }
+}
+
+extern "C" __global__ void moert_k_rmsnorm_bwd_dx(const float *x, const float *g,
+                                                  const float *rstd, const float *dy, float *dx,
+                                                  long long rows, long long dim) {
+  moert_rmsnorm_bwd_dx_impl<0>(x, g, rstd, dy, dx, rows, dim);
 }
 
 // Partials of dg (sum_r dy x rstd).
@@ -155,54 +247,100 @@ extern "C" __global__ void moert_k_rmsnorm_bwd_part(const float *x, const float 
 #define MOERT_L2_FLOOR 1e-12
 
 // y = x / max(||x||, 1e-12) per row; norm[rows] = ||x||.
-extern "C" __global__ void moert_k_l2norm_rows_fwd(const float *x, float *y, float *norm,
-                                                   long long rows, long long cols) {
+template <int D>
+__device__ __forceinline__ void moert_l2norm_rows_fwd_impl(const float *x, float *y, float *norm,
+                                                           long long rows, long long cols_arg) {
+  typedef moert_row<D> R;
+  if constexpr (R::CACHE) {
+    if (blockDim.x != R::G) {
+      moert_l2norm_rows_fwd_impl<0>(x, y, norm, rows, cols_arg);
+      return;
+    }
+  }
+  const long long cols = D > 0 ? D : cols_arg;
   __shared__ double sh[MOERT_MAX_ROWS * MOERT_MAX_WARPS];
   for (long long base = (long long)blockIdx.x * blockDim.y; base < rows;
        base += (long long)gridDim.x * blockDim.y) {
     long long r = base + threadIdx.y;
     bool live = r < rows; // every thread iterates alike: group sums synchronize
     const float *xr = x + r * cols;
+    float xv[R::PER]; // CACHE: this thread's elements of the row
     double ss = 0.0;
     if (live)
-      for (long long i = threadIdx.x; i < cols; i += blockDim.x) ss += (double)xr[i] * xr[i];
+      moert_row_each<D>(cols, [&](int q, long long i) {
+        float v = xr[i];
+        if constexpr (R::CACHE) xv[q] = v;
+        ss += (double)v * v;
+      });
     double n = sqrt(moert_group_sum_d(ss, sh)), d = n > MOERT_L2_FLOOR ? n : MOERT_L2_FLOOR;
     if (live) {
       float *yr = y + r * cols;
       double inv = 1.0 / d;
-      for (long long i = threadIdx.x; i < cols; i += blockDim.x) yr[i] = (float)(xr[i] * inv);
+      moert_row_each<D>(cols, [&](int q, long long i) {
+        yr[i] = (float)((R::CACHE ? xv[q] : xr[i]) * inv);
+      });
       if (threadIdx.x == 0) norm[r] = (float)n;
     }
   }
 }
 
+extern "C" __global__ void moert_k_l2norm_rows_fwd(const float *x, float *y, float *norm,
+                                                   long long rows, long long cols) {
+  moert_l2norm_rows_fwd_impl<0>(x, y, norm, rows, cols);
+}
+
 // dx = dy / n - x <dy, x> / n^3 (dy / 1e-12 where the norm was floored).
-extern "C" __global__ void moert_k_l2norm_rows_bwd(const float *x, const float *norm,
-                                                   const float *dy, float *dx, long long rows,
-                                                   long long cols) {
+template <int D>
+__device__ __forceinline__ void moert_l2norm_rows_bwd_impl(const float *x, const float *norm,
+                                                           const float *dy, float *dx,
+                                                           long long rows, long long cols_arg) {
+  typedef moert_row<D> R;
+  if constexpr (R::CACHE) {
+    if (blockDim.x != R::G) {
+      moert_l2norm_rows_bwd_impl<0>(x, norm, dy, dx, rows, cols_arg);
+      return;
+    }
+  }
+  const long long cols = D > 0 ? D : cols_arg;
   __shared__ double sh[MOERT_MAX_ROWS * MOERT_MAX_WARPS];
   for (long long base = (long long)blockIdx.x * blockDim.y; base < rows;
        base += (long long)gridDim.x * blockDim.y) {
     long long r = base + threadIdx.y;
     bool live = r < rows; // every thread iterates alike: group sums synchronize
     const float *xr = x + r * cols, *dyr = dy + r * cols;
+    float xv[R::PER], dyv[R::PER]; // CACHE: this thread's elements of x, dy
     double dot = 0.0;
     if (live)
-      for (long long i = threadIdx.x; i < cols; i += blockDim.x) dot += (double)dyr[i] * xr[i];
+      moert_row_each<D>(cols, [&](int q, long long i) {
+        float a = xr[i], d = dyr[i];
+        if constexpr (R::CACHE) xv[q] = a, dyv[q] = d;
+        dot += (double)d * a;
+      });
     dot = moert_group_sum_d(dot, sh);
     if (live) {
       float *dxr = dx + r * cols;
       double n = norm[r];
       if (!(n > MOERT_L2_FLOOR)) {
-        for (long long i = threadIdx.x; i < cols; i += blockDim.x)
-          dxr[i] = (float)(dyr[i] / MOERT_L2_FLOOR);
+        moert_row_each<D>(cols, [&](int q, long long i) {
+          dxr[i] = (float)((R::CACHE ? dyv[q] : dyr[i]) / MOERT_L2_FLOOR);
+        });
       } else {
         double inv = 1.0 / n, k = dot / (n * n * n);
-        for (long long i = threadIdx.x; i < cols; i += blockDim.x)
-          dxr[i] = (float)(dyr[i] * inv - xr[i] * k);
+        moert_row_each<D>(cols, [&](int q, long long i) {
+          float a, d;
+          if constexpr (R::CACHE) a = xv[q], d = dyv[q];
+          else a = xr[i], d = dyr[i];
+          dxr[i] = (float)(d * inv - a * k);
+        });
       }
     }
   }
+}
+
+extern "C" __global__ void moert_k_l2norm_rows_bwd(const float *x, const float *norm,
+                                                   const float *dy, float *dx, long long rows,
+                                                   long long cols) {
+  moert_l2norm_rows_bwd_impl<0>(x, norm, dy, dx, rows, cols);
 }
 
 // Partials of the column sums of x^2 (l2norm_cols_fwd) or of dy x

@@ -4,7 +4,11 @@
  * kernel the backend looks up is in the cubin; then each template file alone
  * after common.cuh; then a broken source must fail with NVRTC's first lines
  * in the message and the whole log in a file whose path the message names.
- * Skips (exit 77) where libnvrtc cannot be loaded. */
+ * Skips (exit 77) where libnvrtc cannot be loaded.
+ *
+ * test_nvrtc FILE...: each FILE is a kernels.cu that `moec emit --cuda`
+ * printed; each must compile for sm_90 with every generic kernel and every
+ * specialization it defines (moert_k_<op>__<key>) in the cubin. */
 #include "backend.h"
 
 #include <stdio.h>
@@ -75,11 +79,62 @@ static void broken_source(void) {
   rmdir(dir);
 }
 
-int main(void) {
+/* The whole of file path; NULL (after a message) when it cannot be read. */
+static char *slurp(const char *path) {
+  FILE *f = fopen(path, "rb");
+  if (!f) {
+    perror(path);
+    return NULL;
+  }
+  size_t cap = 1 << 16, n = 0;
+  char *buf = malloc(cap);
+  for (size_t k; buf && (k = fread(buf + n, 1, cap - n - 1, f)) > 0;) {
+    n += k;
+    if (n + 1 == cap) {
+      char *bigger = realloc(buf, cap *= 2);
+      if (!bigger) free(buf);
+      buf = bigger;
+    }
+  }
+  if (!buf || ferror(f)) {
+    fprintf(stderr, "%s: cannot read\n", path);
+    free(buf);
+    buf = NULL;
+  } else {
+    buf[n] = 0;
+  }
+  fclose(f);
+  return buf;
+}
+
+static void compile_file(const char *path) {
+  char *src = slurp(path);
+  if (!src) {
+    failures++;
+    return;
+  }
+  moert_status st = {0};
+  int nspec = 0;
+  double t0 = now();
+  if (moert_cuda_compile_check_source(src, "sm_90", &nspec, &st)) {
+    printf("ok   %s sm_90 %.2f s, %d specialized kernels\n", path, now() - t0, nspec);
+  } else {
+    printf("FAIL %s sm_90\n%s\n  at %s\n", path, st.msg, st.trace);
+    failures++;
+  }
+  free(src);
+}
+
+int main(int argc, char **argv) {
   if (!moert_nvrtc_available()) {
     printf("SKIP: libnvrtc (libnvrtc.so.13 or .12) could not be loaded; the kernel templates "
            "were not compiled\n");
     return 77;
+  }
+  if (argc > 1) {
+    for (int i = 1; i < argc; i++) compile_file(argv[i]);
+    printf("%s\n", failures ? "FAILED" : "every kernels.cu compiles");
+    return failures ? 1 : 0;
   }
   int n = moert_cuda_template_count();
   printf("%d templates:", n);

@@ -13,9 +13,16 @@
  * recompiled with a warning, an unwritable directory is only warned about;
  * and a failing op is reported by the next download.
  *
+ * test_ops_gpu KERNELS_CU: the specialized kernels instead. The backend
+ * compiles KERNELS_CU, the kernels.cu `moec emit --cuda` printed for
+ * tests/gpu/spec_ops.moe, and the ops with that spec's dims (the rows
+ * varying) run on it against the cpu, aligned and not; every
+ * specialization the file defines must have been launched.
+ *
  * Skips (exit 77) where no GPU is found. MOEC_TEST_SEED sets the seed. */
 #include "backend.h"
 
+#include <ctype.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -995,7 +1002,7 @@ static bool create_captured(const char *dir, char *err, size_t cap, moert_status
   fflush(stderr);
   int saved = dup(2);
   dup2(fd, 2);
-  bool ok = moert_backend_cuda_create(&gpu, 0, dir, true, st);
+  bool ok = moert_backend_cuda_create(&gpu, 0, dir, true, NULL, st);
   fflush(stderr);
   dup2(saved, 2);
   close(saved);
@@ -1052,7 +1059,7 @@ static void t_cache(void) {
   snprintf(sub, sizeof sub, "%s/nested/dir", dir); /* created on demand */
   cache_case("a fresh directory misses", sub, false, NULL);
   moert_status st = {0};
-  if (moert_backend_cuda_create(&gpu, 0, sub, true, &st)) {
+  if (moert_backend_cuda_create(&gpu, 0, sub, true, NULL, &st)) {
     snprintf(path, sizeof path, "%s", moert_backend_cuda_cache_path(gpu));
     moert_backend_cuda_destroy(gpu);
   }
@@ -1088,7 +1095,96 @@ static void t_cache(void) {
   rmdir(dir);
 }
 
-int main(void) {
+/* The ops that tests/gpu/spec_ops.moe specializes, at its dims: dim 100, a
+ * vocabulary of 300, the cosine projection's 256, (E, k) of its MoE layers. */
+static void run_specialized(void) {
+  static const int64_t rows[] = {1, 37, 300};
+  static const int64_t ek[][2] = {{13, 3}, {64, 2}, {600, 4}};
+  for (int i = 0; i < 3; i++) {
+    int64_t r = rows[i];
+    t_layernorm(r, 100);
+    t_rmsnorm(r, 100);
+    t_l2norm_rows(r, 256, false);
+    t_xent(r, 300, true);
+    t_xent(r, 300, false);
+    for (int j = 0; j < 3; j++) {
+      int64_t E = ek[j][0], K = ek[j][1];
+      t_gate_topk(r, E, K, false, false);
+      t_gate_topk(r, E, K, true, false);
+      t_gate_topk(r, E, K, false, true);
+      t_gate_normalize(r, K, true);
+      t_gate_normalize(r, K, false);
+      t_gate_locations(r, E, K, false);
+      t_gate_locations(r, E, K, true);
+      t_gate_stats(r, E, K);
+      t_gate_scores_bwd(r, E, K, true, true);
+      t_gate_scores_bwd(r, E, K, false, true);
+      t_softmax_bwd(r, E);
+    }
+  }
+  t_l2norm_rows(9, 256, true);
+}
+
+/* The specializations src defines (moert_k_<op>__<key>). */
+static int count_specialized(const char *src) {
+  static const char pat[] = "__global__ void moert_k_";
+  int n = 0;
+  for (const char *p = strstr(src, pat); p; p = strstr(p, pat)) {
+    p += sizeof pat - 1;
+    const char *e = p;
+    while (*e == '_' || isalnum((unsigned char)*e)) e++;
+    for (const char *q = p; q + 1 < e; q++)
+      if (q[0] == '_' && q[1] == '_') {
+        n++;
+        break;
+      }
+    p = e;
+  }
+  return n;
+}
+
+static int specialized_main(const char *path) {
+  FILE *f = fopen(path, "rb");
+  char *src = NULL;
+  long n = -1;
+  if (f && fseek(f, 0, SEEK_END) == 0 && (n = ftell(f)) > 0 && fseek(f, 0, SEEK_SET) == 0 &&
+      (src = malloc((size_t)n + 1)) && fread(src, 1, (size_t)n, f) == (size_t)n) {
+    src[n] = 0;
+  } else {
+    printf("FATAL: cannot read %s\n", path);
+    return 1;
+  }
+  fclose(f);
+  char dir[] = "/tmp/moec-kcache-XXXXXX";
+  if (!mkdtemp(dir)) {
+    perror("mkdtemp");
+    return 1;
+  }
+  moert_status st = {0};
+  if (!moert_backend_cuda_create(&gpu, 0, dir, true, src, &st)) die("moert_backend_cuda_create", &st);
+  for (int pass = 0; pass < 2; pass++) {
+    misalign = pass == 1;
+    run_specialized();
+  }
+  int want = count_specialized(src), got = moert_backend_cuda_specialized(gpu);
+  checks++;
+  if (got != want || want == 0) {
+    printf("FAIL the ops launched %d of the %d specialized kernels of %s\n", got, want, path);
+    failures++;
+  } else {
+    printf("ok   the ops launched all %d specialized kernels of %s\n", got, path);
+  }
+  char cache[4200];
+  snprintf(cache, sizeof cache, "%s", moert_backend_cuda_cache_path(gpu));
+  moert_backend_cuda_destroy(gpu);
+  unlink(cache);
+  rmdir(dir);
+  free(src);
+  printf("%d checks, %d failed\n", checks, failures);
+  return failures ? 1 : 0;
+}
+
+int main(int argc, char **argv) {
   if (!moert_cuda_available()) {
     printf("SKIP: no CUDA GPU here (libcuda.so.1 did not load, or it sees no device): the cuda "
            "backend's op tests need one\n");
@@ -1098,13 +1194,14 @@ int main(void) {
   rng_state = seed ? strtoull(seed, NULL, 0) : 20240611;
   printf("seed %llu (MOEC_TEST_SEED)\n", (unsigned long long)rng_state);
   cpu = moert_backend_cpu();
+  if (argc > 1) return specialized_main(argv[1]);
   char dir[] = "/tmp/moec-kcache-XXXXXX";
   if (!mkdtemp(dir)) {
     perror("mkdtemp");
     return 1;
   }
   moert_status st = {0};
-  if (!moert_backend_cuda_create(&gpu, 0, dir, true, &st)) die("moert_backend_cuda_create", &st);
+  if (!moert_backend_cuda_create(&gpu, 0, dir, true, NULL, &st)) die("moert_backend_cuda_create", &st);
   for (int pass = 0; pass < 2; pass++) {
     misalign = pass == 1;
     run_all();

@@ -912,7 +912,7 @@ int main(int argc, char **argv) {
       moert_comm_mpi_finalize(c);
       return 77;
     }
-    TRY(moert_backend_cuda_create(&gpu, shared ? 0 : c->local_rank, NULL, true, &g_st));
+    TRY(moert_backend_cuda_create(&gpu, shared ? 0 : c->local_rank, NULL, true, NULL, &g_st));
     if (shared) {
       int rc = nccl_shared(c, gpu);
       moert_backend_cuda_destroy(gpu);
