@@ -254,7 +254,7 @@ MOERT_CHECK_GEN(cublas_check, cublasStatus_t, CUBLAS_STATUS_SUCCESS, cublas_errs
 
 /* Every kernel of templates/, by its name after moert_k_. */
 #define KERNELS(X)                                                                               \
-  X(colsum_add) X(reduce_sum) X(act_fwd_relu) X(act_fwd_gelu) X(act_fwd_silu) X(act_bwd_relu)    \
+  X(colsum_add) X(reduce_sum) X(act_fwd_relu) X(act_fwd_gelu) X(act_fwd_silu) X(act_fwd_tanh) X(act_bwd_tanh) X(act_bwd_relu)    \
   X(act_bwd_gelu) X(act_bwd_silu) X(swiglu_fwd) X(swiglu_bwd) X(layernorm_fwd)                   \
   X(layernorm_bwd_dx) X(layernorm_bwd_part) X(rmsnorm_fwd) X(rmsnorm_bwd_dx)                     \
   X(rmsnorm_bwd_part) X(l2norm_rows_fwd) X(l2norm_rows_bwd) X(l2norm_cols_part)                  \
@@ -630,14 +630,14 @@ static void cuda_bias_grad(float *dbias, const float *dy, int64_t rows, int64_t 
 static void cuda_act_fwd(moert_act act, const float *h, float *a, int64_t n) {
   if (n <= 0) return;
   int k = act == MOERT_ACT_RELU ? K_act_fwd_relu : act == MOERT_ACT_GELU ? K_act_fwd_gelu
-                                                                         : K_act_fwd_silu;
+                                  : act == MOERT_ACT_TANH ? K_act_fwd_tanh : K_act_fwd_silu;
   launch(k, grid_for(n, 1024), 1, 256, 1, ARGS(&h, &a, &n));
 }
 
 static void cuda_act_bwd(moert_act act, const float *h, const float *da, float *dh, int64_t n) {
   if (n <= 0) return;
   int k = act == MOERT_ACT_RELU ? K_act_bwd_relu : act == MOERT_ACT_GELU ? K_act_bwd_gelu
-                                                                         : K_act_bwd_silu;
+                                  : act == MOERT_ACT_TANH ? K_act_bwd_tanh : K_act_bwd_silu;
   launch(k, grid_for(n, 1024), 1, 256, 1, ARGS(&h, &da, &dh, &n));
 }
 

@@ -225,6 +225,7 @@ void moert_cpu_act_fwd(moert_act act, const float *h, float *a, int64_t n) {
     case MOERT_ACT_GELU: a[i] = (float)gelu(x); break;
     case MOERT_ACT_SILU:
     case MOERT_ACT_SWIGLU: a[i] = (float)silu(x); break;
+    case MOERT_ACT_TANH: a[i] = (float)tanh(x); break;
     }
   }
 }
@@ -238,6 +239,7 @@ void moert_cpu_act_bwd(moert_act act, const float *h, const float *da, float *dh
     case MOERT_ACT_GELU: dh[i] = (float)(da[i] * gelu_grad(x)); break;
     case MOERT_ACT_SILU:
     case MOERT_ACT_SWIGLU: dh[i] = (float)(da[i] * silu_grad(x)); break;
+    case MOERT_ACT_TANH: dh[i] = (float)(da[i] * (1 - tanh(x) * tanh(x))); break;
     }
   }
 }

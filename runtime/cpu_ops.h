@@ -19,7 +19,9 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-typedef enum { MOERT_ACT_RELU, MOERT_ACT_GELU, MOERT_ACT_SILU, MOERT_ACT_SWIGLU } moert_act;
+/* tanh: not a layer's activation (the language has none); the synthetic
+ * regression data's teacher, computed on a device (data.h). */
+typedef enum { MOERT_ACT_RELU, MOERT_ACT_GELU, MOERT_ACT_SILU, MOERT_ACT_SWIGLU, MOERT_ACT_TANH } moert_act;
 
 /* --- dense --- */
 
@@ -38,7 +40,7 @@ void moert_cpu_bias_add(float *y, const float *bias, int64_t rows, int64_t cols)
 /* Accumulates dbias[c] += sum_r dy[r, c]. */
 void moert_cpu_bias_grad(float *dbias, const float *dy, int64_t rows, int64_t cols);
 
-/* a = act(h) elementwise, act in relu, gelu (tanh form), silu; n elements. */
+/* a = act(h) elementwise, act in relu, gelu (tanh form), silu, tanh; n elements. */
 void moert_cpu_act_fwd(moert_act act, const float *h, float *a, int64_t n);
 /* dh = da * act'(h). */
 void moert_cpu_act_bwd(moert_act act, const float *h, const float *da, float *dh, int64_t n);

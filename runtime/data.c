@@ -147,12 +147,23 @@ void moert_data_tokens(const moert_data *d, int64_t step, bool eval, int64_t fir
   }
 }
 
-void moert_data_regression(const moert_data *d, int64_t step, bool eval, int64_t first, int64_t n,
-                           float *x, float *y) {
-  int64_t m = d->dim, h = 4 * m;
+void moert_data_inputs(const moert_data *d, int64_t step, bool eval, int64_t first, int64_t n, float *x) {
+  int64_t m = d->dim;
   uint64_t pos = eval ? 0 : (uint64_t)(step - 1) * (uint64_t)d->global;
   moert_fill_normal(x, n * m, d->seed, eval ? STREAM_EVAL_X : STREAM_X,
                     (pos + (uint64_t)first) * (uint64_t)m, 0.0f, 1.0f);
+}
+
+void moert_data_teacher(const moert_data *d, const float **w1, const float **w2, int64_t *hidden) {
+  *w1 = d->w1;
+  *w2 = d->w2;
+  *hidden = 4 * d->dim;
+}
+
+void moert_data_regression(const moert_data *d, int64_t step, bool eval, int64_t first, int64_t n,
+                           float *x, float *y) {
+  int64_t m = d->dim, h = 4 * m;
+  moert_data_inputs(d, step, eval, first, n, x);
   for (int64_t r = 0; r < n; r += TEACHER_CHUNK) {
     int64_t rows = n - r < TEACHER_CHUNK ? n - r : TEACHER_CHUNK;
     moert_cpu_gemm(false, false, rows, h, m, 1.0f, x + r * m, m, d->w1, h, 0.0f, d->hidden, h);

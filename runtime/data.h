@@ -33,6 +33,11 @@ void moert_data_tokens(const moert_data *d, int64_t step, bool eval, int64_t fir
 /* Inputs and teacher targets of a vocab-free model, [n, dim] each. */
 void moert_data_regression(const moert_data *d, int64_t step, bool eval, int64_t first, int64_t n,
                            float *x, float *y);
+/* The same inputs alone, and the teacher that makes the targets from them
+ * (w1 [dim, hidden], w2 [hidden, dim], hidden = 4 dim; NULL for a vocab
+ * model): y = tanh(x w1) w2, so a device can compute the targets itself. */
+void moert_data_inputs(const moert_data *d, int64_t step, bool eval, int64_t first, int64_t n, float *x);
+void moert_data_teacher(const moert_data *d, const float **w1, const float **w2, int64_t *hidden);
 /* Bytes of the file (NULL for synthetic) and their count: for sampling text. */
 const unsigned char *moert_data_bytes(const moert_data *d, int64_t *n);
 

@@ -609,6 +609,7 @@ int moert_main(const moert_model *m, int argc, char **argv) {
     goto out;
   }
   if (!moert_exec_create(&e, m, plan, b, comm, training, (uint64_t)o.seed, &st)) goto out;
+  if (!moert_exec_use_data(e, data, &st)) goto out;
   e->total_steps = o.steps;
   e->pick = moert_selector_pick;
   e->pick_ctx = sel;

@@ -47,6 +47,11 @@ typedef struct moert_exec {
    * from the fp32 masters at the start of every forward), else fp32. */
   moert_dt xdt;
   void *wlow;
+  /* On a device, the synthetic regression data's teacher (moert_exec_use_data):
+   * its weights and a scratch of teacher_rows rows; NULL: targets come from
+   * the host. */
+  float *teacher_w1, *teacher_w2, *teacher_h;
+  int64_t teacher_rows, teacher_hidden;
   int32_t *iact;
   float *input;       /* [T, M] model input (regression) */
   float *dcur, *dnext;/* [T, M] gradient of the current layer's output / input */
@@ -95,6 +100,10 @@ bool moert_exec_oom(const moert_plan *plan, bool training, const char *device, d
 bool moert_exec_create(moert_exec **out, const moert_model *m, moert_plan *plan, moert_backend *b,
                        moert_comm *comm, bool training, uint64_t seed, moert_status *st);
 void moert_exec_destroy(moert_exec *e);
+/* Before the first step: on a device backend, a regression model's targets
+ * are computed there (the teacher's weights uploaded once) rather than on the
+ * host, whose GEMMs would take far longer than the step. Nothing elsewhere. */
+bool moert_exec_use_data(moert_exec *e, const moert_data *d, moert_status *st);
 
 /* One training step on the batch of `step` (1-based): forward, loss,
  * backward, gradient norm and clipping, optimizer update. */

@@ -187,7 +187,26 @@ void moert_exec_destroy(moert_exec *e) {
   free(e->load);
   free(e->variant);
   free(e->layer_ms);
+  b->free(b, e->teacher_w1);
+  b->free(b, e->teacher_w2);
+  b->free(b, e->teacher_h);
   free(e);
+}
+
+bool moert_exec_use_data(moert_exec *e, const moert_data *d, moert_status *st) {
+  moert_backend *b = e->b;
+  const float *w1, *w2;
+  int64_t H;
+  moert_data_teacher(d, &w1, &w2, &H);
+  if (b == moert_backend_cpu() || e->m->vocab || !w1 || e->teacher_w1) return true;
+  int64_t M = e->m->dim;
+  e->teacher_rows = e->plan->tokens < 4096 ? e->plan->tokens : 4096;
+  size_t wb = sizeof(float) * (size_t)(M * H);
+  bool ok = b->alloc(b, wb, (void **)&e->teacher_w1, st) && b->alloc(b, wb, (void **)&e->teacher_w2, st) &&
+            b->alloc(b, sizeof(float) * (size_t)(e->teacher_rows * H), (void **)&e->teacher_h, st) &&
+            b->upload(b, e->teacher_w1, w1, wb, st) && b->upload(b, e->teacher_w2, w2, wb, st);
+  e->teacher_hidden = H;
+  return ok || MOERT_UP(st);
 }
 
 double moert_lr_at(const moert_train *t, int64_t step, int64_t steps) {
@@ -401,9 +420,23 @@ static bool load_batch(moert_exec *e, moert_data *d, int64_t step, bool eval, mo
     free(y);
     return MOERT_FAIL(st, "out of memory");
   }
-  moert_data_regression(d, step, eval, first, T, x, y);
-  bool ok = b->upload(b, e->input, x, sizeof(float) * (size_t)n, st) &&
-            b->upload(b, F(e, m->nlayers - 1, TARGET), y, sizeof(float) * (size_t)n, st);
+  bool ok;
+  if (e->teacher_w1) { /* the targets on the device: tanh(x w1) w2, a chunk of rows at a time */
+    moert_data_inputs(d, step, eval, first, T, x);
+    ok = b->upload(b, e->input, x, sizeof(float) * (size_t)n, st);
+    float *y_dev = F(e, m->nlayers - 1, TARGET);
+    int64_t H = e->teacher_hidden, M = m->dim;
+    for (int64_t r = 0; ok && r < T; r += e->teacher_rows) {
+      int64_t rows = T - r < e->teacher_rows ? T - r : e->teacher_rows;
+      b->gemm(false, false, rows, H, M, 1, e->input + r * M, M, e->teacher_w1, H, 0, e->teacher_h, H);
+      b->act_fwd(MOERT_ACT_TANH, e->teacher_h, e->teacher_h, rows * H);
+      b->gemm(false, false, rows, M, H, 1, e->teacher_h, H, e->teacher_w2, M, 0, y_dev + r * M, M);
+    }
+  } else {
+    moert_data_regression(d, step, eval, first, T, x, y);
+    ok = b->upload(b, e->input, x, sizeof(float) * (size_t)n, st) &&
+         b->upload(b, F(e, m->nlayers - 1, TARGET), y, sizeof(float) * (size_t)n, st);
+  }
   free(x);
   free(y);
   return ok ? true : MOERT_UP(st);

@@ -58,6 +58,13 @@ extern "C" __global__ void moert_k_act_fwd_gelu(const float *h, float *a, long l
 extern "C" __global__ void moert_k_act_fwd_silu(const float *h, float *a, long long n) {
   moert_act_fwd<MOERT_SILU>(h, a, n);
 }
+extern "C" __global__ void moert_k_act_fwd_tanh(const float *h, float *a, long long n) {
+  moert_act_fwd<MOERT_TANH>(h, a, n);
+}
+extern "C" __global__ void moert_k_act_bwd_tanh(const float *h, const float *da, float *dh,
+                                                long long n) {
+  moert_act_bwd<MOERT_TANH>(h, da, dh, n);
+}
 extern "C" __global__ void moert_k_act_bwd_relu(const float *h, const float *da, float *dh,
                                                 long long n) {
   moert_act_bwd<MOERT_RELU>(h, da, dh, n);

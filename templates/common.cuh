@@ -143,7 +143,7 @@ __device__ __forceinline__ long long moert_gstride() {
 #define MOERT_GELU_K 0.7978845608028654f // sqrt(2/pi)
 #define MOERT_GELU_C 0.044715f
 
-enum { MOERT_RELU = 0, MOERT_GELU = 1, MOERT_SILU = 2 };
+enum { MOERT_RELU = 0, MOERT_GELU = 1, MOERT_SILU = 2, MOERT_TANH = 4 };
 
 // sigmoid(z) and sigmoid(-z) = 1 - sigmoid(z), each without cancellation.
 __device__ __forceinline__ void moert_sigmoid2(float z, float *s, float *sm) {
@@ -154,6 +154,7 @@ __device__ __forceinline__ void moert_sigmoid2(float z, float *s, float *sm) {
 
 template <int A> __device__ __forceinline__ float moert_act(float x) {
   if (A == MOERT_RELU) return x > 0.0f ? x : 0.0f;
+  if (A == MOERT_TANH) return tanhf(x);
   float s, sm;
   if (A == MOERT_GELU) { // 0.5 x (1 + tanh(u)) = x sigmoid(2u)
     moert_sigmoid2(2.0f * MOERT_GELU_K * (x + MOERT_GELU_C * x * x * x), &s, &sm);
@@ -166,6 +167,10 @@ template <int A> __device__ __forceinline__ float moert_act(float x) {
 // da * act'(x).
 template <int A> __device__ __forceinline__ float moert_act_grad(float x, float da) {
   if (A == MOERT_RELU) return x > 0.0f ? da : 0.0f;
+  if (A == MOERT_TANH) {
+    float t = tanhf(x);
+    return da * (1.0f - t * t);
+  }
   float s, sm;
   if (A == MOERT_GELU) { // 0.5 (1 + t) + 0.5 x (1 - t^2) K (1 + 3 C x^2), t = tanh(u)
     moert_sigmoid2(2.0f * MOERT_GELU_K * (x + MOERT_GELU_C * x * x * x), &s, &sm);
