@@ -51,6 +51,10 @@ struct moert_backend {
   /* loc[i] >= keep becomes INT32_MAX: those claims are dropped whatever the
    * padded capacity the buffers use. */
   void (*drop_beyond)(int32_t *loc, int64_t n, int64_t keep);
+  /* out[i] = mean + std N(0, 1) of (seed, stream, first + i): rng.h's
+   * moert_fill_normal, drawn where the data lives (inputs, gate noise) */
+  void (*fill_normal)(float *out, int64_t n, uint64_t seed, uint64_t stream, uint64_t first, float mean,
+                      float std);
   /* copy_blocks over elements of type dt (offsets and strides in elements) */
   void (*copy_blocks_t)(moert_dt dt, void *dst, int64_t dst_stride, const void *src,
                         int64_t src_stride, int64_t nblocks, int64_t block, bool add);

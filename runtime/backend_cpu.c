@@ -1,5 +1,6 @@
 /* backend_cpu.c — the cpu backend: host memory and cpu_ops.c. */
 #include "backend.h"
+#include "rng.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -114,6 +115,7 @@ static moert_backend cpu_backend = {
     .copy_blocks = cpu_copy_blocks,
     .drop_beyond = cpu_drop_beyond,
     .copy_blocks_t = cpu_copy_blocks_t,
+    .fill_normal = moert_fill_normal,
 #define X(op) .op = moert_cpu_##op,
     MOERT_BACKEND_OPS(X)
     MOERT_BACKEND_TYPED_OPS(X)

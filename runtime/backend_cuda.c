@@ -267,7 +267,7 @@ MOERT_CHECK_GEN(cublas_check, cublasStatus_t, CUBLAS_STATUS_SUCCESS, cublas_errs
   X(combine_bf16) X(combine_bwd_bf16) X(act_fwd_relu_bf16) X(act_fwd_gelu_bf16)                  \
   X(act_fwd_silu_bf16) X(act_bwd_relu_bf16) X(act_bwd_gelu_bf16) X(act_bwd_silu_bf16)           \
   X(swiglu_fwd_bf16) X(swiglu_bwd_bf16) X(bias_add_bf16) X(bias_grad_part_bf16)                  \
-  X(copy_blocks_bf16)
+  X(copy_blocks_bf16) X(fill_normal)
 
 enum {
 #define X(k) K_##k,
@@ -911,6 +911,13 @@ static void cuda_convert(void *dst, moert_dt dt, const void *src, moert_dt st, i
   launch(dt == MOERT_BF16 ? K_cvt_f2bf : K_cvt_bf2f, grid_for(n, 1024), 1, 256, 1, ARGS(&dst, &src, &n));
 }
 
+static void cuda_fill_normal(float *out, int64_t n, uint64_t seed, uint64_t stream, uint64_t first, float mean,
+                             float std) {
+  if (n <= 0) return;
+  watch(out, sizeof(float) * (size_t)n);
+  launch(K_fill_normal, grid_for(n, 1024), 1, 256, 1, ARGS(&out, &n, &seed, &stream, &first, &mean, &std));
+}
+
 static cudaDataType cuda_type(moert_dt t) { return t == MOERT_BF16 ? CUDA_R_16BF : CUDA_R_32F; }
 
 static void cuda_bias_add_t(moert_dt dt, void *y, const void *bias, int64_t count, int64_t rows,
@@ -1523,6 +1530,7 @@ bool moert_backend_cuda_create(moert_backend **out, int device, const char *cach
       .copy_blocks = cuda_copy_blocks,
       .drop_beyond = cuda_drop_beyond,
       .copy_blocks_t = cuda_copy_blocks_t,
+      .fill_normal = cuda_fill_normal,
       .bf16 = true,
 #define X(op) .op = cuda_##op,
       MOERT_BACKEND_OPS(X)

@@ -147,11 +147,18 @@ void moert_data_tokens(const moert_data *d, int64_t step, bool eval, int64_t fir
   }
 }
 
-void moert_data_inputs(const moert_data *d, int64_t step, bool eval, int64_t first, int64_t n, float *x) {
-  int64_t m = d->dim;
+void moert_data_inputs_key(const moert_data *d, int64_t step, bool eval, int64_t first, uint64_t *seed,
+                           uint64_t *stream, uint64_t *index) {
   uint64_t pos = eval ? 0 : (uint64_t)(step - 1) * (uint64_t)d->global;
-  moert_fill_normal(x, n * m, d->seed, eval ? STREAM_EVAL_X : STREAM_X,
-                    (pos + (uint64_t)first) * (uint64_t)m, 0.0f, 1.0f);
+  *seed = d->seed;
+  *stream = eval ? STREAM_EVAL_X : STREAM_X;
+  *index = (pos + (uint64_t)first) * (uint64_t)d->dim;
+}
+
+void moert_data_inputs(const moert_data *d, int64_t step, bool eval, int64_t first, int64_t n, float *x) {
+  uint64_t seed, stream, index;
+  moert_data_inputs_key(d, step, eval, first, &seed, &stream, &index);
+  moert_fill_normal(x, n * d->dim, seed, stream, index, 0.0f, 1.0f);
 }
 
 void moert_data_teacher(const moert_data *d, const float **w1, const float **w2, int64_t *hidden) {

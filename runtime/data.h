@@ -37,6 +37,10 @@ void moert_data_regression(const moert_data *d, int64_t step, bool eval, int64_t
  * (w1 [dim, hidden], w2 [hidden, dim], hidden = 4 dim; NULL for a vocab
  * model): y = tanh(x w1) w2, so a device can compute the targets itself. */
 void moert_data_inputs(const moert_data *d, int64_t step, bool eval, int64_t first, int64_t n, float *x);
+/* Where those inputs come from: x[i] = N(0, 1) of rng.h's (seed, stream,
+ * index + i), so a device can draw them itself (backend fill_normal). */
+void moert_data_inputs_key(const moert_data *d, int64_t step, bool eval, int64_t first, uint64_t *seed,
+                           uint64_t *stream, uint64_t *index);
 void moert_data_teacher(const moert_data *d, const float **w1, const float **w2, int64_t *hidden);
 /* Bytes of the file (NULL for synthetic) and their count: for sampling text. */
 const unsigned char *moert_data_bytes(const moert_data *d, int64_t *n);

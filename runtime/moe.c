@@ -582,16 +582,10 @@ static bool gate_fwd(moert_exec *e, int li, const moert_layer *l, const layer_ge
   if (l->gate_noise > 0 && e->training && step > 0) {
     /* Tutel: logits + gate_noise * N(0, 1) / E, keyed by the token's global
      * position (the same at every world size) */
-    int64_t n = T * E;
-    float *host = malloc(sizeof(float) * (size_t)n);
-    if (!host) return MOERT_FAIL(st, "out of memory");
     uint64_t first = ((uint64_t)(step - 1) * (uint64_t)e->comm->world + (uint64_t)e->comm->rank) *
                      (uint64_t)e->plan->tokens * (uint64_t)E;
-    moert_fill_normal(host, n, e->seed, STREAM_NOISE + (uint64_t)l->moe_index, first, 0.0f,
-                      (float)(l->gate_noise / (double)E));
-    bool ok = b->upload(b, F(e, li, NOISE), host, sizeof(float) * (size_t)n, st);
-    free(host);
-    if (!ok) return MOERT_UP(st);
+    b->fill_normal(F(e, li, NOISE), T * E, e->seed, STREAM_NOISE + (uint64_t)l->moe_index, first, 0.0f,
+                   (float)(l->gate_noise / (double)E));
     noise = F(e, li, NOISE);
   }
   b->gate_topk(F(e, li, LOGITS), noise, F(e, li, SCORES), I(e, li, IDX), F(e, li, TOPV), T, E, K);

@@ -414,29 +414,29 @@ static bool load_batch(moert_exec *e, moert_data *d, int64_t step, bool eval, mo
     return ok ? true : MOERT_UP(st);
   }
   int64_t n = T * m->dim;
+  if (e->teacher_w1) { /* inputs and targets on the device: y = tanh(x w1) w2, a chunk of rows at a time */
+    uint64_t seed, stream, index;
+    moert_data_inputs_key(d, step, eval, first, &seed, &stream, &index);
+    b->fill_normal(e->input, n, seed, stream, index, 0.0f, 1.0f);
+    float *y_dev = F(e, m->nlayers - 1, TARGET);
+    int64_t H = e->teacher_hidden, M = m->dim;
+    for (int64_t r = 0; r < T; r += e->teacher_rows) {
+      int64_t rows = T - r < e->teacher_rows ? T - r : e->teacher_rows;
+      b->gemm(false, false, rows, H, M, 1, e->input + r * M, M, e->teacher_w1, H, 0, e->teacher_h, H);
+      b->act_fwd(MOERT_ACT_TANH, e->teacher_h, e->teacher_h, rows * H);
+      b->gemm(false, false, rows, M, H, 1, e->teacher_h, H, e->teacher_w2, M, 0, y_dev + r * M, M);
+    }
+    return true;
+  }
   float *x = malloc(sizeof(float) * (size_t)n), *y = malloc(sizeof(float) * (size_t)n);
   if (!x || !y) {
     free(x);
     free(y);
     return MOERT_FAIL(st, "out of memory");
   }
-  bool ok;
-  if (e->teacher_w1) { /* the targets on the device: tanh(x w1) w2, a chunk of rows at a time */
-    moert_data_inputs(d, step, eval, first, T, x);
-    ok = b->upload(b, e->input, x, sizeof(float) * (size_t)n, st);
-    float *y_dev = F(e, m->nlayers - 1, TARGET);
-    int64_t H = e->teacher_hidden, M = m->dim;
-    for (int64_t r = 0; ok && r < T; r += e->teacher_rows) {
-      int64_t rows = T - r < e->teacher_rows ? T - r : e->teacher_rows;
-      b->gemm(false, false, rows, H, M, 1, e->input + r * M, M, e->teacher_w1, H, 0, e->teacher_h, H);
-      b->act_fwd(MOERT_ACT_TANH, e->teacher_h, e->teacher_h, rows * H);
-      b->gemm(false, false, rows, M, H, 1, e->teacher_h, H, e->teacher_w2, M, 0, y_dev + r * M, M);
-    }
-  } else {
-    moert_data_regression(d, step, eval, first, T, x, y);
-    ok = b->upload(b, e->input, x, sizeof(float) * (size_t)n, st) &&
-         b->upload(b, F(e, m->nlayers - 1, TARGET), y, sizeof(float) * (size_t)n, st);
-  }
+  moert_data_regression(d, step, eval, first, T, x, y);
+  bool ok = b->upload(b, e->input, x, sizeof(float) * (size_t)n, st) &&
+            b->upload(b, F(e, m->nlayers - 1, TARGET), y, sizeof(float) * (size_t)n, st);
   free(x);
   free(y);
   return ok ? true : MOERT_UP(st);

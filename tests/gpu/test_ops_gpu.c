@@ -859,7 +859,18 @@ static void t_dispatch_bf16(int64_t T, int64_t K, int64_t E, int64_t C, int64_t 
   end();
 }
 
+static void t_fill_normal(int64_t n, uint64_t first) {
+  begin("fill_normal n=%lld first=%llu", (long long)n, (unsigned long long)first);
+  fbuf x = garbage(n);
+  cpu->fill_normal(x.h, n, 42, 101, first, 0.5f, 2.0f);
+  gpu->fill_normal(x.d, n, 42, 101, first, 0.5f, 2.0f);
+  check_f("normal draws (Philox, Box-Muller in double)", x, 1e-7);
+  end();
+}
+
 static void run_typed(void) {
+  t_fill_normal(1, 0);
+  t_fill_normal(100003, 0xfffffff0ull); /* the counter's low word wraps */
   t_convert(1);
   t_convert(100003);
   t_gemm_bf16(false, false, 64, 96, 128, 3, false, true, 0);
