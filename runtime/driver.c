@@ -341,7 +341,9 @@ static void write_metrics(FILE *f, const moert_model *m, const moert_exec *e, in
     json_num(f, layer_ms[i]);
     first = false;
   }
-  fprintf(f, "}, \"switch_bytes\": %" PRId64 ", \"switch_allocs\": %" PRId64, x->switch_bytes, x->switch_allocs);
+  fputs("}, \"update_ms\": ", f);
+  json_num(f, s->update_ms);
+  fprintf(f, ", \"switch_bytes\": %" PRId64 ", \"switch_allocs\": %" PRId64, x->switch_bytes, x->switch_allocs);
   if (x->explored) {
     fputs(", \"selector\": {", f);
     first = true;

@@ -21,6 +21,7 @@ typedef struct moert_step_stats {
   double lr;
   double dropped;     /* fraction of routed (token, choice) claims dropped */
   double flops;       /* model FLOPs of the step, all ranks */
+  double update_ms;   /* the optimizer's update (on a device: synchronized at its ends) */
 } moert_step_stats;
 
 /* Chooses the variant of MoE layer li for this step, once its padded

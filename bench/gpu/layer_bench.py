@@ -63,7 +63,9 @@ def cmd_row(a):
     rows = [r for r in rows if "ms" in r and r["step"] > warm]
     if not rows:
         sys.exit(f"{metrics}: no step after the first {warm}")
-    layer = [sum(v for v in r["layer_ms"].values() if v is not None) for r in rows]
+    # forward + backward of the MoE layer, and the optimizer's update (each
+    # synchronized at its ends on a device): what torch_ref.py's layer step does
+    layer = [sum(v for v in r["layer_ms"].values() if v is not None) + r.get("update_ms", 0.0) for r in rows]
     step = [r["ms"] for r in rows]
     p = json.load(open(plan))
     model_flops = p["flops_per_step"]["forward"] + p["flops_per_step"]["backward"]
@@ -137,9 +139,9 @@ def cmd_table(a):
     print()
     o = ours[0]
     print(f"moec: median over steps > warm-up ({o['steps']} steps a config) of the MoE layer's time "
-          "(forward + backward, from the metrics' layer_ms: the device synchronized at the layer's ends); "
-          "step ms is the whole step, which includes the regression data made on the host (the teacher "
-          "MLP's GEMMs on the CPU) and the loss. TFLOP/s = 12 T k M H (18 for swiglu) / layer time; "
+          "(forward + backward + SGD update, from the metrics' layer_ms and update_ms: the device synchronized "
+          "at the ends of each); step ms is the whole step, which also includes the regression data (drawn "
+          "and made by the teacher MLP on the GPU, in fp32) and the loss. TFLOP/s = 12 T k M H (18 for swiglu) / layer time; "
           "PyTorch: bench/gpu/torch_ref.py's plain layer in the same dtype, median of 20 steps.")
     if len(startup) >= 2:
         print()
