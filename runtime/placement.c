@@ -295,6 +295,10 @@ bool moert_plan_create_nodes(const moert_model *m, int world, int rank, int64_t 
       F(OUT, T * M);
       S(DA, T * H);
       S(DH, T * H1);
+      if (m->dtype == MOERT_DT_BF16) { /* bf16 copies, half a float each */
+        S(XB, (T * M + 1) / 2);
+        S(DYB, (T * M + 1) / 2);
+      }
       lp->flops_fwd = 2.0 * T * M * H1 + 2.0 * T * H * M;
       break;
     }

@@ -44,7 +44,8 @@
  * experts; YS, YR: back), gradients, expert outputs. */
 #define MOERT_SBUFS(X)                                                                         \
   X(DX) X(DH) X(DA) X(DLOGITS) X(DSCORES) X(DTOPV) X(DGATE) X(DPROJN) X(DPROJ) X(DSIMN) X(DSIM) \
-  X(DRAW) X(XS) X(XR) X(YS) X(YR) X(EY) X(DSRCY) X(DSRC) X(DEX) X(DEH) X(DEA) X(DGW) X(GT1) X(GT2)
+  X(DRAW) X(XS) X(XR) X(YS) X(YR) X(EY) X(DSRCY) X(DSRC) X(DEX) X(DEH) X(DEA) X(DGW) X(GT1) X(GT2)       \
+  X(XB) X(DYB) /* ffn of a bf16 model: its input and output gradient as bf16, [T, M] */
 
 typedef enum {
 #define X(n) MOERT_F_##n,

@@ -21,6 +21,19 @@
 #define F(e, li, name) ((e)->act + (e)->plan->layers[li].f[MOERT_F_##name])
 #define I(e, li, name) ((e)->iact + (e)->plan->layers[li].i[MOERT_I_##name])
 #define S(e, li, name) ((e)->scratch + (e)->plan->layers[li].s[MOERT_S_##name])
+/* A parameter's bf16 copy (e->wlow; a bf16 expert path) */
+#define PL(e, l, k) ((void *)((uint16_t *)(e)->wlow + (e)->plan->params[(l)->param_first + (k)].offset))
+
+/* One packed GEMM of typed operands (see moert_gemm): C [m, n] = op(A) op(B)
+ * (+ beta C) (+ bias). */
+static void gemm1(moert_backend *b, bool ta, bool tb, int64_t m, int64_t n, int64_t k, moert_dt ab,
+                  const void *a_, const void *b_, float beta, moert_dt ct, void *c, const void *bias) {
+  moert_gemm g = {.trans_a = ta, .trans_b = tb, .m = m, .n = n, .k = k, .count = 1, .alpha = 1, .beta = beta,
+                  .a = a_, .b = b_, .ab_type = ab, .lda = ta ? m : k, .stride_a = m * k, .ldb = tb ? k : n,
+                  .stride_b = k * n, .c = c, .c_type = ct, .ldc = n, .stride_c = m * n, .bias = bias,
+                  .stride_bias = n};
+  b->gemm_ex(&g);
+}
 
 static bool init_params(moert_exec *e, moert_status *st) {
   const moert_model *m = e->m;
@@ -257,6 +270,16 @@ static bool forward(moert_exec *e, int64_t step, bool want_grad, double *loss_su
       break;
     case MOERT_L_FFN: {
       int64_t H = l->hidden, H1 = l->act == MOERT_ACT_SWIGLU ? 2 * H : H;
+      if (e->xdt == MOERT_BF16) { /* bf16 operands, fp32 in and out: x rounded, H and A kept as bf16 */
+        const moert_dt B16 = MOERT_BF16;
+        b->convert(S(e, li, XB), B16, cur, MOERT_F32, T * M);
+        gemm1(b, false, false, T, H1, M, B16, S(e, li, XB), PL(e, l, 0), 0, B16, F(e, li, H), PL(e, l, 1));
+        if (l->act == MOERT_ACT_SWIGLU) b->swiglu_fwd_t(B16, F(e, li, H), F(e, li, A), T, H);
+        else b->act_fwd_t(B16, (moert_act)l->act, F(e, li, H), F(e, li, A), T * H);
+        gemm1(b, false, false, T, M, H, B16, F(e, li, A), PL(e, l, 2), 0, MOERT_F32, F(e, li, OUT), P(e, l, 3));
+        cur = F(e, li, OUT);
+        break;
+      }
       b->gemm(false, false, T, H1, M, 1, cur, M, P(e, l, 0), H1, 0, F(e, li, H), H1);
       b->bias_add(F(e, li, H), P(e, l, 1), T, H1);
       if (l->act == MOERT_ACT_SWIGLU) b->swiglu_fwd(F(e, li, H), F(e, li, A), T, H);
@@ -333,6 +356,21 @@ static bool backward(moert_exec *e, moert_status *st) {
       break;
     case MOERT_L_FFN: {
       int64_t H = l->hidden, H1 = l->act == MOERT_ACT_SWIGLU ? 2 * H : H;
+      if (e->xdt == MOERT_BF16) { /* as the forward: bf16 operands, fp32 gradients out */
+        const moert_dt B16 = MOERT_BF16;
+        b->bias_grad(G(e, l, 3), e->dcur, T, M);
+        b->convert(S(e, li, DYB), B16, e->dcur, MOERT_F32, T * M);
+        gemm1(b, true, false, H, M, T, B16, F(e, li, A), S(e, li, DYB), 1, MOERT_F32, G(e, l, 2), NULL);
+        gemm1(b, false, true, T, H, M, B16, S(e, li, DYB), PL(e, l, 2), 0, B16, S(e, li, DA), NULL);
+        if (l->act == MOERT_ACT_SWIGLU) b->swiglu_bwd_t(B16, F(e, li, H), S(e, li, DA), S(e, li, DH), T, H);
+        else b->act_bwd_t(B16, (moert_act)l->act, F(e, li, H), S(e, li, DA), S(e, li, DH), T * H);
+        b->bias_grad_t(B16, G(e, l, 1), S(e, li, DH), 1, T, H1);
+        b->convert(S(e, li, XB), B16, x, MOERT_F32, T * M);
+        gemm1(b, true, false, M, H1, T, B16, S(e, li, XB), S(e, li, DH), 1, MOERT_F32, G(e, l, 0), NULL);
+        gemm1(b, false, true, T, M, H1, B16, S(e, li, DH), PL(e, l, 0), 0, MOERT_F32, e->dnext, NULL);
+        swap(e);
+        break;
+      }
       b->bias_grad(G(e, l, 3), e->dcur, T, M);
       b->gemm(true, false, H, M, T, 1, F(e, li, A), H, e->dcur, M, 1, G(e, l, 2), M);
       b->gemm(false, true, T, H, M, 1, e->dcur, M, P(e, l, 2), M, 0, S(e, li, DA), H);

@@ -46,6 +46,11 @@ bf16)
   ./tiny --backend cpu --steps 50 --metrics f32.jsonl --quiet || fail "cpu fp32 run"
   close emu.jsonl gpu.jsonl 2e-3 10 5e-2
   close f32.jsonl gpu.jsonl 2e-2 10 1e-1
+  # dense FFNs (gelu, relu) and swiglu experts of a bf16 model
+  "$moec" build "$src/tests/model/bf16_dense.moe" -o dense >/dev/null 2>&1 || fail "moec build bf16_dense"
+  ./dense --backend cuda --kernel-cache kc --metrics dgpu.jsonl --quiet || fail "cuda run (dense)"
+  MOEC_CPU_BF16=1 ./dense --backend cpu --metrics demu.jsonl --quiet || fail "cpu emulation run (dense)"
+  close demu.jsonl dgpu.jsonl 5e-3 10 5e-2
   "$mpiexec" --oversubscribe -np 2 ./tinyb --backend cuda --kernel-cache kc --variant cycle --steps 20 --metrics cycle.jsonl --quiet || fail "cycle"
   first=$(sed -n 's/.*"variants": {"\([^"]*\)": "\([^"]*\)".*/\2/p' cycle.jsonl | head -1)
   "$mpiexec" --oversubscribe -np 2 ./tinyb --backend cuda --kernel-cache kc --variant "$first" --steps 20 --metrics fixed.jsonl --quiet || fail "fixed"

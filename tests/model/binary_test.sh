@@ -26,6 +26,19 @@ build_examples)
   grep -q "C compiler failed" err.txt || fail "no clear message when cc fails: $(cat err.txt)"
   echo "ok: every example builds and runs --help" ;;
 
+bf16_emulated)
+  # a bf16 model's FFN and expert paths in bf16 (the cpu rounding where the GPU
+  # stores bf16): it learns, and follows the fp32 computation within bf16 error
+  "$moec" build "$src/tests/model/bf16_dense.moe" -o dense >/dev/null 2>&1 || fail "moec build"
+  ./dense --quiet --metrics f32.jsonl || fail "fp32 run"
+  MOEC_CPU_BF16=1 ./dense --metrics b16.jsonl > out.txt || fail "bf16 run"
+  grep -q "bf16 experts and dense FFNs" out.txt || fail "the header does not say bf16: $(grep ^backend out.txt)"
+  field loss f32.jsonl > a.txt; field loss b16.jsonl > b.txt
+  paste a.txt b.txt | awk '{ d = $1 - $2; if (d < 0) d = -d; if (d / $1 > w) w = d / $1 } END {
+    printf "worst relative difference %.2e\n", w; exit !(w < 2e-2) }' || fail "bf16 strays from fp32"
+  awk 'NR == 1 { a = $1 } { z = $1 } END { exit !(z < a / 4) }' b.txt || fail "the bf16 model did not learn"
+  echo "ok: bf16 dense and expert paths (emulated) learn and follow fp32" ;;
+
 tiny_learns)
   build tiny
   ./tiny --metrics m.jsonl --quiet || fail "tiny exited $?"
