@@ -378,11 +378,12 @@ enum { MAX_PARTS = 1024 };
 enum { MAX_GRID_X = 1 << 20, MAX_GRID_Y = 65535 };
 
 #ifdef MOERT_HAVE_CUBLASLT
-/* cuBLASLt plans kept (distinct GEMM shapes of a run: a few per layer and
- * variant); beyond them a new shape runs on cuBLAS rather than create
- * descriptors inside a step. The workspace its algorithms may use, allocated
+/* cuBLASLt plans kept (distinct GEMM shapes of a run: six per layer,
+ * variant and capacity); beyond them a new shape runs on cuBLAS rather than
+ * create descriptors inside every step (no eviction: a full table keeps the
+ * shapes seen first). The workspace its algorithms may use, allocated
  * once at create. */
-enum { MAX_LT_PLANS = 64 };
+enum { MAX_LT_PLANS = 256 };
 #define LT_WORKSPACE ((size_t)32 << 20)
 
 /* What a plan depends on: the GEMM's shape, types, epilogue and the
@@ -1219,8 +1220,12 @@ static void blas_gemm_ex(const moert_gemm *g) {
  * GELU(_BIAS), GELU_AUX(_BIAS): D = act(alpha A B + beta C + bias), aux the
  * pre-activation, computed in fp32 and rounded once to D's type (bias and
  * aux of D's type: the default of BIAS_DATA_TYPE and EPILOGUE_AUX_DATA_TYPE
- * for bf16 and fp32 outputs). CUBLAS_COMPUTE_32F: fp32 operands are computed
- * in fp32 (no TF32), bf16 ones accumulated in fp32. */
+ * for bf16 and fp32 outputs). cuBLASLt's GELU is taken to be the tanh form,
+ * as the cpu's (PyTorch's _addmm_activation assumes it too; the header does
+ * not say): it is used for bf16 results only, where even the erf form (at
+ * most 5e-4 away) is below the rounding; fp32 results get the kernel's gelu.
+ * CUBLAS_COMPUTE_32F: fp32 operands are computed in fp32 (no TF32), bf16
+ * ones accumulated in fp32. */
 
 /* The largest power of two, at most 256, dividing the address of every
  * batch's operand. */
@@ -1317,9 +1322,9 @@ static bool lt_plan_make(lt_plan *p, const moert_gemm *g, int epi) {
   return ok;
 }
 
-/* g's plan: found, or made on the first call of its shape; NULL when the
- * table is full (g then runs on cuBLAS). */
-static lt_plan *lt_plan_for(const moert_gemm *g, int epi) {
+/* g's plan, D at d (C's layout): found, or made on the first call of its
+ * shape; NULL when the table is full (g then runs on cuBLAS). */
+static lt_plan *lt_plan_for(const moert_gemm *g, const void *d, int epi) {
   lt_key k;
   memset(&k, 0, sizeof k); /* the padding too: keys compare by memcmp */
   int64_t es = moert_dt_size(g->ab_type), cs = moert_dt_size(g->c_type);
@@ -1330,7 +1335,8 @@ static lt_plan *lt_plan_for(const moert_gemm *g, int epi) {
   k.trans_a = g->trans_a, k.trans_b = g->trans_b, k.ab_type = g->ab_type, k.c_type = g->c_type, k.epilogue = epi;
   k.align_a = align_of(g->a, g->stride_a * es, g->count);
   k.align_b = align_of(g->b, g->stride_b * es, g->count);
-  k.align_c = align_of(g->c, g->stride_c * cs, g->count);
+  int32_t align_c = align_of(g->c, g->stride_c * cs, g->count), align_d = align_of(d, g->stride_c * cs, g->count);
+  k.align_c = align_c < align_d ? align_c : align_d;
   k.align_bias = g->bias ? align_of(g->bias, g->stride_bias * cs, g->count) : 0;
   k.align_aux = g->aux ? align_of(g->aux, g->stride_c * cs, g->count) : 0;
   for (int i = 0; i < G.nplans; i++)
@@ -1343,18 +1349,45 @@ static lt_plan *lt_plan_for(const moert_gemm *g, int epi) {
   return p;
 }
 
-/* g through cuBLASLt; false when it has no plan for g (nothing was run). */
+/* g through cuBLASLt; false when it cannot run g (nothing was run). gelu
+ * into fp32 is split: the GEMM and bias through cuBLASLt into aux (or C),
+ * then the gelu kernel into C, so fp32 stays as close to the cpu as fp32
+ * GEMMs are (the epilogue's tanh need not be correctly rounded, which bf16
+ * results do not see). */
 static bool lt_gemm_ex(const moert_gemm *g) {
-  if (!G.lt_on || g->k <= 0 || g->alpha == 0 || (g->ab_type == MOERT_F32 && g->c_type != MOERT_F32)) return false;
-  int epi = lt_epilogue(g);
+  if (!G.lt_on || g->k <= 0 || g->alpha == 0) return false;
+  moert_gemm h = *g;
+  bool split = g->act == MOERT_EPI_GELU && g->c_type == MOERT_F32;
+  if (split) {
+    if (g->ldc != g->n) return false;
+    h.act = MOERT_EPI_NONE, h.aux = NULL;
+  }
+  int epi = lt_epilogue(&h);
   if (epi < 0) return false;
-  lt_plan *p = lt_plan_for(g, epi);
-  if (!p || !p->ok) return false;
-  if (!lt_pointers(p, g)) return false;
+  void *d = split && g->aux ? g->aux : g->c;
+  lt_plan *p = lt_plan_for(&h, d, epi);
+  if (!p || !p->ok || !lt_pointers(p, &h)) return false;
   float alpha = g->alpha, beta = g->beta;
-  cublas_check(cublaslt.cublasLtMatmul(G.lt, p->desc, &alpha, g->b, p->la, g->a, p->lb, &beta, g->c, p->lc, g->c,
-                                       p->lc, &p->algo, (void *)(uintptr_t)G.lt_ws, LT_WORKSPACE, G.stream),
-               "cublasLtMatmul", __FILE__, __LINE__, &G.err);
+  cublasStatus_t r = cublaslt.cublasLtMatmul(G.lt, p->desc, &alpha, g->b, p->la, g->a, p->lb, &beta, g->c, p->lc,
+                                             d, p->lc, &p->algo, (void *)(uintptr_t)G.lt_ws, LT_WORKSPACE,
+                                             G.stream);
+  if (r == CUBLAS_STATUS_NOT_SUPPORTED || r == CUBLAS_STATUS_INVALID_VALUE) {
+    /* refused before it ran (an operand the algorithm cannot take): cuBLAS from now on */
+    lt_plan_free(p);
+    p->ok = false;
+    return false;
+  }
+  if (!cublas_check(r, "cublasLtMatmul", __FILE__, __LINE__, &G.err)) return true;
+  if (split) {
+    int64_t cs = moert_dt_size(g->c_type);
+    if (g->stride_c == g->m * g->n) {
+      cuda_act_fwd_t(g->c_type, MOERT_ACT_GELU, d, g->c, g->count * g->m * g->n);
+    } else {
+      for (int64_t z = 0; z < g->count; z++)
+        cuda_act_fwd_t(g->c_type, MOERT_ACT_GELU, (char *)d + z * g->stride_c * cs, (char *)g->c + z * g->stride_c * cs,
+                       g->m * g->n);
+    }
+  }
   return true;
 }
 

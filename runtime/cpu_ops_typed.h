@@ -35,9 +35,10 @@ static inline float moert_bf16_to_f32(uint16_t h) {
 void moert_cpu_convert(void *dst, moert_dt dt, const void *src, moert_dt st, int64_t n);
 
 /* The activation a GEMM's epilogue applies (moert_gemm.act): none, or relu
- * or gelu as moert_cpu_act_fwd computes them (gelu in the tanh form, which
- * is what cuBLASLt's GELU epilogues compute). silu and swiglu have no
- * epilogue: their kernels run after the GEMM. */
+ * or gelu as moert_cpu_act_fwd computes them (gelu in the tanh form, the
+ * form of cuBLASLt's GELU epilogues, which the cuda backend uses for bf16
+ * results). silu and swiglu have no epilogue: their kernels run after the
+ * GEMM. */
 typedef enum { MOERT_EPI_NONE, MOERT_EPI_RELU, MOERT_EPI_GELU } moert_epi;
 
 /* count GEMMs, each operand in its own type, accumulated in fp32 (A and B

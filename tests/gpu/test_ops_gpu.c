@@ -865,10 +865,11 @@ static void run_gemm_epi(void) {
   for (int lt = 1; lt >= 0; lt--)
     for (int t = 0; t < 3; t++) {
       moert_dt ab = types[t][0], ct = types[t][1];
+      bool bf = ab == MOERT_BF16; /* the expert path's GEMMs: they must have cuBLASLt's algorithms */
       for (int act = 0; act < 3; act++) {
         /* fc1 of 3 experts: bias and act, with aux for gelu; then without bias */
-        t_gemm_epi(ab, ct, false, false, 64, 96, 128, 3, true, (moert_epi)act, act == MOERT_EPI_GELU, 0, lt, true);
-        t_gemm_epi(ab, ct, false, false, 64, 96, 128, 3, false, (moert_epi)act, false, 0, lt, true);
+        t_gemm_epi(ab, ct, false, false, 64, 96, 128, 3, true, (moert_epi)act, act == MOERT_EPI_GELU, 0, lt, bf);
+        t_gemm_epi(ab, ct, false, false, 64, 96, 128, 3, false, (moert_epi)act, false, 0, lt, bf);
         /* odd sizes: aux's ld not a multiple of 8 (cuBLAS and kernels) */
         t_gemm_epi(ab, ct, false, false, 37, 50, 23, 2, true, (moert_epi)act, act != MOERT_EPI_NONE, 0, lt, false);
         /* beta and transposes with an epilogue */
@@ -877,7 +878,7 @@ static void run_gemm_epi(void) {
         t_gemm_epi(ab, ct, true, true, 24, 40, 16, 2, true, (moert_epi)act, act == MOERT_EPI_GELU, 1, lt, false);
       }
       /* one GEMM, and the plain ones of the backward (fp32 C accumulates) */
-      t_gemm_epi(ab, ct, false, false, 256, 512, 256, 1, true, MOERT_EPI_GELU, true, 0, lt, true);
+      t_gemm_epi(ab, ct, false, false, 256, 512, 256, 1, true, MOERT_EPI_GELU, true, 0, lt, bf);
       t_gemm_epi(ab, ct, true, false, 48, 64, 200, 4, false, MOERT_EPI_NONE, false, 1, lt, false);
       t_gemm_epi(ab, ct, false, true, 200, 48, 64, 4, false, MOERT_EPI_NONE, false, 0, lt, false);
     }
