@@ -83,7 +83,8 @@ moert_backend *moert_backend_cpu(void);
 void moert_backend_cpu_share_cores(int ranks_here);
 
 /* --- the cuda backend (backend_cuda.c): the ops as kernels of templates/
- * compiled by NVRTC at start, GEMMs through cuBLAS; nothing CUDA linked --- */
+ * compiled by NVRTC at start, GEMMs through cuBLAS, the expert GEMMs through
+ * cuBLASLt where it loads; nothing CUDA linked --- */
 
 /* True when the CUDA driver loads and sees a GPU; false, and nothing said,
  * on a machine without one (or a build without the CUDA headers). */
@@ -115,6 +116,16 @@ void *moert_backend_cuda_stream(const moert_backend *b);
 /* How many specialized kernels (moert_k_<op>__<key>) the ops launched so far
  * found in the module: for tests and the run's header. */
 int moert_backend_cuda_specialized(const moert_backend *b);
+/* Whether gemm_ex runs through cuBLASLt (bias and relu/gelu in its
+ * epilogue), after asking for it to be on or off: on only where cuBLASLt
+ * loaded at create (not with MOEC_CUBLASLT=0 in the environment); off, it
+ * runs on cuBLAS with the epilogue by kernels. For tests and benchmarks. */
+bool moert_backend_cuda_set_cublaslt(moert_backend *b, bool on);
+/* gemm_ex calls run so far through cuBLASLt and through cuBLAS (no
+ * cuBLASLt, no algorithm for the shape, an epilogue it lacks, or its plan
+ * table full), and the cuBLASLt plans made (a plan is made on the first call
+ * of a GEMM shape, alignment and epilogue; later calls reuse it). */
+void moert_backend_cuda_gemm_counts(const moert_backend *b, int64_t *lt, int64_t *blas, int *plans);
 /* moert_cpu_aux_loss on the device (device pointers; the loss comes back to
  * the host). The executor computes it on the host from all-reduced
  * statistics; this is the device's twin, for a fused gate later. */

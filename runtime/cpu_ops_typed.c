@@ -78,6 +78,15 @@ void moert_cpu_gemm_ex(const moert_gemm *g) {
         for (int64_t j = 0; j < g->n; j++) c[r * g->ldc + j] += bias[j];
       drop((const char *)g->bias + i * g->stride_bias * cs, bias);
     }
+    if (g->aux) { /* the pre-activation, rounded once */
+      char *xi = (char *)g->aux + i * g->stride_c * cs;
+      for (int64_t r = 0; r < g->m; r++)
+        moert_cpu_convert(xi + r * g->ldc * cs, g->c_type, c + r * g->ldc, MOERT_F32, g->n);
+    }
+    if (g->act != MOERT_EPI_NONE) {
+      moert_act act = g->act == MOERT_EPI_RELU ? MOERT_ACT_RELU : MOERT_ACT_GELU;
+      for (int64_t r = 0; r < g->m; r++) moert_cpu_act_fwd(act, c + r * g->ldc, c + r * g->ldc, g->n);
+    }
     drop(ai, a);
     drop(bi, b);
     narrow(ci, g->c_type, c, nc);

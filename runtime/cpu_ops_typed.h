@@ -34,10 +34,23 @@ static inline float moert_bf16_to_f32(uint16_t h) {
 /* dst (type dt) = src (type st), n elements. */
 void moert_cpu_convert(void *dst, moert_dt dt, const void *src, moert_dt st, int64_t n);
 
-/* count GEMMs C_i = alpha op(A_i) op(B_i) + beta C_i, each operand in its
- * own type, accumulated in fp32 (A and B share a type). Then, when bias is
- * not NULL, C_i[r, :] += bias_i (bias in C's type, bias_i = bias + i *
- * stride_bias). */
+/* The activation a GEMM's epilogue applies (moert_gemm.act): none, or relu
+ * or gelu as moert_cpu_act_fwd computes them (gelu in the tanh form, the
+ * form of cuBLASLt's GELU epilogues, which the cuda backend uses for bf16
+ * results). silu and swiglu have no epilogue: their kernels run after the
+ * GEMM. */
+typedef enum { MOERT_EPI_NONE, MOERT_EPI_RELU, MOERT_EPI_GELU } moert_epi;
+
+/* count GEMMs, each operand in its own type, accumulated in fp32 (A and B
+ * share a type):
+ *   pre_i = alpha op(A_i) op(B_i) + beta C_i + bias_i   (bias_i broadcast over rows)
+ *   C_i   = act(pre_i)
+ *   aux_i = pre_i                                       (when aux is not NULL)
+ * all in fp32, each result rounded once to its type where it is stored.
+ * bias (NULL: none) is in C's type, bias_i = bias + i * stride_bias; aux is
+ * in C's type with C's layout (ldc, stride_c). The backward of gelu needs
+ * aux; that of relu can use C, since relu(h) > 0 iff h > 0 (the executor
+ * does). A zeroed descriptor's epilogue is none. */
 typedef struct moert_gemm {
   bool trans_a, trans_b;
   int64_t m, n, k, count;
@@ -50,6 +63,8 @@ typedef struct moert_gemm {
   int64_t ldc, stride_c;
   const void *bias;
   int64_t stride_bias;
+  moert_epi act;
+  void *aux;
 } moert_gemm;
 void moert_cpu_gemm_ex(const moert_gemm *g);
 

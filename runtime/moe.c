@@ -135,26 +135,42 @@ typedef struct expert_params {
 
 /* count GEMMs of the expert path: op(A) [m, k] and op(B) [k, n] of type ab,
  * C [m, n] of type ct, every operand packed (ld = its columns) and batched
- * contiguously; bias (type ct, one row of n per GEMM) added when not NULL. */
+ * contiguously; bias (type ct, one row of n per GEMM) added when not NULL,
+ * then act, aux (NULL: not wanted) receiving the pre-activation: one batched
+ * GEMM with its epilogue (cpu_ops_typed.h's moert_gemm). */
 static void gemm_t(moert_backend *b, bool ta, bool tb, int64_t m, int64_t n, int64_t k, int64_t count,
                    moert_dt ab, const void *a_, const void *b_, float beta, moert_dt ct, void *c,
-                   const void *bias) {
+                   const void *bias, moert_epi act, void *aux) {
   moert_gemm g = {.trans_a = ta, .trans_b = tb, .m = m, .n = n, .k = k, .count = count, .alpha = 1,
                   .beta = beta, .a = a_, .b = b_, .ab_type = ab, .lda = ta ? m : k, .stride_a = m * k,
                   .ldb = tb ? k : n, .stride_b = k * n, .c = c, .c_type = ct, .ldc = n, .stride_c = m * n,
-                  .bias = bias, .stride_bias = n};
+                  .bias = bias, .stride_bias = n, .act = act, .aux = aux};
   b->gemm_ex(&g);
+}
+
+/* fc1's epilogue and what the backward differentiates the activation at:
+ * relu and gelu run in fc1's epilogue. relu writes EA alone and the
+ * backward takes relu' at EA (relu(h) > 0 iff h > 0, so the same values as
+ * at EH); gelu writes EA and the pre-activation into EH (aux). silu, swiglu:
+ * fc1 writes EH, their kernel EA. */
+static moert_epi fc1_epilogue(const moert_layer *l) {
+  return l->act == MOERT_ACT_RELU ? MOERT_EPI_RELU : l->act == MOERT_ACT_GELU ? MOERT_EPI_GELU : MOERT_EPI_NONE;
 }
 
 static void experts_fwd(moert_backend *b, moert_dt dt, const moert_layer *l, const expert_params *p,
                         int64_t M, int64_t rows, const void *x, void *eh, void *ea, void *y) {
   bool swiglu = l->act == MOERT_ACT_SWIGLU;
   int64_t hx = p->hx, h1 = swiglu ? 2 * hx : hx, n = p->n;
+  moert_epi epi = fc1_epilogue(l);
   if (rows == 0) return;
-  gemm_t(b, false, false, rows, h1, M, n, dt, x, p->w1, 0, dt, eh, p->b1);
-  if (swiglu) b->swiglu_fwd_t(dt, eh, ea, n * rows, hx);
-  else b->act_fwd_t(dt, (moert_act)l->act, eh, ea, n * rows * hx);
-  gemm_t(b, false, false, rows, M, hx, n, dt, ea, p->w2, 0, dt, y, p->b2);
+  if (epi != MOERT_EPI_NONE) {
+    gemm_t(b, false, false, rows, h1, M, n, dt, x, p->w1, 0, dt, ea, p->b1, epi, epi == MOERT_EPI_GELU ? eh : NULL);
+  } else {
+    gemm_t(b, false, false, rows, h1, M, n, dt, x, p->w1, 0, dt, eh, p->b1, MOERT_EPI_NONE, NULL);
+    if (swiglu) b->swiglu_fwd_t(dt, eh, ea, n * rows, hx);
+    else b->act_fwd_t(dt, (moert_act)l->act, eh, ea, n * rows * hx);
+  }
+  gemm_t(b, false, false, rows, M, hx, n, dt, ea, p->w2, 0, dt, y, p->b2, MOERT_EPI_NONE, NULL);
 }
 
 /* dy -> dx (written); parameter gradients accumulate. dea and deh are scratch. */
@@ -165,13 +181,13 @@ static void experts_bwd(moert_backend *b, moert_dt dt, const moert_layer *l, con
   int64_t hx = p->hx, h1 = swiglu ? 2 * hx : hx, n = p->n;
   if (rows == 0) return;
   if (p->db2) b->bias_grad_t(dt, p->db2, dy, n, rows, M);
-  gemm_t(b, true, false, hx, M, rows, n, dt, ea, dy, 1, MOERT_F32, p->dw2, NULL);
-  gemm_t(b, false, true, rows, hx, M, n, dt, dy, p->w2, 0, dt, dea, NULL);
+  gemm_t(b, true, false, hx, M, rows, n, dt, ea, dy, 1, MOERT_F32, p->dw2, NULL, MOERT_EPI_NONE, NULL);
+  gemm_t(b, false, true, rows, hx, M, n, dt, dy, p->w2, 0, dt, dea, NULL, MOERT_EPI_NONE, NULL);
   if (swiglu) b->swiglu_bwd_t(dt, eh, dea, deh, n * rows, hx);
-  else b->act_bwd_t(dt, (moert_act)l->act, eh, dea, deh, n * rows * hx);
+  else b->act_bwd_t(dt, (moert_act)l->act, fc1_epilogue(l) == MOERT_EPI_RELU ? ea : eh, dea, deh, n * rows * hx);
   if (p->db1) b->bias_grad_t(dt, p->db1, deh, n, rows, h1);
-  gemm_t(b, true, false, M, h1, rows, n, dt, x, deh, 1, MOERT_F32, p->dw1, NULL);
-  gemm_t(b, false, true, rows, M, h1, n, dt, deh, p->w1, 0, dt, dx, NULL);
+  gemm_t(b, true, false, M, h1, rows, n, dt, x, deh, 1, MOERT_F32, p->dw1, NULL, MOERT_EPI_NONE, NULL);
+  gemm_t(b, false, true, rows, M, h1, n, dt, deh, p->w1, 0, dt, dx, NULL, MOERT_EPI_NONE, NULL);
 }
 
 /* --- which parameters a variant computes with --- */

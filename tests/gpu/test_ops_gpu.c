@@ -789,6 +789,101 @@ static void t_gemm_bf16(bool ta, bool tb, int64_t m, int64_t n, int64_t k, int64
   end();
 }
 
+/* --- gemm_ex with its epilogue (bias, relu or gelu, aux), fp32 and bf16,
+ * through cuBLASLt and through cuBLAS with kernels, against the cpu's
+ * moert_cpu_gemm_ex (fp32 1e-5, bf16 results 1e-2). --- */
+
+/* A buffer of type t on both sides (fp32 or bf16). */
+typedef struct tbuf {
+  void *h, *d;
+  int64_t n;
+  moert_dt t;
+} tbuf;
+
+static tbuf tb(moert_dt t, int64_t n, float lo, float hi) {
+  if (t == MOERT_F32) {
+    fbuf f = fb(n, lo, hi);
+    return (tbuf){f.h, f.d, n, t};
+  }
+  hbuf h = hb(n, lo, hi);
+  return (tbuf){h.h, h.d, n, t};
+}
+
+static void check_t(const char *what, tbuf b, double tol) {
+  if (b.t == MOERT_F32) check_f(what, (fbuf){b.h, b.d, b.n}, tol);
+  else check_h(what, (hbuf){b.h, b.d, b.n}, tol);
+}
+
+static const char *const epi_names[] = {"", " relu", " gelu"};
+
+/* One gemm_ex with an epilogue, on cuBLASLt (lt) or cuBLAS. want_lt: the
+ * aligned pass must have run it on cuBLASLt (when it loaded). */
+static void t_gemm_epi(moert_dt ab, moert_dt ct, bool ta, bool tb_, int64_t m, int64_t n, int64_t k,
+                       int64_t count, bool bias, moert_epi act, bool aux, float beta, bool lt, bool want_lt) {
+  bool on = moert_backend_cuda_set_cublaslt(gpu, lt);
+  begin("gemm_ex %s%s%s %lldx%lldx%lld x%lld -> %s%s%s%s beta=%g", ab == MOERT_BF16 ? "bf16" : "fp32",
+        ta ? " A^T" : "", tb_ ? " B^T" : "", (long long)m, (long long)n, (long long)k, (long long)count,
+        ct == MOERT_BF16 ? "bf16" : "fp32", bias ? " +bias" : "", epi_names[act], aux ? " +aux" : "", beta);
+  tbuf a = tb(ab, count * m * k, -1, 1), b = tb(ab, count * k * n, -1, 1), c = tb(ct, count * m * n, -1, 1);
+  tbuf bs = tb(ct, count * n, -1, 1), x = tb(ct, count * m * n, -7, 7);
+  moert_gemm g = {.trans_a = ta, .trans_b = tb_, .m = m, .n = n, .k = k, .count = count, .alpha = 1,
+                  .beta = beta, .ab_type = ab, .lda = ta ? m : k, .stride_a = m * k, .ldb = tb_ ? k : n,
+                  .stride_b = k * n, .c_type = ct, .ldc = n, .stride_c = m * n, .stride_bias = n, .act = act};
+  moert_gemm h = g;
+  g.a = a.d, g.b = b.d, g.c = c.d, h.a = a.h, h.b = b.h, h.c = c.h;
+  if (bias) g.bias = bs.d, h.bias = bs.h;
+  if (aux) g.aux = x.d, h.aux = x.h;
+  int64_t lt0, blas0, lt1, blas1;
+  int plans0, plans1;
+  moert_backend_cuda_gemm_counts(gpu, &lt0, &blas0, &plans0);
+  moert_cpu_gemm_ex(&h);
+  gpu->gemm_ex(&g);
+  moert_backend_cuda_gemm_counts(gpu, &lt1, &blas1, &plans1);
+  bool ran_lt = lt1 > lt0;
+  size_t len = strlen(case_name);
+  snprintf(case_name + len, sizeof case_name - len, " on %s", ran_lt ? "cuBLASLt" : "cuBLAS");
+  double tol = ct == MOERT_F32 ? 1e-5 : TOLB;
+  check_t("C", c, tol);
+  if (aux) check_t("aux (the pre-activation)", x, tol);
+  checks++;
+  if (want_lt && on && !misalign && !ran_lt) fail_header("ran on cuBLAS: cuBLASLt has no algorithm for it");
+  if (ran_lt && beta == 0) { /* a second call of the shape reuses its plan */
+    gpu->gemm_ex(&g);
+    int64_t lt2, blas2;
+    int plans2;
+    moert_backend_cuda_gemm_counts(gpu, &lt2, &blas2, &plans2);
+    checks++;
+    if (plans2 != plans1 || lt2 != lt1 + 1) fail_header("the second call of a shape made a plan");
+    check_t("C, again", c, tol);
+  }
+  end();
+  moert_backend_cuda_set_cublaslt(gpu, true);
+}
+
+static void run_gemm_epi(void) {
+  static const moert_dt types[3][2] = {{MOERT_F32, MOERT_F32}, {MOERT_BF16, MOERT_BF16}, {MOERT_BF16, MOERT_F32}};
+  for (int lt = 1; lt >= 0; lt--)
+    for (int t = 0; t < 3; t++) {
+      moert_dt ab = types[t][0], ct = types[t][1];
+      bool bf = ab == MOERT_BF16; /* the expert path's GEMMs: they must have cuBLASLt's algorithms */
+      for (int act = 0; act < 3; act++) {
+        /* fc1 of 3 experts: bias and act, with aux for gelu; then without bias */
+        t_gemm_epi(ab, ct, false, false, 64, 96, 128, 3, true, (moert_epi)act, act == MOERT_EPI_GELU, 0, lt, bf);
+        t_gemm_epi(ab, ct, false, false, 64, 96, 128, 3, false, (moert_epi)act, false, 0, lt, bf);
+        /* odd sizes: aux's ld not a multiple of 8 (cuBLAS and kernels) */
+        t_gemm_epi(ab, ct, false, false, 37, 50, 23, 2, true, (moert_epi)act, act != MOERT_EPI_NONE, 0, lt, false);
+        /* beta and transposes with an epilogue */
+        t_gemm_epi(ab, ct, true, false, 48, 64, 200, 4, true, (moert_epi)act, act == MOERT_EPI_GELU, 0.5f, lt, false);
+        t_gemm_epi(ab, ct, false, true, 200, 48, 64, 4, true, (moert_epi)act, act == MOERT_EPI_GELU, 0, lt, false);
+        t_gemm_epi(ab, ct, true, true, 24, 40, 16, 2, true, (moert_epi)act, act == MOERT_EPI_GELU, 1, lt, false);
+      }
+      /* one GEMM, and the plain ones of the backward (fp32 C accumulates) */
+      t_gemm_epi(ab, ct, false, false, 256, 512, 256, 1, true, MOERT_EPI_GELU, true, 0, lt, bf);
+      t_gemm_epi(ab, ct, true, false, 48, 64, 200, 4, false, MOERT_EPI_NONE, false, 1, lt, false);
+      t_gemm_epi(ab, ct, false, true, 200, 48, 64, 4, false, MOERT_EPI_NONE, false, 0, lt, false);
+    }
+}
+
 static void t_act_bf16(int64_t rows, int64_t hid) {
   begin("activations, swiglu, bias in bf16 rows=%lld hid=%lld", (long long)rows, (long long)hid);
   int64_t n = rows * hid;
@@ -878,6 +973,7 @@ static void run_typed(void) {
   t_gemm_bf16(true, false, 48, 64, 200, 4, true, false, 1);   /* weight gradients */
   t_gemm_bf16(false, true, 200, 48, 64, 4, false, false, 0);  /* input gradients */
   t_gemm_bf16(false, false, 256, 512, 256, 2, true, true, 0.5f);
+  run_gemm_epi();
   t_act_bf16(1, 2);
   t_act_bf16(37, 66);
   t_act_bf16(64, 1024);

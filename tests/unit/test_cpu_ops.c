@@ -17,6 +17,7 @@
  * reference. A failure prints the first mismatches and the largest
  * difference; the exit status is the number of failed checks (capped). */
 #include "cpu_ops.h"
+#include "cpu_ops_typed.h"
 
 #include <math.h>
 #include <stdarg.h>
@@ -726,6 +727,105 @@ static void test_gemm_batched(void) {
   printf("%-4s gemm_batched: strided with gaps\n", failures == before ? "ok" : "FAIL");
 }
 
+/* moert_cpu_gemm_ex's epilogue (cpu_ops_typed.h), the numerical reference
+ * of the cuda backend's cuBLASLt epilogues: C = act(alpha op(A) op(B) +
+ * beta C + bias), aux = the pre-activation, against a double reference, with
+ * gaps between rows and batches left untouched; fp32, then bf16 (each result
+ * rounded once: within one bf16 step of the double reference). And relu's
+ * backward at C equals it at aux, bit for bit (the executor takes it at C). */
+static void test_gemm_epilogue(void) {
+  int before = failures;
+  rng r = {0xe915};
+  int64_t m = 9, n = 13, k = 7, count = 3;
+  for (int dt = 0; dt < 2; dt++) {
+    bool bf = dt == 1;
+    for (int act = 0; act < 3; act++)
+      for (int t = 0; t < 4; t++) {
+        bool ta = t & 1, tb = t & 2, packed = bf; /* bf16: packed C, as the executor's */
+        int64_t lda = (ta ? m : k) + 1, ldb = (tb ? k : n) + 2, ldc = packed ? n : n + 3;
+        int64_t sa = (ta ? k : m) * lda + 5, sb = (tb ? n : k) * ldb + 1, sc = m * ldc + (packed ? 0 : 2);
+        int64_t sbias = n + 1;
+        double alpha = 0.5, beta = t == 3 ? 0 : 0.75;
+        float *a = xalloc(count * sa, sizeof *a), *b = xalloc(count * sb, sizeof *b);
+        float *c = xalloc(count * sc, sizeof *c), *x = xalloc(count * sc, sizeof *x);
+        float *bias = xalloc(count * sbias, sizeof *bias);
+        double *pre = xalloc(count * sc, sizeof *pre), *want = xalloc(count * sc, sizeof *want);
+        double *wantx = xalloc(count * sc, sizeof *wantx);
+        /* bf16 data: values bf16 holds exactly, so the reference sees what the op sees */
+#define VAL(v) (bf ? moert_bf16_to_f32(moert_f32_to_bf16((float)(v))) : (float)(v))
+        for (int64_t i = 0; i < count * sa; i++) a[i] = VAL(rng_nonzero(&r));
+        for (int64_t i = 0; i < count * sb; i++) b[i] = VAL(rng_nonzero(&r));
+        for (int64_t i = 0; i < count * sbias; i++) bias[i] = VAL(rng_nonzero(&r));
+        for (int64_t i = 0; i < count * sc; i++) {
+          want[i] = pre[i] = c[i] = VAL(rng_nonzero(&r));
+          wantx[i] = x[i] = VAL(GEMM_PAD_SENTINEL);
+        }
+#undef VAL
+        for (int64_t z = 0; z < count; z++) {
+          gemm_ref(ta, tb, m, n, k, alpha, a + z * sa, lda, b + z * sb, ldb, beta, pre + z * sc, ldc);
+          for (int64_t i = 0; i < m; i++) {
+            double *row = pre + z * sc + i * ldc;
+            for (int64_t j = 0; j < n; j++) row[j] += bias[z * sbias + j];
+            if (act) moert_f64_act_fwd(act == MOERT_EPI_RELU ? MOERT_ACT_RELU : MOERT_ACT_GELU, row,
+                                       want + z * sc + i * ldc, n);
+            else memcpy(want + z * sc + i * ldc, row, sizeof(double) * (size_t)n);
+            memcpy(wantx + z * sc + i * ldc, row, sizeof(double) * (size_t)n);
+          }
+        }
+        /* the op's operands in their type: bf16 copies of the same values */
+        moert_dt ty = bf ? MOERT_BF16 : MOERT_F32;
+        int64_t na = count * sa, nb = count * sb, nc = count * sc, nbias = count * sbias;
+        void *ao = a, *bo = b, *co = c, *xo = x, *biaso = bias;
+        if (bf) {
+          ao = xalloc(na, 2), bo = xalloc(nb, 2), co = xalloc(nc, 2), xo = xalloc(nc, 2), biaso = xalloc(nbias, 2);
+          moert_cpu_convert(ao, ty, a, MOERT_F32, na);
+          moert_cpu_convert(bo, ty, b, MOERT_F32, nb);
+          moert_cpu_convert(co, ty, c, MOERT_F32, nc);
+          moert_cpu_convert(xo, ty, x, MOERT_F32, nc);
+          moert_cpu_convert(biaso, ty, bias, MOERT_F32, nbias);
+        }
+        moert_gemm g = {.trans_a = ta, .trans_b = tb, .m = m, .n = n, .k = k, .count = count,
+                        .alpha = (float)alpha, .beta = (float)beta, .a = ao, .b = bo, .ab_type = ty,
+                        .lda = lda, .stride_a = sa, .ldb = ldb, .stride_b = sb, .c = co, .c_type = ty,
+                        .ldc = ldc, .stride_c = sc, .bias = biaso, .stride_bias = sbias,
+                        .act = (moert_epi)act, .aux = xo};
+        moert_cpu_gemm_ex(&g);
+        if (bf) {
+          moert_cpu_convert(c, MOERT_F32, co, ty, nc);
+          moert_cpu_convert(x, MOERT_F32, xo, ty, nc);
+        }
+        char what[96];
+        double rtol = bf ? 1.0 / 256 : 1e-5, atol = bf ? 0 : 1e-6;
+        snprintf(what, sizeof what, "gemm_ex %s%s%s%s: C", bf ? "bf16" : "fp32", ta ? " A^T" : "", tb ? " B^T" : "",
+                 (const char *[]){"", " +bias", " +bias relu", " +bias gelu"}[act + 1]);
+        check_f32(what, c, want, nc, rtol, atol);
+        snprintf(what + strlen(what) - 1, sizeof what - strlen(what) + 1, "aux");
+        check_f32(what, x, wantx, nc, rtol, atol);
+        if (act == MOERT_EPI_RELU) { /* relu' at C is relu' at the pre-activation */
+          float *da = xalloc(nc, sizeof *da), *d1 = xalloc(nc, sizeof *d1), *d2 = xalloc(nc, sizeof *d2);
+          for (int64_t i = 0; i < nc; i++) da[i] = (float)rng_nonzero(&r);
+          moert_cpu_act_bwd(MOERT_ACT_RELU, c, da, d1, nc);
+          moert_cpu_act_bwd(MOERT_ACT_RELU, x, da, d2, nc);
+          int64_t differ = 0; /* over the rows (the gaps hold different garbage) */
+          for (int64_t z = 0; z < count; z++)
+            for (int64_t i = 0; i < m; i++)
+              differ += memcmp(d1 + z * sc + i * ldc, d2 + z * sc + i * ldc, sizeof(float) * (size_t)n) != 0;
+          if (differ) fail("%s: relu backward at C differs from at aux in %lld rows", what, (long long)differ);
+          free(da), free(d1), free(d2);
+        }
+        if (bf) free(ao), free(bo), free(co), free(xo), free(biaso);
+        free(a), free(b), free(c), free(x), free(bias), free(pre), free(want), free(wantx);
+      }
+  }
+  /* without aux nor bias, the epilogue alone: relu of alpha A B */
+  float a1[] = {1, -2}, b1[] = {3, 4}, c1[4] = {9, 9, 9, 9};
+  moert_gemm g1 = {.m = 2, .n = 2, .k = 1, .count = 1, .alpha = 1, .a = a1, .b = b1, .ab_type = MOERT_F32,
+                   .lda = 1, .ldb = 2, .c = c1, .c_type = MOERT_F32, .ldc = 2, .act = MOERT_EPI_RELU};
+  moert_cpu_gemm_ex(&g1);
+  check_f32("gemm_ex relu, no bias, no aux", c1, (double[]){3, 4, 0, 0}, 4, 0, 0);
+  printf("%-4s gemm_ex epilogues: bias, relu, gelu, aux; fp32 and bf16\n", failures == before ? "ok" : "FAIL");
+}
+
 /* --- forward values against closed forms (the gradient checks only show
  * that a backward matches its forward) --- */
 
@@ -1107,6 +1207,7 @@ int main(void) {
   test_gemm_shapes();
   test_gemm_edges();
   test_gemm_batched();
+  test_gemm_epilogue();
   test_forward_values();
   test_topk();
   test_locations();
