@@ -32,9 +32,11 @@
 
 enum { MOERT_TID_COMPUTE = 0, MOERT_TID_A2A = 1, MOERT_TID_GATHER = 2 };
 
-/* Spans a trace keeps per step until resolved: 3/4 of the backend's marks
- * (2 a span), the rest left for the layer times the selector needs. Spans
- * past it are dropped and counted (the file's otherData.dropped_events). */
+/* Spans a trace keeps per step until resolved: its own marks (open, close,
+ * moert_trace_mark) take at most 3/4 of the backend's, the rest left for the
+ * layer times the selector needs and the nccl comm's marks (two an
+ * all-to-all). Spans past it are dropped and counted (the file's
+ * otherData.dropped_events). */
 enum { MOERT_TRACE_STEP_SPANS = MOERT_MAX_MARKS * 3 / 8 };
 
 typedef struct moert_trace moert_trace;
