@@ -31,6 +31,13 @@
 
 typedef struct moert_backend moert_backend;
 
+/* Timing marks a backend keeps per step (backend_cuda.c: CUDA events, all
+ * made at create). Untraced, a step makes 2 + 4 per MoE layer; traced, about
+ * 2 per span, some 150 per MoE layer at pipeline depth 8, of which the trace
+ * takes at most 3/4 (trace.h). Marks past the limit are -1: not timed, and
+ * nothing is allocated mid-step. */
+enum { MOERT_MAX_MARKS = 16384 };
+
 struct moert_backend {
   const char *name;
   /* memory: n bytes, zeroed; never fails silently */
@@ -58,6 +65,20 @@ struct moert_backend {
   /* copy_blocks over elements of type dt (offsets and strides in elements) */
   void (*copy_blocks_t)(moert_dt dt, void *dst, int64_t dst_stride, const void *src,
                         int64_t src_stride, int64_t nblocks, int64_t block, bool add);
+  /* Timing without synchronizing. A mark is a point on a stream, timed when
+   * the stream reaches it: mark() records one now on `stream` (NULL: the
+   * backend's own; on cuda another CUstream of its context, such as a comm's
+   * side stream) and returns its id, or -1 when the step's MOERT_MAX_MARKS
+   * are spent or an op failed (that point is then not timed). mark_ms() sets
+   * *ms to the milliseconds from mark `from` to mark `to`, waiting until the
+   * device has reached both (NAN when either is -1); false only when the
+   * device failed. marks_reset() forgets every mark: at the start of a step,
+   * once the last step's were read. cpu: the host's monotonic clock at the
+   * call; cuda: cuEventRecord of events from a pool made at create, timed by
+   * cuEventElapsedTime. */
+  int (*mark)(moert_backend *b, void *stream);
+  bool (*mark_ms)(moert_backend *b, int from, int to, double *ms, moert_status *st);
+  void (*marks_reset)(moert_backend *b);
   /* Whether the expert path of a bf16 model runs in bf16 here (the cuda
    * backend; the cpu only when asked to emulate it, for tests). */
   bool bf16;

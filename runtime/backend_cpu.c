@@ -2,8 +2,10 @@
 #include "backend.h"
 #include "rng.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #ifdef MOERT_HAVE_CBLAS
@@ -101,6 +103,34 @@ static void cpu_drop_beyond(int32_t *loc, int64_t n, int64_t keep) {
     if (loc[i] >= keep) loc[i] = INT32_MAX;
 }
 
+/* Timing marks: the host clock when each was made (the ops run as they are
+ * called, so that is when the stream "reaches" it). */
+static struct {
+  double ms[MOERT_MAX_MARKS];
+  int n;
+} marks;
+
+static int cpu_mark(moert_backend *b, void *stream) {
+  (void)b, (void)stream;
+  if (marks.n == MOERT_MAX_MARKS) return -1;
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  marks.ms[marks.n] = (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
+  return marks.n++;
+}
+
+static bool cpu_mark_ms(moert_backend *b, int from, int to, double *ms, moert_status *st) {
+  (void)b, (void)st;
+  bool ok = from >= 0 && from < marks.n && to >= 0 && to < marks.n;
+  *ms = ok ? marks.ms[to] - marks.ms[from] : NAN;
+  return true;
+}
+
+static void cpu_marks_reset(moert_backend *b) {
+  (void)b;
+  marks.n = 0;
+}
+
 static moert_backend cpu_backend = {
     .name = "cpu",
     .alloc = cpu_alloc,
@@ -116,6 +146,9 @@ static moert_backend cpu_backend = {
     .drop_beyond = cpu_drop_beyond,
     .copy_blocks_t = cpu_copy_blocks_t,
     .fill_normal = moert_fill_normal,
+    .mark = cpu_mark,
+    .mark_ms = cpu_mark_ms,
+    .marks_reset = cpu_marks_reset,
 #define X(op) .op = moert_cpu_##op,
     MOERT_BACKEND_OPS(X)
     MOERT_BACKEND_TYPED_OPS(X)

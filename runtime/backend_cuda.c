@@ -27,6 +27,9 @@
  * step's first calls nothing is created. cuBLAS (with kernels for the
  * epilogue) runs what cuBLASLt cannot: no library, no algorithm, a full plan
  * table, MOEC_CUBLASLT=0.
+ * Timing: marks (backend.h) are events from a pool of MOERT_MAX_MARKS made
+ * at create, recorded on the stream and timed once the step is done, so
+ * nothing synchronizes to measure.
  *
  * Execution: one stream. The ops of the table return nothing, so a failed
  * launch or cuBLAS call is recorded in a sticky status, later ops are skipped,
@@ -152,7 +155,8 @@ bool moert_cuda_compile_check_source(const char *src, const char *arch, int *nsp
   X(cuCtxSetCurrent) X(cuStreamCreate) X(cuStreamDestroy) X(cuStreamSynchronize)               \
   X(cuMemAlloc) X(cuMemFree) X(cuMemsetD8) X(cuMemsetD8Async) X(cuMemcpyHtoDAsync)             \
   X(cuMemcpyDtoHAsync) X(cuMemcpyDtoDAsync) X(cuModuleLoadData) X(cuModuleUnload)             \
-  X(cuModuleGetFunction) X(cuLaunchKernel) X(cuGetErrorString)
+  X(cuModuleGetFunction) X(cuLaunchKernel) X(cuGetErrorString) X(cuEventCreate)              \
+  X(cuEventRecord) X(cuEventElapsedTime) X(cuEventSynchronize) X(cuEventDestroy)
 
 #define NVRTC_FUNCS(X)                                                                         \
   X(nvrtcVersion) X(nvrtcGetNumSupportedArchs) X(nvrtcGetSupportedArchs) X(nvrtcCreateProgram) \
@@ -430,6 +434,10 @@ typedef struct cuda_state {
 #endif
   bool lt_on;               /* gemm_ex through cuBLASLt (else cuBLAS and kernels) */
   int64_t lt_gemms, blas_gemms; /* gemm_ex calls run by each */
+  /* timing marks: events (timed) made at setup; nmarks of them recorded
+   * since the last marks_reset */
+  CUevent events[MOERT_MAX_MARKS];
+  int nevents, nmarks;
 } cuda_state;
 
 static cuda_state G;
@@ -1804,9 +1812,39 @@ bool moert_cuda_available(void) {
   return ok;
 }
 
+/* ------------------------------------------------------------ timing marks */
+
+static int cuda_mark(moert_backend *b, void *stream) {
+  (void)b;
+  if (!healthy() || G.nmarks == G.nevents) return -1;
+  CUstream s = stream ? (CUstream)stream : G.stream;
+  if (!CUOK(&G.err, cuEventRecord, (G.events[G.nmarks], s))) return -1;
+  return G.nmarks++;
+}
+
+static bool cuda_mark_ms(moert_backend *b, int from, int to, double *ms, moert_status *st) {
+  (void)b;
+  *ms = NAN;
+  MOERT_TRY(st, report(st));
+  if (from < 0 || to < 0 || from >= G.nmarks || to >= G.nmarks) return true;
+  /* cuEventElapsedTime needs both reached; what waits is the host, once a step */
+  CUTRY(st, cuEventSynchronize, (G.events[from]));
+  CUTRY(st, cuEventSynchronize, (G.events[to]));
+  float f = 0;
+  CUTRY(st, cuEventElapsedTime, (&f, G.events[from], G.events[to]));
+  *ms = f;
+  return true;
+}
+
+static void cuda_marks_reset(moert_backend *b) {
+  (void)b;
+  G.nmarks = 0;
+}
+
 static void release(void) {
   if (G.stream) cu.cuStreamSynchronize(G.stream);
   lt_release();
+  for (int i = 0; i < G.nevents; i++) cu.cuEventDestroy(G.events[i]);
   if (G.blas) cublas.cublasDestroy(G.blas);
   if (G.scratch) cu.cuMemFree(G.scratch);
   if (G.mod) cu.cuModuleUnload(G.mod);
@@ -1843,6 +1881,9 @@ static bool setup(int device, const char *cache_dir, bool use_cache, const char 
   /* A blocking stream: ordered with the legacy default stream too. */
   CUTRY(st, cuStreamCreate, (&G.stream, CU_STREAM_DEFAULT));
   CUTRY(st, cuMemAlloc, (&G.scratch, SCRATCH_BYTES));
+  /* the timing marks' events, all made now: a step creates none */
+  for (; G.nevents < MOERT_MAX_MARKS; G.nevents++)
+    CUTRY(st, cuEventCreate, (&G.events[G.nevents], CU_EVENT_DEFAULT));
   MOERT_TRY(st, load_kernels(cache_dir, use_cache, kernels_src, st));
   if (!CUBLASOK(st, cublasCreate, (&G.blas))) return MOERT_UP(st);
   /* fp32 GEMMs as fp32 (no TF32), close to the cpu's */
@@ -1879,6 +1920,9 @@ bool moert_backend_cuda_create(moert_backend **out, int device, const char *cach
       .drop_beyond = cuda_drop_beyond,
       .copy_blocks_t = cuda_copy_blocks_t,
       .fill_normal = cuda_fill_normal,
+      .mark = cuda_mark,
+      .mark_ms = cuda_mark_ms,
+      .marks_reset = cuda_marks_reset,
       .bf16 = true,
 #define X(op) .op = cuda_##op,
       MOERT_BACKEND_OPS(X)

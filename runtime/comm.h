@@ -65,6 +65,13 @@ struct moert_comm {
   bool (*all_to_all_start)(moert_comm *c, const float *send, float *recv, int64_t n,
                            moert_a2a_algo algo, moert_req **req, moert_status *st);
   bool (*wait)(moert_comm *c, moert_req *req, moert_status *st);
+  /* Optional (NULL: the comm has no stream of its own). When `marks` is set
+   * (the executor sets it when tracing), all_to_all_start makes two timing
+   * marks of the backend (backend.h) on the comm's own stream: where the
+   * exchange begins to run there and where it ends; req_marks gives them
+   * (-1 when not made), between start and wait. */
+  void (*req_marks)(moert_comm *c, const moert_req *req, int *begin, int *end);
+  bool marks;
   /* A comm of the ranks that pass the same color, ordered by key (MPI_Comm_split);
    * its topology is recomputed. Destroy it before its parent. */
   bool (*split)(moert_comm *c, int color, int key, moert_comm **out, moert_status *st);

@@ -22,8 +22,11 @@
  * side stream wait for it, enqueues the exchange there and records a done
  * event; wait makes the compute stream wait for that event. So the
  * all-to-all of chunk i+1 runs while chunk i's experts compute (Tutel's
- * overlap), and nothing blocks the host. The requests and their events are
- * a pool made at create (MOERT_NCCL_MAX_INFLIGHT); a step allocates nothing
+ * overlap), and nothing blocks the host. When the comm's `marks` is set
+ * (tracing), start also makes the backend's timing marks on the side stream
+ * around the exchange (req_marks), so the trace shows it on that stream.
+ * The requests and their events are a pool made at create
+ * (MOERT_NCCL_MAX_INFLIGHT); a step allocates nothing
  * (the 2DH scratch excepted: device memory grown at first use, as comm_mpi.c
  * grows its host scratch). NCCL runs one communicator's operations in the
  * order they are issued whatever their streams; the executor waits for every
@@ -222,6 +225,7 @@ struct moert_req {
   bool busy;
   CUevent ready;         /* on the compute stream at start: the inputs are written */
   CUevent done;          /* on the side stream after the exchange */
+  int mark0, mark1;      /* the backend's timing marks around it on the side stream (-1: none) */
   CUdeviceptr scratch;   /* 2DH: scratch_cap bytes, grown at first use */
   size_t scratch_cap;
 };
@@ -412,7 +416,10 @@ static bool nccl_a2a_start(moert_comm *c, const float *send, float *recv, int64_
   if (!CUOK(st, cuEventRecord, (rq->ready, k->compute)) ||
       !CUOK(st, cuStreamWaitEvent, (k->side, rq->ready, 0)))
     return MOERT_UP(st);
+  bool timed = c->marks && k->b->mark;
+  rq->mark0 = timed ? k->b->mark(k->b, k->side) : -1;
   MOERT_TRY(st, a2a_on(k, send, recv, n, tdh, rq->scratch, k->side, st));
+  rq->mark1 = timed ? k->b->mark(k->b, k->side) : -1;
   if (!CUOK(st, cuEventRecord, (rq->done, k->side))) return MOERT_UP(st);
   rq->busy = true;
   *req = rq;
@@ -429,6 +436,12 @@ static bool nccl_wait(moert_comm *c, moert_req *rq, moert_status *st) {
   if (!CUOK(st, cuStreamWaitEvent, (k->compute, rq->done, 0))) return MOERT_UP(st);
   MOERT_TRY(st, check_async(k, "wait", st));
   return true;
+}
+
+static void nccl_req_marks(moert_comm *c, const moert_req *rq, int *begin, int *end) {
+  (void)c;
+  *begin = rq && rq->busy ? rq->mark0 : -1;
+  *end = rq && rq->busy ? rq->mark1 : -1;
 }
 
 static bool nccl_a2av(moert_comm *c, const float *send, const int64_t *scount, const int64_t *sdispl,
@@ -564,7 +577,7 @@ static nccl_comm *comm_new(moert_comm *host, bool owns_host, moert_backend *b) {
       .all_reduce_i64 = nccl_all_reduce_i64, .all_gather_f32 = nccl_all_gather,
       .reduce_scatter_f32 = nccl_reduce_scatter, .broadcast = nccl_broadcast, .gather = nccl_gather,
       .all_to_all_f32 = nccl_a2a, .all_to_allv_f32 = nccl_a2av, .all_to_all_start = nccl_a2a_start,
-      .wait = nccl_wait, .split = nccl_split, .barrier = nccl_barrier, .destroy = nccl_destroy,
+      .wait = nccl_wait, .req_marks = nccl_req_marks, .split = nccl_split, .barrier = nccl_barrier, .destroy = nccl_destroy,
       .impl = k};
   return k;
 }

@@ -21,7 +21,7 @@ typedef struct moert_step_stats {
   double lr;
   double dropped;     /* fraction of routed (token, choice) claims dropped */
   double flops;       /* model FLOPs of the step, all ranks */
-  double update_ms;   /* the optimizer's update (on a device: synchronized at its ends) */
+  double update_ms;   /* the optimizer's update (timing marks: on a device, its time on the GPU) */
 } moert_step_stats;
 
 /* Chooses the variant of MoE layer li for this step, once its padded
@@ -67,6 +67,12 @@ typedef struct moert_exec {
   /* MoE variants */
   int *variant;       /* [nlayers] the variant each MoE layer ran in the last forward */
   double *layer_ms;   /* [nlayers] each MoE layer's time in the last step (fwd + bwd) */
+  /* Timing marks of the backend (backend.h), resolved once at the end of a
+   * step: its first mark, the wall clock (moert_trace_now) when it was made,
+   * and each MoE layer's forward and backward begin and end (-1: none). */
+  int mark0;
+  double anchor_us;
+  int *layer_marks;   /* [4 nlayers] */
   moert_pick_fn pick; /* NULL: the first candidate */
   void *pick_ctx;
   moert_subcomm subcomms[16];

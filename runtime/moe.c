@@ -21,7 +21,6 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "rng.h"
@@ -43,27 +42,20 @@
 /* Element `off` of an expert-path tensor p (type g->dt). */
 #define AT(g, p, off) ((void *)((char *)(p) + (int64_t)(off) * (g)->es))
 
-#define TNOW(e) ((e)->trace ? moert_trace_now() : 0.0)
-/* Records [t0, now) as name on thread tid when tracing. */
-static void span(moert_exec *e, const char *name, const char *cat, int tid, double t0) {
-  if (e->trace) moert_trace_span(e->trace, name, cat, tid, t0, moert_trace_now(), e->step);
+/* Timing. A layer's time (layer_ms, what the selector compares) is two
+ * pairs of the backend's marks, forward and backward, resolved at the end of
+ * the step (step.c): on a device, the time the stream spent on the layer, and
+ * nothing waits for it here. The trace's spans (trace.h) are mark pairs too,
+ * and NVTX ranges. */
+static int open_span(moert_exec *e, const char *name) { return moert_trace_open(e->trace, e->b, name); }
+static void close_span(moert_exec *e, int mark, const char *name, const char *cat, int tid) {
+  moert_trace_close(e->trace, e->b, mark, name, cat, tid, e->step);
 }
-
-static double now_ms(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec * 1e3 + 1e-6 * (double)ts.tv_nsec;
-}
-
-/* On a device backend, waits until the ops queued so far have run (a
- * 4-byte download synchronizes the stream), so that layer_ms holds this
- * layer's work, not the launches of it nor the queue of earlier layers: the
- * selector compares variants by it. A few microseconds of idle GPU each;
- * nothing on the cpu, whose ops run as they are called. */
-static bool settle(moert_exec *e, moert_status *st) {
-  float probe;
-  if (e->b == moert_backend_cpu()) return true;
-  return e->b->download(e->b, &probe, e->input, sizeof probe, st) ? true : MOERT_UP(st);
+/* The trace's thread of parameter gathers and scatters: their own on the
+ * cpu; on a device the compute stream, where the collectives are enqueued
+ * (or staged). */
+static int gather_tid(const moert_exec *e) {
+  return e->b == moert_backend_cpu() ? MOERT_TID_GATHER : MOERT_TID_COMPUTE;
 }
 
 /* --- sub-communicators --- */
@@ -521,6 +513,34 @@ static void work_chunk(pass_ctx *c, int64_t i, const void *rows_in, void *rows_o
   }
 }
 
+/* An all-to-all's span in the trace: on the comm's own stream when it has
+ * one (the nccl comm marks it there, req_marks), else on the compute stream
+ * from before its start to after its wait. */
+typedef struct a2a_span {
+  int m0, m1;
+  bool own;  /* the comm's marks */
+  bool none; /* nothing was in flight (no exchange, no span) */
+} a2a_span;
+
+/* Before all_to_all_start: the compute stream's mark when the comm has no
+ * stream of its own. */
+static int a2a_before(moert_exec *e) {
+  return e->trace && !e->comm->req_marks ? moert_trace_mark(e->trace, e->b) : -1;
+}
+
+static a2a_span a2a_started(moert_exec *e, const moert_req *rq, int before) {
+  a2a_span s = {before, -1, e->comm->req_marks != NULL, rq == NULL};
+  if (e->trace && s.own && rq) e->comm->req_marks(e->comm, rq, &s.m0, &s.m1);
+  return s;
+}
+
+/* After the wait: the span, named name, kept for the end of the step. */
+static void a2a_waited(moert_exec *e, a2a_span *s, const char *name) {
+  if (!e->trace || s->none) return;
+  if (!s->own && s->m0 >= 0) s->m1 = moert_trace_mark(e->trace, e->b);
+  moert_trace_marks(e->trace, s->m0, s->m1, name, "all-to-all", MOERT_TID_A2A, e->step);
+}
+
 static bool exchange_pass(pass_ctx *c, const void *in, void *out, moert_status *st) {
   moert_exec *e = c->e;
   int li = c->li;
@@ -532,35 +552,36 @@ static bool exchange_pass(pass_ctx *c, const void *in, void *out, moert_status *
   /* the all-to-all moves bytes: a block of bf16 is half as many floats (M is even then) */
   int64_t nf = x->block * g->es / (int64_t)sizeof(float);
   moert_req *to[8] = {0}, *back[8] = {0};
-  double t_to[8] = {0}, t_back[8] = {0};
+  a2a_span s_to[8], s_back[8];
+  bool named = e->trace || moert_nvtx_on();
   const char *dir = c->backward ? "bwd " : "";
-  char name[48];
+  char name[48] = "";
   for (int64_t i = 0; i < x->d; i++) {
     pack(e->b, x, g, i, in, AT(g, xs, i * x->chunk));
-    t_to[i] = TNOW(e);
+    int before = a2a_before(e);
     MOERT_TRY(st, comm->all_to_all_start(comm, AT(g, xs, i * x->chunk), AT(g, xr, i * x->chunk), nf, algo, &to[i], st));
+    s_to[i] = a2a_started(e, to[i], before);
   }
   for (int64_t i = 0; i < x->d; i++) {
     MOERT_TRY(st, comm->wait(comm, to[i], st));
     if (e->trace) {
       snprintf(name, sizeof name, "%sa2a to experts %lld/%lld", dir, (long long)i + 1, (long long)x->d);
-      moert_trace_span(e->trace, name, "all-to-all", MOERT_TID_A2A, t_to[i], moert_trace_now(), e->step);
+      a2a_waited(e, &s_to[i], name);
     }
-    double t0 = TNOW(e);
+    if (named) snprintf(name, sizeof name, "%sexperts %lld/%lld", dir, (long long)i + 1, (long long)x->d);
+    int span = open_span(e, name);
     work_chunk(c, i, AT(g, xr, i * x->chunk), AT(g, ys, i * x->chunk));
-    if (e->trace) {
-      snprintf(name, sizeof name, "%sexperts %lld/%lld", dir, (long long)i + 1, (long long)x->d);
-      moert_trace_span(e->trace, name, "experts", MOERT_TID_COMPUTE, t0, moert_trace_now(), e->step);
-    }
-    t_back[i] = TNOW(e);
+    close_span(e, span, name, "experts", MOERT_TID_COMPUTE);
+    int before = a2a_before(e);
     MOERT_TRY(st, comm->all_to_all_start(comm, AT(g, ys, i * x->chunk), AT(g, yr, i * x->chunk), nf, algo, &back[i], st));
+    s_back[i] = a2a_started(e, back[i], before);
   }
   e->b->zero(out, (size_t)(g->es * g->E * x->C * g->M));
   for (int64_t i = 0; i < x->d; i++) {
     MOERT_TRY(st, comm->wait(comm, back[i], st));
     if (e->trace) {
       snprintf(name, sizeof name, "%sa2a back %lld/%lld", dir, (long long)i + 1, (long long)x->d);
-      moert_trace_span(e->trace, name, "all-to-all", MOERT_TID_A2A, t_back[i], moert_trace_now(), e->step);
+      a2a_waited(e, &s_back[i], name);
     }
     unpack_sum(e->b, x, g, i, AT(g, yr, i * x->chunk), out);
   }
@@ -653,67 +674,76 @@ static bool capacity(moert_exec *e, int li, const moert_layer *l, const layer_ge
   return true;
 }
 
+/* GShard's aux loss from global load statistics (gate_fwd's), and the
+ * coefficients of its gradient for the backward. Right after the capacity's
+ * read, while the device has nothing queued: its downloads wait for nothing. */
+static bool aux_loss(moert_exec *e, int li, const moert_layer *l, const layer_geom *g, moert_status *st) {
+  moert_backend *b = e->b;
+  int64_t E = g->E;
+  /* host values: reduced in double (the float collectives are for backend memory) */
+  float stats[2 * 4096], coef[4096];
+  double sums[2 * 4096];
+  MOERT_TRY(st, b->download(b, stats, F(e, li, SSUM), sizeof(float) * (size_t)E, st));
+  MOERT_TRY(st, b->download(b, stats + E, F(e, li, TOP1), sizeof(float) * (size_t)E, st));
+  for (int64_t j = 0; j < 2 * E; j++) sums[j] = stats[j];
+  MOERT_TRY(st, e->comm->all_reduce_f64(e->comm, sums, 2 * E, MOERT_RED_SUM, st));
+  for (int64_t j = 0; j < 2 * E; j++) stats[j] = (float)sums[j];
+  float aux = moert_cpu_aux_loss(stats, stats + E, coef, E, (double)e->rows * e->comm->world);
+  MOERT_TRY(st, b->upload(b, F(e, li, DCOEF), coef, sizeof(float) * (size_t)E, st));
+  e->aux += l->aux_loss * aux;
+  return true;
+}
+
 bool moert_moe_fwd(moert_exec *e, int li, const float *x, int64_t step, moert_status *st) {
-  MOERT_TRY(st, settle(e, st));
-  double t0 = now_ms();
+  int *lm = e->layer_marks + 4 * li;
+  lm[0] = e->b->mark(e->b, NULL);
   const moert_layer *l = &e->m->layers[li];
   const moert_layer_plan *lp = &e->plan->layers[li];
   layer_geom g = geom(e, li);
   moert_backend *b = e->b;
   int64_t T = e->rows, M = g.M, E = g.E, K = g.K;
-  double tg = TNOW(e);
+  int span = open_span(e, "gate and capacity");
   MOERT_TRY(st, gate_fwd(e, li, l, &g, x, step, st));
   int64_t C = 0;
   MOERT_TRY(st, capacity(e, li, l, &g, &C, st));
-  span(e, "gate and capacity", "gate", MOERT_TID_COMPUTE, tg);
+  if (l->aux_loss > 0) MOERT_TRY(st, aux_loss(e, li, l, &g, st));
+  close_span(e, span, "gate and capacity", "gate", MOERT_TID_COMPUTE);
   e->capacity[li] = C;
   int vi = e->pick ? e->pick(e->pick_ctx, li, C, step) : 0;
   if (vi < 0 || vi >= lp->nvariants) vi = 0;
   e->variant[li] = vi;
   const moert_variant *v = &lp->variants[vi];
 
-  double td = TNOW(e);
+  span = open_span(e, "dispatch");
   b->dispatch_t(g.dt, x, I(e, li, IDX), I(e, li, LOC), F(e, li, SRC), T, K, E, C, M);
-  span(e, "dispatch", "dispatch", MOERT_TID_COMPUTE, td);
-  double tw = TNOW(e);
-  if (v->r == 0) MOERT_TRY(st, gather_all(e, li, &g, st));
-  else if (v->r < g.S) MOERT_TRY(st, gather_class(e, li, &g, v->r, st));
-  if (v->r == 0 || v->r < g.S) span(e, "gather experts", "gather", MOERT_TID_GATHER, tw);
+  close_span(e, span, "dispatch", "dispatch", MOERT_TID_COMPUTE);
+  if (v->r == 0 || v->r < g.S) {
+    span = open_span(e, "gather experts");
+    if (v->r == 0) MOERT_TRY(st, gather_all(e, li, &g, st));
+    else MOERT_TRY(st, gather_class(e, li, &g, v->r, st));
+    close_span(e, span, "gather experts", "gather", gather_tid(e));
+  }
   expert_params p = params_for(e, li, &g, v);
   if (v->r == 0 || e->comm->world == 1) { /* the tokens stay here */
+    span = open_span(e, "experts");
     experts_fwd(b, g.dt, l, &p, M, C, F(e, li, SRC), F(e, li, EH), F(e, li, EA), F(e, li, SRCY));
+    close_span(e, span, "experts", "experts", MOERT_TID_COMPUTE);
   } else {
     exchange xg = exchange_for(e, &g, v, C);
     pass_ctx c = {e, li, &g, v, &xg, p, false};
     MOERT_TRY(st, exchange_pass(&c, F(e, li, SRC), F(e, li, SRCY), st));
   }
-  double tc = TNOW(e);
+  span = open_span(e, "combine");
   b->combine_t(g.dt, F(e, li, SRCY), I(e, li, IDX), I(e, li, LOC), F(e, li, GATE), F(e, li, OUT), T, K, E, C, M);
-  span(e, "combine", "combine", MOERT_TID_COMPUTE, tc);
-
-  /* GShard aux loss from global load statistics */
-  if (l->aux_loss > 0) {
-    /* host values: reduced in double (the float collectives are for backend memory) */
-    float stats[2 * 4096], coef[4096];
-    double sums[2 * 4096];
-    MOERT_TRY(st, b->download(b, stats, F(e, li, SSUM), sizeof(float) * (size_t)E, st));
-    MOERT_TRY(st, b->download(b, stats + E, F(e, li, TOP1), sizeof(float) * (size_t)E, st));
-    for (int64_t j = 0; j < 2 * E; j++) sums[j] = stats[j];
-    MOERT_TRY(st, e->comm->all_reduce_f64(e->comm, sums, 2 * E, MOERT_RED_SUM, st));
-    for (int64_t j = 0; j < 2 * E; j++) stats[j] = (float)sums[j];
-    float aux = moert_cpu_aux_loss(stats, stats + E, coef, E, (double)T * e->comm->world);
-    MOERT_TRY(st, b->upload(b, F(e, li, DCOEF), coef, sizeof(float) * (size_t)E, st));
-    e->aux += l->aux_loss * aux;
-  }
+  close_span(e, span, "combine", "combine", MOERT_TID_COMPUTE);
   if (e->slow_variant && strcmp(e->slow_variant, v->name) == 0) usleep(30000);
-  MOERT_TRY(st, settle(e, st));
-  e->layer_ms[li] = now_ms() - t0;
+  lm[1] = b->mark(b, NULL);
   return true;
 }
 
 bool moert_moe_bwd(moert_exec *e, int li, moert_status *st) {
-  MOERT_TRY(st, settle(e, st));
-  double t0 = now_ms();
+  int *lm = e->layer_marks + 4 * li;
+  lm[2] = e->b->mark(e->b, NULL);
   const moert_layer *l = &e->m->layers[li];
   const moert_layer_plan *lp = &e->plan->layers[li];
   layer_geom g = geom(e, li);
@@ -722,8 +752,10 @@ bool moert_moe_bwd(moert_exec *e, int li, moert_status *st) {
   const moert_variant *v = &lp->variants[e->variant[li]];
   const float *x = e->xin[li];
 
+  int span = open_span(e, "bwd combine");
   b->combine_bwd_t(g.dt, e->dcur, F(e, li, SRCY), I(e, li, IDX), I(e, li, LOC), F(e, li, GATE), S(e, li, DSRCY),
                    S(e, li, DGATE), T, K, E, C, M);
+  close_span(e, span, "bwd combine", "combine", MOERT_TID_COMPUTE);
   bool gathered = v->r == 0 || v->r < g.S;
   if (gathered && lp->s[MOERT_S_DGW] >= 0) {
     int64_t n = 0;
@@ -735,22 +767,35 @@ bool moert_moe_bwd(moert_exec *e, int li, moert_status *st) {
   }
   expert_params p = params_for(e, li, &g, v);
   if (v->r == 0 || e->comm->world == 1) {
+    span = open_span(e, "bwd experts");
     experts_bwd(b, g.dt, l, &p, M, C, F(e, li, SRC), F(e, li, EH), F(e, li, EA), S(e, li, DSRCY), S(e, li, DEA),
                 S(e, li, DEH), S(e, li, DSRC));
-    if (v->r == 0) MOERT_TRY(st, scatter_all(e, li, &g, st));
+    close_span(e, span, "bwd experts", "experts", MOERT_TID_COMPUTE);
+    if (v->r == 0) {
+      span = open_span(e, "bwd scatter experts");
+      MOERT_TRY(st, scatter_all(e, li, &g, st));
+      close_span(e, span, "bwd scatter experts", "gather", gather_tid(e));
+    }
   } else {
     exchange xg = exchange_for(e, &g, v, C);
     pass_ctx c = {e, li, &g, v, &xg, p, true};
     MOERT_TRY(st, exchange_pass(&c, S(e, li, DSRCY), S(e, li, DSRC), st));
-    if (v->r < g.S) MOERT_TRY(st, scatter_class(e, li, &g, v->r, st));
-    if (g.S > 1 && l->bias) { /* fc2's bias: one sum over the expert's group */
-      moert_comm *grp = subcomm(e, g.S, 0);
-      MOERT_TRY(st, grp->all_reduce_f32(grp, G_(e, l, g.kexp + 3), M, MOERT_RED_SUM, st));
+    if (v->r < g.S || (g.S > 1 && l->bias)) {
+      span = open_span(e, "bwd scatter experts");
+      if (v->r < g.S) MOERT_TRY(st, scatter_class(e, li, &g, v->r, st));
+      if (g.S > 1 && l->bias) { /* fc2's bias: one sum over the expert's group */
+        moert_comm *grp = subcomm(e, g.S, 0);
+        MOERT_TRY(st, grp->all_reduce_f32(grp, G_(e, l, g.kexp + 3), M, MOERT_RED_SUM, st));
+      }
+      close_span(e, span, "bwd scatter experts", "gather", gather_tid(e));
     }
   }
+  span = open_span(e, "bwd dispatch");
   b->dispatch_bwd_t(g.dt, S(e, li, DSRC), I(e, li, IDX), I(e, li, LOC), e->dnext, T, K, E, C, M);
+  close_span(e, span, "bwd dispatch", "dispatch", MOERT_TID_COMPUTE);
 
   /* the gate */
+  span = open_span(e, "bwd gate");
   b->gate_normalize_bwd(F(e, li, TOPV), S(e, li, DGATE), S(e, li, DTOPV), T, K, l->normalize_gate);
   b->zero(S(e, li, DSCORES), sizeof(float) * (size_t)(T * E));
   b->gate_scores_bwd(I(e, li, IDX), S(e, li, DTOPV), l->aux_loss > 0 ? F(e, li, DCOEF) : NULL,
@@ -781,7 +826,7 @@ bool moert_moe_bwd(moert_exec *e, int li, moert_status *st) {
     b->gemm(true, false, M, E, T, 1, x, M, S(e, li, DLOGITS), E, 1, G_(e, l, 0), E);
     b->gemm(false, true, T, M, E, 1, S(e, li, DLOGITS), E, P_(e, l, 0), E, 1, e->dnext, M);
   }
-  MOERT_TRY(st, settle(e, st));
-  e->layer_ms[li] += now_ms() - t0;
+  close_span(e, span, "bwd gate", "gate", MOERT_TID_COMPUTE);
+  lm[3] = b->mark(b, NULL);
   return true;
 }

@@ -35,6 +35,17 @@ if(MOEC_CUDA_INCLUDE AND EXISTS ${MOEC_CUDA_INCLUDE}/nvrtc.h AND EXISTS ${MOEC_C
 else()
   message(STATUS "cuda backend: cuda.h, nvrtc.h or cublas_v2.h not found; built without it")
 endif()
+# trace.c: NVTX ranges through the header-only NVTX3 (it loads an injection
+# library only under Nsight); without the header they compile to nothing.
+find_path(MOEC_NVTX_INCLUDE nvtx3/nvToolsExt.h
+  HINTS ${MOEC_CUDA_INCLUDE} $ENV{CUDA_HOME}/include $ENV{CUDA_PATH}/include /usr/local/cuda/include)
+if(MOEC_NVTX_INCLUDE)
+  message(STATUS "NVTX: nvtx3 headers in ${MOEC_NVTX_INCLUDE}")
+  target_include_directories(moert SYSTEM PRIVATE ${MOEC_NVTX_INCLUDE})
+  target_compile_definitions(moert PRIVATE MOERT_HAVE_NVTX)
+else()
+  message(STATUS "NVTX: nvtx3/nvToolsExt.h not found; no NVTX ranges")
+endif()
 # comm_nccl.c opens libnccl.so.2 with dlopen the same way: nccl.h (and the
 # CUDA headers it includes) at build time, nothing NCCL at link time.
 find_path(MOEC_NCCL_INCLUDE nccl.h

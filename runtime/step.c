@@ -8,7 +8,6 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "moe.h"
 #include "rng.h"
@@ -139,12 +138,14 @@ bool moert_exec_create(moert_exec **out, const moert_model *m, moert_plan *plan,
   e->capacity = calloc((size_t)m->nlayers + 1, sizeof *e->capacity);
   e->variant = calloc((size_t)m->nlayers + 1, sizeof *e->variant);
   e->layer_ms = calloc((size_t)m->nlayers + 1, sizeof *e->layer_ms);
+  e->layer_marks = calloc(4 * (size_t)m->nlayers + 1, sizeof *e->layer_marks);
   e->slow_variant = getenv("MOEC_TEST_SLOW_VARIANT");
   int64_t loads = 0;
   for (int i = 0; i < m->nlayers; i++)
     if (m->layers[i].kind == MOERT_L_MOE) loads += m->layers[i].experts;
   e->load = calloc((size_t)loads + 1, sizeof *e->load);
-  if (!e->xin || !e->stack || !e->skip || !e->capacity || !e->load || !e->variant || !e->layer_ms) {
+  if (!e->xin || !e->stack || !e->skip || !e->capacity || !e->load || !e->variant || !e->layer_ms ||
+      !e->layer_marks) {
     moert_exec_destroy(e);
     return MOERT_FAIL(st, "out of memory");
   }
@@ -201,6 +202,7 @@ void moert_exec_destroy(moert_exec *e) {
   free(e->load);
   free(e->variant);
   free(e->layer_ms);
+  free(e->layer_marks);
   b->free(b, e->teacher_w1);
   b->free(b, e->teacher_w2);
   b->free(b, e->teacher_h);
@@ -235,6 +237,47 @@ double moert_lr_at(const moert_train *t, int64_t step, int64_t steps) {
   return lr;
 }
 
+/* --- timing --- */
+
+/* The start of a step's timing: forgets the last step's marks and makes this
+ * step's first, the origin of the others. */
+static void timing_begin(moert_exec *e) {
+  moert_backend *b = e->b;
+  b->marks_reset(b);
+  for (int i = 0; i < 4 * e->m->nlayers; i++) e->layer_marks[i] = -1;
+  e->comm->marks = e->trace != NULL; /* a comm's own stream marked only for the trace */
+  e->anchor_us = moert_trace_now();
+  e->mark0 = b->mark(b, NULL);
+}
+
+/* The end of a step's timing, once its work is enqueued: every MoE layer's
+ * layer_ms (forward + backward) and the trace's spans from their marks. On a
+ * device this waits for the marks to be reached: the step's one wait for the
+ * device besides its downloads (the capacities, the loss, the gradient norm). */
+static bool timing_end(moert_exec *e, moert_status *st) {
+  moert_backend *b = e->b;
+  for (int li = 0; li < e->m->nlayers; li++) {
+    if (e->m->layers[li].kind != MOERT_L_MOE) continue;
+    const int *lm = e->layer_marks + 4 * li;
+    double fwd = NAN, bwd = 0;
+    MOERT_TRY(st, b->mark_ms(b, lm[0], lm[1], &fwd, st));
+    if (lm[2] >= 0) MOERT_TRY(st, b->mark_ms(b, lm[2], lm[3], &bwd, st));
+    e->layer_ms[li] = fwd + bwd;
+  }
+  return moert_trace_resolve(e->trace, b, e->mark0, e->anchor_us, st) ? true : MOERT_UP(st);
+}
+
+/* A layer's span (trace event and NVTX range): named by the layer; the NVTX
+ * range of its backward says so. */
+static int open_layer(moert_exec *e, const moert_layer *l, bool bwd) {
+  if (bwd && moert_nvtx_on()) {
+    char name[80];
+    snprintf(name, sizeof name, "%s bwd", l->name);
+    return moert_trace_open(e->trace, e->b, name);
+  }
+  return moert_trace_open(e->trace, e->b, l->name);
+}
+
 /* --- forward --- */
 
 /* Runs every layer on e->input (regression) or the windows in the EMBED
@@ -254,7 +297,8 @@ static bool forward(moert_exec *e, int64_t step, bool want_grad, double *loss_su
   for (int li = 0; li < m->nlayers; li++) {
     const moert_layer *l = &m->layers[li];
     e->xin[li] = cur;
-    double t0 = e->trace ? moert_trace_now() : 0;
+    bool traced = l->kind != MOERT_L_RES_BEGIN;
+    int span = traced ? open_layer(e, l, false) : -1;
     switch (l->kind) {
     case MOERT_L_EMBED:
       b->embed_fwd(P(e, l, 0), I(e, li, WIN), F(e, li, OUT), T, m->context, m->vocab, M);
@@ -311,8 +355,7 @@ static bool forward(moert_exec *e, int64_t step, bool want_grad, double *loss_su
       break;
     case MOERT_L__COUNT: break;
     }
-    if (e->trace && l->kind != MOERT_L_RES_BEGIN)
-      moert_trace_span(e->trace, l->name, "forward", MOERT_TID_COMPUTE, t0, moert_trace_now(), e->step);
+    if (traced) moert_trace_close(e->trace, b, span, l->name, "forward", MOERT_TID_COMPUTE, e->step);
   }
   return true;
 }
@@ -333,7 +376,8 @@ static bool backward(moert_exec *e, moert_status *st) {
   for (int li = m->nlayers - 1; li >= 0; li--) {
     const moert_layer *l = &m->layers[li];
     const float *x = e->xin[li];
-    double t0 = e->trace ? moert_trace_now() : 0;
+    bool traced = l->kind != MOERT_L_RES_BEGIN && l->kind != MOERT_L_MSE;
+    int span = traced ? open_layer(e, l, true) : -1;
     switch (l->kind) {
     case MOERT_L_MSE: break; /* dcur was written by the loss */
     case MOERT_L_HEAD_XENT:
@@ -391,8 +435,7 @@ static bool backward(moert_exec *e, moert_status *st) {
       break;
     case MOERT_L__COUNT: break;
     }
-    if (e->trace && l->kind != MOERT_L_RES_BEGIN && l->kind != MOERT_L_MSE)
-      moert_trace_span(e->trace, l->name, "backward", MOERT_TID_COMPUTE, t0, moert_trace_now(), e->step);
+    if (traced) moert_trace_close(e->trace, b, span, l->name, "backward", MOERT_TID_COMPUTE, e->step);
   }
   return true;
 }
@@ -485,12 +528,14 @@ bool moert_exec_eval(moert_exec *e, moert_data *d, int64_t step, bool eval, doub
                      moert_status *st) {
   e->rows = e->plan->tokens;
   MOERT_TRY(st, load_batch(e, d, step, eval, st));
+  timing_begin(e);
   double sum = 0;
   bool was = e->training;
   e->training = false; /* no gate noise */
   bool ok = forward(e, eval ? 0 : step, false, &sum, st);
   e->training = was;
   if (!ok) return MOERT_UP(st);
+  MOERT_TRY(st, timing_end(e, st));
   MOERT_TRY(st, e->comm->all_reduce_f64(e->comm, &sum, 1, MOERT_RED_SUM, st));
   *loss = sum / ((double)e->rows * e->comm->world);
   return true;
@@ -510,7 +555,8 @@ bool moert_exec_logits(moert_exec *e, const int32_t *win, int64_t n, float *out,
   double sum;
   bool was = e->training;
   e->training = false;
-  ok = forward(e, 0, false, &sum, st);
+  timing_begin(e);
+  ok = forward(e, 0, false, &sum, st) && timing_end(e, st);
   e->training = was;
   e->rows = e->plan->tokens;
   if (!ok) return MOERT_UP(st);
@@ -524,8 +570,10 @@ bool moert_exec_objective(moert_exec *e, moert_data *d, int64_t step, bool want_
   MOERT_TRY(st, load_batch(e, d, step, false, st));
   if (want_grad) e->b->zero(e->grads, sizeof(float) * (size_t)e->plan->param_elems);
   double sum = 0;
+  timing_begin(e);
   MOERT_TRY(st, forward(e, step, want_grad, &sum, st));
   if (want_grad) MOERT_TRY(st, backward(e, st) && reduce_grads(e, st));
+  MOERT_TRY(st, timing_end(e, st));
   double stats[2] = {sum, e->aux};
   MOERT_TRY(st, e->comm->all_reduce_f64(e->comm, stats, 2, MOERT_RED_SUM, st));
   *objective = stats[0] / ((double)e->rows * e->comm->world) + stats[1] / e->comm->world;
@@ -539,8 +587,11 @@ bool moert_exec_train_step(moert_exec *e, moert_data *d, int64_t step, moert_ste
   moert_backend *b = e->b;
   e->rows = e->plan->tokens;
   e->step = step;
+  timing_begin(e);
+  int span = moert_trace_open(e->trace, b, "batch");
   MOERT_TRY(st, load_batch(e, d, step, false, st));
   b->zero(e->grads, sizeof(float) * (size_t)e->plan->param_elems);
+  moert_trace_close(e->trace, b, span, "batch", "data", MOERT_TID_COMPUTE, step);
   double sum = 0;
   MOERT_TRY(st, forward(e, step, true, &sum, st));
   MOERT_TRY(st, backward(e, st));
@@ -560,20 +611,19 @@ bool moert_exec_train_step(moert_exec *e, moert_data *d, int64_t step, moert_ste
   double lr = moert_lr_at(t, step, e->total_steps);
   out->lr = lr;
   int64_t n = e->plan->param_elems;
-  double t_opt = e->trace ? moert_trace_now() : 0;
-  float probe; /* on a device, a 4-byte read waits for the queued work: the update's time alone */
-  bool device = b != moert_backend_cpu();
-  if (device) MOERT_TRY(st, b->download(b, &probe, e->params, sizeof probe, st));
-  struct timespec u0, u1;
-  clock_gettime(CLOCK_MONOTONIC, &u0);
+  /* the update's time alone, from marks around it (on a device, its time on
+   * the GPU; nothing waits for it here) */
+  int u0 = b->mark(b, NULL);
+  moert_nvtx_push("optimizer");
   if (t->optimizer == MOERT_OPT_ADAM)
     b->adamw(e->params, e->grads, e->state, e->state + n, n, (float)lr, (float)t->beta1, (float)t->beta2,
              (float)t->eps, (float)t->weight_decay, step);
   else
     b->sgd(e->params, e->grads, n, (float)lr, (float)t->weight_decay);
-  if (device) MOERT_TRY(st, b->download(b, &probe, e->params, sizeof probe, st));
-  clock_gettime(CLOCK_MONOTONIC, &u1);
-  out->update_ms = (double)(u1.tv_sec - u0.tv_sec) * 1e3 + (double)(u1.tv_nsec - u0.tv_nsec) * 1e-6;
-  if (e->trace) moert_trace_span(e->trace, "optimizer", "update", MOERT_TID_COMPUTE, t_opt, moert_trace_now(), step);
+  moert_nvtx_pop();
+  int u1 = b->mark(b, NULL);
+  moert_trace_marks(e->trace, u0, u1, "optimizer", "update", MOERT_TID_COMPUTE, step);
+  MOERT_TRY(st, timing_end(e, st));
+  MOERT_TRY(st, b->mark_ms(b, u0, u1, &out->update_ms, st));
   return true;
 }

@@ -139,8 +139,8 @@ def cmd_table(a):
     print()
     o = ours[0]
     print(f"moec: median over steps > warm-up ({o['steps']} steps a config) of the MoE layer's time "
-          "(forward + backward + SGD update, from the metrics' layer_ms and update_ms: the device synchronized "
-          "at the ends of each); step ms is the whole step, which also includes the regression data (drawn "
+          "(forward + backward + SGD update, from the metrics' layer_ms and update_ms: CUDA events at the ends "
+          "of each, read at the end of the step); step ms is the whole step, which also includes the regression data (drawn "
           "and made by the teacher MLP on the GPU, in fp32) and the loss. TFLOP/s = 12 T k M H (18 for swiglu) / layer time; "
           "PyTorch: bench/gpu/torch_ref.py's plain layer in the same dtype, median of 20 steps.")
     if len(startup) >= 2:

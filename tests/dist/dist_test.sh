@@ -90,6 +90,17 @@ a2a = [e for e in ev if e["cat"] == "all-to-all"]
 assert a2a and all(e["tid"] == 1 for e in a2a), "all-to-alls on their own thread"
 assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in ev)
 assert {e["args"]["step"] for e in ev} == {1, 2, 3}
+assert t["otherData"]["clock"] == "host", t["otherData"]
+for want in ("bwd combine", "bwd gate", "bwd dispatch", "bwd experts 1/2", "batch"):
+    assert want in names, (want, sorted(names))
+# every MoE phase inside its layer's span (same rank, step and pass)
+layers = [e for e in ev if e["cat"] in ("forward", "backward")]
+for e in ev:
+    if e["cat"] in ("gate", "dispatch", "experts", "combine", "all-to-all"):
+        cat = "backward" if e["name"].startswith("bwd ") else "forward"
+        assert any(l["pid"] == e["pid"] and l["args"]["step"] == e["args"]["step"] and l["cat"] == cat and
+                   l["ts"] - 0.002 <= e["ts"] and e["ts"] + e["dur"] <= l["ts"] + l["dur"] + 0.002
+                   for l in layers), ("a phase outside its layer", e)
 print(len(ev), "events,", len(a2a), "all-to-all spans")
 PY
   echo "ok: the trace holds every rank's layers, MoE phases and all-to-all chunks" ;;

@@ -159,5 +159,66 @@ nccl_np2)
   run ./dist --backend cuda --kernel-cache kc --steps 3 > default.txt 2>&1 || fail "default run"
   grep -q "comm nccl" default.txt || fail "a GPU per rank does not default to nccl: $(grep '^backend' default.txt)"
   echo "ok: -np 2 on two GPUs: nccl is the default; every variant, cycled, follows mpi's losses" ;;
+trace)
+  # --trace on the cuda backend: every span timed by CUDA events, the MoE
+  # phases (positive) inside their layer's span, on the compute stream's
+  # thread; layer_ms and update_ms positive without a synchronization per layer
+  check_trace() { # FILE METRICS RANKS WANT...
+    python3 - "$@" <<'PY'
+import json, sys
+path, metrics, ranks, want = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+t = json.load(open(path))
+assert t["otherData"]["clock"].startswith("device"), t["otherData"]
+assert t["otherData"]["dropped_events"] == 0, t["otherData"]
+threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in t["traceEvents"] if e.get("name") == "thread_name"}
+assert threads[(0, 0)] == "compute stream", threads
+ev = [e for e in t["traceEvents"] if e["ph"] == "X"]
+assert {e["pid"] for e in ev} == set(range(ranks)), "events of every rank"
+names = {e["name"] for e in ev}
+for w in want:
+    assert w in names, (w, sorted(names))
+assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in ev)
+layers = [e for e in ev if e["cat"] in ("forward", "backward")]
+eps = 0.002  # ts and dur are written to 0.001 us
+inner = 0
+for e in ev:
+    if e["cat"] not in ("gate", "dispatch", "experts", "combine", "all-to-all"):
+        continue
+    assert e["dur"] > 0, ("a phase of no time", e)
+    assert e["tid"] == (1 if e["cat"] == "all-to-all" else 0), e
+    bwd = e["name"].startswith("bwd ")
+    holders = [l for l in layers if l["pid"] == e["pid"] and l["args"]["step"] == e["args"]["step"]
+               and l["cat"] == ("backward" if bwd else "forward")
+               and l["ts"] - eps <= e["ts"] and e["ts"] + e["dur"] <= l["ts"] + l["dur"] + eps]
+    assert holders, ("a phase outside every layer", e)
+    inner += 1
+steps = 0
+for r in map(json.loads, open(metrics)):
+    assert r["layer_ms"] and all(v is not None and v > 0 for v in r["layer_ms"].values()), r["layer_ms"]
+    assert r["update_ms"] is not None and r["update_ms"] > 0, r["update_ms"]
+    steps += 1
+print("%d events, %d MoE phases inside their layers, %d steps of positive layer_ms" % (len(ev), inner, steps))
+PY
+  }
+  ./tiny --backend cuda --kernel-cache kc --steps 4 --trace t.json --metrics m.jsonl > out.txt || fail "run"
+  grep -q "^trace: t.json" out.txt || fail "no word of the trace: $(cat out.txt)"
+  check_trace t.json m.jsonl 1 "gate and capacity" dispatch experts combine "bwd combine" "bwd experts" \
+    "bwd dispatch" "bwd gate" optimizer experts_0 experts_1 rmsnorm_0 || fail "the trace of one rank is wrong"
+  # two ranks sharing the GPU (staged mpi): the all-to-all chunks from start to wait
+  "$mpiexec" --oversubscribe -np 2 ./dist --backend cuda --kernel-cache kc --steps 3 --variant r=1,d=2,a2a=linear \
+    --trace t2.json --metrics m2.jsonl --quiet || fail "-np 2 run"
+  check_trace t2.json m2.jsonl 2 "a2a to experts 1/2" "a2a back 2/2" "experts 1/2" "bwd a2a back 1/2" \
+    || fail "the trace of two ranks is wrong"
+  # with a GPU per rank, the nccl comm: the all-to-alls on its own stream
+  timeout 120 "$mpiexec" --oversubscribe -np 2 ./dist --backend cuda --comm nccl --kernel-cache kc --steps 3 \
+    --variant r=1,d=2,a2a=linear --trace t3.json --metrics m3.jsonl > nccl.txt 2>&1
+  if [ $? = 0 ]; then
+    check_trace t3.json m3.jsonl 2 "a2a to experts 1/2" "a2a back 2/2" "experts 2/2" || fail "the nccl trace is wrong"
+    python3 -c 'import json,sys; t=json.load(open(sys.argv[1])); n=[e["args"]["name"] for e in t["traceEvents"] if e.get("name")=="thread_name" and e["tid"]==1]; assert n[0]=="comm stream (all-to-all)", n' t3.json ||
+      fail "the comm stream's thread is not named"
+  else
+    echo "(no nccl trace: $(grep -m1 -i 'error' nccl.txt))"
+  fi
+  echo "ok: --trace on cuda: device-timed spans, phases inside their layers, positive layer_ms" ;;
 *) echo "unknown mode $mode"; exit 2 ;;
 esac

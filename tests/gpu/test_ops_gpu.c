@@ -281,6 +281,43 @@ static void t_memory(int64_t n) {
   end();
 }
 
+/* Timing marks (backend.h) on both backends: a span of work has a positive
+ * time; an unmade mark (-1) gives NAN; the pool runs out into -1 and a reset
+ * gives it back. */
+static void t_marks(void) {
+  begin("timing marks");
+  moert_backend *bk[2] = {cpu, gpu};
+  for (int k = 0; k < 2; k++) {
+    moert_backend *b = bk[k];
+    moert_status st = {0};
+    b->marks_reset(b);
+    fbuf x = fb(1 << 20, -1, 1), y = garbage(1 << 20);
+    int m0 = b->mark(b, NULL);
+    for (int i = 0; i < 20; i++) b->axpy(k ? y.d : y.h, k ? x.d : x.h, 0.5f, x.n);
+    int m1 = b->mark(b, NULL);
+    double ms = NAN, none = 0;
+    checks++;
+    if (m0 != 0 || m1 != 1 || !b->mark_ms(b, m0, m1, &ms, &st) || !(ms > 0 && ms < 1e4)) {
+      fail_header("a span of work");
+      printf("    %s: marks %d %d, %.6g ms (%s)\n", b->name, m0, m1, ms, st.msg);
+    }
+    checks++;
+    if (!b->mark_ms(b, -1, m1, &none, &st) || !isnan(none)) fail_header("mark -1 is NAN");
+    int last = m1;
+    for (int i = 2; i < MOERT_MAX_MARKS; i++) last = b->mark(b, NULL);
+    checks++;
+    if (last != MOERT_MAX_MARKS - 1 || b->mark(b, NULL) != -1) {
+      fail_header("the pool runs out into -1");
+      printf("    %s: the last mark %d\n", b->name, last);
+    }
+    b->marks_reset(b);
+    checks++;
+    if (b->mark(b, NULL) != 0) fail_header("reset gives the pool back");
+    b->marks_reset(b);
+  }
+  end();
+}
+
 static void t_copy_blocks(int64_t nblocks, int64_t block, int64_t dst_stride, int64_t src_stride,
                           bool add) {
   begin("copy_blocks nblocks=%lld block=%lld strides dst %lld src %lld add=%d",
@@ -987,6 +1024,7 @@ static void run_all(void) {
   /* memory */
   t_memory(1);
   t_memory(1001);
+  t_marks();
   t_copy_blocks(7, 13, 20, 17, false);
   t_copy_blocks(7, 13, 20, 17, true);
   t_copy_blocks(5, 64, 128, 96, false);
