@@ -27,6 +27,7 @@
  * step's first calls nothing is created. cuBLAS (with kernels for the
  * epilogue) runs what cuBLASLt cannot: no library, no algorithm, a full plan
  * table, MOEC_CUBLASLT=0.
+ *
  * Timing: marks (backend.h) are events from a pool of MOERT_MAX_MARKS made
  * at create, recorded on the stream and timed once the step is done, so
  * nothing synchronizes to measure.
