@@ -529,7 +529,10 @@ static int a2a_before(moert_exec *e) {
 }
 
 static a2a_span a2a_started(moert_exec *e, const moert_req *rq, int before) {
-  a2a_span s = {before, -1, e->comm->req_marks != NULL, rq == NULL};
+  /* a comm without a stream of its own (staged, mpi) may finish at start
+   * (no request): its span is still the compute stream's, start to wait */
+  bool own = e->comm->req_marks != NULL;
+  a2a_span s = {before, -1, own, own && rq == NULL};
   if (e->trace && s.own && rq) e->comm->req_marks(e->comm, rq, &s.m0, &s.m1);
   return s;
 }
