@@ -62,6 +62,15 @@ struct moert_backend {
    * moert_fill_normal, drawn where the data lives (inputs, gate noise) */
   void (*fill_normal)(float *out, int64_t n, uint64_t seed, uint64_t stream, uint64_t first, float mean,
                       float std);
+  /* Sums left where the data lives: xent, mse and moert_cpu_aux_loss with
+   * the value stored at *out (backend memory) instead of returned, so the
+   * host need not wait for it mid-step; the executor reads such values once,
+   * at the step's end (the gradients they write are as the plain ops'). */
+  void (*xent_to)(const float *logits, const int32_t *target, float *dlogits, int64_t rows,
+                  int64_t vocab, float scale, double *out);
+  void (*mse_to)(const float *yhat, const float *y, float *dyhat, int64_t n, float scale, double *out);
+  void (*aux_loss_to)(const float *score_sum, const float *top1_count, float *dscore_coef,
+                      int64_t experts, double global_tokens, float *out);
   /* copy_blocks over elements of type dt (offsets and strides in elements) */
   void (*copy_blocks_t)(moert_dt dt, void *dst, int64_t dst_stride, const void *src,
                         int64_t src_stride, int64_t nblocks, int64_t block, bool add);

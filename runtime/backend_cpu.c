@@ -81,6 +81,21 @@ static void cpu_copy_blocks(float *dst, int64_t dst_stride, const float *src, in
       memmove(d, x, sizeof(float) * (size_t)block);
   }
 }
+static void cpu_xent_to(const float *logits, const int32_t *target, float *dlogits, int64_t rows,
+                        int64_t vocab, float scale, double *out) {
+  *out = moert_cpu_xent(logits, target, dlogits, rows, vocab, scale);
+}
+
+static void cpu_mse_to(const float *yhat, const float *y, float *dyhat, int64_t n, float scale,
+                       double *out) {
+  *out = moert_cpu_mse(yhat, y, dyhat, n, scale);
+}
+
+static void cpu_aux_loss_to(const float *score_sum, const float *top1_count, float *dscore_coef,
+                            int64_t experts, double global_tokens, float *out) {
+  *out = moert_cpu_aux_loss(score_sum, top1_count, dscore_coef, experts, global_tokens);
+}
+
 static void cpu_copy_blocks_t(moert_dt dt, void *dst, int64_t dst_stride, const void *src,
                               int64_t src_stride, int64_t nblocks, int64_t block, bool add) {
   if (dt == MOERT_F32) {
@@ -146,6 +161,9 @@ static moert_backend cpu_backend = {
     .drop_beyond = cpu_drop_beyond,
     .copy_blocks_t = cpu_copy_blocks_t,
     .fill_normal = moert_fill_normal,
+    .xent_to = cpu_xent_to,
+    .mse_to = cpu_mse_to,
+    .aux_loss_to = cpu_aux_loss_to,
     .mark = cpu_mark,
     .mark_ms = cpu_mark_ms,
     .marks_reset = cpu_marks_reset,

@@ -956,12 +956,16 @@ static void cuda_softmax_bwd(const float *scores, const float *dscores, float *d
          ARGS(&scores, &dscores, &dlogits, &rows, &cols));
 }
 
-float moert_backend_cuda_aux_loss(const float *score_sum, const float *top1_count,
-                                  float *dscore_coef, int64_t experts, double global_tokens) {
-  float *out = (float *)scalar_slot(1);
+static void cuda_aux_loss_to(const float *score_sum, const float *top1_count, float *dscore_coef,
+                             int64_t experts, double global_tokens, float *out) {
   launch(K_aux_loss, 1, 1, 256, 1,
          ARGS(&score_sum, &top1_count, &dscore_coef, &experts, &global_tokens, &out));
-  float v;
+}
+
+float moert_backend_cuda_aux_loss(const float *score_sum, const float *top1_count,
+                                  float *dscore_coef, int64_t experts, double global_tokens) {
+  float *out = (float *)scalar_slot(1), v;
+  cuda_aux_loss_to(score_sum, top1_count, dscore_coef, experts, global_tokens, out);
   return fetch(&v, out, sizeof v) ? v : NAN;
 }
 
@@ -1465,24 +1469,60 @@ static void cuda_embed_bwd(const float *dx, const int32_t *win, float *dtable, i
          ARGS(&dx, &win, &dtable, &tokens, &context, &vocab, &dim));
 }
 
-static double cuda_xent(const float *logits, const int32_t *target, float *dlogits, int64_t rows,
-                        int64_t vocab, float scale) {
-  if (rows <= 0) return 0;
+/* The partial sums of xent (and its dlogits), reduced into *out on the
+ * device. */
+static void xent_parts(const float *logits, const int32_t *target, float *dlogits, int64_t rows,
+                       int64_t vocab, float scale, double *out) {
   unsigned bx, by;
   row_shape(vocab, &bx, &by);
   uint64_t grid = row_grid(rows, by, MAX_PARTS);
   double *part = scratch_d(0);
+  long long n = (long long)grid;
   launch_spec(K_xent, vocab, 0, grid, 1, bx, by,
               ARGS(&logits, &target, &dlogits, &rows, &vocab, &scale, &part));
-  return reduce_parts(grid);
+  launch(K_reduce_sum, 1, 1, 1024, 1, ARGS(&part, &n, &out));
+}
+
+static double cuda_xent(const float *logits, const int32_t *target, float *dlogits, int64_t rows,
+                        int64_t vocab, float scale) {
+  if (rows <= 0) return 0;
+  double *out = scalar_slot(0), v;
+  xent_parts(logits, target, dlogits, rows, vocab, scale, out);
+  return fetch(&v, out, sizeof v) ? v : NAN;
+}
+
+static void cuda_xent_to(const float *logits, const int32_t *target, float *dlogits, int64_t rows,
+                         int64_t vocab, float scale, double *out) {
+  if (rows <= 0) {
+    cuda_zero(out, sizeof *out);
+    return;
+  }
+  xent_parts(logits, target, dlogits, rows, vocab, scale, out);
+}
+
+static void mse_parts(const float *yhat, const float *y, float *dyhat, int64_t n, float scale,
+                      double *out) {
+  uint64_t grid = (uint64_t)clamp64(cdiv(n, 1024), 1, MAX_PARTS);
+  double *part = scratch_d(0);
+  long long np = (long long)grid;
+  launch(K_mse, grid, 1, 256, 1, ARGS(&yhat, &y, &dyhat, &n, &scale, &part));
+  launch(K_reduce_sum, 1, 1, 1024, 1, ARGS(&part, &np, &out));
 }
 
 static double cuda_mse(const float *yhat, const float *y, float *dyhat, int64_t n, float scale) {
   if (n <= 0) return 0;
-  uint64_t grid = (uint64_t)clamp64(cdiv(n, 1024), 1, MAX_PARTS);
-  double *part = scratch_d(0);
-  launch(K_mse, grid, 1, 256, 1, ARGS(&yhat, &y, &dyhat, &n, &scale, &part));
-  return reduce_parts(grid);
+  double *out = scalar_slot(0), v;
+  mse_parts(yhat, y, dyhat, n, scale, out);
+  return fetch(&v, out, sizeof v) ? v : NAN;
+}
+
+static void cuda_mse_to(const float *yhat, const float *y, float *dyhat, int64_t n, float scale,
+                        double *out) {
+  if (n <= 0) {
+    cuda_zero(out, sizeof *out);
+    return;
+  }
+  mse_parts(yhat, y, dyhat, n, scale, out);
 }
 
 /* ------------------------------------------------------------ optimizers */
@@ -1495,17 +1535,17 @@ static void cuda_scale(float *x, int64_t n, float s) {
 }
 
 static void cuda_adamw(float *p, const float *g, float *m, float *v, int64_t n, float lr,
-                       float b1, float b2, float eps, float wd, int64_t step) {
+                       float b1, float b2, float eps, float wd, int64_t step, uint16_t *low) {
   if (n <= 0) return;
   double t = (double)(step >= 1 ? step : 1);
   float bc1 = (float)(1 - pow(b1, t)), bc2 = (float)(1 - pow(b2, t));
   launch(K_adamw, grid_for(n, 1024), 1, 256, 1,
-         ARGS(&p, &g, &m, &v, &n, &lr, &b1, &b2, &eps, &wd, &bc1, &bc2));
+         ARGS(&p, &g, &m, &v, &n, &lr, &b1, &b2, &eps, &wd, &bc1, &bc2, &low));
 }
 
-static void cuda_sgd(float *p, const float *g, int64_t n, float lr, float wd) {
+static void cuda_sgd(float *p, const float *g, int64_t n, float lr, float wd, uint16_t *low) {
   if (n <= 0) return;
-  launch(K_sgd, grid_for(n, 1024), 1, 256, 1, ARGS(&p, &g, &n, &lr, &wd));
+  launch(K_sgd, grid_for(n, 1024), 1, 256, 1, ARGS(&p, &g, &n, &lr, &wd, &low));
 }
 
 /* ------------------------------------------------------------ NVRTC and the cache */
@@ -1921,6 +1961,9 @@ bool moert_backend_cuda_create(moert_backend **out, int device, const char *cach
       .drop_beyond = cuda_drop_beyond,
       .copy_blocks_t = cuda_copy_blocks_t,
       .fill_normal = cuda_fill_normal,
+      .xent_to = cuda_xent_to,
+      .mse_to = cuda_mse_to,
+      .aux_loss_to = cuda_aux_loss_to,
       .mark = cuda_mark,
       .mark_ms = cuda_mark_ms,
       .marks_reset = cuda_marks_reset,

@@ -230,6 +230,7 @@ static bool read_all(const char *dir, moert_exec *e, int64_t *step, moert_status
   char path[4200];
   snprintf(path, sizeof path, "%s/%s", dir, MODEL_FILE);
   ok = ok && moert_ckpt_read_safetensors(r, MODEL_FILE, &f, st) && restore(e, f, path, "", e->params, st);
+  e->wlow_fresh = false; /* the bf16 copy is made from the restored masters */
   moert_st_destroy(f);
   f = NULL;
   if (ok && m->train.optimizer == MOERT_OPT_ADAM) {

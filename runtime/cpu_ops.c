@@ -11,6 +11,7 @@
  * else `double`, and neither f-suffixed literals nor f-suffixed math
  * functions appear below. */
 #include "cpu_ops.h"
+#include "cpu_ops_typed.h" /* moert_f32_to_bf16: the optimizers' bf16 copy */
 
 #include <assert.h>
 #include <math.h>
@@ -774,7 +775,7 @@ void moert_cpu_scale(float *x, int64_t n, float s) {
 }
 
 void moert_cpu_adamw(float *p, const float *g, float *m, float *v, int64_t n, float lr, float b1,
-                     float b2, float eps, float wd, int64_t step) {
+                     float b2, float eps, float wd, int64_t step, uint16_t *low) {
   assert(step >= 1);
   double t = (double)(step >= 1 ? step : 1);
   double bc1 = 1 - pow(b1, t), bc2 = 1 - pow(b2, t);
@@ -786,9 +787,13 @@ void moert_cpu_adamw(float *p, const float *g, float *m, float *v, int64_t n, fl
     v[i] = (float)vi;
     double upd = (mi / bc1) / (sqrt(vi / bc2) + eps) + (double)wd * p[i];
     p[i] = (float)(p[i] - lr * upd);
+    if (low) low[i] = moert_f32_to_bf16(p[i]);
   }
 }
 
-void moert_cpu_sgd(float *p, const float *g, int64_t n, float lr, float wd) {
-  for (int64_t i = 0; i < n; i++) p[i] = (float)(p[i] - (double)lr * (g[i] + (double)wd * p[i]));
+void moert_cpu_sgd(float *p, const float *g, int64_t n, float lr, float wd, uint16_t *low) {
+  for (int64_t i = 0; i < n; i++) {
+    p[i] = (float)(p[i] - (double)lr * (g[i] + (double)wd * p[i]));
+    if (low) low[i] = moert_f32_to_bf16(p[i]);
+  }
 }

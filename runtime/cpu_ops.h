@@ -167,10 +167,14 @@ double moert_cpu_sumsq(const float *x, int64_t n);
 /* x *= s. */
 void moert_cpu_scale(float *x, int64_t n, float s);
 /* AdamW (decoupled weight decay), step >= 1 (bias correction):
- * m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= lr * (mhat / (sqrt(vhat) + eps) + wd * p). */
+ * m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= lr * (mhat / (sqrt(vhat) + eps) + wd * p).
+ * low, when not NULL: n bf16 values (uint16_t bits) that receive the updated
+ * p rounded to nearest even, in the same pass: the bf16 copy of the weights
+ * a bf16 expert path computes with (exec.h's wlow), so no separate
+ * conversion reads the masters again before the next forward. */
 void moert_cpu_adamw(float *p, const float *g, float *m, float *v, int64_t n, float lr, float b1,
-                     float b2, float eps, float wd, int64_t step);
-/* SGD: p -= lr * (g + wd * p). */
-void moert_cpu_sgd(float *p, const float *g, int64_t n, float lr, float wd);
+                     float b2, float eps, float wd, int64_t step, uint16_t *low);
+/* SGD: p -= lr * (g + wd * p); low as for adamw. */
+void moert_cpu_sgd(float *p, const float *g, int64_t n, float lr, float wd, uint16_t *low);
 
 #endif

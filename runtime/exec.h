@@ -45,9 +45,13 @@ typedef struct moert_exec {
   float *params, *grads, *state, *act, *scratch;
   /* The expert path's storage type: bf16 for a bf16 model on a backend
    * that keeps it in bf16 (then wlow holds the parameters as bf16, rounded
-   * from the fp32 masters at the start of every forward), else fp32. */
+   * from the fp32 masters), else fp32. The optimizer writes wlow in the same
+   * pass as the update; a forward rounds it from the masters only when
+   * wlow_fresh is false: after create and a checkpoint load, and wherever
+   * else params are written (a caller that writes them clears it). */
   moert_dt xdt;
   void *wlow;
+  bool wlow_fresh;
   /* On a device, the synthetic regression data's teacher (moert_exec_use_data):
    * its weights and a scratch of teacher_rows rows; NULL: targets come from
    * the host. */
@@ -60,6 +64,13 @@ typedef struct moert_exec {
   const float **xin;  /* [nlayers] input of each layer in the last forward */
   const float **stack;/* residual inputs during forward */
   int64_t *capacity;  /* [nlayers] C used by each MoE layer in the last forward */
+  int64_t *keep;      /* [nlayers] the claims each MoE layer kept per expert (<= C) */
+  /* Values of the last forward left in backend memory, read at the step's
+   * end (moert_moe_read_stats, step.c): the loss sum (divided by loss_div
+   * on the host) and each MoE layer's aux loss, [nlayers]. */
+  double *dloss;
+  double loss_div;
+  float *daux;
   int64_t rows;       /* tokens of the current forward (<= plan tokens) */
   int64_t total_steps;/* of the run, for the learning-rate schedule */
   /* expert load of the last forward: per MoE layer, E global counts */

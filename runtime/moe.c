@@ -642,24 +642,24 @@ static bool gate_fwd(moert_exec *e, int li, const moert_layer *l, const layer_ge
   return true;
 }
 
-/* The capacity of this step, the same on every rank: one read of the claim
- * counts. Returns the padded C; drops claims past the kept capacity. */
+/* The capacity of this step, the same on every rank. A fixed capacity
+ * (capacity_factor > 0) needs nothing from the device; dropless and dynamic
+ * capacity read the claim counts back: the layer's one host
+ * synchronization. Returns the padded C; drops claims past the kept
+ * capacity. */
 static bool capacity(moert_exec *e, int li, const moert_layer *l, const layer_geom *g, int64_t *C,
                      moert_status *st) {
   moert_backend *b = e->b;
   const moert_layer_plan *lp = &e->plan->layers[li];
   int64_t E = g->E, T = e->rows;
-  int32_t counts[4096];
-  MOERT_TRY(st, b->download(b, counts, I(e, li, COUNTS), sizeof(int32_t) * (size_t)E, st));
   int64_t maxc = 0;
-  double *load = e->load;
-  for (int i = 0; i < li; i++)
-    if (e->m->layers[i].kind == MOERT_L_MOE) load += e->m->layers[i].experts;
-  for (int64_t j = 0; j < E; j++) {
-    if (counts[j] > maxc) maxc = counts[j];
-    load[j] = counts[j];
+  if (l->capacity_factor <= 0) {
+    int32_t counts[4096];
+    MOERT_TRY(st, b->download(b, counts, I(e, li, COUNTS), sizeof(int32_t) * (size_t)E, st));
+    for (int64_t j = 0; j < E; j++)
+      if (counts[j] > maxc) maxc = counts[j];
+    MOERT_TRY(st, e->comm->all_reduce_i64(e->comm, &maxc, 1, MOERT_RED_MAX, st));
   }
-  MOERT_TRY(st, e->comm->all_reduce_i64(e->comm, &maxc, 1, MOERT_RED_MAX, st));
   int64_t keep = moert_capacity(l, T, maxc);
   /* the tokens kept are decided before padding, so every variant keeps the same */
   int64_t Cp = moert_round_up(keep, lp->align);
@@ -668,33 +668,55 @@ static bool capacity(moert_exec *e, int li, const moert_layer *l, const layer_ge
     Cp = keep;
   }
   b->drop_beyond(I(e, li, LOC), T * g->K, keep);
-  for (int64_t j = 0; j < E; j++) {
-    double kept = load[j] < (double)keep ? load[j] : (double)keep;
-    e->routed += load[j];
-    e->dropped += load[j] - kept;
-  }
+  e->keep[li] = keep;
   *C = Cp;
   return true;
 }
 
 /* GShard's aux loss from global load statistics (gate_fwd's), and the
- * coefficients of its gradient for the backward. Right after the capacity's
- * read, while the device has nothing queued: its downloads wait for nothing. */
-static bool aux_loss(moert_exec *e, int li, const moert_layer *l, const layer_geom *g, moert_status *st) {
-  moert_backend *b = e->b;
+ * coefficients of its gradient for the backward, on the device: the
+ * statistics summed over ranks by the float all-reduce (on the comm's stream
+ * with nccl), the loss left in e->daux[li] for moert_moe_read_stats. */
+static bool aux_loss(moert_exec *e, int li, const layer_geom *g, moert_status *st) {
   int64_t E = g->E;
-  /* host values: reduced in double (the float collectives are for backend memory) */
-  float stats[2 * 4096], coef[4096];
-  double sums[2 * 4096];
-  MOERT_TRY(st, b->download(b, stats, F(e, li, SSUM), sizeof(float) * (size_t)E, st));
-  MOERT_TRY(st, b->download(b, stats + E, F(e, li, TOP1), sizeof(float) * (size_t)E, st));
-  for (int64_t j = 0; j < 2 * E; j++) sums[j] = stats[j];
-  MOERT_TRY(st, e->comm->all_reduce_f64(e->comm, sums, 2 * E, MOERT_RED_SUM, st));
-  for (int64_t j = 0; j < 2 * E; j++) stats[j] = (float)sums[j];
-  float aux = moert_cpu_aux_loss(stats, stats + E, coef, E, (double)e->rows * e->comm->world);
-  MOERT_TRY(st, b->upload(b, F(e, li, DCOEF), coef, sizeof(float) * (size_t)E, st));
-  e->aux += l->aux_loss * aux;
+  if (e->comm->world > 1) {
+    MOERT_TRY(st, e->comm->all_reduce_f32(e->comm, F(e, li, SSUM), E, MOERT_RED_SUM, st));
+    MOERT_TRY(st, e->comm->all_reduce_f32(e->comm, F(e, li, TOP1), E, MOERT_RED_SUM, st));
+  }
+  e->b->aux_loss_to(F(e, li, SSUM), F(e, li, TOP1), F(e, li, DCOEF), E, (double)e->rows * e->comm->world,
+                    e->daux + li);
   return true;
+}
+
+bool moert_moe_read_stats(moert_exec *e, moert_status *st) {
+  const moert_model *m = e->m;
+  moert_backend *b = e->b;
+  e->aux = 0;
+  e->routed = e->dropped = 0;
+  double *load = e->load;
+  bool any_aux = false;
+  for (int li = 0; li < m->nlayers; li++) {
+    const moert_layer *l = &m->layers[li];
+    if (l->kind != MOERT_L_MOE) continue;
+    int64_t E = l->experts, keep = e->keep[li];
+    int32_t counts[4096];
+    MOERT_TRY(st, b->download(b, counts, I(e, li, COUNTS), sizeof(int32_t) * (size_t)E, st));
+    for (int64_t j = 0; j < E; j++) {
+      load[j] = counts[j];
+      e->routed += counts[j];
+      e->dropped += counts[j] > keep ? (double)(counts[j] - keep) : 0;
+    }
+    load += E;
+    any_aux = any_aux || l->aux_loss > 0;
+  }
+  if (!any_aux) return true;
+  float *aux = malloc(sizeof(float) * (size_t)m->nlayers);
+  if (!aux) return MOERT_FAIL(st, "out of memory");
+  bool ok = b->download(b, aux, e->daux, sizeof(float) * (size_t)m->nlayers, st);
+  for (int li = 0; ok && li < m->nlayers; li++)
+    if (m->layers[li].kind == MOERT_L_MOE && m->layers[li].aux_loss > 0) e->aux += m->layers[li].aux_loss * aux[li];
+  free(aux);
+  return ok ? true : MOERT_UP(st);
 }
 
 bool moert_moe_fwd(moert_exec *e, int li, const float *x, int64_t step, moert_status *st) {
@@ -709,7 +731,7 @@ bool moert_moe_fwd(moert_exec *e, int li, const float *x, int64_t step, moert_st
   MOERT_TRY(st, gate_fwd(e, li, l, &g, x, step, st));
   int64_t C = 0;
   MOERT_TRY(st, capacity(e, li, l, &g, &C, st));
-  if (l->aux_loss > 0) MOERT_TRY(st, aux_loss(e, li, l, &g, st));
+  if (l->aux_loss > 0) MOERT_TRY(st, aux_loss(e, li, &g, st));
   close_span(e, span, "gate and capacity", "gate", MOERT_TID_COMPUTE);
   e->capacity[li] = C;
   int vi = e->pick ? e->pick(e->pick_ctx, li, C, step) : 0;

@@ -21,6 +21,11 @@ void moert_moe_teardown(moert_exec *e);
  * e->variant[li] (chosen by pick(li, bucket) once the capacity is known);
  * output in the layer's OUT buffer. */
 bool moert_moe_fwd(moert_exec *e, int li, const float *x, int64_t step, moert_status *st);
+/* The statistics of the last forward that stayed on the device, read once
+ * at the step's end: each MoE layer's claim counts (e->load, e->routed,
+ * e->dropped against the capacity it kept) and its aux loss (the weighted
+ * sum into e->aux). */
+bool moert_moe_read_stats(moert_exec *e, moert_status *st);
 /* Backward: reads e->dcur (d output), writes e->dnext (d input), adds the
  * parameter gradients. */
 bool moert_moe_bwd(moert_exec *e, int li, moert_status *st);

@@ -136,6 +136,7 @@ bool moert_exec_create(moert_exec **out, const moert_model *m, moert_plan *plan,
   e->stack = calloc((size_t)plan->max_res_depth + 1, sizeof *e->stack);
   e->skip = calloc((size_t)plan->max_res_depth + 1, sizeof *e->skip);
   e->capacity = calloc((size_t)m->nlayers + 1, sizeof *e->capacity);
+  e->keep = calloc((size_t)m->nlayers + 1, sizeof *e->keep);
   e->variant = calloc((size_t)m->nlayers + 1, sizeof *e->variant);
   e->layer_ms = calloc((size_t)m->nlayers + 1, sizeof *e->layer_ms);
   e->layer_marks = calloc(4 * (size_t)m->nlayers + 1, sizeof *e->layer_marks);
@@ -144,8 +145,8 @@ bool moert_exec_create(moert_exec **out, const moert_model *m, moert_plan *plan,
   for (int i = 0; i < m->nlayers; i++)
     if (m->layers[i].kind == MOERT_L_MOE) loads += m->layers[i].experts;
   e->load = calloc((size_t)loads + 1, sizeof *e->load);
-  if (!e->xin || !e->stack || !e->skip || !e->capacity || !e->load || !e->variant || !e->layer_ms ||
-      !e->layer_marks) {
+  if (!e->xin || !e->stack || !e->skip || !e->capacity || !e->keep || !e->load || !e->variant ||
+      !e->layer_ms || !e->layer_marks) {
     moert_exec_destroy(e);
     return MOERT_FAIL(st, "out of memory");
   }
@@ -163,6 +164,8 @@ bool moert_exec_create(moert_exec **out, const moert_model *m, moert_plan *plan,
   ALLOC(e->iact, plan->int_elems);
   ALLOC(e->input, TM);
   ALLOC(e->scratch, plan->scratch_elems); /* MoE layers use it in the forward pass too */
+  ALLOC(e->dloss, 2);
+  ALLOC(e->daux, m->nlayers);
   if (training) {
     ALLOC(e->grads, plan->param_elems);
     ALLOC(e->state, plan->state_elems);
@@ -192,6 +195,8 @@ void moert_exec_destroy(moert_exec *e) {
   b->free(b, e->iact);
   b->free(b, e->input);
   b->free(b, e->dcur);
+  b->free(b, e->dloss);
+  b->free(b, e->daux);
   b->free(b, e->dnext);
   if (e->skip)
     for (int i = 0; i < e->plan->max_res_depth; i++) b->free(b, e->skip[i]);
@@ -199,6 +204,7 @@ void moert_exec_destroy(moert_exec *e) {
   free(e->xin);
   free(e->stack);
   free(e->capacity);
+  free(e->keep);
   free(e->load);
   free(e->variant);
   free(e->layer_ms);
@@ -283,16 +289,22 @@ static int open_layer(moert_exec *e, const moert_layer *l, bool bwd) {
 /* Runs every layer on e->input (regression) or the windows in the EMBED
  * layer's WIN buffer; returns the task loss's sum over this rank's tokens
  * (and leaves d loss / d output in dcur when training). */
-static bool forward(moert_exec *e, int64_t step, bool want_grad, double *loss_sum, moert_status *st) {
+/* The forward pass. Its loss stays in e->dloss (and the MoE layers' aux
+ * losses and counts on the device) until read_values. */
+static bool forward(moert_exec *e, int64_t step, bool want_grad, moert_status *st) {
   moert_backend *b = e->b;
   const moert_model *m = e->m;
   int64_t T = e->rows, M = m->dim;
   const float *cur = e->input;
   int depth = 0;
-  e->aux = 0;
-  e->routed = e->dropped = 0;
-  /* the experts compute with bf16 copies of this step's parameters */
-  if (e->xdt == MOERT_BF16) b->convert(e->wlow, MOERT_BF16, e->params, MOERT_F32, e->plan->param_elems);
+  b->zero(e->dloss, sizeof *e->dloss); /* a model without a loss layer: 0 */
+  e->loss_div = 1;
+  /* the experts compute with bf16 copies of this step's parameters: the
+   * last update wrote them, else they are made here */
+  if (e->xdt == MOERT_BF16 && !e->wlow_fresh) {
+    b->convert(e->wlow, MOERT_BF16, e->params, MOERT_F32, e->plan->param_elems);
+    e->wlow_fresh = true;
+  }
   double norm = 1.0 / ((double)T * e->comm->world); /* mean over all global tokens */
   for (int li = 0; li < m->nlayers; li++) {
     const moert_layer *l = &m->layers[li];
@@ -346,18 +358,30 @@ static bool forward(moert_exec *e, int64_t step, bool want_grad, double *loss_su
       break;
     case MOERT_L_HEAD_XENT:
       b->gemm(false, false, T, m->vocab, M, 1, cur, M, P(e, l, 0), m->vocab, 0, F(e, li, HLOGITS), m->vocab);
-      *loss_sum = b->xent(F(e, li, HLOGITS), I(e, li, TOKENS), want_grad ? S(e, li, DLOGITS) : NULL, T,
-                          m->vocab, (float)norm);
+      b->xent_to(F(e, li, HLOGITS), I(e, li, TOKENS), want_grad ? S(e, li, DLOGITS) : NULL, T, m->vocab,
+                 (float)norm, e->dloss);
       break;
     case MOERT_L_MSE:
       /* per token: the mean over dim of the squared error */
-      *loss_sum = b->mse(cur, F(e, li, TARGET), want_grad ? e->dcur : NULL, T * M, (float)(norm / M)) / M;
+      b->mse_to(cur, F(e, li, TARGET), want_grad ? e->dcur : NULL, T * M, (float)(norm / M), e->dloss);
+      e->loss_div = (double)M;
       break;
     case MOERT_L__COUNT: break;
     }
     if (traced) moert_trace_close(e->trace, b, span, l->name, "forward", MOERT_TID_COMPUTE, e->step);
   }
   return true;
+}
+
+/* The values of the last forward that stayed on the device: its loss sum
+ * (into *loss_sum) and the MoE layers' statistics. Called once a step,
+ * after the backward is queued: on a device the first read waits for the
+ * step's work so far, and nothing before it did (at a fixed capacity). */
+static bool read_values(moert_exec *e, double *loss_sum, moert_status *st) {
+  double v = 0;
+  MOERT_TRY(st, e->b->download(e->b, &v, e->dloss, sizeof v, st));
+  *loss_sum = v / e->loss_div;
+  return moert_moe_read_stats(e, st) ? true : MOERT_UP(st);
 }
 
 /* --- backward --- */
@@ -449,18 +473,27 @@ static bool reduce_grads(moert_exec *e, moert_status *st) {
 
 /* The global gradient norm: replicated gradients (the same everywhere)
  * once, expert gradients summed over their owners; fc2's bias, copied on
- * every rank of an expert's group, counted by slice 0 only. */
+ * every rank of an expert's group, counted by slice 0 only. Adjacent counted
+ * gradients are summed as one run: on a device each sum is a read back, so
+ * a step makes two (or a few more with sliced experts), not one a parameter. */
 static double grad_norm(moert_exec *e, moert_status *st) {
   const moert_model *m = e->m;
   double repl = e->b->sumsq(e->grads, e->plan->repl_elems), own = 0;
+  int64_t run = 0, len = 0; /* the run of counted gradients not yet summed */
   for (int i = 0; i < m->nparams; i++) {
     const moert_param *g = &m->params[i];
     if (g->place == MOERT_PLACE_REPLICATED) continue;
     const moert_param_plan *pp = &e->plan->params[i];
     const moert_layer_plan *lp = &e->plan->layers[g->layer];
     if (g->place == MOERT_PLACE_EXPERT_REP && lp->shards > 1 && e->comm->rank % lp->shards != 0) continue;
-    own += e->b->sumsq(e->grads + pp->offset, pp->count);
+    if (len > 0 && run + len != pp->offset) {
+      own += e->b->sumsq(e->grads + run, len);
+      len = 0;
+    }
+    if (len == 0) run = pp->offset;
+    len += pp->count;
   }
+  if (len > 0) own += e->b->sumsq(e->grads + run, len);
   if (!e->comm->all_reduce_f64(e->comm, &own, 1, MOERT_RED_SUM, st)) {
     MOERT_UP(st);
     return NAN;
@@ -532,7 +565,7 @@ bool moert_exec_eval(moert_exec *e, moert_data *d, int64_t step, bool eval, doub
   double sum = 0;
   bool was = e->training;
   e->training = false; /* no gate noise */
-  bool ok = forward(e, eval ? 0 : step, false, &sum, st);
+  bool ok = forward(e, eval ? 0 : step, false, st) && read_values(e, &sum, st);
   e->training = was;
   if (!ok) return MOERT_UP(st);
   MOERT_TRY(st, timing_end(e, st));
@@ -552,11 +585,10 @@ bool moert_exec_logits(moert_exec *e, const int32_t *win, int64_t n, float *out,
   bool ok = e->b->upload(e->b, I(e, head, TOKENS), zeros, sizeof(int32_t) * (size_t)n, st);
   free(zeros);
   if (!ok) return MOERT_UP(st);
-  double sum;
   bool was = e->training;
   e->training = false;
   timing_begin(e);
-  ok = forward(e, 0, false, &sum, st) && timing_end(e, st);
+  ok = forward(e, 0, false, st) && timing_end(e, st);
   e->training = was;
   e->rows = e->plan->tokens;
   if (!ok) return MOERT_UP(st);
@@ -571,8 +603,9 @@ bool moert_exec_objective(moert_exec *e, moert_data *d, int64_t step, bool want_
   if (want_grad) e->b->zero(e->grads, sizeof(float) * (size_t)e->plan->param_elems);
   double sum = 0;
   timing_begin(e);
-  MOERT_TRY(st, forward(e, step, want_grad, &sum, st));
+  MOERT_TRY(st, forward(e, step, want_grad, st));
   if (want_grad) MOERT_TRY(st, backward(e, st) && reduce_grads(e, st));
+  MOERT_TRY(st, read_values(e, &sum, st));
   MOERT_TRY(st, timing_end(e, st));
   double stats[2] = {sum, e->aux};
   MOERT_TRY(st, e->comm->all_reduce_f64(e->comm, stats, 2, MOERT_RED_SUM, st));
@@ -593,9 +626,10 @@ bool moert_exec_train_step(moert_exec *e, moert_data *d, int64_t step, moert_ste
   b->zero(e->grads, sizeof(float) * (size_t)e->plan->param_elems);
   moert_trace_close(e->trace, b, span, "batch", "data", MOERT_TID_COMPUTE, step);
   double sum = 0;
-  MOERT_TRY(st, forward(e, step, true, &sum, st));
+  MOERT_TRY(st, forward(e, step, true, st));
   MOERT_TRY(st, backward(e, st));
   MOERT_TRY(st, reduce_grads(e, st));
+  MOERT_TRY(st, read_values(e, &sum, st));
 
   double stats[4] = {sum, e->aux, e->routed, e->dropped};
   MOERT_TRY(st, e->comm->all_reduce_f64(e->comm, stats, 4, MOERT_RED_SUM, st));
@@ -615,11 +649,13 @@ bool moert_exec_train_step(moert_exec *e, moert_data *d, int64_t step, moert_ste
    * the GPU; nothing waits for it here) */
   int u0 = b->mark(b, NULL);
   moert_nvtx_push("optimizer");
+  uint16_t *low = e->xdt == MOERT_BF16 ? e->wlow : NULL; /* rounded in the same pass */
   if (t->optimizer == MOERT_OPT_ADAM)
     b->adamw(e->params, e->grads, e->state, e->state + n, n, (float)lr, (float)t->beta1, (float)t->beta2,
-             (float)t->eps, (float)t->weight_decay, step);
+             (float)t->eps, (float)t->weight_decay, step, low);
   else
-    b->sgd(e->params, e->grads, n, (float)lr, (float)t->weight_decay);
+    b->sgd(e->params, e->grads, n, (float)lr, (float)t->weight_decay, low);
+  e->wlow_fresh = low != NULL;
   moert_nvtx_pop();
   int u1 = b->mark(b, NULL);
   moert_trace_marks(e->trace, u0, u1, "optimizer", "update", MOERT_TID_COMPUTE, step);

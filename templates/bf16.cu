@@ -10,18 +10,9 @@
 // kernels of dispatch.cu, 8 bf16 (16 bytes) at a time when dim % 8 == 0 and
 // the pointers are aligned; bias_add: blockIdx.y over rows of all blocks;
 // bias_grad: column partials in double finished by moert_k_colsum_add;
-// copy_blocks: as the fp32 one.
+// copy_blocks: as the fp32 one. moert_bf16 and its conversions are in
+// common.cuh (the optimizers of optim.cu write bf16 copies too).
 
-typedef unsigned short moert_bf16;
-
-__device__ __forceinline__ float moert_bf2f(moert_bf16 h) {
-  return __uint_as_float((unsigned)h << 16);
-}
-__device__ __forceinline__ moert_bf16 moert_f2bf(float f) {
-  unsigned u = __float_as_uint(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (moert_bf16)((u >> 16) | 0x40u);
-  return (moert_bf16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
 
 // ---------------------------------------------------------------- kernels
 

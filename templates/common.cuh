@@ -139,6 +139,19 @@ __device__ __forceinline__ long long moert_gstride() {
   return (long long)gridDim.x * blockDim.x;
 }
 
+// ---- bf16 as its 16 bits (bf16.cu, optim.cu): widened exactly, rounded to
+// nearest even (the cpu's moert_f32_to_bf16), NaN kept quiet
+typedef unsigned short moert_bf16;
+
+__device__ __forceinline__ float moert_bf2f(moert_bf16 h) {
+  return __uint_as_float((unsigned)h << 16);
+}
+__device__ __forceinline__ moert_bf16 moert_f2bf(float f) {
+  unsigned u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (moert_bf16)((u >> 16) | 0x40u);
+  return (moert_bf16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
 // ---- activations (act.cu, bf16.cu): fp32 math
 #define MOERT_GELU_K 0.7978845608028654f // sqrt(2/pi)
 #define MOERT_GELU_C 0.044715f

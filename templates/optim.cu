@@ -3,6 +3,10 @@
 // axpy, bias add and bias gradient, and C = beta C (a GEMM with nothing to
 // multiply). Semantics: runtime/cpu_ops.h and backend.h.
 //
+// The optimizers take `low`: when not null, they also store the updated
+// parameters rounded to bf16 there (the bf16 copy the expert GEMMs read), so
+// the masters are read once a step, not twice.
+//
 // Launch (runtime/backend_cuda.c): 1-D kernels 256 threads, grid-stride,
 // float4 when every pointer is 16-byte aligned; bias_add and scale_rows
 // blockIdx.x over the columns, blockIdx.y striding over the rows; bias_grad
@@ -25,12 +29,20 @@ __device__ __forceinline__ void moert_adamw1(float *p, float g, float *m, float 
   *p = *p - lr * upd;
 }
 
+// Four bf16 values stored as one 8-byte word.
+__device__ __forceinline__ void moert_store_bf16x4(moert_bf16 *low, long long i4, float4 v) {
+  uint2 w;
+  w.x = (unsigned)moert_f2bf(v.x) | (unsigned)moert_f2bf(v.y) << 16;
+  w.y = (unsigned)moert_f2bf(v.z) | (unsigned)moert_f2bf(v.w) << 16;
+  ((uint2 *)low)[i4] = w;
+}
+
 extern "C" __global__ void moert_k_adamw(float *p, const float *g, float *m, float *v,
                                          long long n, float lr, float b1, float b2, float eps,
-                                         float wd, float bc1, float bc2) {
+                                         float wd, float bc1, float bc2, moert_bf16 *low) {
   long long i0 = moert_gtid(), step = moert_gstride();
   long long n4 = moert_aligned16(p) && moert_aligned16(g) && moert_aligned16(m) &&
-                         moert_aligned16(v)
+                         moert_aligned16(v) && ((unsigned long long)low & 7) == 0
                      ? n / 4
                      : 0;
   for (long long i = i0; i < n4; i += step) {
@@ -43,16 +55,20 @@ extern "C" __global__ void moert_k_adamw(float *p, const float *g, float *m, flo
     ((float4 *)p)[i] = pp;
     ((float4 *)m)[i] = mm;
     ((float4 *)v)[i] = vv;
+    if (low) moert_store_bf16x4(low, i, pp);
   }
-  for (long long i = n4 * 4 + i0; i < n; i += step)
+  for (long long i = n4 * 4 + i0; i < n; i += step) {
     moert_adamw1(p + i, g[i], m + i, v + i, lr, b1, b2, eps, wd, bc1, bc2);
+    if (low) low[i] = moert_f2bf(p[i]);
+  }
 }
 
-// SGD: p -= lr * (g + wd * p).
+// SGD: p -= lr * (g + wd * p); low as for AdamW.
 extern "C" __global__ void moert_k_sgd(float *p, const float *g, long long n, float lr,
-                                       float wd) {
+                                       float wd, moert_bf16 *low) {
   long long i0 = moert_gtid(), step = moert_gstride();
-  long long n4 = moert_aligned16(p) && moert_aligned16(g) ? n / 4 : 0;
+  long long n4 =
+      moert_aligned16(p) && moert_aligned16(g) && ((unsigned long long)low & 7) == 0 ? n / 4 : 0;
   for (long long i = i0; i < n4; i += step) {
     float4 pp = ((float4 *)p)[i], gg = ((const float4 *)g)[i];
     pp.x -= lr * (gg.x + wd * pp.x);
@@ -60,8 +76,12 @@ extern "C" __global__ void moert_k_sgd(float *p, const float *g, long long n, fl
     pp.z -= lr * (gg.z + wd * pp.z);
     pp.w -= lr * (gg.w + wd * pp.w);
     ((float4 *)p)[i] = pp;
+    if (low) moert_store_bf16x4(low, i, pp);
   }
-  for (long long i = n4 * 4 + i0; i < n; i += step) p[i] -= lr * (g[i] + wd * p[i]);
+  for (long long i = n4 * 4 + i0; i < n; i += step) {
+    p[i] -= lr * (g[i] + wd * p[i]);
+    if (low) low[i] = moert_f2bf(p[i]);
+  }
 }
 
 // x *= s.

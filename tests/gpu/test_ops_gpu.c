@@ -92,6 +92,12 @@ static void *dev_alloc(size_t bytes) {
   return (char *)p + (misalign ? 4 : 0);
 }
 
+/* One double of device memory, 8-byte aligned even in the misaligned pass
+ * (the executor's scalars are aligned allocations). */
+static double *dev_scalar(void) {
+  return (double *)((uintptr_t)dev_alloc(sizeof(double)) & ~(uintptr_t)7);
+}
+
 static void upload(void *d, const void *h, size_t bytes) {
   moert_status st = {0};
   if (!gpu->upload(gpu, d, h, bytes, &st)) die("upload", &st);
@@ -618,6 +624,16 @@ static void t_aux_loss(int64_t E, bool coef) {
   float got = moert_backend_cuda_aux_loss(ssum.d, top1.d, coef ? dcoef.d : NULL, E, 1000.0);
   check_scalar("loss", got, want, 1e-6);
   check_f("dscore_coef", dcoef, TOL);
+  /* the table's aux_loss_to: the loss left in device memory */
+  float *out = dev_alloc(sizeof(float)), got_to = NAN;
+  fbuf dcoef2 = garbage(E);
+  float want_to = moert_cpu_aux_loss(ssum.h, top1.h, coef ? dcoef2.h : NULL, E, 1000.0), cpu_to = NAN;
+  cpu->aux_loss_to(ssum.h, top1.h, NULL, E, 1000.0, &cpu_to);
+  gpu->aux_loss_to(ssum.d, top1.d, coef ? dcoef2.d : NULL, E, 1000.0, out);
+  download(&got_to, out, sizeof got_to);
+  check_scalar("loss (aux_loss_to)", got_to, want_to, 1e-6);
+  check_scalar("loss (the cpu's aux_loss_to)", cpu_to, want_to, 0);
+  check_f("dscore_coef (aux_loss_to)", dcoef2, TOL);
   end();
 }
 
@@ -711,6 +727,14 @@ static void t_xent(int64_t rows, int64_t vocab, bool grad) {
   double got = gpu->xent(logits.d, target.d, grad ? dl.d : NULL, rows, vocab, scale);
   check_scalar("loss", got, want, 1e-6);
   check_f("dlogits", dl, TOL);
+  /* xent_to: the same sum left in device memory, the same dlogits */
+  double *out = dev_scalar(), got_to = NAN;
+  fbuf dl2 = garbage(rows * vocab);
+  double want_to = cpu->xent(logits.h, target.h, grad ? dl2.h : NULL, rows, vocab, scale);
+  gpu->xent_to(logits.d, target.d, grad ? dl2.d : NULL, rows, vocab, scale, out);
+  download(&got_to, out, sizeof got_to);
+  check_scalar("loss (xent_to)", got_to, want_to, 1e-6);
+  check_f("dlogits (xent_to)", dl2, TOL);
   end();
 }
 
@@ -721,10 +745,40 @@ static void t_mse(int64_t n, bool grad) {
   double got = gpu->mse(yhat.d, y.d, grad ? d.d : NULL, n, 0.125f);
   check_scalar("sum", got, want, 1e-9);
   check_f("dyhat", d, TOL);
+  double *out = dev_scalar(), got_to = NAN;
+  fbuf d2 = garbage(n);
+  double want_to = cpu->mse(yhat.h, y.h, grad ? d2.h : NULL, n, 0.125f);
+  gpu->mse_to(yhat.d, y.d, grad ? d2.d : NULL, n, 0.125f, out);
+  download(&got_to, out, sizeof got_to);
+  check_scalar("sum (mse_to)", got_to, want_to, 1e-9);
+  check_f("dyhat (mse_to)", d2, TOL);
   end();
 }
 
 /* --- optimizers --- */
+
+/* The optimizer's bf16 copy on the gpu is its own updated p rounded (bitwise),
+ * and the cpu's is the cpu's p rounded. */
+static void check_low(const char *what, fbuf p, const uint16_t *low_d, const uint16_t *low_h) {
+  checks++;
+  float *pg = malloc(sizeof(float) * (size_t)(p.n ? p.n : 1));
+  uint16_t *lg = malloc(sizeof(uint16_t) * (size_t)(p.n ? p.n : 1));
+  download(pg, p.d, sizeof(float) * (size_t)p.n);
+  download(lg, low_d, sizeof(uint16_t) * (size_t)p.n);
+  int64_t bad = 0, first = -1;
+  for (int64_t i = 0; i < p.n; i++)
+    if (lg[i] != moert_f32_to_bf16(pg[i]) || low_h[i] != moert_f32_to_bf16(p.h[i])) {
+      bad++;
+      if (first < 0) first = i;
+    }
+  if (bad) {
+    fail_header(what);
+    printf("    %lld of %lld differ; first [%lld]: gpu p %.9g copy 0x%04x, cpu p %.9g copy 0x%04x\n",
+           (long long)bad, (long long)p.n, (long long)first, pg[first], lg[first], p.h[first], low_h[first]);
+  }
+  free(pg);
+  free(lg);
+}
 
 static void t_optim(int64_t n) {
   begin("sumsq, scale, adamw, sgd n=%lld", (long long)n);
@@ -734,16 +788,20 @@ static void t_optim(int64_t n) {
   gpu->scale(x.d, n, 0.37f);
   check_f("scale", x, 0);
   fbuf p = fb(n, -1, 1), g = fb(n, -1, 1), m = fb(n, -0.1f, 0.1f), v = fb(n, 0, 0.01f);
+  /* the bf16 copy written in the same pass (step 7 and sgd), not at step 1 */
+  uint16_t *low = dev_alloc(sizeof(uint16_t) * (size_t)n), *lh = host_alloc(sizeof(uint16_t) * (size_t)n);
   for (int64_t step = 1; step <= 7; step += 6) {
-    cpu->adamw(p.h, g.h, m.h, v.h, n, 1e-3f, 0.9f, 0.999f, 1e-8f, 0.01f, step);
-    gpu->adamw(p.d, g.d, m.d, v.d, n, 1e-3f, 0.9f, 0.999f, 1e-8f, 0.01f, step);
+    cpu->adamw(p.h, g.h, m.h, v.h, n, 1e-3f, 0.9f, 0.999f, 1e-8f, 0.01f, step, step > 1 ? lh : NULL);
+    gpu->adamw(p.d, g.d, m.d, v.d, n, 1e-3f, 0.9f, 0.999f, 1e-8f, 0.01f, step, step > 1 ? low : NULL);
   }
   check_f("adamw p", p, TOL);
   check_f("adamw m", m, TOL);
   check_f("adamw v", v, TOL);
-  cpu->sgd(p.h, g.h, n, 0.1f, 0.01f);
-  gpu->sgd(p.d, g.d, n, 0.1f, 0.01f);
+  check_low("adamw's bf16 copy", p, low, lh);
+  cpu->sgd(p.h, g.h, n, 0.1f, 0.01f, lh);
+  gpu->sgd(p.d, g.d, n, 0.1f, 0.01f, low);
   check_f("sgd p", p, TOL);
+  check_low("sgd's bf16 copy", p, low, lh);
   end();
 }
 

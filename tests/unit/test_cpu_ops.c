@@ -1163,6 +1163,7 @@ static void test_optimizers(void) {
   enum { N = 37, STEPS = 5 };
   rng r = {0x0971};
   float p[N], m[N], v[N], g[N], ps[N];
+  uint16_t low[N], lows[N];
   double rp[N], rm[N], rv[N], rps[N];
   const float lr = 0.01f, b1 = 0.9f, b2 = 0.999f, eps = 1e-8f, wd = 0.1f;
   for (int i = 0; i < N; i++) {
@@ -1173,8 +1174,9 @@ static void test_optimizers(void) {
   }
   for (int step = 1; step <= STEPS; step++) {
     for (int i = 0; i < N; i++) g[i] = (float)(rng_nonzero(&r) * (i % 5 == 0 ? 1e-3 : 1));
-    moert_cpu_adamw(p, g, m, v, N, lr, b1, b2, eps, wd, step);
-    moert_cpu_sgd(ps, g, N, lr, wd);
+    /* the bf16 copy written in the same pass on odd steps (the last one is odd) */
+    moert_cpu_adamw(p, g, m, v, N, lr, b1, b2, eps, wd, step, step % 2 ? low : NULL);
+    moert_cpu_sgd(ps, g, N, lr, wd, step % 2 ? lows : NULL);
     for (int i = 0; i < N; i++) {
       rm[i] = b1 * rm[i] + (1 - (double)b1) * g[i];
       rv[i] = b2 * rv[i] + (1 - (double)b2) * g[i] * g[i];
@@ -1187,6 +1189,13 @@ static void test_optimizers(void) {
   check_f32("adamw: m", m, rm, N, 1e-5, 0);
   check_f32("adamw: v", v, rv, N, 1e-5, 0);
   check_f32("sgd: p after 5 steps", ps, rps, N, 1e-6, 0);
+  for (int i = 0; i < N; i++) {
+    float lp = moert_bf16_to_f32(low[i]), ls = moert_bf16_to_f32(lows[i]);
+    if (low[i] != moert_f32_to_bf16(p[i]) || !(fabs(lp - p[i]) <= 0x1p-8 * fabs(p[i])))
+      fail("adamw's bf16 copy [%d]: %g (0x%04x) of %g", i, lp, low[i], p[i]);
+    if (lows[i] != moert_f32_to_bf16(ps[i]) || !(fabs(ls - ps[i]) <= 0x1p-8 * fabs(ps[i])))
+      fail("sgd's bf16 copy [%d]: %g (0x%04x) of %g", i, ls, lows[i], ps[i]);
+  }
 
   float x[] = {1, -2, 3};
   if (moert_cpu_sumsq(x, 3) != 14) fail("sumsq: %g, want 14", moert_cpu_sumsq(x, 3));
@@ -1199,7 +1208,7 @@ static void test_optimizers(void) {
   if (!(fabs(got - want) <= 1e-10 * want))
     fail("sumsq of 2^20 x 0.1: %.15g, want %.15g", got, want);
   free(big);
-  printf("%-4s adamw, sgd vs double; sumsq, scale\n", failures == before ? "ok" : "FAIL");
+  printf("%-4s adamw, sgd vs double, their bf16 copies; sumsq, scale\n", failures == before ? "ok" : "FAIL");
 }
 
 int main(void) {
