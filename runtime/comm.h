@@ -34,6 +34,10 @@ struct moert_comm {
   const char *name;          /* "self", "mpi", "nccl" */
   int world, rank;
   int nodes, node, local_size, local_rank;
+  /* This process among the ranks of its machine (MPI's shared-memory split,
+   * whatever MOEC_LOCAL_SIZE simulates): what picks its GPU. Sub-comms keep
+   * their parent's. */
+  int host_rank, host_size;
 
   /* in place, over n elements */
   bool (*all_reduce_f64)(moert_comm *c, double *x, int64_t n, moert_red op, moert_status *st);

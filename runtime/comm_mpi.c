@@ -624,6 +624,8 @@ static bool world_setup(mpi_comm *mc, bool *consistent, moert_status *st) {
             MPIOK(st, MPI_Allreduce(&c->rank, &mine.shm_first, 1, MPI_INT, MPI_MIN, shm));
   MPI_Comm_free(&shm);
   if (!ok) return false;
+  c->host_rank = mine.shm_rank;
+  c->host_size = mine.shm_size;
 
   moert_mpi_rankinfo *all = malloc((size_t)c->world * sizeof *all);
   if (!all) return MOERT_FAIL(st, "out of memory for the topology of %d ranks", c->world);
@@ -687,6 +689,8 @@ static bool mpi_split(moert_comm *c, int color, int key, moert_comm **out, moert
   if (!mc) return MOERT_FAIL(st, "out of memory for a comm of split");
   moert_comm *k = &mc->pub;
   mc->im.max_count = im->max_count;
+  k->host_rank = c->host_rank;
+  k->host_size = c->host_size;
   int *node_of = NULL;
   bool ok = MPIOK(st, MPI_Comm_split(im->comm, color, key, &mc->im.comm)) &&
             MPIOK(st, MPI_Comm_set_errhandler(mc->im.comm, MPI_ERRORS_RETURN)) &&
