@@ -47,16 +47,21 @@ else()
   message(STATUS "NVTX: nvtx3/nvToolsExt.h not found; no NVTX ranges")
 endif()
 # comm_nccl.c opens libnccl.so.2 with dlopen the same way: nccl.h (and the
-# CUDA headers it includes) at build time, nothing NCCL at link time.
+# CUDA headers it includes) at build time, nothing NCCL at link time. The
+# decision is the interface target moert_nccl_headers (MOERT_HAVE_NCCL_HEADERS
+# and the include folders), so other code that calls NCCL by dlopen
+# (bench/gpu/a2a_bench.c) is built with NCCL exactly where the runtime is.
 find_path(MOEC_NCCL_INCLUDE nccl.h
   HINTS $ENV{NCCL_HOME}/include $ENV{NCCL_ROOT}/include ${MOEC_CUDA_INCLUDE} /usr/local/include /usr/include)
+add_library(moert_nccl_headers INTERFACE)
 if(MOEC_CUDA_INCLUDE AND MOEC_NCCL_INCLUDE AND EXISTS ${MOEC_CUDA_INCLUDE}/cuda_runtime.h)
   message(STATUS "nccl comm: nccl.h in ${MOEC_NCCL_INCLUDE} (libnccl.so.2 opened at run time)")
-  target_include_directories(moert SYSTEM PRIVATE ${MOEC_NCCL_INCLUDE})
-  target_compile_definitions(moert PRIVATE MOERT_HAVE_NCCL_HEADERS)
+  target_include_directories(moert_nccl_headers SYSTEM INTERFACE ${MOEC_NCCL_INCLUDE} ${MOEC_CUDA_INCLUDE})
+  target_compile_definitions(moert_nccl_headers INTERFACE MOERT_HAVE_NCCL_HEADERS)
 else()
   message(STATUS "nccl comm: nccl.h or the CUDA headers not found; built without it")
 endif()
+target_link_libraries(moert PRIVATE moert_nccl_headers)
 target_link_libraries(moert PUBLIC m ${CMAKE_DL_LIBS})
 set(MOERT_LINK_LIBS "-lm;-ldl")
 if(MOEC_CBLAS AND CBLAS_INCLUDE AND OPENBLAS_LIB)
