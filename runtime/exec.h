@@ -65,6 +65,12 @@ typedef struct moert_exec {
   const float **stack;/* residual inputs during forward */
   int64_t *capacity;  /* [nlayers] C used by each MoE layer in the last forward */
   int64_t *keep;      /* [nlayers] the claims each MoE layer kept per expert (<= C) */
+  /* The ranges of the gradient buffer a step zeroes (offset, count in
+   * floats; merged, by offset): every parameter's but those the backward
+   * writes whole before adding to them (weights of dense FFNs, the head and
+   * the experts: their first GEMM runs with beta 0). */
+  int64_t (*zero_runs)[2];
+  int nzero_runs;
   /* Values of the last forward left in backend memory, read at the step's
    * end (moert_moe_read_stats, step.c): the loss sum (divided by loss_div
    * on the host) and each MoE layer's aux loss, [nlayers]. */

@@ -121,7 +121,10 @@ void moert_moe_teardown(moert_exec *e) {
 
 typedef struct expert_params {
   const void *w1, *b1, *w2, *b2; /* [n, M, H1x], [n, H1x], [n, Hx, M], [n, M] (type dt); b NULL: none */
-  float *dw1, *db1, *dw2, *db2;  /* their gradients (fp32, accumulated); db NULL: not wanted */
+  /* their gradients (fp32): the weights' written by the first chunk's GEMM
+   * (beta 0) and accumulated by later chunks, the biases accumulated into
+   * zeroed buffers; db NULL: not wanted */
+  float *dw1, *db1, *dw2, *db2;
   int64_t n, hx;                 /* experts, hidden width here (H / r) */
 } expert_params;
 
@@ -166,19 +169,27 @@ static void experts_fwd(moert_backend *b, moert_dt dt, const moert_layer *l, con
 }
 
 /* dy -> dx (written); parameter gradients accumulate. dea and deh are scratch. */
+/* The experts' backward over `rows` rows each. beta 0: the weight gradients
+ * are written (the first chunk of a step), 1: added to. */
 static void experts_bwd(moert_backend *b, moert_dt dt, const moert_layer *l, const expert_params *p,
                         int64_t M, int64_t rows, const void *x, const void *eh, const void *ea,
-                        const void *dy, void *dea, void *deh, void *dx) {
+                        const void *dy, void *dea, void *deh, void *dx, float beta) {
   bool swiglu = l->act == MOERT_ACT_SWIGLU;
   int64_t hx = p->hx, h1 = swiglu ? 2 * hx : hx, n = p->n;
-  if (rows == 0) return;
+  if (rows == 0) {
+    if (beta == 0) { /* no rows: zero gradients, written all the same */
+      b->zero(p->dw1, sizeof(float) * (size_t)(n * M * h1));
+      b->zero(p->dw2, sizeof(float) * (size_t)(n * hx * M));
+    }
+    return;
+  }
   if (p->db2) b->bias_grad_t(dt, p->db2, dy, n, rows, M);
-  gemm_t(b, true, false, hx, M, rows, n, dt, ea, dy, 1, MOERT_F32, p->dw2, NULL, MOERT_EPI_NONE, NULL);
+  gemm_t(b, true, false, hx, M, rows, n, dt, ea, dy, beta, MOERT_F32, p->dw2, NULL, MOERT_EPI_NONE, NULL);
   gemm_t(b, false, true, rows, hx, M, n, dt, dy, p->w2, 0, dt, dea, NULL, MOERT_EPI_NONE, NULL);
   if (swiglu) b->swiglu_bwd_t(dt, eh, dea, deh, n * rows, hx);
   else b->act_bwd_t(dt, (moert_act)l->act, fc1_epilogue(l) == MOERT_EPI_RELU ? ea : eh, dea, deh, n * rows * hx);
   if (p->db1) b->bias_grad_t(dt, p->db1, deh, n, rows, h1);
-  gemm_t(b, true, false, M, h1, rows, n, dt, x, deh, 1, MOERT_F32, p->dw1, NULL, MOERT_EPI_NONE, NULL);
+  gemm_t(b, true, false, M, h1, rows, n, dt, x, deh, beta, MOERT_F32, p->dw1, NULL, MOERT_EPI_NONE, NULL);
   gemm_t(b, false, true, rows, M, h1, n, dt, deh, p->w1, 0, dt, dx, NULL, MOERT_EPI_NONE, NULL);
 }
 
@@ -279,7 +290,8 @@ static bool gather_all(moert_exec *e, int li, const layer_geom *g, moert_status 
 }
 
 /* r = 0, backward: the gathered gradients back to their owners (summed over
- * ranks), added to the local gradients. */
+ * ranks): the weights' written into the local gradients (which the step does
+ * not zero: moert_moe_grad_written), the biases' added. */
 static bool scatter_all(moert_exec *e, int li, const layer_geom *g, moert_status *st) {
   const moert_layer *l = &e->m->layers[li];
   moert_backend *b = e->b;
@@ -295,7 +307,8 @@ static bool scatter_all(moert_exec *e, int li, const layer_geom *g, moert_status
     for (int i = 0; i < 4; i++) {
       if ((i == 1 || i == 3) && !l->bias) continue;
       MOERT_TRY(st, c->reduce_scatter_f32(c, dgw + off[i], tmp, n[i], st));
-      b->axpy(G_(e, l, k[i]), tmp, 1, n[i]);
+      if (i == 0 || i == 2) b->copy(G_(e, l, k[i]), tmp, n[i]); /* the weights' are not zeroed */
+      else b->axpy(G_(e, l, k[i]), tmp, 1, n[i]);
     }
     return true;
   }
@@ -305,7 +318,7 @@ static bool scatter_all(moert_exec *e, int li, const layer_geom *g, moert_status
     join_slices(b, MOERT_F32, dgw + off[0] + x * g->M * g->H1, slices + x * g->S * g->M * h1l, g->S, g->M, g->Hl,
                 g->halves, true);
   MOERT_TRY(st, c->reduce_scatter_f32(c, slices, mine, g->M * h1l, st));
-  b->axpy(G_(e, l, g->kexp), mine, 1, g->M * h1l);
+  b->copy(G_(e, l, g->kexp), mine, g->M * h1l);
   if (l->bias) {
     for (int64_t x = 0; x < g->E; x++)
       join_slices(b, MOERT_F32, dgw + off[1] + x * g->H1, slices + x * g->S * h1l, g->S, 1, g->Hl, g->halves, true);
@@ -313,7 +326,7 @@ static bool scatter_all(moert_exec *e, int li, const layer_geom *g, moert_status
     b->axpy(G_(e, l, g->kexp + 1), mine, 1, h1l);
   }
   MOERT_TRY(st, c->reduce_scatter_f32(c, dgw + off[2], mine, g->Hl * g->M, st));
-  b->axpy(G_(e, l, kw2), mine, 1, g->Hl * g->M);
+  b->copy(G_(e, l, kw2), mine, g->Hl * g->M);
   if (l->bias) { /* every rank of expert x's group gets the whole sum */
     for (int64_t j = 0; j < g->S; j++)
       b->copy_blocks(slices + j * g->M, g->S * g->M, dgw + off[3], g->M, g->E, g->M, false);
@@ -351,14 +364,14 @@ static bool scatter_class(moert_exec *e, int li, const layer_geom *g, int r, moe
   gw_layout(g, l, 1, g->H / r, off);
   join_slices(b, MOERT_F32, dgw + off[0], slices, P, g->M, g->Hl, g->halves, true);
   MOERT_TRY(st, c->reduce_scatter_f32(c, slices, mine, g->M * h1l, st));
-  b->axpy(G_(e, l, g->kexp), mine, 1, g->M * h1l);
+  b->copy(G_(e, l, g->kexp), mine, g->M * h1l);
   if (l->bias) {
     join_slices(b, MOERT_F32, dgw + off[1], slices, P, 1, g->Hl, g->halves, true);
     MOERT_TRY(st, c->reduce_scatter_f32(c, slices, mine, h1l, st));
     b->axpy(G_(e, l, g->kexp + 1), mine, 1, h1l);
   }
   MOERT_TRY(st, c->reduce_scatter_f32(c, dgw + off[2], mine, g->Hl * g->M, st));
-  b->axpy(G_(e, l, g->kexp + (l->bias ? 2 : 1)), mine, 1, g->Hl * g->M);
+  b->copy(G_(e, l, g->kexp + (l->bias ? 2 : 1)), mine, g->Hl * g->M);
   return true;
 }
 
@@ -508,7 +521,8 @@ static void work_chunk(pass_ctx *c, int64_t i, const void *rows_in, void *rows_o
   } else {
     void *dey = AT(g, S(e, li, EY), i * x->chunk), *dex = AT(g, S(e, li, DEX), i * x->chunk);
     to_experts(e->b, x, g, rows_in, dey, false);
-    experts_bwd(e->b, g->dt, l, &c->p, g->M, rows, ex, eh, ea, dey, S(e, li, DEA), S(e, li, DEH), dex);
+    experts_bwd(e->b, g->dt, l, &c->p, g->M, rows, ex, eh, ea, dey, S(e, li, DEA), S(e, li, DEH), dex,
+                i == 0 ? 0.0f : 1.0f);
     to_experts(e->b, x, g, dex, rows_out, true);
   }
 }
@@ -688,6 +702,11 @@ static bool aux_loss(moert_exec *e, int li, const layer_geom *g, moert_status *s
   return true;
 }
 
+bool moert_moe_grad_written(const moert_layer *l, int k) {
+  int kexp = l->gate == MOERT_GATE_COSINE ? 4 : 1, kw2 = kexp + (l->bias ? 2 : 1);
+  return k == kexp || k == kw2;
+}
+
 bool moert_moe_read_stats(moert_exec *e, moert_status *st) {
   const moert_model *m = e->m;
   moert_backend *b = e->b;
@@ -782,19 +801,19 @@ bool moert_moe_bwd(moert_exec *e, int li, moert_status *st) {
                    S(e, li, DGATE), T, K, E, C, M);
   close_span(e, span, "bwd combine", "combine", MOERT_TID_COMPUTE);
   bool gathered = v->r == 0 || v->r < g.S;
-  if (gathered && lp->s[MOERT_S_DGW] >= 0) {
-    int64_t n = 0;
+  if (gathered && lp->s[MOERT_S_DGW] >= 0 && l->bias) {
+    /* the gathered biases' gradients accumulate; the weights' are written */
     expert_params p0 = params_for(e, li, &g, v);
     int64_t off[4];
     gw_layout(&g, l, p0.n, p0.hx, off);
-    n = off[3] + (l->bias ? p0.n * M : 0);
-    b->zero(S(e, li, DGW), sizeof(float) * (size_t)n);
+    b->zero(S(e, li, DGW) + off[1], sizeof(float) * (size_t)(off[2] - off[1]));
+    b->zero(S(e, li, DGW) + off[3], sizeof(float) * (size_t)(p0.n * M));
   }
   expert_params p = params_for(e, li, &g, v);
   if (v->r == 0 || e->comm->world == 1) {
     span = open_span(e, "bwd experts");
     experts_bwd(b, g.dt, l, &p, M, C, F(e, li, SRC), F(e, li, EH), F(e, li, EA), S(e, li, DSRCY), S(e, li, DEA),
-                S(e, li, DEH), S(e, li, DSRC));
+                S(e, li, DEH), S(e, li, DSRC), 0.0f);
     close_span(e, span, "bwd experts", "experts", MOERT_TID_COMPUTE);
     if (v->r == 0) {
       span = open_span(e, "bwd scatter experts");

@@ -21,6 +21,11 @@ void moert_moe_teardown(moert_exec *e);
  * e->variant[li] (chosen by pick(li, bucket) once the capacity is known);
  * output in the layer's OUT buffer. */
 bool moert_moe_fwd(moert_exec *e, int li, const float *x, int64_t step, moert_status *st);
+/* Whether the backward writes the gradient of the layer's parameter k (its
+ * index among the layer's) whole before anything is added to it, in every
+ * variant: the expert weights (fc1_w, fc2_w), whose first GEMM runs with
+ * beta 0; the step does not zero those. */
+bool moert_moe_grad_written(const moert_layer *l, int k);
 /* The statistics of the last forward that stayed on the device, read once
  * at the step's end: each MoE layer's claim counts (e->load, e->routed,
  * e->dropped against the capacity it kept) and its aux loss (the weighted

@@ -61,6 +61,58 @@ static bool init_params(moert_exec *e, moert_status *st) {
   return ok ? true : MOERT_UP(st);
 }
 
+/* Whether the backward writes parameter i's gradient whole (beta 0) before
+ * anything adds to it. */
+static bool grad_written(const moert_model *m, int i) {
+  const moert_layer *l = &m->layers[m->params[i].layer];
+  int k = i - l->param_first;
+  switch (l->kind) {
+  case MOERT_L_FFN: return k == 0 || k == 2;
+  case MOERT_L_HEAD_XENT: return k == 0;
+  case MOERT_L_MOE: return moert_moe_grad_written(l, k);
+  default: return false;
+  }
+}
+
+static int by_offset(const void *a, const void *b) {
+  const int64_t *x = a, *y = b;
+  return (x[0] > y[0]) - (x[0] < y[0]);
+}
+
+/* e->zero_runs: the gradients a step zeroes, merged where adjacent. */
+static bool plan_zeroing(moert_exec *e, moert_status *st) {
+  const moert_model *m = e->m;
+  int64_t (*r)[2] = calloc((size_t)m->nparams + 1, sizeof *r);
+  if (!r) return MOERT_FAIL(st, "out of memory");
+  int n = 0;
+  for (int i = 0; i < m->nparams; i++) {
+    const moert_param_plan *pp = &e->plan->params[i];
+    if (pp->count > 0 && !grad_written(m, i)) {
+      r[n][0] = pp->offset;
+      r[n][1] = pp->count;
+      n++;
+    }
+  }
+  qsort(r, (size_t)n, sizeof *r, by_offset);
+  int k = 0;
+  for (int i = 0; i < n; i++) {
+    if (k > 0 && r[k - 1][0] + r[k - 1][1] == r[i][0]) r[k - 1][1] += r[i][1];
+    else {
+      r[k][0] = r[i][0];
+      r[k][1] = r[i][1];
+      k++;
+    }
+  }
+  e->zero_runs = r;
+  e->nzero_runs = k;
+  return true;
+}
+
+static void zero_grads(moert_exec *e) {
+  for (int i = 0; i < e->nzero_runs; i++)
+    e->b->zero(e->grads + e->zero_runs[i][0], sizeof(float) * (size_t)e->zero_runs[i][1]);
+}
+
 int64_t moert_exec_bytes(const moert_plan *plan, bool training) {
   int64_t TM = plan->tokens * plan->model->dim;
   int64_t elems = plan->param_elems + plan->act_elems + plan->int_elems + plan->scratch_elems + TM;
@@ -174,7 +226,7 @@ bool moert_exec_create(moert_exec **out, const moert_model *m, moert_plan *plan,
     for (int i = 0; i < plan->max_res_depth; i++) ALLOC(e->skip[i], TM);
   }
 #undef ALLOC
-  if (!init_params(e, st) || !moert_moe_setup(e, st)) {
+  if (!init_params(e, st) || !plan_zeroing(e, st) || !moert_moe_setup(e, st)) {
     moert_exec_destroy(e);
     return MOERT_UP(st);
   }
@@ -205,6 +257,7 @@ void moert_exec_destroy(moert_exec *e) {
   free(e->stack);
   free(e->capacity);
   free(e->keep);
+  free(e->zero_runs);
   free(e->load);
   free(e->variant);
   free(e->layer_ms);
@@ -405,7 +458,7 @@ static bool backward(moert_exec *e, moert_status *st) {
     switch (l->kind) {
     case MOERT_L_MSE: break; /* dcur was written by the loss */
     case MOERT_L_HEAD_XENT:
-      b->gemm(true, false, M, m->vocab, T, 1, x, M, S(e, li, DLOGITS), m->vocab, 1, G(e, l, 0), m->vocab);
+      b->gemm(true, false, M, m->vocab, T, 1, x, M, S(e, li, DLOGITS), m->vocab, 0, G(e, l, 0), m->vocab);
       b->gemm(false, true, T, M, m->vocab, 1, S(e, li, DLOGITS), m->vocab, P(e, l, 0), m->vocab, 0, e->dcur, M);
       break;
     case MOERT_L_RES_END:
@@ -428,24 +481,24 @@ static bool backward(moert_exec *e, moert_status *st) {
         const moert_dt B16 = MOERT_BF16;
         b->bias_grad(G(e, l, 3), e->dcur, T, M);
         b->convert(S(e, li, DYB), B16, e->dcur, MOERT_F32, T * M);
-        gemm1(b, true, false, H, M, T, B16, F(e, li, A), S(e, li, DYB), 1, MOERT_F32, G(e, l, 2), NULL);
+        gemm1(b, true, false, H, M, T, B16, F(e, li, A), S(e, li, DYB), 0, MOERT_F32, G(e, l, 2), NULL);
         gemm1(b, false, true, T, H, M, B16, S(e, li, DYB), PL(e, l, 2), 0, B16, S(e, li, DA), NULL);
         if (l->act == MOERT_ACT_SWIGLU) b->swiglu_bwd_t(B16, F(e, li, H), S(e, li, DA), S(e, li, DH), T, H);
         else b->act_bwd_t(B16, (moert_act)l->act, F(e, li, H), S(e, li, DA), S(e, li, DH), T * H);
         b->bias_grad_t(B16, G(e, l, 1), S(e, li, DH), 1, T, H1);
         b->convert(S(e, li, XB), B16, x, MOERT_F32, T * M);
-        gemm1(b, true, false, M, H1, T, B16, S(e, li, XB), S(e, li, DH), 1, MOERT_F32, G(e, l, 0), NULL);
+        gemm1(b, true, false, M, H1, T, B16, S(e, li, XB), S(e, li, DH), 0, MOERT_F32, G(e, l, 0), NULL);
         gemm1(b, false, true, T, M, H1, B16, S(e, li, DH), PL(e, l, 0), 0, MOERT_F32, e->dnext, NULL);
         swap(e);
         break;
       }
       b->bias_grad(G(e, l, 3), e->dcur, T, M);
-      b->gemm(true, false, H, M, T, 1, F(e, li, A), H, e->dcur, M, 1, G(e, l, 2), M);
+      b->gemm(true, false, H, M, T, 1, F(e, li, A), H, e->dcur, M, 0, G(e, l, 2), M);
       b->gemm(false, true, T, H, M, 1, e->dcur, M, P(e, l, 2), M, 0, S(e, li, DA), H);
       if (l->act == MOERT_ACT_SWIGLU) b->swiglu_bwd(F(e, li, H), S(e, li, DA), S(e, li, DH), T, H);
       else b->act_bwd((moert_act)l->act, F(e, li, H), S(e, li, DA), S(e, li, DH), T * H);
       b->bias_grad(G(e, l, 1), S(e, li, DH), T, H1);
-      b->gemm(true, false, M, H1, T, 1, x, M, S(e, li, DH), H1, 1, G(e, l, 0), H1);
+      b->gemm(true, false, M, H1, T, 1, x, M, S(e, li, DH), H1, 0, G(e, l, 0), H1);
       b->gemm(false, true, T, M, H1, 1, S(e, li, DH), H1, P(e, l, 0), H1, 0, e->dnext, M);
       swap(e);
       break;
@@ -600,7 +653,7 @@ bool moert_exec_objective(moert_exec *e, moert_data *d, int64_t step, bool want_
                           double *objective, moert_status *st) {
   e->rows = e->plan->tokens;
   MOERT_TRY(st, load_batch(e, d, step, false, st));
-  if (want_grad) e->b->zero(e->grads, sizeof(float) * (size_t)e->plan->param_elems);
+  if (want_grad) zero_grads(e);
   double sum = 0;
   timing_begin(e);
   MOERT_TRY(st, forward(e, step, want_grad, st));
@@ -623,7 +676,7 @@ bool moert_exec_train_step(moert_exec *e, moert_data *d, int64_t step, moert_ste
   timing_begin(e);
   int span = moert_trace_open(e->trace, b, "batch");
   MOERT_TRY(st, load_batch(e, d, step, false, st));
-  b->zero(e->grads, sizeof(float) * (size_t)e->plan->param_elems);
+  zero_grads(e);
   moert_trace_close(e->trace, b, span, "batch", "data", MOERT_TID_COMPUTE, step);
   double sum = 0;
   MOERT_TRY(st, forward(e, step, true, st));

@@ -91,6 +91,27 @@ static int run_case(const gcase *c) {
   unsigned long r0 = routing(e);
   float *grad = malloc(sizeof(float) * (size_t)p->param_elems);
   memcpy(grad, e->grads, sizeof(float) * (size_t)p->param_elems);
+  /* The same gradient again, bitwise: a step zeroes only the gradients its
+   * backward does not write whole (step.c's zero_runs), so one it forgot
+   * would hold the sum of both evaluations here. */
+  double f1;
+  if (!moert_exec_objective(e, data, 1, true, &f1, &st)) {
+    fprintf(stderr, "FAIL %s: %s\n", c->name, st.msg);
+    free(grad);
+    goto out;
+  }
+  for (int i = 0; i < m->nparams; i++) {
+    const moert_param_plan *pp = &p->params[i];
+    int64_t bad = 0;
+    for (int64_t j = pp->offset; j < pp->offset + pp->count; j++) bad += e->grads[j] != grad[j];
+    if (bad || f1 != f0) {
+      fprintf(stderr, "FAIL %s: a second evaluation of the gradient differs: %s, %lld of %lld elements%s\n",
+              c->name, m->params[i].name, (long long)bad, (long long)pp->count,
+              f1 != f0 ? " (and the objective)" : "");
+      free(grad);
+      goto out;
+    }
+  }
   double num2 = 0, den2 = 0, worst = 0;
   int checked = 0, skipped = 0, worst_param = -1;
   const float eps = 1e-2f;
