@@ -503,6 +503,8 @@ static bool set_topology(moert_comm *c, int L, moert_status *st) {
   c->nodes = c->world / L;
   c->node = c->rank / L;
   c->local_rank = c->rank % L;
+  c->host_rank = c->local_rank; /* the world comm's: set by world_setup */
+  c->host_size = L;
   if (!two_level(c)) return true;
   MPICHECK(st, MPI_Comm_split(im->comm, c->node, c->local_rank, &im->node_comm));
   MPICHECK(st, MPI_Comm_split(im->comm, c->local_rank, c->node, &im->cross_comm));
@@ -634,7 +636,10 @@ static bool world_setup(mpi_comm *mc, bool *consistent, moert_status *st) {
     ok = false;
   }
   free(all);
-  return ok && set_topology(c, L, st);
+  if (!ok || !set_topology(c, L, st)) return false;
+  c->host_rank = mine.shm_rank;
+  c->host_size = mine.shm_size;
+  return true;
 }
 
 bool moert_comm_mpi_create(int *argc, char ***argv, moert_comm **out, moert_status *st) {

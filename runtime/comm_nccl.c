@@ -573,6 +573,7 @@ static nccl_comm *comm_new(moert_comm *host, bool owns_host, moert_backend *b) {
   *c = (moert_comm){
       .name = "nccl", .world = host->world, .rank = host->rank, .nodes = host->nodes,
       .node = host->node, .local_size = host->local_size, .local_rank = host->local_rank,
+      .host_rank = host->host_rank, .host_size = host->host_size,
       .all_reduce_f64 = nccl_all_reduce_f64, .all_reduce_f32 = nccl_all_reduce_f32,
       .all_reduce_i64 = nccl_all_reduce_i64, .all_gather_f32 = nccl_all_gather,
       .reduce_scatter_f32 = nccl_reduce_scatter, .broadcast = nccl_broadcast, .gather = nccl_gather,

@@ -73,6 +73,7 @@ static moert_comm self_comm = {
     .nodes = 1,
     .node = 0,
     .local_size = 1,
+    .host_size = 1,
     .local_rank = 0,
     .all_reduce_f64 = self_f64,
     .all_reduce_f32 = self_f32,

@@ -142,6 +142,7 @@ static bool wrap(moert_comm *inner, moert_backend *b, bool owns_inner, moert_com
   *c = (moert_comm){
       .name = inner->name, .world = inner->world, .rank = inner->rank, .nodes = inner->nodes,
       .node = inner->node, .local_size = inner->local_size, .local_rank = inner->local_rank,
+      .host_rank = inner->host_rank, .host_size = inner->host_size,
       .all_reduce_f64 = st_f64, .all_reduce_f32 = st_f32, .all_reduce_i64 = st_i64,
       .all_gather_f32 = st_all_gather, .reduce_scatter_f32 = st_reduce_scatter, .broadcast = st_broadcast,
       .gather = st_gather, .all_to_all_f32 = st_a2a, .all_to_allv_f32 = st_a2av,

@@ -523,9 +523,10 @@ int moert_main(const moert_model *m, int argc, char **argv) {
   }
   moert_backend *b = moert_backend_cpu();
   if (want_cuda) {
-    /* one GPU per rank on a host, round robin (several ranks may share one) */
+    /* one GPU per rank on a host, round robin (several ranks may share one);
+     * by the rank's place on its machine, not MOEC_LOCAL_SIZE's node */
     int gpus = moert_cuda_device_count();
-    int device = gpus > 0 ? comm->local_rank % gpus : 0;
+    int device = gpus > 0 ? comm->host_rank % gpus : 0;
     bool ok = moert_backend_cuda_create(&b, device, o.kernel_cache, !o.no_kernel_cache, m->kernels_cu, &st);
     /* nccl by default where it can run: several ranks, every one with a GPU
      * of its own (by PCI bus id, so ranks that MOEC_LOCAL_SIZE puts on other

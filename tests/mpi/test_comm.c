@@ -243,6 +243,7 @@ static moert_comm *view_create(moert_comm *inner, moert_backend *b) {
   v->pub = (moert_comm){
       .name = inner->name, .world = inner->world, .rank = inner->rank, .nodes = inner->nodes,
       .node = inner->node, .local_size = inner->local_size, .local_rank = inner->local_rank,
+      .host_rank = inner->host_rank, .host_size = inner->host_size,
       .all_reduce_f64 = view_f64, .all_reduce_f32 = view_f32, .all_reduce_i64 = view_i64,
       .all_gather_f32 = view_all_gather, .reduce_scatter_f32 = view_reduce_scatter,
       .broadcast = view_broadcast, .gather = view_gather, .all_to_all_f32 = view_a2a,
@@ -902,7 +903,7 @@ int main(int argc, char **argv) {
     /* every rank skips alike: a GPU each (or GPU 0 for all), and NCCL */
     const char *why = !moert_cuda_available()  ? "no GPU found"
                       : !moert_nccl_available() ? "libnccl.so.2 could not be loaded"
-                      : !shared && c->local_size > moert_cuda_device_count()
+                      : !shared && c->host_size > moert_cuda_device_count()
                           ? "fewer GPUs than ranks on a node (the nccl comm needs one GPU per rank)"
                           : NULL;
     int skip = why != NULL, any = 0;
@@ -912,7 +913,7 @@ int main(int argc, char **argv) {
       moert_comm_mpi_finalize(c);
       return 77;
     }
-    TRY(moert_backend_cuda_create(&gpu, shared ? 0 : c->local_rank, NULL, true, NULL, &g_st));
+    TRY(moert_backend_cuda_create(&gpu, shared ? 0 : c->host_rank, NULL, true, NULL, &g_st));
     if (shared) {
       int rc = nccl_shared(c, gpu);
       moert_backend_cuda_destroy(gpu);
@@ -943,6 +944,9 @@ int main(int argc, char **argv) {
              c->nodes != mw / want_local || c->node != mr / want_local ||
              c->local_rank != mr % want_local || strcmp(c->name, g_name) != 0,
          now());
+  /* one machine: the place on it (the GPU a rank takes) is the world rank,
+   * whatever nodes MOEC_LOCAL_SIZE makes */
+  report("world", "host rank and size", mw, c->host_rank != mr || c->host_size != mw, now());
 
   static const int64_t sizes[] = {0, 1, 7, 1000, 4099};
   check_sizes(c, 0, sizes, 5, "");
