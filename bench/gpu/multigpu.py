@@ -203,6 +203,14 @@ def human_bytes(b):
     return f"{b:.0f} B"
 
 
+def human_bin(b):
+    """A message size as a2a_bench sweeps them (powers of two): KiB, MiB, GiB."""
+    for unit, d in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if b >= d:
+            return f"{b / d:g} {unit}"
+    return f"{b} B"
+
+
 def failed(runs):
     return [r for r in runs if r["rc"] not in (0, "0")]
 
@@ -309,7 +317,7 @@ def section_a2a(runs, out):
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * len(head))
         for x in rows:
-            cells = [human_bytes(x[size])] if size else []
+            cells = [human_bin(x[size])] if size else []
             cells += [fmt(x[k]) if isinstance(x.get(k), float) else str(x.get(k, "-")) for k in keys]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
