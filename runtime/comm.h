@@ -14,7 +14,8 @@
  * Ranks are numbered node-major: rank = node * local_size + local_rank. The
  * node of a rank comes from MPI's shared-memory split, or from the
  * environment variable MOEC_LOCAL_SIZE=n (ranks [0, n) are node 0, [n, 2n)
- * node 1, ...), so tests can simulate several nodes on one machine. */
+ * node 1, ...), so tests can simulate several nodes on one machine;
+ * host_rank is where a rank really is. */
 #ifndef MOERT_COMM_H
 #define MOERT_COMM_H
 
@@ -34,9 +35,11 @@ struct moert_comm {
   const char *name;          /* "self", "mpi", "nccl" */
   int world, rank;
   int nodes, node, local_size, local_rank;
-  /* This process among the ranks of its machine (MPI's shared-memory split,
-   * whatever MOEC_LOCAL_SIZE simulates): what picks its GPU. Sub-comms keep
-   * their parent's. */
+  /* This rank's index among the ranks on its machine, and their number, from
+   * MPI's shared-memory split whatever MOEC_LOCAL_SIZE says: the GPU a rank
+   * takes (ranks that MOEC_LOCAL_SIZE puts on other nodes of one machine
+   * still need GPUs of their own). Those of the comm a split made are its
+   * local_rank and local_size. */
   int host_rank, host_size;
 
   /* in place, over n elements */

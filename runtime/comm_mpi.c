@@ -503,6 +503,8 @@ static bool set_topology(moert_comm *c, int L, moert_status *st) {
   c->nodes = c->world / L;
   c->node = c->rank / L;
   c->local_rank = c->rank % L;
+  c->host_rank = c->local_rank; /* the world comm's: set by world_setup */
+  c->host_size = L;
   if (!two_level(c)) return true;
   MPICHECK(st, MPI_Comm_split(im->comm, c->node, c->local_rank, &im->node_comm));
   MPICHECK(st, MPI_Comm_split(im->comm, c->local_rank, c->node, &im->cross_comm));
@@ -624,8 +626,6 @@ static bool world_setup(mpi_comm *mc, bool *consistent, moert_status *st) {
             MPIOK(st, MPI_Allreduce(&c->rank, &mine.shm_first, 1, MPI_INT, MPI_MIN, shm));
   MPI_Comm_free(&shm);
   if (!ok) return false;
-  c->host_rank = mine.shm_rank;
-  c->host_size = mine.shm_size;
 
   moert_mpi_rankinfo *all = malloc((size_t)c->world * sizeof *all);
   if (!all) return MOERT_FAIL(st, "out of memory for the topology of %d ranks", c->world);
@@ -636,7 +636,10 @@ static bool world_setup(mpi_comm *mc, bool *consistent, moert_status *st) {
     ok = false;
   }
   free(all);
-  return ok && set_topology(c, L, st);
+  if (!ok || !set_topology(c, L, st)) return false;
+  c->host_rank = mine.shm_rank;
+  c->host_size = mine.shm_size;
+  return true;
 }
 
 bool moert_comm_mpi_create(int *argc, char ***argv, moert_comm **out, moert_status *st) {
@@ -689,8 +692,6 @@ static bool mpi_split(moert_comm *c, int color, int key, moert_comm **out, moert
   if (!mc) return MOERT_FAIL(st, "out of memory for a comm of split");
   moert_comm *k = &mc->pub;
   mc->im.max_count = im->max_count;
-  k->host_rank = c->host_rank;
-  k->host_size = c->host_size;
   int *node_of = NULL;
   bool ok = MPIOK(st, MPI_Comm_split(im->comm, color, key, &mc->im.comm)) &&
             MPIOK(st, MPI_Comm_set_errhandler(mc->im.comm, MPI_ERRORS_RETURN)) &&

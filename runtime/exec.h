@@ -92,6 +92,10 @@ typedef struct moert_exec {
   int *layer_marks;   /* [4 nlayers] */
   moert_pick_fn pick; /* NULL: the first candidate */
   void *pick_ctx;
+  /* A held-out evaluation or sampling: each MoE layer runs the variant of its
+   * last forward and asks pick nothing (the selector's cycle and exploration
+   * belong to the steps; an evaluation must not take a step's turn) */
+  bool repeat_variants;
   moert_subcomm subcomms[16];
   int nsubcomms;
   const char *slow_variant; /* MOEC_TEST_SLOW_VARIANT: that variant sleeps (selector tests) */

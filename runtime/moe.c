@@ -753,7 +753,7 @@ bool moert_moe_fwd(moert_exec *e, int li, const float *x, int64_t step, moert_st
   if (l->aux_loss > 0) MOERT_TRY(st, aux_loss(e, li, &g, st));
   close_span(e, span, "gate and capacity", "gate", MOERT_TID_COMPUTE);
   e->capacity[li] = C;
-  int vi = e->pick ? e->pick(e->pick_ctx, li, C, step) : 0;
+  int vi = e->repeat_variants ? e->variant[li] : e->pick ? e->pick(e->pick_ctx, li, C, step) : 0;
   if (vi < 0 || vi >= lp->nvariants) vi = 0;
   e->variant[li] = vi;
   const moert_variant *v = &lp->variants[vi];

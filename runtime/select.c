@@ -156,10 +156,14 @@ bool moert_selector_record(moert_selector *s, int li, int64_t capacity, int vari
   if (s->mode != MOERT_PICK_AUTO || l->forced >= 0 || nv == 1) return false;
   bucket *b = find_bucket(s, li, capacity, true);
   if (!b || b->chosen >= 0 || variant != b->next % nv) return false;
+  /* the first round is a warm-up, not recorded: a candidate's first run
+   * pays once for what later runs reuse (NCCL's lazily made connections,
+   * GEMM heuristics, cold caches), and one such outlier in a mean of
+   * explore_steps would steer the choice */
+  if (b->next++ < nv) return false;
   b->samples[variant]++;
   b->total_ms[variant] += ms;
-  b->next++;
-  if (b->next < nv * s->explore) return false;
+  if (b->next < nv * (s->explore + 1)) return false;
   int best = 0;
   for (int v = 1; v < nv; v++)
     if (b->total_ms[v] / b->samples[v] < b->total_ms[best] / b->samples[best]) best = v;

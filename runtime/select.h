@@ -1,8 +1,9 @@
 /* select.h — picks, for every MoE layer and step, one of its variants
  * (DESIGN.md: the selector). Per (layer, capacity bucket: C rounded up to a
  * power of two) it keeps each candidate's measured times; it explores every
- * candidate explore_steps times, in turn, then uses the fastest (lowest mean);
- * a bucket seen for the first time is explored anew. Times are max-reduced
+ * candidate explore_steps times, in turn, after one unrecorded warm-up run of
+ * each (first runs pay for lazy connections and cold caches), then uses the
+ * fastest (lowest mean); a bucket seen for the first time is explored anew. Times are max-reduced
  * over ranks before they are recorded, so every rank holds the same table and
  * picks the same variant. Other modes: fixed (the first candidate), forced
  * (--variant), cycle (the next candidate every step, for tests). */

@@ -618,8 +618,10 @@ bool moert_exec_eval(moert_exec *e, moert_data *d, int64_t step, bool eval, doub
   double sum = 0;
   bool was = e->training;
   e->training = false; /* no gate noise */
+  e->repeat_variants = eval;
   bool ok = forward(e, eval ? 0 : step, false, st) && read_values(e, &sum, st);
   e->training = was;
+  e->repeat_variants = false;
   if (!ok) return MOERT_UP(st);
   MOERT_TRY(st, timing_end(e, st));
   MOERT_TRY(st, e->comm->all_reduce_f64(e->comm, &sum, 1, MOERT_RED_SUM, st));
@@ -640,9 +642,11 @@ bool moert_exec_logits(moert_exec *e, const int32_t *win, int64_t n, float *out,
   if (!ok) return MOERT_UP(st);
   bool was = e->training;
   e->training = false;
+  e->repeat_variants = true;
   timing_begin(e);
   ok = forward(e, 0, false, st) && timing_end(e, st);
   e->training = was;
+  e->repeat_variants = false;
   e->rows = e->plan->tokens;
   if (!ok) return MOERT_UP(st);
   MOERT_TRY(st, e->b->download(e->b, out, F(e, head, HLOGITS), sizeof(float) * (size_t)(n * m->vocab), st));

@@ -2,7 +2,12 @@
 """layer_bench.py — the helper of layer_bench.sh: writes the one-layer specs,
 reads the runs' metrics and headers, and prints the markdown table.
 
-  spec T M H E k f DTYPE OPTIMIZER ACTIVATION STEPS   the spec, on stdout
+  spec T M H E k f DTYPE OPTIMIZER ACTIVATION STEPS [KEY=VALUE...]
+                                                      the spec, on stdout; KEY=VALUE (multigpu.py):
+                                                      parallel=ITEMS (the parallel block's items instead
+                                                      of one fixed variant), vocab=V (a token embedding
+                                                      and softmax head on synthetic tokens instead of
+                                                      the teacher), by=WHO (the header's author)
   plan PLAN.json                                      "flops_per_step bytes" of moec plan --json
   dtype RUN.log                                       the dtype the binary says it computes in
   row CONFIG DTYPE_ASKED RUN.log METRICS WARM PLAN ACTIVATION
@@ -28,18 +33,28 @@ def parse_config(c):
 def cmd_spec(a):
     T, M, H, E, k = (int(x) for x in a[:5])
     f, dtype, opt, act, steps = a[5], a[6], a[7], a[8], int(a[9])
+    kv = dict(x.split("=", 1) for x in a[10:])
+    unknown = set(kv) - {"parallel", "vocab", "by"}
+    if unknown:
+        sys.exit(f"spec: unknown KEY=VALUE {sorted(unknown)}")
     name = f"layer_T{T}_M{M}_H{H}_E{E}_k{k}_" + ("dropless" if float(f) == 0 else "f" + f.replace(".", "p"))
-    print(f"""# layer_bench.sh: one MoE layer (T={T}, M={M}, H={H}, E={E}, k={k}, f={f}), regression on
-# the teacher; written by bench/gpu/layer_bench.py, do not edit.
+    vocab = int(kv.get("vocab", 0))
+    what = (f"synthetic tokens\n# (vocab {vocab}: an embedding and a softmax head, no teacher)" if vocab
+            else "regression on\n# the teacher")
+    print(f"""# {kv.get("by", "layer_bench.sh")}: one MoE layer (T={T}, M={M}, H={H}, E={E}, k={k}, f={f}), {what};\
+ written by bench/gpu/layer_bench.py, do not edit.
 model {name} {{
   dim = {M};
-  tokens = {T};
+  tokens = {T};""" + (f"\n  vocab = {vocab};" if vocab else "") + f"""
   dtype = {dtype};
   moe layer {{ experts = {E}; hidden = {H}; top_k = {k}; capacity_factor = {f}; activation = {act}; }}
-}}
-# one variant (r = 1, d = 1: at one rank, no communication), no exploration
-parallel {{ adaptive_r = 1; overlap_degree = 1; select = fixed; }}
-train {{ steps = {steps}; optimizer = {opt}; lr = 1e-4; seed = 1; log_every = {steps}; }}""")
+}}""")
+    if "parallel" in kv:
+        print(f"parallel {{ {kv['parallel']} }}")
+    else:
+        print("""# one variant (r = 1, d = 1: at one rank, no communication), no exploration
+parallel { adaptive_r = 1; overlap_degree = 1; select = fixed; }""")
+    print(f"train {{ steps = {steps}; optimizer = {opt}; lr = 1e-4; seed = 1; log_every = {steps}; }}")
 
 
 def cmd_plan(a):

@@ -61,6 +61,9 @@ selector)
   slow="r=0,d=1,a2a=linear"
   MOEC_TEST_SLOW_VARIANT=$slow run 2 ./dist --steps 30 --metrics s.jsonl --quiet || fail "run"
   grep -q '"selector"' s.jsonl || fail "the selector never reported a finished exploration"
+  # 3 candidates at -np 2 (dist.moe): a warm-up round, then explore_steps = 2 rounds
+  at=$(grep '"selector"' s.jsonl | head -n 1 | sed -n 's/^{"step": \([0-9]*\),.*/\1/p')
+  [ "$at" = 9 ] || fail "the exploration ended at step $at, not 9 (3 candidates, a warm-up and 2 measured runs each)"
   tail -5 s.jsonl | grep -q "$slow" && fail "the selector still uses the slow variant $slow after exploring: $(tail -1 s.jsonl)"
   echo "ok: exploration over, the selector avoids $slow (made 30 ms slower per use)" ;;
 resume_np*)
