@@ -1,0 +1,184 @@
+#!/bin/bash
+# session.sh — everything the one-GPU issue checks and measures, in one call on
+# the GPU machine (a device session has about 30 minutes, 10 a command): build,
+# the `gpu` CTest label, the layer benchmark against PyTorch (and with
+# MOEC_CUBLASLT=0), and the step time of every example. Each phase writes its
+# log and its table under --out; report.md gathers them with the command, the
+# GPU, the date and the commit, ready for bench/RESULTS.md. A phase that fails
+# is recorded and the next one runs; --deadline stops starting phases in time.
+#
+# usage: bench/gpu/session.sh [options]
+#   --out DIR            where logs, tables and report.md go (default: $OUT, else a new /tmp dir)
+#   --build DIR          the build tree (default: build); made with RelWithDebInfo when missing
+#   --phases "LIST"      of build tests layer layer_blas examples (default: all, in that order)
+#   --tests REGEX        ctest -R REGEX within the gpu label (default: every gpu test)
+#   --examples "LIST"    example names (default: every examples/*.moe that trains or runs)
+#   --steps N            steps an example runs (default 25); --warmup N: not measured (default 5)
+#   --deadline S         start no phase after S seconds (default 0: none)
+#   --backend cpu        run the examples phase on the cpu (to test this script without a GPU)
+# Exit: 0 every phase that ran passed, 1 one failed, 2 a usage error.
+set -u
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+out=${OUT:-} build=$root/build phases="build tests layer layer_blas examples" tests_re= examples=
+steps=25 warm=5 deadline=0 backend=cuda
+usage() { sed -n '2,/^# Exit/s/^# \{0,1\}//p' "$0" >&2; exit 2; }
+args="$*"
+while [ $# -gt 0 ]; do
+  case $1 in
+  --out) out=$2; shift ;;
+  --build) build=$2; shift ;;
+  --phases) phases=$2; shift ;;
+  --tests) tests_re=$2; shift ;;
+  --examples) examples=$2; shift ;;
+  --steps) steps=$2; shift ;;
+  --warmup) warm=$2; shift ;;
+  --deadline) deadline=$2; shift ;;
+  --backend) backend=$2; shift ;;
+  -h|--help) usage ;;
+  *) echo "session.sh: unknown option $1" >&2; usage ;;
+  esac
+  [ $# -gt 0 ] && shift
+done
+for p in $phases; do
+  case $p in build|tests|layer|layer_blas|examples) ;; *) echo "session.sh: no phase '$p'" >&2; usage ;; esac
+done
+case $backend in cpu|cuda) ;; *) echo "session.sh: --backend is cuda or cpu" >&2; exit 2 ;; esac
+[ "$steps" -gt "$warm" ] 2>/dev/null || { echo "session.sh: --steps must exceed --warmup" >&2; exit 2; }
+[ -n "$out" ] || out=$(mktemp -d /tmp/moec-session.XXXXXX)
+mkdir -p "$out" || { echo "session.sh: cannot make $out" >&2; exit 1; }
+case $build in /*) ;; *) build=$root/$build ;; esac
+[ -n "$examples" ] || examples=$(cd "$root/examples" && ls *.moe | sed 's/\.moe$//' | tr '\n' ' ')
+
+start=$(date +%s) failed=0
+report=$out/report.md
+gpu=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -n 1)
+{
+  echo "# moec on one GPU: session report"
+  echo
+  echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC'); commit $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo '?')"
+  echo "- GPU: ${gpu:-none found}; host: $(nproc) cores"
+  echo "- command: \`bench/gpu/session.sh $args\`"
+  echo
+} > "$report"
+elapsed() { echo $(($(date +%s) - start)); }
+# phase NAME: false when the deadline has passed (the phase is listed as not run)
+phase() {
+  if [ "$deadline" -gt 0 ] && [ "$(elapsed)" -ge "$deadline" ]; then
+    echo "## $1: not run (the deadline of $deadline s had passed)" >> "$report"
+    echo >> "$report"
+    return 1
+  fi
+  echo "== $1 ($(elapsed) s)"
+  return 0
+}
+result() { # NAME RC SECONDS
+  echo "- $1: $([ "$2" = 0 ] && echo ok || echo "FAILED (exit $2)"), $3 s" >> "$out/phases.txt"
+  [ "$2" = 0 ] || failed=1
+}
+: > "$out/phases.txt"
+
+for p in $phases; do
+  phase "$p" || continue
+  t0=$(date +%s)
+  case $p in
+  build)
+    { [ -f "$build/CMakeCache.txt" ] || cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo; } \
+      > "$out/build.log" 2>&1 && cmake --build "$build" >> "$out/build.log" 2>&1
+    rc=$?
+    [ $rc = 0 ] || tail -n 30 "$out/build.log"
+    ;;
+  tests)
+    (cd "$build" && ctest -L gpu --timeout 240 --output-on-failure ${tests_re:+-R "$tests_re"}) > "$out/gpu.log" 2>&1
+    rc=$?
+    {
+      echo "## \`ctest -L gpu\`${tests_re:+ -R $tests_re}"
+      echo
+      echo '```'
+      grep -E "Test +#|tests passed|tests failed" "$out/gpu.log"
+      echo '```'
+      echo
+    } >> "$report"
+    grep -E "tests passed|tests failed" "$out/gpu.log"
+    ;;
+  layer|layer_blas)
+    env=()
+    [ "$p" = layer_blas ] && env=(MOEC_CUBLASLT=0)
+    extra=()
+    [ "$p" = layer_blas ] && extra=(--no-torch --no-startup)
+    env "${env[@]}" bash "$here/layer_bench.sh" --moec "$build/compiler/moec" --steps 20 --warmup 5 \
+      --out "$out/$p" "${extra[@]}" > "$out/$p.md" 2> "$out/$p.err"
+    rc=$?
+    {
+      echo "## Layer benchmark${env:+ with ${env[*]}}"
+      echo
+      echo "Command: \`${env:+${env[*]} }bash bench/gpu/layer_bench.sh --moec build/compiler/moec --steps 20 --warmup 5${extra:+ ${extra[*]}}\`"
+      echo
+      cat "$out/$p.md"
+      [ $rc = 0 ] || { echo; echo "Failed (exit $rc): $(tail -n 5 "$out/$p.err")"; }
+      echo
+    } >> "$report"
+    ;;
+  examples)
+    mkdir -p "$out/examples"
+    rc=0
+    rows=()
+    for x in $examples; do
+      spec=$root/examples/$x.moe
+      [ -f "$spec" ] || { echo "no example $x" >> "$out/examples/errors.txt"; rc=1; continue; }
+      bin=$out/examples/$x
+      "$build/compiler/moec" build "$spec" -o "$bin" > "$out/examples/$x.build.log" 2>&1 || {
+        echo "$x: moec build failed: $(tail -n 3 "$out/examples/$x.build.log")" >> "$out/examples/errors.txt"
+        rc=1
+        continue
+      }
+      timeout 300 "$bin" --backend "$backend" --steps "$steps" --metrics "$out/examples/$x.jsonl" \
+        --kernel-cache "$out/kc" --log-every 1000 > "$out/examples/$x.log" 2>&1 || {
+        echo "$x: the run failed: $(tail -n 3 "$out/examples/$x.log")" >> "$out/examples/errors.txt"
+        rc=1
+        continue
+      }
+      rows+=("$x")
+    done
+    {
+      echo "## Step time of the examples"
+      echo
+      echo "Per example: \`build/compiler/moec build examples/X.moe -o X && ./X --backend $backend --steps $steps" \
+           "--metrics X.jsonl\`; the median over steps $((warm + 1))-$steps of the metrics' ms, tflops, mfu and" \
+           "update_ms (the header's backend line says what computed in bf16)."
+      echo
+      python3 - "$out/examples" "$warm" "${rows[@]}" <<'PY'
+import json, os, sys
+d, warm, names = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+def med(v):
+    v = sorted(x for x in v if x is not None)
+    return None if not v else (v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2)
+def f(x, fmt):
+    return "-" if x is None else fmt % x
+print("| example | backend line | ms / step | model TFLOP/s | MFU | optimizer ms |")
+print("|---|---|---:|---:|---:|---:|")
+for n in names:
+    rows = [json.loads(l) for l in open(os.path.join(d, n + ".jsonl"))]
+    rows = [r for r in rows if r.get("step", 0) > warm and "ms" in r]
+    head = next((l.strip() for l in open(os.path.join(d, n + ".log")) if l.startswith("backend")), "?")
+    mfu = med([r.get("mfu") for r in rows])
+    print("| %s | %s | %s | %s | %s | %s |" % (
+        n, head.split(",")[0], f(med([r["ms"] for r in rows]), "%.2f"), f(med([r.get("tflops") for r in rows]), "%.1f"),
+        f(None if mfu is None else 100 * mfu, "%.1f%%"), f(med([r.get("update_ms") for r in rows]), "%.2f")))
+PY
+      [ -s "$out/examples/errors.txt" ] && { echo; sed 's/^/- /' "$out/examples/errors.txt"; }
+      echo
+    } >> "$report"
+    ;;
+  esac
+  result "$p" "$rc" $(($(date +%s) - t0))
+done
+{
+  echo "## Phases"
+  echo
+  cat "$out/phases.txt"
+  echo "- total: $(elapsed) s"
+} >> "$report"
+cat "$out/phases.txt"
+echo "report: $report"
+exit $failed
