@@ -22,7 +22,8 @@
   X(l2norm_rows_fwd) X(l2norm_rows_bwd) X(l2norm_cols_fwd) X(l2norm_cols_bwd) X(gate_topk)     \
   X(gate_normalize) X(gate_normalize_bwd) X(gate_locations) X(gate_priority_order)             \
   X(gate_stats) X(gate_scores_bwd) X(softmax_bwd) X(dispatch) X(dispatch_bwd) X(combine)       \
-  X(combine_bwd) X(embed_fwd) X(embed_bwd) X(xent) X(mse) X(sumsq) X(scale) X(adamw) X(sgd)
+  X(combine_bwd) X(embed_fwd) X(embed_bwd) X(xent) X(mse) X(sumsq) X(scale) X(adamw) X(sgd) \
+  X(sumsq_to) X(norm_split) X(clip_factor)
 
 /* The ops of cpu_ops_typed.h (the expert path in a storage type). */
 #define MOERT_BACKEND_TYPED_OPS(X)                                                             \

@@ -329,7 +329,7 @@ MOERT_CHECK_GEN(cublas_check, cublasStatus_t, CUBLAS_STATUS_SUCCESS, cublas_errs
   X(gate_normalize_bwd) X(gate_priority_rank) X(gate_priority_scatter) X(gate_locations)         \
   X(gate_stats_part) X(aux_loss) X(gate_scores_bwd) X(softmax_bwd) X(dispatch)                   \
   X(dispatch_bwd) X(combine) X(combine_bwd) X(drop_beyond) X(copy_blocks) X(embed_fwd)           \
-  X(embed_bwd) X(xent) X(mse) X(dot) X(adamw) X(sgd) X(scale) X(add) X(axpy) X(bias_add)         \
+  X(embed_bwd) X(xent) X(mse) X(dot) X(adamw) X(sgd) X(norm_split) X(clip_factor) X(scale) X(add) X(axpy) X(bias_add)         \
   X(bias_grad_part) X(scale_rows) X(cvt_f2bf) X(cvt_bf2f) X(dispatch_bf16) X(dispatch_bwd_bf16)     \
   X(combine_bf16) X(combine_bwd_bf16) X(act_fwd_relu_bf16) X(act_fwd_gelu_bf16)                  \
   X(act_fwd_silu_bf16) X(act_bwd_relu_bf16) X(act_bwd_gelu_bf16) X(act_bwd_silu_bf16)           \
@@ -1535,17 +1535,43 @@ static void cuda_scale(float *x, int64_t n, float s) {
 }
 
 static void cuda_adamw(float *p, const float *g, float *m, float *v, int64_t n, float lr,
-                       float b1, float b2, float eps, float wd, int64_t step, uint16_t *low) {
+                       float b1, float b2, float eps, float wd, int64_t step, const float *gscale,
+                       uint16_t *low) {
   if (n <= 0) return;
   double t = (double)(step >= 1 ? step : 1);
   float bc1 = (float)(1 - pow(b1, t)), bc2 = (float)(1 - pow(b2, t));
   launch(K_adamw, grid_for(n, 1024), 1, 256, 1,
-         ARGS(&p, &g, &m, &v, &n, &lr, &b1, &b2, &eps, &wd, &bc1, &bc2, &low));
+         ARGS(&p, &g, &m, &v, &n, &lr, &b1, &b2, &eps, &wd, &bc1, &bc2, &gscale, &low));
 }
 
-static void cuda_sgd(float *p, const float *g, int64_t n, float lr, float wd, uint16_t *low) {
+static void cuda_sgd(float *p, const float *g, int64_t n, float lr, float wd, const float *gscale,
+                     uint16_t *low) {
   if (n <= 0) return;
-  launch(K_sgd, grid_for(n, 1024), 1, 256, 1, ARGS(&p, &g, &n, &lr, &wd, &low));
+  launch(K_sgd, grid_for(n, 1024), 1, 256, 1, ARGS(&p, &g, &n, &lr, &wd, &gscale, &low));
+}
+
+/* sumsq of x into *out on the device: dot's partials, reduced in order. */
+static void cuda_sumsq_to(const float *x, int64_t n, double *out) {
+  if (n <= 0) {
+    cuda_zero(out, sizeof *out);
+    return;
+  }
+  uint64_t grid = (uint64_t)clamp64(cdiv(n, 1024), 1, MAX_PARTS);
+  double *part = scratch_d(0);
+  long long np = (long long)grid;
+  launch(K_dot, grid, 1, 256, 1, ARGS(&x, &x, &n, &part));
+  launch(K_reduce_sum, 1, 1, 1024, 1, ARGS(&part, &np, &out));
+}
+
+static void cuda_norm_split(const double *part, int64_t n, float *hilo) {
+  long long nn = (long long)n;
+  launch(K_norm_split, 1, 1, 32, 1, ARGS(&part, &nn, &hilo));
+}
+
+static void cuda_clip_factor(const double *part, int64_t n, const float *hilo, double clip, double *norm,
+                             float *factor) {
+  long long nn = (long long)n;
+  launch(K_clip_factor, 1, 1, 32, 1, ARGS(&part, &nn, &hilo, &clip, &norm, &factor));
 }
 
 /* ------------------------------------------------------------ NVRTC and the cache */

@@ -775,12 +775,12 @@ void moert_cpu_scale(float *x, int64_t n, float s) {
 }
 
 void moert_cpu_adamw(float *p, const float *g, float *m, float *v, int64_t n, float lr, float b1,
-                     float b2, float eps, float wd, int64_t step, uint16_t *low) {
+                     float b2, float eps, float wd, int64_t step, const float *gscale, uint16_t *low) {
   assert(step >= 1);
   double t = (double)(step >= 1 ? step : 1);
   double bc1 = 1 - pow(b1, t), bc2 = 1 - pow(b2, t);
   for (int64_t i = 0; i < n; i++) {
-    double gi = g[i];
+    double gi = gscale ? (double)(float)(g[i] * (double)*gscale) : g[i];
     double mi = b1 * (double)m[i] + (1 - (double)b1) * gi;
     double vi = b2 * (double)v[i] + (1 - (double)b2) * gi * gi;
     m[i] = (float)mi;
@@ -791,9 +791,30 @@ void moert_cpu_adamw(float *p, const float *g, float *m, float *v, int64_t n, fl
   }
 }
 
-void moert_cpu_sgd(float *p, const float *g, int64_t n, float lr, float wd, uint16_t *low) {
+void moert_cpu_sgd(float *p, const float *g, int64_t n, float lr, float wd, const float *gscale,
+                   uint16_t *low) {
   for (int64_t i = 0; i < n; i++) {
-    p[i] = (float)(p[i] - (double)lr * (g[i] + (double)wd * p[i]));
+    double gi = gscale ? (double)(float)(g[i] * (double)*gscale) : g[i];
+    p[i] = (float)(p[i] - (double)lr * (gi + (double)wd * p[i]));
     if (low) low[i] = moert_f32_to_bf16(p[i]);
   }
+}
+
+void moert_cpu_sumsq_to(const float *x, int64_t n, double *out) { *out = moert_cpu_sumsq(x, n); }
+
+void moert_cpu_norm_split(const double *part, int64_t n, float *hilo) {
+  double s = 0;
+  for (int64_t i = 0; i < n; i++) s += part[i];
+  hilo[0] = (float)s;
+  hilo[1] = (float)(s - (double)hilo[0]);
+}
+
+void moert_cpu_clip_factor(const double *part, int64_t n, const float *hilo, double clip, double *norm,
+                           float *factor) {
+  double s = 0;
+  for (int64_t i = 0; i < n; i++) s += part[i];
+  s += (double)hilo[0];
+  s += (double)hilo[1];
+  *norm = sqrt(s);
+  *factor = clip > 0 && *norm > clip ? (float)(clip / *norm) : 1;
 }

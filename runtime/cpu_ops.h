@@ -168,13 +168,28 @@ double moert_cpu_sumsq(const float *x, int64_t n);
 void moert_cpu_scale(float *x, int64_t n, float s);
 /* AdamW (decoupled weight decay), step >= 1 (bias correction):
  * m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= lr * (mhat / (sqrt(vhat) + eps) + wd * p).
+ * gscale, when not NULL: the gradient is g * *gscale, rounded to float (the
+ * clipping factor of clip_factor, read where the gradients live: clipping
+ * takes no pass of its own and no value back to the host).
  * low, when not NULL: n bf16 values (uint16_t bits) that receive the updated
  * p rounded to nearest even, in the same pass: the bf16 copy of the weights
  * a bf16 expert path computes with (exec.h's wlow), so no separate
  * conversion reads the masters again before the next forward. */
 void moert_cpu_adamw(float *p, const float *g, float *m, float *v, int64_t n, float lr, float b1,
-                     float b2, float eps, float wd, int64_t step, uint16_t *low);
-/* SGD: p -= lr * (g + wd * p); low as for adamw. */
-void moert_cpu_sgd(float *p, const float *g, int64_t n, float lr, float wd, uint16_t *low);
+                     float b2, float eps, float wd, int64_t step, const float *gscale, uint16_t *low);
+/* SGD: p -= lr * (g + wd * p); gscale and low as for adamw. */
+void moert_cpu_sgd(float *p, const float *g, int64_t n, float lr, float wd, const float *gscale,
+                   uint16_t *low);
+
+/* The gradient norm without reading back: sums of squares into parts, then
+ * *out = sumsq(x[0..n)) (in double). */
+void moert_cpu_sumsq_to(const float *x, int64_t n, double *out);
+/* The sum s of part[0..n) as two floats: hilo[0] = (float)s, hilo[1] =
+ * (float)(s - hilo[0]); what the float all-reduce can sum over ranks. */
+void moert_cpu_norm_split(const double *part, int64_t n, float *hilo);
+/* *norm = sqrt(sum of part[0..n) + hilo[0] + hilo[1]); *factor = clip /
+ * *norm when clip > 0 and *norm > clip, else 1. */
+void moert_cpu_clip_factor(const double *part, int64_t n, const float *hilo, double clip, double *norm,
+                           float *factor);
 
 #endif

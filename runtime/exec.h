@@ -77,6 +77,11 @@ typedef struct moert_exec {
   double *dloss;
   double loss_div;
   float *daux;
+  /* The gradient norm on the device (step.c's grad_norm): sums of squares
+   * [nparams + 1], the expert part as two floats [2], the norm [1] and the
+   * clipping factor [1] the optimizer scales the gradients by. */
+  double *dnorm_part, *dnorm;
+  float *dhilo, *dclip;
   int64_t rows;       /* tokens of the current forward (<= plan tokens) */
   int64_t total_steps;/* of the run, for the learning-rate schedule */
   /* expert load of the last forward: per MoE layer, E global counts */

@@ -219,6 +219,12 @@ bool moert_exec_create(moert_exec **out, const moert_model *m, moert_plan *plan,
   ALLOC(e->dloss, 2);
   ALLOC(e->daux, m->nlayers);
   if (training) {
+    ALLOC(e->dnorm_part, 2 * ((size_t)m->nparams + 1));
+    ALLOC(e->dnorm, 2);
+    ALLOC(e->dhilo, 2);
+    ALLOC(e->dclip, 1);
+  }
+  if (training) {
     ALLOC(e->grads, plan->param_elems);
     ALLOC(e->state, plan->state_elems);
     ALLOC(e->dcur, TM);
@@ -249,6 +255,10 @@ void moert_exec_destroy(moert_exec *e) {
   b->free(b, e->dcur);
   b->free(b, e->dloss);
   b->free(b, e->daux);
+  b->free(b, e->dnorm_part);
+  b->free(b, e->dnorm);
+  b->free(b, e->dhilo);
+  b->free(b, e->dclip);
   b->free(b, e->dnext);
   if (e->skip)
     for (int i = 0; i < e->plan->max_res_depth; i++) b->free(b, e->skip[i]);
@@ -524,14 +534,20 @@ static bool reduce_grads(moert_exec *e, moert_status *st) {
   return e->comm->all_reduce_f32(e->comm, e->grads, e->plan->repl_elems, MOERT_RED_SUM, st) ? true : MOERT_UP(st);
 }
 
-/* The global gradient norm: replicated gradients (the same everywhere)
- * once, expert gradients summed over their owners; fc2's bias, copied on
- * every rank of an expert's group, counted by slice 0 only. Adjacent counted
- * gradients are summed as one run: on a device each sum is a read back, so
- * a step makes two (or a few more with sliced experts), not one a parameter. */
-static double grad_norm(moert_exec *e, moert_status *st) {
+/* The global gradient norm and the clipping factor, left on the device
+ * (read at the step's end; the optimizer scales by the factor): replicated
+ * gradients (the same everywhere) once, expert gradients summed over their
+ * owners; fc2's bias, copied on every rank of an expert's group, counted by
+ * slice 0 only. Sums of squares in double into dnorm_part (0: the replicated
+ * gradients; then one a run of adjacent counted gradients); the expert part
+ * crosses ranks as two floats (hi, lo) through the float all-reduce, on the
+ * stream with nccl: about 1e-7 of it at more than one rank, exact at one. */
+static bool grad_norm(moert_exec *e, double clip, moert_status *st) {
   const moert_model *m = e->m;
-  double repl = e->b->sumsq(e->grads, e->plan->repl_elems), own = 0;
+  moert_backend *b = e->b;
+  double *part = e->dnorm_part;
+  b->sumsq_to(e->grads, e->plan->repl_elems, part);
+  int k = 1;
   int64_t run = 0, len = 0; /* the run of counted gradients not yet summed */
   for (int i = 0; i < m->nparams; i++) {
     const moert_param *g = &m->params[i];
@@ -540,18 +556,17 @@ static double grad_norm(moert_exec *e, moert_status *st) {
     const moert_layer_plan *lp = &e->plan->layers[g->layer];
     if (g->place == MOERT_PLACE_EXPERT_REP && lp->shards > 1 && e->comm->rank % lp->shards != 0) continue;
     if (len > 0 && run + len != pp->offset) {
-      own += e->b->sumsq(e->grads + run, len);
+      b->sumsq_to(e->grads + run, len, part + k++);
       len = 0;
     }
     if (len == 0) run = pp->offset;
     len += pp->count;
   }
-  if (len > 0) own += e->b->sumsq(e->grads + run, len);
-  if (!e->comm->all_reduce_f64(e->comm, &own, 1, MOERT_RED_SUM, st)) {
-    MOERT_UP(st);
-    return NAN;
-  }
-  return sqrt(repl + own);
+  if (len > 0) b->sumsq_to(e->grads + run, len, part + k++);
+  b->norm_split(part + 1, k - 1, e->dhilo);
+  if (e->comm->world > 1) MOERT_TRY(st, e->comm->all_reduce_f32(e->comm, e->dhilo, 2, MOERT_RED_SUM, st));
+  b->clip_factor(part, 1, e->dhilo, clip, e->dnorm, e->dclip);
+  return true;
 }
 
 /* --- steps --- */
@@ -682,23 +697,10 @@ bool moert_exec_train_step(moert_exec *e, moert_data *d, int64_t step, moert_ste
   MOERT_TRY(st, load_batch(e, d, step, false, st));
   zero_grads(e);
   moert_trace_close(e->trace, b, span, "batch", "data", MOERT_TID_COMPUTE, step);
-  double sum = 0;
   MOERT_TRY(st, forward(e, step, true, st));
   MOERT_TRY(st, backward(e, st));
   MOERT_TRY(st, reduce_grads(e, st));
-  MOERT_TRY(st, read_values(e, &sum, st));
-
-  double stats[4] = {sum, e->aux, e->routed, e->dropped};
-  MOERT_TRY(st, e->comm->all_reduce_f64(e->comm, stats, 4, MOERT_RED_SUM, st));
-  out->loss = stats[0] / ((double)e->rows * e->comm->world);
-  out->aux_loss = stats[1] / e->comm->world; /* the same on every rank */
-  out->dropped = stats[2] > 0 ? stats[3] / stats[2] : 0;
-  out->flops = (e->plan->flops_fwd + e->plan->flops_bwd) * e->comm->world;
-
-  out->grad_norm = grad_norm(e, st);
-  if (st->failed) return MOERT_UP(st);
-  if (t->clip > 0 && out->grad_norm > t->clip)
-    b->scale(e->grads, e->plan->param_elems, (float)(t->clip / out->grad_norm));
+  MOERT_TRY(st, grad_norm(e, t->clip, st));
   double lr = moert_lr_at(t, step, e->total_steps);
   out->lr = lr;
   int64_t n = e->plan->param_elems;
@@ -707,15 +709,28 @@ bool moert_exec_train_step(moert_exec *e, moert_data *d, int64_t step, moert_ste
   int u0 = b->mark(b, NULL);
   moert_nvtx_push("optimizer");
   uint16_t *low = e->xdt == MOERT_BF16 ? e->wlow : NULL; /* rounded in the same pass */
+  const float *clip = t->clip > 0 ? e->dclip : NULL;      /* grad_norm's factor */
   if (t->optimizer == MOERT_OPT_ADAM)
     b->adamw(e->params, e->grads, e->state, e->state + n, n, (float)lr, (float)t->beta1, (float)t->beta2,
-             (float)t->eps, (float)t->weight_decay, step, low);
+             (float)t->eps, (float)t->weight_decay, step, clip, low);
   else
-    b->sgd(e->params, e->grads, n, (float)lr, (float)t->weight_decay, low);
+    b->sgd(e->params, e->grads, n, (float)lr, (float)t->weight_decay, clip, low);
   e->wlow_fresh = low != NULL;
   moert_nvtx_pop();
   int u1 = b->mark(b, NULL);
   moert_trace_marks(e->trace, u0, u1, "optimizer", "update", MOERT_TID_COMPUTE, step);
+
+  /* The step's values, read once its work is queued: the first read waits
+   * for the device (nothing before it did, at a fixed capacity). */
+  double sum = 0;
+  MOERT_TRY(st, read_values(e, &sum, st));
+  MOERT_TRY(st, b->download(b, &out->grad_norm, e->dnorm, sizeof out->grad_norm, st));
+  double stats[4] = {sum, e->aux, e->routed, e->dropped};
+  MOERT_TRY(st, e->comm->all_reduce_f64(e->comm, stats, 4, MOERT_RED_SUM, st));
+  out->loss = stats[0] / ((double)e->rows * e->comm->world);
+  out->aux_loss = stats[1] / e->comm->world; /* the same on every rank */
+  out->dropped = stats[2] > 0 ? stats[3] / stats[2] : 0;
+  out->flops = (e->plan->flops_fwd + e->plan->flops_bwd) * e->comm->world;
   MOERT_TRY(st, timing_end(e, st));
   MOERT_TRY(st, b->mark_ms(b, u0, u1, &out->update_ms, st));
   return true;

@@ -3,9 +3,12 @@
 // axpy, bias add and bias gradient, and C = beta C (a GEMM with nothing to
 // multiply). Semantics: runtime/cpu_ops.h and backend.h.
 //
-// The optimizers take `low`: when not null, they also store the updated
-// parameters rounded to bf16 there (the bf16 copy the expert GEMMs read), so
-// the masters are read once a step, not twice.
+// The optimizers take `gscale` and `low`. gscale, when not null: the
+// gradient is g * *gscale (the clipping factor moert_k_clip_factor left on
+// the device: clipping takes no pass of its own, and the host reads nothing).
+// low, when not null: they also store the updated parameters rounded to bf16
+// there (the bf16 copy the expert GEMMs read), so the masters are read once a
+// step, not twice.
 //
 // Launch (runtime/backend_cuda.c): 1-D kernels 256 threads, grid-stride,
 // float4 when every pointer is 16-byte aligned; bias_add and scale_rows
@@ -39,8 +42,10 @@ __device__ __forceinline__ void moert_store_bf16x4(moert_bf16 *low, long long i4
 
 extern "C" __global__ void moert_k_adamw(float *p, const float *g, float *m, float *v,
                                          long long n, float lr, float b1, float b2, float eps,
-                                         float wd, float bc1, float bc2, moert_bf16 *low) {
+                                         float wd, float bc1, float bc2, const float *gscale,
+                                         moert_bf16 *low) {
   long long i0 = moert_gtid(), step = moert_gstride();
+  const float gs = gscale ? *gscale : 1.0f;
   long long n4 = moert_aligned16(p) && moert_aligned16(g) && moert_aligned16(m) &&
                          moert_aligned16(v) && ((unsigned long long)low & 7) == 0
                      ? n / 4
@@ -48,6 +53,10 @@ extern "C" __global__ void moert_k_adamw(float *p, const float *g, float *m, flo
   for (long long i = i0; i < n4; i += step) {
     float4 pp = ((float4 *)p)[i], gg = ((const float4 *)g)[i];
     float4 mm = ((float4 *)m)[i], vv = ((float4 *)v)[i];
+    gg.x *= gs;
+    gg.y *= gs;
+    gg.z *= gs;
+    gg.w *= gs;
     moert_adamw1(&pp.x, gg.x, &mm.x, &vv.x, lr, b1, b2, eps, wd, bc1, bc2);
     moert_adamw1(&pp.y, gg.y, &mm.y, &vv.y, lr, b1, b2, eps, wd, bc1, bc2);
     moert_adamw1(&pp.z, gg.z, &mm.z, &vv.z, lr, b1, b2, eps, wd, bc1, bc2);
@@ -58,19 +67,24 @@ extern "C" __global__ void moert_k_adamw(float *p, const float *g, float *m, flo
     if (low) moert_store_bf16x4(low, i, pp);
   }
   for (long long i = n4 * 4 + i0; i < n; i += step) {
-    moert_adamw1(p + i, g[i], m + i, v + i, lr, b1, b2, eps, wd, bc1, bc2);
+    moert_adamw1(p + i, g[i] * gs, m + i, v + i, lr, b1, b2, eps, wd, bc1, bc2);
     if (low) low[i] = moert_f2bf(p[i]);
   }
 }
 
 // SGD: p -= lr * (g + wd * p); low as for AdamW.
 extern "C" __global__ void moert_k_sgd(float *p, const float *g, long long n, float lr,
-                                       float wd, moert_bf16 *low) {
+                                       float wd, const float *gscale, moert_bf16 *low) {
   long long i0 = moert_gtid(), step = moert_gstride();
+  const float gs = gscale ? *gscale : 1.0f;
   long long n4 =
       moert_aligned16(p) && moert_aligned16(g) && ((unsigned long long)low & 7) == 0 ? n / 4 : 0;
   for (long long i = i0; i < n4; i += step) {
     float4 pp = ((float4 *)p)[i], gg = ((const float4 *)g)[i];
+    gg.x *= gs;
+    gg.y *= gs;
+    gg.z *= gs;
+    gg.w *= gs;
     pp.x -= lr * (gg.x + wd * pp.x);
     pp.y -= lr * (gg.y + wd * pp.y);
     pp.z -= lr * (gg.z + wd * pp.z);
@@ -79,9 +93,36 @@ extern "C" __global__ void moert_k_sgd(float *p, const float *g, long long n, fl
     if (low) moert_store_bf16x4(low, i, pp);
   }
   for (long long i = n4 * 4 + i0; i < n; i += step) {
-    p[i] -= lr * (g[i] + wd * p[i]);
+    p[i] -= lr * (g[i] * gs + wd * p[i]);
     if (low) low[i] = moert_f2bf(p[i]);
   }
+}
+
+// The gradient norm, left on the device (moert_cpu_norm_split,
+// moert_cpu_clip_factor): the sum s of part[0..n) as two floats hilo =
+// (float)s, (float)(s - hilo[0]), which the float all-reduce carries over
+// ranks; then norm = sqrt(sum of part + hilo), factor = clip / norm when
+// clip > 0 and norm > clip, else 1. n is a few dozen at most: one thread,
+// in order, as the cpu.
+extern "C" __global__ void moert_k_norm_split(const double *part, long long n, float *hilo) {
+  if (blockIdx.x != 0 || threadIdx.x != 0) return;
+  double s = 0.0;
+  for (long long i = 0; i < n; i++) s += part[i];
+  float hi = (float)s;
+  hilo[0] = hi;
+  hilo[1] = (float)(s - (double)hi);
+}
+
+extern "C" __global__ void moert_k_clip_factor(const double *part, long long n, const float *hilo,
+                                               double clip, double *norm, float *factor) {
+  if (blockIdx.x != 0 || threadIdx.x != 0) return;
+  double s = 0.0;
+  for (long long i = 0; i < n; i++) s += part[i];
+  s += (double)hilo[0];
+  s += (double)hilo[1];
+  double r = sqrt(s);
+  *norm = r;
+  *factor = clip > 0.0 && r > clip ? (float)(clip / r) : 1.0f;
 }
 
 // x *= s.

@@ -790,18 +790,57 @@ static void t_optim(int64_t n) {
   fbuf p = fb(n, -1, 1), g = fb(n, -1, 1), m = fb(n, -0.1f, 0.1f), v = fb(n, 0, 0.01f);
   /* the bf16 copy written in the same pass (step 7 and sgd), not at step 1 */
   uint16_t *low = dev_alloc(sizeof(uint16_t) * (size_t)n), *lh = host_alloc(sizeof(uint16_t) * (size_t)n);
+  /* the gradient scaled by a factor in device memory (clipping) at step 7 and in sgd */
+  const float gs = 0.37f;
+  float *gs_d = dev_alloc(sizeof(float));
+  upload(gs_d, &gs, sizeof gs);
   for (int64_t step = 1; step <= 7; step += 6) {
-    cpu->adamw(p.h, g.h, m.h, v.h, n, 1e-3f, 0.9f, 0.999f, 1e-8f, 0.01f, step, step > 1 ? lh : NULL);
-    gpu->adamw(p.d, g.d, m.d, v.d, n, 1e-3f, 0.9f, 0.999f, 1e-8f, 0.01f, step, step > 1 ? low : NULL);
+    cpu->adamw(p.h, g.h, m.h, v.h, n, 1e-3f, 0.9f, 0.999f, 1e-8f, 0.01f, step, step > 1 ? &gs : NULL,
+               step > 1 ? lh : NULL);
+    gpu->adamw(p.d, g.d, m.d, v.d, n, 1e-3f, 0.9f, 0.999f, 1e-8f, 0.01f, step, step > 1 ? gs_d : NULL,
+               step > 1 ? low : NULL);
   }
   check_f("adamw p", p, TOL);
   check_f("adamw m", m, TOL);
   check_f("adamw v", v, TOL);
   check_low("adamw's bf16 copy", p, low, lh);
-  cpu->sgd(p.h, g.h, n, 0.1f, 0.01f, lh);
-  gpu->sgd(p.d, g.d, n, 0.1f, 0.01f, low);
+  cpu->sgd(p.h, g.h, n, 0.1f, 0.01f, &gs, lh);
+  gpu->sgd(p.d, g.d, n, 0.1f, 0.01f, gs_d, low);
   check_f("sgd p", p, TOL);
   check_low("sgd's bf16 copy", p, low, lh);
+  end();
+}
+
+/* The gradient norm left on the device: sumsq_to, norm_split, clip_factor. */
+static void t_norm(int64_t n) {
+  begin("sumsq_to, norm_split, clip_factor n=%lld", (long long)n);
+  fbuf x = fb(n, -1, 1), y = fb(n, -3, 3);
+  /* three parts in one device array (8-byte aligned in the misaligned pass too) */
+  double part_h[3], *parts = (double *)((uintptr_t)dev_alloc(4 * sizeof(double)) & ~(uintptr_t)7);
+  cpu->sumsq_to(x.h, n, &part_h[0]);
+  cpu->sumsq_to(y.h, n, &part_h[1]);
+  cpu->sumsq_to(x.h, n / 2, &part_h[2]);
+  gpu->sumsq_to(x.d, n, parts);
+  gpu->sumsq_to(y.d, n, parts + 1);
+  gpu->sumsq_to(x.d, n / 2, parts + 2);
+  double got[3];
+  download(got, parts, sizeof got);
+  for (int i = 0; i < 3; i++) check_scalar("sumsq_to", got[i], part_h[i], 1e-9);
+  float hilo_h[2], *hilo_d = dev_alloc(2 * sizeof(float)), hilo_g[2];
+  cpu->norm_split(part_h + 1, 2, hilo_h);
+  gpu->norm_split(parts + 1, 2, hilo_d);
+  download(hilo_g, hilo_d, sizeof hilo_g);
+  check_scalar("norm_split", (double)hilo_g[0] + hilo_g[1], (double)hilo_h[0] + hilo_h[1], 1e-12);
+  for (int c = 0; c < 3; c++) {
+    double clip = c == 0 ? 0 : c == 1 ? 1.0 : 1e9, norm_h, norm_g, *norm_d = dev_scalar();
+    float fac_h, fac_g, *fac_d = dev_alloc(sizeof(float));
+    cpu->clip_factor(part_h, 1, hilo_h, clip, &norm_h, &fac_h);
+    gpu->clip_factor(parts, 1, hilo_d, clip, norm_d, fac_d);
+    download(&norm_g, norm_d, sizeof norm_g);
+    download(&fac_g, fac_d, sizeof fac_g);
+    check_scalar("clip_factor: the norm", norm_g, norm_h, 1e-9);
+    check_scalar("clip_factor: the factor", fac_g, fac_h, 1e-6);
+  }
   end();
 }
 
@@ -1179,6 +1218,8 @@ static void run_all(void) {
   t_optim(1);
   t_optim(7);
   t_optim(100003);
+  t_norm(1);
+  t_norm(100003);
   run_typed();
 }
 

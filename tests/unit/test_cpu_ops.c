@@ -1175,8 +1175,12 @@ static void test_optimizers(void) {
   for (int step = 1; step <= STEPS; step++) {
     for (int i = 0; i < N; i++) g[i] = (float)(rng_nonzero(&r) * (i % 5 == 0 ? 1e-3 : 1));
     /* the bf16 copy written in the same pass on odd steps (the last one is odd) */
-    moert_cpu_adamw(p, g, m, v, N, lr, b1, b2, eps, wd, step, step % 2 ? low : NULL);
-    moert_cpu_sgd(ps, g, N, lr, wd, step % 2 ? lows : NULL);
+    /* the gradient scaled by gscale (clipping) on even steps */
+    const float gs = 0.37f, *gsp = step % 2 ? NULL : &gs;
+    moert_cpu_adamw(p, g, m, v, N, lr, b1, b2, eps, wd, step, gsp, step % 2 ? low : NULL);
+    moert_cpu_sgd(ps, g, N, lr, wd, gsp, step % 2 ? lows : NULL);
+    if (gsp)
+      for (int i = 0; i < N; i++) g[i] *= gs; /* the reference's gradient: as the scale op would make it */
     for (int i = 0; i < N; i++) {
       rm[i] = b1 * rm[i] + (1 - (double)b1) * g[i];
       rv[i] = b2 * rv[i] + (1 - (double)b2) * g[i] * g[i];
@@ -1197,6 +1201,24 @@ static void test_optimizers(void) {
       fail("sgd's bf16 copy [%d]: %g (0x%04x) of %g", i, ls, lows[i], ps[i]);
   }
 
+  /* the norm left on the device: parts, two floats, the clipping factor */
+  {
+    double part[3] = {0.1, 2.0, 1e-9}, norm = 0;
+    float hilo[2], factor = 0;
+    moert_cpu_sumsq_to((const float[]){3, 4}, 2, &part[0]); /* 25 */
+    moert_cpu_norm_split(part + 1, 2, hilo);
+    double own = (double)hilo[0] + hilo[1];
+    if (!(fabs(own - (2.0 + 1e-9)) <= 1e-15) || hilo[1] == 0)
+      fail("norm_split: %.17g + %.17g, want 2.000000001", (double)hilo[0], (double)hilo[1]);
+    moert_cpu_clip_factor(part, 1, hilo, 1.0, &norm, &factor);
+    double want = sqrt(25 + 2.0 + 1e-9);
+    if (!(fabs(norm - want) <= 1e-14 * want) || factor != (float)(1.0 / want))
+      fail("clip_factor: norm %.17g factor %.9g, want %.17g and %.9g", norm, (double)factor, want, 1.0 / want);
+    moert_cpu_clip_factor(part, 1, hilo, 0, &norm, &factor);
+    if (factor != 1) fail("clip_factor without a clip: %g, want 1", (double)factor);
+    moert_cpu_clip_factor(part, 1, hilo, 100, &norm, &factor);
+    if (factor != 1) fail("clip_factor under the clip: %g, want 1", (double)factor);
+  }
   float x[] = {1, -2, 3};
   if (moert_cpu_sumsq(x, 3) != 14) fail("sumsq: %g, want 14", moert_cpu_sumsq(x, 3));
   moert_cpu_scale(x, 3, 0.5f);
@@ -1208,7 +1230,7 @@ static void test_optimizers(void) {
   if (!(fabs(got - want) <= 1e-10 * want))
     fail("sumsq of 2^20 x 0.1: %.15g, want %.15g", got, want);
   free(big);
-  printf("%-4s adamw, sgd vs double, their bf16 copies; sumsq, scale\n", failures == before ? "ok" : "FAIL");
+  printf("%-4s adamw, sgd vs double, gscale, their bf16 copies; sumsq, the norm on the device, scale\n", failures == before ? "ok" : "FAIL");
 }
 
 int main(void) {
