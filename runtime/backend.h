@@ -72,6 +72,13 @@ struct moert_backend {
   void (*mse_to)(const float *yhat, const float *y, float *dyhat, int64_t n, float scale, double *out);
   void (*aux_loss_to)(const float *score_sum, const float *top1_count, float *dscore_coef,
                       int64_t experts, double global_tokens, float *out);
+  /* The cosine gate's temperature read where it lives: with t = *log_scale
+   * clamped to max_log, y = x * (float)exp(t) over n (the logits from the raw
+   * similarities; d raw from d logits); add_dot_unclamped adds (float) sum
+   * a * b to *acc unless t was clamped (its gradient). */
+  void (*scale_by_exp)(float *y, const float *x, int64_t n, const float *log_scale, double max_log);
+  void (*add_dot_unclamped)(float *acc, const float *a, const float *b, int64_t n, const float *log_scale,
+                            double max_log);
   /* copy_blocks over elements of type dt (offsets and strides in elements) */
   void (*copy_blocks_t)(moert_dt dt, void *dst, int64_t dst_stride, const void *src,
                         int64_t src_stride, int64_t nblocks, int64_t block, bool add);

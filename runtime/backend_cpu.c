@@ -96,6 +96,18 @@ static void cpu_aux_loss_to(const float *score_sum, const float *top1_count, flo
   *out = moert_cpu_aux_loss(score_sum, top1_count, dscore_coef, experts, global_tokens);
 }
 
+static void cpu_scale_by_exp(float *y, const float *x, int64_t n, const float *log_scale, double max_log) {
+  double t = *log_scale;
+  float s = (float)exp(t >= max_log ? max_log : t);
+  for (int64_t i = 0; i < n; i++) y[i] = x[i] * s;
+}
+
+static void cpu_add_dot_unclamped(float *acc, const float *a, const float *b, int64_t n, const float *log_scale,
+                                  double max_log) {
+  if ((double)*log_scale >= max_log) return;
+  *acc += (float)cpu_dot(a, b, n);
+}
+
 static void cpu_copy_blocks_t(moert_dt dt, void *dst, int64_t dst_stride, const void *src,
                               int64_t src_stride, int64_t nblocks, int64_t block, bool add) {
   if (dt == MOERT_F32) {
@@ -164,6 +176,8 @@ static moert_backend cpu_backend = {
     .xent_to = cpu_xent_to,
     .mse_to = cpu_mse_to,
     .aux_loss_to = cpu_aux_loss_to,
+    .scale_by_exp = cpu_scale_by_exp,
+    .add_dot_unclamped = cpu_add_dot_unclamped,
     .mark = cpu_mark,
     .mark_ms = cpu_mark_ms,
     .marks_reset = cpu_marks_reset,

@@ -329,7 +329,7 @@ MOERT_CHECK_GEN(cublas_check, cublasStatus_t, CUBLAS_STATUS_SUCCESS, cublas_errs
   X(gate_normalize_bwd) X(gate_priority_rank) X(gate_priority_scatter) X(gate_locations)         \
   X(gate_stats_part) X(aux_loss) X(gate_scores_bwd) X(softmax_bwd) X(dispatch)                   \
   X(dispatch_bwd) X(combine) X(combine_bwd) X(drop_beyond) X(copy_blocks) X(embed_fwd)           \
-  X(embed_bwd) X(xent) X(mse) X(dot) X(adamw) X(sgd) X(norm_split) X(clip_factor) X(scale) X(add) X(axpy) X(bias_add)         \
+  X(embed_bwd) X(xent) X(mse) X(dot) X(adamw) X(sgd) X(norm_split) X(clip_factor) X(scale_by_exp) X(add_dot_unclamped) X(scale) X(add) X(axpy) X(bias_add)         \
   X(bias_grad_part) X(scale_rows) X(cvt_f2bf) X(cvt_bf2f) X(dispatch_bf16) X(dispatch_bwd_bf16)     \
   X(combine_bf16) X(combine_bwd_bf16) X(act_fwd_relu_bf16) X(act_fwd_gelu_bf16)                  \
   X(act_fwd_silu_bf16) X(act_bwd_relu_bf16) X(act_bwd_gelu_bf16) X(act_bwd_silu_bf16)           \
@@ -1563,6 +1563,20 @@ static void cuda_sumsq_to(const float *x, int64_t n, double *out) {
   launch(K_reduce_sum, 1, 1, 1024, 1, ARGS(&part, &np, &out));
 }
 
+static void cuda_scale_by_exp(float *y, const float *x, int64_t n, const float *log_scale, double max_log) {
+  if (n <= 0) return;
+  launch(K_scale_by_exp, grid_for(n, 1024), 1, 256, 1, ARGS(&y, &x, &n, &log_scale, &max_log));
+}
+
+static void cuda_add_dot_unclamped(float *acc, const float *a, const float *b, int64_t n,
+                                   const float *log_scale, double max_log) {
+  uint64_t grid = (uint64_t)clamp64(cdiv(n, 1024), 1, MAX_PARTS);
+  double *part = scratch_d(0);
+  long long np = n > 0 ? (long long)grid : 0; /* no parts: a sum of 0 */
+  if (n > 0) launch(K_dot, grid, 1, 256, 1, ARGS(&a, &b, &n, &part));
+  launch(K_add_dot_unclamped, 1, 1, 1024, 1, ARGS(&part, &np, &log_scale, &max_log, &acc));
+}
+
 static void cuda_norm_split(const double *part, int64_t n, float *hilo) {
   long long nn = (long long)n;
   launch(K_norm_split, 1, 1, 32, 1, ARGS(&part, &nn, &hilo));
@@ -1990,6 +2004,8 @@ bool moert_backend_cuda_create(moert_backend **out, int device, const char *cach
       .xent_to = cuda_xent_to,
       .mse_to = cuda_mse_to,
       .aux_loss_to = cuda_aux_loss_to,
+      .scale_by_exp = cuda_scale_by_exp,
+      .add_dot_unclamped = cuda_add_dot_unclamped,
       .mark = cuda_mark,
       .mark_ms = cuda_mark_ms,
       .marks_reset = cuda_marks_reset,

@@ -607,15 +607,9 @@ static bool exchange_pass(pass_ctx *c, const void *in, void *out, moert_status *
 
 /* --- the layer --- */
 
-static float cosine_scale(moert_exec *e, const moert_layer *l, bool *clamped, moert_status *st) {
-  float temp = 0;
-  e->b->download(e->b, &temp, P_(e, l, 3), sizeof temp, st);
-  *clamped = temp >= COSINE_MAX_LOG_SCALE;
-  return (float)exp(*clamped ? COSINE_MAX_LOG_SCALE : temp);
-}
-
-static bool gate_fwd(moert_exec *e, int li, const moert_layer *l, const layer_geom *g, const float *x,
-                     int64_t step, moert_status *st) {
+/* The gate, queued: nothing here waits for the device. */
+static void gate_fwd(moert_exec *e, int li, const moert_layer *l, const layer_geom *g, const float *x,
+                     int64_t step) {
   moert_backend *b = e->b;
   int64_t T = e->rows, M = g->M, E = g->E, K = g->K;
   if (l->gate == MOERT_GATE_COSINE) {
@@ -624,11 +618,8 @@ static bool gate_fwd(moert_exec *e, int li, const moert_layer *l, const layer_ge
     b->l2norm_rows_fwd(F(e, li, PROJ), F(e, li, PROJN), F(e, li, PROJNORM), T, COSINE_PROJ);
     b->l2norm_cols_fwd(P_(e, l, 2), F(e, li, SIMN), F(e, li, SIMNORM), COSINE_PROJ, E);
     b->gemm(false, false, T, E, COSINE_PROJ, 1, F(e, li, PROJN), COSINE_PROJ, F(e, li, SIMN), E, 0, F(e, li, RAW), E);
-    bool clamped;
-    float scale = cosine_scale(e, l, &clamped, st);
-    if (st->failed) return MOERT_UP(st);
-    b->copy(F(e, li, LOGITS), F(e, li, RAW), T * E);
-    b->scale(F(e, li, LOGITS), T * E, scale);
+    /* logits = raw * exp(temperature), clamped as Tutel; read on the device */
+    b->scale_by_exp(F(e, li, LOGITS), F(e, li, RAW), T * E, P_(e, l, 3), COSINE_MAX_LOG_SCALE);
   } else {
     b->gemm(false, false, T, E, M, 1, x, M, P_(e, l, 0), E, 0, F(e, li, LOGITS), E);
   }
@@ -653,7 +644,6 @@ static bool gate_fwd(moert_exec *e, int li, const moert_layer *l, const layer_ge
   b->zero(F(e, li, SSUM), sizeof(float) * (size_t)E);
   b->zero(F(e, li, TOP1), sizeof(float) * (size_t)E);
   b->gate_stats(F(e, li, SCORES), I(e, li, IDX), F(e, li, SSUM), F(e, li, TOP1), T, E, K);
-  return true;
 }
 
 /* The capacity of this step, the same on every rank. A fixed capacity
@@ -747,7 +737,7 @@ bool moert_moe_fwd(moert_exec *e, int li, const float *x, int64_t step, moert_st
   moert_backend *b = e->b;
   int64_t T = e->rows, M = g.M, E = g.E, K = g.K;
   int span = open_span(e, "gate and capacity");
-  MOERT_TRY(st, gate_fwd(e, li, l, &g, x, step, st));
+  gate_fwd(e, li, l, &g, x, step);
   int64_t C = 0;
   MOERT_TRY(st, capacity(e, li, l, &g, &C, st));
   if (l->aux_loss > 0) MOERT_TRY(st, aux_loss(e, li, &g, st));
@@ -846,18 +836,10 @@ bool moert_moe_bwd(moert_exec *e, int li, moert_status *st) {
                      (float)l->aux_loss, S(e, li, DSCORES), T, E, K);
   b->softmax_bwd(F(e, li, SCORES), S(e, li, DSCORES), S(e, li, DLOGITS), T, E);
   if (l->gate == MOERT_GATE_COSINE) {
-    bool clamped;
-    float scale = cosine_scale(e, l, &clamped, st);
-    if (st->failed) return MOERT_UP(st);
     /* logits = raw * exp(temp): d temp = sum(dlogits * logits) unless clamped */
-    if (!clamped) {
-      float dtemp = (float)b->dot(S(e, li, DLOGITS), F(e, li, LOGITS), T * E), gsum;
-      MOERT_TRY(st, b->download(b, &gsum, G_(e, l, 3), sizeof gsum, st));
-      gsum += dtemp;
-      MOERT_TRY(st, b->upload(b, G_(e, l, 3), &gsum, sizeof gsum, st));
-    }
-    b->copy(S(e, li, DRAW), S(e, li, DLOGITS), T * E);
-    b->scale(S(e, li, DRAW), T * E, scale);
+    b->add_dot_unclamped(G_(e, l, 3), S(e, li, DLOGITS), F(e, li, LOGITS), T * E, P_(e, l, 3),
+                         COSINE_MAX_LOG_SCALE);
+    b->scale_by_exp(S(e, li, DRAW), S(e, li, DLOGITS), T * E, P_(e, l, 3), COSINE_MAX_LOG_SCALE);
     b->gemm(false, true, T, COSINE_PROJ, E, 1, S(e, li, DRAW), E, F(e, li, SIMN), E, 0, S(e, li, DPROJN), COSINE_PROJ);
     b->gemm(true, false, COSINE_PROJ, E, T, 1, F(e, li, PROJN), COSINE_PROJ, S(e, li, DRAW), E, 0, S(e, li, DSIMN), E);
     b->l2norm_cols_bwd(P_(e, l, 2), F(e, li, SIMNORM), S(e, li, DSIMN), S(e, li, DSIM), COSINE_PROJ, E);

@@ -125,6 +125,27 @@ extern "C" __global__ void moert_k_clip_factor(const double *part, long long n, 
   *factor = clip > 0.0 && r > clip ? (float)(clip / r) : 1.0f;
 }
 
+// The cosine gate's temperature where it lives (backend.h's scale_by_exp,
+// add_dot_unclamped): t = min(*log_scale, max_log); y = x * (float)exp(t),
+// grid-stride; and *acc += (float)(sum of part[0..n)) unless t was clamped,
+// one block of 1024 summing moert_k_dot's partials (as moert_k_reduce_sum).
+extern "C" __global__ void moert_k_scale_by_exp(float *y, const float *x, long long n,
+                                                const float *log_scale, double max_log) {
+  double t = (double)*log_scale;
+  const float s = (float)exp(t >= max_log ? max_log : t);
+  for (long long i = moert_gtid(); i < n; i += moert_gstride()) y[i] = x[i] * s;
+}
+
+extern "C" __global__ void moert_k_add_dot_unclamped(const double *part, long long n,
+                                                     const float *log_scale, double max_log,
+                                                     float *acc) {
+  __shared__ double sh[MOERT_MAX_WARPS];
+  double s = 0.0;
+  for (long long i = threadIdx.x; i < n; i += blockDim.x) s += part[i];
+  s = moert_block_sum_d(s, sh);
+  if (threadIdx.x == 0 && !((double)*log_scale >= max_log)) *acc += (float)s;
+}
+
 // x *= s.
 extern "C" __global__ void moert_k_scale(float *x, long long n, float s) {
   long long i0 = moert_gtid(), step = moert_gstride();

@@ -811,6 +811,23 @@ static void t_optim(int64_t n) {
   end();
 }
 
+/* The cosine gate's temperature read on the device: scale_by_exp and
+ * add_dot_unclamped, below the clamp and above it. */
+static void t_cosine_temp(int64_t n, bool clamped) {
+  begin("scale_by_exp, add_dot_unclamped n=%lld%s", (long long)n, clamped ? " clamped" : "");
+  const double max_log = 4.605170185988091;
+  fbuf x = fb(n, -1, 1), y = garbage(n), a = fb(n, -1, 1), ls = fb(1, 0, 0), acc = fb(1, -1, 1);
+  ls.h[0] = clamped ? 5.5f : 2.5f;
+  sync_f(ls);
+  cpu->scale_by_exp(y.h, x.h, n, ls.h, max_log);
+  gpu->scale_by_exp(y.d, x.d, n, ls.d, max_log);
+  check_f("y = x exp(t)", y, 1e-6);
+  cpu->add_dot_unclamped(acc.h, a.h, x.h, n, ls.h, max_log);
+  gpu->add_dot_unclamped(acc.d, a.d, x.d, n, ls.d, max_log);
+  check_f(clamped ? "acc (unchanged: clamped)" : "acc += sum(a x)", acc, 1e-6);
+  end();
+}
+
 /* The gradient norm left on the device: sumsq_to, norm_split, clip_factor. */
 static void t_norm(int64_t n) {
   begin("sumsq_to, norm_split, clip_factor n=%lld", (long long)n);
@@ -1220,6 +1237,9 @@ static void run_all(void) {
   t_optim(100003);
   t_norm(1);
   t_norm(100003);
+  t_cosine_temp(1, false);
+  t_cosine_temp(4099, false);
+  t_cosine_temp(4099, true);
   run_typed();
 }
 
