@@ -1,0 +1,23 @@
+#!/bin/sh
+# kernel_names.sh SRCDIR — every kernel that runtime/backend_cuda.c loads by
+# name (its KERNELS list, moert_k_NAME) is defined, extern "C", in templates/:
+# a misspelt or missing one would make the cuda backend fail at start on a
+# GPU, which CI does not have. No GPU needed.
+set -u
+src=$1
+names=$(sed -n '/^#define KERNELS(X)/,/^$/p' "$src/runtime/backend_cuda.c" | grep -o 'X([a-z0-9_]*)' | sed 's/X(\(.*\))/\1/')
+[ -n "$names" ] || { echo "FAIL: no KERNELS list found in runtime/backend_cuda.c"; exit 1; }
+n=0 bad=0
+for k in $names; do
+  n=$((n + 1))
+  if ! grep -q "extern \"C\" __global__ void moert_k_$k(" "$src"/templates/*.cu "$src"/templates/*.cuh; then
+    # the bf16 activations, stamped out by MOERT_ACT_BF16(act, ...) in bf16.cu
+    act=$(echo "$k" | sed -n 's/^act_\(fwd\|bwd\)_\([a-z]*\)_bf16$/\2/p')
+    if [ -z "$act" ] || ! grep -q "^MOERT_ACT_BF16($act, " "$src"/templates/bf16.cu; then
+      echo "FAIL: moert_k_$k is in the KERNELS list but no template defines it"
+      bad=$((bad + 1))
+    fi
+  fi
+done
+[ "$bad" = 0 ] || exit 1
+echo "ok: the $n kernels of the KERNELS list are defined in templates/"
