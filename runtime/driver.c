@@ -141,7 +141,7 @@ static void print_header(const moert_model *m, const moert_plan *p, moert_dt xdt
   human(mb, sizeof mb, (double)moert_exec_bytes(p, m->train.has_train), "B");
   fprintf(out, "model %s (%s): %s parameters, %d layers (%d moe)%s\n", m->name, m->spec_file, pb,
           nlayers, nmoe, m->vocab ? ", byte-level language model" : ", regression on a teacher MLP");
-  const char *prec = xdt == MOERT_BF16 ? "bf16 experts and dense FFNs; fp32 gating, norms, masters"
+  const char *prec = xdt == MOERT_BF16 ? "bf16 experts, dense FFNs and head; fp32 gating, norms, embeddings, masters"
                     : m->dtype == MOERT_DT_BF16 && strcmp(b->name, "cpu") ? "fp32: M or H / S is odd"
                                                                          : "fp32";
   const bool device = strcmp(b->name, "cpu") != 0, nccl = strcmp(c->name, "nccl") == 0;

@@ -427,6 +427,10 @@ bool moert_plan_create_nodes(const moert_model *m, int world, int rank, int64_t 
       F(HLOGITS, T * m->vocab);
       I(TOKENS, T);
       S(DLOGITS, T * m->vocab);
+      if (m->dtype == MOERT_DT_BF16) { /* the GEMMs' bf16 operands; the logits stay fp32 */
+        S(XB, (T * M + 1) / 2);
+        S(DLB, (T * m->vocab + 1) / 2);
+      }
       lp->flops_fwd = 2.0 * T * M * m->vocab;
       break;
     case MOERT_L_MSE:

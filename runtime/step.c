@@ -420,7 +420,13 @@ static bool forward(moert_exec *e, int64_t step, bool want_grad, moert_status *s
       cur = F(e, li, OUT);
       break;
     case MOERT_L_HEAD_XENT:
-      b->gemm(false, false, T, m->vocab, M, 1, cur, M, P(e, l, 0), m->vocab, 0, F(e, li, HLOGITS), m->vocab);
+      if (e->xdt == MOERT_BF16) { /* bf16 operands (the input rounded, the bf16 weights), fp32 logits */
+        b->convert(S(e, li, XB), MOERT_BF16, cur, MOERT_F32, T * M);
+        gemm1(b, false, false, T, m->vocab, M, MOERT_BF16, S(e, li, XB), PL(e, l, 0), 0, MOERT_F32,
+              F(e, li, HLOGITS), NULL);
+      } else {
+        b->gemm(false, false, T, m->vocab, M, 1, cur, M, P(e, l, 0), m->vocab, 0, F(e, li, HLOGITS), m->vocab);
+      }
       b->xent_to(F(e, li, HLOGITS), I(e, li, TOKENS), want_grad ? S(e, li, DLOGITS) : NULL, T, m->vocab,
                  (float)norm, e->dloss);
       break;
@@ -468,6 +474,15 @@ static bool backward(moert_exec *e, moert_status *st) {
     switch (l->kind) {
     case MOERT_L_MSE: break; /* dcur was written by the loss */
     case MOERT_L_HEAD_XENT:
+      if (e->xdt == MOERT_BF16) { /* as the forward: bf16 operands, fp32 gradients out */
+        const moert_dt B16 = MOERT_BF16;
+        int64_t V = m->vocab;
+        b->convert(S(e, li, DLB), B16, S(e, li, DLOGITS), MOERT_F32, T * V);
+        b->convert(S(e, li, XB), B16, x, MOERT_F32, T * M); /* the scratch is not kept from the forward */
+        gemm1(b, true, false, M, V, T, B16, S(e, li, XB), S(e, li, DLB), 0, MOERT_F32, G(e, l, 0), NULL);
+        gemm1(b, false, true, T, M, V, B16, S(e, li, DLB), PL(e, l, 0), 0, MOERT_F32, e->dcur, NULL);
+        break;
+      }
       b->gemm(true, false, M, m->vocab, T, 1, x, M, S(e, li, DLOGITS), m->vocab, 0, G(e, l, 0), m->vocab);
       b->gemm(false, true, T, M, m->vocab, 1, S(e, li, DLOGITS), m->vocab, P(e, l, 0), m->vocab, 0, e->dcur, M);
       break;

@@ -63,6 +63,17 @@ bf16)
   MOEC_CPU_BF16=1 ./dense --backend cpu --metrics demu.jsonl --quiet || fail "cpu emulation run (dense)"
   close demu.jsonl dgpu.jsonl 5e-3 10 1
   close_mean demu.jsonl dgpu.jsonl 5e-2 10
+  # a byte model: the head's bf16 GEMMs
+  corpus="$src/examples/data/corpus.txt"
+  if [ -s "$corpus" ]; then
+    "$moec" build "$src/tests/model/bf16_bytes.moe" -o bytes >/dev/null 2>&1 || fail "moec build bf16_bytes"
+    ./bytes --backend cuda --kernel-cache kc --data "$corpus" --metrics bgpu.jsonl --quiet || fail "cuda run (bytes)"
+    MOEC_CPU_BF16=1 ./bytes --backend cpu --data "$corpus" --metrics bemu.jsonl --quiet || fail "cpu emulation run (bytes)"
+    close bemu.jsonl bgpu.jsonl 5e-3 10 1
+    close_mean bemu.jsonl bgpu.jsonl 5e-2 10
+  else
+    echo "(no corpus at $corpus: the bf16 head is not checked; sh tools/make-corpus.sh)"
+  fi
   "$mpiexec" --oversubscribe -np 2 ./tinyb --backend cuda --kernel-cache kc --variant cycle --steps 20 --metrics cycle.jsonl --quiet || fail "cycle"
   first=$(sed -n 's/.*"variants": {"\([^"]*\)": "\([^"]*\)".*/\2/p' cycle.jsonl | head -1)
   "$mpiexec" --oversubscribe -np 2 ./tinyb --backend cuda --kernel-cache kc --variant "$first" --steps 20 --metrics fixed.jsonl --quiet || fail "fixed"

@@ -32,12 +32,24 @@ bf16_emulated)
   "$moec" build "$src/tests/model/bf16_dense.moe" -o dense >/dev/null 2>&1 || fail "moec build"
   ./dense --quiet --metrics f32.jsonl || fail "fp32 run"
   MOEC_CPU_BF16=1 ./dense --metrics b16.jsonl > out.txt || fail "bf16 run"
-  grep -q "bf16 experts and dense FFNs" out.txt || fail "the header does not say bf16: $(grep ^backend out.txt)"
+  grep -q "bf16 experts, dense FFNs and head" out.txt || fail "the header does not say bf16: $(grep ^backend out.txt)"
   field loss f32.jsonl > a.txt; field loss b16.jsonl > b.txt
   paste a.txt b.txt | awk '{ d = $1 - $2; if (d < 0) d = -d; if (d / $1 > w) w = d / $1 } END {
     printf "worst relative difference %.2e\n", w; exit !(w < 2e-2) }' || fail "bf16 strays from fp32"
   awk 'NR == 1 { a = $1 } { z = $1 } END { exit !(z < a / 4) }' b.txt || fail "the bf16 model did not learn"
-  echo "ok: bf16 dense and expert paths (emulated) learn and follow fp32" ;;
+  # a byte model: the head's bf16 GEMMs (fp32 logits and cross-entropy)
+  corpus="$src/examples/data/corpus.txt"
+  [ -s "$corpus" ] || sh "$src/tools/make-corpus.sh" || fail "no corpus"
+  "$moec" build "$src/tests/model/bf16_bytes.moe" -o bytes >/dev/null 2>&1 || fail "moec build bf16_bytes"
+  ./bytes --quiet --data "$corpus" --metrics bf32.jsonl || fail "fp32 run (bytes)"
+  MOEC_CPU_BF16=1 ./bytes --data "$corpus" --metrics bb16.jsonl > out.txt || fail "bf16 run (bytes)"
+  grep -q "dense FFNs and head" out.txt || fail "the header does not say the head is bf16: $(grep ^backend out.txt)"
+  field loss bf32.jsonl > a.txt; field loss bb16.jsonl > b.txt
+  paste a.txt b.txt | awk '{ d = $1 - $2; if (d < 0) d = -d; if (d / $1 > w) w = d / $1 } END {
+    printf "bytes: worst relative difference %.2e\n", w; exit !(w < 2e-2 && w > 0) }' ||
+    fail "the bf16 byte model strays from fp32 (or is fp32)"
+  awk 'NR == 1 { a = $1 } { z = $1 } END { exit !(z < a * 0.6) }' b.txt || fail "the bf16 byte model did not learn"
+  echo "ok: bf16 dense, expert and head paths (emulated) learn and follow fp32" ;;
 
 tiny_learns)
   build tiny
