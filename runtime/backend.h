@@ -2,7 +2,9 @@
  * ggml_backend_i): memory and the fused ops, as a table of functions.
  * The ops have exactly the signatures of cpu_ops.h; on a device backend their
  * pointers are device addresses, which the host never dereferences. The host
- * reads device memory only through `download` (loss, capacity, norms).
+ * reads device memory only through `download`: a step's loss, statistics and
+ * gradient norm at its end (the `_to` ops leave them in device memory), and
+ * mid-step a dropless or dynamic capacity.
  * Implementations: cpu (backend_cpu.c, the numerical reference). */
 #ifndef MOERT_BACKEND_H
 #define MOERT_BACKEND_H

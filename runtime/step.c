@@ -321,8 +321,9 @@ static void timing_begin(moert_exec *e) {
 
 /* The end of a step's timing, once its work is enqueued: every MoE layer's
  * layer_ms (forward + backward) and the trace's spans from their marks. On a
- * device this waits for the marks to be reached: the step's one wait for the
- * device besides its downloads (the capacities, the loss, the gradient norm). */
+ * device this waits for the marks to be reached, after read_values has
+ * waited for the step's work (and, mid-step, only dropless and dynamic
+ * capacities read anything back). */
 static bool timing_end(moert_exec *e, moert_status *st) {
   moert_backend *b = e->b;
   for (int li = 0; li < e->m->nlayers; li++) {
