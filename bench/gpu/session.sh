@@ -49,6 +49,11 @@ case $backend in cpu|cuda) ;; *) echo "session.sh: --backend is cuda or cpu" >&2
 mkdir -p "$out" || { echo "session.sh: cannot make $out" >&2; exit 1; }
 case $build in /*) ;; *) build=$root/$build ;; esac
 [ -n "$examples" ] || examples=$(cd "$root/examples" && ls *.moe | sed 's/\.moe$//' | tr '\n' ' ')
+# a machine that went cold between calls has no build: make it first
+case " $phases " in
+*" build "*) ;;
+*) [ -x "$build/compiler/moec" ] || { echo "session.sh: no $build/compiler/moec: building first"; phases="build $phases"; } ;;
+esac
 
 start=$(date +%s) failed=0
 report=$out/report.md
