@@ -115,6 +115,12 @@ bool moert_comm_nccl_fits(moert_comm *host, moert_backend *b, bool *fits, moert_
 /* Whether libnccl.so.2 loads with every function the nccl comm calls (false,
  * quietly, in a build without nccl.h). Touches no GPU. */
 bool moert_nccl_available(void);
+/* For code that calls NCCL itself (bench/gpu/a2a_bench.c's reference): a
+ * function of the library the nccl comm loaded (NULL when NCCL does not load
+ * or lacks it), and NCCL's text for a result code with its last error's
+ * detail. */
+void *moert_nccl_symbol(const char *name);
+const char *moert_nccl_strerror(int result);
 
 /* A world of one rank: collectives copy or do nothing. Static; destroy is a no-op. */
 moert_comm *moert_comm_self(void);
@@ -126,6 +132,8 @@ bool moert_comm_under_mpirun(void);
  * destroys it and calls MPI_Finalize. */
 bool moert_comm_mpi_create(int *argc, char ***argv, moert_comm **out, moert_status *st);
 void moert_comm_mpi_finalize(moert_comm *c);
+/* MPI's text for a result code (one buffer: MPI is called from one thread). */
+const char *moert_mpi_strerror(int code);
 /* Stops every rank now (a failure on one rank must not leave the others
  * waiting in a collective forever): MPI_Abort with the exit code. */
 void moert_comm_abort(moert_comm *c, int code);

@@ -58,7 +58,7 @@
 
 /* MPI's text for a result code. One buffer: MPI calls come from one thread
  * (MPI_THREAD_FUNNELED). */
-static const char *mpi_strerror(int code) {
+const char *moert_mpi_strerror(int code) {
   static char buf[MPI_MAX_ERROR_STRING + 32];
   int len = 0;
   if (MPI_Error_string(code, buf, &len) != MPI_SUCCESS || len <= 0)
@@ -66,7 +66,7 @@ static const char *mpi_strerror(int code) {
   return buf;
 }
 
-MOERT_CHECK_GEN(mpi_check, int, MPI_SUCCESS, mpi_strerror)
+MOERT_CHECK_GEN(mpi_check, int, MPI_SUCCESS, moert_mpi_strerror)
 #define MPIOK(st, call) mpi_check((call), #call, __FILE__, __LINE__, (st))
 #define MPICHECK(st, call)                \
   do {                                    \
@@ -655,7 +655,7 @@ bool moert_comm_mpi_create(int *argc, char ***argv, moert_comm **out, moert_stat
     if (rc != MPI_SUCCESS)
       return MOERT_FAIL(st, "MPI could not start (MPI_Init_thread: %s); check the MPI installation "
                             "(ompi_info) and the launch (mpirun -np N ...)",
-                        mpi_strerror(rc));
+                        moert_mpi_strerror(rc));
     owns = true;
     if (provided < MPI_THREAD_FUNNELED) {
       MPI_Finalize();

@@ -77,6 +77,16 @@ bool moert_comm_nccl_fits(moert_comm *host, moert_backend *b, bool *fits, moert_
   return true;
 }
 
+void *moert_nccl_symbol(const char *name) {
+  (void)name;
+  return NULL;
+}
+
+const char *moert_nccl_strerror(int result) {
+  (void)result;
+  return "this build of moec has no NCCL (nccl.h was not found when it was built)";
+}
+
 #else
 
 #include <cuda.h>
@@ -210,6 +220,13 @@ static const char *cu_errstr(CUresult r) {
 }
 
 MOERT_CHECK_GEN(nccl_check, ncclResult_t, ncclSuccess, nccl_errstr)
+
+void *moert_nccl_symbol(const char *name) {
+  const char *missing;
+  return load_nccl(&missing) ? dlsym(nc.lib, name) : NULL;
+}
+
+const char *moert_nccl_strerror(int result) { return nccl_errstr((ncclResult_t)result); }
 MOERT_CHECK_GEN(cu_check, CUresult, CUDA_SUCCESS, cu_errstr)
 
 /* NCOK(st, ncclSend, (args)): calls the loaded function; on failure records

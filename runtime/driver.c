@@ -17,6 +17,7 @@
 #include "comm.h"
 #include "data.h"
 #include "exec.h"
+#include "flags.h"
 #include "placement.h"
 #include "rng.h"
 #include "select.h"
@@ -43,28 +44,7 @@
   X(QUIET, "quiet", 0, "", "print only errors")                                                    \
   X(HELP, "help", 0, "", "print this help and exit")
 
-enum {
-#define X(id, name, arg, meta, help) FLAG_##id,
-  FLAGS(X)
-#undef X
-  FLAG__COUNT
-};
-/* getopt_long returns FLAG_BASE + FLAG_x, clear of its own '?' and ':' */
-#define FLAG_BASE 1000
-
-static const struct option long_opts[] = {
-#define X(id, name, arg, meta, help) {name, arg ? required_argument : no_argument, NULL, FLAG_BASE + FLAG_##id},
-    FLAGS(X)
-#undef X
-    {NULL, 0, NULL, 0}};
-
-static const struct {
-  const char *name, *meta, *help;
-} flag_info[] = {
-#define X(id, name, arg, meta, help) {name, meta, help},
-    FLAGS(X)
-#undef X
-};
+MOERT_FLAGS(FLAGS)
 
 /* --variant may be given this many times (one per MoE layer, say). */
 #define MAX_FORCED 64
@@ -81,12 +61,7 @@ typedef struct options {
 static void usage(const moert_model *m, const char *argv0, FILE *out) {
   fprintf(out, "usage: %s [options]\n\n%s model `%s`, built by moec from %s.\n\noptions:\n", argv0,
           m->train.has_train ? "Trains the" : "Runs forward steps of the", m->name, m->spec_file);
-  for (int i = 0; i < FLAG__COUNT; i++) {
-    char left[48];
-    snprintf(left, sizeof left, "--%s%s%s", flag_info[i].name, *flag_info[i].meta ? " " : "",
-             flag_info[i].meta);
-    fprintf(out, "  %-24s %s\n", left, flag_info[i].help);
-  }
+  moert_flags_print(out, flag_info, FLAG__COUNT, 24);
   fputs("\nExit status: 0 success, 1 a failure while running, 2 a usage error.\n", out);
 }
 
@@ -97,15 +72,6 @@ static int usage_error(const char *argv0, const char *msg, const char *arg) {
   return 2;
 }
 
-/* A whole decimal number in [lo, hi]. */
-static bool parse_int(const char *s, int64_t lo, int64_t hi, int64_t *out) {
-  char *end;
-  errno = 0;
-  long long v = strtoll(s, &end, 10);
-  if (errno || end == s || *end || v < lo || v > hi) return false;
-  *out = v;
-  return true;
-}
 
 static double now(void) {
   struct timespec ts;
@@ -452,17 +418,17 @@ int moert_main(const moert_model *m, int argc, char **argv) {
     if (c == ':')
       return usage_error(argv0, "option '%s' needs a value", argv[optind - 1]);
     if (c == '?') return usage_error(argv0, "unknown option '%s'", argv[optind - 1]);
-    c -= FLAG_BASE;
+    c -= MOERT_FLAG_BASE;
     const char *a = optarg;
     bool ok = true;
     switch (c) {
-    case FLAG_STEPS: ok = parse_int(a, 1, INT64_MAX / 2, &o.steps); o.steps_given = true; break;
-    case FLAG_SEED: ok = parse_int(a, 0, INT64_MAX, &o.seed); break;
-    case FLAG_LOG_EVERY: ok = parse_int(a, 1, INT64_MAX, &o.log_every); break;
-    case FLAG_TOKENS: ok = parse_int(a, 1, (int64_t)1 << 31, &o.tokens); break;
-    case FLAG_EVAL_EVERY: ok = parse_int(a, 0, INT64_MAX, &o.eval_every); break;
-    case FLAG_CKPT_EVERY: ok = parse_int(a, 0, INT64_MAX, &o.ckpt_every); break;
-    case FLAG_GENERATE: ok = parse_int(a, 0, 1 << 20, &o.generate); break;
+    case FLAG_STEPS: ok = moert_parse_int(a, 1, INT64_MAX / 2, &o.steps); o.steps_given = true; break;
+    case FLAG_SEED: ok = moert_parse_int(a, 0, INT64_MAX, &o.seed); break;
+    case FLAG_LOG_EVERY: ok = moert_parse_int(a, 1, INT64_MAX, &o.log_every); break;
+    case FLAG_TOKENS: ok = moert_parse_int(a, 1, (int64_t)1 << 31, &o.tokens); break;
+    case FLAG_EVAL_EVERY: ok = moert_parse_int(a, 0, INT64_MAX, &o.eval_every); break;
+    case FLAG_CKPT_EVERY: ok = moert_parse_int(a, 0, INT64_MAX, &o.ckpt_every); break;
+    case FLAG_GENERATE: ok = moert_parse_int(a, 0, 1 << 20, &o.generate); break;
     case FLAG_BACKEND: o.backend = a; ok = !strcmp(a, "cpu") || !strcmp(a, "cuda"); break;
     case FLAG_METRICS: o.metrics = a; break;
     case FLAG_DATA: o.data = a; break;

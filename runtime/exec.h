@@ -72,11 +72,10 @@ typedef struct moert_exec {
   int64_t (*zero_runs)[2];
   int nzero_runs;
   /* Values of the last forward left in backend memory, read at the step's
-   * end (moert_moe_read_stats, step.c): the loss sum (divided by loss_div
-   * on the host) and each MoE layer's aux loss, [nlayers]. */
+   * end (moert_moe_read_stats, step.c): the loss sum and each MoE layer's
+   * aux loss, [nlayers] (aux_h: their host copy, made at create). */
   double *dloss;
-  double loss_div;
-  float *daux;
+  float *daux, *aux_h;
   /* The gradient norm on the device (step.c's grad_norm): sums of squares
    * [nparams + 1], the expert part as two floats [2], the norm [1] and the
    * clipping factor [1] the optimizer scales the gradients by. */

@@ -719,13 +719,10 @@ bool moert_moe_read_stats(moert_exec *e, moert_status *st) {
     any_aux = any_aux || l->aux_loss > 0;
   }
   if (!any_aux) return true;
-  float *aux = malloc(sizeof(float) * (size_t)m->nlayers);
-  if (!aux) return MOERT_FAIL(st, "out of memory");
-  bool ok = b->download(b, aux, e->daux, sizeof(float) * (size_t)m->nlayers, st);
-  for (int li = 0; ok && li < m->nlayers; li++)
-    if (m->layers[li].kind == MOERT_L_MOE && m->layers[li].aux_loss > 0) e->aux += m->layers[li].aux_loss * aux[li];
-  free(aux);
-  return ok ? true : MOERT_UP(st);
+  MOERT_TRY(st, b->download(b, e->aux_h, e->daux, sizeof(float) * (size_t)m->nlayers, st));
+  for (int li = 0; li < m->nlayers; li++)
+    if (m->layers[li].kind == MOERT_L_MOE && m->layers[li].aux_loss > 0) e->aux += m->layers[li].aux_loss * e->aux_h[li];
+  return true;
 }
 
 bool moert_moe_fwd(moert_exec *e, int li, const float *x, int64_t step, moert_status *st) {

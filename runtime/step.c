@@ -189,6 +189,7 @@ bool moert_exec_create(moert_exec **out, const moert_model *m, moert_plan *plan,
   e->skip = calloc((size_t)plan->max_res_depth + 1, sizeof *e->skip);
   e->capacity = calloc((size_t)m->nlayers + 1, sizeof *e->capacity);
   e->keep = calloc((size_t)m->nlayers + 1, sizeof *e->keep);
+  e->aux_h = calloc((size_t)m->nlayers + 1, sizeof *e->aux_h);
   e->variant = calloc((size_t)m->nlayers + 1, sizeof *e->variant);
   e->layer_ms = calloc((size_t)m->nlayers + 1, sizeof *e->layer_ms);
   e->layer_marks = calloc(4 * (size_t)m->nlayers + 1, sizeof *e->layer_marks);
@@ -197,7 +198,7 @@ bool moert_exec_create(moert_exec **out, const moert_model *m, moert_plan *plan,
   for (int i = 0; i < m->nlayers; i++)
     if (m->layers[i].kind == MOERT_L_MOE) loads += m->layers[i].experts;
   e->load = calloc((size_t)loads + 1, sizeof *e->load);
-  if (!e->xin || !e->stack || !e->skip || !e->capacity || !e->keep || !e->load || !e->variant ||
+  if (!e->xin || !e->stack || !e->skip || !e->capacity || !e->keep || !e->aux_h || !e->load || !e->variant ||
       !e->layer_ms || !e->layer_marks) {
     moert_exec_destroy(e);
     return MOERT_FAIL(st, "out of memory");
@@ -267,6 +268,7 @@ void moert_exec_destroy(moert_exec *e) {
   free(e->stack);
   free(e->capacity);
   free(e->keep);
+  free(e->aux_h);
   free(e->zero_runs);
   free(e->load);
   free(e->variant);
@@ -362,7 +364,6 @@ static bool forward(moert_exec *e, int64_t step, bool want_grad, moert_status *s
   const float *cur = e->input;
   int depth = 0;
   b->zero(e->dloss, sizeof *e->dloss); /* a model without a loss layer: 0 */
-  e->loss_div = 1;
   /* the experts compute with bf16 copies of this step's parameters: the
    * last update wrote them, else they are made here */
   if (e->xdt == MOERT_BF16 && !e->wlow_fresh) {
@@ -434,7 +435,6 @@ static bool forward(moert_exec *e, int64_t step, bool want_grad, moert_status *s
     case MOERT_L_MSE:
       /* per token: the mean over dim of the squared error */
       b->mse_to(cur, F(e, li, TARGET), want_grad ? e->dcur : NULL, T * M, (float)(norm / M), e->dloss);
-      e->loss_div = (double)M;
       break;
     case MOERT_L__COUNT: break;
     }
@@ -450,7 +450,9 @@ static bool forward(moert_exec *e, int64_t step, bool want_grad, moert_status *s
 static bool read_values(moert_exec *e, double *loss_sum, moert_status *st) {
   double v = 0;
   MOERT_TRY(st, e->b->download(e->b, &v, e->dloss, sizeof v, st));
-  *loss_sum = v / e->loss_div;
+  /* mse's sum is over every element: per token, the mean over dim */
+  const moert_model *m = e->m;
+  *loss_sum = m->nlayers > 0 && m->layers[m->nlayers - 1].kind == MOERT_L_MSE ? v / m->dim : v;
   return moert_moe_read_stats(e, st) ? true : MOERT_UP(st);
 }
 

@@ -65,6 +65,7 @@
 
 #include "backend.h"
 #include "comm.h"
+#include "flags.h"
 
 #ifdef MOERT_HAVE_NCCL_HEADERS
 #include <dlfcn.h>
@@ -97,28 +98,7 @@
   X(NO_CHECK, "no-check", 0, "", "skip the check of each size's results (for quick looks only)")  \
   X(HELP, "help", 0, "", "print this help and exit")
 
-enum {
-#define X(id, name, arg, meta, help) FLAG_##id,
-  FLAGS(X)
-#undef X
-  FLAG__COUNT
-};
-/* getopt_long returns FLAG_BASE + FLAG_x, clear of its own '?' and ':' */
-#define FLAG_BASE 1000
-
-static const struct option long_opts[] = {
-#define X(id, name, arg, meta, help) {name, arg ? required_argument : no_argument, NULL, FLAG_BASE + FLAG_##id},
-    FLAGS(X)
-#undef X
-    {NULL, 0, NULL, 0}};
-
-static const struct {
-  const char *name, *meta, *help;
-} flag_info[] = {
-#define X(id, name, arg, meta, help) {name, meta, help},
-    FLAGS(X)
-#undef X
-};
+MOERT_FLAGS(FLAGS)
 
 enum { ALGO_LINEAR = 1, ALGO_2DH = 2 };
 
@@ -134,24 +114,10 @@ static void usage(FILE *out) {
         "All-to-all bus bandwidth of our comm (LINEAR, 2DH) against the library's own\n"
         "(nccl-tests' alltoall_perf semantics), one row per size.\n\n",
         out);
-  for (int i = 0; i < FLAG__COUNT; i++) {
-    char left[48];
-    snprintf(left, sizeof left, "--%s%s%s", flag_info[i].name, *flag_info[i].meta ? " " : "",
-             flag_info[i].meta);
-    fprintf(out, "  %-26s %s\n", left, flag_info[i].help);
-  }
+  moert_flags_print(out, flag_info, FLAG__COUNT, 26);
   fputs("\nExit status: 0 done, 1 a failure or a wrong result, 2 a usage error.\n", out);
 }
 
-/* A whole decimal number in [lo, hi]. */
-static bool parse_int(const char *s, int64_t lo, int64_t hi, int64_t *out) {
-  char *end;
-  errno = 0;
-  long long v = strtoll(s, &end, 10);
-  if (errno || end == s || *end || v < lo || v > hi) return false;
-  *out = v;
-  return true;
-}
 
 /* Bytes: a whole number with an optional K, M or G (powers of 1024), 1 or more. */
 static bool parse_size(const char *s, int64_t *out) {
@@ -181,7 +147,7 @@ static bool parse_options(int argc, char **argv, options *o, char *msg, size_t c
   int c;
   /* ":" first: a missing value comes back as ':', an unknown option as '?' */
   while ((c = getopt_long(argc, argv, ":h", long_opts, NULL)) != -1) {
-    if (c == 'h') c = FLAG_BASE + FLAG_HELP;
+    if (c == 'h') c = MOERT_FLAG_BASE + FLAG_HELP;
     if (c == ':') {
       snprintf(msg, cap, "option '%s' needs a value", argv[optind - 1]);
       return false;
@@ -190,7 +156,7 @@ static bool parse_options(int argc, char **argv, options *o, char *msg, size_t c
       snprintf(msg, cap, "unknown option '%s'", argv[optind - 1]);
       return false;
     }
-    c -= FLAG_BASE;
+    c -= MOERT_FLAG_BASE;
     const char *a = optarg, *want = NULL;
     switch (c) {
     case FLAG_BACKEND:
@@ -208,16 +174,16 @@ static bool parse_options(int argc, char **argv, options *o, char *msg, size_t c
       if (!parse_size(a, &o->max)) want = "bytes, 1 or more, with an optional K, M or G";
       break;
     case FLAG_FACTOR:
-      if (!parse_int(a, 2, 1024, &o->factor)) want = "a whole number from 2 to 1024";
+      if (!moert_parse_int(a, 2, 1024, &o->factor)) want = "a whole number from 2 to 1024";
       break;
     case FLAG_ITERS:
-      if (!parse_int(a, 1, 1000000, &o->iters)) want = "a whole number from 1 to 1000000";
+      if (!moert_parse_int(a, 1, 1000000, &o->iters)) want = "a whole number from 1 to 1000000";
       break;
     case FLAG_WARMUP:
-      if (!parse_int(a, 0, 1000000, &o->warmup)) want = "a whole number from 0 to 1000000";
+      if (!moert_parse_int(a, 0, 1000000, &o->warmup)) want = "a whole number from 0 to 1000000";
       break;
     case FLAG_REPEATS:
-      if (!parse_int(a, 1, 1000, &o->repeats)) want = "a whole number from 1 to 1000";
+      if (!moert_parse_int(a, 1, 1000, &o->repeats)) want = "a whole number from 1 to 1000";
       break;
     case FLAG_ALGO:
       o->algos = !strcmp(a, "linear") ? ALGO_LINEAR
@@ -312,14 +278,7 @@ static bool agree_st(bool ok, const char *step, const moert_status *st) {
   return false;
 }
 
-static const char *mpi_strerror(int code) {
-  static char buf[MPI_MAX_ERROR_STRING + 32];
-  int len = 0;
-  if (MPI_Error_string(code, buf, &len) != MPI_SUCCESS || len <= 0)
-    snprintf(buf, sizeof buf, "MPI error %d", code);
-  return buf;
-}
-MOERT_CHECK_GEN(mpi_check, int, MPI_SUCCESS, mpi_strerror)
+MOERT_CHECK_GEN(mpi_check, int, MPI_SUCCESS, moert_mpi_strerror)
 #define MPIOK(st, call) mpi_check((call), #call, __FILE__, __LINE__, (st))
 
 /* ------------------------------------------------------------ the NCCL reference */
@@ -334,14 +293,14 @@ typedef struct ref_nccl ref_nccl;
 #define XSTR(x) STR_(x)
 #define REF_NCCL_FUNCS(X)                                                                      \
   X(ncclGetVersion) X(ncclGetUniqueId) X(ncclCommInitRank) X(ncclCommDestroy) X(ncclCommAbort)  \
-  X(ncclCommGetAsyncError) X(ncclGetErrorString) X(ncclSend) X(ncclRecv) X(ncclGroupStart)     \
-  X(ncclGroupEnd)
+  X(ncclCommGetAsyncError) X(ncclSend) X(ncclRecv) X(ncclGroupStart) X(ncclGroupEnd)
 
+/* The functions of the library the runtime's nccl comm loaded (one library,
+ * one handle: moert_nccl_symbol) */
 #define DECLARE(f) __typeof__(f) *f;
 static struct {
-  void *lib;
+  bool loaded;
   REF_NCCL_FUNCS(DECLARE)
-  __typeof__(ncclGetLastError) *ncclGetLastError; /* NCCL 2.13 and later */
 } nc;
 #undef DECLARE
 
@@ -351,44 +310,30 @@ struct ref_nccl {
   bool failed;         /* a call failed: destroy aborts */
 };
 
-static const char *nccl_errstr(ncclResult_t r) {
-  static char buf[768];
-  const char *s = nc.ncclGetErrorString ? nc.ncclGetErrorString(r) : NULL;
-  const char *last = nc.ncclGetLastError ? nc.ncclGetLastError(NULL) : NULL;
-  if (last && *last)
-    snprintf(buf, sizeof buf, "%s: %s (NCCL_DEBUG=WARN prints NCCL's log)", s ? s : "NCCL error", last);
-  else
-    snprintf(buf, sizeof buf, "%s (NCCL error %d; NCCL_DEBUG=WARN prints NCCL's log)", s ? s : "unknown",
-             (int)r);
-  return buf;
-}
+/* the runtime's text for an NCCL result (with ncclGetLastError's detail) */
+static const char *nccl_errstr(ncclResult_t r) { return moert_nccl_strerror((int)r); }
 MOERT_CHECK_GEN(nccl_check, ncclResult_t, ncclSuccess, nccl_errstr)
 #define NCOK(st, fn, args) nccl_check(nc.fn args, #fn, __FILE__, __LINE__, (st))
 
-/* Opens libnccl.so.2 by the names comm_nccl.c tries, in its order, so both
- * get the one library. */
+/* The reference's functions from the library the runtime's nccl comm loads. */
 static bool ref_nccl_load(moert_status *st) {
-  if (nc.lib) return true;
-  static const char *const names[] = {"libnccl.so.2", "libnccl.so", "/usr/local/cuda/lib/libnccl.so.2",
-                                      "/usr/local/cuda/lib64/libnccl.so.2"};
-  for (size_t i = 0; i < sizeof names / sizeof names[0] && !nc.lib; i++)
-    nc.lib = dlopen(names[i], RTLD_NOW | RTLD_LOCAL);
-  if (!nc.lib)
-    return MOERT_FAIL(st, "NCCL could not be loaded (libnccl.so.2: %s); install NCCL or add its folder "
-                          "to LD_LIBRARY_PATH, or run with --comm mpi", dlerror());
+  if (nc.loaded) return true;
+  if (!moert_nccl_available())
+    return MOERT_FAIL(st, "NCCL could not be loaded (libnccl.so.2, with every function the nccl comm "
+                          "calls); install NCCL or add its folder to LD_LIBRARY_PATH, or run with --comm mpi");
 #define LOOKUP(f)                                                                              \
-  if (!(nc.f = (__typeof__(nc.f))dlsym(nc.lib, XSTR(f))))                                       \
+  if (!(nc.f = (__typeof__(nc.f))moert_nccl_symbol(XSTR(f))))                                   \
     return MOERT_FAIL(st, "the NCCL library has no %s (too old? the reference needs NCCL 2.7 or later)", XSTR(f));
   REF_NCCL_FUNCS(LOOKUP)
 #undef LOOKUP
-  nc.ncclGetLastError = (__typeof__(nc.ncclGetLastError))dlsym(nc.lib, "ncclGetLastError");
+  nc.loaded = true;
   return true;
 }
 
 /* "NCCL 2.28.9 (/path/libnccl.so.2)": the loaded library's version and file. */
 static void ref_nccl_describe(char *out, size_t cap) {
   int v = 0;
-  if (!nc.lib || nc.ncclGetVersion(&v) != ncclSuccess) {
+  if (!nc.loaded || nc.ncclGetVersion(&v) != ncclSuccess) {
     snprintf(out, cap, "NCCL (version unknown)");
     return;
   }
