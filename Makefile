@@ -10,7 +10,7 @@ BUILD_DIR   ?= build
 BUILD_TYPE  ?= RelWithDebInfo
 PREFIX      ?= /usr/local
 CMAKE_FLAGS ?=
-CTEST_FLAGS ?= --output-on-failure
+CTEST_FLAGS ?= --output-on-failure -j $(shell nproc 2>/dev/null || echo 2)
 GENERATOR   := $(shell command -v ninja >/dev/null 2>&1 && echo Ninja || echo "Unix Makefiles")
 
 all: build
