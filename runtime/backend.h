@@ -40,6 +40,8 @@ typedef struct moert_backend moert_backend;
  * takes at most 3/4 (trace.h). Marks past the limit are -1: not timed, and
  * nothing is allocated mid-step. */
 enum { MOERT_MAX_MARKS = 16384 };
+/* The most graphs a backend keeps (graph_end). */
+enum { MOERT_MAX_GRAPHS = 512 };
 
 struct moert_backend {
   const char *name;
@@ -65,6 +67,10 @@ struct moert_backend {
    * moert_fill_normal, drawn where the data lives (inputs, gate noise) */
   void (*fill_normal)(float *out, int64_t n, uint64_t seed, uint64_t stream, uint64_t first, float mean,
                       float std);
+  /* fill_normal from index (*step - 1) * per_step + offset, *step read where
+   * it lives when the op runs (a graph's gate noise follows the step) */
+  void (*fill_normal_step)(float *out, int64_t n, uint64_t seed, uint64_t stream, const int64_t *step,
+                           uint64_t per_step, uint64_t offset, float mean, float std);
   /* Sums left where the data lives: xent, mse and moert_cpu_aux_loss with
    * the value stored at *out (backend memory) instead of returned, so the
    * host need not wait for it mid-step; the executor reads such values once,
@@ -98,6 +104,19 @@ struct moert_backend {
   int (*mark)(moert_backend *b, void *stream);
   bool (*mark_ms)(moert_backend *b, int from, int to, double *ms, moert_status *st);
   void (*marks_reset)(moert_backend *b);
+  /* CUDA graphs (NULL where the backend has none, as on the cpu): between
+   * graph_begin and graph_end the backend's ops are recorded (captured from
+   * its stream, with what a comm enqueues there), not run; graph_end makes
+   * them graph `id` (0 <= id < MOERT_MAX_GRAPHS, the caller's numbering; an
+   * id in use is replaced), graph_launch runs graph `id` on the stream. An op
+   * that cannot be captured (one that waits for the device, or allocates)
+   * makes graph_end fail with the reason; nothing is then kept of the
+   * capture, the backend is usable, and the caller runs the ops itself. A
+   * graph reads the memory its ops name as it is when launched: pointers and
+   * every other argument are fixed when it is captured. */
+  bool (*graph_begin)(moert_backend *b, moert_status *st);
+  bool (*graph_end)(moert_backend *b, int id, moert_status *st);
+  bool (*graph_launch)(moert_backend *b, int id, moert_status *st);
   /* Whether the expert path of a bf16 model runs in bf16 here (the cuda
    * backend; the cpu only when asked to emulate it, for tests). */
   bool bf16;

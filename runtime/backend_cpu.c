@@ -158,6 +158,11 @@ static void cpu_marks_reset(moert_backend *b) {
   marks.n = 0;
 }
 
+static void cpu_fill_normal_step(float *out, int64_t n, uint64_t seed, uint64_t stream, const int64_t *step,
+                                 uint64_t per_step, uint64_t offset, float mean, float std) {
+  moert_fill_normal(out, n, seed, stream, (uint64_t)(*step - 1) * per_step + offset, mean, std);
+}
+
 static moert_backend cpu_backend = {
     .name = "cpu",
     .alloc = cpu_alloc,
@@ -173,6 +178,7 @@ static moert_backend cpu_backend = {
     .drop_beyond = cpu_drop_beyond,
     .copy_blocks_t = cpu_copy_blocks_t,
     .fill_normal = moert_fill_normal,
+    .fill_normal_step = cpu_fill_normal_step,
     .xent_to = cpu_xent_to,
     .mse_to = cpu_mse_to,
     .aux_loss_to = cpu_aux_loss_to,

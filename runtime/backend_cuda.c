@@ -335,7 +335,7 @@ MOERT_CHECK_GEN(cublas_check, cublasStatus_t, CUBLAS_STATUS_SUCCESS, cublas_errs
   X(combine_bf16) X(combine_bwd_bf16) X(act_fwd_relu_bf16) X(act_fwd_gelu_bf16)                  \
   X(act_fwd_silu_bf16) X(act_bwd_relu_bf16) X(act_bwd_gelu_bf16) X(act_bwd_silu_bf16)           \
   X(swiglu_fwd_bf16) X(swiglu_bwd_bf16) X(bias_add_bf16) X(bias_grad_part_bf16)                  \
-  X(copy_blocks_bf16) X(fill_normal)
+  X(copy_blocks_bf16) X(fill_normal) X(fill_normal_step)
 
 enum {
 #define X(k) K_##k,
@@ -1028,6 +1028,14 @@ static void cuda_fill_normal(float *out, int64_t n, uint64_t seed, uint64_t stre
   if (n <= 0) return;
   watch(out, sizeof(float) * (size_t)n);
   launch(K_fill_normal, grid_for(n, 1024), 1, 256, 1, ARGS(&out, &n, &seed, &stream, &first, &mean, &std));
+}
+
+static void cuda_fill_normal_step(float *out, int64_t n, uint64_t seed, uint64_t stream, const int64_t *step,
+                                  uint64_t per_step, uint64_t offset, float mean, float std) {
+  if (n <= 0) return;
+  watch(out, sizeof(float) * (size_t)n);
+  launch(K_fill_normal_step, grid_for(n, 1024), 1, 256, 1,
+         ARGS(&out, &n, &seed, &stream, &step, &per_step, &offset, &mean, &std));
 }
 
 static cudaDataType cuda_type(moert_dt t) { return t == MOERT_BF16 ? CUDA_R_16BF : CUDA_R_32F; }
@@ -2002,6 +2010,7 @@ bool moert_backend_cuda_create(moert_backend **out, int device, const char *cach
       .drop_beyond = cuda_drop_beyond,
       .copy_blocks_t = cuda_copy_blocks_t,
       .fill_normal = cuda_fill_normal,
+      .fill_normal_step = cuda_fill_normal_step,
       .xent_to = cuda_xent_to,
       .mse_to = cuda_mse_to,
       .aux_loss_to = cuda_aux_loss_to,

@@ -83,6 +83,10 @@ struct moert_comm {
    * its topology is recomputed. Destroy it before its parent. */
   bool (*split)(moert_comm *c, int color, int key, moert_comm **out, moert_status *st);
   bool (*barrier)(moert_comm *c, moert_status *st);
+  /* Whether the float collectives only enqueue work on the backend's stream
+   * (nothing waits for the device, nothing moves through the host), so a
+   * CUDA graph can capture them: nccl, and a staged comm of one rank. */
+  bool capturable;
   void (*destroy)(moert_comm *c);
   void *impl;
 };

@@ -594,6 +594,7 @@ static nccl_comm *comm_new(moert_comm *host, bool owns_host, moert_backend *b) {
       .reduce_scatter_f32 = nccl_reduce_scatter, .broadcast = nccl_broadcast, .gather = nccl_gather,
       .all_to_all_f32 = nccl_a2a, .all_to_allv_f32 = nccl_a2av, .all_to_all_start = nccl_a2a_start,
       .wait = nccl_wait, .req_marks = nccl_req_marks, .split = nccl_split, .barrier = nccl_barrier, .destroy = nccl_destroy,
+      .capturable = true,
       .impl = k};
   return k;
 }

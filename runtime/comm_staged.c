@@ -1,6 +1,9 @@
 /* comm_staged.c — a host comm (self, mpi) used with device buffers: the float
  * collectives download their input, run on host buffers and upload the
- * result; the rest (host values) pass straight through. See comm.h. */
+ * result; the rest (host values) pass straight through. A world of one rank
+ * stages nothing: its float collectives are device copies or nothing, so
+ * nothing waits for the device (and a CUDA graph can capture them). See
+ * comm.h. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -39,8 +42,14 @@ static bool st_f64(moert_comm *c, double *x, int64_t n, moert_red op, moert_stat
 static bool st_i64(moert_comm *c, int64_t *x, int64_t n, moert_red op, moert_status *st) {
   return S_(c)->inner->all_reduce_i64(S_(c)->inner, x, n, op, st);
 }
+/* One rank: recv = send, on the device. */
+static void solo_copy(staged *s, float *recv, const float *send, int64_t n) {
+  if (recv != send && n > 0) s->b->copy(recv, send, n);
+}
+
 static bool st_f32(moert_comm *c, float *x, int64_t n, moert_red op, moert_status *st) {
   staged *s = S_(c);
+  if (c->world == 1) return true;
   MOERT_TRY(st, grow(&s->h1, &s->cap1, n, st) && down(s, s->h1, x, n, st));
   MOERT_TRY(st, s->inner->all_reduce_f32(s->inner, s->h1, n, op, st));
   MOERT_TRY(st, up(s, x, s->h1, n, st));
@@ -48,6 +57,7 @@ static bool st_f32(moert_comm *c, float *x, int64_t n, moert_red op, moert_statu
 }
 static bool st_all_gather(moert_comm *c, const float *send, float *recv, int64_t n, moert_status *st) {
   staged *s = S_(c);
+  if (c->world == 1) return solo_copy(s, recv, send, n), true;
   int64_t w = s->inner->world;
   MOERT_TRY(st, grow(&s->h1, &s->cap1, n, st) && grow(&s->h2, &s->cap2, w * n, st));
   MOERT_TRY(st, down(s, s->h1, send, n, st));
@@ -57,6 +67,7 @@ static bool st_all_gather(moert_comm *c, const float *send, float *recv, int64_t
 }
 static bool st_reduce_scatter(moert_comm *c, const float *send, float *recv, int64_t n, moert_status *st) {
   staged *s = S_(c);
+  if (c->world == 1) return solo_copy(s, recv, send, n), true;
   int64_t w = s->inner->world;
   MOERT_TRY(st, grow(&s->h1, &s->cap1, w * n, st) && grow(&s->h2, &s->cap2, n, st));
   MOERT_TRY(st, down(s, s->h1, send, w * n, st));
@@ -67,6 +78,7 @@ static bool st_reduce_scatter(moert_comm *c, const float *send, float *recv, int
 static bool st_a2a(moert_comm *c, const float *send, float *recv, int64_t n, moert_a2a_algo algo,
                    moert_status *st) {
   staged *s = S_(c);
+  if (c->world == 1) return solo_copy(s, recv, send, n), true;
   int64_t total = s->inner->world * n;
   MOERT_TRY(st, grow(&s->h1, &s->cap1, total, st) && grow(&s->h2, &s->cap2, total, st));
   MOERT_TRY(st, down(s, s->h1, send, total, st));
@@ -77,6 +89,11 @@ static bool st_a2a(moert_comm *c, const float *send, float *recv, int64_t n, moe
 static bool st_a2av(moert_comm *c, const float *send, const int64_t *sc, const int64_t *sd, float *recv,
                     const int64_t *rc, const int64_t *rd, moert_status *st) {
   staged *s = S_(c);
+  if (c->world == 1) {
+    if (sc[0] != rc[0]) return MOERT_FAIL(st, "all_to_allv on one rank: %lld floats sent, %lld received",
+                                          (long long)sc[0], (long long)rc[0]);
+    return solo_copy(s, recv + rd[0], send + sd[0], sc[0]), true;
+  }
   int64_t sn = 0, rn = 0;
   for (int r = 0; r < s->inner->world; r++) {
     if (sd[r] + sc[r] > sn) sn = sd[r] + sc[r];
@@ -147,6 +164,7 @@ static bool wrap(moert_comm *inner, moert_backend *b, bool owns_inner, moert_com
       .all_gather_f32 = st_all_gather, .reduce_scatter_f32 = st_reduce_scatter, .broadcast = st_broadcast,
       .gather = st_gather, .all_to_all_f32 = st_a2a, .all_to_allv_f32 = st_a2av,
       .all_to_all_start = st_a2a_start, .wait = st_wait, .split = st_split, .barrier = st_barrier,
+      .capturable = inner->world == 1,
       .destroy = owns_inner ? st_destroy_owner : st_destroy, .impl = s};
   *out = c;
   return true;

@@ -107,7 +107,44 @@ typedef struct moert_exec {
   int64_t step;             /* the step being run, for the trace */
   double routed, dropped;
   double aux;
+  /* CUDA graphs (moert_exec_segment): on where the backend has them, the
+   * comm's collectives can be captured, no trace is kept, and
+   * MOEC_CUDA_GRAPHS is not 0. The segments seen (their keys, runs and
+   * graph ids), and counts for the run's summary. */
+  bool graphs_on;
+  struct moert_segment *segs;
+  int nsegs;
+  int64_t graph_captures, graph_launches, graph_fallbacks;
+  /* The step, where the backend's ops read it (the gate noise of a graph). */
+  int64_t *dstep;
+  /* dcur and dnext as each step begins (a step's swaps then give every layer
+   * the same buffers each step, which a graph's pointers need). */
+  float *dbuf[2];
+  /* [nlayers]: each residual end's skip input in the forward, and each
+   * residual layer's skip gradient buffer in the backward (set before the
+   * layer's work, which reads them) */
+  const float **res_in;
+  float **res_grad;
 } moert_exec;
+
+/* A stretch of a step's device work (a layer's forward or backward, in one
+ * variant and at one capacity), for CUDA graphs. Equal keys enqueue the same
+ * work with the same arguments at every step. */
+typedef struct moert_seg_key {
+  int32_t li, kind, variant, want_grad;
+  int64_t capacity, rows;
+} moert_seg_key;
+enum { MOERT_SEG_FWD, MOERT_SEG_BWD, MOERT_SEG_GATE };
+
+/* Runs fn(e, ctx, st), which only enqueues device work (it must not read the
+ * device back, allocate, or change host state that later steps need), as a
+ * CUDA graph where graphs are on: the first run of a key runs fn itself
+ * (NCCL connects, cuBLAS picks algorithms, the first timing is of the work
+ * itself), the second captures it into a graph and launches that, later runs
+ * only launch it. A capture that fails (an op that cannot be captured) says
+ * so once on stderr and that key runs fn itself from then on. */
+typedef bool (*moert_seg_fn)(moert_exec *e, void *ctx, moert_status *st);
+bool moert_exec_segment(moert_exec *e, const moert_seg_key *key, moert_seg_fn fn, void *ctx, moert_status *st);
 
 /* Bytes the executor allocates on this rank: the plan's pools (parameters;
  * gradients and optimizer state when training; saved activations; scratch)

@@ -607,6 +607,11 @@ static bool exchange_pass(pass_ctx *c, const void *in, void *out, moert_status *
 
 /* --- the layer --- */
 
+/* Whether this forward adds noise to the gate's logits. */
+static bool gate_noise(const moert_exec *e, const moert_layer *l, int64_t step) {
+  return l->gate_noise > 0 && e->training && step > 0;
+}
+
 /* The gate, queued: nothing here waits for the device. */
 static void gate_fwd(moert_exec *e, int li, const moert_layer *l, const layer_geom *g, const float *x,
                      int64_t step) {
@@ -624,13 +629,14 @@ static void gate_fwd(moert_exec *e, int li, const moert_layer *l, const layer_ge
     b->gemm(false, false, T, E, M, 1, x, M, P_(e, l, 0), E, 0, F(e, li, LOGITS), E);
   }
   const float *noise = NULL;
-  if (l->gate_noise > 0 && e->training && step > 0) {
+  if (gate_noise(e, l, step)) {
     /* Tutel: logits + gate_noise * N(0, 1) / E, keyed by the token's global
-     * position (the same at every world size) */
-    uint64_t first = ((uint64_t)(step - 1) * (uint64_t)e->comm->world + (uint64_t)e->comm->rank) *
-                     (uint64_t)e->plan->tokens * (uint64_t)E;
-    b->fill_normal(F(e, li, NOISE), T * E, e->seed, STREAM_NOISE + (uint64_t)l->moe_index, first, 0.0f,
-                   (float)(l->gate_noise / (double)E));
+     * position (the same at every world size): index ((step - 1) * world +
+     * rank) * tokens * E on, the step read on the device (e->dstep) */
+    uint64_t per_rank = (uint64_t)e->plan->tokens * (uint64_t)E;
+    b->fill_normal_step(F(e, li, NOISE), T * E, e->seed, STREAM_NOISE + (uint64_t)l->moe_index, e->dstep,
+                        per_rank * (uint64_t)e->comm->world, per_rank * (uint64_t)e->comm->rank, 0.0f,
+                        (float)(l->gate_noise / (double)E));
     noise = F(e, li, NOISE);
   }
   b->gate_topk(F(e, li, LOGITS), noise, F(e, li, SCORES), I(e, li, IDX), F(e, li, TOPV), T, E, K);
@@ -646,13 +652,13 @@ static void gate_fwd(moert_exec *e, int li, const moert_layer *l, const layer_ge
   b->gate_stats(F(e, li, SCORES), I(e, li, IDX), F(e, li, SSUM), F(e, li, TOP1), T, E, K);
 }
 
-/* The capacity of this step, the same on every rank. A fixed capacity
+/* The capacity of this step, the same on every rank: the claims kept per
+ * expert (*keep) and the padded C (*C) the buffers use. A fixed capacity
  * (capacity_factor > 0) needs nothing from the device; dropless and dynamic
- * capacity read the claim counts back: the layer's one host
- * synchronization. Returns the padded C; drops claims past the kept
- * capacity. */
-static bool capacity(moert_exec *e, int li, const moert_layer *l, const layer_geom *g, int64_t *C,
-                     moert_status *st) {
+ * capacity read the claim counts back (after the gate): the layer's one
+ * host synchronization. */
+static bool capacity(moert_exec *e, int li, const moert_layer *l, const layer_geom *g, int64_t *keep,
+                     int64_t *C, moert_status *st) {
   moert_backend *b = e->b;
   const moert_layer_plan *lp = &e->plan->layers[li];
   int64_t E = g->E, T = e->rows;
@@ -664,15 +670,14 @@ static bool capacity(moert_exec *e, int li, const moert_layer *l, const layer_ge
       if (counts[j] > maxc) maxc = counts[j];
     MOERT_TRY(st, e->comm->all_reduce_i64(e->comm, &maxc, 1, MOERT_RED_MAX, st));
   }
-  int64_t keep = moert_capacity(l, T, maxc);
+  int64_t k = moert_capacity(l, T, maxc);
   /* the tokens kept are decided before padding, so every variant keeps the same */
-  int64_t Cp = moert_round_up(keep, lp->align);
+  int64_t Cp = moert_round_up(k, lp->align);
   if (Cp > lp->capacity_bound) {
-    keep = lp->capacity_bound / lp->align * lp->align;
-    Cp = keep;
+    k = lp->capacity_bound / lp->align * lp->align;
+    Cp = k;
   }
-  b->drop_beyond(I(e, li, LOC), T * g->K, keep);
-  e->keep[li] = keep;
+  *keep = k;
   *C = Cp;
   return true;
 }
@@ -725,25 +730,39 @@ bool moert_moe_read_stats(moert_exec *e, moert_status *st) {
   return true;
 }
 
-bool moert_moe_fwd(moert_exec *e, int li, const float *x, int64_t step, moert_status *st) {
-  int *lm = e->layer_marks + 4 * li;
-  lm[0] = e->b->mark(e->b, NULL);
+/* A MoE layer's forward or backward once its variant and capacity are
+ * known: device work only (a graph segment, step.c). with_gate: the forward
+ * runs the gate too (a fixed capacity: nothing is read back between). */
+typedef struct moe_ctx {
+  int li, vi;
+  int64_t C, keep, step;
+  const float *x;
+  bool with_gate;
+} moe_ctx;
+
+/* The gate alone (dropless and dynamic capacity read its counts back). */
+static bool moe_gate(moert_exec *e, void *ctx, moert_status *st) {
+  (void)st;
+  const moe_ctx *c = ctx;
+  layer_geom g = geom(e, c->li);
+  gate_fwd(e, c->li, &e->m->layers[c->li], &g, c->x, c->step);
+  return true;
+}
+
+static bool moe_fwd(moert_exec *e, void *ctx, moert_status *st) {
+  const moe_ctx *c = ctx;
+  int li = c->li;
   const moert_layer *l = &e->m->layers[li];
-  const moert_layer_plan *lp = &e->plan->layers[li];
+  const moert_variant *v = &e->plan->layers[li].variants[c->vi];
   layer_geom g = geom(e, li);
   moert_backend *b = e->b;
-  int64_t T = e->rows, M = g.M, E = g.E, K = g.K;
+  int64_t T = e->rows, M = g.M, E = g.E, K = g.K, C = c->C;
+  const float *x = c->x;
   int span = open_span(e, "gate and capacity");
-  gate_fwd(e, li, l, &g, x, step);
-  int64_t C = 0;
-  MOERT_TRY(st, capacity(e, li, l, &g, &C, st));
+  if (c->with_gate) gate_fwd(e, li, l, &g, x, c->step);
+  b->drop_beyond(I(e, li, LOC), T * K, c->keep); /* whatever the padded C, claims past keep are dropped */
   if (l->aux_loss > 0) MOERT_TRY(st, aux_loss(e, li, &g, st));
   close_span(e, span, "gate and capacity", "gate", MOERT_TID_COMPUTE);
-  e->capacity[li] = C;
-  int vi = e->repeat_variants ? e->variant[li] : e->pick ? e->pick(e->pick_ctx, li, C, step) : 0;
-  if (vi < 0 || vi >= lp->nvariants) vi = 0;
-  e->variant[li] = vi;
-  const moert_variant *v = &lp->variants[vi];
 
   span = open_span(e, "dispatch");
   b->dispatch_t(g.dt, x, I(e, li, IDX), I(e, li, LOC), F(e, li, SRC), T, K, E, C, M);
@@ -761,20 +780,47 @@ bool moert_moe_fwd(moert_exec *e, int li, const float *x, int64_t step, moert_st
     close_span(e, span, "experts", "experts", MOERT_TID_COMPUTE);
   } else {
     exchange xg = exchange_for(e, &g, v, C);
-    pass_ctx c = {e, li, &g, v, &xg, p, false};
-    MOERT_TRY(st, exchange_pass(&c, F(e, li, SRC), F(e, li, SRCY), st));
+    pass_ctx pc = {e, li, &g, v, &xg, p, false};
+    MOERT_TRY(st, exchange_pass(&pc, F(e, li, SRC), F(e, li, SRCY), st));
   }
   span = open_span(e, "combine");
   b->combine_t(g.dt, F(e, li, SRCY), I(e, li, IDX), I(e, li, LOC), F(e, li, GATE), F(e, li, OUT), T, K, E, C, M);
   close_span(e, span, "combine", "combine", MOERT_TID_COMPUTE);
-  if (e->slow_variant && strcmp(e->slow_variant, v->name) == 0) usleep(30000);
-  lm[1] = b->mark(b, NULL);
   return true;
 }
 
-bool moert_moe_bwd(moert_exec *e, int li, moert_status *st) {
+bool moert_moe_fwd(moert_exec *e, int li, const float *x, int64_t step, moert_status *st) {
   int *lm = e->layer_marks + 4 * li;
-  lm[2] = e->b->mark(e->b, NULL);
+  lm[0] = e->b->mark(e->b, NULL);
+  const moert_layer *l = &e->m->layers[li];
+  const moert_layer_plan *lp = &e->plan->layers[li];
+  layer_geom g = geom(e, li);
+  moe_ctx c = {.li = li, .step = step, .x = x, .with_gate = l->capacity_factor > 0};
+  /* a key's work is the same at every step: the noise (on or off) and the
+   * rows are part of it, the step's draws come from e->dstep */
+  int noise = gate_noise(e, l, step);
+  if (!c.with_gate) { /* the counts decide C: the gate first, then the one read */
+    moert_seg_key k = {.li = li, .kind = MOERT_SEG_GATE, .variant = -1, .want_grad = noise, .rows = e->rows};
+    int span = open_span(e, "gate");
+    MOERT_TRY(st, moert_exec_segment(e, &k, moe_gate, &c, st));
+    close_span(e, span, "gate", "gate", MOERT_TID_COMPUTE);
+  }
+  MOERT_TRY(st, capacity(e, li, l, &g, &c.keep, &c.C, st));
+  e->keep[li] = c.keep;
+  e->capacity[li] = c.C;
+  int vi = e->repeat_variants ? e->variant[li] : e->pick ? e->pick(e->pick_ctx, li, c.C, step) : 0;
+  if (vi < 0 || vi >= lp->nvariants) vi = 0;
+  e->variant[li] = c.vi = vi;
+  moert_seg_key k = {.li = li, .kind = MOERT_SEG_FWD, .variant = vi, .want_grad = noise, .capacity = c.C,
+                     .rows = e->rows};
+  MOERT_TRY(st, moert_exec_segment(e, &k, moe_fwd, &c, st));
+  if (e->slow_variant && strcmp(e->slow_variant, lp->variants[vi].name) == 0) usleep(30000);
+  lm[1] = e->b->mark(e->b, NULL);
+  return true;
+}
+
+static bool moe_bwd(moert_exec *e, void *ctx, moert_status *st) {
+  int li = ((const moe_ctx *)ctx)->li;
   const moert_layer *l = &e->m->layers[li];
   const moert_layer_plan *lp = &e->plan->layers[li];
   layer_geom g = geom(e, li);
@@ -782,7 +828,6 @@ bool moert_moe_bwd(moert_exec *e, int li, moert_status *st) {
   int64_t T = e->rows, M = g.M, E = g.E, K = g.K, C = e->capacity[li];
   const moert_variant *v = &lp->variants[e->variant[li]];
   const float *x = e->xin[li];
-
   int span = open_span(e, "bwd combine");
   b->combine_bwd_t(g.dt, e->dcur, F(e, li, SRCY), I(e, li, IDX), I(e, li, LOC), F(e, li, GATE), S(e, li, DSRCY),
                    S(e, li, DGATE), T, K, E, C, M);
@@ -850,6 +895,16 @@ bool moert_moe_bwd(moert_exec *e, int li, moert_status *st) {
     b->gemm(false, true, T, M, E, 1, S(e, li, DLOGITS), E, P_(e, l, 0), E, 1, e->dnext, M);
   }
   close_span(e, span, "bwd gate", "gate", MOERT_TID_COMPUTE);
-  lm[3] = b->mark(b, NULL);
+  return true;
+}
+
+bool moert_moe_bwd(moert_exec *e, int li, moert_status *st) {
+  int *lm = e->layer_marks + 4 * li;
+  lm[2] = e->b->mark(e->b, NULL);
+  moe_ctx c = {.li = li};
+  moert_seg_key k = {.li = li, .kind = MOERT_SEG_BWD, .variant = e->variant[li], .want_grad = 1,
+                     .capacity = e->capacity[li], .rows = e->rows};
+  MOERT_TRY(st, moert_exec_segment(e, &k, moe_bwd, &c, st));
+  lm[3] = e->b->mark(e->b, NULL);
   return true;
 }

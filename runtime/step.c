@@ -6,6 +6,7 @@
 #include "exec.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -25,6 +26,14 @@
 
 /* One packed GEMM of typed operands (see moert_gemm): C [m, n] = op(A) op(B)
  * (+ beta C) (+ bias). */
+/* A graph segment (moert_exec_segment) seen. */
+struct moert_segment {
+  moert_seg_key key;
+  int id;     /* its graph (the index in e->segs), -1 until captured */
+  int runs;   /* before the capture */
+  bool eager; /* its capture failed: fn runs itself */
+};
+
 static void gemm1(moert_backend *b, bool ta, bool tb, int64_t m, int64_t n, int64_t k, moert_dt ab,
                   const void *a_, const void *b_, float beta, moert_dt ct, void *c, const void *bias) {
   moert_gemm g = {.trans_a = ta, .trans_b = tb, .m = m, .n = n, .k = k, .count = 1, .alpha = 1, .beta = beta,
@@ -193,13 +202,15 @@ bool moert_exec_create(moert_exec **out, const moert_model *m, moert_plan *plan,
   e->variant = calloc((size_t)m->nlayers + 1, sizeof *e->variant);
   e->layer_ms = calloc((size_t)m->nlayers + 1, sizeof *e->layer_ms);
   e->layer_marks = calloc(4 * (size_t)m->nlayers + 1, sizeof *e->layer_marks);
+  e->res_in = calloc((size_t)m->nlayers + 1, sizeof *e->res_in);
+  e->res_grad = calloc((size_t)m->nlayers + 1, sizeof *e->res_grad);
   e->slow_variant = getenv("MOEC_TEST_SLOW_VARIANT");
   int64_t loads = 0;
   for (int i = 0; i < m->nlayers; i++)
     if (m->layers[i].kind == MOERT_L_MOE) loads += m->layers[i].experts;
   e->load = calloc((size_t)loads + 1, sizeof *e->load);
   if (!e->xin || !e->stack || !e->skip || !e->capacity || !e->keep || !e->aux_h || !e->load || !e->variant ||
-      !e->layer_ms || !e->layer_marks) {
+      !e->layer_ms || !e->layer_marks || !e->res_in || !e->res_grad) {
     moert_exec_destroy(e);
     return MOERT_FAIL(st, "out of memory");
   }
@@ -230,9 +241,18 @@ bool moert_exec_create(moert_exec **out, const moert_model *m, moert_plan *plan,
     ALLOC(e->state, plan->state_elems);
     ALLOC(e->dcur, TM);
     ALLOC(e->dnext, TM);
+    e->dbuf[0] = e->dcur;
+    e->dbuf[1] = e->dnext;
     for (int i = 0; i < plan->max_res_depth; i++) ALLOC(e->skip[i], TM);
+    ALLOC(e->dstep, 2);
   }
 #undef ALLOC
+  const char *graphs = getenv("MOEC_CUDA_GRAPHS");
+  e->graphs_on = b->graph_begin && comm->capturable && !(graphs && strcmp(graphs, "0") == 0);
+  if (e->graphs_on && !(e->segs = calloc(MOERT_MAX_GRAPHS, sizeof *e->segs))) {
+    moert_exec_destroy(e);
+    return MOERT_FAIL(st, "out of memory");
+  }
   if (!init_params(e, st) || !plan_zeroing(e, st) || !moert_moe_setup(e, st)) {
     moert_exec_destroy(e);
     return MOERT_UP(st);
@@ -261,6 +281,7 @@ void moert_exec_destroy(moert_exec *e) {
   b->free(b, e->dhilo);
   b->free(b, e->dclip);
   b->free(b, e->dnext);
+  b->free(b, e->dstep);
   if (e->skip)
     for (int i = 0; i < e->plan->max_res_depth; i++) b->free(b, e->skip[i]);
   free(e->skip);
@@ -274,6 +295,9 @@ void moert_exec_destroy(moert_exec *e) {
   free(e->variant);
   free(e->layer_ms);
   free(e->layer_marks);
+  free(e->res_in);
+  free(e->res_grad);
+  free(e->segs);
   b->free(b, e->teacher_w1);
   b->free(b, e->teacher_w2);
   b->free(b, e->teacher_h);
@@ -306,6 +330,43 @@ double moert_lr_at(const moert_train *t, int64_t step, int64_t steps) {
     return lr * (0.1 + 0.9 * 0.5 * (1 + cos(M_PI * progress)));
   }
   return lr;
+}
+
+/* --- CUDA graphs --- */
+
+bool moert_exec_segment(moert_exec *e, const moert_seg_key *key, moert_seg_fn fn, void *ctx, moert_status *st) {
+  moert_backend *b = e->b;
+  if (!e->graphs_on || e->trace) return fn(e, ctx, st);
+  struct moert_segment *s = NULL;
+  for (int i = 0; i < e->nsegs && !s; i++) /* keys have no padding: memcmp compares them */
+    if (memcmp(&e->segs[i].key, key, sizeof *key) == 0) s = &e->segs[i];
+  if (!s) {
+    if (e->nsegs == MOERT_MAX_GRAPHS) return fn(e, ctx, st); /* past the table, the rest run themselves */
+    s = &e->segs[e->nsegs++];
+    *s = (struct moert_segment){*key, -1, 0, false};
+  }
+  if (s->id >= 0) {
+    e->graph_launches++;
+    return b->graph_launch(b, s->id, st) ? true : MOERT_UP(st);
+  }
+  if (s->eager || s->runs++ == 0) return fn(e, ctx, st);
+  int id = (int)(s - e->segs);
+  MOERT_TRY(st, b->graph_begin(b, st));
+  bool ok = fn(e, ctx, st);
+  moert_status why = {0};
+  bool made = b->graph_end(b, id, &why);
+  if (!ok) return MOERT_UP(st);
+  if (!made) {
+    s->eager = true;
+    if (e->graph_fallbacks++ == 0 && e->comm->rank == 0)
+      fprintf(stderr, "warning: a part of layer %s cannot be a CUDA graph and runs without one: %s\n",
+              e->m->layers[key->li].name, why.msg);
+    return fn(e, ctx, st);
+  }
+  s->id = id;
+  e->graph_captures++;
+  e->graph_launches++;
+  return b->graph_launch(b, id, st) ? true : MOERT_UP(st);
 }
 
 /* --- timing --- */
@@ -352,92 +413,115 @@ static int open_layer(moert_exec *e, const moert_layer *l, bool bwd) {
 
 /* --- forward --- */
 
-/* Runs every layer on e->input (regression) or the windows in the EMBED
- * layer's WIN buffer; returns the task loss's sum over this rank's tokens
- * (and leaves d loss / d output in dcur when training). */
-/* The forward pass. Its loss stays in e->dloss (and the MoE layers' aux
- * losses and counts on the device) until read_values. */
+/* A layer's forward work (not a MoE layer's; moe.c has those): reads its
+ * input from e->xin[li] (and a residual end's skip input from e->res_in[li]);
+ * enqueues device work only (a graph segment). */
+typedef struct fwd_ctx {
+  int li;
+  bool want_grad;
+} fwd_ctx;
+
+static bool layer_fwd(moert_exec *e, void *ctx, moert_status *st) {
+  (void)st;
+  const fwd_ctx *c = ctx;
+  int li = c->li;
+  moert_backend *b = e->b;
+  const moert_model *m = e->m;
+  const moert_layer *l = &m->layers[li];
+  int64_t T = e->rows, M = m->dim;
+  const float *cur = e->xin[li];
+  double norm = 1.0 / ((double)T * e->comm->world); /* mean over all global tokens */
+  switch (l->kind) {
+  case MOERT_L_EMBED:
+    b->embed_fwd(P(e, l, 0), I(e, li, WIN), F(e, li, OUT), T, m->context, m->vocab, M);
+    break;
+  case MOERT_L_LAYERNORM:
+    b->layernorm_fwd(cur, P(e, l, 0), P(e, l, 1), F(e, li, OUT), F(e, li, MEAN), F(e, li, RSTD), T, M, LN_EPS);
+    break;
+  case MOERT_L_RMSNORM:
+    b->rmsnorm_fwd(cur, P(e, l, 0), F(e, li, OUT), F(e, li, RSTD), T, M, RMS_EPS);
+    break;
+  case MOERT_L_FFN: {
+    int64_t H = l->hidden, H1 = l->act == MOERT_ACT_SWIGLU ? 2 * H : H;
+    if (e->xdt == MOERT_BF16) { /* bf16 operands, fp32 in and out: x rounded, H and A kept as bf16 */
+      const moert_dt B16 = MOERT_BF16;
+      b->convert(S(e, li, XB), B16, cur, MOERT_F32, T * M);
+      gemm1(b, false, false, T, H1, M, B16, S(e, li, XB), PL(e, l, 0), 0, B16, F(e, li, H), PL(e, l, 1));
+      if (l->act == MOERT_ACT_SWIGLU) b->swiglu_fwd_t(B16, F(e, li, H), F(e, li, A), T, H);
+      else b->act_fwd_t(B16, (moert_act)l->act, F(e, li, H), F(e, li, A), T * H);
+      gemm1(b, false, false, T, M, H, B16, F(e, li, A), PL(e, l, 2), 0, MOERT_F32, F(e, li, OUT), P(e, l, 3));
+      break;
+    }
+    b->gemm(false, false, T, H1, M, 1, cur, M, P(e, l, 0), H1, 0, F(e, li, H), H1);
+    b->bias_add(F(e, li, H), P(e, l, 1), T, H1);
+    if (l->act == MOERT_ACT_SWIGLU) b->swiglu_fwd(F(e, li, H), F(e, li, A), T, H);
+    else b->act_fwd((moert_act)l->act, F(e, li, H), F(e, li, A), T * H);
+    b->gemm(false, false, T, M, H, 1, F(e, li, A), H, P(e, l, 2), M, 0, F(e, li, OUT), M);
+    b->bias_add(F(e, li, OUT), P(e, l, 3), T, M);
+    break;
+  }
+  case MOERT_L_RES_END:
+    b->add(F(e, li, OUT), e->res_in[li], cur, T * M);
+    break;
+  case MOERT_L_HEAD_XENT:
+    if (e->xdt == MOERT_BF16) { /* bf16 operands (the input rounded, the bf16 weights), fp32 logits */
+      b->convert(S(e, li, XB), MOERT_BF16, cur, MOERT_F32, T * M);
+      gemm1(b, false, false, T, m->vocab, M, MOERT_BF16, S(e, li, XB), PL(e, l, 0), 0, MOERT_F32,
+            F(e, li, HLOGITS), NULL);
+    } else {
+      b->gemm(false, false, T, m->vocab, M, 1, cur, M, P(e, l, 0), m->vocab, 0, F(e, li, HLOGITS), m->vocab);
+    }
+    b->xent_to(F(e, li, HLOGITS), I(e, li, TOKENS), c->want_grad ? S(e, li, DLOGITS) : NULL, T, m->vocab,
+               (float)norm, e->dloss);
+    break;
+  case MOERT_L_MSE:
+    /* per token: the mean over dim of the squared error */
+    b->mse_to(cur, F(e, li, TARGET), c->want_grad ? e->dcur : NULL, T * M, (float)(norm / M), e->dloss);
+    break;
+  case MOERT_L_MOE:
+  case MOERT_L_RES_BEGIN:
+  case MOERT_L__COUNT: break;
+  }
+  return true;
+}
+
+/* The forward pass on e->input (regression) or the windows in the EMBED
+ * layer's WIN buffer. Its loss stays in e->dloss (and the MoE layers' aux
+ * losses and counts on the device) until read_values; when training, d loss
+ * / d output is left in dcur. */
 static bool forward(moert_exec *e, int64_t step, bool want_grad, moert_status *st) {
   moert_backend *b = e->b;
   const moert_model *m = e->m;
-  int64_t T = e->rows, M = m->dim;
   const float *cur = e->input;
   int depth = 0;
+  if (e->dbuf[0]) { /* every step's layers get the same gradient buffers */
+    e->dcur = e->dbuf[0];
+    e->dnext = e->dbuf[1];
+  }
   b->zero(e->dloss, sizeof *e->dloss); /* a model without a loss layer: 0 */
+  if (e->dstep) MOERT_TRY(st, b->upload(b, e->dstep, &step, sizeof step, st));
   /* the experts compute with bf16 copies of this step's parameters: the
    * last update wrote them, else they are made here */
   if (e->xdt == MOERT_BF16 && !e->wlow_fresh) {
     b->convert(e->wlow, MOERT_BF16, e->params, MOERT_F32, e->plan->param_elems);
     e->wlow_fresh = true;
   }
-  double norm = 1.0 / ((double)T * e->comm->world); /* mean over all global tokens */
   for (int li = 0; li < m->nlayers; li++) {
     const moert_layer *l = &m->layers[li];
     e->xin[li] = cur;
     bool traced = l->kind != MOERT_L_RES_BEGIN;
     int span = traced ? open_layer(e, l, false) : -1;
-    switch (l->kind) {
-    case MOERT_L_EMBED:
-      b->embed_fwd(P(e, l, 0), I(e, li, WIN), F(e, li, OUT), T, m->context, m->vocab, M);
-      cur = F(e, li, OUT);
-      break;
-    case MOERT_L_LAYERNORM:
-      b->layernorm_fwd(cur, P(e, l, 0), P(e, l, 1), F(e, li, OUT), F(e, li, MEAN), F(e, li, RSTD), T, M, LN_EPS);
-      cur = F(e, li, OUT);
-      break;
-    case MOERT_L_RMSNORM:
-      b->rmsnorm_fwd(cur, P(e, l, 0), F(e, li, OUT), F(e, li, RSTD), T, M, RMS_EPS);
-      cur = F(e, li, OUT);
-      break;
-    case MOERT_L_FFN: {
-      int64_t H = l->hidden, H1 = l->act == MOERT_ACT_SWIGLU ? 2 * H : H;
-      if (e->xdt == MOERT_BF16) { /* bf16 operands, fp32 in and out: x rounded, H and A kept as bf16 */
-        const moert_dt B16 = MOERT_BF16;
-        b->convert(S(e, li, XB), B16, cur, MOERT_F32, T * M);
-        gemm1(b, false, false, T, H1, M, B16, S(e, li, XB), PL(e, l, 0), 0, B16, F(e, li, H), PL(e, l, 1));
-        if (l->act == MOERT_ACT_SWIGLU) b->swiglu_fwd_t(B16, F(e, li, H), F(e, li, A), T, H);
-        else b->act_fwd_t(B16, (moert_act)l->act, F(e, li, H), F(e, li, A), T * H);
-        gemm1(b, false, false, T, M, H, B16, F(e, li, A), PL(e, l, 2), 0, MOERT_F32, F(e, li, OUT), P(e, l, 3));
-        cur = F(e, li, OUT);
-        break;
-      }
-      b->gemm(false, false, T, H1, M, 1, cur, M, P(e, l, 0), H1, 0, F(e, li, H), H1);
-      b->bias_add(F(e, li, H), P(e, l, 1), T, H1);
-      if (l->act == MOERT_ACT_SWIGLU) b->swiglu_fwd(F(e, li, H), F(e, li, A), T, H);
-      else b->act_fwd((moert_act)l->act, F(e, li, H), F(e, li, A), T * H);
-      b->gemm(false, false, T, M, H, 1, F(e, li, A), H, P(e, l, 2), M, 0, F(e, li, OUT), M);
-      b->bias_add(F(e, li, OUT), P(e, l, 3), T, M);
-      cur = F(e, li, OUT);
-      break;
-    }
-    case MOERT_L_MOE:
-      if (!moert_moe_fwd(e, li, cur, step, st)) return MOERT_UP(st);
-      cur = F(e, li, OUT);
-      break;
-    case MOERT_L_RES_BEGIN:
+    if (l->kind == MOERT_L_MOE) {
+      MOERT_TRY(st, moert_moe_fwd(e, li, cur, step, st));
+    } else if (l->kind == MOERT_L_RES_BEGIN) {
       e->stack[depth++] = cur;
-      break;
-    case MOERT_L_RES_END:
-      b->add(F(e, li, OUT), e->stack[--depth], cur, T * M);
-      cur = F(e, li, OUT);
-      break;
-    case MOERT_L_HEAD_XENT:
-      if (e->xdt == MOERT_BF16) { /* bf16 operands (the input rounded, the bf16 weights), fp32 logits */
-        b->convert(S(e, li, XB), MOERT_BF16, cur, MOERT_F32, T * M);
-        gemm1(b, false, false, T, m->vocab, M, MOERT_BF16, S(e, li, XB), PL(e, l, 0), 0, MOERT_F32,
-              F(e, li, HLOGITS), NULL);
-      } else {
-        b->gemm(false, false, T, m->vocab, M, 1, cur, M, P(e, l, 0), m->vocab, 0, F(e, li, HLOGITS), m->vocab);
-      }
-      b->xent_to(F(e, li, HLOGITS), I(e, li, TOKENS), want_grad ? S(e, li, DLOGITS) : NULL, T, m->vocab,
-                 (float)norm, e->dloss);
-      break;
-    case MOERT_L_MSE:
-      /* per token: the mean over dim of the squared error */
-      b->mse_to(cur, F(e, li, TARGET), want_grad ? e->dcur : NULL, T * M, (float)(norm / M), e->dloss);
-      break;
-    case MOERT_L__COUNT: break;
+    } else {
+      if (l->kind == MOERT_L_RES_END) e->res_in[li] = e->stack[--depth];
+      fwd_ctx c = {li, want_grad};
+      moert_seg_key k = {.li = li, .kind = MOERT_SEG_FWD, .variant = -1, .want_grad = want_grad, .rows = e->rows};
+      MOERT_TRY(st, moert_exec_segment(e, &k, layer_fwd, &c, st));
     }
+    if (l->kind != MOERT_L_RES_BEGIN && l->kind != MOERT_L_HEAD_XENT && l->kind != MOERT_L_MSE) cur = F(e, li, OUT);
     if (traced) moert_trace_close(e->trace, b, span, l->name, "forward", MOERT_TID_COMPUTE, e->step);
   }
   return true;
@@ -464,82 +548,98 @@ static void swap(moert_exec *e) {
   e->dnext = t;
 }
 
+/* A layer's backward work (not a MoE layer's): d output in e->dcur, d input
+ * into e->dnext (the caller swaps them after), a residual layer's skip
+ * gradient in e->res_grad[li]; enqueues device work only. */
+static bool layer_bwd(moert_exec *e, void *ctx, moert_status *st) {
+  (void)st;
+  int li = *(const int *)ctx;
+  moert_backend *b = e->b;
+  const moert_model *m = e->m;
+  const moert_layer *l = &m->layers[li];
+  int64_t T = e->rows, M = m->dim;
+  const float *x = e->xin[li];
+  switch (l->kind) {
+  case MOERT_L_HEAD_XENT:
+    if (e->xdt == MOERT_BF16) { /* as the forward: bf16 operands, fp32 gradients out */
+      const moert_dt B16 = MOERT_BF16;
+      int64_t V = m->vocab;
+      b->convert(S(e, li, DLB), B16, S(e, li, DLOGITS), MOERT_F32, T * V);
+      b->convert(S(e, li, XB), B16, x, MOERT_F32, T * M); /* the scratch is not kept from the forward */
+      gemm1(b, true, false, M, V, T, B16, S(e, li, XB), S(e, li, DLB), 0, MOERT_F32, G(e, l, 0), NULL);
+      gemm1(b, false, true, T, M, V, B16, S(e, li, DLB), PL(e, l, 0), 0, MOERT_F32, e->dcur, NULL);
+      break;
+    }
+    b->gemm(true, false, M, m->vocab, T, 1, x, M, S(e, li, DLOGITS), m->vocab, 0, G(e, l, 0), m->vocab);
+    b->gemm(false, true, T, M, m->vocab, 1, S(e, li, DLOGITS), m->vocab, P(e, l, 0), m->vocab, 0, e->dcur, M);
+    break;
+  case MOERT_L_RES_END:
+    b->copy(e->res_grad[li], e->dcur, T * M);
+    break;
+  case MOERT_L_RES_BEGIN:
+    b->axpy(e->dcur, e->res_grad[li], 1, T * M);
+    break;
+  case MOERT_L_LAYERNORM:
+    b->layernorm_bwd(x, P(e, l, 0), F(e, li, MEAN), F(e, li, RSTD), e->dcur, e->dnext, G(e, l, 0), G(e, l, 1), T, M);
+    break;
+  case MOERT_L_RMSNORM:
+    b->rmsnorm_bwd(x, P(e, l, 0), F(e, li, RSTD), e->dcur, e->dnext, G(e, l, 0), T, M);
+    break;
+  case MOERT_L_FFN: {
+    int64_t H = l->hidden, H1 = l->act == MOERT_ACT_SWIGLU ? 2 * H : H;
+    if (e->xdt == MOERT_BF16) { /* as the forward: bf16 operands, fp32 gradients out */
+      const moert_dt B16 = MOERT_BF16;
+      b->bias_grad(G(e, l, 3), e->dcur, T, M);
+      b->convert(S(e, li, DYB), B16, e->dcur, MOERT_F32, T * M);
+      gemm1(b, true, false, H, M, T, B16, F(e, li, A), S(e, li, DYB), 0, MOERT_F32, G(e, l, 2), NULL);
+      gemm1(b, false, true, T, H, M, B16, S(e, li, DYB), PL(e, l, 2), 0, B16, S(e, li, DA), NULL);
+      if (l->act == MOERT_ACT_SWIGLU) b->swiglu_bwd_t(B16, F(e, li, H), S(e, li, DA), S(e, li, DH), T, H);
+      else b->act_bwd_t(B16, (moert_act)l->act, F(e, li, H), S(e, li, DA), S(e, li, DH), T * H);
+      b->bias_grad_t(B16, G(e, l, 1), S(e, li, DH), 1, T, H1);
+      b->convert(S(e, li, XB), B16, x, MOERT_F32, T * M);
+      gemm1(b, true, false, M, H1, T, B16, S(e, li, XB), S(e, li, DH), 0, MOERT_F32, G(e, l, 0), NULL);
+      gemm1(b, false, true, T, M, H1, B16, S(e, li, DH), PL(e, l, 0), 0, MOERT_F32, e->dnext, NULL);
+      break;
+    }
+    b->bias_grad(G(e, l, 3), e->dcur, T, M);
+    b->gemm(true, false, H, M, T, 1, F(e, li, A), H, e->dcur, M, 0, G(e, l, 2), M);
+    b->gemm(false, true, T, H, M, 1, e->dcur, M, P(e, l, 2), M, 0, S(e, li, DA), H);
+    if (l->act == MOERT_ACT_SWIGLU) b->swiglu_bwd(F(e, li, H), S(e, li, DA), S(e, li, DH), T, H);
+    else b->act_bwd((moert_act)l->act, F(e, li, H), S(e, li, DA), S(e, li, DH), T * H);
+    b->bias_grad(G(e, l, 1), S(e, li, DH), T, H1);
+    b->gemm(true, false, M, H1, T, 1, x, M, S(e, li, DH), H1, 0, G(e, l, 0), H1);
+    b->gemm(false, true, T, M, H1, 1, S(e, li, DH), H1, P(e, l, 0), H1, 0, e->dnext, M);
+    break;
+  }
+  case MOERT_L_EMBED:
+    b->embed_bwd(e->dcur, I(e, li, WIN), G(e, l, 0), T, m->context, m->vocab, M);
+    break;
+  case MOERT_L_MSE:
+  case MOERT_L_MOE:
+  case MOERT_L__COUNT: break;
+  }
+  return true;
+}
+
 static bool backward(moert_exec *e, moert_status *st) {
   moert_backend *b = e->b;
   const moert_model *m = e->m;
-  int64_t T = e->rows, M = m->dim;
   int depth = 0;
   for (int li = m->nlayers - 1; li >= 0; li--) {
     const moert_layer *l = &m->layers[li];
-    const float *x = e->xin[li];
     bool traced = l->kind != MOERT_L_RES_BEGIN && l->kind != MOERT_L_MSE;
     int span = traced ? open_layer(e, l, true) : -1;
-    switch (l->kind) {
-    case MOERT_L_MSE: break; /* dcur was written by the loss */
-    case MOERT_L_HEAD_XENT:
-      if (e->xdt == MOERT_BF16) { /* as the forward: bf16 operands, fp32 gradients out */
-        const moert_dt B16 = MOERT_BF16;
-        int64_t V = m->vocab;
-        b->convert(S(e, li, DLB), B16, S(e, li, DLOGITS), MOERT_F32, T * V);
-        b->convert(S(e, li, XB), B16, x, MOERT_F32, T * M); /* the scratch is not kept from the forward */
-        gemm1(b, true, false, M, V, T, B16, S(e, li, XB), S(e, li, DLB), 0, MOERT_F32, G(e, l, 0), NULL);
-        gemm1(b, false, true, T, M, V, B16, S(e, li, DLB), PL(e, l, 0), 0, MOERT_F32, e->dcur, NULL);
-        break;
-      }
-      b->gemm(true, false, M, m->vocab, T, 1, x, M, S(e, li, DLOGITS), m->vocab, 0, G(e, l, 0), m->vocab);
-      b->gemm(false, true, T, M, m->vocab, 1, S(e, li, DLOGITS), m->vocab, P(e, l, 0), m->vocab, 0, e->dcur, M);
-      break;
-    case MOERT_L_RES_END:
-      b->copy(e->skip[depth++], e->dcur, T * M);
-      break;
-    case MOERT_L_RES_BEGIN:
-      b->axpy(e->dcur, e->skip[--depth], 1, T * M);
-      break;
-    case MOERT_L_LAYERNORM:
-      b->layernorm_bwd(x, P(e, l, 0), F(e, li, MEAN), F(e, li, RSTD), e->dcur, e->dnext, G(e, l, 0), G(e, l, 1), T, M);
-      swap(e);
-      break;
-    case MOERT_L_RMSNORM:
-      b->rmsnorm_bwd(x, P(e, l, 0), F(e, li, RSTD), e->dcur, e->dnext, G(e, l, 0), T, M);
-      swap(e);
-      break;
-    case MOERT_L_FFN: {
-      int64_t H = l->hidden, H1 = l->act == MOERT_ACT_SWIGLU ? 2 * H : H;
-      if (e->xdt == MOERT_BF16) { /* as the forward: bf16 operands, fp32 gradients out */
-        const moert_dt B16 = MOERT_BF16;
-        b->bias_grad(G(e, l, 3), e->dcur, T, M);
-        b->convert(S(e, li, DYB), B16, e->dcur, MOERT_F32, T * M);
-        gemm1(b, true, false, H, M, T, B16, F(e, li, A), S(e, li, DYB), 0, MOERT_F32, G(e, l, 2), NULL);
-        gemm1(b, false, true, T, H, M, B16, S(e, li, DYB), PL(e, l, 2), 0, B16, S(e, li, DA), NULL);
-        if (l->act == MOERT_ACT_SWIGLU) b->swiglu_bwd_t(B16, F(e, li, H), S(e, li, DA), S(e, li, DH), T, H);
-        else b->act_bwd_t(B16, (moert_act)l->act, F(e, li, H), S(e, li, DA), S(e, li, DH), T * H);
-        b->bias_grad_t(B16, G(e, l, 1), S(e, li, DH), 1, T, H1);
-        b->convert(S(e, li, XB), B16, x, MOERT_F32, T * M);
-        gemm1(b, true, false, M, H1, T, B16, S(e, li, XB), S(e, li, DH), 0, MOERT_F32, G(e, l, 0), NULL);
-        gemm1(b, false, true, T, M, H1, B16, S(e, li, DH), PL(e, l, 0), 0, MOERT_F32, e->dnext, NULL);
-        swap(e);
-        break;
-      }
-      b->bias_grad(G(e, l, 3), e->dcur, T, M);
-      b->gemm(true, false, H, M, T, 1, F(e, li, A), H, e->dcur, M, 0, G(e, l, 2), M);
-      b->gemm(false, true, T, H, M, 1, e->dcur, M, P(e, l, 2), M, 0, S(e, li, DA), H);
-      if (l->act == MOERT_ACT_SWIGLU) b->swiglu_bwd(F(e, li, H), S(e, li, DA), S(e, li, DH), T, H);
-      else b->act_bwd((moert_act)l->act, F(e, li, H), S(e, li, DA), S(e, li, DH), T * H);
-      b->bias_grad(G(e, l, 1), S(e, li, DH), T, H1);
-      b->gemm(true, false, M, H1, T, 1, x, M, S(e, li, DH), H1, 0, G(e, l, 0), H1);
-      b->gemm(false, true, T, M, H1, 1, S(e, li, DH), H1, P(e, l, 0), H1, 0, e->dnext, M);
-      swap(e);
-      break;
+    if (l->kind == MOERT_L_RES_END) e->res_grad[li] = e->skip[depth++];
+    if (l->kind == MOERT_L_RES_BEGIN) e->res_grad[li] = e->skip[--depth];
+    if (l->kind == MOERT_L_MOE) {
+      MOERT_TRY(st, moert_moe_bwd(e, li, st));
+    } else if (l->kind != MOERT_L_MSE) { /* the loss wrote dcur */
+      moert_seg_key k = {.li = li, .kind = MOERT_SEG_BWD, .variant = -1, .want_grad = 1, .rows = e->rows};
+      MOERT_TRY(st, moert_exec_segment(e, &k, layer_bwd, &li, st));
     }
-    case MOERT_L_MOE:
-      if (!moert_moe_bwd(e, li, st)) return MOERT_UP(st);
+    if (l->kind == MOERT_L_LAYERNORM || l->kind == MOERT_L_RMSNORM || l->kind == MOERT_L_FFN ||
+        l->kind == MOERT_L_MOE)
       swap(e);
-      break;
-    case MOERT_L_EMBED:
-      b->embed_bwd(e->dcur, I(e, li, WIN), G(e, l, 0), T, m->context, m->vocab, M);
-      break;
-    case MOERT_L__COUNT: break;
-    }
     if (traced) moert_trace_close(e->trace, b, span, l->name, "backward", MOERT_TID_COMPUTE, e->step);
   }
   return true;

@@ -23,9 +23,9 @@ __device__ __forceinline__ void moert_philox(unsigned k0, unsigned k1, unsigned 
 }
 
 // out[i] = mean + std * N(0, 1) of (seed, stream, first + i).
-extern "C" __global__ void moert_k_fill_normal(float *out, long long n, unsigned long long seed,
-                                               unsigned long long stream, unsigned long long first,
-                                               float mean, float std) {
+__device__ void moert_fill_normal_impl(float *out, long long n, unsigned long long seed,
+                                       unsigned long long stream, unsigned long long first, float mean,
+                                       float std) {
   for (long long i = moert_gtid(); i < n; i += moert_gstride()) {
     unsigned long long index = first + (unsigned long long)i;
     unsigned c[4] = {(unsigned)stream, (unsigned)(stream >> 32), (unsigned)index, (unsigned)(index >> 32)};
@@ -37,4 +37,19 @@ extern "C" __global__ void moert_k_fill_normal(float *out, long long n, unsigned
     float z = (float)(r * cos(6.283185307179586476925286766559 * u2));
     out[i] = __fadd_rn(mean, __fmul_rn(std, z)); // no fma: the host rounds twice
   }
+}
+
+extern "C" __global__ void moert_k_fill_normal(float *out, long long n, unsigned long long seed,
+                                               unsigned long long stream, unsigned long long first,
+                                               float mean, float std) {
+  moert_fill_normal_impl(out, n, seed, stream, first, mean, std);
+}
+
+// The same from index (*step - 1) * per_step + offset: a step's draws with the
+// step read from device memory, so a CUDA graph replays them for each step.
+extern "C" __global__ void moert_k_fill_normal_step(float *out, long long n, unsigned long long seed,
+                                                    unsigned long long stream, const long long *step,
+                                                    unsigned long long per_step, unsigned long long offset,
+                                                    float mean, float std) {
+  moert_fill_normal_impl(out, n, seed, stream, (unsigned long long)(*step - 1) * per_step + offset, mean, std);
 }

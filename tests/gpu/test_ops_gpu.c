@@ -1121,9 +1121,28 @@ static void t_fill_normal(int64_t n, uint64_t first) {
   end();
 }
 
+/* the gate noise's draws with the step in device memory: as fill_normal
+ * from the step's index, on both sides */
+static void t_fill_normal_step(int64_t n, int64_t step, uint64_t per_step, uint64_t offset) {
+  begin("fill_normal_step n=%lld step=%lld", (long long)n, (long long)step);
+  fbuf x = garbage(n), y = garbage(n);
+  int64_t *dstep = (int64_t *)dev_scalar();
+  upload(dstep, &step, sizeof step);
+  uint64_t first = (uint64_t)(step - 1) * per_step + offset;
+  cpu->fill_normal(x.h, n, 7, 3, first, 0.0f, 0.25f);
+  gpu->fill_normal_step(x.d, n, 7, 3, dstep, per_step, offset, 0.0f, 0.25f);
+  check_f("normal draws at (step - 1) * per_step + offset", x, 1e-7);
+  cpu->fill_normal_step(y.h, n, 7, 3, &step, per_step, offset, 0.0f, 0.25f);
+  gpu->fill_normal(y.d, n, 7, 3, first, 0.0f, 0.25f);
+  check_f("the cpu's fill_normal_step", y, 0);
+  end();
+}
+
 static void run_typed(void) {
   t_fill_normal(1, 0);
   t_fill_normal(100003, 0xfffffff0ull); /* the counter's low word wraps */
+  t_fill_normal_step(1000, 3, 4096, 512);
+  t_fill_normal_step(777, 1, 100, 0);
   t_convert(1);
   t_convert(100003);
   t_gemm_bf16(false, false, 64, 96, 128, 3, false, true, 0);
