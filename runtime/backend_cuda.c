@@ -159,6 +159,11 @@ bool moert_cuda_compile_check_source(const char *src, const char *arch, int *nsp
   X(cuModuleGetFunction) X(cuLaunchKernel) X(cuGetErrorString) X(cuEventCreate)              \
   X(cuEventRecord) X(cuEventElapsedTime) X(cuEventSynchronize) X(cuEventDestroy)
 
+/* CUDA graphs: optional (without them a step runs its ops one by one). */
+#define CU_GRAPH_FUNCS(X)                                                                      \
+  X(cuStreamBeginCapture) X(cuStreamEndCapture) X(cuGraphInstantiate) X(cuGraphLaunch)        \
+  X(cuGraphExecDestroy) X(cuGraphDestroy)
+
 #define NVRTC_FUNCS(X)                                                                         \
   X(nvrtcVersion) X(nvrtcGetNumSupportedArchs) X(nvrtcGetSupportedArchs) X(nvrtcCreateProgram) \
   X(nvrtcDestroyProgram) X(nvrtcCompileProgram) X(nvrtcGetProgramLogSize)                      \
@@ -182,6 +187,8 @@ bool moert_cuda_compile_check_source(const char *src, const char *arch, int *nsp
 static struct {
   void *lib;
   CU_FUNCS(DECLARE)
+  CU_GRAPH_FUNCS(DECLARE)
+  bool graphs; /* every CU_GRAPH_FUNCS found */
 } cu;
 static struct {
   void *lib;
@@ -226,6 +233,12 @@ static bool load_cu(const char **missing) {
   __typeof__(cu) *tbl = &cu;
   if (ok) {
     CU_FUNCS(LOOKUP)
+  }
+  if (ok) {
+    cu.graphs = true;
+#define LOOKUP_GRAPH(f) cu.graphs = (cu.f = (__typeof__(cu.f))dlsym(cu.lib, XSTR(f))) != NULL && cu.graphs;
+    CU_GRAPH_FUNCS(LOOKUP_GRAPH)
+#undef LOOKUP_GRAPH
   }
   state = ok ? 1 : -1;
   return ok;
@@ -440,6 +453,9 @@ typedef struct cuda_state {
    * since the last marks_reset */
   CUevent events[MOERT_MAX_MARKS];
   int nevents, nmarks;
+  /* CUDA graphs (graph_end's), by the caller's id; a capture open */
+  CUgraphExec graphs[MOERT_MAX_GRAPHS];
+  bool capturing;
 } cuda_state;
 
 static cuda_state G;
@@ -1931,8 +1947,54 @@ static void cuda_marks_reset(moert_backend *b) {
   G.nmarks = 0;
 }
 
+/* ------------------------------------------------------------ CUDA graphs */
+
+/* Captured from the stream in THREAD_LOCAL mode: a call of this thread that
+ * may not be captured (one that waits for the device, or allocates) fails,
+ * and so does the capture; other threads (NCCL's) are not disturbed. */
+static bool cuda_graph_begin(moert_backend *b, moert_status *st) {
+  (void)b;
+  MOERT_TRY(st, report(st));
+  if (G.capturing) return MOERT_FAIL(st, "a CUDA graph capture is open already");
+  CUTRY(st, cuStreamBeginCapture, (G.stream, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL));
+  G.capturing = true;
+  return true;
+}
+
+static bool cuda_graph_end(moert_backend *b, int id, moert_status *st) {
+  (void)b;
+  CUgraph graph = NULL;
+  CUresult rc = cu.cuStreamEndCapture(G.stream, &graph);
+  G.capturing = false;
+  bool ok = true;
+  if (G.err.failed) { /* an op refused while capturing: nothing ran, the device is fine */
+    ok = MOERT_FAIL(st, "%s (at %s)", G.err.msg, G.err.trace);
+    memset(&G.err, 0, sizeof G.err);
+  } else if (rc != CUDA_SUCCESS) {
+    ok = cu_check(rc, "cuStreamEndCapture", __FILE__, __LINE__, st);
+  }
+  CUgraphExec exec = NULL;
+  if (ok && id >= 0 && id < MOERT_MAX_GRAPHS) ok = CUOK(st, cuGraphInstantiate, (&exec, graph, 0));
+  else if (ok) ok = MOERT_FAIL(st, "CUDA graph id %d is not below %d", id, MOERT_MAX_GRAPHS);
+  if (graph) cu.cuGraphDestroy(graph);
+  if (!ok) return MOERT_UP(st);
+  if (G.graphs[id]) cu.cuGraphExecDestroy(G.graphs[id]);
+  G.graphs[id] = exec;
+  return true;
+}
+
+static bool cuda_graph_launch(moert_backend *b, int id, moert_status *st) {
+  (void)b;
+  if (id < 0 || id >= MOERT_MAX_GRAPHS || !G.graphs[id]) return MOERT_FAIL(st, "no CUDA graph %d", id);
+  MOERT_TRY(st, report(st));
+  CUTRY(st, cuGraphLaunch, (G.graphs[id], G.stream));
+  return true;
+}
+
 static void release(void) {
   if (G.stream) cu.cuStreamSynchronize(G.stream);
+  for (int i = 0; i < MOERT_MAX_GRAPHS; i++)
+    if (G.graphs[i]) cu.cuGraphExecDestroy(G.graphs[i]);
   lt_release();
   for (int i = 0; i < G.nevents; i++) cu.cuEventDestroy(G.events[i]);
   if (G.blas) cublas.cublasDestroy(G.blas);
@@ -2019,6 +2081,9 @@ bool moert_backend_cuda_create(moert_backend **out, int device, const char *cach
       .mark = cuda_mark,
       .mark_ms = cuda_mark_ms,
       .marks_reset = cuda_marks_reset,
+      .graph_begin = cu.graphs ? cuda_graph_begin : NULL,
+      .graph_end = cu.graphs ? cuda_graph_end : NULL,
+      .graph_launch = cu.graphs ? cuda_graph_launch : NULL,
       .bf16 = true,
 #define X(op) .op = cuda_##op,
       MOERT_BACKEND_OPS(X)

@@ -352,11 +352,16 @@ bool moert_exec_segment(moert_exec *e, const moert_seg_key *key, moert_seg_fn fn
   if (s->eager || s->runs++ == 0) return fn(e, ctx, st);
   int id = (int)(s - e->segs);
   MOERT_TRY(st, b->graph_begin(b, st));
-  bool ok = fn(e, ctx, st);
+  moert_status fst = {0}; /* fn's own failure: a real one, or a refusal to be captured */
+  bool ok = fn(e, ctx, &fst);
   moert_status why = {0};
   bool made = b->graph_end(b, id, &why);
-  if (!ok) return MOERT_UP(st);
-  if (!made) {
+  if (!ok && made) { /* the capture worked, fn did not: a real failure */
+    *st = fst;
+    return MOERT_UP(st);
+  }
+  if (!made) { /* nothing ran: run fn itself (a real failure shows again there) */
+    if (!ok && !why.failed) why = fst;
     s->eager = true;
     if (e->graph_fallbacks++ == 0 && e->comm->rank == 0)
       fprintf(stderr, "warning: a part of layer %s cannot be a CUDA graph and runs without one: %s\n",
