@@ -106,6 +106,37 @@ variants_np*)
   bad=$(grep -c -v '"switch_bytes": 0, "switch_allocs": 0' cycle.jsonl)
   [ "$bad" = 0 ] || fail "$bad steps switched at a cost"
   echo "ok: -np $n ranks sharing the GPU: every variant, cycled, follows the fixed one and the cpu; switches cost nothing" ;;
+graphs)
+  # CUDA graphs: the same values, to the bit, as the ops run one by one
+  # (MOEC_CUDA_GRAPHS=0), with graphs captured and launched and none refused:
+  # graphs.moe (every kind of segment), dist.moe with its variants cycled (a
+  # graph per variant and dropless capacity); on 2 GPUs, dist over nccl too
+  "$moec" build "$src/tests/gpu/graphs.moe" -o graphs >/dev/null 2>&1 || fail "moec build graphs"
+  same() { # NAME RANKS PROGRAM ARGS...: one run without graphs, one with, compared
+    name=$1 np=$2; shift 2
+    if [ "$np" = 1 ]; then r() { "$@"; }; else r() { timeout 300 "$mpiexec" --oversubscribe -np "$np" "$@"; }; fi
+    MOEC_CUDA_GRAPHS=0 r "$@" --metrics "$name.plain.jsonl" > "$name.plain.txt" 2>&1 || fail "$name without graphs: $(cat "$name.plain.txt")"
+    r "$@" --metrics "$name.graphs.jsonl" > "$name.graphs.txt" 2>&1 || fail "$name with graphs: $(cat "$name.graphs.txt")"
+    grep -q "CUDA graphs: none (MOEC_CUDA_GRAPHS=0)" "$name.plain.txt" || fail "$name: MOEC_CUDA_GRAPHS=0 not said"
+    grep -q "CUDA graphs: one per layer" "$name.graphs.txt" || fail "$name: graphs not on: $(grep 'CUDA graphs' "$name.graphs.txt")"
+    line=$(grep "CUDA graphs: [0-9]* captured" "$name.graphs.txt")
+    echo "$name: $line"
+    echo "$line" | grep -q "CUDA graphs: [1-9][0-9]* captured, [1-9][0-9]* launched, 0 parts ran without one" ||
+      fail "$name: graphs not made, not launched or refused: $line $(grep -i warning "$name.graphs.txt")"
+    for f in loss aux_loss grad_norm dropped; do
+      field "$f" "$name.plain.jsonl" > a.txt; field "$f" "$name.graphs.jsonl" > b.txt
+      [ -s a.txt ] && cmp -s a.txt b.txt || { paste a.txt b.txt | head -20; fail "$name: $f differs with graphs"; }
+    done
+  }
+  same graphs 1 ./graphs --backend cuda --kernel-cache kc --steps 24 --log-every 1 --variant cycle
+  same dist 1 ./dist --backend cuda --kernel-cache kc --log-every 1 --variant cycle
+  gpus=${MOEC_EMU_GPUS:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU [0-9]')}
+  if [ "${gpus:-0}" -ge 2 ]; then
+    same dist_nccl 2 ./dist --backend cuda --comm nccl --kernel-cache kc --log-every 1 --variant cycle
+  else
+    echo "(one GPU: dist over nccl at -np 2 not run)"
+  fi
+  echo "ok: CUDA graphs give the values of the ops run one by one" ;;
 mfu)
   # the GPU's peak from the table by its name (or, on a GPU the table lacks, no MFU, said once)
   ./tiny --backend cuda --kernel-cache kc --steps 3 --log-every 1 --metrics m.jsonl > out.txt || fail "run"
