@@ -759,8 +759,10 @@ static bool moe_fwd(moert_exec *e, void *ctx, moert_status *st) {
   int64_t T = e->rows, M = g.M, E = g.E, K = g.K, C = c->C;
   const float *x = c->x;
   int span = open_span(e, "gate and capacity");
-  if (c->with_gate) gate_fwd(e, li, l, &g, x, c->step);
-  b->drop_beyond(I(e, li, LOC), T * K, c->keep); /* whatever the padded C, claims past keep are dropped */
+  if (c->with_gate) { /* a fixed capacity: keep is the same at every step */
+    gate_fwd(e, li, l, &g, x, c->step);
+    b->drop_beyond(I(e, li, LOC), T * K, c->keep); /* whatever the padded C, claims past keep are dropped */
+  }
   if (l->aux_loss > 0) MOERT_TRY(st, aux_loss(e, li, &g, st));
   close_span(e, span, "gate and capacity", "gate", MOERT_TID_COMPUTE);
 
@@ -806,6 +808,9 @@ bool moert_moe_fwd(moert_exec *e, int li, const float *x, int64_t step, moert_st
     close_span(e, span, "gate", "gate", MOERT_TID_COMPUTE);
   }
   MOERT_TRY(st, capacity(e, li, l, &g, &c.keep, &c.C, st));
+  /* dropless and dynamic: keep changes from step to step under one padded C,
+   * so its drop runs here, outside the graph of C */
+  if (!c.with_gate) e->b->drop_beyond(I(e, li, LOC), e->rows * g.K, c.keep);
   e->keep[li] = c.keep;
   e->capacity[li] = c.C;
   int vi = e->repeat_variants ? e->variant[li] : e->pick ? e->pick(e->pick_ctx, li, c.C, step) : 0;
