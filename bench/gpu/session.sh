@@ -2,7 +2,8 @@
 # session.sh — everything the one-GPU issue checks and measures, in one call on
 # the GPU machine (a device session has about 30 minutes, 10 a command): build,
 # the `gpu` CTest label, the layer benchmark against PyTorch (and with
-# MOEC_CUBLASLT=0), and the step time of every example. Each phase writes its
+# MOEC_CUBLASLT=0), and the step time of every example (with CUDA graphs, and
+# without them: MOEC_CUDA_GRAPHS=0). Each phase writes its
 # log and its table under --out; report.md gathers them with the command, the
 # GPU, the date and the commit, ready for bench/RESULTS.md. A phase that fails
 # is recorded and the next one runs; --deadline stops starting phases in time.
@@ -10,7 +11,7 @@
 # usage: bench/gpu/session.sh [options]
 #   --out DIR            where logs, tables and report.md go (default: $OUT, else a new /tmp dir)
 #   --build DIR          the build tree (default: build); made with RelWithDebInfo when missing
-#   --phases "LIST"      of build tests layer layer_blas examples (default: all, in that order)
+#   --phases "LIST"      of build tests layer layer_blas examples examples_nographs (default: all, in that order)
 #   --tests REGEX        ctest -R REGEX within the gpu label (default: every gpu test)
 #   --examples "LIST"    example names (default: every examples/*.moe that trains or runs)
 #   --steps N            steps an example runs (default 25); --warmup N: not measured (default 5)
@@ -20,7 +21,7 @@
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
-out=${OUT:-} build=$root/build phases="build tests layer layer_blas examples" tests_re= examples=
+out=${OUT:-} build=$root/build phases="build tests layer layer_blas examples examples_nographs" tests_re= examples=
 steps=25 warm=5 deadline=0 backend=cuda
 usage() { sed -n '2,/^# Exit/s/^# \{0,1\}//p' "$0" >&2; exit 2; }
 args="$*"
@@ -41,7 +42,7 @@ while [ $# -gt 0 ]; do
   [ $# -gt 0 ] && shift
 done
 for p in $phases; do
-  case $p in build|tests|layer|layer_blas|examples) ;; *) echo "session.sh: no phase '$p'" >&2; usage ;; esac
+  case $p in build|tests|layer|layer_blas|examples|examples_nographs) ;; *) echo "session.sh: no phase '$p'" >&2; usage ;; esac
 done
 case $backend in cpu|cuda) ;; *) echo "session.sh: --backend is cuda or cpu" >&2; exit 2 ;; esac
 [ "$steps" -gt "$warm" ] 2>/dev/null || { echo "session.sh: --steps must exceed --warmup" >&2; exit 2; }
@@ -124,35 +125,37 @@ for p in $phases; do
       echo
     } >> "$report"
     ;;
-  examples)
-    mkdir -p "$out/examples"
+  examples|examples_nographs)
+    genv=()
+    [ "$p" = examples_nographs ] && genv=(MOEC_CUDA_GRAPHS=0)
+    mkdir -p "$out/$p"
     rc=0
     rows=()
     for x in $examples; do
       spec=$root/examples/$x.moe
-      [ -f "$spec" ] || { echo "no example $x" >> "$out/examples/errors.txt"; rc=1; continue; }
-      bin=$out/examples/$x
-      "$build/compiler/moec" build "$spec" -o "$bin" > "$out/examples/$x.build.log" 2>&1 || {
-        echo "$x: moec build failed: $(tail -n 3 "$out/examples/$x.build.log")" >> "$out/examples/errors.txt"
+      [ -f "$spec" ] || { echo "no example $x" >> "$out/$p/errors.txt"; rc=1; continue; }
+      bin=$out/$p/$x
+      "$build/compiler/moec" build "$spec" -o "$bin" > "$out/$p/$x.build.log" 2>&1 || {
+        echo "$x: moec build failed: $(tail -n 3 "$out/$p/$x.build.log")" >> "$out/$p/errors.txt"
         rc=1
         continue
       }
-      timeout 300 "$bin" --backend "$backend" --steps "$steps" --metrics "$out/examples/$x.jsonl" \
-        --kernel-cache "$out/kc" --log-every 1000 > "$out/examples/$x.log" 2>&1 || {
-        echo "$x: the run failed: $(tail -n 3 "$out/examples/$x.log")" >> "$out/examples/errors.txt"
+      env "${genv[@]}" timeout 300 "$bin" --backend "$backend" --steps "$steps" --metrics "$out/$p/$x.jsonl" \
+        --kernel-cache "$out/kc" --log-every 1000 > "$out/$p/$x.log" 2>&1 || {
+        echo "$x: the run failed: $(tail -n 3 "$out/$p/$x.log")" >> "$out/$p/errors.txt"
         rc=1
         continue
       }
       rows+=("$x")
     done
     {
-      echo "## Step time of the examples"
+      echo "## Step time of the examples${genv:+ with ${genv[*]}}"
       echo
-      echo "Per example: \`build/compiler/moec build examples/X.moe -o X && ./X --backend $backend --steps $steps" \
+      echo "Per example: \`build/compiler/moec build examples/X.moe -o X && ${genv:+${genv[*]} }./X --backend $backend --steps $steps" \
            "--metrics X.jsonl\`; the median over steps $((warm + 1))-$steps of the metrics' ms, tflops, mfu and" \
            "update_ms (the header's backend line says what computed in bf16)."
       echo
-      python3 - "$out/examples" "$warm" "${rows[@]}" <<'PY'
+      python3 - "$out/$p" "$warm" "${rows[@]}" <<'PY'
 import json, os, sys
 d, warm, names = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 def med(v):
@@ -171,7 +174,7 @@ for n in names:
         n, head.split(",")[0], f(med([r["ms"] for r in rows]), "%.2f"), f(med([r.get("tflops") for r in rows]), "%.1f"),
         f(None if mfu is None else 100 * mfu, "%.1f%%"), f(med([r.get("update_ms") for r in rows]), "%.2f")))
 PY
-      [ -s "$out/examples/errors.txt" ] && { echo; sed 's/^/- /' "$out/examples/errors.txt"; }
+      [ -s "$out/$p/errors.txt" ] && { echo; sed 's/^/- /' "$out/$p/errors.txt"; }
       echo
     } >> "$report"
     ;;

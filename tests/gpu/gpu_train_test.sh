@@ -110,11 +110,12 @@ graphs)
   # CUDA graphs: the same values, to the bit, as the ops run one by one
   # (MOEC_CUDA_GRAPHS=0), with graphs captured and launched and none refused:
   # graphs.moe (every kind of segment), dist.moe with its variants cycled (a
-  # graph per variant and dropless capacity); on 2 GPUs, dist over nccl too
+  # graph per variant and dropless capacity); on 2 GPUs, dist over nccl too,
+  # and on 4 as 2 nodes of 2 (2dh)
   "$moec" build "$src/tests/gpu/graphs.moe" -o graphs >/dev/null 2>&1 || fail "moec build graphs"
-  same() { # NAME RANKS PROGRAM ARGS...: one run without graphs, one with, compared
+  same() { # NAME "RANKS [MPIRUN OPTIONS]" PROGRAM ARGS...: one run without graphs, one with, compared
     name=$1 np=$2; shift 2
-    if [ "$np" = 1 ]; then r() { "$@"; }; else r() { timeout 300 "$mpiexec" --oversubscribe -np "$np" "$@"; }; fi
+    if [ "$np" = 1 ]; then r() { "$@"; }; else r() { timeout 300 "$mpiexec" --oversubscribe -np $np "$@"; }; fi
     MOEC_CUDA_GRAPHS=0 r "$@" --metrics "$name.plain.jsonl" > "$name.plain.txt" 2>&1 || fail "$name without graphs: $(cat "$name.plain.txt")"
     r "$@" --metrics "$name.graphs.jsonl" > "$name.graphs.txt" 2>&1 || fail "$name with graphs: $(cat "$name.graphs.txt")"
     grep -q "CUDA graphs: none (MOEC_CUDA_GRAPHS=0)" "$name.plain.txt" || fail "$name: MOEC_CUDA_GRAPHS=0 not said"
@@ -135,6 +136,9 @@ graphs)
     same dist_nccl 2 ./dist --backend cuda --comm nccl --kernel-cache kc --log-every 1 --variant cycle
   else
     echo "(one GPU: dist over nccl at -np 2 not run)"
+  fi
+  if [ "${gpus:-0}" -ge 4 ]; then # two simulated nodes of 2: the 2dh all-to-all in graphs
+    same dist_2dh "4 -x MOEC_LOCAL_SIZE=2" ./dist --backend cuda --comm nccl --kernel-cache kc --log-every 1 --variant cycle
   fi
   echo "ok: CUDA graphs give the values of the ops run one by one" ;;
 mfu)
