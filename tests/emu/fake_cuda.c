@@ -8,11 +8,13 @@
  *   fills what it returns with 0xff bytes (NaN as float and bf16, -1 as an
  *   integer), as if the memory held garbage, so a read of memory nothing
  *   wrote shows; it fails with CUDA_ERROR_OUT_OF_MEMORY past the budget.
- * - Streams run every operation at the call, so an asynchronous call is done
- *   when it returns; events take the host's clock when recorded.
+ * - Streams run every operation at the call (unless they capture, below), so
+ *   an asynchronous call is done when it returns; events take the host's
+ *   clock when recorded.
  * - Modules are the images of the emulated NVRTC (fake_image.h): shared
  *   objects, loaded with dlopen; a kernel launch runs its grid at the call
- *   (emu_device.h). A launch that fails prints why on stderr.
+ *   (emu_device.h). A launch that fails prints why on stderr. A module has
+ *   one CUfunction per kernel asked for, freed by cuModuleUnload.
  * - Stream capture and CUDA graphs (below).
  * It checks what a program computes and which calls it makes in which
  * order on one stream; it does not model concurrency between streams.
@@ -37,8 +39,10 @@
  * becomes a host node through moec_emu_launch_host_func_owned
  * (emu_capture.h), this library's one private export.
  *
- * The rules it enforces, after the driver API's documentation and the CUDA
- * programming guide (where they are silent, the choice is noted):
+ * The rules it enforces, after the driver API's documentation (cuda.h) and
+ * the CUDA programming guide's rules of stream capture ("Cross-stream
+ * Dependencies and Events", "Prohibited and Unhandled Operations"); where
+ * they are silent, what CUDA is reported to do or the choice made is noted:
  * - Capture begins on a stream that is not capturing (else
  *   CUDA_ERROR_ILLEGAL_STATE: a choice), never on the legacy stream
  *   (CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED); the per-thread default stream is
@@ -54,9 +58,10 @@
  * - cuStreamSynchronize on a capturing stream fails so in every mode, and
  *   cuEventSynchronize or cuEventElapsedTime on an event recorded in a
  *   capture still going on fails with CUDA_ERROR_CAPTURED_EVENT; both
- *   invalidate the capture. cuEventElapsedTime on an event whose last record
- *   was a plain one in a capture now ended: CUDA_ERROR_INVALID_HANDLE (it has
- *   no time; a replay does not time it: only external records do).
+ *   invalidate the capture. On an event whose last record was a plain one in
+ *   a capture now ended, both fail with CUDA_ERROR_INVALID_VALUE (it has no
+ *   time, and a replay does not time it: only external records do; the code
+ *   is the one users report of CUDA, NVIDIA/warp#983, not documented).
  * - Work on the legacy (NULL) stream while a stream created without
  *   CU_STREAM_NON_BLOCKING captures in the context: CUDA_ERROR_STREAM_CAPTURE_-
  *   IMPLICIT, and that capture is invalidated (cuStreamIsCapturing on the
@@ -65,10 +70,11 @@
  *   capture, a dependency; in another capture going on,
  *   CUDA_ERROR_STREAM_CAPTURE_MERGE, both invalidated; on an event recorded
  *   outside a capture (or in one now ended), CUDA_ERROR_STREAM_CAPTURE_-
- *   ISOLATION, the capture invalidated; on an event never recorded, nothing
- *   (an empty event: a no-op, as outside capture). The stream not capturing:
- *   on an event of a capture going on, the stream joins it (of an invalidated
- *   one: CUDA_ERROR_INVALID_VALUE, as ROCm reports CUDA does).
+ *   ISOLATION, the capture invalidated (as NVIDIA/cccl#8674 reports); on an
+ *   event never recorded, nothing (an empty event: a no-op, as outside
+ *   capture). The stream not capturing: on an event of a capture going on,
+ *   the stream joins it (of an invalidated one: CUDA_ERROR_INVALID_VALUE, as
+ *   ROCm/rocm-systems#11589 reports CUDA does).
  *   CU_EVENT_WAIT_EXTERNAL and CU_EVENT_RECORD_EXTERNAL outside capture:
  *   CUDA_ERROR_INVALID_VALUE (the documentation: "invalid outside of stream
  *   capture").
@@ -135,16 +141,19 @@ struct CUevent_st {
   size_t ndeps;
   struct CUevent_st *prev, *next; /* the live events */
 };
+struct CUfunc_st;
 struct CUmod_st {
   void *so;
   void *(*kernel)(const char *);
   int (*launch)(void *, void **, const unsigned *, const unsigned *, char *, size_t);
   int (*params)(void *, size_t *, int);
+  struct CUfunc_st *funcs; /* its functions: one per kernel asked for, freed with it */
 };
 struct CUfunc_st {
   CUmodule mod;
   void *body;
   char name[256];
+  struct CUfunc_st *next;
 };
 
 static int env_int(const char *name, int dflt, int lo, int hi) {
@@ -1081,6 +1090,7 @@ CUresult cuEventSynchronize(CUevent e) {
   } else {
     r = unsafe_call("cuEventSynchronize");
   }
+  if (r == CUDA_SUCCESS && e->state == EV_CAPTURED) r = CUDA_ERROR_INVALID_VALUE; /* of an ended capture */
   pthread_mutex_unlock(&lock);
   return r;
 }
@@ -1098,8 +1108,9 @@ CUresult cuEventElapsedTime(float *ms, CUevent a, CUevent b) {
       r = CUDA_ERROR_CAPTURED_EVENT;
     }
   }
-  /* as the driver: events made without timing, never recorded, or recorded
-   * only by a plain record in a capture, have no time */
+  /* as the driver: events made without timing, or never recorded, have no
+   * time; nor have those last recorded by a plain record in an ended capture */
+  if (r == CUDA_SUCCESS && (a->state == EV_CAPTURED || b->state == EV_CAPTURED)) r = CUDA_ERROR_INVALID_VALUE;
   if (r == CUDA_SUCCESS &&
       (((a->flags | b->flags) & CU_EVENT_DISABLE_TIMING) || a->state != EV_TIMED || b->state != EV_TIMED))
     r = CUDA_ERROR_INVALID_HANDLE;
@@ -1180,7 +1191,11 @@ CUresult cuModuleUnload(CUmodule m) {
   pthread_mutex_unlock(&lock);
   if (r != CUDA_SUCCESS) return r;
   /* the module's fibers live on (their stacks are its own state), and so do
-   * the graphs that launch its kernels: keep it loaded */
+   * the graphs that launch its kernels: keep it loaded; its functions go */
+  for (CUfunction f = m->funcs, next; f; f = next) {
+    next = f->next;
+    free(f);
+  }
   free(m);
   return CUDA_SUCCESS;
 }
@@ -1189,11 +1204,18 @@ CUresult cuModuleGetFunction(CUfunction *f, CUmodule m, const char *name) {
   if (!f || !m || !name) return CUDA_ERROR_INVALID_VALUE;
   void *body = m->kernel(name);
   if (!body) return CUDA_ERROR_NOT_FOUND;
-  CUfunction fn = calloc(1, sizeof *fn);
+  pthread_mutex_lock(&lock);
+  CUfunction fn = m->funcs;
+  while (fn && fn->body != body) fn = fn->next;
+  if (!fn && (fn = calloc(1, sizeof *fn))) {
+    fn->mod = m;
+    fn->body = body;
+    snprintf(fn->name, sizeof fn->name, "%s", name);
+    fn->next = m->funcs;
+    m->funcs = fn;
+  }
+  pthread_mutex_unlock(&lock);
   if (!fn) return CUDA_ERROR_OUT_OF_MEMORY;
-  fn->mod = m;
-  fn->body = body;
-  snprintf(fn->name, sizeof fn->name, "%s", name);
   *f = fn;
   return CUDA_SUCCESS;
 }
