@@ -23,9 +23,10 @@
  * queued calls, as a host node on that stream instead of running it: each
  * replay of the graph runs its MPI operations again, on the buffers as they
  * are then; a failure at a replay is printed and kept as the async error of
- * the group's communicators (ncclCommGetAsyncError). A captured group must
- * put all its calls on one stream (else ncclInvalidUsage); a node the driver
- * refuses (an invalidated capture) fails ncclGroupEnd with
+ * the group's communicators (ncclCommGetAsyncError); a graph must not run
+ * after one of its communicators is destroyed, as with NCCL. A captured
+ * group must put all its calls on one stream (else ncclInvalidUsage); a node
+ * the driver refuses (an invalidated capture) fails ncclGroupEnd with
  * ncclUnhandledCudaError.
  *
  * What it is not. No GPU, no overlap with anything, no speed. Reductions on
