@@ -14,6 +14,11 @@
 // which the block running at the time owns. Atomics are plain read-modify-
 // writes (only one fiber runs at a time).
 //
+// The module's interface to the stand-in driver (at the end of this file):
+// moert_emu_kernel (a kernel's body by name), moert_emu_params (the sizes of
+// its parameters, for a launch captured into a CUDA graph, whose argument
+// values are copied at the capture) and moert_emu_launch.
+//
 // What it is not: a model of timing, of the memory model between blocks that
 // run at once on a GPU (here they never do), or of floating-point contraction
 // (no FMA unless the code asks for one). It checks what the kernels compute.
@@ -381,24 +386,33 @@ static int launch(void (*body)(void **), void **params, const unsigned g[3], con
 }
 
 // Each kernel: a body that reads its arguments from cuLaunchKernel's
-// kernelParams (one pointer per parameter) and calls the kernel.
+// kernelParams (one pointer per parameter) and calls the kernel; and the
+// size of each parameter, which a launch captured into a graph copies.
 template <class T> struct kernel_fn;
 template <class... A> struct kernel_fn<void (*)(A...)> {
   template <void (*F)(A...), size_t... I> static void call(void **p, std::index_sequence<I...>) {
     F(*static_cast<std::remove_reference_t<A> *>(p[I])...);
   }
   template <void (*F)(A...)> static void body(void **p) { call<F>(p, std::index_sequence_for<A...>{}); }
+  // The number of parameters; the first cap of their sizes into sizes.
+  static int sizes(size_t *sizes, int cap) {
+    const size_t s[] = {sizeof(std::remove_reference_t<A>)..., 0};
+    const int n = (int)sizeof...(A);
+    for (int i = 0; i < n && i < cap; i++) sizes[i] = s[i];
+    return n;
+  }
 };
 
 struct entry {
   const char *name;
   void (*body)(void **);
+  int (*sizes)(size_t *, int);
 };
 static entry table[512];
 static int ntable;
 struct reg {
-  reg(const char *name, void (*body)(void **)) {
-    if (ntable < (int)(sizeof table / sizeof table[0])) table[ntable++] = entry{name, body};
+  reg(const char *name, void (*body)(void **), int (*sizes)(size_t *, int)) {
+    if (ntable < (int)(sizeof table / sizeof table[0])) table[ntable++] = entry{name, body, sizes};
   }
 };
 
@@ -410,6 +424,13 @@ extern "C" __attribute__((visibility("default"))) void *moert_emu_kernel(const c
     if (!strcmp(moert_emu::table[i].name, name)) return (void *)moert_emu::table[i].body;
   return nullptr;
 }
+// The number of parameters of the kernel body (moert_emu_kernel's), the first
+// cap of their sizes in bytes into sizes; -1 for a body not of this module.
+extern "C" __attribute__((visibility("default"))) int moert_emu_params(void *body, size_t *sizes, int cap) {
+  for (int i = 0; i < moert_emu::ntable; i++)
+    if ((void *)moert_emu::table[i].body == body) return moert_emu::table[i].sizes(sizes, cap);
+  return -1;
+}
 extern "C" __attribute__((visibility("default"))) int moert_emu_launch(void *body, void **params,
                                                                        const unsigned grid[3],
                                                                        const unsigned block[3],
@@ -420,6 +441,7 @@ extern "C" __attribute__((visibility("default"))) int moert_emu_launch(void *bod
 // fake_nvrtc.c appends one of these per `extern "C" __global__ void NAME(` of the
 // preprocessed source (macros may define kernels).
 #define MOERT_EMU_KERNEL(f)                                                                    \
-  static moert_emu::reg moert_emu_reg_##f(#f, &moert_emu::kernel_fn<decltype(&f)>::template body<&f>);
+  static moert_emu::reg moert_emu_reg_##f(#f, &moert_emu::kernel_fn<decltype(&f)>::template body<&f>,    \
+                                          &moert_emu::kernel_fn<decltype(&f)>::sizes);
 
 #endif

@@ -2,10 +2,12 @@
 #include "fake_blas.h"
 
 #include <cblas.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "cpu_ops_typed.h" /* moert_f32_to_bf16, moert_bf16_to_f32 */
+#include "emu_capture.h"
 
 bool emu_blas_trans(int32_t op, bool *trans) {
   switch (op) {
@@ -90,4 +92,19 @@ cublasStatus_t emu_blas_gemm(const emu_gemm *g, emu_epilogue *epi, const void *c
   }
   free(acc), free(ta), free(tb);
   return CUBLAS_STATUS_SUCCESS;
+}
+
+bool emu_blas_capturing(cudaStream_t stream) {
+  const emu_cuda_fns *cu = emu_cuda();
+  return cu && emu_cuda_defers(cu, stream);
+}
+
+cublasStatus_t emu_blas_record(cudaStream_t stream, void (*fn)(void *), void *data, const char *what) {
+  const emu_cuda_fns *cu = emu_cuda();
+  CUresult r = cu ? cu->launch_owned(stream, fn, data, free) : CUDA_ERROR_NOT_INITIALIZED;
+  if (r == CUDA_SUCCESS) return CUBLAS_STATUS_SUCCESS;
+  fprintf(stderr, "moec emu: %s on a capturing stream: the driver refused its node: %s\n", what,
+          cu ? emu_cuda_error(cu, r) : "no driver");
+  free(data);
+  return CUBLAS_STATUS_EXECUTION_FAILED;
 }

@@ -1,7 +1,8 @@
 /* fake_blas.h — the GEMM both BLAS stand-ins (fake_cublas.c, fake_cublaslt.c)
  * run on the host: cuBLAS's column-major, strided-batched product, in fp32
  * through OpenBLAS, bf16 operands widened to fp32 temporaries and results
- * rounded once to their type (nearest even). Linked into each stand-in with
+ * rounded once to their type (nearest even); and how a GEMM on a capturing
+ * stream is recorded instead (emu_capture.h). Linked into each stand-in with
  * hidden visibility: nothing here is exported. */
 #ifndef MOEC_EMU_FAKE_BLAS_H
 #define MOEC_EMU_FAKE_BLAS_H
@@ -53,5 +54,15 @@ float emu_blas_get(const void *p, cudaDataType t, int64_t i);
 /* Stores src (rows x cols, fp32, ld rows) to dst (type t, leading dimension
  * ld), each element rounded once; what lies between dst's columns is left. */
 void emu_blas_store(void *dst, cudaDataType t, int64_t ld, const float *src, int64_t rows, int64_t cols);
+
+/* Stream capture (emu_capture.h). Whether a call on stream must be recorded
+ * rather than run now: the stand-in driver is loaded and says the stream
+ * captures (or cannot take work now). */
+bool emu_blas_capturing(cudaStream_t stream);
+/* Records fn(data) into stream's capture: a host node that runs it at each
+ * replay and frees data (malloc'd by the caller) when the graph goes.
+ * CUBLAS_STATUS_SUCCESS, or CUBLAS_STATUS_EXECUTION_FAILED when the driver
+ * refuses (why on stderr, after what; data freed). */
+cublasStatus_t emu_blas_record(cudaStream_t stream, void (*fn)(void *), void *data, const char *what);
 
 #endif

@@ -4,15 +4,22 @@
  * is a host pointer): column-major, op(A) op(B), leading dimensions, strided
  * batches, C not read when beta is 0; fp32 and bf16 operands, fp32 products.
  * It is not: fast; reduced precision (the math mode is kept, but TF32 is never
- * used: every product is fp32, accumulated in fp32); asynchronous (the stream
- * is kept, and each call has finished when it returns). Anything else cuBLAS
- * offers is absent, and an argument outside what is here is refused with
+ * used: every product is fp32, accumulated in fp32); asynchronous (each call
+ * has finished when it returns). Anything else cuBLAS offers is absent, and
+ * an argument outside what is here is refused with
  * CUBLAS_STATUS_INVALID_VALUE or CUBLAS_STATUS_NOT_SUPPORTED.
+ *
+ * Stream capture: when the handle's stream is capturing (emu_capture.h), a
+ * GEMM is checked, then recorded rather than run: its pointers and the
+ * values of alpha and beta (host pointers, read at the call as in host
+ * pointer mode) are copied into a host node that runs it at each replay, on
+ * the memory as it is then.
  *
  * The functions are defined under the names the code calls (cublasCreate...):
  * cublas_v2.h's macros turn them into the exported symbols (cublasCreate_v2),
  * the names the backend looks up through the same header. */
 #include <cublas_v2.h>
+#include <stdio.h>
 #include <stdlib.h>
 
 #include "fake_blas.h"
@@ -71,8 +78,14 @@ const char *cublasGetStatusString(cublasStatus_t status) {
   return "CUBLAS_STATUS_UNKNOWN";
 }
 
+/* A GEMM recorded in a capture, at a replay. */
+static void replay(void *g) {
+  if (emu_blas_gemm(g, NULL, NULL) != CUBLAS_STATUS_SUCCESS)
+    fprintf(stderr, "moec emu: a cuBLAS GEMM in a graph failed at its replay: out of host memory\n");
+}
+
 /* Checks g (filled from a call's arguments, but for its transposes and
- * scalars) as cuBLAS does and runs it. */
+ * scalars) as cuBLAS does and runs it, or records it on a capturing stream. */
 static cublasStatus_t run(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb, const float *alpha,
                           const float *beta, emu_gemm *g) {
   if (!handle) return CUBLAS_STATUS_NOT_INITIALIZED;
@@ -81,7 +94,11 @@ static cublasStatus_t run(cublasHandle_t handle, cublasOperation_t transa, cubla
       g->b.ld < emu_blas_max1(g->trans_b ? g->n : g->k) || g->ldd < emu_blas_max1(g->m))
     return CUBLAS_STATUS_INVALID_VALUE;
   g->alpha = *alpha, g->beta = *beta;
-  return emu_blas_gemm(g, NULL, NULL);
+  if (!emu_blas_capturing(handle->stream)) return emu_blas_gemm(g, NULL, NULL);
+  emu_gemm *copy = malloc(sizeof *copy);
+  if (!copy) return CUBLAS_STATUS_ALLOC_FAILED;
+  *copy = *g;
+  return emu_blas_record(handle->stream, replay, copy, "a cuBLAS GEMM");
 }
 
 cublasStatus_t cublasSgemm(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb, int m, int n,

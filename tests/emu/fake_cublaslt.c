@@ -14,14 +14,22 @@
  * EPILOGUE_AUX_POINTER (EPILOGUE_AUX_LD, EPILOGUE_AUX_BATCH_STRIDE). All in
  * fp32, each result rounded once to its type.
  * It is not: fast; reduced precision (no TF32); asynchronous (each call has
- * finished when it returns; the stream and the workspace go unused); a choice
- * of algorithms (the heuristic offers one, needing no workspace). What it
- * does not do (another epilogue, type, order or attribute) is refused with
+ * finished when it returns; the workspace goes unused); a choice of
+ * algorithms (the heuristic offers one, needing no workspace). What it does
+ * not do (another epilogue, type, order or attribute) is refused with
  * CUBLAS_STATUS_NOT_SUPPORTED, an inconsistent call with
- * CUBLAS_STATUS_INVALID_VALUE. */
+ * CUBLAS_STATUS_INVALID_VALUE.
+ *
+ * Stream capture: when the matmul's stream is capturing (emu_capture.h), the
+ * call is checked, then recorded rather than run: its pointers, the values of
+ * alpha and beta (host pointers, read at the call) and a copy of its
+ * descriptor (the epilogue, the bias and aux pointers and strides: a later
+ * change to the descriptor does not change the graph) go into a host node
+ * that runs it at each replay, on the memory as it is then. */
 #include <cublasLt.h>
 #include <limits.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -331,12 +339,25 @@ cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t lightHandle, cubl
   return CUBLAS_STATUS_SUCCESS;
 }
 
+/* A matmul recorded in a capture: its plan, and the descriptor the plan
+ * points at, copied. */
+typedef struct {
+  lt_plan p;
+  lt_desc d;
+} lt_recorded;
+
+static void replay(void *data) {
+  lt_recorded *r = data;
+  if (emu_blas_gemm(&r->p.g, epilogue, &r->p) != CUBLAS_STATUS_SUCCESS)
+    fprintf(stderr, "moec emu: a cuBLASLt matmul in a graph failed at its replay: out of host memory\n");
+}
+
 cublasStatus_t cublasLtMatmul(cublasLtHandle_t lightHandle, cublasLtMatmulDesc_t computeDesc, const void *alpha,
                               const void *A, cublasLtMatrixLayout_t Adesc, const void *B, cublasLtMatrixLayout_t Bdesc,
                               const void *beta, const void *C, cublasLtMatrixLayout_t Cdesc, void *D,
                               cublasLtMatrixLayout_t Ddesc, const cublasLtMatmulAlgo_t *algo, void *workspace,
                               size_t workspaceSizeInBytes, cudaStream_t stream) {
-  (void)algo, (void)workspace, (void)workspaceSizeInBytes, (void)stream;
+  (void)algo, (void)workspace, (void)workspaceSizeInBytes;
   if (!lightHandle) return CUBLAS_STATUS_NOT_INITIALIZED;
   lt_plan p;
   cublasStatus_t st = plan_make(&p, computeDesc, Adesc, Bdesc, Cdesc, Ddesc);
@@ -350,5 +371,10 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t lightHandle, cublasLtMatmulDesc_t
   /* in place (C = D): one layout */
   if (C == D && (g->c.ld != g->ldd || g->c.stride != g->stride_d)) return CUBLAS_STATUS_INVALID_VALUE;
   g->a.p = A, g->b.p = B, g->c.p = C, g->d = D;
-  return emu_blas_gemm(g, epilogue, &p);
+  if (!emu_blas_capturing(stream)) return emu_blas_gemm(g, epilogue, &p);
+  lt_recorded *copy = malloc(sizeof *copy);
+  if (!copy) return CUBLAS_STATUS_ALLOC_FAILED;
+  copy->p = p, copy->d = *p.d;
+  copy->p.d = &copy->d;
+  return emu_blas_record(stream, replay, copy, "a cuBLASLt matmul");
 }

@@ -5,8 +5,9 @@
  *
  * What it is. Every process is one rank (one GPU per process, as comm_nccl.c
  * requires); a communicator is an MPI communicator of its ranks in NCCL rank
- * order. Streams are ignored: a call returns when its work is done, so there
- * are no asynchronous errors (ncclCommGetAsyncError says ncclSuccess). Sends,
+ * order. A call returns when its work is done (the stream only decides
+ * whether it is captured, below), so there are no asynchronous errors but
+ * those of a replayed graph (ncclCommGetAsyncError). Sends,
  * receives and collectives inside ncclGroupStart/End are queued and all
  * started at the outermost ncclGroupEnd (nonblocking MPI, in call order), then
  * completed together, so no pattern of sends and receives within a group
@@ -14,6 +15,19 @@
  * oneself is paired with the group's receive from oneself (in order) and
  * copied. A communicator of one rank needs no MPI (comm_nccl.c makes one over
  * moert_comm_self, with or without MPI_Init).
+ *
+ * Stream capture (emu_capture.h). When the stand-in libcuda.so.1 is loaded
+ * and the stream of a group's calls (or of a call outside a group) is
+ * capturing, the outermost ncclGroupEnd checks the group (the pairing of
+ * sends and receives to oneself) and records it, a private copy of its
+ * queued calls, as a host node on that stream instead of running it: each
+ * replay of the graph runs its MPI operations again, on the buffers as they
+ * are then; a failure at a replay is printed and kept as the async error of
+ * the group's communicators (ncclCommGetAsyncError); a graph must not run
+ * after one of its communicators is destroyed, as with NCCL. A captured
+ * group must put all its calls on one stream (else ncclInvalidUsage); a node
+ * the driver refuses (an invalidated capture) fails ncclGroupEnd with
+ * ncclUnhandledCudaError.
  *
  * What it is not. No GPU, no overlap with anything, no speed. Reductions on
  * the integer types, ncclFloat32 and ncclFloat64 with ncclSum, ncclProd,
@@ -38,6 +52,7 @@
  * never calls (or a maker that is not a member) leaves the others waiting, as
  * NCCL does. The meeting uses MPI_COMM_WORLD with tags from RDV_TAG_BASE up,
  * which the program must not use for its own messages there. */
+#include <cuda.h>
 #include <limits.h>
 #include <mpi.h>
 #include <nccl.h>
@@ -47,9 +62,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "emu_capture.h"
+
 struct ncclComm {
   MPI_Comm mpi; /* the ranks in NCCL order; MPI_COMM_NULL for one rank made without MPI */
   int rank, nranks;
+  ncclResult_t async_error; /* of a replayed graph */
 };
 
 /* ------------------------------------------------------------ errors */
@@ -333,10 +351,10 @@ ncclResult_t ncclCommUserRank(const ncclComm_t comm, int *rank) {
   return ncclSuccess;
 }
 
-/* Every operation returns done: nothing can fail later. */
+/* Every operation returns done: only a replayed graph fails later. */
 ncclResult_t ncclCommGetAsyncError(ncclComm_t comm, ncclResult_t *asyncError) {
   if (!comm || !asyncError) return fail(ncclInvalidArgument, "ncclCommGetAsyncError: comm or asyncError is NULL");
-  *asyncError = ncclSuccess;
+  *asyncError = comm->async_error;
   return ncclSuccess;
 }
 
@@ -355,6 +373,7 @@ typedef struct queued {
   MPI_Datatype type;
   MPI_Op red;
   int peer;           /* send, recv */
+  cudaStream_t stream;
   bool paired;        /* send to or receive from oneself: copied */
   void *tmp;          /* in-place reduce-scatter: the result until the group completes */
 } queued;
@@ -378,28 +397,28 @@ ncclResult_t ncclGroupStart(void) {
 }
 
 /* Pairs each receive from oneself with the next send to oneself on its comm
- * and copies; every one must have its partner, of the same size. */
-static ncclResult_t pair_self(void) {
-  for (int i = 0; i < grp.n; i++) {
-    queued *rv = &grp.ops[i];
+ * and copies (when copy is true); every one must have its partner, of the
+ * same size. */
+static ncclResult_t pair_self(queued *ops, int n, bool copy) {
+  for (int i = 0; i < n; i++) {
+    queued *rv = &ops[i];
     if (rv->kind != OP_RECV || rv->peer != rv->comm->rank) continue;
     queued *sd = NULL;
-    for (int j = 0; j < grp.n && !sd; j++)
-      if (grp.ops[j].kind == OP_SEND && grp.ops[j].comm == rv->comm && grp.ops[j].peer == rv->comm->rank &&
-          !grp.ops[j].paired)
-        sd = &grp.ops[j];
+    for (int j = 0; j < n && !sd; j++)
+      if (ops[j].kind == OP_SEND && ops[j].comm == rv->comm && ops[j].peer == rv->comm->rank && !ops[j].paired)
+        sd = &ops[j];
     if (!sd) return fail(ncclInvalidUsage, "ncclRecv from itself (rank %d) with no ncclSend to itself in the group",
                          rv->peer);
     if (sd->count * sd->size != rv->count * rv->size)
       return fail(ncclInvalidUsage, "rank %d sends itself %zu bytes but receives %zu", rv->peer,
                   sd->count * sd->size, rv->count * rv->size);
-    if (rv->count > 0) memmove(rv->recv, sd->send, rv->count * rv->size);
+    if (copy && rv->count > 0) memmove(rv->recv, sd->send, rv->count * rv->size);
     sd->paired = rv->paired = true;
   }
-  for (int i = 0; i < grp.n; i++)
-    if (grp.ops[i].kind == OP_SEND && grp.ops[i].peer == grp.ops[i].comm->rank && !grp.ops[i].paired)
+  for (int i = 0; i < n; i++)
+    if (ops[i].kind == OP_SEND && ops[i].peer == ops[i].comm->rank && !ops[i].paired)
       return fail(ncclInvalidUsage, "ncclSend to itself (rank %d) with no ncclRecv from itself in the group",
-                  grp.ops[i].peer);
+                  ops[i].peer);
   return ncclSuccess;
 }
 
@@ -440,16 +459,16 @@ static ncclResult_t start(queued *o, MPI_Request *req) {
   return ncclSuccess;
 }
 
-/* Runs the queued calls and empties the queue. */
-static ncclResult_t run_group(void) {
+/* Runs the n calls of ops (of one group). */
+static ncclResult_t run_ops(queued *ops, int n) {
   ncclResult_t r = ncclSuccess;
-  MPI_Request *reqs = malloc(sizeof *reqs * (size_t)(grp.n ? grp.n : 1));
+  MPI_Request *reqs = malloc(sizeof *reqs * (size_t)(n ? n : 1));
   if (!reqs) r = fail(ncclSystemError, "ncclGroupEnd: out of memory");
-  if (r == ncclSuccess) r = pair_self();
+  if (r == ncclSuccess) r = pair_self(ops, n, true);
   int started = 0, posted = 0; /* posted: calls of MPI's (none on a comm without MPI) */
-  for (; r == ncclSuccess && started < grp.n; started++) {
+  for (; r == ncclSuccess && started < n; started++) {
     reqs[started] = MPI_REQUEST_NULL;
-    r = start(&grp.ops[started], &reqs[started]);
+    r = start(&ops[started], &reqs[started]);
     if (r != ncclSuccess) reqs[started] = MPI_REQUEST_NULL;
     posted += reqs[started] != MPI_REQUEST_NULL;
   }
@@ -458,12 +477,66 @@ static ncclResult_t run_group(void) {
     int rc = MPI_Waitall(started, reqs, MPI_STATUSES_IGNORE);
     if (rc != MPI_SUCCESS && r == ncclSuccess) r = mpi_fail(rc, "MPI_Waitall");
   }
-  for (int i = 0; i < grp.n; i++) {
-    queued *o = &grp.ops[i];
+  for (int i = 0; i < n; i++) {
+    queued *o = &ops[i];
     if (o->tmp && r == ncclSuccess) memcpy(o->recv, o->tmp, o->count * o->size);
     free(o->tmp);
+    o->tmp = NULL;
   }
   free(reqs);
+  return r;
+}
+
+/* A group recorded in a capture: its calls as queued (none paired yet). */
+typedef struct recorded {
+  int n;
+  queued ops[];
+} recorded;
+
+/* A recorded group, at a replay of its graph: runs a copy of its calls. */
+static void replay(void *data) {
+  const recorded *g = data;
+  queued *ops = malloc(sizeof *ops * (size_t)(g->n ? g->n : 1));
+  ncclResult_t r = ops ? ncclSuccess : fail(ncclSystemError, "a replayed group: out of memory");
+  if (ops) {
+    memcpy(ops, g->ops, sizeof *ops * (size_t)g->n);
+    r = run_ops(ops, g->n);
+  }
+  if (r != ncclSuccess) {
+    fprintf(stderr, "moec emu: an NCCL group in a CUDA graph failed at its replay: %s\n", last_error);
+    for (int i = 0; i < g->n; i++)
+      if (g->ops[i].comm->async_error == ncclSuccess) g->ops[i].comm->async_error = r;
+  }
+  free(ops);
+}
+
+/* Records the queued group into its stream's capture (see the file comment). */
+static ncclResult_t record_group(const emu_cuda_fns *cu) {
+  for (int i = 1; i < grp.n; i++)
+    if (grp.ops[i].stream != grp.ops[0].stream)
+      return fail(ncclInvalidUsage, "ncclGroupEnd: a group on a capturing stream puts its calls on more than one "
+                                    "stream (the stand-in records a group on one stream only)");
+  recorded *g = malloc(sizeof *g + sizeof *g->ops * (size_t)grp.n);
+  if (!g) return fail(ncclSystemError, "ncclGroupEnd: out of memory for a captured group");
+  g->n = grp.n;
+  memcpy(g->ops, grp.ops, sizeof *g->ops * (size_t)grp.n);
+  ncclResult_t r = pair_self(g->ops, g->n, false); /* its checks now, as ncclGroupEnd's */
+  for (int i = 0; i < g->n; i++) g->ops[i].paired = false;
+  CUresult cr = r == ncclSuccess ? cu->launch_owned((CUstream)grp.ops[0].stream, replay, g, free) : CUDA_SUCCESS;
+  if (cr != CUDA_SUCCESS)
+    r = fail(ncclUnhandledCudaError, "ncclGroupEnd on a capturing stream: the driver refused its node: %s",
+             emu_cuda_error(cu, cr));
+  if (r != ncclSuccess) free(g);
+  return r;
+}
+
+/* Runs the queued calls, or records them when their stream is capturing, and
+ * empties the queue. */
+static ncclResult_t run_group(void) {
+  const emu_cuda_fns *cu = grp.n ? emu_cuda() : NULL;
+  bool defer = false;
+  for (int i = 0; cu && i < grp.n && !defer; i++) defer = emu_cuda_defers(cu, (CUstream)grp.ops[i].stream);
+  ncclResult_t r = defer ? record_group(cu) : run_ops(grp.ops, grp.n);
   grp.n = 0;
   return r;
 }
@@ -516,40 +589,41 @@ static int forget_ops(ncclComm_t comm) {
 
 ncclResult_t ncclSend(const void *sendbuff, size_t count, ncclDataType_t datatype, int peer, ncclComm_t comm,
                       cudaStream_t stream) {
-  (void)stream;
-  return enqueue("ncclSend", (queued){.kind = OP_SEND, .comm = comm, .send = sendbuff, .count = count, .peer = peer},
+  return enqueue("ncclSend",
+                 (queued){.kind = OP_SEND, .comm = comm, .send = sendbuff, .count = count, .peer = peer,
+                          .stream = stream},
                  datatype, ncclSum, false);
 }
 
 ncclResult_t ncclRecv(void *recvbuff, size_t count, ncclDataType_t datatype, int peer, ncclComm_t comm,
                       cudaStream_t stream) {
-  (void)stream;
-  return enqueue("ncclRecv", (queued){.kind = OP_RECV, .comm = comm, .recv = recvbuff, .count = count, .peer = peer},
+  return enqueue("ncclRecv",
+                 (queued){.kind = OP_RECV, .comm = comm, .recv = recvbuff, .count = count, .peer = peer,
+                          .stream = stream},
                  datatype, ncclSum, false);
 }
 
 ncclResult_t ncclAllReduce(const void *sendbuff, void *recvbuff, size_t count, ncclDataType_t datatype,
                            ncclRedOp_t op, ncclComm_t comm, cudaStream_t stream) {
-  (void)stream;
   return enqueue("ncclAllReduce",
-                 (queued){.kind = OP_ALL_REDUCE, .comm = comm, .send = sendbuff, .recv = recvbuff, .count = count},
+                 (queued){.kind = OP_ALL_REDUCE, .comm = comm, .send = sendbuff, .recv = recvbuff, .count = count,
+                          .stream = stream},
                  datatype, op, true);
 }
 
 ncclResult_t ncclReduceScatter(const void *sendbuff, void *recvbuff, size_t recvcount, ncclDataType_t datatype,
                                ncclRedOp_t op, ncclComm_t comm, cudaStream_t stream) {
-  (void)stream;
   return enqueue("ncclReduceScatter",
                  (queued){.kind = OP_REDUCE_SCATTER, .comm = comm, .send = sendbuff, .recv = recvbuff,
-                          .count = recvcount},
+                          .count = recvcount, .stream = stream},
                  datatype, op, true);
 }
 
 ncclResult_t ncclAllGather(const void *sendbuff, void *recvbuff, size_t sendcount, ncclDataType_t datatype,
                            ncclComm_t comm, cudaStream_t stream) {
-  (void)stream;
   return enqueue("ncclAllGather",
-                 (queued){.kind = OP_ALL_GATHER, .comm = comm, .send = sendbuff, .recv = recvbuff, .count = sendcount},
+                 (queued){.kind = OP_ALL_GATHER, .comm = comm, .send = sendbuff, .recv = recvbuff, .count = sendcount,
+                          .stream = stream},
                  datatype, ncclSum, false);
 }
 

@@ -8,7 +8,9 @@
  * The compiler: $MOEC_EMU_CXX, else the one CMake found (MOEC_EMU_CXX at
  * build time). Options: -D/--define-macro are passed on, the others (the
  * architecture, -lineinfo, ...) are accepted and ignored. It reports NVRTC
- * version 99.0, so a kernel cache never mixes its images with real ones. */
+ * version 99.N, so a kernel cache never mixes its images with real ones; N is
+ * the revision of the module interface of emu_device.h (1: moert_emu_params),
+ * so a cache never hands the driver an image made by an older one either. */
 #define _GNU_SOURCE
 #include <nvrtc.h>
 
@@ -53,7 +55,7 @@ const char *nvrtcGetErrorString(nvrtcResult r) {
 nvrtcResult nvrtcVersion(int *major, int *minor) {
   if (!major || !minor) return NVRTC_ERROR_INVALID_INPUT;
   *major = 99;
-  *minor = 0;
+  *minor = 1; /* the module interface's revision (see the file comment) */
   return NVRTC_SUCCESS;
 }
 

@@ -1,7 +1,8 @@
 # libnccl.so.2 over MPI (fake_nccl.c): NCCL's functions that comm_nccl.c
 # calls, one rank per process, built with nccl.h's prototypes. test_fake_nccl
 # opens it by path and checks it: under mpirun at 4 ranks (emu.fake_nccl,
-# labels emu, mpi) and alone without MPI_Init (emu.fake_nccl.nompi).
+# labels emu, mpi) and alone without MPI_Init (emu.fake_nccl.nompi); it loads
+# the driver stand-in (libcuda.so.1) for its groups in stream capture.
 if(NOT MOEC_NCCL_INCLUDE OR NOT EXISTS ${MOEC_NCCL_INCLUDE}/nccl.h)
   message(STATUS "emu: nccl.h not found; the NCCL stand-in is not built")
   return()
@@ -10,13 +11,14 @@ find_package(MPI REQUIRED COMPONENTS C)
 
 moec_emu_library(moec_emu_nccl nccl 2 fake_nccl.c)
 target_include_directories(moec_emu_nccl SYSTEM PRIVATE ${MOEC_NCCL_INCLUDE})
-target_link_libraries(moec_emu_nccl PRIVATE MPI::MPI_C)
+target_link_libraries(moec_emu_nccl PRIVATE MPI::MPI_C ${CMAKE_DL_LIBS} Threads::Threads)
 
 add_executable(test_fake_nccl test_fake_nccl.c)
 target_include_directories(test_fake_nccl SYSTEM PRIVATE ${MOEC_NCCL_INCLUDE} ${MOEC_CUDA_INCLUDE})
-target_compile_definitions(test_fake_nccl PRIVATE MOEC_EMU_NCCL="${MOEC_EMU_LIB_DIR}/libnccl.so.2")
+target_compile_definitions(test_fake_nccl PRIVATE MOEC_EMU_NCCL="${MOEC_EMU_LIB_DIR}/libnccl.so.2"
+                           MOEC_EMU_CUDA="${MOEC_EMU_LIB_DIR}/libcuda.so.1")
 target_link_libraries(test_fake_nccl PRIVATE MPI::MPI_C ${CMAKE_DL_LIBS})
-add_dependencies(test_fake_nccl moec_emu_nccl)
+add_dependencies(test_fake_nccl moec_emu_nccl moec_emu_cuda)
 
 # Open MPI as root, on a small machine: more ranks than cores, no busy wait
 # (as tests/mpi; MOEC_MPI_LSAN_ENV: the top-level CMakeLists.txt).

@@ -9,11 +9,16 @@
  * even, NaN kept) bit by bit; the statuses of calls that must be refused.
  * Outputs are checked within the rounding error of fp32 (and of bf16 for
  * bf16 results), and every element beside them (between columns, between
- * batches) must keep the NaN bytes it started with.
+ * batches) must keep the NaN bytes it started with. Last, with the stand-in
+ * libcuda.so.1 of LIB_DIR loaded: GEMMs of both on a capturing stream do
+ * nothing at the call and run at each replay of the graph on the operands of
+ * the moment, with the alpha of the call and (cuBLASLt) the descriptor as it
+ * was at the call; one on the stream of an invalidated capture fails.
  *
  *   test_fake_blas LIB_DIR */
 #include <cublasLt.h>
 #include <cublas_v2.h>
+#include <cuda.h>
 #include <dlfcn.h>
 #include <math.h>
 #include <stdbool.h>
@@ -38,9 +43,16 @@
           X(cublasLtMatmulPreferenceCreate) X(cublasLtMatmulPreferenceDestroy) X(cublasLtMatmulPreferenceSetAttribute) \
               X(cublasLtMatmulAlgoGetHeuristic) X(cublasLtMatmul)
 
+#define CUDA_FUNCS(X)                                                                                                  \
+  X(cuInit)                                                                                                            \
+  X(cuDeviceGet) X(cuDevicePrimaryCtxRetain) X(cuDevicePrimaryCtxRelease) X(cuCtxSetCurrent) X(cuStreamCreate)         \
+      X(cuStreamDestroy) X(cuStreamSynchronize) X(cuStreamBeginCapture) X(cuStreamEndCapture) X(cuGraphInstantiate)   \
+          X(cuGraphLaunch) X(cuGraphExecDestroy) X(cuGraphDestroy)
+
 #define DECLARE(f) __typeof__(f) *f;
 static struct { CUBLAS_FUNCS(DECLARE) } blas;
 static struct { CUBLASLT_FUNCS(DECLARE) } lt;
+static struct { CUDA_FUNCS(DECLARE) } cu;
 #undef DECLARE
 
 #define LOOKUP(f)                                                                                                      \
@@ -70,6 +82,16 @@ static bool load(const char *dir) {
     __typeof__(lt) *tbl = &lt;
     CUBLASLT_FUNCS(LOOKUP)
   }
+  return ok;
+}
+
+/* The stand-in driver, which the BLAS stand-ins find loaded (stream capture). */
+static bool load_cuda(const char *dir) {
+  char path[4096];
+  void *lib = open_lib(dir, "libcuda.so.1", path, sizeof path);
+  bool ok = lib != NULL;
+  __typeof__(cu) *tbl = &cu;
+  CUDA_FUNCS(LOOKUP)
   return ok;
 }
 #undef LOOKUP
@@ -659,6 +681,152 @@ static void test_cublaslt(void) {
   STATUS(CUBLAS_STATUS_SUCCESS, lt.cublasLtDestroy(g_lt));
 }
 
+/* ------------------------------------------------------------ stream capture */
+
+#define CU_OK(call)                                                                                                    \
+  do {                                                                                                                 \
+    CUresult r_ = (call);                                                                                              \
+    CHECK(r_ == CUDA_SUCCESS, "%s: CUresult %d", #call, (int)r_);                                                      \
+  } while (0)
+
+/* Whether every byte of x's buffer is still 0xff (nothing wrote it). */
+static bool untouched(const mat *x) {
+  for (size_t i = 0; i < (size_t)x->len * esize(x->t); i++)
+    if (((const unsigned char *)x->p)[i] != 0xff) return false;
+  return true;
+}
+
+/* Ends the capture on s into an executable graph (the graph itself destroyed). */
+static CUgraphExec end_exec(CUstream s) {
+  CUgraph g = NULL;
+  CUgraphExec x = NULL;
+  CU_OK(cu.cuStreamEndCapture(s, &g));
+  if (g) CU_OK(cu.cuGraphInstantiate(&x, g, 0));
+  if (g) CU_OK(cu.cuGraphDestroy(g));
+  return x;
+}
+
+/* A reference's results, [z][j][i] packed. */
+typedef struct {
+  double *pre, *mag;
+} want;
+static want want_make(size_t len) {
+  want w = {malloc(len * sizeof(double)), malloc(len * sizeof(double))};
+  return w;
+}
+
+/* cuBLAS on a capturing stream: a plain GEMM (C of NaN, beta 0) and a batched
+ * bf16 one that accumulates (beta 1: each replay adds to what the last one
+ * left), replayed on new operands. */
+static void capture_cublas(CUstream s) {
+  const int m = 7, n = 5, k = 9, count = 2;
+  mat A = mat_make(CUDA_R_32F, m, k, m + 1, 0, 1), B = mat_make(CUDA_R_32F, n, k, n, 0, 1);
+  mat C = mat_make(CUDA_R_32F, m, n, m + 2, 0, 1);
+  mat A2 = mat_make(CUDA_R_16BF, k, m, k, k * m + 3, count), B2 = mat_make(CUDA_R_16BF, k, n, k, k * n, count);
+  mat C2 = mat_make(CUDA_R_32F, m, n, m, m * n + 1, count);
+  mat_random(&C2);
+  STATUS(CUBLAS_STATUS_SUCCESS, blas.cublasCreate(&g_blas));
+  STATUS(CUBLAS_STATUS_SUCCESS, blas.cublasSetStream(g_blas, s));
+  float alpha = 1.5f, beta = 0, one = 1, half = 0.5f;
+  CU_OK(cu.cuStreamBeginCapture(s, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL));
+  STATUS(CUBLAS_STATUS_SUCCESS, blas.cublasSgemm(g_blas, CUBLAS_OP_N, CUBLAS_OP_T, m, n, k, &alpha, A.p, (int)A.ld, B.p,
+                                                 (int)B.ld, &beta, C.p, (int)C.ld));
+  STATUS(CUBLAS_STATUS_SUCCESS,
+         blas.cublasGemmStridedBatchedEx(g_blas, CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, &half, A2.p, CUDA_R_16BF,
+                                         (int)A2.ld, A2.stride, B2.p, CUDA_R_16BF, (int)B2.ld, B2.stride, &one, C2.p,
+                                         CUDA_R_32F, (int)C2.ld, C2.stride, count, CUBLAS_COMPUTE_32F,
+                                         CUBLAS_GEMM_DEFAULT));
+  alpha = 99, half = 99; /* read at the call: changing them now changes nothing */
+  CUgraphExec gemms = end_exec(s);
+  CHECK(untouched(&C), "cuBLAS: a captured GEMM ran at the call");
+  want w1 = want_make((size_t)(m * n)), w2 = want_make((size_t)(m * n * count));
+  for (int rep = 0; rep < 2 && gemms; rep++) {
+    mat_random(&A), mat_random(&B), mat_random(&A2), mat_random(&B2);
+    ref_gemm r1 = {false, true, m, n, k, 1, 1.5, 0, &A, &B, &C, NULL};
+    ref_gemm r2 = {true, false, m, n, k, count, 0.5, 1, &A2, &B2, &C2, NULL};
+    reference(&r1, w1.pre, w1.mag);
+    reference(&r2, w2.pre, w2.mag); /* on the C2 the graph will read */
+    CU_OK(cu.cuGraphLaunch(gemms, s));
+    char what[96];
+    snprintf(what, sizeof what, "cuBLAS in a graph, replay %d: cublasSgemm", rep);
+    check_mat(what, &C, w1.pre, w1.mag);
+    snprintf(what, sizeof what, "cuBLAS in a graph, replay %d: cublasGemmStridedBatchedEx", rep);
+    check_mat(what, &C2, w2.pre, w2.mag);
+  }
+  if (gemms) CU_OK(cu.cuGraphExecDestroy(gemms));
+
+  /* on the stream of an invalidated capture: refused */
+  CU_OK(cu.cuStreamBeginCapture(s, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL));
+  CHECK(cu.cuStreamSynchronize(s) == CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, "cuStreamSynchronize in capture");
+  STATUS(CUBLAS_STATUS_EXECUTION_FAILED, blas.cublasSgemm(g_blas, CUBLAS_OP_N, CUBLAS_OP_T, m, n, k, &alpha, A.p,
+                                                          (int)A.ld, B.p, (int)B.ld, &beta, C.p, (int)C.ld));
+  CUgraph g = NULL;
+  CHECK(cu.cuStreamEndCapture(s, &g) == CUDA_ERROR_STREAM_CAPTURE_INVALIDATED && !g, "an invalidated capture ended");
+  STATUS(CUBLAS_STATUS_SUCCESS, blas.cublasDestroy(g_blas));
+  free(w1.pre), free(w1.mag), free(w2.pre), free(w2.mag);
+  free(A.p), free(B.p), free(C.p), free(A2.p), free(B2.p), free(C2.p);
+}
+
+/* cuBLASLt on a capturing stream: a matmul with a bias, replayed on new
+ * operands; after the capture its descriptor is changed (another epilogue,
+ * another bias) and its alpha, which the graph must not see. */
+static void capture_cublaslt(CUstream s) {
+  const int m = 13, n = 6, k = 11;
+  mat A = mat_make(CUDA_R_16BF, m, k, m, 0, 1), B = mat_make(CUDA_R_16BF, k, n, k + 1, 0, 1);
+  mat D = mat_make(CUDA_R_32F, m, n, m + 3, 0, 1), bias = mat_make(CUDA_R_32F, m, 1, m, 0, 1);
+  mat other = mat_make(CUDA_R_32F, m, 1, m, 0, 1);
+  mat_random(&other);
+  STATUS(CUBLAS_STATUS_SUCCESS, lt.cublasLtCreate(&g_lt));
+  cublasLtMatmulDesc_t desc = lt_desc(false, false, CUBLASLT_EPILOGUE_BIAS);
+  LT_SET(cublasLtMatmulDescSetAttribute, desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias.p);
+  cublasLtMatrixLayout_t la = lt_layout(&A), lb = lt_layout(&B), ld = lt_layout(&D);
+  float alpha = 0.75f, beta = 0;
+  CU_OK(cu.cuStreamBeginCapture(s, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL));
+  STATUS(CUBLAS_STATUS_SUCCESS,
+         lt.cublasLtMatmul(g_lt, desc, &alpha, A.p, la, B.p, lb, &beta, D.p, ld, D.p, ld, NULL, NULL, 0, s));
+  CUgraphExec matmul = end_exec(s);
+  uint32_t relu = CUBLASLT_EPILOGUE_RELU_BIAS;
+  alpha = 99;
+  LT_SET(cublasLtMatmulDescSetAttribute, desc, CUBLASLT_MATMUL_DESC_EPILOGUE, relu);
+  LT_SET(cublasLtMatmulDescSetAttribute, desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, other.p);
+  CHECK(untouched(&D), "cuBLASLt: a captured matmul ran at the call");
+  want w = want_make((size_t)(m * n));
+  for (int rep = 0; rep < 2 && matmul; rep++) {
+    mat_random(&A), mat_random(&B), mat_random(&bias);
+    ref_gemm r = {false, false, m, n, k, 1, 0.75, 0, &A, &B, &D, &bias};
+    reference(&r, w.pre, w.mag);
+    CU_OK(cu.cuGraphLaunch(matmul, s));
+    char what[96];
+    snprintf(what, sizeof what, "cuBLASLt in a graph, replay %d: BIAS bf16->f32", rep);
+    check_mat(what, &D, w.pre, w.mag);
+  }
+  if (matmul) CU_OK(cu.cuGraphExecDestroy(matmul));
+  lt.cublasLtMatrixLayoutDestroy(la), lt.cublasLtMatrixLayoutDestroy(lb), lt.cublasLtMatrixLayoutDestroy(ld);
+  lt.cublasLtMatmulDescDestroy(desc);
+  STATUS(CUBLAS_STATUS_SUCCESS, lt.cublasLtDestroy(g_lt));
+  free(w.pre), free(w.mag);
+  free(A.p), free(B.p), free(D.p), free(bias.p), free(other.p);
+}
+
+static void test_capture(const char *dir) {
+  if (!load_cuda(dir)) {
+    CHECK(false, "cannot load the stand-in libcuda.so.1 from %s", dir);
+    return;
+  }
+  CUdevice dev;
+  CUcontext ctx;
+  CUstream s;
+  CU_OK(cu.cuInit(0));
+  CU_OK(cu.cuDeviceGet(&dev, 0));
+  CU_OK(cu.cuDevicePrimaryCtxRetain(&ctx, dev));
+  CU_OK(cu.cuCtxSetCurrent(ctx));
+  CU_OK(cu.cuStreamCreate(&s, CU_STREAM_DEFAULT));
+  capture_cublas(s);
+  capture_cublaslt(s);
+  CU_OK(cu.cuStreamDestroy(s));
+  CU_OK(cu.cuDevicePrimaryCtxRelease(dev));
+}
+
 int main(int argc, char **argv) {
   if (argc != 2) {
     fprintf(stderr, "usage: %s LIB_DIR (the folder of the stand-in libcublas.so.13 and libcublasLt.so.13)\n", argv[0]);
@@ -667,6 +835,7 @@ int main(int argc, char **argv) {
   if (!load(argv[1])) return 1;
   test_cublas();
   test_cublaslt();
+  test_capture(argv[1]);
   printf("fake_blas: %d checks passed, %d failed\n", g_pass, g_fail);
   return g_fail ? 1 : 0;
 }

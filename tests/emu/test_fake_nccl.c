@@ -9,7 +9,11 @@
  * NCCL's result on every rank instead of hanging. Values are known from
  * (seed, rank, index), integers so that any order of summation is exact; each
  * rank counts its wrong elements and the counts are summed over ranks. With
+ * the stand-in libcuda.so.1 loaded: an all-reduce and a send/receive group
+ * captured on a stream move nothing at the capture and run at each replay on
+ * the data of the moment; a captured group on two streams is refused. With
  * --no-mpi (no mpirun, no MPI_Init): communicators of one rank only. */
+#include <cuda.h>
 #include <dlfcn.h>
 #include <mpi.h>
 #include <nccl.h>
@@ -371,6 +375,119 @@ static int64_t misuse_wrong(ncclComm_t world, ncclComm_t alone) {
   return wrong;
 }
 
+/* ---- stream capture ----------------------------------------------------------- */
+
+#define STR_(x) #x
+#define XSTR(x) STR_(x) /* a symbol after cuda.h's macros (cuStreamBeginCapture_v2) */
+#define CUDA_FUNCS(X)                                                                          \
+  X(cuInit) X(cuDeviceGet) X(cuDevicePrimaryCtxRetain) X(cuDevicePrimaryCtxRelease)             \
+  X(cuCtxSetCurrent) X(cuStreamCreate) X(cuStreamDestroy) X(cuStreamBeginCapture)               \
+  X(cuStreamEndCapture) X(cuGraphInstantiate) X(cuGraphLaunch) X(cuGraphExecDestroy)            \
+  X(cuGraphDestroy)
+
+#define DECLARE(f) __typeof__(f) *f;
+static struct {
+  CUDA_FUNCS(DECLARE)
+} cu;
+#undef DECLARE
+
+static CUstream g_stream, g_stream2;
+static CUdevice g_dev;
+
+/* CU(call): calls the loaded driver function; a failure stops every rank. */
+#define CU(call) cu_ok(cu.call, #call, __LINE__)
+static void cu_ok(CUresult r, const char *call, int line) {
+  if (r == CUDA_SUCCESS) return;
+  fprintf(stderr, "rank %d: line %d: %s: CUresult %d\n", g_rank, line, call, (int)r);
+  stop();
+}
+
+/* The stand-in driver (which the NCCL stand-in finds loaded), a context and
+ * two streams. */
+static void cuda_up(void) {
+  void *lib = dlopen(MOEC_EMU_CUDA, RTLD_NOW | RTLD_LOCAL);
+  const char *missing = lib ? NULL : dlerror();
+#define LOOKUP(f) \
+  if (!missing && !(cu.f = (__typeof__(cu.f))dlsym(lib, XSTR(f)))) missing = XSTR(f);
+  CUDA_FUNCS(LOOKUP)
+#undef LOOKUP
+  if (missing) {
+    fprintf(stderr, "rank %d: %s: %s missing\n", g_rank, MOEC_EMU_CUDA, missing);
+    stop();
+  }
+  CUcontext ctx;
+  CU(cuInit(0));
+  CU(cuDeviceGet(&g_dev, 0));
+  CU(cuDevicePrimaryCtxRetain(&ctx, g_dev));
+  CU(cuCtxSetCurrent(ctx));
+  CU(cuStreamCreate(&g_stream, CU_STREAM_DEFAULT));
+  CU(cuStreamCreate(&g_stream2, CU_STREAM_DEFAULT));
+}
+
+static void cuda_down(void) {
+  CU(cuStreamDestroy(g_stream));
+  CU(cuStreamDestroy(g_stream2));
+  CU(cuDevicePrimaryCtxRelease(g_dev));
+}
+
+/* Ends the capture on g_stream into an executable graph. */
+static CUgraphExec end_exec(void) {
+  CUgraph g = NULL;
+  CUgraphExec x = NULL;
+  CU(cuStreamEndCapture(g_stream, &g));
+  CU(cuGraphInstantiate(&x, g, 0));
+  CU(cuGraphDestroy(g));
+  return x;
+}
+
+/* On c: an all-reduce and a group of a send to the next rank and a receive
+ * from the previous one (to and from itself on one rank), each captured on a
+ * stream — nothing moves at the capture — and replayed twice on new data. */
+static int64_t capture_wrong(ncclComm_t c) {
+  enum { N = 5000 };
+  int r, W;
+  NC(ncclCommUserRank(c, &r));
+  NC(ncclCommCount(c, &W));
+  float *send = malloc(N * sizeof *send), *recv = malloc(N * sizeof *recv), *in = malloc(N * sizeof *in),
+        *out = malloc(N * sizeof *out);
+  int64_t wrong = 0;
+  poison(recv, ncclFloat32, N);
+  poison(out, ncclFloat32, N);
+  CU(cuStreamBeginCapture(g_stream, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL));
+  NC(ncclAllReduce(send, recv, N, ncclFloat32, ncclSum, c, g_stream));
+  CUgraphExec reduce = end_exec();
+  const int next = (r + 1) % W, prev = (r + W - 1) % W;
+  CU(cuStreamBeginCapture(g_stream, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL));
+  NC(ncclGroupStart());
+  NC(ncclRecv(out, N, ncclFloat32, prev, c, g_stream));
+  NC(ncclSend(in, N, ncclFloat32, next, c, g_stream));
+  NC(ncclGroupEnd());
+  CUgraphExec ring = end_exec();
+  for (size_t i = 0; i < N; i++) wrong += (recv[i] != -99) + (out[i] != -99); /* nothing ran at the capture */
+  for (int rep = 0; rep < 2; rep++) {
+    fill(send, ncclFloat32, N, 90 + rep, r);
+    fill(in, ncclFloat32, N, 95 + rep, r);
+    CU(cuGraphLaunch(reduce, g_stream));
+    CU(cuGraphLaunch(ring, g_stream));
+    for (size_t i = 0; i < N; i++)
+      wrong += (recv[i] != (float)folded(ncclSum, 90 + rep, W, i)) + (out[i] != (float)val(95 + rep, prev, i));
+  }
+  CU(cuGraphExecDestroy(reduce));
+  CU(cuGraphExecDestroy(ring));
+  ncclResult_t async = ncclInternalError;
+  NC(ncclCommGetAsyncError(c, &async));
+  wrong += async != ncclSuccess;
+  /* a captured group on two streams is refused (on every rank: no one waits) */
+  CU(cuStreamBeginCapture(g_stream, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL));
+  NC(ncclGroupStart());
+  NC(ncclRecv(out, N, ncclFloat32, prev, c, g_stream));
+  NC(ncclSend(in, N, ncclFloat32, next, c, g_stream2));
+  wrong += expect(nc.ncclGroupEnd(), ncclInvalidUsage, "a captured group on two streams");
+  CU(cuGraphExecDestroy(end_exec()));
+  free(send), free(recv), free(in), free(out);
+  return wrong;
+}
+
 /* Communicators of several ranks: the world twice (NCCL ranks reversed and
  * not), the even and the odd ranks at once, and splits of the world; the
  * exchanges and collectives on them. alone: this rank's communicator of one. */
@@ -411,6 +528,7 @@ static void world_checks(ncclComm_t alone, int L) {
          collectives_wrong(sub, CASES[0], 999, 3) + collectives_wrong(node, CASES[1], 999, 4) +
              collectives_wrong(cross, CASES[2], 999, 5));
   report("misuse fails with NCCL's result", misuse_wrong(world, alone));
+  report("captured all-reduce and send/recv group, replayed", capture_wrong(world));
 
   ncclResult_t async = ncclInternalError;
   NC(ncclCommGetAsyncError(world, &async));
@@ -458,6 +576,8 @@ int main(int argc, char **argv) {
   report("all-to-all on one rank alone", a2a_wrong(alone, 100, 1, 0));
   report("collectives on one rank alone",
          collectives_wrong(alone, CASES[0], 999, 6) + collectives_wrong(alone2, CASES[4], 999, 7));
+  cuda_up();
+  report("captured all-reduce and send/recv group, one rank", capture_wrong(alone));
 
   if (g_mpi) {
     world_checks(alone, L);
@@ -469,6 +589,7 @@ int main(int argc, char **argv) {
   }
   NC(ncclCommDestroy(alone));
   NC(ncclCommDestroy(alone2));
+  cuda_down();
   if (g_rank == 0) printf("%s\n", g_failed ? "FAIL" : "all passed");
   dlclose(lib);
   if (g_mpi) MPI_Finalize();
