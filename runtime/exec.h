@@ -128,13 +128,14 @@ typedef struct moert_exec {
 } moert_exec;
 
 /* A stretch of a step's device work (a layer's forward or backward, in one
- * variant and at one capacity), for CUDA graphs. Equal keys enqueue the same
- * work with the same arguments at every step. */
+ * variant and at one capacity; li -1: the zeroing of the gradients, or their
+ * sum over ranks and norm), for CUDA graphs. Equal keys enqueue the same work
+ * with the same arguments at every step. */
 typedef struct moert_seg_key {
   int32_t li, kind, variant, want_grad;
   int64_t capacity, rows;
 } moert_seg_key;
-enum { MOERT_SEG_FWD, MOERT_SEG_BWD, MOERT_SEG_GATE };
+enum { MOERT_SEG_FWD, MOERT_SEG_BWD, MOERT_SEG_GATE, MOERT_SEG_ZERO, MOERT_SEG_NORM };
 
 /* Runs fn(e, ctx, st), which only enqueues device work (it must not read the
  * device back, allocate, or change host state that later steps need), as a

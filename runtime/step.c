@@ -117,9 +117,17 @@ static bool plan_zeroing(moert_exec *e, moert_status *st) {
   return true;
 }
 
-static void zero_grads(moert_exec *e) {
+static bool zero_runs(moert_exec *e, void *ctx, moert_status *st) {
+  (void)ctx, (void)st;
   for (int i = 0; i < e->nzero_runs; i++)
     e->b->zero(e->grads + e->zero_runs[i][0], sizeof(float) * (size_t)e->zero_runs[i][1]);
+  return true;
+}
+
+/* The gradients a step adds to, zeroed (a graph: the same ranges each step). */
+static bool zero_grads(moert_exec *e, moert_status *st) {
+  moert_seg_key k = {.li = -1, .kind = MOERT_SEG_ZERO, .variant = -1};
+  return moert_exec_segment(e, &k, zero_runs, NULL, st) ? true : MOERT_UP(st);
 }
 
 int64_t moert_exec_bytes(const moert_plan *plan, bool training) {
@@ -364,8 +372,10 @@ bool moert_exec_segment(moert_exec *e, const moert_seg_key *key, moert_seg_fn fn
     if (!ok && !why.failed) why = fst;
     s->eager = true;
     if (e->graph_fallbacks++ == 0 && e->comm->rank == 0)
-      fprintf(stderr, "warning: a part of layer %s cannot be a CUDA graph and runs without one: %s\n",
-              e->m->layers[key->li].name, why.msg);
+      fprintf(stderr, "warning: %s%s cannot be a CUDA graph and runs without one: %s\n",
+              key->li >= 0 ? "a part of layer " : key->kind == MOERT_SEG_ZERO ? "the zeroing of the gradients"
+                                                                                : "the gradient norm",
+              key->li >= 0 ? e->m->layers[key->li].name : "", why.msg);
     return fn(e, ctx, st);
   }
   s->id = id;
@@ -692,6 +702,12 @@ static bool grad_norm(moert_exec *e, double clip, moert_status *st) {
   return true;
 }
 
+/* The gradients summed over ranks, their norm and the clipping factor: the
+ * same work each step (a graph). ctx: the clipping threshold (double). */
+static bool reduce_and_norm(moert_exec *e, void *ctx, moert_status *st) {
+  return reduce_grads(e, st) && grad_norm(e, *(const double *)ctx, st) ? true : MOERT_UP(st);
+}
+
 /* --- steps --- */
 
 static int embed_layer(const moert_model *m) {
@@ -795,7 +811,7 @@ bool moert_exec_objective(moert_exec *e, moert_data *d, int64_t step, bool want_
                           double *objective, moert_status *st) {
   e->rows = e->plan->tokens;
   MOERT_TRY(st, load_batch(e, d, step, false, st));
-  if (want_grad) zero_grads(e);
+  if (want_grad) MOERT_TRY(st, zero_grads(e, st));
   double sum = 0;
   timing_begin(e);
   MOERT_TRY(st, forward(e, step, want_grad, st));
@@ -818,12 +834,13 @@ bool moert_exec_train_step(moert_exec *e, moert_data *d, int64_t step, moert_ste
   timing_begin(e);
   int span = moert_trace_open(e->trace, b, "batch");
   MOERT_TRY(st, load_batch(e, d, step, false, st));
-  zero_grads(e);
+  MOERT_TRY(st, zero_grads(e, st));
   moert_trace_close(e->trace, b, span, "batch", "data", MOERT_TID_COMPUTE, step);
   MOERT_TRY(st, forward(e, step, true, st));
   MOERT_TRY(st, backward(e, st));
-  MOERT_TRY(st, reduce_grads(e, st));
-  MOERT_TRY(st, grad_norm(e, t->clip, st));
+  double clip_at = t->clip;
+  moert_seg_key kn = {.li = -1, .kind = MOERT_SEG_NORM, .variant = -1};
+  MOERT_TRY(st, moert_exec_segment(e, &kn, reduce_and_norm, &clip_at, st));
   double lr = moert_lr_at(t, step, e->total_steps);
   out->lr = lr;
   int64_t n = e->plan->param_elems;
