@@ -26,7 +26,6 @@
 #define MOERT_EMU_DEVICE_H
 
 #include <math.h>
-#include <setjmp.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -141,7 +140,10 @@ enum { READY, AT_WARP, AT_BLOCK, DONE };
 enum { MAX_THREADS = 1024, STACK_BYTES = 256 << 10 };
 
 struct fiber {
-  jmp_buf ctx;
+  void *sp;  // its saved stack pointer (x86-64), or its context
+#if !defined(__x86_64__)
+  ucontext_t uc;
+#endif
   uint3 idx;
   int state, lane, warp;
   void *stack;
@@ -152,9 +154,10 @@ struct launch_state {
   int nfibers;          // made so far (kept for later launches)
   int nthreads;         // in the running block
   fiber *cur;           // the fiber running now
-  jmp_buf sched;        // the scheduler's context
-  ucontext_t init_ctx;  // for making a fiber
-  fiber *init_fiber;
+  void *sched_sp;       // the scheduler's saved stack pointer
+#if !defined(__x86_64__)
+  ucontext_t sched_uc;
+#endif
   void (*body)(void **);
   void **params;
   unsigned long long slots[MAX_THREADS / 32][32];  // warp exchange
@@ -163,24 +166,50 @@ struct launch_state {
 };
 static launch_state S;
 
+#if defined(__x86_64__)
+// Switching stacks: saves the callee-saved registers, the SSE and x87
+// control words and the stack pointer in *from, then restores them from to.
+// Neither setjmp/longjmp nor swapcontext: a sanitizer intercepts those and
+// would treat each switch as leaving the thread's stack (slow, and warned of).
+extern "C" void moert_emu_switch(void **from, void *to);
+asm(".text\n"
+    ".local moert_emu_switch\n"
+    ".type moert_emu_switch, @function\n"
+    "moert_emu_switch:\n"
+    "  pushq %rbp\n  pushq %rbx\n  pushq %r12\n  pushq %r13\n  pushq %r14\n  pushq %r15\n"
+    "  subq $8, %rsp\n  stmxcsr (%rsp)\n  fnstcw 4(%rsp)\n"
+    "  movq %rsp, (%rdi)\n  movq %rsi, %rsp\n"
+    "  ldmxcsr (%rsp)\n  fldcw 4(%rsp)\n  addq $8, %rsp\n"
+    "  popq %r15\n  popq %r14\n  popq %r13\n  popq %r12\n  popq %rbx\n  popq %rbp\n"
+    "  ret\n"
+    ".size moert_emu_switch, .-moert_emu_switch\n");
+#endif
+
+inline void switch_to_sched(fiber *f) {
+#if defined(__x86_64__)
+  moert_emu_switch(&f->sp, S.sched_sp);
+#else
+  swapcontext(&f->uc, &S.sched_uc);
+#endif
+}
+
 inline void yield_at(int state) {
   fiber *f = S.cur;
   f->state = state;
-  if (!_setjmp(f->ctx)) _longjmp(S.sched, 1);
+  switch_to_sched(f);
 }
 
 static void fiber_main() {
-  fiber *f = S.init_fiber;
-  if (!_setjmp(f->ctx)) setcontext(&S.init_ctx);  // parked: back to make_fiber
   for (;;) {  // resumed by the scheduler: run one thread of a block, then park
     S.body(S.params);
     yield_at(DONE);
   }
 }
 
-// A fiber with its own stack (a guard page below it), parked in fiber_main.
+// A fiber with its own stack (a guard page below it) that, resumed the first
+// time, enters fiber_main.
 static fiber *make_fiber() {
-  fiber *volatile f = (fiber *)calloc(1, sizeof(fiber));
+  fiber *f = (fiber *)calloc(1, sizeof(fiber));
   if (!f) return nullptr;
   size_t page = 4096, n = STACK_BYTES + page;
   void *mem = mmap(nullptr, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -190,21 +219,37 @@ static fiber *make_fiber() {
   }
   mprotect(mem, page, PROT_NONE);
   f->stack = mem;
-  ucontext_t uc;
-  getcontext(&uc);
-  uc.uc_stack.ss_sp = (char *)mem + page;
-  uc.uc_stack.ss_size = STACK_BYTES;
-  uc.uc_link = nullptr;
-  makecontext(&uc, fiber_main, 0);
-  S.init_fiber = f;
-  swapcontext(&S.init_ctx, &uc);
+#if defined(__x86_64__)
+  // the frame moert_emu_switch pops: control words, six registers, then
+  // fiber_main as the return address, above it a null one (16-byte aligned
+  // as after a call)
+  uint64_t *top = (uint64_t *)((char *)mem + n);
+  uint64_t *sp = top - 9;
+  unsigned cw[2];
+  asm volatile("stmxcsr %0\n fnstcw %1" : "=m"(cw[0]), "=m"(cw[1]));
+  memcpy(sp, cw, 8);
+  for (int i = 1; i <= 6; i++) sp[i] = 0;
+  sp[7] = (uint64_t)(uintptr_t)&fiber_main;
+  sp[8] = 0;
+  f->sp = sp;
+#else
+  getcontext(&f->uc);
+  f->uc.uc_stack.ss_sp = (char *)mem + page;
+  f->uc.uc_stack.ss_size = STACK_BYTES;
+  f->uc.uc_link = nullptr;
+  makecontext(&f->uc, fiber_main, 0);
+#endif
   return f;
 }
 
 inline void resume(fiber *f) {
   S.cur = f;
   f->state = READY;
-  if (!_setjmp(S.sched)) _longjmp(f->ctx, 1);
+#if defined(__x86_64__)
+  moert_emu_switch(&S.sched_sp, f->sp);
+#else
+  swapcontext(&S.sched_uc, &f->uc);
+#endif
 }
 
 }  // namespace moert_emu

@@ -9,8 +9,8 @@
  * build time). Options: -D/--define-macro are passed on, the others (the
  * architecture, -lineinfo, ...) are accepted and ignored. It reports NVRTC
  * version 99.N, so a kernel cache never mixes its images with real ones; N is
- * the revision of the module interface of emu_device.h (1: moert_emu_params),
- * so a cache never hands the driver an image made by an older one either. */
+ * a hash of emu_device.h (1 to 999), so a cache never hands the driver an
+ * image made with another version of it either. */
 #define _GNU_SOURCE
 #include <nvrtc.h>
 
@@ -54,8 +54,14 @@ const char *nvrtcGetErrorString(nvrtcResult r) {
 
 nvrtcResult nvrtcVersion(int *major, int *minor) {
   if (!major || !minor) return NVRTC_ERROR_INVALID_INPUT;
+  /* FNV-1a of emu_device.h: its version, for the kernel cache's key */
+  uint64_t h = 1469598103934665603ull;
+  FILE *f = fopen(MOEC_EMU_DEVICE_H, "rb");
+  if (!f) return NVRTC_ERROR_INTERNAL_ERROR;
+  for (int c; (c = fgetc(f)) != EOF;) h = (h ^ (uint64_t)c) * 1099511628211ull;
+  fclose(f);
   *major = 99;
-  *minor = 1; /* the module interface's revision (see the file comment) */
+  *minor = 1 + (int)(h % 999);
   return NVRTC_SUCCESS;
 }
 
