@@ -605,16 +605,12 @@ int moert_main(const moert_model *m, int argc, char **argv) {
   if (out && b != moert_backend_cpu())
     fprintf(out, "kernels: %s (%s)\n", moert_backend_cuda_cache_hit(b) ? "from the cache" : "compiled by NVRTC",
             moert_backend_cuda_cache_path(b) ? moert_backend_cuda_cache_path(b) : "no cache");
-  if (out && b != moert_backend_cpu()) {
-    const char *graphs = getenv("MOEC_CUDA_GRAPHS");
-    fprintf(out, "CUDA graphs: %s\n",
-            e->graphs_on && !trace ? "one per layer, variant and capacity, captured at its second step "
-                                     "(MOEC_CUDA_GRAPHS=0: none)"
-            : graphs && strcmp(graphs, "0") == 0 ? "none (MOEC_CUDA_GRAPHS=0)"
-            : !b->graph_begin                    ? "none (the CUDA driver cannot capture streams)"
-            : !comm->capturable ? "none (the comm stages through host memory; --comm nccl can be captured)"
-                                : "none while tracing (every op is timed)");
-  }
+  if (out && b != moert_backend_cpu())
+    fprintf(out, "CUDA graphs: %s%s%s\n",
+            e->graphs_off ? "none (" : trace ? "none while tracing (every op is timed)"
+                                     : "one per layer, variant and capacity, captured at its second step "
+                                       "(MOEC_CUDA_GRAPHS=0: none)",
+            e->graphs_off ? e->graphs_off : "", e->graphs_off ? ")" : "");
   if (o.resume) {
     /* the model as loaded, on the held-out batch: equal to the loss at the
      * checkpoint's step, whatever the world size then and now */
@@ -698,7 +694,7 @@ int moert_main(const moert_model *m, int argc, char **argv) {
     fprintf(out, "%s %" PRId64 " steps in %.2f s; loss %.4f -> %.4f\n", training ? "trained" : "ran",
             o.steps - start, now() - t_all, first_loss, last_loss);
     if (o.checkpoint && training) fprintf(out, "checkpoint: %s (step %" PRId64 ")\n", o.checkpoint, o.steps);
-    if (e->graphs_on && !trace)
+    if (!e->graphs_off && !trace)
       fprintf(out, "CUDA graphs: %" PRId64 " captured, %" PRId64 " launched, %" PRId64 " parts ran without one\n",
               e->graph_captures, e->graph_launches, e->graph_fallbacks);
   }

@@ -107,11 +107,11 @@ typedef struct moert_exec {
   int64_t step;             /* the step being run, for the trace */
   double routed, dropped;
   double aux;
-  /* CUDA graphs (moert_exec_segment): on where the backend has them, the
-   * comm's collectives can be captured, no trace is kept, and
-   * MOEC_CUDA_GRAPHS is not 0. The segments seen (their keys, runs and
-   * graph ids), and counts for the run's summary. */
-  bool graphs_on;
+  /* CUDA graphs (moert_exec_segment): why they are off (NULL: on where no
+   * trace is kept): MOEC_CUDA_GRAPHS=0, a backend without them, or a comm
+   * whose collectives cannot be captured. The segments seen, and counts for
+   * the run's summary. */
+  const char *graphs_off;
   struct moert_segment *segs;
   int nsegs;
   int64_t graph_captures, graph_launches, graph_fallbacks;
@@ -132,7 +132,8 @@ typedef struct moert_exec {
  * sum over ranks and norm), for CUDA graphs. Equal keys enqueue the same work
  * with the same arguments at every step. */
 typedef struct moert_seg_key {
-  int32_t li, kind, variant, want_grad;
+  int32_t li, kind, variant;
+  int32_t flags; /* what else changes the work: want_grad (dense layers), gate noise (MoE layers) */
   int64_t capacity, rows;
 } moert_seg_key;
 enum { MOERT_SEG_FWD, MOERT_SEG_BWD, MOERT_SEG_GATE, MOERT_SEG_ZERO, MOERT_SEG_NORM };

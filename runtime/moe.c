@@ -802,7 +802,7 @@ bool moert_moe_fwd(moert_exec *e, int li, const float *x, int64_t step, moert_st
    * rows are part of it, the step's draws come from e->dstep */
   int noise = gate_noise(e, l, step);
   if (!c.with_gate) { /* the counts decide C: the gate first, then the one read */
-    moert_seg_key k = {.li = li, .kind = MOERT_SEG_GATE, .variant = -1, .want_grad = noise, .rows = e->rows};
+    moert_seg_key k = {.li = li, .kind = MOERT_SEG_GATE, .variant = -1, .flags = noise, .rows = e->rows};
     int span = open_span(e, "gate");
     MOERT_TRY(st, moert_exec_segment(e, &k, moe_gate, &c, st));
     close_span(e, span, "gate", "gate", MOERT_TID_COMPUTE);
@@ -816,7 +816,7 @@ bool moert_moe_fwd(moert_exec *e, int li, const float *x, int64_t step, moert_st
   int vi = e->repeat_variants ? e->variant[li] : e->pick ? e->pick(e->pick_ctx, li, c.C, step) : 0;
   if (vi < 0 || vi >= lp->nvariants) vi = 0;
   e->variant[li] = c.vi = vi;
-  moert_seg_key k = {.li = li, .kind = MOERT_SEG_FWD, .variant = vi, .want_grad = noise, .capacity = c.C,
+  moert_seg_key k = {.li = li, .kind = MOERT_SEG_FWD, .variant = vi, .flags = noise, .capacity = c.C,
                      .rows = e->rows};
   MOERT_TRY(st, moert_exec_segment(e, &k, moe_fwd, &c, st));
   if (e->slow_variant && strcmp(e->slow_variant, lp->variants[vi].name) == 0) usleep(30000);
@@ -907,7 +907,7 @@ bool moert_moe_bwd(moert_exec *e, int li, moert_status *st) {
   int *lm = e->layer_marks + 4 * li;
   lm[2] = e->b->mark(e->b, NULL);
   moe_ctx c = {.li = li};
-  moert_seg_key k = {.li = li, .kind = MOERT_SEG_BWD, .variant = e->variant[li], .want_grad = 1,
+  moert_seg_key k = {.li = li, .kind = MOERT_SEG_BWD, .variant = e->variant[li], .flags = 1,
                      .capacity = e->capacity[li], .rows = e->rows};
   MOERT_TRY(st, moert_exec_segment(e, &k, moe_bwd, &c, st));
   lm[3] = e->b->mark(e->b, NULL);

@@ -24,16 +24,17 @@
 /* A parameter's bf16 copy (e->wlow; a bf16 expert path) */
 #define PL(e, l, k) ((void *)((uint16_t *)(e)->wlow + (e)->plan->params[(l)->param_first + (k)].offset))
 
-/* One packed GEMM of typed operands (see moert_gemm): C [m, n] = op(A) op(B)
- * (+ beta C) (+ bias). */
-/* A graph segment (moert_exec_segment) seen. */
+/* A graph segment (moert_exec_segment) seen; its graph's id is its index
+ * in e->segs. */
 struct moert_segment {
   moert_seg_key key;
-  int id;     /* its graph (the index in e->segs), -1 until captured */
-  int runs;   /* before the capture */
-  bool eager; /* its capture failed: fn runs itself */
+  bool ran;      /* once, by fn itself */
+  bool captured; /* its graph exists */
+  bool eager;    /* its capture failed: fn runs itself */
 };
 
+/* One packed GEMM of typed operands (see moert_gemm): C [m, n] = op(A) op(B)
+ * (+ beta C) (+ bias). */
 static void gemm1(moert_backend *b, bool ta, bool tb, int64_t m, int64_t n, int64_t k, moert_dt ab,
                   const void *a_, const void *b_, float beta, moert_dt ct, void *c, const void *bias) {
   moert_gemm g = {.trans_a = ta, .trans_b = tb, .m = m, .n = n, .k = k, .count = 1, .alpha = 1, .beta = beta,
@@ -256,8 +257,11 @@ bool moert_exec_create(moert_exec **out, const moert_model *m, moert_plan *plan,
   }
 #undef ALLOC
   const char *graphs = getenv("MOEC_CUDA_GRAPHS");
-  e->graphs_on = b->graph_begin && comm->capturable && !(graphs && strcmp(graphs, "0") == 0);
-  if (e->graphs_on && !(e->segs = calloc(MOERT_MAX_GRAPHS, sizeof *e->segs))) {
+  e->graphs_off = graphs && strcmp(graphs, "0") == 0 ? "MOEC_CUDA_GRAPHS=0"
+                  : !b->graph_begin ? "the CUDA driver cannot capture streams"
+                  : !comm->capturable ? "the comm stages through host memory; --comm nccl can be captured"
+                                      : NULL;
+  if (!e->graphs_off && !(e->segs = calloc(MOERT_MAX_GRAPHS, sizeof *e->segs))) {
     moert_exec_destroy(e);
     return MOERT_FAIL(st, "out of memory");
   }
@@ -344,21 +348,24 @@ double moert_lr_at(const moert_train *t, int64_t step, int64_t steps) {
 
 bool moert_exec_segment(moert_exec *e, const moert_seg_key *key, moert_seg_fn fn, void *ctx, moert_status *st) {
   moert_backend *b = e->b;
-  if (!e->graphs_on || e->trace) return fn(e, ctx, st);
+  if (e->graphs_off || e->trace) return fn(e, ctx, st);
   struct moert_segment *s = NULL;
   for (int i = 0; i < e->nsegs && !s; i++) /* keys have no padding: memcmp compares them */
     if (memcmp(&e->segs[i].key, key, sizeof *key) == 0) s = &e->segs[i];
   if (!s) {
     if (e->nsegs == MOERT_MAX_GRAPHS) return fn(e, ctx, st); /* past the table, the rest run themselves */
     s = &e->segs[e->nsegs++];
-    *s = (struct moert_segment){*key, -1, 0, false};
+    *s = (struct moert_segment){.key = *key};
   }
-  if (s->id >= 0) {
-    e->graph_launches++;
-    return b->graph_launch(b, s->id, st) ? true : MOERT_UP(st);
-  }
-  if (s->eager || s->runs++ == 0) return fn(e, ctx, st);
   int id = (int)(s - e->segs);
+  if (s->captured) {
+    e->graph_launches++;
+    return b->graph_launch(b, id, st) ? true : MOERT_UP(st);
+  }
+  if (s->eager || !s->ran) {
+    s->ran = true;
+    return fn(e, ctx, st);
+  }
   MOERT_TRY(st, b->graph_begin(b, st));
   moert_status fst = {0}; /* fn's own failure: a real one, or a refusal to be captured */
   bool ok = fn(e, ctx, &fst);
@@ -378,7 +385,7 @@ bool moert_exec_segment(moert_exec *e, const moert_seg_key *key, moert_seg_fn fn
               key->li >= 0 ? e->m->layers[key->li].name : "", why.msg);
     return fn(e, ctx, st);
   }
-  s->id = id;
+  s->captured = true;
   e->graph_captures++;
   e->graph_launches++;
   return b->graph_launch(b, id, st) ? true : MOERT_UP(st);
@@ -533,7 +540,7 @@ static bool forward(moert_exec *e, int64_t step, bool want_grad, moert_status *s
     } else {
       if (l->kind == MOERT_L_RES_END) e->res_in[li] = e->stack[--depth];
       fwd_ctx c = {li, want_grad};
-      moert_seg_key k = {.li = li, .kind = MOERT_SEG_FWD, .variant = -1, .want_grad = want_grad, .rows = e->rows};
+      moert_seg_key k = {.li = li, .kind = MOERT_SEG_FWD, .variant = -1, .flags = want_grad, .rows = e->rows};
       MOERT_TRY(st, moert_exec_segment(e, &k, layer_fwd, &c, st));
     }
     if (l->kind != MOERT_L_RES_BEGIN && l->kind != MOERT_L_HEAD_XENT && l->kind != MOERT_L_MSE) cur = F(e, li, OUT);
@@ -649,7 +656,7 @@ static bool backward(moert_exec *e, moert_status *st) {
     if (l->kind == MOERT_L_MOE) {
       MOERT_TRY(st, moert_moe_bwd(e, li, st));
     } else if (l->kind != MOERT_L_MSE) { /* the loss wrote dcur */
-      moert_seg_key k = {.li = li, .kind = MOERT_SEG_BWD, .variant = -1, .want_grad = 1, .rows = e->rows};
+      moert_seg_key k = {.li = li, .kind = MOERT_SEG_BWD, .variant = -1, .flags = 1, .rows = e->rows};
       MOERT_TRY(st, moert_exec_segment(e, &k, layer_bwd, &li, st));
     }
     if (l->kind == MOERT_L_LAYERNORM || l->kind == MOERT_L_RMSNORM || l->kind == MOERT_L_FFN ||

@@ -86,36 +86,18 @@ inline double max(double a, double b) { return fmax(a, b); }
 #undef MOERT_EMU_MINMAX
 
 // bit casts and the rounding-explicit arithmetic (no contraction here anyway)
-inline float __int_as_float(int v) {
-  float f;
-  memcpy(&f, &v, 4);
-  return f;
+template <class To, class From> inline To moert_emu_bits(From v) {
+  static_assert(sizeof(To) == sizeof(From), "a bit cast keeps the size");
+  To r;
+  memcpy(&r, &v, sizeof r);
+  return r;
 }
-inline float __uint_as_float(unsigned v) {
-  float f;
-  memcpy(&f, &v, 4);
-  return f;
-}
-inline unsigned __float_as_uint(float f) {
-  unsigned v;
-  memcpy(&v, &f, 4);
-  return v;
-}
-inline int __float_as_int(float f) {
-  int v;
-  memcpy(&v, &f, 4);
-  return v;
-}
-inline long long __double_as_longlong(double d) {
-  long long v;
-  memcpy(&v, &d, 8);
-  return v;
-}
-inline double __longlong_as_double(long long v) {
-  double d;
-  memcpy(&d, &v, 8);
-  return d;
-}
+inline float __int_as_float(int v) { return moert_emu_bits<float>(v); }
+inline float __uint_as_float(unsigned v) { return moert_emu_bits<float>(v); }
+inline unsigned __float_as_uint(float f) { return moert_emu_bits<unsigned>(f); }
+inline int __float_as_int(float f) { return moert_emu_bits<int>(f); }
+inline long long __double_as_longlong(double d) { return moert_emu_bits<long long>(d); }
+inline double __longlong_as_double(long long v) { return moert_emu_bits<double>(v); }
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
 inline int __popcll(unsigned long long v) { return __builtin_popcountll(v); }
 inline int __clz(int v) { return v ? __builtin_clz((unsigned)v) : 32; }

@@ -29,16 +29,7 @@
 
 #include "emu_capture.h" /* moec_emu_launch_host_func_owned */
 
-static int failures;
-#define CHECK(cond, ...)                                                                       \
-  do {                                                                                         \
-    if (!(cond)) {                                                                             \
-      failures++;                                                                              \
-      printf("FAIL %s:%d: ", __FILE__, __LINE__);                                              \
-      printf(__VA_ARGS__);                                                                     \
-      printf("\n");                                                                            \
-    }                                                                                          \
-  } while (0)
+#include "../check.h"
 
 static const char *src =
     "#define MOERT_KERNEL_PAIR(name, op) \\\n"
@@ -104,8 +95,8 @@ static void expect_rc(CUresult got, CUresult want, const char *call, int line) {
   const char *g = NULL, *w = NULL;
   cuGetErrorName(got, &g);
   cuGetErrorName(want, &w);
-  failures++;
-  printf("FAIL %s:%d: %s: %s (%d), want %s\n", __FILE__, line, call, g ? g : "?", (int)got, w ? w : "?");
+  g_fail++;
+  fprintf(stderr, "%s:%d: FAIL: %s: %s (%d), want %s\n", __FILE__, line, call, g ? g : "?", (int)got, w ? w : "?");
 }
 
 static CUstreamCaptureStatus capture_status(CUstream s) {
@@ -709,7 +700,6 @@ int main(void) {
   CU(cuModuleUnload(mod));
   CU(cuDevicePrimaryCtxRelease(dev));
 
-  if (failures) printf("%d failure(s)\n", failures);
-  else printf("ok: the emulated driver and NVRTC\n");
-  return failures != 0;
+  printf("test_emu: %d passed, %d failed\n", g_pass, g_fail);
+  return g_fail != 0;
 }

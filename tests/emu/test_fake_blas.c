@@ -98,19 +98,7 @@ static bool load_cuda(const char *dir) {
 
 /* ------------------------------------------------------------ checks */
 
-static int g_pass, g_fail;
-
-#define CHECK(cond, ...)                                                                                               \
-  do {                                                                                                                 \
-    if (cond) {                                                                                                        \
-      g_pass++;                                                                                                        \
-    } else {                                                                                                           \
-      g_fail++;                                                                                                        \
-      fprintf(stderr, "%s:%d: FAIL: ", __FILE__, __LINE__);                                                            \
-      fprintf(stderr, __VA_ARGS__);                                                                                    \
-      fputc('\n', stderr);                                                                                             \
-    }                                                                                                                  \
-  } while (0)
+#include "../check.h"
 
 /* A call that must return the status want. */
 #define STATUS(want, call)                                                                                             \

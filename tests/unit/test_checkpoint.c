@@ -24,19 +24,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-static int g_pass, g_fail;
-
-#define CHECK(cond, ...)                                                                           \
-  do {                                                                                             \
-    if (cond) {                                                                                    \
-      g_pass++;                                                                                    \
-    } else {                                                                                       \
-      g_fail++;                                                                                    \
-      fprintf(stderr, "%s:%d: FAIL: ", __FILE__, __LINE__);                                        \
-      fprintf(stderr, __VA_ARGS__);                                                                \
-      fputc('\n', stderr);                                                                         \
-    }                                                                                              \
-  } while (0)
+#include "../check.h"
 
 /* A call that must succeed; on failure prints the status. */
 #define OK(call)                                                                                   \

@@ -8,19 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static int g_pass, g_fail;
-
-#define CHECK(cond, ...)                                                                           \
-  do {                                                                                             \
-    if (cond) {                                                                                    \
-      g_pass++;                                                                                    \
-    } else {                                                                                       \
-      g_fail++;                                                                                    \
-      fprintf(stderr, "%s:%d: FAIL: ", __FILE__, __LINE__);                                        \
-      fprintf(stderr, __VA_ARGS__);                                                                \
-      fputc('\n', stderr);                                                                         \
-    }                                                                                              \
-  } while (0)
+#include "../check.h"
 
 /* Random123's tests/kat_vectors, the three "philox4x32 10" lines
  * (columns: ctr[4], key[2], expected out[4]). */
