@@ -98,12 +98,8 @@ static int layer_uses(const moert_model *m, const moert_layer *l, use *u) {
       u[n++] = (use){SP_l2norm_rows_bwd, MOERT_COSINE_PROJ, 0};
     }
     u[n++] = (use){SP_gate_topk, E, K};
-    u[n++] = (use){SP_gate_normalize, K, 0};
     u[n++] = (use){SP_gate_locations, K, 0};
-    u[n++] = (use){SP_gate_stats_part, E, K};
-    u[n++] = (use){SP_gate_normalize_bwd, K, 0};
-    u[n++] = (use){SP_gate_scores_bwd, E, K};
-    u[n++] = (use){SP_softmax_bwd, E, 0};
+    u[n++] = (use){SP_gate_bwd, E, K};
     break;
   case MOERT_L_HEAD_XENT:
     u[n++] = (use){SP_xent, m->vocab, 0};

@@ -21,9 +21,8 @@
 #define MOERT_BACKEND_OPS(X)                                                                   \
   X(gemm) X(gemm_batched) X(bias_add) X(bias_grad) X(act_fwd) X(act_bwd) X(swiglu_fwd)         \
   X(swiglu_bwd) X(layernorm_fwd) X(layernorm_bwd) X(rmsnorm_fwd) X(rmsnorm_bwd)                \
-  X(l2norm_rows_fwd) X(l2norm_rows_bwd) X(l2norm_cols_fwd) X(l2norm_cols_bwd) X(gate_topk)     \
-  X(gate_normalize) X(gate_normalize_bwd) X(gate_locations) X(gate_priority_order)             \
-  X(gate_stats) X(gate_scores_bwd) X(softmax_bwd) X(dispatch) X(dispatch_bwd) X(combine)       \
+  X(l2norm_rows_fwd) X(l2norm_rows_bwd) X(l2norm_cols_fwd) X(l2norm_cols_bwd) X(gate_fwd)      \
+  X(gate_bwd) X(dispatch) X(dispatch_bwd) X(combine)                                           \
   X(combine_bwd) X(embed_fwd) X(embed_bwd) X(xent) X(mse) X(sumsq) X(scale) X(adamw) X(sgd) \
   X(sumsq_to) X(norm_split) X(clip_factor)
 
@@ -186,8 +185,7 @@ bool moert_backend_cuda_set_cublaslt(moert_backend *b, bool on);
  * of a GEMM shape, alignment and epilogue; later calls reuse it). */
 void moert_backend_cuda_gemm_counts(const moert_backend *b, int64_t *lt, int64_t *blas, int *plans);
 /* moert_cpu_aux_loss on the device (device pointers; the loss comes back to
- * the host). The executor computes it on the host from all-reduced
- * statistics; this is the device's twin, for a fused gate later. */
+ * the host): aux_loss_to's kernel, waited for, for tests. */
 float moert_backend_cuda_aux_loss(const float *score_sum, const float *top1_count,
                                   float *dscore_coef, int64_t experts, double global_tokens);
 

@@ -338,9 +338,8 @@ MOERT_CHECK_GEN(cublas_check, cublasStatus_t, CUBLAS_STATUS_SUCCESS, cublas_errs
   X(act_bwd_gelu) X(act_bwd_silu) X(swiglu_fwd) X(swiglu_bwd) X(layernorm_fwd)                   \
   X(layernorm_bwd_dx) X(layernorm_bwd_part) X(rmsnorm_fwd) X(rmsnorm_bwd_dx)                     \
   X(rmsnorm_bwd_part) X(l2norm_rows_fwd) X(l2norm_rows_bwd) X(l2norm_cols_part)                  \
-  X(l2norm_cols_finish) X(l2norm_cols_apply) X(gate_topk) X(gate_normalize)                      \
-  X(gate_normalize_bwd) X(gate_priority_rank) X(gate_priority_scatter) X(gate_locations)         \
-  X(gate_stats_part) X(aux_loss) X(gate_scores_bwd) X(softmax_bwd) X(dispatch)                   \
+  X(l2norm_cols_finish) X(l2norm_cols_apply) X(gate_topk) X(gate_priority_rank)                 \
+  X(gate_priority_scatter) X(gate_locations) X(aux_loss) X(gate_bwd) X(dispatch)                 \
   X(dispatch_bwd) X(combine) X(combine_bwd) X(drop_beyond) X(copy_blocks) X(embed_fwd)           \
   X(embed_bwd) X(xent) X(mse) X(dot) X(adamw) X(sgd) X(norm_split) X(clip_factor)               \
   X(scale_by_exp) X(add_dot_unclamped) X(scale) X(add) X(axpy) X(bias_add)                       \
@@ -387,8 +386,10 @@ static const char *const nvrtc_options[] = {"-default-device", "--std=c++17", "-
 enum { N_NVRTC_OPTIONS = sizeof nvrtc_options / sizeof nvrtc_options[0] };
 
 /* The device scratch: partial sums of the reductions (one double per block
- * or per (row chunk, column)) and, at its end, the scalars they reduce to.
- * Its size bounds the row chunks of column reductions, not the shapes. */
+ * or per (row chunk, column)) and, at its end, the scalars they reduce to:
+ * slot 0 a sum's, 1 the aux loss of moert_backend_cuda_aux_loss, 2 the
+ * gate's done-counter (gating.cu's gate_locations). Its size bounds the row
+ * chunks of column reductions, not the shapes. */
 enum { SCRATCH_BYTES = 8 << 20, SCALAR_SLOTS = 16 };
 #define SCRATCH_DOUBLES ((int64_t)(SCRATCH_BYTES / sizeof(double)) - SCALAR_SLOTS)
 /* Blocks of the reductions to a scalar (partials summed by one block). */
@@ -891,45 +892,10 @@ static void cuda_l2norm_cols_bwd(const float *x, const float *norm, const float 
 
 /* ------------------------------------------------------------ gating */
 
-static void cuda_gate_topk(const float *logits, const float *noise, float *scores, int32_t *idx,
-                           float *topv, int64_t tokens, int64_t experts, int64_t top_k) {
-  if (tokens <= 0) return;
-  launch_spec(K_gate_topk, experts, top_k, row_grid(tokens, 8, MAX_GRID_X), 1, 32, 8,
-         ARGS(&logits, &noise, &scores, &idx, &topv, &tokens, &experts, &top_k));
-}
-
-static void cuda_gate_normalize(const float *topv, float *gate, int64_t tokens, int64_t top_k,
-                                bool normalize) {
-  if (tokens <= 0) return;
-  int nz = normalize;
-  launch_spec(K_gate_normalize, top_k, 0, grid_for(tokens, 256), 1, 256, 1,
-         ARGS(&topv, &gate, &tokens, &top_k, &nz));
-}
-
-static void cuda_gate_normalize_bwd(const float *topv, const float *dgate, float *dtopv,
-                                    int64_t tokens, int64_t top_k, bool normalize) {
-  if (tokens <= 0) return;
-  int nz = normalize;
-  launch_spec(K_gate_normalize_bwd, top_k, 0, grid_for(tokens, 256), 1, 256, 1,
-         ARGS(&topv, &dgate, &dtopv, &tokens, &top_k, &nz));
-}
-
-static void cuda_gate_locations(const int32_t *idx, const int32_t *order, int32_t *loc,
-                                int32_t *counts, int64_t tokens, int64_t experts,
-                                int64_t top_k) {
-  if (experts <= 0) return;
-  launch_spec(K_gate_locations, top_k, 0, (uint64_t)clamp64(experts, 1, MAX_GRID_X), 1, 512, 1,
-         ARGS(&idx, &order, &loc, &counts, &tokens, &experts, &top_k));
-}
-
-static void cuda_gate_priority_order(const float *topv, int32_t *order, int64_t tokens,
-                                     int64_t top_k) {
-  if (tokens <= 0 || !healthy()) return;
-  if (tokens > SCRATCH_DOUBLES * 2) {
-    MOERT_FAIL(&G.err, "a priority order of %" PRId64 " tokens exceeds the cuda backend's scratch",
-               tokens);
-    return;
-  }
+/* The batch-prioritized order from topv: the counts of tokens ranked
+ * before each, in the first ints of the scratch (cuda_gate_fwd keeps its
+ * partials past them). */
+static void gate_priority_order(const float *topv, int32_t *order, int64_t tokens, int64_t top_k) {
   int32_t *rank = (int32_t *)scratch_d(0);
   cuda_zero(rank, sizeof(int32_t) * (size_t)tokens);
   /* chunks of the compared tokens: about 4 blocks an SM, 256 keys a chunk at least */
@@ -940,37 +906,46 @@ static void cuda_gate_priority_order(const float *topv, int32_t *order, int64_t 
   launch(K_gate_priority_scatter, grid_for(tokens, 256), 1, 256, 1, ARGS(&rank, &order, &tokens));
 }
 
-static void cuda_gate_stats(const float *scores, const int32_t *idx, float *score_sum,
-                            float *top1_count, int64_t tokens, int64_t experts, int64_t top_k) {
-  if (experts <= 0) return;
-  col_plan p = plan_cols(tokens, experts, 2);
-  for (int64_t c0 = 0; c0 < experts; c0 += p.w) {
-    long long w = (long long)(experts - c0 < p.w ? experts - c0 : p.w), cc0 = (long long)c0;
-    const float *s = scores + c0;
-    double *ps = scratch_d(0), *pc = scratch_d(p.nchunk * w);
-    launch_spec(K_gate_stats_part, experts, top_k, (uint64_t)cdiv(w, 32), (uint64_t)p.nchunk, 32, 8,
-           ARGS(&s, &idx, &tokens, &experts, &w, &p.rpc, &cc0, &top_k, &ps, &pc));
-    colsum_add(score_sum + c0, ps, &p, w);
-    colsum_add(top1_count + c0, pc, &p, w);
+/* Two kernels (gating.cu): gate_topk, whose blocks leave their column sums
+ * of the scores at the scratch's end, and gate_locations, which finishes
+ * them (and the aux loss at one rank, its done-counter in a scalar slot);
+ * the priority order's two between them when asked. */
+static void cuda_gate_fwd(const moert_cpu_gate_io *g, int64_t tokens, int64_t experts, int64_t top_k) {
+  if (experts <= 0 || !healthy()) return;
+  int64_t rank_doubles = g->order ? cdiv(tokens, 2) : 0, room = SCRATCH_DOUBLES - rank_doubles;
+  int64_t blocks = clamp64(cdiv(tokens, 8), 1, (int64_t)G.sm_count * 8);
+  if (blocks > room / experts) blocks = room / experts;
+  if (blocks < 1) {
+    MOERT_FAIL(&G.err,
+               "a gate of %" PRId64 " tokens and %" PRId64 " experts%s exceeds the cuda backend's scratch "
+               "(%" PRId64 " doubles); use fewer tokens per rank",
+               tokens, experts, g->order ? " in priority order" : "", (int64_t)SCRATCH_DOUBLES);
+    return;
   }
+  double *part = scratch_d(SCRATCH_DOUBLES - blocks * experts);
+  long long nparts = tokens > 0 ? (long long)blocks : 0;
+  moert_cpu_gate_io a = *g; /* the kernels' arguments point into a copy */
+  int nz = a.normalize;
+  if (tokens > 0)
+    launch_spec(K_gate_topk, experts, top_k, (uint64_t)blocks, 1, 32, 8,
+                ARGS(&a.logits, &a.noise, &a.scores, &a.idx, &a.topv, &a.gate, &nz, &part, &tokens, &experts,
+                     &top_k));
+  if (a.order && tokens > 0) gate_priority_order(a.topv, a.order, tokens, top_k);
+  unsigned *done = (unsigned *)scalar_slot(2);
+  launch_spec(K_gate_locations, top_k, 0, (uint64_t)clamp64(experts, 1, MAX_GRID_X), 1, 512, 1,
+              ARGS(&a.idx, &a.order, &a.loc, &a.counts, &part, &nparts, &a.score_sum, &a.top1_count,
+                   &a.dscore_coef, &a.global_tokens, &a.aux_out, &done, &tokens, &experts, &top_k));
 }
 
-static void cuda_gate_scores_bwd(const int32_t *idx, const float *dtopv, const float *dscore_coef,
-                                 float weight, float *dscores, int64_t tokens, int64_t experts,
-                                 int64_t top_k) {
+static void cuda_gate_bwd(const float *scores, const int32_t *idx, const float *topv,
+                          const float *dgate, const float *dscore_coef, float weight,
+                          float *dlogits, int64_t tokens, int64_t experts, int64_t top_k,
+                          bool normalize) {
   if (tokens <= 0 || experts <= 0) return;
-  unsigned bx = threads_for(experts);
-  launch_spec(K_gate_scores_bwd, experts, top_k, (uint64_t)cdiv(experts, bx),
-              (uint64_t)clamp64(tokens, 1, MAX_GRID_Y), bx, 1, ARGS(&idx, &dtopv, &dscore_coef, &weight, &dscores, &tokens, &experts, &top_k));
-}
-
-static void cuda_softmax_bwd(const float *scores, const float *dscores, float *dlogits,
-                             int64_t rows, int64_t cols) {
-  if (rows <= 0) return;
-  unsigned bx, by;
-  row_shape(cols, &bx, &by);
-  launch_spec(K_softmax_bwd, cols, 0, row_grid(rows, by, MAX_GRID_X), 1, bx, by,
-         ARGS(&scores, &dscores, &dlogits, &rows, &cols));
+  int nz = normalize;
+  launch_spec(K_gate_bwd, experts, top_k, row_grid(tokens, 8, MAX_GRID_X), 1, 32, 8,
+              ARGS(&scores, &idx, &topv, &dgate, &dscore_coef, &weight, &dlogits, &tokens, &experts,
+                   &top_k, &nz));
 }
 
 static void cuda_aux_loss_to(const float *score_sum, const float *top1_count, float *dscore_coef,
@@ -2033,6 +2008,8 @@ static bool setup(int device, const char *cache_dir, bool use_cache, const char 
   /* A blocking stream: ordered with the legacy default stream too. */
   CUTRY(st, cuStreamCreate, (&G.stream, CU_STREAM_DEFAULT));
   CUTRY(st, cuMemAlloc, (&G.scratch, SCRATCH_BYTES));
+  /* zeroed: the scalar slots hold counters that kernels leave at 0 (gate_fwd's) */
+  CUTRY(st, cuMemsetD8, (G.scratch, 0, SCRATCH_BYTES));
   /* the timing marks' events, all made now: a step creates none */
   for (; G.nevents < MOERT_MAX_MARKS; G.nevents++)
     CUTRY(st, cuEventCreate, (&G.events[G.nevents], CU_EVENT_DEFAULT));

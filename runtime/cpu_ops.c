@@ -622,6 +622,47 @@ void moert_cpu_softmax_bwd(const float *scores, const float *dscores, float *dlo
   }
 }
 
+void moert_cpu_gate_fwd(const moert_cpu_gate_io *g, int64_t tokens, int64_t experts, int64_t top_k) {
+  moert_cpu_gate_topk(g->logits, g->noise, g->scores, g->idx, g->topv, tokens, experts, top_k);
+  moert_cpu_gate_normalize(g->topv, g->gate, tokens, top_k, g->normalize);
+  if (g->order) moert_cpu_gate_priority_order(g->topv, g->order, tokens, top_k);
+  moert_cpu_gate_locations(g->idx, g->order, g->loc, g->counts, tokens, experts, top_k);
+  for (int64_t e = 0; e < experts; e++) g->score_sum[e] = g->top1_count[e] = 0;
+  moert_cpu_gate_stats(g->scores, g->idx, g->score_sum, g->top1_count, tokens, experts, top_k);
+  if (g->aux_out)
+    *g->aux_out = moert_cpu_aux_loss(g->score_sum, g->top1_count, g->dscore_coef, experts, g->global_tokens);
+}
+
+/* A token at a time, the row of dlogits holding its dscores first (the
+ * softmax backward reads each element before writing it): the pieces'
+ * arithmetic exactly, without their [tokens, experts] scratch. */
+void moert_cpu_gate_bwd(const float *scores, const int32_t *idx, const float *topv,
+                        const float *dgate, const float *dscore_coef, float weight,
+                        float *dlogits, int64_t tokens, int64_t experts, int64_t top_k,
+                        bool normalize) {
+  for (int64_t t = 0; t < tokens; t++) {
+    const float *v = topv + t * top_k, *dg = dgate + t * top_k;
+    float *ds = dlogits + t * experts;
+    double s = 0, dot = 0; /* as moert_cpu_gate_normalize_bwd */
+    if (normalize)
+      for (int64_t j = 0; j < top_k; j++) {
+        s += v[j];
+        dot += (double)dg[j] * v[j];
+      }
+    for (int64_t e = 0; e < experts; e++) ds[e] = 0;
+    if (dscore_coef)
+      for (int64_t e = 0; e < experts; e++) ds[e] = (float)(ds[e] + (double)weight * dscore_coef[e]);
+    for (int64_t j = 0; j < top_k; j++) {
+      int32_t e = idx[t * top_k + j];
+      if (e < 0 || e >= experts) continue;
+      float dv = !normalize ? dg[j] : s > GATE_SUM_FLOOR ? (float)(dg[j] / s - dot / (s * s))
+                                                         : (float)(dg[j] / GATE_SUM_FLOOR);
+      ds[e] += dv;
+    }
+    moert_cpu_softmax_bwd(scores + t * experts, ds, ds, 1, experts);
+  }
+}
+
 /* --- dispatch and combine --- */
 
 /* The offset of choice tj's slot in the [experts, capacity, dim] buffer, or

@@ -120,6 +120,35 @@ void moert_cpu_gate_scores_bwd(const int32_t *idx, const float *dtopv, const flo
 void moert_cpu_softmax_bwd(const float *scores, const float *dscores, float *dlogits, int64_t rows,
                            int64_t cols);
 
+/* The gate after its logits, as one op (a device runs it as two kernels):
+ * gate_topk; gate_normalize of topv into gate; when order is not NULL, the
+ * batch-prioritized order (gate_priority_order) into it, which
+ * gate_locations then follows; the load statistics of gate_stats, written
+ * (not accumulated); and when aux_out is not NULL (the statistics are then
+ * global already: one rank), moert_cpu_aux_loss of them over global_tokens
+ * into *aux_out (where the data lives) and dscore_coef. */
+typedef struct moert_cpu_gate_io {
+  const float *logits, *noise; /* [tokens, experts]; noise may be NULL */
+  float *scores;               /* [tokens, experts] */
+  int32_t *idx, *loc;          /* [tokens, top_k] */
+  float *topv, *gate;          /* [tokens, top_k] */
+  int32_t *order;              /* [tokens] or NULL */
+  int32_t *counts;             /* [experts] */
+  float *score_sum, *top1_count, *dscore_coef; /* [experts] */
+  float *aux_out;              /* NULL: no aux loss here */
+  double global_tokens;
+  bool normalize;
+} moert_cpu_gate_io;
+void moert_cpu_gate_fwd(const moert_cpu_gate_io *g, int64_t tokens, int64_t experts, int64_t top_k);
+/* The gate's backward after combine_bwd, as one op: dlogits (written) =
+ * softmax_bwd of the scores' gradient, which is gate_scores_bwd's from
+ * zero (weight * dscore_coef when not NULL, and the dtopv that
+ * gate_normalize_bwd makes of dgate). */
+void moert_cpu_gate_bwd(const float *scores, const int32_t *idx, const float *topv,
+                        const float *dgate, const float *dscore_coef, float weight,
+                        float *dlogits, int64_t tokens, int64_t experts, int64_t top_k,
+                        bool normalize);
+
 /* --- dispatch and combine over the padded [experts, capacity, dim] layout --- */
 
 /* buf[e, c, :] = x[t, :] for every (t, j) with idx = e and loc = c < capacity;

@@ -639,17 +639,25 @@ static void gate_fwd(moert_exec *e, int li, const moert_layer *l, const layer_ge
                         (float)(l->gate_noise / (double)E));
     noise = F(e, li, NOISE);
   }
-  b->gate_topk(F(e, li, LOGITS), noise, F(e, li, SCORES), I(e, li, IDX), F(e, li, TOPV), T, E, K);
-  b->gate_normalize(F(e, li, TOPV), F(e, li, GATE), T, K, l->normalize_gate);
-  int32_t *order = NULL;
-  if (l->batch_prioritized) {
-    order = I(e, li, ORDER);
-    b->gate_priority_order(F(e, li, TOPV), order, T, K);
-  }
-  b->gate_locations(I(e, li, IDX), order, I(e, li, LOC), I(e, li, COUNTS), T, E, K);
-  b->zero(F(e, li, SSUM), sizeof(float) * (size_t)E);
-  b->zero(F(e, li, TOP1), sizeof(float) * (size_t)E);
-  b->gate_stats(F(e, li, SCORES), I(e, li, IDX), F(e, li, SSUM), F(e, li, TOP1), T, E, K);
+  /* the rest in one op (two kernels on the GPU); at one rank it also takes
+   * the aux loss, whose statistics need no sum over ranks first */
+  bool aux_here = l->aux_loss > 0 && e->comm->world == 1;
+  moert_cpu_gate_io io = {.logits = F(e, li, LOGITS),
+                      .noise = noise,
+                      .scores = F(e, li, SCORES),
+                      .idx = I(e, li, IDX),
+                      .loc = I(e, li, LOC),
+                      .topv = F(e, li, TOPV),
+                      .gate = F(e, li, GATE),
+                      .order = l->batch_prioritized ? I(e, li, ORDER) : NULL,
+                      .counts = I(e, li, COUNTS),
+                      .score_sum = F(e, li, SSUM),
+                      .top1_count = F(e, li, TOP1),
+                      .dscore_coef = F(e, li, DCOEF),
+                      .aux_out = aux_here ? e->daux + li : NULL,
+                      .global_tokens = (double)e->rows,
+                      .normalize = l->normalize_gate};
+  b->gate_fwd(&io, T, E, K);
 }
 
 /* The capacity of this step, the same on every rank: the claims kept per
@@ -683,15 +691,16 @@ static bool capacity(moert_exec *e, int li, const moert_layer *l, const layer_ge
 }
 
 /* GShard's aux loss from global load statistics (gate_fwd's), and the
- * coefficients of its gradient for the backward, on the device: the
- * statistics summed over ranks by the float all-reduce (on the comm's stream
- * with nccl), the loss left in e->daux[li] for moert_moe_read_stats. */
+ * coefficients of its gradient for the backward, on the device: over
+ * several ranks, the statistics summed by the float all-reduce (on the
+ * comm's stream with nccl) and the loss taken from them; at one rank
+ * gate_fwd took it. The loss is left in e->daux[li] for
+ * moert_moe_read_stats. */
 static bool aux_loss(moert_exec *e, int li, const layer_geom *g, moert_status *st) {
   int64_t E = g->E;
-  if (e->comm->world > 1) {
-    MOERT_TRY(st, e->comm->all_reduce_f32(e->comm, F(e, li, SSUM), E, MOERT_RED_SUM, st));
-    MOERT_TRY(st, e->comm->all_reduce_f32(e->comm, F(e, li, TOP1), E, MOERT_RED_SUM, st));
-  }
+  if (e->comm->world == 1) return true;
+  MOERT_TRY(st, e->comm->all_reduce_f32(e->comm, F(e, li, SSUM), E, MOERT_RED_SUM, st));
+  MOERT_TRY(st, e->comm->all_reduce_f32(e->comm, F(e, li, TOP1), E, MOERT_RED_SUM, st));
   e->b->aux_loss_to(F(e, li, SSUM), F(e, li, TOP1), F(e, li, DCOEF), E, (double)e->rows * e->comm->world,
                     e->daux + li);
   return true;
@@ -877,11 +886,9 @@ static bool moe_bwd(moert_exec *e, void *ctx, moert_status *st) {
 
   /* the gate */
   span = open_span(e, "bwd gate");
-  b->gate_normalize_bwd(F(e, li, TOPV), S(e, li, DGATE), S(e, li, DTOPV), T, K, l->normalize_gate);
-  b->zero(S(e, li, DSCORES), sizeof(float) * (size_t)(T * E));
-  b->gate_scores_bwd(I(e, li, IDX), S(e, li, DTOPV), l->aux_loss > 0 ? F(e, li, DCOEF) : NULL,
-                     (float)l->aux_loss, S(e, li, DSCORES), T, E, K);
-  b->softmax_bwd(F(e, li, SCORES), S(e, li, DSCORES), S(e, li, DLOGITS), T, E);
+  b->gate_bwd(F(e, li, SCORES), I(e, li, IDX), F(e, li, TOPV), S(e, li, DGATE),
+              l->aux_loss > 0 ? F(e, li, DCOEF) : NULL, (float)l->aux_loss, S(e, li, DLOGITS), T, E, K,
+              l->normalize_gate);
   if (l->gate == MOERT_GATE_COSINE) {
     /* logits = raw * exp(temp): d temp = sum(dlogits * logits) unless clamped */
     b->add_dot_unclamped(G_(e, l, 3), S(e, li, DLOGITS), F(e, li, LOGITS), T * E, P_(e, l, 3),

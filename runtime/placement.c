@@ -369,8 +369,6 @@ bool moert_plan_create_nodes(const moert_model *m, int world, int rank, int64_t 
       F(DCOEF, E);
       F(OUT, T * M);
       S(DGATE, T * K);
-      S(DTOPV, T * K);
-      S(DSCORES, T * E);
       S(DLOGITS, T * E);
       S(XS, X);
       S(XR, X);

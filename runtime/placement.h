@@ -43,7 +43,7 @@
  * layer's forward or backward): token exchange in transit (XS, XR: to the
  * experts; YS, YR: back), gradients, expert outputs. */
 #define MOERT_SBUFS(X)                                                                         \
-  X(DX) X(DH) X(DA) X(DLOGITS) X(DSCORES) X(DTOPV) X(DGATE) X(DPROJN) X(DPROJ) X(DSIMN) X(DSIM) \
+  X(DX) X(DH) X(DA) X(DLOGITS) X(DGATE) X(DPROJN) X(DPROJ) X(DSIMN) X(DSIM) \
   X(DRAW) X(XS) X(XR) X(YS) X(YR) X(EY) X(DSRCY) X(DSRC) X(DEX) X(DEH) X(DEA) X(DGW) X(GT1) X(GT2)       \
   X(XB) X(DYB) /* ffn of a bf16 model: its input and output gradient as bf16, [T, M]; XB the head's input */ \
   X(DLB)       /* the head of a bf16 model: d logits as bf16, [T, vocab] */

@@ -9,20 +9,20 @@
 // model's kernels.cu specializes are `template <...> moert_X_impl`s over
 // their dims (0: a runtime argument), wrapped by the generic moert_k_X.
 //
-// Launch (runtime/backend_cuda.c):
-// - gate_topk: a warp a token, blockDim (32, 8); no shared memory.
-// - gate_normalize(_bwd): a thread a token, 256 threads, 1-D grid-stride.
+// Launch (runtime/backend_cuda.c): the gate after its GEMM is two kernels
+// (four with the priority order), its backward one.
+// - gate_topk: a warp a token, blockDim (32, 8), a grid the scratch holds
+//   the column-sum partials of (no shared memory).
 // - gate_priority_order: gate_priority_rank, a thread a token, 256 threads,
 //   grid (ceil(tokens/256), chunks of the tokens compared against), each
 //   token counting the tokens ranked before it (O(tokens^2) comparisons,
 //   exact; the counts in a zeroed int array of the scratch), then
 //   gate_priority_scatter, 1-D.
 // - gate_locations: one block (512 threads) an expert, scanning the claims in
-//   order (ballot and popc within warps, warp totals in shared memory).
-// - gate_stats: column-chunk partials (blockDim (32, 8)) finished by
-//   moert_k_colsum_add; aux_loss: one block of 256.
-// - gate_scores_bwd: blockIdx.x over experts, blockIdx.y over tokens.
-// - softmax_bwd: a row kernel (common.cuh's conventions).
+//   order (ballot and popc within warps, warp totals in shared memory), then
+//   summing the expert's partials; at one rank its last block computes the
+//   aux loss (else aux_loss does, one block of 256, after the all-reduce).
+// - gate_bwd: a warp a token, blockDim (32, 8).
 
 // ---------------------------------------------------------------- kernels
 
@@ -33,12 +33,17 @@
 // E/32 scores in registers.
 #define MOERT_GATE_REG_EXPERTS 512
 
-// scores = softmax(logits + noise) per row (noise may be null), then the
-// top_k best scores in ranking order: idx[t*k + j], topv[t*k + j].
+// The gate's first kernel: scores = softmax(logits + noise) per row (noise
+// may be null), the top_k best scores in ranking order (idx[t*k + j],
+// topv[t*k + j]), the combine weights gate[t*k + j] (topv, or topv over
+// max(sum_j topv, 1e-9) when normalize), and, when part is not null, this
+// block's column sums of the scores over its tokens: part[blockIdx.x *
+// experts + e], finished by gate_locations (the load statistics).
 // E, K: the experts and top_k when known at compile time, else 0.
 template <int E, int K>
 __device__ __forceinline__ void moert_gate_topk_impl(const float *logits, const float *noise,
                                                      float *scores, int *idx, float *topv,
+                                                     float *gate, int normalize, double *part,
                                                      long long tokens, long long experts_arg,
                                                      long long top_k_arg) {
   const long long experts = E > 0 ? E : experts_arg, top_k = K > 0 ? K : top_k_arg;
@@ -88,6 +93,7 @@ __device__ __forceinline__ void moert_gate_topk_impl(const float *logits, const 
     // choice j-1. Each lane reads back only the scores it wrote.
     long long prev = -1;
     float sprev = 0.0f;
+    float vr[K > 0 ? K : 1]; // K: the chosen scores, for the weights
 #pragma unroll
     for (long long j = 0; j < top_k; j++) {
       long long best = -1;
@@ -114,99 +120,52 @@ __device__ __forceinline__ void moert_gate_topk_impl(const float *logits, const 
           sb = os;
         }
       }
+      float v = best >= 0 ? sb : 0.0f;
+      if constexpr (K > 0) vr[j] = v;
       if (lane == 0) {
         idx[t * top_k + j] = (int)best;
-        topv[t * top_k + j] = best >= 0 ? sb : 0.0f;
+        topv[t * top_k + j] = v;
       }
       prev = best;
       sprev = sb;
     }
+    // The weights, as moert_cpu_gate_normalize; without K, lane 0 reads back
+    // the topv it wrote.
+    if (lane == 0) {
+      const float *v = topv + t * top_k;
+#define MOERT_V(j) (K > 0 ? vr[K > 0 ? (j) : 0] : v[j])
+      double d = 1.0;
+      if (normalize) {
+        double sv2 = 0.0;
+#pragma unroll
+        for (long long j = 0; j < top_k; j++) sv2 += MOERT_V(j);
+        d = sv2 > MOERT_GATE_SUM_FLOOR ? sv2 : MOERT_GATE_SUM_FLOOR;
+      }
+#pragma unroll
+      for (long long j = 0; j < top_k; j++) gate[t * top_k + j] = (float)(MOERT_V(j) / d);
+#undef MOERT_V
+    }
+  }
+  if (!part) return; // the same in every thread
+  // This block's column sums, in token order, of the scores its warps wrote
+  // (visible to the block after the barrier).
+  __syncthreads();
+  int tid = threadIdx.y * blockDim.x + threadIdx.x, nt = blockDim.x * blockDim.y;
+  for (long long e = tid; e < experts; e += nt) {
+    double acc = 0.0;
+    for (long long t0 = (long long)blockIdx.x * blockDim.y; t0 < tokens;
+         t0 += (long long)gridDim.x * blockDim.y)
+      for (long long t = t0; t < t0 + blockDim.y && t < tokens; t++) acc += scores[t * experts + e];
+    part[(long long)blockIdx.x * experts + e] = acc;
   }
 }
 
 extern "C" __global__ void moert_k_gate_topk(const float *logits, const float *noise,
-                                             float *scores, int *idx, float *topv,
-                                             long long tokens, long long experts,
-                                             long long top_k) {
-  moert_gate_topk_impl<0, 0>(logits, noise, scores, idx, topv, tokens, experts, top_k);
-}
-
-// gate = topv, or topv / max(sum_j topv, 1e-9) per token when normalize.
-// K: top_k when known at compile time (the choices in registers), else 0.
-template <int K>
-__device__ __forceinline__ void moert_gate_normalize_impl(const float *topv, float *gate,
-                                                          long long tokens, long long top_k_arg,
-                                                          int normalize) {
-  const long long top_k = K > 0 ? K : top_k_arg;
-  for (long long t = moert_gtid(); t < tokens; t += moert_gstride()) {
-    const float *v = topv + t * top_k;
-    float *g = gate + t * top_k;
-    float vr[K > 0 ? K : 1];
-    if constexpr (K > 0) {
-#pragma unroll
-      for (int j = 0; j < K; j++) vr[j] = v[j];
-    }
-    double d = 1.0;
-    if (normalize) {
-      double s = 0.0;
-#pragma unroll
-      for (long long j = 0; j < top_k; j++) s += K > 0 ? vr[j] : v[j];
-      d = s > MOERT_GATE_SUM_FLOOR ? s : MOERT_GATE_SUM_FLOOR;
-    }
-#pragma unroll
-    for (long long j = 0; j < top_k; j++) g[j] = (float)((K > 0 ? vr[j] : v[j]) / d);
-  }
-}
-
-extern "C" __global__ void moert_k_gate_normalize(const float *topv, float *gate,
-                                                  long long tokens, long long top_k,
-                                                  int normalize) {
-  moert_gate_normalize_impl<0>(topv, gate, tokens, top_k, normalize);
-}
-
-// dtopv from dgate: dv_i = dg_i / s - sum_j dg_j v_j / s^2. K as above.
-template <int K>
-__device__ __forceinline__ void moert_gate_normalize_bwd_impl(const float *topv,
-                                                              const float *dgate, float *dtopv,
-                                                              long long tokens,
-                                                              long long top_k_arg,
-                                                              int normalize) {
-  const long long top_k = K > 0 ? K : top_k_arg;
-  for (long long t = moert_gtid(); t < tokens; t += moert_gstride()) {
-    const float *v = topv + t * top_k, *dg = dgate + t * top_k;
-    float *dv = dtopv + t * top_k;
-    float dgr[K > 0 ? K : 1];
-    if constexpr (K > 0) {
-#pragma unroll
-      for (int j = 0; j < K; j++) dgr[j] = dg[j];
-    }
-#define MOERT_DG(j) (K > 0 ? dgr[j] : dg[j])
-    double s = 0.0, dot = 0.0;
-    if (normalize) {
-#pragma unroll
-      for (long long j = 0; j < top_k; j++) {
-        s += v[j];
-        dot += (double)MOERT_DG(j) * v[j];
-      }
-    }
-    if (!normalize) {
-#pragma unroll
-      for (long long j = 0; j < top_k; j++) dv[j] = MOERT_DG(j);
-    } else if (s > MOERT_GATE_SUM_FLOOR) {
-#pragma unroll
-      for (long long j = 0; j < top_k; j++) dv[j] = (float)(MOERT_DG(j) / s - dot / (s * s));
-    } else {
-#pragma unroll
-      for (long long j = 0; j < top_k; j++) dv[j] = (float)(MOERT_DG(j) / MOERT_GATE_SUM_FLOOR);
-    }
-#undef MOERT_DG
-  }
-}
-
-extern "C" __global__ void moert_k_gate_normalize_bwd(const float *topv, const float *dgate,
-                                                      float *dtopv, long long tokens,
-                                                      long long top_k, int normalize) {
-  moert_gate_normalize_bwd_impl<0>(topv, dgate, dtopv, tokens, top_k, normalize);
+                                             float *scores, int *idx, float *topv, float *gate,
+                                             int normalize, double *part, long long tokens,
+                                             long long experts, long long top_k) {
+  moert_gate_topk_impl<0, 0>(logits, noise, scores, idx, topv, gate, normalize, part, tokens,
+                             experts, top_k);
 }
 
 // The batch-prioritized order (the tokens sorted by topv[t*k] descending,
@@ -243,22 +202,50 @@ extern "C" __global__ void moert_k_gate_priority_scatter(const int *rank, int *o
   for (long long t = moert_gtid(); t < tokens; t += moert_gstride()) order[rank[t]] = (int)t;
 }
 
-// loc[t*k + j]: the running count of earlier claims on expert idx[t*k + j],
-// all choice-0 claims (tokens in order, or in order[]) before all choice-1
-// claims; -1 for a claim on no expert. counts[e]: all claims on e. One block
-// an expert (blocks stride over the experts); blockDim.x a multiple of 32.
-// K: top_k when known at compile time, else 0.
+// The aux loss of moert_cpu_aux_loss from global statistics, by the block
+// that calls it (every thread): *loss = E sum_e me_e ce_e; dscore_coef[e] = E
+// ce_e / N when not null. The statistics are read past the L1 cache: other
+// blocks of the grid may have written them.
+__device__ void moert_aux_loss_block(const float *score_sum, const float *top1_count,
+                                     float *dscore_coef, long long experts,
+                                     double global_tokens, float *loss) {
+  __shared__ double sh[MOERT_MAX_WARPS];
+  const volatile float *ss = score_sum, *tc = top1_count;
+  double n = global_tokens > 0 ? global_tokens : 1.0, acc = 0.0;
+  int tid = threadIdx.y * blockDim.x + threadIdx.x, nt = blockDim.x * blockDim.y;
+  for (long long e = tid; e < experts; e += nt) {
+    double me = ss[e] / n, ce = tc[e] / n;
+    acc += me * ce;
+    if (dscore_coef) dscore_coef[e] = (float)((double)experts * ce / n);
+  }
+  acc = moert_block_sum_d(acc, sh);
+  if (tid == 0) *loss = (float)((double)experts * acc);
+}
+
+// The gate's second kernel. loc[t*k + j]: the running count of earlier
+// claims on expert idx[t*k + j], all choice-0 claims (tokens in order, or in
+// order[]) before all choice-1 claims; -1 for a claim on no expert.
+// counts[e]: all claims on e. When score_sum is not null, the load
+// statistics of moert_cpu_gate_stats, written: score_sum[e] = the sum of
+// gate_topk's nparts partials, top1_count[e] = the choice-0 claims on e. When
+// loss is not null too (the statistics are global: one rank), the last block
+// to finish (counted in *done, which it resets to 0) computes the aux loss
+// from them. One block an expert (blocks stride over the experts);
+// blockDim.x a multiple of 32. K: top_k when known at compile time, else 0.
 template <int K>
-__device__ __forceinline__ void moert_gate_locations_impl(const int *idx, const int *order,
-                                                          int *loc, int *counts,
-                                                          long long tokens, long long experts,
-                                                          long long top_k_arg) {
+__device__ __forceinline__ void moert_gate_locations_impl(
+    const int *idx, const int *order, int *loc, int *counts, const double *part,
+    long long nparts, float *score_sum, float *top1_count, float *dscore_coef,
+    double global_tokens, float *loss, unsigned *done, long long tokens, long long experts,
+    long long top_k_arg) {
   const long long top_k = K > 0 ? K : top_k_arg;
   __shared__ int warp_total[MOERT_MAX_WARPS];
+  __shared__ double sh[MOERT_MAX_WARPS];
+  __shared__ bool last;
   int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
   for (long long e = blockIdx.x; e < experts; e += gridDim.x) {
-    long long base = 0; // claims on e so far: the same in every thread
-    for (long long j = 0; j < top_k; j++)
+    long long base = 0, first = 0; // claims on e so far, choice-0 claims: alike in every thread
+    for (long long j = 0; j < top_k; j++) {
       for (long long i0 = 0; i0 < tokens; i0 += blockDim.x) {
         long long i = i0 + threadIdx.x, tj = 0;
         int ce = -1;
@@ -285,135 +272,125 @@ __device__ __forceinline__ void moert_gate_locations_impl(const int *idx, const 
         base += total;
         __syncthreads(); // warp_total is rewritten next
       }
+      if (j == 0) first = base;
+    }
     if (threadIdx.x == 0) counts[e] = (int)base;
+    if (score_sum) {
+      double acc = 0.0;
+      for (long long i = threadIdx.x; i < nparts; i += blockDim.x) acc += part[i * experts + e];
+      acc = moert_block_sum_d(acc, sh);
+      if (threadIdx.x == 0) {
+        score_sum[e] = (float)acc;
+        top1_count[e] = (float)(double)first;
+      }
+    }
   }
+  if (!loss) return; // the same in every thread
+  // The last block: every block fenced its statistics before counting
+  // itself, so that block reads them all.
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(done, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  moert_aux_loss_block(score_sum, top1_count, dscore_coef, experts, global_tokens, loss);
+  if (threadIdx.x == 0) *done = 0u; // for the next launch
 }
 
 extern "C" __global__ void moert_k_gate_locations(const int *idx, const int *order, int *loc,
-                                                  int *counts, long long tokens,
+                                                  int *counts, const double *part,
+                                                  long long nparts, float *score_sum,
+                                                  float *top1_count, float *dscore_coef,
+                                                  double global_tokens, float *loss,
+                                                  unsigned *done, long long tokens,
                                                   long long experts, long long top_k) {
-  moert_gate_locations_impl<0>(idx, order, loc, counts, tokens, experts, top_k);
+  moert_gate_locations_impl<0>(idx, order, loc, counts, part, nparts, score_sum, top1_count,
+                               dscore_coef, global_tokens, loss, done, tokens, experts, top_k);
 }
 
-// Partials of the load statistics over the slab of experts [c0, c0 + w)
-// (scores offset to c0 by the caller, ld = experts): the column sums of the
-// scores, and the number of tokens whose first choice is each expert.
-// E, K: the experts (= ld) and top_k when known at compile time, else 0.
-template <int E, int K>
-__device__ __forceinline__ void moert_gate_stats_part_impl(const float *scores, const int *idx,
-                                                           long long rows, long long ld_arg,
-                                                           long long w, long long rpc,
-                                                           long long c0, long long top_k_arg,
-                                                           double *part_sum,
-                                                           double *part_count) {
-  const long long ld = E > 0 ? E : ld_arg, top_k = K > 0 ? K : top_k_arg;
-  moert_colsum_part<2>(
-      [&](long long r, long long c, double *acc) {
-        acc[0] += scores[r * ld + c];
-        acc[1] += (long long)idx[r * top_k] == c0 + c ? 1.0 : 0.0;
-      },
-      rows, w, rpc, part_sum, part_count);
-}
-
-extern "C" __global__ void moert_k_gate_stats_part(const float *scores, const int *idx,
-                                                   long long rows, long long ld, long long w,
-                                                   long long rpc, long long c0, long long top_k,
-                                                   double *part_sum, double *part_count) {
-  moert_gate_stats_part_impl<0, 0>(scores, idx, rows, ld, w, rpc, c0, top_k, part_sum,
-                                   part_count);
-}
-
-// The GShard aux loss from global statistics (moert_cpu_aux_loss): *loss =
-// E sum_e me_e ce_e; dscore_coef[e] = E ce_e / N when not null. One block.
+// The aux loss alone (the statistics summed over ranks first): one block.
 extern "C" __global__ void moert_k_aux_loss(const float *score_sum, const float *top1_count,
                                             float *dscore_coef, long long experts,
                                             double global_tokens, float *loss) {
-  __shared__ double sh[MOERT_MAX_WARPS];
-  double n = global_tokens > 0 ? global_tokens : 1.0, acc = 0.0;
-  for (long long e = threadIdx.x; e < experts; e += blockDim.x) {
-    double me = score_sum[e] / n, ce = top1_count[e] / n;
-    acc += me * ce;
-    if (dscore_coef) dscore_coef[e] = (float)((double)experts * ce / n);
-  }
-  acc = moert_block_sum_d(acc, sh);
-  if (threadIdx.x == 0) *loss = (float)((double)experts * acc);
+  moert_aux_loss_block(score_sum, top1_count, dscore_coef, experts, global_tokens, loss);
 }
 
-// dscores[t, e] accumulates weight * dscore_coef[e] (when not null), then the
-// dtopv of the choices of t on e, in choice order.
+// The gate's backward in one kernel (moert_cpu_gate_bwd), a warp a token:
+// dtopv from dgate through the weights' normalization; dscores[e] = weight *
+// dscore_coef[e] (when not null) plus the dtopv of the choices of e, in
+// choice order; dlogits = s * (ds - sum(ds * s)).
 // E, K: the experts and top_k when known at compile time, else 0.
 template <int E, int K>
-__device__ __forceinline__ void moert_gate_scores_bwd_impl(const int *idx, const float *dtopv,
-                                                           const float *dscore_coef,
-                                                           float weight, float *dscores,
-                                                           long long tokens,
-                                                           long long experts_arg,
-                                                           long long top_k_arg) {
+__device__ __forceinline__ void moert_gate_bwd_impl(const float *scores, const int *idx,
+                                                    const float *topv, const float *dgate,
+                                                    const float *dscore_coef, float weight,
+                                                    float *dlogits, long long tokens,
+                                                    long long experts_arg, long long top_k_arg,
+                                                    int normalize) {
   const long long experts = E > 0 ? E : experts_arg, top_k = K > 0 ? K : top_k_arg;
-  for (long long t = blockIdx.y; t < tokens; t += gridDim.y)
-    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < experts;
-         e += (long long)gridDim.x * blockDim.x) {
-      float d = dscores[t * experts + e];
-      if (dscore_coef) d = (float)((double)d + (double)weight * dscore_coef[e]);
-      if (dtopv) {
+  constexpr bool REG = E > 0 && E <= MOERT_GATE_REG_EXPERTS;
+  constexpr int NE = REG ? (E + 31) / 32 : 1;
+  const int slots = REG ? NE : (int)((experts + 31) / 32);
+  int lane = threadIdx.x;
+  for (long long t = (long long)blockIdx.x * blockDim.y + threadIdx.y; t < tokens;
+       t += (long long)gridDim.x * blockDim.y) {
+    const float *v = topv + t * top_k, *dg = dgate + t * top_k, *s = scores + t * experts;
+    const int *ix = idx + t * top_k;
+    float *dl = dlogits + t * experts;
+    // the normalization's sums, as moert_cpu_gate_normalize_bwd (every lane)
+    double vs = 0.0, vdot = 0.0;
+    if (normalize) {
 #pragma unroll
-        for (long long j = 0; j < top_k; j++)
-          if ((long long)idx[t * top_k + j] == e) d += dtopv[t * top_k + j];
+      for (long long j = 0; j < top_k; j++) {
+        vs += v[j];
+        vdot += (double)dg[j] * v[j];
       }
-      dscores[t * experts + e] = d;
     }
-}
-
-extern "C" __global__ void moert_k_gate_scores_bwd(const int *idx, const float *dtopv,
-                                                   const float *dscore_coef, float weight,
-                                                   float *dscores, long long tokens,
-                                                   long long experts, long long top_k) {
-  moert_gate_scores_bwd_impl<0, 0>(idx, dtopv, dscore_coef, weight, dscores, tokens, experts,
-                                   top_k);
-}
-
-// dlogits = s * (ds - sum(ds * s)) per row. D: the row width (the experts)
-// when known at compile time, else 0.
-template <int D>
-__device__ __forceinline__ void moert_softmax_bwd_impl(const float *scores, const float *dscores,
-                                                       float *dlogits, long long rows,
-                                                       long long cols_arg) {
-  typedef moert_row<D> R;
-  if constexpr (R::CACHE) {
-    if (blockDim.x != R::G) {
-      moert_softmax_bwd_impl<0>(scores, dscores, dlogits, rows, cols_arg);
-      return;
-    }
-  }
-  const long long cols = D > 0 ? D : cols_arg;
-  __shared__ double sh[MOERT_MAX_ROWS * MOERT_MAX_WARPS];
-  for (long long base = (long long)blockIdx.x * blockDim.y; base < rows;
-       base += (long long)gridDim.x * blockDim.y) {
-    long long r = base + threadIdx.y;
-    bool live = r < rows; // every thread iterates alike: group sums synchronize
-    const float *s = scores + r * cols, *ds = dscores + r * cols;
-    float sv[R::PER], dsv[R::PER]; // CACHE: this thread's elements
+    float dsv[NE], sv[NE]; // REG: this lane's dscores and scores
     double dot = 0.0;
-    if (live)
-      moert_row_each<D>(cols, [&](int q, long long c) {
-        float a = s[c], b = ds[c];
-        if constexpr (R::CACHE) sv[q] = a, dsv[q] = b;
-        dot += (double)b * a;
-      });
-    dot = moert_group_sum_d(dot, sh);
-    if (live) {
-      float *dl = dlogits + r * cols;
-      moert_row_each<D>(cols, [&](int q, long long c) {
-        float a, b;
-        if constexpr (R::CACHE) a = sv[q], b = dsv[q];
-        else a = s[c], b = ds[c];
-        dl[c] = (float)((double)a * ((double)b - dot));
-      });
+#pragma unroll
+    for (int q = 0; q < slots; q++) {
+      long long e = lane + 32ll * q;
+      if (e >= experts) break;
+      float d = 0.0f;
+      if (dscore_coef) d = (float)((double)d + (double)weight * dscore_coef[e]);
+#pragma unroll
+      for (long long j = 0; j < top_k; j++)
+        if ((long long)ix[j] == e) {
+          float dv;
+          if (!normalize) dv = dg[j];
+          else if (vs > MOERT_GATE_SUM_FLOOR) dv = (float)(dg[j] / vs - vdot / (vs * vs));
+          else dv = (float)(dg[j] / MOERT_GATE_SUM_FLOOR);
+          d += dv;
+        }
+      float se = s[e];
+      if constexpr (REG) {
+        dsv[q] = d;
+        sv[q] = se;
+      } else {
+        dl[e] = d; // read back by this lane only
+      }
+      dot += (double)d * se;
+    }
+    dot = moert_warp_sum_d(dot);
+#pragma unroll
+    for (int q = 0; q < slots; q++) {
+      long long e = lane + 32ll * q;
+      if (e >= experts) break;
+      float d, se;
+      if constexpr (REG) d = dsv[q], se = sv[q];
+      else d = dl[e], se = s[e];
+      dl[e] = (float)((double)se * ((double)d - dot));
     }
   }
 }
 
-extern "C" __global__ void moert_k_softmax_bwd(const float *scores, const float *dscores,
-                                               float *dlogits, long long rows, long long cols) {
-  moert_softmax_bwd_impl<0>(scores, dscores, dlogits, rows, cols);
+extern "C" __global__ void moert_k_gate_bwd(const float *scores, const int *idx,
+                                            const float *topv, const float *dgate,
+                                            const float *dscore_coef, float weight,
+                                            float *dlogits, long long tokens, long long experts,
+                                            long long top_k, int normalize) {
+  moert_gate_bwd_impl<0, 0>(scores, idx, topv, dgate, dscore_coef, weight, dlogits, tokens,
+                            experts, top_k, normalize);
 }

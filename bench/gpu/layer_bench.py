@@ -107,6 +107,24 @@ def cmd_time(a):
     print(f"{dt:.3f}")
 
 
+def cmd_trace_spans(a):
+    """trace_spans TRACE WARM NAME...: for each span name, the median over the
+    steps after WARM of its summed duration a step on rank 0, in ms."""
+    t, warm, names = json.load(open(a[0])), int(a[1]), a[2:]
+    per = {n: {} for n in names}
+    for e in t["traceEvents"]:
+        if e.get("ph") != "X" or e.get("pid", 0) != 0 or e.get("name") not in per:
+            continue
+        st = e.get("args", {}).get("step", 0)
+        if st > warm:
+            d = per[e["name"]]
+            d[st] = d.get(st, 0.0) + e["dur"] / 1e3
+    for n in names:
+        if not per[n]:
+            sys.exit(f"{a[0]}: no span {n!r} after step {warm}")
+    print(" ".join("%.4f" % statistics.median(per[n].values()) for n in names))
+
+
 def fmt(x, nd=2):
     return "-" if x is None else f"{x:.{nd}f}"
 
@@ -168,7 +186,7 @@ def cmd_table(a):
 
 def main():
     cmd, args = sys.argv[1], sys.argv[2:]
-    {"spec": cmd_spec, "plan": cmd_plan, "row": cmd_row, "time": cmd_time, "table": cmd_table,
+    {"spec": cmd_spec, "plan": cmd_plan, "trace_spans": cmd_trace_spans, "row": cmd_row, "time": cmd_time, "table": cmd_table,
      "dtype": lambda a: print(run_dtype(a[0]))}[cmd](args)
 
 

@@ -32,32 +32,18 @@ extern "C" __global__ void moert_k_rmsnorm_bwd_dx__D64(const float *x, const flo
 // layer 2: moe `experts_0` (E = 4, k = 2, M = 64, H = 128, gate softmax, dtype fp32)
 // layer 6: moe `experts_1` (E = 4, k = 2, M = 64, H = 128, gate softmax, dtype fp32)
 extern "C" __global__ void moert_k_gate_topk__E4_K2(const float *logits, const float *noise,
-    float *scores, int *idx, float *topv, long long tokens, long long experts, long long top_k) {
-  moert_gate_topk_impl<4, 2>(logits, noise, scores, idx, topv, tokens, experts, top_k);
-}
-extern "C" __global__ void moert_k_gate_normalize__K2(const float *topv, float *gate,
-    long long tokens, long long top_k, int normalize) {
-  moert_gate_normalize_impl<2>(topv, gate, tokens, top_k, normalize);
+    float *scores, int *idx, float *topv, float *gate, int normalize, double *part,
+    long long tokens, long long experts, long long top_k) {
+  moert_gate_topk_impl<4, 2>(logits, noise, scores, idx, topv, gate, normalize, part, tokens, experts, top_k);
 }
 extern "C" __global__ void moert_k_gate_locations__K2(const int *idx, const int *order, int *loc,
-    int *counts, long long tokens, long long experts, long long top_k) {
-  moert_gate_locations_impl<2>(idx, order, loc, counts, tokens, experts, top_k);
+    int *counts, const double *part, long long nparts, float *score_sum, float *top1_count,
+    float *dscore_coef, double global_tokens, float *loss, unsigned *done, long long tokens,
+    long long experts, long long top_k) {
+  moert_gate_locations_impl<2>(idx, order, loc, counts, part, nparts, score_sum, top1_count, dscore_coef, global_tokens, loss, done, tokens, experts, top_k);
 }
-extern "C" __global__ void moert_k_gate_stats_part__E4_K2(const float *scores, const int *idx,
-    long long rows, long long ld, long long w, long long rpc, long long c0, long long top_k,
-    double *part_sum, double *part_count) {
-  moert_gate_stats_part_impl<4, 2>(scores, idx, rows, ld, w, rpc, c0, top_k, part_sum, part_count);
-}
-extern "C" __global__ void moert_k_gate_normalize_bwd__K2(const float *topv, const float *dgate,
-    float *dtopv, long long tokens, long long top_k, int normalize) {
-  moert_gate_normalize_bwd_impl<2>(topv, dgate, dtopv, tokens, top_k, normalize);
-}
-extern "C" __global__ void moert_k_gate_scores_bwd__E4_K2(const int *idx, const float *dtopv,
-    const float *dscore_coef, float weight, float *dscores, long long tokens, long long experts,
-    long long top_k) {
-  moert_gate_scores_bwd_impl<4, 2>(idx, dtopv, dscore_coef, weight, dscores, tokens, experts, top_k);
-}
-extern "C" __global__ void moert_k_softmax_bwd__D4(const float *scores, const float *dscores,
-    float *dlogits, long long rows, long long cols) {
-  moert_softmax_bwd_impl<4>(scores, dscores, dlogits, rows, cols);
+extern "C" __global__ void moert_k_gate_bwd__E4_K2(const float *scores, const int *idx,
+    const float *topv, const float *dgate, const float *dscore_coef, float weight, float *dlogits,
+    long long tokens, long long experts, long long top_k, int normalize) {
+  moert_gate_bwd_impl<4, 2>(scores, idx, topv, dgate, dscore_coef, weight, dlogits, tokens, experts, top_k, normalize);
 }

@@ -516,36 +516,66 @@ static void t_l2norm_cols(int64_t rows, int64_t cols, bool tiny) {
 
 /* --- gating --- */
 
-/* ties: logits from {0, 0.5, 1}, so rows hold equal scores (broken by the
- * lower expert index). */
-static void t_gate_topk(int64_t T, int64_t E, int64_t K, bool noise, bool ties) {
-  begin("gate_topk T=%lld E=%lld k=%lld%s%s", (long long)T, (long long)E, (long long)K,
-        noise ? " noise" : "", ties ? " ties" : "");
-  fbuf logits = fb(T * E, -4, 4), nz = noise ? fb(T * E, -0.5f, 0.5f) : (fbuf){0};
-  if (ties) {
-    for (int64_t i = 0; i < T * E; i++) logits.h[i] = (float)irand(3) * 0.5f;
+/* The gate after its logits (gate_fwd: two kernels on the GPU) against the
+ * cpu's pieces. */
+enum {
+  G_NOISE = 1,     /* noise added to the logits */
+  G_TIES = 2,      /* logits from {0, 0.5, 1}: equal scores in rows and across tokens */
+  G_NAN = 4,       /* a few rows with a NaN logit: NaN scores, ranked last */
+  G_ORDER = 8,     /* batch-prioritized: the priority order, locations in it */
+  G_NORMALIZE = 16, /* the weights normalized */
+  G_AUX = 32,      /* the aux loss too (one rank) */
+};
+
+static void t_gate_fwd(int64_t T, int64_t E, int64_t K, int flags) {
+  begin("gate_fwd T=%lld E=%lld k=%lld%s%s%s%s%s%s", (long long)T, (long long)E, (long long)K,
+        flags & G_NOISE ? " noise" : "", flags & G_TIES ? " ties" : "", flags & G_NAN ? " NaN" : "",
+        flags & G_ORDER ? " priority order" : "", flags & G_NORMALIZE ? " normalized" : "",
+        flags & G_AUX ? " aux loss" : "");
+  fbuf logits = fb(T * E, -4, 4), nz = flags & G_NOISE ? fb(T * E, -0.5f, 0.5f) : (fbuf){0};
+  if (flags & (G_TIES | G_NAN)) {
+    for (int64_t t = 0; t < T; t++)
+      for (int64_t i = t * E; i < (t + 1) * E; i++) {
+        if (flags & G_TIES) logits.h[i] = (float)irand(3) * 0.5f;
+        if (flags & G_NAN && t % 7 == 3 && i == t * E + irand(E)) logits.h[i] = NAN;
+      }
     sync_f(logits);
   }
-  fbuf scores = garbage(T * E), topv = garbage(T * K);
-  ibuf idx = ib(T * K, -5, 5);
-  cpu->gate_topk(logits.h, nz.h, scores.h, idx.h, topv.h, T, E, K);
-  gpu->gate_topk(logits.d, nz.d, scores.d, idx.d, topv.d, T, E, K);
+  fbuf scores = garbage(T * E), topv = garbage(T * K), gate = garbage(T * K), ssum = garbage(E),
+       top1 = garbage(E), coef = garbage(E), aux = garbage(1);
+  ibuf idx = ib(T * K, -5, 5), loc = ib(T * K, -9, 9), counts = ib(E, -9, 9),
+       order = flags & G_ORDER ? ib(T, -3, 3) : (ibuf){0};
+  moert_cpu_gate_io h = {.logits = logits.h, .noise = nz.h, .scores = scores.h, .idx = idx.h,
+                         .loc = loc.h, .topv = topv.h, .gate = gate.h, .order = order.h,
+                         .counts = counts.h, .score_sum = ssum.h, .top1_count = top1.h,
+                         .dscore_coef = coef.h, .aux_out = flags & G_AUX ? aux.h : NULL,
+                         .global_tokens = (double)T, .normalize = flags & G_NORMALIZE};
+  moert_cpu_gate_io d = {.logits = logits.d, .noise = nz.d, .scores = scores.d, .idx = idx.d,
+                         .loc = loc.d, .topv = topv.d, .gate = gate.d, .order = order.d,
+                         .counts = counts.d, .score_sum = ssum.d, .top1_count = top1.d,
+                         .dscore_coef = coef.d, .aux_out = flags & G_AUX ? aux.d : NULL,
+                         .global_tokens = (double)T, .normalize = flags & G_NORMALIZE};
+  cpu->gate_fwd(&h, T, E, K);
+  /* first on other logits: what the GPU keeps between launches (the aux
+   * loss's done-counter) must not carry over */
+  fbuf other = fb(T * E, -4, 4);
+  d.logits = other.d;
+  gpu->gate_fwd(&d, T, E, K);
+  d.logits = logits.d;
+  gpu->gate_fwd(&d, T, E, K);
   check_f("scores", scores, TOL_SCORES);
   check_i("idx", idx);
   check_f("topv", topv, TOL_SCORES);
-  end();
-}
-
-static void t_gate_normalize(int64_t T, int64_t K, bool normalize) {
-  begin("gate_normalize, _bwd T=%lld k=%lld normalize=%d", (long long)T, (long long)K, normalize);
-  fbuf topv = fb(T * K, 0.01f, 1), gate = garbage(T * K), dgate = fb(T * K, -1, 1),
-       dtopv = garbage(T * K);
-  cpu->gate_normalize(topv.h, gate.h, T, K, normalize);
-  gpu->gate_normalize(topv.d, gate.d, T, K, normalize);
   check_f("gate", gate, TOL);
-  cpu->gate_normalize_bwd(topv.h, dgate.h, dtopv.h, T, K, normalize);
-  gpu->gate_normalize_bwd(topv.d, dgate.d, dtopv.d, T, K, normalize);
-  check_f("dtopv", dtopv, TOL);
+  if (flags & G_ORDER) check_i("order", order);
+  check_i("loc", loc);
+  check_i("counts", counts);
+  check_f("score_sum (written)", ssum, TOL);
+  check_f("top1_count (written)", top1, 0);
+  if (flags & G_AUX) {
+    check_f("aux loss", aux, 1e-6);
+    check_f("dscore_coef", coef, TOL);
+  }
   end();
 }
 
@@ -556,63 +586,6 @@ static ibuf claims(int64_t T, int64_t K, int64_t E) {
     if (irand(17) == 0) idx.h[i] = irand(2) ? -1 : (int32_t)E;
   sync_i(idx);
   return idx;
-}
-
-static void t_gate_locations(int64_t T, int64_t E, int64_t K, bool ordered) {
-  begin("gate_locations T=%lld E=%lld k=%lld%s", (long long)T, (long long)E, (long long)K,
-        ordered ? " in priority order" : "");
-  ibuf idx = claims(T, K, E), loc = ib(T * K, -9, 9), counts = ib(E, -9, 9), order = {0};
-  if (ordered) { /* a permutation */
-    order = ib(T, 0, 1);
-    for (int64_t i = 0; i < T; i++) order.h[i] = (int32_t)i;
-    for (int64_t i = T - 1; i > 0; i--) {
-      int64_t j = irand(i + 1);
-      int32_t t = order.h[i];
-      order.h[i] = order.h[j];
-      order.h[j] = t;
-    }
-    sync_i(order);
-  }
-  cpu->gate_locations(idx.h, order.h, loc.h, counts.h, T, E, K);
-  gpu->gate_locations(idx.d, order.d, loc.d, counts.d, T, E, K);
-  check_i("loc", loc);
-  check_i("counts", counts);
-  end();
-}
-
-/* edges: equal scores, NaN, -0 and +0 among the first choices. */
-static void t_gate_priority_order(int64_t T, int64_t K, bool edges) {
-  begin("gate_priority_order T=%lld k=%lld%s", (long long)T, (long long)K,
-        edges ? " (ties, NaN, -0)" : "");
-  fbuf topv = fb(T * K, 0, 1);
-  if (edges) {
-    for (int64_t t = 0; t < T; t++) {
-      int64_t r = irand(8);
-      float *v = &topv.h[t * K];
-      if (r < 3) *v = (float)irand(4) * 0.25f; /* ties, 0 among them */
-      else if (r == 3) *v = NAN;
-      else if (r == 4) *v = -0.0f;
-    }
-    sync_f(topv);
-  }
-  ibuf order = ib(T, -3, 3);
-  cpu->gate_priority_order(topv.h, order.h, T, K);
-  gpu->gate_priority_order(topv.d, order.d, T, K);
-  check_i("order", order);
-  end();
-}
-
-static void t_gate_stats(int64_t T, int64_t E, int64_t K) {
-  begin("gate_stats T=%lld E=%lld k=%lld", (long long)T, (long long)E, (long long)K);
-  fbuf scores = fb(T * E, 0, 1), ssum = fb(E, 0, 5), top1 = fb(E, 0, 1);
-  for (int64_t e = 0; e < E; e++) top1.h[e] = (float)irand(10);
-  sync_f(top1);
-  ibuf idx = claims(T, K, E);
-  cpu->gate_stats(scores.h, idx.h, ssum.h, top1.h, T, E, K);
-  gpu->gate_stats(scores.d, idx.d, ssum.d, top1.d, T, E, K);
-  check_f("score_sum (accumulated)", ssum, TOL);
-  check_f("top1_count (accumulated)", top1, 0);
-  end();
 }
 
 static void t_aux_loss(int64_t E, bool coef) {
@@ -637,24 +610,32 @@ static void t_aux_loss(int64_t E, bool coef) {
   end();
 }
 
-static void t_gate_scores_bwd(int64_t T, int64_t E, int64_t K, bool coef, bool dtopv) {
-  begin("gate_scores_bwd T=%lld E=%lld k=%lld%s%s", (long long)T, (long long)E, (long long)K,
-        coef ? " coef" : "", dtopv ? " dtopv" : "");
+/* The gate's backward (gate_bwd: one kernel on the GPU) against the cpu's
+ * pieces: claims on no expert among idx; tiny: top-k sums under the floor. */
+static void t_gate_bwd(int64_t T, int64_t E, int64_t K, bool coef, bool normalize, bool tiny) {
+  begin("gate_bwd T=%lld E=%lld k=%lld%s%s%s", (long long)T, (long long)E, (long long)K,
+        coef ? " coef" : "", normalize ? " normalized" : "", tiny ? " (sums under the floor)" : "");
   ibuf idx = claims(T, K, E);
-  fbuf dt = dtopv ? fb(T * K, -1, 1) : (fbuf){0}, c = coef ? fb(E, -1, 1) : (fbuf){0};
-  fbuf ds = fb(T * E, -1, 1);
-  cpu->gate_scores_bwd(idx.h, dt.h, c.h, 0.01f, ds.h, T, E, K);
-  gpu->gate_scores_bwd(idx.d, dt.d, c.d, 0.01f, ds.d, T, E, K);
-  check_f("dscores (accumulated)", ds, TOL);
-  end();
-}
-
-static void t_softmax_bwd(int64_t rows, int64_t cols) {
-  begin("softmax_bwd rows=%lld cols=%lld", (long long)rows, (long long)cols);
-  fbuf s = fb(rows * cols, 0, 1), ds = fb(rows * cols, -1, 1), dl = garbage(rows * cols);
-  cpu->softmax_bwd(s.h, ds.h, dl.h, rows, cols);
-  gpu->softmax_bwd(s.d, ds.d, dl.d, rows, cols);
+  fbuf scores = fb(T * E, 0, 1), topv = fb(T * K, 0.01f, 1), dgate = fb(T * K, -1, 1),
+       c = coef ? fb(E, -1, 1) : (fbuf){0}, dl = garbage(T * E);
+  if (tiny) {
+    for (int64_t i = 0; i < T * K; i++) topv.h[i] *= 1e-12f;
+    sync_f(topv);
+  }
+  cpu->gate_bwd(scores.h, idx.h, topv.h, dgate.h, c.h, 0.01f, dl.h, T, E, K, normalize);
+  gpu->gate_bwd(scores.d, idx.d, topv.d, dgate.d, c.d, 0.01f, dl.d, T, E, K, normalize);
   check_f("dlogits", dl, TOL);
+  /* the cpu's op is its pieces, to the bit */
+  float *dt = host_alloc(sizeof(float) * (size_t)(T * K)), *ds = host_alloc(sizeof(float) * (size_t)(T * E)),
+        *want = host_alloc(sizeof(float) * (size_t)(T * E));
+  moert_cpu_gate_normalize_bwd(topv.h, dgate.h, dt, T, K, normalize);
+  memset(ds, 0, sizeof(float) * (size_t)(T * E));
+  moert_cpu_gate_scores_bwd(idx.h, dt, c.h, 0.01f, ds, T, E, K);
+  moert_cpu_softmax_bwd(scores.h, ds, want, T, E);
+  checks++;
+  if (memcmp(want, dl.h, sizeof(float) * (size_t)(T * E)) != 0) {
+    fail_header("the cpu's gate_bwd differs from its pieces");
+  }
   end();
 }
 
@@ -671,9 +652,9 @@ static void t_dispatch_combine(int64_t T, int64_t K, int64_t E, int64_t C, int64
   if (ordered) {
     fbuf topv = fb(T * K, 0, 1);
     order = ib(T, 0, 1);
-    cpu->gate_priority_order(topv.h, order.h, T, K);
+    moert_cpu_gate_priority_order(topv.h, order.h, T, K);
   }
-  cpu->gate_locations(idx.h, order.h, loc.h, counts.h, T, E, K);
+  moert_cpu_gate_locations(idx.h, order.h, loc.h, counts.h, T, E, K);
   cpu->drop_beyond(loc.h, T * K, keep);
   sync_i(loc);
   int64_t kept = 0;
@@ -1077,7 +1058,7 @@ static void t_dispatch_bf16(int64_t T, int64_t K, int64_t E, int64_t C, int64_t 
   begin("dispatch, combine, _bwd in bf16 T=%lld k=%lld E=%lld C=%lld keep=%lld M=%lld", (long long)T,
         (long long)K, (long long)E, (long long)C, (long long)keep, (long long)M);
   ibuf idx = claims(T, K, E), loc = ib(T * K, 0, 1), counts = ib(E, 0, 1);
-  cpu->gate_locations(idx.h, NULL, loc.h, counts.h, T, E, K);
+  moert_cpu_gate_locations(idx.h, NULL, loc.h, counts.h, T, E, K);
   cpu->drop_beyond(loc.h, T * K, keep);
   sync_i(loc);
   fbuf x = fb(T * M, -1, 1);
@@ -1201,7 +1182,6 @@ static void run_all(void) {
     t_layernorm(norm_shapes[i][0], norm_shapes[i][1]);
     t_rmsnorm(norm_shapes[i][0], norm_shapes[i][1]);
     t_l2norm_rows(norm_shapes[i][0], norm_shapes[i][1], false);
-    t_softmax_bwd(norm_shapes[i][0], norm_shapes[i][1]);
   }
   t_l2norm_rows(9, 31, true);
   t_l2norm_cols(256, 8, false);
@@ -1213,25 +1193,21 @@ static void run_all(void) {
                                            {1000, 13, 3}, {1000, 64, 2}, {300, 100, 4}};
   for (int i = 0; i < 7; i++) {
     int64_t T = gate_shapes[i][0], E = gate_shapes[i][1], K = gate_shapes[i][2];
-    t_gate_topk(T, E, K, false, false);
-    t_gate_topk(T, E, K, true, false);
-    t_gate_topk(T, E, K, false, true);
-    t_gate_normalize(T, K, true);
-    t_gate_normalize(T, K, false);
-    t_gate_locations(T, E, K, false);
-    t_gate_locations(T, E, K, true);
-    t_gate_stats(T, E, K);
-    t_gate_scores_bwd(T, E, K, true, true);
-    t_gate_scores_bwd(T, E, K, false, true);
-    t_gate_scores_bwd(T, E, K, true, false);
+    t_gate_fwd(T, E, K, 0);
+    t_gate_fwd(T, E, K, G_NOISE | G_NORMALIZE | G_AUX);
+    t_gate_fwd(T, E, K, G_TIES | G_ORDER | G_AUX);
+    t_gate_fwd(T, E, K, G_NAN | G_ORDER | G_NORMALIZE);
+    t_gate_bwd(T, E, K, true, true, false);
+    t_gate_bwd(T, E, K, false, true, false);
+    t_gate_bwd(T, E, K, true, false, false);
+    t_gate_bwd(T, E, K, true, true, true);
     t_aux_loss(E, true);
     t_aux_loss(E, false);
   }
-  t_gate_locations(5000, 2048, 2, true);
-  t_gate_priority_order(1, 1, false);
-  t_gate_priority_order(1000, 2, false);
-  t_gate_priority_order(1000, 2, true);
-  t_gate_priority_order(4099, 1, true);
+  /* E above the registers' 512: the scores in memory */
+  t_gate_fwd(5000, 2048, 2, G_ORDER | G_NORMALIZE | G_AUX);
+  t_gate_bwd(600, 2048, 2, true, true, false);
+  t_gate_fwd(4099, 8, 1, G_TIES | G_ORDER | G_AUX);
   /* dispatch, combine */
   t_dispatch_combine(1, 1, 1, 1, 1, 1, false);
   t_dispatch_combine(37, 2, 4, 16, 16, 3, false);
@@ -1399,17 +1375,11 @@ static void run_specialized(void) {
     t_xent(r, 300, false);
     for (int j = 0; j < 3; j++) {
       int64_t E = ek[j][0], K = ek[j][1];
-      t_gate_topk(r, E, K, false, false);
-      t_gate_topk(r, E, K, true, false);
-      t_gate_topk(r, E, K, false, true);
-      t_gate_normalize(r, K, true);
-      t_gate_normalize(r, K, false);
-      t_gate_locations(r, E, K, false);
-      t_gate_locations(r, E, K, true);
-      t_gate_stats(r, E, K);
-      t_gate_scores_bwd(r, E, K, true, true);
-      t_gate_scores_bwd(r, E, K, false, true);
-      t_softmax_bwd(r, E);
+      t_gate_fwd(r, E, K, 0);
+      t_gate_fwd(r, E, K, G_NOISE | G_NORMALIZE | G_AUX);
+      t_gate_fwd(r, E, K, G_TIES | G_ORDER | G_AUX);
+      t_gate_bwd(r, E, K, true, true, false);
+      t_gate_bwd(r, E, K, false, false, false);
     }
   }
   t_l2norm_rows(9, 256, true);
