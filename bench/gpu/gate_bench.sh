@@ -55,8 +55,9 @@ for moec in "$@"; do
       > "$s.trace.log" 2>&1 || die "$s (traced) failed: $(tail -n 3 "$s.trace.log")"
     timeout 300 "$s" --backend cuda --steps "$steps" --kernel-cache "$out/kc$b" --metrics "$s.jsonl" \
       --log-every 1 > "$s.log" 2>&1 || die "$s failed: $(tail -n 3 "$s.log")"
-    set -- $(py trace_spans "$s.trace.json" "$warm" "gate and capacity" "bwd gate") ||
+    spans=$(py trace_spans "$s.trace.json" "$warm" "gate and capacity" "bwd gate") ||
       die "cannot read $s.trace.json"
+    set -- $spans
     lm=$(py row "$c" "$dtype" "$s.log" "$s.jsonl" "$warm" "$s.plan.json" relu |
       python3 -c 'import json,sys; print("%.3f" % json.load(sys.stdin)["layer_ms"])') || die "cannot read $s.jsonl"
     echo "| $moec | $c | $1 | $2 | $(awk -v a="$1" -v b="$2" 'BEGIN {printf "%.3f", a + b}') | $lm |"
