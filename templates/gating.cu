@@ -19,7 +19,8 @@
 //   exact; the counts in a zeroed int array of the scratch), then
 //   gate_priority_scatter, 1-D.
 // - gate_locations: one block (512 threads) an expert, scanning the claims in
-//   order (ballot and popc within warps, warp totals in shared memory), then
+//   order, MOERT_GATE_LOC_V a thread (their counts scanned within warps, warp
+//   totals in shared memory), then
 //   summing the expert's partials; at one rank its last block computes the
 //   aux loss (else aux_loss does, one block of 256, after the all-reduce).
 // - gate_bwd: a warp a token, blockDim (32, 8).
@@ -28,6 +29,9 @@
 
 // The floor of the sum of the top-k scores when they are normalized.
 #define MOERT_GATE_SUM_FLOOR 1e-9
+
+// Claims a thread of gate_locations takes at a time.
+#define MOERT_GATE_LOC_V 4
 
 // With E known and at most this many experts, a lane of gate_topk keeps its
 // E/32 scores in registers.
@@ -246,29 +250,48 @@ __device__ __forceinline__ void moert_gate_locations_impl(
   for (long long e = blockIdx.x; e < experts; e += gridDim.x) {
     long long base = 0, first = 0; // claims on e so far, choice-0 claims: alike in every thread
     for (long long j = 0; j < top_k; j++) {
-      for (long long i0 = 0; i0 < tokens; i0 += blockDim.x) {
-        long long i = i0 + threadIdx.x, tj = 0;
-        int ce = -1;
-        if (i < tokens) {
-          long long t = order ? (long long)order[i] : i;
-          tj = t * top_k + j;
-          ce = idx[tj];
+      // MOERT_GATE_LOC_V consecutive claims a thread, loaded together
+      for (long long i0 = 0; i0 < tokens; i0 += (long long)blockDim.x * MOERT_GATE_LOC_V) {
+        long long tj[MOERT_GATE_LOC_V];
+        int ce[MOERT_GATE_LOC_V], n = 0;
+        unsigned live = 0;
+#pragma unroll
+        for (int v = 0; v < MOERT_GATE_LOC_V; v++) {
+          long long i = i0 + (long long)threadIdx.x * MOERT_GATE_LOC_V + v;
+          tj[v] = 0;
+          ce[v] = -1;
+          if (i < tokens) {
+            long long t = order ? (long long)order[i] : i;
+            tj[v] = t * top_k + j;
+            ce[v] = idx[tj[v]];
+            live |= 1u << v;
+            n += ce[v] == e;
+          }
         }
-        bool mine = i < tokens && ce == e;
-        unsigned bal = __ballot_sync(MOERT_FULL_MASK, mine);
-        if (lane == 0) warp_total[w] = __popc(bal);
+        // this thread's claims on e and those of the lanes before it
+        int incl = n;
+        for (int o = 1; o < 32; o <<= 1) {
+          int x = __shfl_up_sync(MOERT_FULL_MASK, incl, o);
+          if (lane >= o) incl += x;
+        }
+        if (lane == 31) warp_total[w] = incl;
         __syncthreads();
         // inclusive scan of the warp totals across the lanes of every warp
         int scan = lane < nw ? warp_total[lane] : 0;
         for (int o = 1; o < 32; o <<= 1) {
-          int v = __shfl_up_sync(MOERT_FULL_MASK, scan, o);
-          if (lane >= o) scan += v;
+          int x = __shfl_up_sync(MOERT_FULL_MASK, scan, o);
+          if (lane >= o) scan += x;
         }
         int before = __shfl_sync(MOERT_FULL_MASK, scan, (w + 31) & 31); // warps < w
         int total = __shfl_sync(MOERT_FULL_MASK, scan, nw - 1);
         if (w == 0) before = 0;
-        if (mine) loc[tj] = (int)(base + before + __popc(bal & ((1u << lane) - 1u)));
-        if (e == 0 && i < tokens && (ce < 0 || ce >= experts)) loc[tj] = -1;
+        long long r = base + before + incl - n;
+#pragma unroll
+        for (int v = 0; v < MOERT_GATE_LOC_V; v++) {
+          if (!(live >> v & 1u)) continue;
+          if (ce[v] == e) loc[tj[v]] = (int)r++;
+          if (e == 0 && (ce[v] < 0 || ce[v] >= experts)) loc[tj[v]] = -1;
+        }
         base += total;
         __syncthreads(); // warp_total is rewritten next
       }
