@@ -503,25 +503,34 @@ void moert_cpu_gate_normalize(const float *topv, float *gate, int64_t tokens, in
   }
 }
 
+/* One token of the normalization's backward: g_i = v_i / s, so dv_i = dg_i / s
+ * - sum_j dg_j v_j / s^2 (dg_i / floor where s is under it). */
+typedef struct norm_bwd {
+  double s, dot;
+  bool normalize;
+} norm_bwd;
+
+static norm_bwd norm_bwd_of(const float *v, const float *dg, int64_t top_k, bool normalize) {
+  norm_bwd n = {0, 0, normalize};
+  if (normalize)
+    for (int64_t j = 0; j < top_k; j++) {
+      n.s += v[j];
+      n.dot += (double)dg[j] * v[j];
+    }
+  return n;
+}
+
+static float norm_bwd_dv(const norm_bwd *n, float dg) {
+  if (!n->normalize) return dg;
+  return n->s > GATE_SUM_FLOOR ? (float)(dg / n->s - n->dot / (n->s * n->s)) : (float)(dg / GATE_SUM_FLOOR);
+}
+
 void moert_cpu_gate_normalize_bwd(const float *topv, const float *dgate, float *dtopv,
                                   int64_t tokens, int64_t top_k, bool normalize) {
-  /* g_i = v_i / s: dv_i = dg_i / s - sum_j dg_j v_j / s^2. */
   for (int64_t t = 0; t < tokens; t++) {
-    const float *v = topv + t * top_k, *dg = dgate + t * top_k;
-    float *dv = dtopv + t * top_k;
-    double s = 0, dot = 0;
-    if (normalize)
-      for (int64_t j = 0; j < top_k; j++) {
-        s += v[j];
-        dot += (double)dg[j] * v[j];
-      }
-    if (!normalize) {
-      for (int64_t j = 0; j < top_k; j++) dv[j] = dg[j];
-    } else if (s > GATE_SUM_FLOOR) {
-      for (int64_t j = 0; j < top_k; j++) dv[j] = (float)(dg[j] / s - dot / (s * s));
-    } else {
-      for (int64_t j = 0; j < top_k; j++) dv[j] = (float)(dg[j] / GATE_SUM_FLOOR);
-    }
+    const float *dg = dgate + t * top_k;
+    norm_bwd n = norm_bwd_of(topv + t * top_k, dg, top_k, normalize);
+    for (int64_t j = 0; j < top_k; j++) dtopv[t * top_k + j] = norm_bwd_dv(&n, dg[j]);
   }
 }
 
@@ -641,23 +650,15 @@ void moert_cpu_gate_bwd(const float *scores, const int32_t *idx, const float *to
                         float *dlogits, int64_t tokens, int64_t experts, int64_t top_k,
                         bool normalize) {
   for (int64_t t = 0; t < tokens; t++) {
-    const float *v = topv + t * top_k, *dg = dgate + t * top_k;
+    const float *dg = dgate + t * top_k;
     float *ds = dlogits + t * experts;
-    double s = 0, dot = 0; /* as moert_cpu_gate_normalize_bwd */
-    if (normalize)
-      for (int64_t j = 0; j < top_k; j++) {
-        s += v[j];
-        dot += (double)dg[j] * v[j];
-      }
+    norm_bwd n = norm_bwd_of(topv + t * top_k, dg, top_k, normalize);
     for (int64_t e = 0; e < experts; e++) ds[e] = 0;
     if (dscore_coef)
       for (int64_t e = 0; e < experts; e++) ds[e] = (float)(ds[e] + (double)weight * dscore_coef[e]);
     for (int64_t j = 0; j < top_k; j++) {
       int32_t e = idx[t * top_k + j];
-      if (e < 0 || e >= experts) continue;
-      float dv = !normalize ? dg[j] : s > GATE_SUM_FLOOR ? (float)(dg[j] / s - dot / (s * s))
-                                                         : (float)(dg[j] / GATE_SUM_FLOOR);
-      ds[e] += dv;
+      if (e >= 0 && e < experts) ds[e] += norm_bwd_dv(&n, dg[j]);
     }
     moert_cpu_softmax_bwd(scores + t * experts, ds, ds, 1, experts);
   }

@@ -643,20 +643,20 @@ static void gate_fwd(moert_exec *e, int li, const moert_layer *l, const layer_ge
    * the aux loss, whose statistics need no sum over ranks first */
   bool aux_here = l->aux_loss > 0 && e->comm->world == 1;
   moert_cpu_gate_io io = {.logits = F(e, li, LOGITS),
-                      .noise = noise,
-                      .scores = F(e, li, SCORES),
-                      .idx = I(e, li, IDX),
-                      .loc = I(e, li, LOC),
-                      .topv = F(e, li, TOPV),
-                      .gate = F(e, li, GATE),
-                      .order = l->batch_prioritized ? I(e, li, ORDER) : NULL,
-                      .counts = I(e, li, COUNTS),
-                      .score_sum = F(e, li, SSUM),
-                      .top1_count = F(e, li, TOP1),
-                      .dscore_coef = F(e, li, DCOEF),
-                      .aux_out = aux_here ? e->daux + li : NULL,
-                      .global_tokens = (double)e->rows,
-                      .normalize = l->normalize_gate};
+                          .noise = noise,
+                          .scores = F(e, li, SCORES),
+                          .idx = I(e, li, IDX),
+                          .loc = I(e, li, LOC),
+                          .topv = F(e, li, TOPV),
+                          .gate = F(e, li, GATE),
+                          .order = l->batch_prioritized ? I(e, li, ORDER) : NULL,
+                          .counts = I(e, li, COUNTS),
+                          .score_sum = F(e, li, SSUM),
+                          .top1_count = F(e, li, TOP1),
+                          .dscore_coef = F(e, li, DCOEF),
+                          .aux_out = aux_here ? e->daux + li : NULL,
+                          .global_tokens = (double)e->rows,
+                          .normalize = l->normalize_gate};
   b->gate_fwd(&io, T, E, K);
 }
 

@@ -533,14 +533,11 @@ static void t_gate_fwd(int64_t T, int64_t E, int64_t K, int flags) {
         flags & G_ORDER ? " priority order" : "", flags & G_NORMALIZE ? " normalized" : "",
         flags & G_AUX ? " aux loss" : "");
   fbuf logits = fb(T * E, -4, 4), nz = flags & G_NOISE ? fb(T * E, -0.5f, 0.5f) : (fbuf){0};
-  if (flags & (G_TIES | G_NAN)) {
-    for (int64_t t = 0; t < T; t++)
-      for (int64_t i = t * E; i < (t + 1) * E; i++) {
-        if (flags & G_TIES) logits.h[i] = (float)irand(3) * 0.5f;
-        if (flags & G_NAN && t % 7 == 3 && i == t * E + irand(E)) logits.h[i] = NAN;
-      }
-    sync_f(logits);
-  }
+  if (flags & G_TIES)
+    for (int64_t i = 0; i < T * E; i++) logits.h[i] = (float)irand(3) * 0.5f;
+  if (flags & G_NAN)
+    for (int64_t t = 3; t < T; t += 7) logits.h[t * E + irand(E)] = NAN;
+  if (flags & (G_TIES | G_NAN)) sync_f(logits);
   fbuf scores = garbage(T * E), topv = garbage(T * K), gate = garbage(T * K), ssum = garbage(E),
        top1 = garbage(E), coef = garbage(E), aux = garbage(1);
   ibuf idx = ib(T * K, -5, 5), loc = ib(T * K, -9, 9), counts = ib(E, -9, 9),
