@@ -4,7 +4,6 @@
 #include <math.h>
 #include <string.h>
 
-#include "cpu_ops.h"
 #include "names.h"
 
 typedef struct lowering {
@@ -24,7 +23,7 @@ _Static_assert((int)MOEC_DTYPE_BF16 == (int)MOERT_DT_BF16 && (int)MOEC_DTYPE_FP3
                "spec.def and model.h disagree on dtypes");
 _Static_assert((int)MOEC_ACT_RELU == (int)MOERT_ACT_RELU && (int)MOEC_ACT_GELU == (int)MOERT_ACT_GELU &&
                    (int)MOEC_ACT_SILU == (int)MOERT_ACT_SILU && (int)MOEC_ACT_SWIGLU == (int)MOERT_ACT_SWIGLU,
-               "spec.def and cpu_ops.h disagree on activations");
+               "spec.def and model.h disagree on activations");
 _Static_assert((int)MOEC_GATE_COSINE == (int)MOERT_GATE_COSINE, "gate kinds");
 _Static_assert((int)MOEC_OPTIM_ADAM == (int)MOERT_OPT_ADAM, "optimizers");
 _Static_assert((int)MOEC_SCHED_COSINE == (int)MOERT_SCHED_COSINE, "schedules");

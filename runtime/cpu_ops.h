@@ -19,9 +19,8 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-/* tanh: not a layer's activation (the language has none); the synthetic
- * regression data's teacher, computed on a device (data.h). */
-typedef enum { MOERT_ACT_RELU, MOERT_ACT_GELU, MOERT_ACT_SILU, MOERT_ACT_SWIGLU, MOERT_ACT_TANH } moert_act;
+#include "model.h" /* moert_act */
+
 
 /* --- dense --- */
 

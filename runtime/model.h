@@ -34,6 +34,9 @@ typedef enum {
 /* The same order as compiler/spec.def (the compiler checks this). */
 typedef enum { MOERT_DT_BF16, MOERT_DT_FP32 } moert_dtype;
 typedef enum { MOERT_GATE_SOFTMAX, MOERT_GATE_COSINE } moert_gate;
+/* A layer's activation. tanh: not a layer's (the language has none); the
+ * synthetic regression data's teacher, computed on a device (data.h). */
+typedef enum { MOERT_ACT_RELU, MOERT_ACT_GELU, MOERT_ACT_SILU, MOERT_ACT_SWIGLU, MOERT_ACT_TANH } moert_act;
 typedef enum { MOERT_OPT_SGD, MOERT_OPT_ADAM } moert_optim;
 typedef enum { MOERT_SCHED_CONSTANT, MOERT_SCHED_COSINE } moert_sched;
 typedef enum { MOERT_A2A_LINEAR, MOERT_A2A_2DH } moert_a2a_algo;
@@ -82,7 +85,7 @@ typedef struct moert_layer {
   int param_first, nparams;
   /* FFN, MOE */
   int64_t hidden;
-  int act;                /* cpu_ops.h moert_act */
+  moert_act act;
   /* MOE */
   int64_t experts, top_k;
   double capacity_factor;

@@ -6,8 +6,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cpu_ops.h"
-
 const char *const moert_layer_kind_names[MOERT_L__COUNT] = {
 #define X(k, s) s,
     MOERT_LAYER_KINDS(X)
