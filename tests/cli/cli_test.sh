@@ -81,7 +81,11 @@ expect 1 err '^<stdin>:1:17: error: `dim` must be even' 1
 # --- files that are not specs ---
 mkdir adir
 run directory "$moec" check adir
-expect 1 err '^adir: error: is a directory' 1
+expect 1 err '^adir: error: is a directory; give the path of a \.moe file$' 1
+# build reads its spec the same way, and leaves no binary behind
+run directory-build "$moec" build adir -o adir-bin
+expect 1 err '^adir: error: is a directory; give the path of a \.moe file$' 1
+[ -e adir-bin ] && fail "a failed build left adir-bin"
 run missing "$moec" check no-such-file.moe
 expect 1 err '^no-such-file.moe: error: cannot open: No such file or directory' 1
 # chmod 000 does not stop root (CAP_DAC_OVERRIDE), and CI runs as root. There
