@@ -19,6 +19,7 @@ have_pkg libopenblas-dev || need="$need libopenblas-dev"   # cpu GEMMs (CBLAS)
 have_pkg libopenmpi-dev  || need="$need libopenmpi-dev"    # comm_mpi.c (mpi.h, libmpi)
 have_cmd mpirun          || need="$need openmpi-bin"       # mpirun, for the mpi tests
 have_cmd bible || need="$need bible-kjv"                    # text of the byte-level examples
+have_cmd setpriv || need="$need util-linux"                 # cli.moec as root: moec as nobody (Essential in Debian)
 
 # The Python reader of safetensors, for the test that PyTorch's loader reads
 # our checkpoints. Optional: that test skips without it.

@@ -2,6 +2,7 @@
  * runs anywhere (gcc or clang, no libFuzzer): the CTest fuzz.mutation.
  *
  *   mutate_frontend [-n ITERS] [--seed S] [--max-len BYTES] [--timeout SECONDS]
+ *                   [--min-clean N] [--min-errors N]
  *                   [--regressions DIR] [--replay I] [--dict] SEED...
  *
  * Every file of --regressions DIR runs first, unmutated; then every SEED (a
@@ -14,6 +15,11 @@
  * UB, a leak (LeakSanitizer at exit), a broken property or an input that runs
  * longer than --timeout (default 10 s) fails the run; the input being checked
  * is then saved as ./mutate-crash.moe and the replay command is printed.
+ * The run also fails (exit 1) when fewer than --min-clean mutants checked
+ * clean or fewer than --min-errors had errors (both 0 by default), counting
+ * only mutants that differ from their seed: a check that passes on every input
+ * proves little if the mutator has stopped making inputs the front end accepts
+ * (or rejects), or stopped changing its seeds at all.
  * --dict prints the tokens the mutator inserts as a libFuzzer dictionary.
  *
  * Mutations: bit flips, odd bytes, insert/delete/duplicate ranges, truncation,
@@ -658,9 +664,10 @@ static void mutate_once(rng *r, bytes *b, const inputs *seeds, bytes *tmp) {
   }
 }
 
-/* Mutant number i: depends only on (seed, i) and the seeds. */
-static void make_mutant(uint64_t seed, long i, const inputs *seeds, bytes *out, bytes *tmp,
-                        size_t max_len) {
+/* Mutant number i: depends only on (seed, i) and the seeds. Returns the seed
+ * it was made from. */
+static const bytes *make_mutant(uint64_t seed, long i, const inputs *seeds, bytes *out,
+                                bytes *tmp, size_t max_len) {
   rng r = {seed * 0xD1B54A32D192ED03ull + (uint64_t)i};
   next(&r);
   const bytes *base = &seeds->v[below(&r, seeds->n)].data;
@@ -670,6 +677,7 @@ static void make_mutant(uint64_t seed, long i, const inputs *seeds, bytes *out, 
     mutate_once(&r, out, seeds, tmp);
     if (out->len > max_len) out->len = max_len;
   }
+  return base;
 }
 
 /* --- the run, and what is left behind when it dies --- */
@@ -722,13 +730,20 @@ typedef struct tally {
   char slowest[256];
 } tally;
 
+/* The mutants alone, for --min-clean and --min-errors. */
+typedef struct mutant_tally {
+  long clean;      /* differ from their seed and checked clean */
+  long errors;     /* differ from their seed and had errors */
+  long unchanged;  /* came out byte for byte as their seed */
+} mutant_tally;
+
 static double now_ms(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
 }
 
-static void run_one(const uint8_t *p, size_t n, tally *t) {
+static moec_fuzz_result run_one(const uint8_t *p, size_t n, tally *t) {
   g_cur = p;
   g_cur_len = n;
   alarm(g_timeout);
@@ -746,6 +761,7 @@ static void run_one(const uint8_t *p, size_t n, tally *t) {
     t->slowest_ms = ms;
     snprintf(t->slowest, sizeof t->slowest, "%s", g_label);
   }
+  return res;
 }
 
 /* Sanitizer defaults for runs by hand (the environment still wins): abort
@@ -780,6 +796,7 @@ static void print_dict(void) {
 
 static void usage(void) {
   fputs("usage: mutate_frontend [-n ITERS] [--seed S] [--max-len BYTES] [--timeout SECONDS]\n"
+        "                       [--min-clean N] [--min-errors N]\n"
         "                       [--regressions DIR] [--replay I] [--dict] SEED...\n",
         stderr);
   exit(2);
@@ -799,7 +816,7 @@ static long num_arg(int argc, char **argv, int *i) {
 }
 
 int main(int argc, char **argv) {
-  long iters = DEFAULT_ITERS, replay = -1;
+  long iters = DEFAULT_ITERS, replay = -1, min_clean = 0, min_errors = 0;
   uint64_t seed = 1;
   size_t max_len = DEFAULT_MAX_LEN;
   g_timeout = DEFAULT_TIMEOUT_S;
@@ -811,6 +828,8 @@ int main(int argc, char **argv) {
     else if (strcmp(a, "--max-len") == 0) max_len = (size_t)num_arg(argc, argv, &i);
     else if (strcmp(a, "--timeout") == 0) g_timeout = (unsigned)num_arg(argc, argv, &i);
     else if (strcmp(a, "--replay") == 0) replay = num_arg(argc, argv, &i);
+    else if (strcmp(a, "--min-clean") == 0) min_clean = num_arg(argc, argv, &i);
+    else if (strcmp(a, "--min-errors") == 0) min_errors = num_arg(argc, argv, &i);
     else if (strcmp(a, "--regressions") == 0) {
       if (i + 1 >= argc) usage();
       add_path(&regressions, argv[++i]);
@@ -838,6 +857,8 @@ int main(int argc, char **argv) {
   b_reserve(&mutant, 1);
   b_reserve(&tmp, 1);
   tally t = {0};
+  mutant_tally mt = {0};
+  int rc = 0;
   double t0 = now_ms();
   if (replay >= 0) {
     make_mutant(seed, replay, &seeds, &mutant, &tmp, max_len);
@@ -857,21 +878,47 @@ int main(int argc, char **argv) {
       run_one(seeds.v[i].data.p, seeds.v[i].data.len, &t);
     }
     for (long i = 0; i < iters; i++) {
-      make_mutant(seed, i, &seeds, &mutant, &tmp, max_len);
+      const bytes *base = make_mutant(seed, i, &seeds, &mutant, &tmp, max_len);
       snprintf(g_label, sizeof g_label,
                "mutant %ld (rebuild it: mutate_frontend --seed %llu --replay %ld SEED...)", i,
                (unsigned long long)seed, i);
-      run_one(mutant.p, mutant.len, &t);
+      moec_fuzz_result res = run_one(mutant.p, mutant.len, &t);
+      if (mutant.len == base->len && memcmp(mutant.p, base->p, mutant.len) == 0)
+        mt.unchanged++;
+      else if (res.clean)
+        mt.clean++;
+      else if (res.nerrors > 0)
+        mt.errors++;
     }
     printf("mutate_frontend: %zu regressions, %zu seeds and %ld mutants (seed %llu): "
            "%ld checked clean and round-tripped, %ld had errors; %ld errors and %ld warnings "
            "in total; slowest %.1f ms (%s); %.1f s\n",
            regressions.n, seeds.n, iters, (unsigned long long)seed, t.clean, t.with_errors,
            t.errors, t.warnings, t.slowest_ms, t.slowest, (now_ms() - t0) / 1e3);
+    printf("mutate_frontend: of the mutants, %ld changed their seed and checked clean, %ld changed "
+           "it and had errors, %ld came out as their seed\n",
+           mt.clean, mt.errors, mt.unchanged);
+    fflush(stdout); /* the summary before a failure's reason */
+    if (mt.clean < min_clean) {
+      fprintf(stderr,
+              "mutate_frontend: FAILED: only %ld mutants checked clean (--min-clean %ld): the "
+              "mutator no longer makes specs the front end accepts, or the front end rejects "
+              "what it should accept\n",
+              mt.clean, min_clean);
+      rc = 1;
+    }
+    if (mt.errors < min_errors) {
+      fprintf(stderr,
+              "mutate_frontend: FAILED: only %ld mutants had errors (--min-errors %ld): the "
+              "mutator no longer breaks its seeds, or the front end accepts what it should "
+              "reject\n",
+              mt.errors, min_errors);
+      rc = 1;
+    }
   }
   free(mutant.p);
   free(tmp.p);
   free_inputs(&regressions);
   free_inputs(&seeds);
-  return 0;
+  return rc;
 }

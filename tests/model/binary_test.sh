@@ -115,25 +115,51 @@ checkpoint_corrupt)
   build tiny
   ./tiny --steps 4 --checkpoint ck --quiet || fail "run"
   cp -r ck good
+  # refuses DAMAGE: resuming from ck exits 1 with a message that names the file
+  # and matches the pattern DAMAGE; a fresh run refuses to overwrite ck; ck's
+  # files stay as they were (nothing is lost) and nothing is left beside it
+  refuses() {
+    sums=$(cksum ck/*)
+    ./tiny --steps 8 --checkpoint ck --resume 2>err.txt; rc=$?
+    [ $rc = 1 ] || fail "$1: resuming exited $rc, not 1: $(cat err.txt)"
+    grep -q "$2" err.txt || fail "$1: the message lacks /$2/: $(cat err.txt)"
+    ./tiny --steps 8 --checkpoint ck 2>err2.txt; rc=$?
+    [ $rc = 1 ] || fail "$1: a fresh run exited $rc, not 1 (did it overwrite the checkpoint?)"
+    grep -q "ck exists but is not a valid checkpoint" err2.txt || fail "$1: unclear: $(cat err2.txt)"
+    [ "$(cksum ck/*)" = "$sums" ] || fail "$1: the damaged checkpoint was changed"
+    for x in ck.*; do [ -e "$x" ] && fail "$1: $x was left beside the checkpoint"; done
+  }
+  # flip FILE OFFSET: inverts the byte at OFFSET (it differs whatever it was)
+  flip() {
+    b=$(od -An -tu1 -j "$2" -N1 "$1" | tr -d ' ')
+    [ -n "$b" ] || fail "$1 has no byte $2"
+    # shellcheck disable=SC2059
+    printf "\\$(printf %o $((b ^ 255)))" | dd of="$1" bs=1 seek="$2" conv=notrunc 2>/dev/null
+  }
+  # the length of a safetensors header: the little-endian u64 of bytes 0..7
+  hlen() { od -An -tu8 --endian=little -N8 "$1" | tr -d ' '; }
+  # the xxh64 that MANIFEST.json lists for FILE
+  listed() { sed -n "s/.*\"name\": \"$1\".*\"xxh64\": \"\([0-9a-f]*\)\".*/\1/p" good/MANIFEST.json; }
+  hashed() { echo "\`$1\` has xxh64 [0-9a-f]\{16\} but MANIFEST.json lists $(listed "$1")"; }
+
   # truncated weights
   head -c 100 good/model.safetensors > ck/model.safetensors
-  sum=$(cksum ck/model.safetensors)
-  ./tiny --steps 8 --checkpoint ck --resume 2>err.txt; rc=$?
-  [ $rc = 1 ] || fail "resuming from a truncated checkpoint exited $rc, not 1"
-  grep -q "model.safetensors" err.txt || fail "the message does not name the file: $(cat err.txt)"
-  ./tiny --steps 8 --checkpoint ck 2>err2.txt && fail "a fresh run overwrote a corrupt checkpoint"
-  grep -q "not a valid checkpoint" err2.txt || fail "unclear: $(cat err2.txt)"
-  [ "$(cksum ck/model.safetensors)" = "$sum" ] || fail "the corrupt checkpoint was changed"
-  # one flipped byte in the optimizer state
-  rm -rf ck && cp -r good ck
-  printf '\377' | dd of=ck/optimizer.safetensors bs=1 seek=200 conv=notrunc 2>/dev/null
-  ./tiny --steps 8 --checkpoint ck --resume 2>err.txt; rc=$?
-  [ $rc = 1 ] || fail "resuming from a corrupted checkpoint exited $rc"
-  grep -q "optimizer.safetensors" err.txt || fail "the message does not name the file: $(cat err.txt)"
+  refuses "truncated" "\`model.safetensors\` is 100 bytes but MANIFEST.json lists [0-9]* (truncated or replaced)"
+  # one byte of the optimizer state's JSON header: the hash catches it before
+  # the header is parsed
+  n=$(hlen good/optimizer.safetensors)
+  [ "$n" -gt 200 ] || fail "the optimizer header is $n bytes, too short for the test"
+  rm -rf ck && cp -r good ck && flip ck/optimizer.safetensors 200
+  refuses "a flipped header byte" "$(hashed optimizer.safetensors)"
+  # one byte of the weights' tensor data, which no parser can see: only the hash
+  n=$(hlen good/model.safetensors) size=$(wc -c < good/model.safetensors)
+  rm -rf ck && cp -r good ck && flip ck/model.safetensors $(((8 + n + size) / 2))
+  cmp -s good/model.safetensors ck/model.safetensors && fail "the flip changed nothing"
+  refuses "a flipped data byte" "$(hashed model.safetensors)"
   # a leftover half-written checkpoint beside a good one changes nothing
   rm -rf ck && cp -r good ck && mkdir ck.tmp-XXXXXX && echo junk > ck.tmp-XXXXXX/model.safetensors
   ./tiny --steps 8 --checkpoint ck --resume --quiet || fail "a leftover temporary directory broke resume"
-  echo "ok: truncated and corrupted checkpoints are clear errors and stay untouched" ;;
+  echo "ok: truncated checkpoints and flipped bytes (header and data) are clear errors and stay untouched" ;;
 
 bad_input)
   build tiny
