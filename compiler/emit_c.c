@@ -110,20 +110,17 @@ void moec_emit_c(const moert_model *m, const char *source_name, FILE *out) {
     fprintf(out, "  /* %d */ {%s, ", i, kind_enums[l->kind]);
     c_str(out, l->name);
     fprintf(out, ", %d, %d", l->param_first, l->nparams);
-    if (l->kind == MOERT_L_FFN) {
-      fprintf(out, ", .hidden = %" PRId64 ", .act = %d, .bias = 1", l->hidden, l->act);
-    } else if (l->kind == MOERT_L_MOE) {
-      fprintf(out, ",\n          .hidden = %" PRId64 ", .act = %d, .experts = %" PRId64 ", .top_k = %" PRId64
-                   ", .capacity_factor = ",
-              l->hidden, l->act, l->experts, l->top_k);
-      c_num(out, l->capacity_factor);
-      fprintf(out, ",\n          .gate = %d, .aux_loss = ", (int)l->gate);
-      c_num(out, l->aux_loss);
-      fprintf(out, ", .bias = %d, .normalize_gate = %d, .batch_prioritized = %d, .gate_noise = ",
-              l->bias, l->normalize_gate, l->batch_prioritized);
-      c_num(out, l->gate_noise);
-      fprintf(out, ", .moe_index = %d", l->moe_index);
-    }
+    /* every field, whatever the kind (those a kind does not read are 0) */
+    fprintf(out, ",\n          .hidden = %" PRId64 ", .act = %d, .experts = %" PRId64 ", .top_k = %" PRId64
+                 ", .capacity_factor = ",
+            l->hidden, (int)l->act, l->experts, l->top_k);
+    c_num(out, l->capacity_factor);
+    fprintf(out, ",\n          .gate = %d, .aux_loss = ", (int)l->gate);
+    c_num(out, l->aux_loss);
+    fprintf(out, ", .bias = %d, .normalize_gate = %d, .batch_prioritized = %d, .gate_noise = ", l->bias,
+            l->normalize_gate, l->batch_prioritized);
+    c_num(out, l->gate_noise);
+    fprintf(out, ", .moe_index = %d", l->moe_index);
     fputs("},\n", out);
   }
   fputs("};\n\n", out);

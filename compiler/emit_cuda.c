@@ -26,17 +26,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "layer.h"
+
 /* The embedded templates (the runtime's moert_templates.c). */
 extern const char *const moert_template_names[];
 extern const char *const moert_template_texts[];
 extern const int moert_template_count;
-
-enum {
-#define SPEC(op, key) SP_##op,
-#include "kernel_specs.def"
-#undef SPEC
-  SP__COUNT
-};
 
 static const struct {
   const char *op, *key;
@@ -46,13 +41,8 @@ static const struct {
 #undef SPEC
 };
 
-/* The most specializations a layer has. */
-enum { MAX_LAYER_SPECS = 12 };
-
-typedef struct use {
-  int sp;
-  long long a, b; /* the constants (b unused by one-constant keys) */
-} use;
+enum { MAX_LAYER_SPECS = MOERT_MAX_LAYER_SPECS };
+typedef moert_spec_use use;
 
 static void die(const char *msg, const char *what) {
   fprintf(stderr, "moec: internal error: %s%s\n", msg, what);
@@ -73,44 +63,21 @@ static int nconsts(int sp) {
 
 static void key_of(const use *u, char *buf, size_t n) {
   char key[64];
-  snprintf(key, sizeof key, specs[u->sp].key, u->a, u->b);
-  snprintf(buf, n, "moert_k_%s__%s", specs[u->sp].op, key);
+  snprintf(key, sizeof key, specs[u->spec].key, u->a, u->b);
+  snprintf(buf, n, "moert_k_%s__%s", specs[u->spec].op, key);
 }
 
 static bool fits(long long v) { return v > 0 && v <= INT_MAX; }
 
-/* The specializations of layer l, in launch order; their number. */
+/* The specializations of layer l, in launch order (its kind's descriptor);
+ * their number. */
 static int layer_uses(const moert_model *m, const moert_layer *l, use *u) {
-  int n = 0;
-  long long M = m->dim, E = l->experts, K = l->top_k;
-  switch (l->kind) {
-  case MOERT_L_RMSNORM:
-    u[n++] = (use){SP_rmsnorm_fwd, M, 0};
-    u[n++] = (use){SP_rmsnorm_bwd_dx, M, 0};
-    break;
-  case MOERT_L_LAYERNORM:
-    u[n++] = (use){SP_layernorm_fwd, M, 0};
-    u[n++] = (use){SP_layernorm_bwd_dx, M, 0};
-    break;
-  case MOERT_L_MOE:
-    if (l->gate == MOERT_GATE_COSINE) {
-      u[n++] = (use){SP_l2norm_rows_fwd, MOERT_COSINE_PROJ, 0};
-      u[n++] = (use){SP_l2norm_rows_bwd, MOERT_COSINE_PROJ, 0};
-    }
-    u[n++] = (use){SP_gate_topk, E, K};
-    u[n++] = (use){SP_gate_locations, K, 0};
-    u[n++] = (use){SP_gate_bwd, E, K};
-    break;
-  case MOERT_L_HEAD_XENT:
-    u[n++] = (use){SP_xent, m->vocab, 0};
-    break;
-  default:
-    break;
-  }
+  const moert_layer_ops *ops = moert_layer_ops_of(l->kind);
+  int n = ops->specs ? ops->specs(m, l, u) : 0;
   /* constants that do not fit a template's int stay runtime arguments */
   int k = 0;
   for (int i = 0; i < n; i++)
-    if (fits(u[i].a) && (nconsts(u[i].sp) < 2 || fits(u[i].b))) u[k++] = u[i];
+    if (fits(u[i].a) && (nconsts(u[i].spec) < 2 || fits(u[i].b))) u[k++] = u[i];
   return k;
 }
 
@@ -121,23 +88,9 @@ static const char *dtype_name(const moert_model *m) {
 /* "layer 3: moe `moe_ffn` (E = 8, k = 2, M = 512, H = 2048, dtype bf16)" */
 static void describe(FILE *out, const moert_model *m, int i) {
   const moert_layer *l = &m->layers[i];
-  fprintf(out, "// layer %d: %s `%s` (", i, moert_layer_kind_names[l->kind], l->name);
-  switch (l->kind) {
-  case MOERT_L_MOE:
-    fprintf(out, "E = %lld, k = %lld, M = %lld, H = %lld, gate %s, ", (long long)l->experts,
-            (long long)l->top_k, (long long)m->dim, (long long)l->hidden,
-            l->gate == MOERT_GATE_COSINE ? "cosine" : "softmax");
-    break;
-  case MOERT_L_FFN:
-    fprintf(out, "M = %lld, H = %lld, ", (long long)m->dim, (long long)l->hidden);
-    break;
-  case MOERT_L_HEAD_XENT:
-    fprintf(out, "V = %lld, M = %lld, ", (long long)m->vocab, (long long)m->dim);
-    break;
-  default:
-    fprintf(out, "M = %lld, ", (long long)m->dim);
-    break;
-  }
+  char dims[160];
+  moert_layer_ops_of(l->kind)->describe(m, l, dims, sizeof dims);
+  fprintf(out, "// layer %d: %s `%s` (%s, ", i, moert_layer_kind_names[l->kind], l->name, dims);
   fprintf(out, "dtype %s)\n", dtype_name(m));
 }
 
@@ -213,21 +166,21 @@ static void wrapped(FILE *out, const char *head, const char *params) {
 static void emit_use(FILE *out, const use *u) {
   char name[160], params[2048], args[1024], head[256];
   key_of(u, name, sizeof name);
-  signature(specs[u->sp].op, params, sizeof params);
+  signature(specs[u->spec].op, params, sizeof params);
   arg_names(params, args, sizeof args);
   snprintf(head, sizeof head, "extern \"C\" __global__ void %s", name);
   wrapped(out, head, params);
-  if (nconsts(u->sp) == 2)
-    fprintf(out, "  moert_%s_impl<%lld, %lld>(%s);\n}\n", specs[u->sp].op, u->a, u->b, args);
+  if (nconsts(u->spec) == 2)
+    fprintf(out, "  moert_%s_impl<%lld, %lld>(%s);\n}\n", specs[u->spec].op, u->a, u->b, args);
   else
-    fprintf(out, "  moert_%s_impl<%lld>(%s);\n}\n", specs[u->sp].op, u->a, args);
+    fprintf(out, "  moert_%s_impl<%lld>(%s);\n}\n", specs[u->spec].op, u->a, args);
 }
 
 /* Two layers share a section when they specialize the same kernels. */
 static bool same_uses(const use *a, int na, const use *b, int nb) {
   if (na != nb) return false;
   for (int i = 0; i < na; i++)
-    if (a[i].sp != b[i].sp || a[i].a != b[i].a || a[i].b != b[i].b) return false;
+    if (a[i].spec != b[i].spec || a[i].a != b[i].a || a[i].b != b[i].b) return false;
   return true;
 }
 

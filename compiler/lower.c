@@ -4,6 +4,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "layer.h"
 #include "names.h"
 
 typedef struct lowering {
@@ -25,6 +26,7 @@ _Static_assert((int)MOEC_ACT_RELU == (int)MOERT_ACT_RELU && (int)MOEC_ACT_GELU =
                    (int)MOEC_ACT_SILU == (int)MOERT_ACT_SILU && (int)MOEC_ACT_SWIGLU == (int)MOERT_ACT_SWIGLU,
                "spec.def and model.h disagree on activations");
 _Static_assert((int)MOEC_GATE_COSINE == (int)MOERT_GATE_COSINE, "gate kinds");
+_Static_assert(MOEC_COSINE_PROJ == MOERT_COSINE_PROJ, "spec.h and model.h disagree on the cosine projection");
 _Static_assert((int)MOEC_OPTIM_ADAM == (int)MOERT_OPT_ADAM, "optimizers");
 _Static_assert((int)MOEC_SCHED_COSINE == (int)MOERT_SCHED_COSINE, "schedules");
 _Static_assert((int)MOEC_A2A_2DH == (int)MOERT_A2A_2DH, "all-to-all algorithms");
@@ -56,59 +58,51 @@ static moert_layer *add_layer(lowering *L, moert_layer_kind kind, const char *na
   return l;
 }
 
-static void add_param(lowering *L, const char *what, int ndim, const int64_t *shape,
-                      moert_init init, double scale, moert_place place) {
-  if (L->nparams == L->cap_params) {
-    int cap = L->cap_params ? L->cap_params * 2 : 64;
-    moert_param *t = MOEC_NEW_ARRAY(L->a, moert_param, cap);
-    if (L->nparams) memcpy(t, L->params, sizeof *t * (size_t)L->nparams);
-    L->params = t;
-    L->cap_params = cap;
-  }
+/* The parameters of the layer just added: its kind's present slots, in
+ * slot order (runtime/layer.h), each named `LAYER.SLOT`. */
+static void add_params(lowering *L) {
   moert_layer *l = &L->layers[L->nlayers - 1];
-  moert_param *p = &L->params[L->nparams++];
-  p->name = moec_arena_printf(L->a, "%s.%s", l->name, what);
-  p->ndim = ndim;
-  for (int i = 0; i < ndim; i++) p->shape[i] = shape[i];
-  p->init = init;
-  p->scale = scale;
-  p->place = place;
-  p->layer = L->nlayers - 1;
-  l->nparams++;
+  const moert_layer_ops *ops = moert_layer_ops_of(l->kind);
+  moert_model dims = {.dim = L->s->dim, .vocab = L->s->vocab, .context = L->s->context};
+  for (int s = 0; s < ops->nslots; s++) {
+    moert_param want;
+    if (!ops->slot(&dims, l, s, &want)) continue;
+    if (L->nparams == L->cap_params) {
+      int cap = L->cap_params ? L->cap_params * 2 : 64;
+      moert_param *t = MOEC_NEW_ARRAY(L->a, moert_param, cap);
+      if (L->nparams) memcpy(t, L->params, sizeof *t * (size_t)L->nparams);
+      L->params = t;
+      L->cap_params = cap;
+    }
+    moert_param *p = &L->params[L->nparams++];
+    *p = want;
+    p->name = moec_arena_printf(L->a, "%s.%s", l->name, ops->slots[s]);
+    p->layer = L->nlayers - 1;
+    l->nparams++;
+  }
 }
-
-#define SHAPE(...) (const int64_t[]){__VA_ARGS__}
-#define NDIM(...) (int)(sizeof((int64_t[]){__VA_ARGS__}) / sizeof(int64_t))
-#define PARAM(L, what, init, scale, place, ...) \
-  add_param(L, what, NDIM(__VA_ARGS__), SHAPE(__VA_ARGS__), init, scale, place)
 
 static void lower_list(lowering *L, const moec_layer *l, const char *suffix);
 
+/* The layer's fields from the spec, then its parameters (add_params). */
 static void lower_one(lowering *L, const moec_layer *l, const char *suffix) {
-  int64_t m = L->s->dim;
   switch (l->kind) {
-  case MOEC_LAYER_LAYERNORM: {
+  case MOEC_LAYER_LAYERNORM:
     add_layer(L, MOERT_L_LAYERNORM, NULL);
-    PARAM(L, "weight", MOERT_INIT_ONES, 0, MOERT_PLACE_REPLICATED, m);
-    PARAM(L, "bias", MOERT_INIT_ZEROS, 0, MOERT_PLACE_REPLICATED, m);
+    add_params(L);
     break;
-  }
   case MOEC_LAYER_RMSNORM:
     add_layer(L, MOERT_L_RMSNORM, NULL);
-    PARAM(L, "weight", MOERT_INIT_ONES, 0, MOERT_PLACE_REPLICATED, m);
+    add_params(L);
     break;
   case MOEC_LAYER_FFN: {
     const char *name = moec_arena_printf(L->a, "%s%s", l->name, suffix);
     claim_name(L, name, l->loc);
     moert_layer *x = add_layer(L, MOERT_L_FFN, name);
-    int64_t h = l->ffn.hidden, h1 = l->ffn.act == MOEC_ACT_SWIGLU ? 2 * h : h;
-    x->hidden = h;
-    x->act = (int)l->ffn.act;
+    x->hidden = l->ffn.hidden;
+    x->act = (moert_act)l->ffn.act;
     x->bias = 1;
-    PARAM(L, "fc1_w", MOERT_INIT_UNIFORM, 1 / sqrt((double)m), MOERT_PLACE_REPLICATED, m, h1);
-    PARAM(L, "fc1_b", MOERT_INIT_UNIFORM, 1 / sqrt((double)m), MOERT_PLACE_REPLICATED, h1);
-    PARAM(L, "fc2_w", MOERT_INIT_UNIFORM, 1 / sqrt((double)h), MOERT_PLACE_REPLICATED, h, m);
-    PARAM(L, "fc2_b", MOERT_INIT_UNIFORM, 1 / sqrt((double)h), MOERT_PLACE_REPLICATED, m);
+    add_params(L);
     break;
   }
   case MOEC_LAYER_MOE: {
@@ -116,10 +110,9 @@ static void lower_one(lowering *L, const moec_layer *l, const char *suffix) {
     const char *name = moec_arena_printf(L->a, "%s%s", l->name, suffix);
     claim_name(L, name, l->loc);
     moert_layer *x = add_layer(L, MOERT_L_MOE, name);
-    int64_t ne = e->experts, h = e->hidden, h1 = e->act == MOEC_ACT_SWIGLU ? 2 * h : h;
-    x->hidden = h;
-    x->act = (int)e->act;
-    x->experts = ne;
+    x->hidden = e->hidden;
+    x->act = (moert_act)e->act;
+    x->experts = e->experts;
     x->top_k = e->top_k;
     x->capacity_factor = e->capacity_factor;
     x->gate = (moert_gate)e->gate;
@@ -129,31 +122,15 @@ static void lower_one(lowering *L, const moec_layer *l, const char *suffix) {
     x->batch_prioritized = e->batch_prioritized;
     x->gate_noise = e->gate_noise;
     x->moe_index = L->nmoe++;
-    if (e->gate == MOEC_GATE_COSINE) {
-      int64_t p = MOEC_COSINE_PROJ;
-      PARAM(L, "gate_proj_w", MOERT_INIT_UNIFORM, 1 / sqrt((double)m), MOERT_PLACE_REPLICATED, m, p);
-      PARAM(L, "gate_proj_b", MOERT_INIT_UNIFORM, 1 / sqrt((double)m), MOERT_PLACE_REPLICATED, p);
-      PARAM(L, "gate_sim", MOERT_INIT_NORMAL, 0.01, MOERT_PLACE_REPLICATED, p, ne);
-      /* Tutel: temperature = log(1 / 0.5), clamped at log(1 / 0.01) when used */
-      PARAM(L, "gate_temp", MOERT_INIT_CONST, log(2.0), MOERT_PLACE_REPLICATED, 1);
-    } else {
-      PARAM(L, "gate_w", MOERT_INIT_UNIFORM, 1 / sqrt((double)m), MOERT_PLACE_REPLICATED, m, ne);
-    }
-    PARAM(L, "fc1_w", MOERT_INIT_UNIFORM, 1 / sqrt((double)m), MOERT_PLACE_EXPERT_IN, ne, m, h1);
-    L->params[L->nparams - 1].swiglu_halves = e->act == MOEC_ACT_SWIGLU;
-    if (e->bias) {
-      PARAM(L, "fc1_b", MOERT_INIT_UNIFORM, 1 / sqrt((double)m), MOERT_PLACE_EXPERT_BIAS, ne, h1);
-      L->params[L->nparams - 1].swiglu_halves = e->act == MOEC_ACT_SWIGLU;
-    }
-    PARAM(L, "fc2_w", MOERT_INIT_UNIFORM, 1 / sqrt((double)h), MOERT_PLACE_EXPERT_OUT, ne, h, m);
-    if (e->bias)
-      PARAM(L, "fc2_b", MOERT_INIT_UNIFORM, 1 / sqrt((double)h), MOERT_PLACE_EXPERT_REP, ne, m);
+    add_params(L);
     break;
   }
   case MOEC_LAYER_RESIDUAL:
     add_layer(L, MOERT_L_RES_BEGIN, NULL);
+    add_params(L);
     lower_list(L, l->body, suffix);
     add_layer(L, MOERT_L_RES_END, NULL);
+    add_params(L);
     break;
   case MOEC_LAYER_REPEAT:
     for (int64_t i = 0; i < l->count; i++)
@@ -174,19 +151,17 @@ moert_model *moec_lower(moec_arena *a, moec_diags *d, const moec_spec *s, const 
   L->s = s;
   moec_names_init(&L->names, a);
   int errors = d->nerrors;
-  int64_t m = s->dim;
   if (s->vocab) {
     add_layer(L, MOERT_L_EMBED, "embed");
-    /* each of the `context` tables N(0, 1/context): the sum has unit variance */
-    PARAM(L, "table", MOERT_INIT_NORMAL, 1 / sqrt((double)s->context), MOERT_PLACE_REPLICATED,
-          s->context, s->vocab, m);
+    add_params(L);
   }
   lower_list(L, s->layers, "");
   if (s->vocab) {
     add_layer(L, MOERT_L_HEAD_XENT, "head");
-    PARAM(L, "w", MOERT_INIT_UNIFORM, 1 / sqrt((double)m), MOERT_PLACE_REPLICATED, m, s->vocab);
+    add_params(L);
   } else {
     add_layer(L, MOERT_L_MSE, "mse");
+    add_params(L);
   }
   if (d->nerrors > errors) return NULL;
 

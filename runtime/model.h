@@ -63,6 +63,8 @@ typedef enum {
 } moert_place;
 
 #define MOERT_MAX_DIMS 3
+/* The most parameter slots a layer kind has (runtime/layer.h). */
+#define MOERT_MAX_SLOTS 12
 
 /* The width of the cosine gate's projection (runtime/moe.c): a row width of
  * its kernels, which kernels.cu specializes. */

@@ -23,22 +23,20 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "layer_exec.h"
 #include "rng.h"
 
 #define COSINE_MAX_LOG_SCALE 4.605170185988091 /* log(1 / 0.01), as Tutel */
 #define COSINE_PROJ MOERT_COSINE_PROJ
 #define STREAM_NOISE 0x6e6f697365ull
 
-#define P_(e, l, k) ((e)->params + (e)->plan->params[(l)->param_first + (k)].offset)
-#define G_(e, l, k) ((e)->grads + (e)->plan->params[(l)->param_first + (k)].offset)
-#define F(e, li, name) ((e)->act + (e)->plan->layers[li].f[MOERT_F_##name])
-#define I(e, li, name) ((e)->iact + (e)->plan->layers[li].i[MOERT_I_##name])
-#define S(e, li, name) ((e)->scratch + (e)->plan->layers[li].s[MOERT_S_##name])
-/* A parameter as the experts compute with it: the bf16 copy on a bf16 expert
- * path, else the fp32 master. */
-#define PT_(e, l, k)                                                                              \
-  ((e)->xdt == MOERT_BF16 ? (void *)((uint16_t *)(e)->wlow + (e)->plan->params[(l)->param_first + (k)].offset) \
-                          : (void *)P_(e, l, k))
+/* The parameter in slot s of MoE layer l (moe.h's MOERT_MOE_SLOTS): its
+ * fp32 master, its gradient, and as the experts compute with it (the bf16
+ * copy on a bf16 expert path, else the master). */
+#define LI_(e, l) ((int)((l) - (e)->m->layers))
+#define P_(e, l, s) P(e, LI_(e, l), MOERT_MOE_##s)
+#define G_(e, l, s) G(e, LI_(e, l), MOERT_MOE_##s)
+#define PT_(e, l, s) ((e)->xdt == MOERT_BF16 ? PL(e, LI_(e, l), MOERT_MOE_##s) : (void *)P_(e, l, s))
 /* Element `off` of an expert-path tensor p (type g->dt). */
 #define AT(g, p, off) ((void *)((char *)(p) + (int64_t)(off) * (g)->es))
 
@@ -197,7 +195,6 @@ static void experts_bwd(moert_backend *b, moert_dt dt, const moert_layer *l, con
 
 typedef struct layer_geom {
   int64_t E, K, M, H, H1, S, El, Hl, halves;
-  int kexp;      /* index of fc1_w among the layer's parameters */
   moert_dt dt;   /* the expert path's storage type */
   int64_t es;    /* its bytes per element */
 } layer_geom;
@@ -215,7 +212,6 @@ static layer_geom geom(const moert_exec *e, int li) {
   g.S = lp->shards;
   g.El = lp->experts_local;
   g.Hl = lp->hidden_local;
-  g.kexp = l->gate == MOERT_GATE_COSINE ? 4 : 1;
   g.dt = e->xdt;
   g.es = moert_dt_size(e->xdt);
   return g;
@@ -263,27 +259,27 @@ static bool gather_all(moert_exec *e, int li, const layer_geom *g, moert_status 
   gw_layout(g, l, g->E, g->H, off);
   int64_t h1l = g->halves * g->Hl;
   if (g->S == 1) {
-    MOERT_TRY(st, gather_t(c, g, PT_(e, l, g->kexp), AT(g, gw, off[0]), g->El * g->M * g->H1, st));
-    if (l->bias) MOERT_TRY(st, gather_t(c, g, PT_(e, l, g->kexp + 1), AT(g, gw, off[1]), g->El * g->H1, st));
-    MOERT_TRY(st, gather_t(c, g, PT_(e, l, g->kexp + (l->bias ? 2 : 1)), AT(g, gw, off[2]), g->El * g->H * g->M, st));
-    if (l->bias) MOERT_TRY(st, gather_t(c, g, PT_(e, l, g->kexp + 3), AT(g, gw, off[3]), g->El * g->M, st));
+    MOERT_TRY(st, gather_t(c, g, PT_(e, l, FC1_W), AT(g, gw, off[0]), g->El * g->M * g->H1, st));
+    if (l->bias) MOERT_TRY(st, gather_t(c, g, PT_(e, l, FC1_B), AT(g, gw, off[1]), g->El * g->H1, st));
+    MOERT_TRY(st, gather_t(c, g, PT_(e, l, FC2_W), AT(g, gw, off[2]), g->El * g->H * g->M, st));
+    if (l->bias) MOERT_TRY(st, gather_t(c, g, PT_(e, l, FC2_B), AT(g, gw, off[3]), g->El * g->M, st));
     return true;
   }
   /* S > 1: W slices of width Hl; join each expert's S slices */
-  MOERT_TRY(st, gather_t(c, g, PT_(e, l, g->kexp), tmp, g->M * h1l, st));
+  MOERT_TRY(st, gather_t(c, g, PT_(e, l, FC1_W), tmp, g->M * h1l, st));
   for (int64_t x = 0; x < g->E; x++)
     join_slices(b, g->dt, AT(g, gw, off[0] + x * g->M * g->H1), AT(g, tmp, x * g->S * g->M * h1l), g->S, g->M,
                 g->Hl, g->halves, false);
   if (l->bias) {
-    MOERT_TRY(st, gather_t(c, g, PT_(e, l, g->kexp + 1), tmp, h1l, st));
+    MOERT_TRY(st, gather_t(c, g, PT_(e, l, FC1_B), tmp, h1l, st));
     for (int64_t x = 0; x < g->E; x++)
       join_slices(b, g->dt, AT(g, gw, off[1] + x * g->H1), AT(g, tmp, x * g->S * h1l), g->S, 1, g->Hl, g->halves,
                   false);
   }
   /* fc2_w slices are row blocks: [W, Hl, M] is already [E, H, M] */
-  MOERT_TRY(st, gather_t(c, g, PT_(e, l, g->kexp + (l->bias ? 2 : 1)), AT(g, gw, off[2]), g->Hl * g->M, st));
+  MOERT_TRY(st, gather_t(c, g, PT_(e, l, FC2_W), AT(g, gw, off[2]), g->Hl * g->M, st));
   if (l->bias) { /* replicated in each group: take slice 0's */
-    MOERT_TRY(st, gather_t(c, g, PT_(e, l, g->kexp + 3), tmp, g->M, st));
+    MOERT_TRY(st, gather_t(c, g, PT_(e, l, FC2_B), tmp, g->M, st));
     b->copy_blocks_t(g->dt, AT(g, gw, off[3]), g->M, tmp, g->S * g->M, g->E, g->M, false);
   }
   return true;
@@ -291,7 +287,7 @@ static bool gather_all(moert_exec *e, int li, const layer_geom *g, moert_status 
 
 /* r = 0, backward: the gathered gradients back to their owners (summed over
  * ranks): the weights' written into the local gradients (which the step does
- * not zero: moert_moe_grad_written), the biases' added. */
+ * not zero: layers/moe.c's grad_written), the biases' added. */
 static bool scatter_all(moert_exec *e, int li, const layer_geom *g, moert_status *st) {
   const moert_layer *l = &e->m->layers[li];
   moert_backend *b = e->b;
@@ -300,15 +296,14 @@ static bool scatter_all(moert_exec *e, int li, const layer_geom *g, moert_status
   int64_t off[4];
   gw_layout(g, l, g->E, g->H, off);
   int64_t h1l = g->halves * g->Hl;
-  int kw2 = g->kexp + (l->bias ? 2 : 1);
   if (g->S == 1) {
     int64_t n[4] = {g->El * g->M * g->H1, g->El * g->H1, g->El * g->H * g->M, g->El * g->M};
-    int k[4] = {g->kexp, g->kexp + 1, kw2, g->kexp + 3};
+    int k[4] = {MOERT_MOE_FC1_W, MOERT_MOE_FC1_B, MOERT_MOE_FC2_W, MOERT_MOE_FC2_B};
     for (int i = 0; i < 4; i++) {
       if ((i == 1 || i == 3) && !l->bias) continue;
       MOERT_TRY(st, c->reduce_scatter_f32(c, dgw + off[i], tmp, n[i], st));
-      if (i == 0 || i == 2) b->copy(G_(e, l, k[i]), tmp, n[i]); /* the weights' are not zeroed */
-      else b->axpy(G_(e, l, k[i]), tmp, 1, n[i]);
+      if (i == 0 || i == 2) b->copy(G(e, li, k[i]), tmp, n[i]); /* the weights' are not zeroed */
+      else b->axpy(G(e, li, k[i]), tmp, 1, n[i]);
     }
     return true;
   }
@@ -318,20 +313,20 @@ static bool scatter_all(moert_exec *e, int li, const layer_geom *g, moert_status
     join_slices(b, MOERT_F32, dgw + off[0] + x * g->M * g->H1, slices + x * g->S * g->M * h1l, g->S, g->M, g->Hl,
                 g->halves, true);
   MOERT_TRY(st, c->reduce_scatter_f32(c, slices, mine, g->M * h1l, st));
-  b->copy(G_(e, l, g->kexp), mine, g->M * h1l);
+  b->copy(G_(e, l, FC1_W), mine, g->M * h1l);
   if (l->bias) {
     for (int64_t x = 0; x < g->E; x++)
       join_slices(b, MOERT_F32, dgw + off[1] + x * g->H1, slices + x * g->S * h1l, g->S, 1, g->Hl, g->halves, true);
     MOERT_TRY(st, c->reduce_scatter_f32(c, slices, mine, h1l, st));
-    b->axpy(G_(e, l, g->kexp + 1), mine, 1, h1l);
+    b->axpy(G_(e, l, FC1_B), mine, 1, h1l);
   }
   MOERT_TRY(st, c->reduce_scatter_f32(c, dgw + off[2], mine, g->Hl * g->M, st));
-  b->copy(G_(e, l, kw2), mine, g->Hl * g->M);
+  b->copy(G_(e, l, FC2_W), mine, g->Hl * g->M);
   if (l->bias) { /* every rank of expert x's group gets the whole sum */
     for (int64_t j = 0; j < g->S; j++)
       b->copy_blocks(slices + j * g->M, g->S * g->M, dgw + off[3], g->M, g->E, g->M, false);
     MOERT_TRY(st, c->reduce_scatter_f32(c, slices, mine, g->M, st));
-    b->axpy(G_(e, l, g->kexp + 3), mine, 1, g->M);
+    b->axpy(G_(e, l, FC2_B), mine, 1, g->M);
   }
   return true;
 }
@@ -344,13 +339,13 @@ static bool gather_class(moert_exec *e, int li, const layer_geom *g, int r, moer
   void *gw = F(e, li, GW), *tmp = S(e, li, DGW);
   int64_t off[4];
   gw_layout(g, l, 1, g->H / r, off);
-  MOERT_TRY(st, gather_t(c, g, PT_(e, l, g->kexp), tmp, g->M * h1l, st));
+  MOERT_TRY(st, gather_t(c, g, PT_(e, l, FC1_W), tmp, g->M * h1l, st));
   join_slices(e->b, g->dt, AT(g, gw, off[0]), tmp, P, g->M, g->Hl, g->halves, false);
   if (l->bias) {
-    MOERT_TRY(st, gather_t(c, g, PT_(e, l, g->kexp + 1), tmp, h1l, st));
+    MOERT_TRY(st, gather_t(c, g, PT_(e, l, FC1_B), tmp, h1l, st));
     join_slices(e->b, g->dt, AT(g, gw, off[1]), tmp, P, 1, g->Hl, g->halves, false);
   }
-  MOERT_TRY(st, gather_t(c, g, PT_(e, l, g->kexp + (l->bias ? 2 : 1)), AT(g, gw, off[2]), g->Hl * g->M, st));
+  MOERT_TRY(st, gather_t(c, g, PT_(e, l, FC2_W), AT(g, gw, off[2]), g->Hl * g->M, st));
   return true;
 }
 
@@ -364,14 +359,14 @@ static bool scatter_class(moert_exec *e, int li, const layer_geom *g, int r, moe
   gw_layout(g, l, 1, g->H / r, off);
   join_slices(b, MOERT_F32, dgw + off[0], slices, P, g->M, g->Hl, g->halves, true);
   MOERT_TRY(st, c->reduce_scatter_f32(c, slices, mine, g->M * h1l, st));
-  b->copy(G_(e, l, g->kexp), mine, g->M * h1l);
+  b->copy(G_(e, l, FC1_W), mine, g->M * h1l);
   if (l->bias) {
     join_slices(b, MOERT_F32, dgw + off[1], slices, P, 1, g->Hl, g->halves, true);
     MOERT_TRY(st, c->reduce_scatter_f32(c, slices, mine, h1l, st));
-    b->axpy(G_(e, l, g->kexp + 1), mine, 1, h1l);
+    b->axpy(G_(e, l, FC1_B), mine, 1, h1l);
   }
   MOERT_TRY(st, c->reduce_scatter_f32(c, dgw + off[2], mine, g->Hl * g->M, st));
-  b->copy(G_(e, l, g->kexp + (l->bias ? 2 : 1)), mine, g->Hl * g->M);
+  b->copy(G_(e, l, FC2_W), mine, g->Hl * g->M);
   return true;
 }
 
@@ -379,18 +374,17 @@ static bool scatter_class(moert_exec *e, int li, const layer_geom *g, int r, moe
 static expert_params params_for(moert_exec *e, int li, const layer_geom *g, const moert_variant *v) {
   const moert_layer *l = &e->m->layers[li];
   expert_params p = {0};
-  int kw2 = g->kexp + (l->bias ? 2 : 1);
   bool gathered = v->r == 0 || v->r < g->S;
   if (!gathered) { /* own experts (S = 1) or own slice (r = S) */
     p.n = g->El;
     p.hx = g->Hl;
-    p.w1 = PT_(e, l, g->kexp);
-    p.w2 = PT_(e, l, kw2);
-    p.dw1 = G_(e, l, g->kexp);
-    p.dw2 = G_(e, l, kw2);
+    p.w1 = PT_(e, l, FC1_W);
+    p.w2 = PT_(e, l, FC2_W);
+    p.dw1 = G_(e, l, FC1_W);
+    p.dw2 = G_(e, l, FC2_W);
     if (l->bias) {
-      p.b1 = PT_(e, l, g->kexp + 1);
-      p.db1 = G_(e, l, g->kexp + 1);
+      p.b1 = PT_(e, l, FC1_B);
+      p.db1 = G_(e, l, FC1_B);
     }
   } else {
     p.n = v->r == 0 ? g->E : 1;
@@ -416,8 +410,8 @@ static expert_params params_for(moert_exec *e, int li, const layer_geom *g, cons
       p.db2 = S(e, li, DGW) + off[3];
     } else if (g->S == 1 || (e->comm->rank % g->S) / (g->S / v->r) == 0) {
       /* fc2's bias is added once: by class 0 when partial outputs are summed */
-      p.b2 = PT_(e, l, g->kexp + 3);
-      p.db2 = G_(e, l, g->kexp + 3);
+      p.b2 = PT_(e, l, FC2_B);
+      p.db2 = G_(e, l, FC2_B);
     }
   }
   return p;
@@ -618,15 +612,15 @@ static void gate_fwd(moert_exec *e, int li, const moert_layer *l, const layer_ge
   moert_backend *b = e->b;
   int64_t T = e->rows, M = g->M, E = g->E, K = g->K;
   if (l->gate == MOERT_GATE_COSINE) {
-    b->gemm(false, false, T, COSINE_PROJ, M, 1, x, M, P_(e, l, 0), COSINE_PROJ, 0, F(e, li, PROJ), COSINE_PROJ);
-    b->bias_add(F(e, li, PROJ), P_(e, l, 1), T, COSINE_PROJ);
+    b->gemm(false, false, T, COSINE_PROJ, M, 1, x, M, P_(e, l, GATE_PROJ_W), COSINE_PROJ, 0, F(e, li, PROJ), COSINE_PROJ);
+    b->bias_add(F(e, li, PROJ), P_(e, l, GATE_PROJ_B), T, COSINE_PROJ);
     b->l2norm_rows_fwd(F(e, li, PROJ), F(e, li, PROJN), F(e, li, PROJNORM), T, COSINE_PROJ);
-    b->l2norm_cols_fwd(P_(e, l, 2), F(e, li, SIMN), F(e, li, SIMNORM), COSINE_PROJ, E);
+    b->l2norm_cols_fwd(P_(e, l, GATE_SIM), F(e, li, SIMN), F(e, li, SIMNORM), COSINE_PROJ, E);
     b->gemm(false, false, T, E, COSINE_PROJ, 1, F(e, li, PROJN), COSINE_PROJ, F(e, li, SIMN), E, 0, F(e, li, RAW), E);
     /* logits = raw * exp(temperature), clamped as Tutel; read on the device */
-    b->scale_by_exp(F(e, li, LOGITS), F(e, li, RAW), T * E, P_(e, l, 3), COSINE_MAX_LOG_SCALE);
+    b->scale_by_exp(F(e, li, LOGITS), F(e, li, RAW), T * E, P_(e, l, GATE_TEMP), COSINE_MAX_LOG_SCALE);
   } else {
-    b->gemm(false, false, T, E, M, 1, x, M, P_(e, l, 0), E, 0, F(e, li, LOGITS), E);
+    b->gemm(false, false, T, E, M, 1, x, M, P_(e, l, GATE_W), E, 0, F(e, li, LOGITS), E);
   }
   const float *noise = NULL;
   if (gate_noise(e, l, step)) {
@@ -704,11 +698,6 @@ static bool aux_loss(moert_exec *e, int li, const layer_geom *g, moert_status *s
   e->b->aux_loss_to(F(e, li, SSUM), F(e, li, TOP1), F(e, li, DCOEF), E, (double)e->rows * e->comm->world,
                     e->daux + li);
   return true;
-}
-
-bool moert_moe_grad_written(const moert_layer *l, int k) {
-  int kexp = l->gate == MOERT_GATE_COSINE ? 4 : 1, kw2 = kexp + (l->bias ? 2 : 1);
-  return k == kexp || k == kw2;
 }
 
 bool moert_moe_read_stats(moert_exec *e, moert_status *st) {
@@ -875,7 +864,7 @@ static bool moe_bwd(moert_exec *e, void *ctx, moert_status *st) {
       if (v->r < g.S) MOERT_TRY(st, scatter_class(e, li, &g, v->r, st));
       if (g.S > 1 && l->bias) { /* fc2's bias: one sum over the expert's group */
         moert_comm *grp = subcomm(e, g.S, 0);
-        MOERT_TRY(st, grp->all_reduce_f32(grp, G_(e, l, g.kexp + 3), M, MOERT_RED_SUM, st));
+        MOERT_TRY(st, grp->all_reduce_f32(grp, G_(e, l, FC2_B), M, MOERT_RED_SUM, st));
       }
       close_span(e, span, "bwd scatter experts", "gather", gather_tid(e));
     }
@@ -891,20 +880,20 @@ static bool moe_bwd(moert_exec *e, void *ctx, moert_status *st) {
               l->normalize_gate);
   if (l->gate == MOERT_GATE_COSINE) {
     /* logits = raw * exp(temp): d temp = sum(dlogits * logits) unless clamped */
-    b->add_dot_unclamped(G_(e, l, 3), S(e, li, DLOGITS), F(e, li, LOGITS), T * E, P_(e, l, 3),
+    b->add_dot_unclamped(G_(e, l, GATE_TEMP), S(e, li, DLOGITS), F(e, li, LOGITS), T * E, P_(e, l, GATE_TEMP),
                          COSINE_MAX_LOG_SCALE);
-    b->scale_by_exp(S(e, li, DRAW), S(e, li, DLOGITS), T * E, P_(e, l, 3), COSINE_MAX_LOG_SCALE);
+    b->scale_by_exp(S(e, li, DRAW), S(e, li, DLOGITS), T * E, P_(e, l, GATE_TEMP), COSINE_MAX_LOG_SCALE);
     b->gemm(false, true, T, COSINE_PROJ, E, 1, S(e, li, DRAW), E, F(e, li, SIMN), E, 0, S(e, li, DPROJN), COSINE_PROJ);
     b->gemm(true, false, COSINE_PROJ, E, T, 1, F(e, li, PROJN), COSINE_PROJ, S(e, li, DRAW), E, 0, S(e, li, DSIMN), E);
-    b->l2norm_cols_bwd(P_(e, l, 2), F(e, li, SIMNORM), S(e, li, DSIMN), S(e, li, DSIM), COSINE_PROJ, E);
-    b->axpy(G_(e, l, 2), S(e, li, DSIM), 1, COSINE_PROJ * E);
+    b->l2norm_cols_bwd(P_(e, l, GATE_SIM), F(e, li, SIMNORM), S(e, li, DSIMN), S(e, li, DSIM), COSINE_PROJ, E);
+    b->axpy(G_(e, l, GATE_SIM), S(e, li, DSIM), 1, COSINE_PROJ * E);
     b->l2norm_rows_bwd(F(e, li, PROJ), F(e, li, PROJNORM), S(e, li, DPROJN), S(e, li, DPROJ), T, COSINE_PROJ);
-    b->bias_grad(G_(e, l, 1), S(e, li, DPROJ), T, COSINE_PROJ);
-    b->gemm(true, false, M, COSINE_PROJ, T, 1, x, M, S(e, li, DPROJ), COSINE_PROJ, 1, G_(e, l, 0), COSINE_PROJ);
-    b->gemm(false, true, T, M, COSINE_PROJ, 1, S(e, li, DPROJ), COSINE_PROJ, P_(e, l, 0), COSINE_PROJ, 1, e->dnext, M);
+    b->bias_grad(G_(e, l, GATE_PROJ_B), S(e, li, DPROJ), T, COSINE_PROJ);
+    b->gemm(true, false, M, COSINE_PROJ, T, 1, x, M, S(e, li, DPROJ), COSINE_PROJ, 1, G_(e, l, GATE_PROJ_W), COSINE_PROJ);
+    b->gemm(false, true, T, M, COSINE_PROJ, 1, S(e, li, DPROJ), COSINE_PROJ, P_(e, l, GATE_PROJ_W), COSINE_PROJ, 1, e->dnext, M);
   } else {
-    b->gemm(true, false, M, E, T, 1, x, M, S(e, li, DLOGITS), E, 1, G_(e, l, 0), E);
-    b->gemm(false, true, T, M, E, 1, S(e, li, DLOGITS), E, P_(e, l, 0), E, 1, e->dnext, M);
+    b->gemm(true, false, M, E, T, 1, x, M, S(e, li, DLOGITS), E, 1, G_(e, l, GATE_W), E);
+    b->gemm(false, true, T, M, E, 1, S(e, li, DLOGITS), E, P_(e, l, GATE_W), E, 1, e->dnext, M);
   }
   close_span(e, span, "bwd gate", "gate", MOERT_TID_COMPUTE);
   return true;

@@ -9,6 +9,20 @@
 
 #include "exec.h"
 
+/* A MoE layer's parameter slots (layer.h), in order: the cosine gate's or
+ * the softmax gate's, then the experts' (the biases when `bias`). */
+#define MOERT_MOE_SLOTS(X)                                                      \
+  X(GATE_PROJ_W, "gate_proj_w") X(GATE_PROJ_B, "gate_proj_b")                   \
+  X(GATE_SIM, "gate_sim") X(GATE_TEMP, "gate_temp") /* cosine */                \
+  X(GATE_W, "gate_w")                               /* softmax */               \
+  X(FC1_W, "fc1_w") X(FC1_B, "fc1_b") X(FC2_W, "fc2_w") X(FC2_B, "fc2_b")
+typedef enum {
+#define X(n, s) MOERT_MOE_##n,
+  MOERT_MOE_SLOTS(X)
+#undef X
+  MOERT_MOE__SLOTS
+} moert_moe_slot;
+
 /* The sub-communicators the layers' variants need (expert groups, H-slice
  * classes), made once, collectively, in layer order. */
 bool moert_moe_setup(moert_exec *e, moert_status *st);
@@ -21,11 +35,6 @@ void moert_moe_teardown(moert_exec *e);
  * e->variant[li] (chosen by pick(li, bucket) once the capacity is known);
  * output in the layer's OUT buffer. */
 bool moert_moe_fwd(moert_exec *e, int li, const float *x, int64_t step, moert_status *st);
-/* Whether the backward writes the gradient of the layer's parameter k (its
- * index among the layer's) whole before anything is added to it, in every
- * variant: the expert weights (fc1_w, fc2_w), whose first GEMM runs with
- * beta 0; the step does not zero those. */
-bool moert_moe_grad_written(const moert_layer *l, int k);
 /* The statistics of the last forward that stayed on the device, read once
  * at the step's end: each MoE layer's claim counts (e->load, e->routed,
  * e->dropped against the capacity it kept) and its aux loss (the weighted

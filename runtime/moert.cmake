@@ -19,7 +19,14 @@ add_custom_command(
 # writes them into kernels.cu).
 add_library(moert_templates OBJECT ${CMAKE_CURRENT_BINARY_DIR}/moert_templates.c)
 
+# The layer kinds' descriptors (layer.h): the runtime's whole; the compiler
+# compiles the same files without their executor part (compiler/CMakeLists.txt).
+set(MOERT_LAYER_SOURCES layer.c layers/embed.c layers/norm.c layers/ffn.c layers/moe.c layers/residual.c
+    layers/head.c layers/mse.c)
+list(TRANSFORM MOERT_LAYER_SOURCES PREPEND ${CMAKE_CURRENT_SOURCE_DIR}/ OUTPUT_VARIABLE MOERT_LAYER_PATHS)
+set(MOERT_LAYER_PATHS ${MOERT_LAYER_PATHS} PARENT_SCOPE)
 add_library(moert STATIC
+  ${MOERT_LAYER_SOURCES}
   status.c cpu_ops.c cpu_ops_typed.c rng.c checkpoint.c placement.c backend_cpu.c comm_self.c comm_staged.c moe.c
   select.c trace.c data.c step.c ckpt_io.c flags.c driver.c comm_mpi.c comm_nccl.c backend_cuda.c
   $<TARGET_OBJECTS:moert_templates>)

@@ -6,6 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "layer.h"
+
 const char *const moert_layer_kind_names[MOERT_L__COUNT] = {
 #define X(k, s) s,
     MOERT_LAYER_KINDS(X)
@@ -22,9 +24,6 @@ const char *const moert_ibuf_names[MOERT_I__COUNT] = {
 #undef X
 };
 
-/* The cosine gate's projection width, as Tutel's (and compiler/spec.h). */
-#define COSINE_PROJ 256
-
 static int64_t align_up(int64_t n) { return (n + MOERT_ALIGN - 1) / MOERT_ALIGN * MOERT_ALIGN; }
 
 static int64_t take(int64_t *top, int64_t n) {
@@ -32,6 +31,10 @@ static int64_t take(int64_t *top, int64_t n) {
   *top += align_up(n);
   return at;
 }
+
+void moert_plan_f(moert_plan_ctx *c, moert_fbuf b, int64_t n) { c->lp->f[b] = take(c->ftop, n); }
+void moert_plan_i(moert_plan_ctx *c, moert_ibuf b, int64_t n) { c->lp->i[b] = take(c->itop, n); }
+void moert_plan_s(moert_plan_ctx *c, moert_sbuf b, int64_t n) { c->lp->s[b] = take(c->stop, n); }
 
 int64_t moert_capacity(const moert_layer *l, int64_t tokens, int64_t max_claims) {
   int64_t spe = (tokens + l->experts - 1) / l->experts;
@@ -50,15 +53,6 @@ int64_t moert_capacity(const moert_layer *l, int64_t tokens, int64_t max_claims)
 }
 
 int64_t moert_round_up(int64_t n, int64_t align) { return (n + align - 1) / align * align; }
-
-static int64_t gcd64(int64_t a, int64_t b) {
-  while (b) {
-    int64_t t = a % b;
-    a = b;
-    b = t;
-  }
-  return a;
-}
 
 uint64_t moert_global_index(const moert_param *g, const moert_param_plan *pp, int64_t k) {
   if (g->place == MOERT_PLACE_REPLICATED) return (uint64_t)k;
@@ -92,87 +86,6 @@ int moert_variant_find(const moert_layer_plan *lp, const char *name) {
   return -1;
 }
 
-/* The candidates of MoE layer l at this world size, in the order the spec
- * lists them (`auto` expanding in place to 0 and every divisor of S);
- * variants that differ in nothing are listed once (d and the algorithm mean
- * nothing when r = 0 or W = 1; 2dh needs several nodes). */
-static void enumerate_variants(const moert_model *m, moert_layer_plan *lp, int world, int nodes) {
-  const moert_parallel *par = &m->parallel;
-  int64_t S = lp->shards;
-  int64_t rs[MOERT_MAX_VARIANTS];
-  int nr = 0;
-  char *dropped = lp->dropped;
-  size_t dlen = sizeof lp->dropped;
-  dropped[0] = 0;
-  for (int i = 0; i < par->nr; i++) {
-    int64_t want[MOERT_MAX_VARIANTS];
-    int nw = 0;
-    if (par->r[i] < 0) {
-      want[nw++] = 0;
-      for (int64_t d = 1; d <= S && nw < MOERT_MAX_VARIANTS; d++)
-        if (S % d == 0) want[nw++] = d;
-    } else if (par->r[i] == 0 || (S % par->r[i] == 0 && par->r[i] <= S)) {
-      want[nw++] = par->r[i];
-    } else {
-      size_t n = strlen(dropped);
-      snprintf(dropped + n, dlen - n, "%sadaptive_r = %lld (not 0 or a divisor of S = %lld)",
-               n ? "; " : "", (long long)par->r[i], (long long)S);
-    }
-    for (int k = 0; k < nw; k++) {
-      bool dup = false;
-      for (int j = 0; j < nr; j++) dup |= rs[j] == want[k];
-      if (!dup && nr < MOERT_MAX_VARIANTS) rs[nr++] = want[k];
-    }
-  }
-  int ndeg = par->ndegrees ? par->ndegrees : 1;
-  int na2a = par->na2a ? par->na2a : 1;
-  bool has_2dh_only = true;
-  for (int a = 0; a < par->na2a; a++) has_2dh_only &= par->a2a[a] == MOERT_A2A_2DH;
-  lp->nvariants = 0;
-  for (int i = 0; i < nr; i++)
-    for (int j = 0; j < ndeg; j++)
-      for (int a = 0; a < na2a; a++) {
-        moert_variant v = {0};
-        v.r = (int)rs[i];
-        v.d = par->ndegrees ? (int)par->degrees[j] : 1;
-        v.a2a = par->na2a ? (moert_a2a_algo)par->a2a[a] : MOERT_A2A_LINEAR;
-        bool moves_tokens = v.r > 0 && world > 1;
-        if (!moves_tokens) {
-          v.d = 1;
-          v.a2a = MOERT_A2A_LINEAR;
-        }
-        /* 2dh on one node is linear with extra copies: only when it is all
-         * the spec allows (forced) */
-        if (moves_tokens && v.a2a == MOERT_A2A_2DH && nodes == 1 && !has_2dh_only) continue;
-        snprintf(v.name, sizeof v.name, "r=%d,d=%d,a2a=%s", v.r, v.d,
-                 v.a2a == MOERT_A2A_2DH ? "2dh" : "linear");
-        bool dup = false;
-        for (int k = 0; k < lp->nvariants; k++) dup |= strcmp(lp->variants[k].name, v.name) == 0;
-        if (!dup && lp->nvariants < MOERT_MAX_VARIANTS) lp->variants[lp->nvariants++] = v;
-      }
-  if (nodes == 1 && world > 1 && !has_2dh_only) {
-    bool listed = false;
-    for (int a = 0; a < par->na2a; a++) listed |= par->a2a[a] == MOERT_A2A_2DH;
-    if (listed) {
-      size_t n = strlen(dropped);
-      snprintf(dropped + n, dlen - n, "%sall_to_all = 2dh (one node)", n ? "; " : "");
-    }
-  }
-  if (lp->nvariants == 0) { /* nothing the spec lists exists here: plain expert parallelism */
-    moert_variant v = {.r = 1, .d = 1, .a2a = MOERT_A2A_LINEAR};
-    snprintf(v.name, sizeof v.name, "r=1,d=1,a2a=linear");
-    lp->variants[lp->nvariants++] = v;
-  }
-}
-
-static int64_t capacity_bound(const moert_layer *l, int64_t tokens) {
-  /* A token claims an expert at most once, so no source sends more than
-   * `tokens` rows to one expert. */
-  if (l->capacity_factor > 0) return moert_capacity(l, tokens, 0);
-  int64_t c = moert_capacity(l, tokens, tokens);
-  return c;
-}
-
 bool moert_plan_create(const moert_model *m, int world, int rank, int64_t tokens, bool training,
                        moert_plan **out, moert_status *st) {
   return moert_plan_create_nodes(m, world, rank, tokens, training, 1, out, st);
@@ -198,7 +111,11 @@ bool moert_plan_create_nodes(const moert_model *m, int world, int rank, int64_t 
   p->rank = rank;
   p->tokens = tokens;
 
-  const int64_t T = tokens, M = m->dim;
+  const int64_t T = tokens;
+  if (!moert_layer_resolve_slots(m, p, st)) {
+    moert_plan_destroy(p);
+    return false;
+  }
 
   /* the parameters: slices and offsets */
   int64_t ptop = 0;
@@ -269,174 +186,13 @@ bool moert_plan_create_nodes(const moert_model *m, int world, int rank, int64_t 
     for (int k = 0; k < MOERT_I__COUNT; k++) lp->i[k] = -1;
     for (int k = 0; k < MOERT_S__COUNT; k++) lp->s[k] = -1;
     int64_t f0 = ftop, i0 = itop, stop = 0;
-#define F(name, n) (lp->f[MOERT_F_##name] = take(&ftop, (n)))
-#define I(name, n) (lp->i[MOERT_I_##name] = take(&itop, (n)))
-#define S(name, n) (lp->s[MOERT_S_##name] = take(&stop, (n)))
-    switch (l->kind) {
-    case MOERT_L_EMBED:
-      F(OUT, T * M);
-      I(WIN, T * m->context);
-      break;
-    case MOERT_L_LAYERNORM:
-      F(OUT, T * M);
-      F(MEAN, T);
-      F(RSTD, T);
-      break;
-    case MOERT_L_RMSNORM:
-      F(OUT, T * M);
-      F(RSTD, T);
-      break;
-    case MOERT_L_FFN: {
-      int64_t H = l->hidden, H1 = l->act == MOERT_ACT_SWIGLU ? 2 * H : H;
-      F(H, T * H1);
-      F(A, T * H);
-      F(OUT, T * M);
-      S(DA, T * H);
-      S(DH, T * H1);
-      if (m->dtype == MOERT_DT_BF16) { /* bf16 copies, half a float each */
-        S(XB, (T * M + 1) / 2);
-        S(DYB, (T * M + 1) / 2);
-      }
-      lp->flops_fwd = 2.0 * T * M * H1 + 2.0 * T * H * M;
-      break;
+    const moert_layer_ops *ops = moert_layer_ops_of(l->kind);
+    moert_plan_ctx c = {.m = m, .l = l, .lp = lp, .p = p, .T = T, .world = world, .nodes = nodes,
+                        .training = training, .ftop = &ftop, .itop = &itop, .stop = &stop, .depth = &depth};
+    if (ops->plan && !ops->plan(&c, st)) {
+      moert_plan_destroy(p);
+      return false;
     }
-    case MOERT_L_MOE: {
-      int64_t E = l->experts, K = l->top_k, H = l->hidden;
-      int64_t S = E >= world ? 1 : world / E;
-      int64_t El = E >= world ? E / world : 1, Hl = H / S;
-      int halves = l->act == MOERT_ACT_SWIGLU ? 2 : 1;
-      int64_t H1 = halves * H;
-      lp->experts_local = El;
-      lp->shards = S;
-      lp->hidden_local = Hl;
-      enumerate_variants(m, lp, world, nodes);
-      /* every variant must see the same C: pad it to a multiple of each
-       * candidate's chunking (d pipeline chunks of S/r token chunks) */
-      int64_t align = 1, rmax = 1, gather = 0;
-      for (int v = 0; v < lp->nvariants; v++) {
-        const moert_variant *vv = &lp->variants[v];
-        int64_t bias = l->bias ? H1 + M : 0;
-        if (vv->r == 0) {
-          gather = E * (M * H1 + H * M + bias) > gather ? E * (M * H1 + H * M + bias) : gather;
-          continue;
-        }
-        int64_t P = S / vv->r, unit = vv->d * P;
-        align = align / gcd64(align, unit) * unit;
-        if (vv->r > rmax) rmax = vv->r;
-        if (vv->r < S) {
-          int64_t g = M * H1 / vv->r + (H / vv->r) * M + (l->bias ? H1 / vv->r + M : 0);
-          if (g > gather) gather = g;
-        }
-      }
-      lp->align = align;
-      int64_t Cb = moert_round_up(capacity_bound(l, T), align);
-      lp->capacity_bound = Cb;
-      /* token rows in transit, and on the expert side; one rank computes on
-       * its dispatch buffer directly */
-      int64_t X = world == 1 ? 0 : E * rmax * Cb * M;
-      F(LOGITS, T * E);
-      F(SCORES, T * E);
-      if (l->gate_noise > 0) F(NOISE, T * E);
-      if (l->gate == MOERT_GATE_COSINE) {
-        F(PROJ, T * COSINE_PROJ);
-        F(PROJN, T * COSINE_PROJ);
-        F(PROJNORM, T);
-        F(SIMN, COSINE_PROJ * E);
-        F(SIMNORM, E);
-        F(RAW, T * E);
-        S(DRAW, T * E);
-        S(DPROJN, T * COSINE_PROJ);
-        S(DPROJ, T * COSINE_PROJ);
-        S(DSIMN, COSINE_PROJ * E);
-        S(DSIM, COSINE_PROJ * E);
-      }
-      F(TOPV, T * K);
-      F(GATE, T * K);
-      I(IDX, T * K);
-      I(LOC, T * K);
-      if (l->batch_prioritized) I(ORDER, T);
-      I(COUNTS, E);
-      F(SRC, E * Cb * M);
-      F(SRCY, E * Cb * M);
-      F(EX, X);
-      F(EH, E * Cb * H1);  /* the same for every variant: rows * (H1 / r) */
-      F(EA, E * Cb * H);
-      if (gather) F(GW, gather);
-      F(SSUM, E);
-      F(TOP1, E);
-      F(DCOEF, E);
-      F(OUT, T * M);
-      S(DGATE, T * K);
-      S(DLOGITS, T * E);
-      S(XS, X);
-      S(XR, X);
-      S(YS, X);
-      S(YR, X);
-      S(EY, X);
-      S(DSRCY, E * Cb * M);
-      S(DSRC, E * Cb * M);
-      S(DEX, X);
-      S(DEH, E * Cb * H1);
-      S(DEA, E * Cb * H);
-      if (gather) {
-        S(DGW, gather);
-        S(GT1, gather); /* gradients on their way back to their owners */
-        S(GT2, gather);
-      }
-      double gate = l->gate == MOERT_GATE_COSINE ? 2.0 * T * M * COSINE_PROJ + 2.0 * T * COSINE_PROJ * E
-                                                 : 2.0 * T * M * E;
-      lp->flops_fwd = gate + (double)T * K * (2.0 * M * H1 + 2.0 * H * M);
-      /* per variant: what it sends and computes on this rank per step */
-      double others = world > 1 ? (double)(world - 1) / world : 0;
-      for (int v = 0; v < lp->nvariants; v++) {
-        moert_variant *vv = &lp->variants[v];
-        int64_t r = vv->r;
-        /* rows of expert input this rank computes: r = 0 its own tokens for
-         * every expert; S = 1 all sources' tokens for its El experts; S > 1
-         * one chunk (C r / S slots) from every source for its expert */
-        double rows = r == 0 ? (double)E * Cb : S == 1 ? (double)El * world * Cb : (double)world * Cb * r / S;
-        double h1 = r == 0 ? (double)H1 : (double)H1 / r, h = r == 0 ? (double)H : (double)H / r;
-        /* forward, and backward (twice the forward) when training */
-        vv->flops = (training ? 3 : 1) * (2.0 * rows * M * h1 + 2.0 * rows * h * M);
-        double gathered = 0; /* parameter elements gathered from other ranks */
-        if (r == 0) gathered = (double)E * (M * H1 + H * M + (l->bias ? H1 + M : 0));
-        else if (r < S) gathered = (M * (double)H1 + (double)H * M + (l->bias ? (double)H1 : 0)) / r;
-        double group = r == 0 ? world : r < S ? (double)(S / r) : 1;
-        double gathered_out = group > 1 ? gathered * 4 * (group - 1) / group : 0;
-        /* tokens: to the experts and back, forward and backward; parameters:
-         * gathered forward, their gradients reduce-scattered backward */
-        double tokens_out = r == 0 ? 0 : (double)E * Cb * M * (S == 1 ? 1.0 : (double)r) * 4 * others;
-        vv->send_bytes = 4 * tokens_out + 2 * gathered_out;
-        vv->mem_bytes = (int64_t)((r == 0 ? 0 : 5 * rows * M * 4) + (r < S || r == 0 ? 2 * gathered * 4 : 0));
-      }
-      break;
-    }
-    case MOERT_L_RES_BEGIN:
-      depth++;
-      if (depth > p->max_res_depth) p->max_res_depth = depth;
-      break;
-    case MOERT_L_RES_END:
-      depth--;
-      F(OUT, T * M);
-      break;
-    case MOERT_L_HEAD_XENT:
-      F(HLOGITS, T * m->vocab);
-      I(TOKENS, T);
-      S(DLOGITS, T * m->vocab);
-      if (m->dtype == MOERT_DT_BF16) { /* the GEMMs' bf16 operands; the logits stay fp32 */
-        S(XB, (T * M + 1) / 2);
-        S(DLB, (T * m->vocab + 1) / 2);
-      }
-      lp->flops_fwd = 2.0 * T * M * m->vocab;
-      break;
-    case MOERT_L_MSE:
-      F(TARGET, T * M);
-      break;
-    case MOERT_L__COUNT: break;
-    }
-#undef F
-#undef I
-#undef S
     lp->flops_bwd = 2 * lp->flops_fwd;
     lp->act_bytes = (ftop - f0) * 4 + (itop - i0) * 4;
     if (stop > smax) smax = stop;
@@ -521,24 +277,8 @@ void moert_plan_print(const moert_plan *p, FILE *out, bool json) {
                    ", \"flops_fwd\": %.0f, \"flops_bwd\": %.0f, \"act_bytes\": %" PRId64,
               moert_layer_kind_names[l->kind], layer_param_count_global(m, li), lp->params,
               lp->flops_fwd, lp->flops_bwd, lp->act_bytes);
-      if (l->kind == MOERT_L_MOE) {
-        fprintf(out, ", \"experts\": %" PRId64 ", \"top_k\": %" PRId64 ", \"hidden\": %" PRId64
-                     ", \"experts_local\": %" PRId64 ", \"shards\": %" PRId64
-                     ", \"capacity_bound\": %" PRId64 ", \"capacity_align\": %" PRId64,
-                l->experts, l->top_k, l->hidden, lp->experts_local, lp->shards, lp->capacity_bound,
-                lp->align);
-        fputs(", \"variants\": [", out);
-        for (int v = 0; v < lp->nvariants; v++) {
-          const moert_variant *vv = &lp->variants[v];
-          fprintf(out, "%s{\"name\": \"%s\", \"r\": %d, \"d\": %d, \"a2a\": \"%s\", \"send_bytes\": %.0f, "
-                       "\"flops\": %.0f, \"mem_bytes\": %" PRId64 "}",
-                  v ? ", " : "", vv->name, vv->r, vv->d, vv->a2a == MOERT_A2A_2DH ? "2dh" : "linear",
-                  vv->send_bytes, vv->flops, vv->mem_bytes);
-        }
-        fputs("], \"dropped\": ", out);
-        json_str(out, lp->dropped);
-      }
-      if (l->kind == MOERT_L_FFN) fprintf(out, ", \"hidden\": %" PRId64, l->hidden);
+      const moert_layer_ops *ops = moert_layer_ops_of(l->kind);
+      if (ops->plan_json) ops->plan_json(p, li, out);
       fputs(", \"tensors\": [", out);
       bool first = true;
       for (int i = l->param_first; i < l->param_first + l->nparams; i++) {
@@ -565,15 +305,9 @@ void moert_plan_print(const moert_plan *p, FILE *out, bool json) {
     const moert_layer *l = &m->layers[li];
     const moert_layer_plan *lp = &p->layers[li];
     char shape[64];
-    if (l->kind == MOERT_L_MOE)
-      snprintf(shape, sizeof shape, "E %" PRId64 " (%" PRId64 " here) k %" PRId64 " C<=%" PRId64,
-               l->experts, lp->experts_local, l->top_k, lp->capacity_bound);
-    else if (l->kind == MOERT_L_HEAD_XENT)
-      snprintf(shape, sizeof shape, "[%" PRId64 ", %" PRId64 "]", p->tokens, m->vocab);
-    else if (l->kind == MOERT_L_RES_BEGIN)
-      snprintf(shape, sizeof shape, "(skip)");
-    else
-      snprintf(shape, sizeof shape, "[%" PRId64 ", %" PRId64 "]", p->tokens, m->dim);
+    const moert_layer_ops *ops = moert_layer_ops_of(l->kind);
+    if (ops->plan_shape) ops->plan_shape(p, li, shape, sizeof shape);
+    else snprintf(shape, sizeof shape, "[%" PRId64 ", %" PRId64 "]", p->tokens, m->dim);
     fprintf(out, "%-24.24s %-10s %-28s %12s %12s %12s\n", l->name, moert_layer_kind_names[l->kind],
             shape, human(b1, sizeof b1, (double)lp->params, ""),
             human(b2, sizeof b2, lp->flops_fwd, ""), human(b3, sizeof b3, (double)lp->act_bytes, "B"));
@@ -581,7 +315,7 @@ void moert_plan_print(const moert_plan *p, FILE *out, bool json) {
   for (int li = 0; li < m->nlayers; li++) {
     const moert_layer *l = &m->layers[li];
     const moert_layer_plan *lp = &p->layers[li];
-    if (l->kind != MOERT_L_MOE) continue;
+    if (lp->nvariants == 0) continue; /* a MoE layer's candidates */
     fprintf(out, "\nmoe %s at %d rank%s: S = %" PRId64 " (ranks per expert), C padded to a multiple of %" PRId64 "\n",
             l->name, p->world, p->world == 1 ? "" : "s", lp->shards, lp->align);
     fprintf(out, "  %-22s %14s %14s %14s\n", "variant", "sent/step", "expert FLOPs", "memory");

@@ -94,6 +94,7 @@ typedef struct moert_param_plan {
 } moert_param_plan;
 
 typedef struct moert_layer_plan {
+  int slot[MOERT_MAX_SLOTS]; /* the parameter (index) in each slot of the kind (layer.h), -1: none */
   int64_t f[MOERT_F__COUNT]; /* offsets, -1 if the layer has no such buffer */
   int64_t i[MOERT_I__COUNT];
   int64_t s[MOERT_S__COUNT];

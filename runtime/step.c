@@ -10,19 +10,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "layer.h"
+#include "layer_exec.h"
 #include "moe.h"
 #include "rng.h"
-
-/* Norm epsilons (PyTorch's LayerNorm default; T5/LLaMA's RMSNorm). */
-#define LN_EPS 1e-5f
-#define RMS_EPS 1e-6f
-#define P(e, l, k) ((e)->params + (e)->plan->params[(l)->param_first + (k)].offset)
-#define G(e, l, k) ((e)->grads + (e)->plan->params[(l)->param_first + (k)].offset)
-#define F(e, li, name) ((e)->act + (e)->plan->layers[li].f[MOERT_F_##name])
-#define I(e, li, name) ((e)->iact + (e)->plan->layers[li].i[MOERT_I_##name])
-#define S(e, li, name) ((e)->scratch + (e)->plan->layers[li].s[MOERT_S_##name])
-/* A parameter's bf16 copy (e->wlow; a bf16 expert path) */
-#define PL(e, l, k) ((void *)((uint16_t *)(e)->wlow + (e)->plan->params[(l)->param_first + (k)].offset))
 
 /* A graph segment (moert_exec_segment) seen; its graph's id is its index
  * in e->segs. */
@@ -32,17 +23,6 @@ struct moert_segment {
   bool captured; /* its graph exists */
   bool eager;    /* its capture failed: fn runs itself */
 };
-
-/* One packed GEMM of typed operands (see moert_gemm): C [m, n] = op(A) op(B)
- * (+ beta C) (+ bias). */
-static void gemm1(moert_backend *b, bool ta, bool tb, int64_t m, int64_t n, int64_t k, moert_dt ab,
-                  const void *a_, const void *b_, float beta, moert_dt ct, void *c, const void *bias) {
-  moert_gemm g = {.trans_a = ta, .trans_b = tb, .m = m, .n = n, .k = k, .count = 1, .alpha = 1, .beta = beta,
-                  .a = a_, .b = b_, .ab_type = ab, .lda = ta ? m : k, .stride_a = m * k, .ldb = tb ? k : n,
-                  .stride_b = k * n, .c = c, .c_type = ct, .ldc = n, .stride_c = m * n, .bias = bias,
-                  .stride_bias = n};
-  b->gemm_ex(&g);
-}
 
 static bool init_params(moert_exec *e, moert_status *st) {
   const moert_model *m = e->m;
@@ -71,19 +51,6 @@ static bool init_params(moert_exec *e, moert_status *st) {
   return ok ? true : MOERT_UP(st);
 }
 
-/* Whether the backward writes parameter i's gradient whole (beta 0) before
- * anything adds to it. */
-static bool grad_written(const moert_model *m, int i) {
-  const moert_layer *l = &m->layers[m->params[i].layer];
-  int k = i - l->param_first;
-  switch (l->kind) {
-  case MOERT_L_FFN: return k == 0 || k == 2;
-  case MOERT_L_HEAD_XENT: return k == 0;
-  case MOERT_L_MOE: return moert_moe_grad_written(l, k);
-  default: return false;
-  }
-}
-
 static int by_offset(const void *a, const void *b) {
   const int64_t *x = a, *y = b;
   return (x[0] > y[0]) - (x[0] < y[0]);
@@ -94,15 +61,29 @@ static bool plan_zeroing(moert_exec *e, moert_status *st) {
   const moert_model *m = e->m;
   int64_t (*r)[2] = calloc((size_t)m->nparams + 1, sizeof *r);
   if (!r) return MOERT_FAIL(st, "out of memory");
+  /* the gradients the backward writes whole (beta 0) before anything adds to them */
+  bool *written = calloc((size_t)m->nparams + 1, sizeof *written);
+  if (!written) {
+    free(r);
+    return MOERT_FAIL(st, "out of memory");
+  }
+  for (int li = 0; li < m->nlayers; li++) {
+    const moert_layer_ops *ops = moert_layer_ops_of(m->layers[li].kind);
+    for (int s = 0; s < ops->nslots; s++) {
+      int i = e->plan->layers[li].slot[s];
+      if (i >= 0 && ops->grad_written) written[i] = ops->grad_written(&m->layers[li], s);
+    }
+  }
   int n = 0;
   for (int i = 0; i < m->nparams; i++) {
     const moert_param_plan *pp = &e->plan->params[i];
-    if (pp->count > 0 && !grad_written(m, i)) {
+    if (pp->count > 0 && !written[i]) {
       r[n][0] = pp->offset;
       r[n][1] = pp->count;
       n++;
     }
   }
+  free(written);
   qsort(r, (size_t)n, sizeof *r, by_offset);
   int k = 0;
   for (int i = 0; i < n; i++) {
@@ -435,76 +416,17 @@ static int open_layer(moert_exec *e, const moert_layer *l, bool bwd) {
 
 /* --- forward --- */
 
-/* A layer's forward work (not a MoE layer's; moe.c has those): reads its
- * input from e->xin[li] (and a residual end's skip input from e->res_in[li]);
- * enqueues device work only (a graph segment). */
+/* A layer's forward work, as a graph segment's function (the kind's
+ * forward enqueues device work only; MoE layers run their own segments). */
 typedef struct fwd_ctx {
   int li;
+  int64_t step;
   bool want_grad;
 } fwd_ctx;
 
 static bool layer_fwd(moert_exec *e, void *ctx, moert_status *st) {
-  (void)st;
   const fwd_ctx *c = ctx;
-  int li = c->li;
-  moert_backend *b = e->b;
-  const moert_model *m = e->m;
-  const moert_layer *l = &m->layers[li];
-  int64_t T = e->rows, M = m->dim;
-  const float *cur = e->xin[li];
-  double norm = 1.0 / ((double)T * e->comm->world); /* mean over all global tokens */
-  switch (l->kind) {
-  case MOERT_L_EMBED:
-    b->embed_fwd(P(e, l, 0), I(e, li, WIN), F(e, li, OUT), T, m->context, m->vocab, M);
-    break;
-  case MOERT_L_LAYERNORM:
-    b->layernorm_fwd(cur, P(e, l, 0), P(e, l, 1), F(e, li, OUT), F(e, li, MEAN), F(e, li, RSTD), T, M, LN_EPS);
-    break;
-  case MOERT_L_RMSNORM:
-    b->rmsnorm_fwd(cur, P(e, l, 0), F(e, li, OUT), F(e, li, RSTD), T, M, RMS_EPS);
-    break;
-  case MOERT_L_FFN: {
-    int64_t H = l->hidden, H1 = l->act == MOERT_ACT_SWIGLU ? 2 * H : H;
-    if (e->xdt == MOERT_BF16) { /* bf16 operands, fp32 in and out: x rounded, H and A kept as bf16 */
-      const moert_dt B16 = MOERT_BF16;
-      b->convert(S(e, li, XB), B16, cur, MOERT_F32, T * M);
-      gemm1(b, false, false, T, H1, M, B16, S(e, li, XB), PL(e, l, 0), 0, B16, F(e, li, H), PL(e, l, 1));
-      if (l->act == MOERT_ACT_SWIGLU) b->swiglu_fwd_t(B16, F(e, li, H), F(e, li, A), T, H);
-      else b->act_fwd_t(B16, (moert_act)l->act, F(e, li, H), F(e, li, A), T * H);
-      gemm1(b, false, false, T, M, H, B16, F(e, li, A), PL(e, l, 2), 0, MOERT_F32, F(e, li, OUT), P(e, l, 3));
-      break;
-    }
-    b->gemm(false, false, T, H1, M, 1, cur, M, P(e, l, 0), H1, 0, F(e, li, H), H1);
-    b->bias_add(F(e, li, H), P(e, l, 1), T, H1);
-    if (l->act == MOERT_ACT_SWIGLU) b->swiglu_fwd(F(e, li, H), F(e, li, A), T, H);
-    else b->act_fwd((moert_act)l->act, F(e, li, H), F(e, li, A), T * H);
-    b->gemm(false, false, T, M, H, 1, F(e, li, A), H, P(e, l, 2), M, 0, F(e, li, OUT), M);
-    b->bias_add(F(e, li, OUT), P(e, l, 3), T, M);
-    break;
-  }
-  case MOERT_L_RES_END:
-    b->add(F(e, li, OUT), e->res_in[li], cur, T * M);
-    break;
-  case MOERT_L_HEAD_XENT:
-    if (e->xdt == MOERT_BF16) { /* bf16 operands (the input rounded, the bf16 weights), fp32 logits */
-      b->convert(S(e, li, XB), MOERT_BF16, cur, MOERT_F32, T * M);
-      gemm1(b, false, false, T, m->vocab, M, MOERT_BF16, S(e, li, XB), PL(e, l, 0), 0, MOERT_F32,
-            F(e, li, HLOGITS), NULL);
-    } else {
-      b->gemm(false, false, T, m->vocab, M, 1, cur, M, P(e, l, 0), m->vocab, 0, F(e, li, HLOGITS), m->vocab);
-    }
-    b->xent_to(F(e, li, HLOGITS), I(e, li, TOKENS), c->want_grad ? S(e, li, DLOGITS) : NULL, T, m->vocab,
-               (float)norm, e->dloss);
-    break;
-  case MOERT_L_MSE:
-    /* per token: the mean over dim of the squared error */
-    b->mse_to(cur, F(e, li, TARGET), c->want_grad ? e->dcur : NULL, T * M, (float)(norm / M), e->dloss);
-    break;
-  case MOERT_L_MOE:
-  case MOERT_L_RES_BEGIN:
-  case MOERT_L__COUNT: break;
-  }
-  return true;
+  return moert_layer_ops_of(e->m->layers[c->li].kind)->fwd(e, c->li, c->step, c->want_grad, st);
 }
 
 /* The forward pass on e->input (regression) or the windows in the EMBED
@@ -530,20 +452,20 @@ static bool forward(moert_exec *e, int64_t step, bool want_grad, moert_status *s
   }
   for (int li = 0; li < m->nlayers; li++) {
     const moert_layer *l = &m->layers[li];
+    const moert_layer_ops *ops = moert_layer_ops_of(l->kind);
     e->xin[li] = cur;
-    bool traced = l->kind != MOERT_L_RES_BEGIN;
+    bool traced = !(ops->flags & MOERT_LF_UNTRACED_FWD);
     int span = traced ? open_layer(e, l, false) : -1;
-    if (l->kind == MOERT_L_MOE) {
-      MOERT_TRY(st, moert_moe_fwd(e, li, cur, step, st));
-    } else if (l->kind == MOERT_L_RES_BEGIN) {
-      e->stack[depth++] = cur;
-    } else {
-      if (l->kind == MOERT_L_RES_END) e->res_in[li] = e->stack[--depth];
-      fwd_ctx c = {li, want_grad};
+    if (ops->flags & MOERT_LF_RES_OPEN) e->stack[depth++] = cur;
+    if (ops->flags & MOERT_LF_RES_CLOSE) e->res_in[li] = e->stack[--depth];
+    if (ops->fwd && (ops->flags & MOERT_LF_OWN_SEGMENTS)) {
+      MOERT_TRY(st, ops->fwd(e, li, step, want_grad, st));
+    } else if (ops->fwd) {
+      fwd_ctx c = {li, step, want_grad};
       moert_seg_key k = {.li = li, .kind = MOERT_SEG_FWD, .variant = -1, .flags = want_grad, .rows = e->rows};
       MOERT_TRY(st, moert_exec_segment(e, &k, layer_fwd, &c, st));
     }
-    if (l->kind != MOERT_L_RES_BEGIN && l->kind != MOERT_L_HEAD_XENT && l->kind != MOERT_L_MSE) cur = F(e, li, OUT);
+    if (ops->flags & MOERT_LF_OUTPUT) cur = F(e, li, OUT);
     if (traced) moert_trace_close(e->trace, b, span, l->name, "forward", MOERT_TID_COMPUTE, e->step);
   }
   return true;
@@ -556,9 +478,10 @@ static bool forward(moert_exec *e, int64_t step, bool want_grad, moert_status *s
 static bool read_values(moert_exec *e, double *loss_sum, moert_status *st) {
   double v = 0;
   MOERT_TRY(st, e->b->download(e->b, &v, e->dloss, sizeof v, st));
-  /* mse's sum is over every element: per token, the mean over dim */
+  /* a regression loss's sum is over every element (it has a TARGET buffer):
+   * per token, the mean over dim */
   const moert_model *m = e->m;
-  *loss_sum = m->nlayers > 0 && m->layers[m->nlayers - 1].kind == MOERT_L_MSE ? v / m->dim : v;
+  *loss_sum = m->nlayers > 0 && e->plan->layers[m->nlayers - 1].f[MOERT_F_TARGET] >= 0 ? v / m->dim : v;
   return moert_moe_read_stats(e, st) ? true : MOERT_UP(st);
 }
 
@@ -570,77 +493,12 @@ static void swap(moert_exec *e) {
   e->dnext = t;
 }
 
-/* A layer's backward work (not a MoE layer's): d output in e->dcur, d input
- * into e->dnext (the caller swaps them after), a residual layer's skip
- * gradient in e->res_grad[li]; enqueues device work only. */
+/* A layer's backward work, as a graph segment's function: d output in
+ * e->dcur, d input into e->dnext (the caller swaps them after), a residual
+ * layer's skip gradient in e->res_grad[li]; enqueues device work only. */
 static bool layer_bwd(moert_exec *e, void *ctx, moert_status *st) {
-  (void)st;
   int li = *(const int *)ctx;
-  moert_backend *b = e->b;
-  const moert_model *m = e->m;
-  const moert_layer *l = &m->layers[li];
-  int64_t T = e->rows, M = m->dim;
-  const float *x = e->xin[li];
-  switch (l->kind) {
-  case MOERT_L_HEAD_XENT:
-    if (e->xdt == MOERT_BF16) { /* as the forward: bf16 operands, fp32 gradients out */
-      const moert_dt B16 = MOERT_BF16;
-      int64_t V = m->vocab;
-      b->convert(S(e, li, DLB), B16, S(e, li, DLOGITS), MOERT_F32, T * V);
-      b->convert(S(e, li, XB), B16, x, MOERT_F32, T * M); /* the scratch is not kept from the forward */
-      gemm1(b, true, false, M, V, T, B16, S(e, li, XB), S(e, li, DLB), 0, MOERT_F32, G(e, l, 0), NULL);
-      gemm1(b, false, true, T, M, V, B16, S(e, li, DLB), PL(e, l, 0), 0, MOERT_F32, e->dcur, NULL);
-      break;
-    }
-    b->gemm(true, false, M, m->vocab, T, 1, x, M, S(e, li, DLOGITS), m->vocab, 0, G(e, l, 0), m->vocab);
-    b->gemm(false, true, T, M, m->vocab, 1, S(e, li, DLOGITS), m->vocab, P(e, l, 0), m->vocab, 0, e->dcur, M);
-    break;
-  case MOERT_L_RES_END:
-    b->copy(e->res_grad[li], e->dcur, T * M);
-    break;
-  case MOERT_L_RES_BEGIN:
-    b->axpy(e->dcur, e->res_grad[li], 1, T * M);
-    break;
-  case MOERT_L_LAYERNORM:
-    b->layernorm_bwd(x, P(e, l, 0), F(e, li, MEAN), F(e, li, RSTD), e->dcur, e->dnext, G(e, l, 0), G(e, l, 1), T, M);
-    break;
-  case MOERT_L_RMSNORM:
-    b->rmsnorm_bwd(x, P(e, l, 0), F(e, li, RSTD), e->dcur, e->dnext, G(e, l, 0), T, M);
-    break;
-  case MOERT_L_FFN: {
-    int64_t H = l->hidden, H1 = l->act == MOERT_ACT_SWIGLU ? 2 * H : H;
-    if (e->xdt == MOERT_BF16) { /* as the forward: bf16 operands, fp32 gradients out */
-      const moert_dt B16 = MOERT_BF16;
-      b->bias_grad(G(e, l, 3), e->dcur, T, M);
-      b->convert(S(e, li, DYB), B16, e->dcur, MOERT_F32, T * M);
-      gemm1(b, true, false, H, M, T, B16, F(e, li, A), S(e, li, DYB), 0, MOERT_F32, G(e, l, 2), NULL);
-      gemm1(b, false, true, T, H, M, B16, S(e, li, DYB), PL(e, l, 2), 0, B16, S(e, li, DA), NULL);
-      if (l->act == MOERT_ACT_SWIGLU) b->swiglu_bwd_t(B16, F(e, li, H), S(e, li, DA), S(e, li, DH), T, H);
-      else b->act_bwd_t(B16, (moert_act)l->act, F(e, li, H), S(e, li, DA), S(e, li, DH), T * H);
-      b->bias_grad_t(B16, G(e, l, 1), S(e, li, DH), 1, T, H1);
-      b->convert(S(e, li, XB), B16, x, MOERT_F32, T * M);
-      gemm1(b, true, false, M, H1, T, B16, S(e, li, XB), S(e, li, DH), 0, MOERT_F32, G(e, l, 0), NULL);
-      gemm1(b, false, true, T, M, H1, B16, S(e, li, DH), PL(e, l, 0), 0, MOERT_F32, e->dnext, NULL);
-      break;
-    }
-    b->bias_grad(G(e, l, 3), e->dcur, T, M);
-    b->gemm(true, false, H, M, T, 1, F(e, li, A), H, e->dcur, M, 0, G(e, l, 2), M);
-    b->gemm(false, true, T, H, M, 1, e->dcur, M, P(e, l, 2), M, 0, S(e, li, DA), H);
-    if (l->act == MOERT_ACT_SWIGLU) b->swiglu_bwd(F(e, li, H), S(e, li, DA), S(e, li, DH), T, H);
-    else b->act_bwd((moert_act)l->act, F(e, li, H), S(e, li, DA), S(e, li, DH), T * H);
-    b->bias_grad(G(e, l, 1), S(e, li, DH), T, H1);
-    b->gemm(true, false, M, H1, T, 1, x, M, S(e, li, DH), H1, 0, G(e, l, 0), H1);
-    b->gemm(false, true, T, M, H1, 1, S(e, li, DH), H1, P(e, l, 0), H1, 0, e->dnext, M);
-    break;
-  }
-  case MOERT_L_EMBED:
-    b->embed_bwd(e->dcur, I(e, li, WIN), G(e, l, 0), T, m->context, m->vocab, M);
-    break;
-  case MOERT_L_MSE:
-  case MOERT_L_MOE:
-  case MOERT_L__COUNT: break;
-  }
-  return true;
+  return moert_layer_ops_of(e->m->layers[li].kind)->bwd(e, li, st);
 }
 
 static bool backward(moert_exec *e, moert_status *st) {
@@ -649,19 +507,20 @@ static bool backward(moert_exec *e, moert_status *st) {
   int depth = 0;
   for (int li = m->nlayers - 1; li >= 0; li--) {
     const moert_layer *l = &m->layers[li];
-    bool traced = l->kind != MOERT_L_RES_BEGIN && l->kind != MOERT_L_MSE;
+    const moert_layer_ops *ops = moert_layer_ops_of(l->kind);
+    bool traced = !(ops->flags & MOERT_LF_UNTRACED_BWD);
     int span = traced ? open_layer(e, l, true) : -1;
-    if (l->kind == MOERT_L_RES_END) e->res_grad[li] = e->skip[depth++];
-    if (l->kind == MOERT_L_RES_BEGIN) e->res_grad[li] = e->skip[--depth];
-    if (l->kind == MOERT_L_MOE) {
-      MOERT_TRY(st, moert_moe_bwd(e, li, st));
-    } else if (l->kind != MOERT_L_MSE) { /* the loss wrote dcur */
-      moert_seg_key k = {.li = li, .kind = MOERT_SEG_BWD, .variant = -1, .flags = 1, .rows = e->rows};
-      MOERT_TRY(st, moert_exec_segment(e, &k, layer_bwd, &li, st));
+    if (ops->flags & MOERT_LF_RES_CLOSE) e->res_grad[li] = e->skip[depth++];
+    if (ops->flags & MOERT_LF_RES_OPEN) e->res_grad[li] = e->skip[--depth];
+    if (ops->bwd && !(ops->flags & MOERT_LF_NO_BWD)) {
+      if (ops->flags & MOERT_LF_OWN_SEGMENTS) {
+        MOERT_TRY(st, ops->bwd(e, li, st));
+      } else {
+        moert_seg_key k = {.li = li, .kind = MOERT_SEG_BWD, .variant = -1, .flags = 1, .rows = e->rows};
+        MOERT_TRY(st, moert_exec_segment(e, &k, layer_bwd, &li, st));
+      }
     }
-    if (l->kind == MOERT_L_LAYERNORM || l->kind == MOERT_L_RMSNORM || l->kind == MOERT_L_FFN ||
-        l->kind == MOERT_L_MOE)
-      swap(e);
+    if (ops->flags & MOERT_LF_SWAP) swap(e);
     if (traced) moert_trace_close(e->trace, b, span, l->name, "backward", MOERT_TID_COMPUTE, e->step);
   }
   return true;
@@ -717,8 +576,11 @@ static bool reduce_and_norm(moert_exec *e, void *ctx, moert_status *st) {
 
 /* --- steps --- */
 
-static int embed_layer(const moert_model *m) {
-  return m->nlayers > 0 && m->layers[0].kind == MOERT_L_EMBED ? 0 : -1;
+/* The layer that reads the token windows (the embedding), or -1. */
+static int embed_layer(const moert_exec *e) {
+  for (int li = 0; li < e->m->nlayers; li++)
+    if (e->plan->layers[li].i[MOERT_I_WIN] >= 0) return li;
+  return -1;
 }
 
 /* Loads the batch of `step` (eval: the held-out batch) into the buffers. */
@@ -727,7 +589,7 @@ static bool load_batch(moert_exec *e, moert_data *d, int64_t step, bool eval, mo
   int64_t T = e->rows, first = (int64_t)e->comm->rank * e->plan->tokens;
   moert_backend *b = e->b;
   if (m->vocab) {
-    int li = embed_layer(m), head = m->nlayers - 1;
+    int li = embed_layer(e), head = m->nlayers - 1;
     int32_t *win = malloc(sizeof(int32_t) * (size_t)(T * m->context));
     int32_t *next = malloc(sizeof(int32_t) * (size_t)T);
     if (!win || !next) {
@@ -794,7 +656,7 @@ bool moert_exec_logits(moert_exec *e, const int32_t *win, int64_t n, float *out,
   const moert_model *m = e->m;
   if (!m->vocab || n > e->plan->tokens) return MOERT_FAIL(st, "no vocabulary, or too many windows");
   e->rows = n;
-  int li = embed_layer(m), head = m->nlayers - 1;
+  int li = embed_layer(e), head = m->nlayers - 1;
   MOERT_TRY(st, e->b->upload(e->b, I(e, li, WIN), win, sizeof(int32_t) * (size_t)(n * m->context), st));
   int32_t *zeros = calloc((size_t)n, sizeof *zeros);
   if (!zeros) return MOERT_FAIL(st, "out of memory");
