@@ -1,6 +1,6 @@
 /* spec.h — a checked .moe spec with every default filled in: what sema makes
- * of the syntax tree, and what the printer, the summary and the later stages
- * (ir, plan) read. All memory comes from the compilation's arena. */
+ * of the syntax tree, and what the printer, the summary and lowering
+ * (lower.c) read. All memory comes from the compilation's arena. */
 #ifndef MOEC_SPEC_H
 #define MOEC_SPEC_H
 
