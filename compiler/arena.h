@@ -1,5 +1,5 @@
 /* arena.h — one bump allocator per compilation (jq's jv_alloc, ggml's context).
- * Everything the compiler makes (source text, strings, AST, spec, IR) comes from
+ * Everything the compiler makes (source text, strings, AST, spec, model) comes from
  * one arena and is freed at once by moec_arena_destroy. Out of memory aborts with
  * a message, so callers never check for NULL. */
 #ifndef MOEC_ARENA_H

@@ -811,7 +811,7 @@ moec_spec *moec_sema(moec_arena *a, moec_diags *d, const moec_stmt *file) {
   S->syntax_errors = d->nerrors > 0;
   moec_names_init(&S->names, a);
   moec_spec *s = S->spec = MOEC_NEW(a, moec_spec);
-  /* the parallel block's defaults (LANGUAGE.md) */
+  /* the parallel block's defaults (docs/LANGUAGE.md) */
   s->parallel.r_auto = true;
   s->parallel.r[0] = MOEC_R_AUTO;
   s->parallel.nr = 1;

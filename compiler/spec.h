@@ -1,6 +1,6 @@
 /* spec.h — a checked .moe spec with every default filled in: what sema makes
- * of the syntax tree, and what the printer, the summary and the later stages
- * (ir, plan) read. All memory comes from the compilation's arena. */
+ * of the syntax tree, and what the printer, the summary and lowering
+ * (lower.c) read. All memory comes from the compilation's arena. */
 #ifndef MOEC_SPEC_H
 #define MOEC_SPEC_H
 
@@ -71,9 +71,9 @@ extern const char *const moec_sched_names[MOEC_SCHED__COUNT];
 extern const char *const moec_layer_names[MOEC_LAYER__COUNT];
 
 /* Limits, each with its reason. */
-#define MOEC_MAX_REPEAT 4096          /* LANGUAGE.md */
-#define MOEC_MAX_CONTEXT 64           /* LANGUAGE.md */
-#define MOEC_MAX_PARAM_BYTES ((int64_t)1 << 40) /* LANGUAGE.md: 1 TiB of weights */
+#define MOEC_MAX_REPEAT 4096          /* docs/LANGUAGE.md */
+#define MOEC_MAX_CONTEXT 64           /* docs/LANGUAGE.md */
+#define MOEC_MAX_PARAM_BYTES ((int64_t)1 << 40) /* docs/LANGUAGE.md: 1 TiB of weights */
 /* Layers after `repeat` is expanded: every later stage holds per-layer data,
  * and no model we know of has more than a few thousand. */
 #define MOEC_MAX_LAYERS ((int64_t)1 << 20)

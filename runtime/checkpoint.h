@@ -1,6 +1,7 @@
 /* checkpoint.h — checkpoint files: xxHash64, safetensors, and atomic, verified
- * checkpoint directories (DESIGN.md: "no checkpoint on disk is ever left half
- * written"). Everything reports failure through moert_status; nothing exits or prints.
+ * checkpoint directories (docs/DESIGN.md, "Checkpoints": no checkpoint on disk is
+ * ever left half written). Everything reports failure through moert_status;
+ * nothing exits or prints.
  *
  * A checkpoint is a directory DIR holding data files (safetensors or raw bytes) and
  * DIR/MANIFEST.json, which lists every file with its size and xxh64, the training

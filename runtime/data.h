@@ -1,4 +1,4 @@
-/* data.h — the training data, as LANGUAGE.md defines it, made so that the
+/* data.h — the training data, as docs/LANGUAGE.md defines it, made so that the
  * global batch of a step does not depend on the world size: token g of the
  * step's W*T global tokens is the same whatever rank holds it.
  *  - synthetic, no vocab: inputs N(0, 1) keyed by (seed, global position),

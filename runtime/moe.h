@@ -1,5 +1,5 @@
 /* moe.h — a MoE layer on the executor: gating, the capacity shared by all
- * variants, and every parallelism variant of DESIGN.md (r = 0 data
+ * variants, and every parallelism variant of docs/DESIGN.md (r = 0 data
  * parallel, r | S expert/model parallel with S/r token chunks, d pipeline
  * chunks whose all-to-all overlaps the expert FFN, linear or 2dh
  * all-to-all). All variants read and write the same buffers and parameters;

@@ -67,7 +67,7 @@ typedef enum {
   MOERT_S__COUNT
 } moert_sbuf;
 
-/* A way to run a MoE layer (DESIGN.md, "Parallelism, as Tutel defines it"):
+/* A way to run a MoE layer (docs/DESIGN.md, "Parallelism, as Tutel defines it"):
  * r = 0 data parallel (experts gathered whole, tokens stay), r >= 1 experts
  * split over r ranks along H with tokens in S/r chunks; d pipeline chunks;
  * the all-to-all algorithm. Every variant uses the same parameter layout. */

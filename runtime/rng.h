@@ -1,5 +1,5 @@
 /* rng.h — the counter-based random generator behind every random number in moec:
- * parameter init, gate noise, synthetic data (DESIGN.md, "World-size independence").
+ * parameter init, gate noise, synthetic data (docs/DESIGN.md, "World-size independence").
  *
  * Philox4x32-10 (Salmon, Moraes, Dror, Shaw, "Parallel random numbers: as easy as
  * 1, 2, 3", SC'11) is a keyed bijection of a 128-bit counter: the value at an index

@@ -1,5 +1,5 @@
 /* select.h — picks, for every MoE layer and step, one of its variants
- * (DESIGN.md: the selector). Per (layer, capacity bucket: C rounded up to a
+ * (docs/DESIGN.md, "The selector"). Per (layer, capacity bucket: C rounded up to a
  * power of two) it keeps each candidate's measured times; it explores every
  * candidate explore_steps times, in turn, after one unrecorded warm-up run of
  * each (first runs pay for lazy connections and cold caches), then uses the

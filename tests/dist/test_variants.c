@@ -1,5 +1,5 @@
 /* test_variants.c — every variant of a MoE layer computes the same function
- * (DESIGN.md, "What must hold"): run under mpirun at several world sizes, on
+ * (docs/DESIGN.md, "What must hold"): run under mpirun at several world sizes, on
  * specs with E above, equal to and below the world size. For each spec, the
  * objective (loss + aux) and the whole gradient of one forward and backward
  * with every MoE layer forced to each candidate are compared with candidate 0:

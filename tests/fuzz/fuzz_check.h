@@ -5,7 +5,7 @@
  *   - it returns a spec exactly when it reported no error, at most
  *     MOEC_MAX_ERRORS errors, every location inside the source;
  *   - the printed diagnostics are UTF-8 with no control byte but `\n` and `\t`
- *     (LANGUAGE.md: non-printable bytes are echoed escaped, never raw);
+ *     (docs/LANGUAGE.md: non-printable bytes are echoed escaped, never raw);
  *   - a spec that checks clean prints (moec_spec_print) to a normal form that
  *     checks clean with no more warnings than the input had, prints to the
  *     same text again, and has the same summary (the round trip).
