@@ -21,9 +21,10 @@ add_library(moert_templates OBJECT ${CMAKE_CURRENT_BINARY_DIR}/moert_templates.c
 
 # The layer kinds' descriptors (layer.h): the runtime's whole; the compiler
 # compiles the same files without their executor part (compiler/CMakeLists.txt).
-set(MOERT_LAYER_SOURCES layer.c layers/embed.c layers/norm.c layers/ffn.c layers/moe.c layers/residual.c
-    layers/head.c layers/mse.c)
-list(TRANSFORM MOERT_LAYER_SOURCES PREPEND ${CMAKE_CURRENT_SOURCE_DIR}/ OUTPUT_VARIABLE MOERT_LAYER_PATHS)
+# A new kind's file is found here, not listed.
+file(GLOB MOERT_LAYER_KIND_PATHS CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/layers/*.c)
+set(MOERT_LAYER_PATHS ${CMAKE_CURRENT_SOURCE_DIR}/layer.c ${MOERT_LAYER_KIND_PATHS})
+set(MOERT_LAYER_SOURCES ${MOERT_LAYER_PATHS})
 set(MOERT_LAYER_PATHS ${MOERT_LAYER_PATHS} PARENT_SCOPE)
 add_library(moert STATIC
   ${MOERT_LAYER_SOURCES}
