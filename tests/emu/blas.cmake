@@ -5,7 +5,7 @@
 find_path(CBLAS_INCLUDE cblas.h PATH_SUFFIXES openblas openblas-pthread)
 find_library(OPENBLAS_LIB openblas)
 if(NOT CBLAS_INCLUDE OR NOT OPENBLAS_LIB OR NOT EXISTS ${MOEC_CUDA_INCLUDE}/cublasLt.h)
-  message(STATUS "emu: OpenBLAS (libopenblas-dev) or cublasLt.h not found; the cuBLAS stand-ins are not built")
+  emu_missing("OpenBLAS (libopenblas-dev) or cublasLt.h not found" "the cuBLAS stand-ins are not built")
   return()
 endif()
 

@@ -4,7 +4,7 @@
 # labels emu, mpi) and alone without MPI_Init (emu.fake_nccl.nompi); it loads
 # the driver stand-in (libcuda.so.1) for its groups in stream capture.
 if(NOT MOEC_NCCL_INCLUDE OR NOT EXISTS ${MOEC_NCCL_INCLUDE}/nccl.h)
-  message(STATUS "emu: nccl.h not found; the NCCL stand-in is not built")
+  emu_missing("nccl.h not found" "the NCCL stand-in is not built")
   return()
 endif()
 find_package(MPI REQUIRED COMPONENTS C)

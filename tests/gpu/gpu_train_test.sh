@@ -1,13 +1,35 @@
 #!/bin/sh
 # gpu_train_test.sh MODE MOEC SRCDIR WORKDIR MPIEXEC — built models on the
 # cuda backend, compared with the cpu backend, and the nccl comm with the
-# others (label gpu). Exits 77 (skipped) where no GPU (or, for nccl_*, no
-# NCCL) is found.
+# others (label gpu). Exits 77 (skipped) where no GPU (or, for nccl_* and
+# trace, no NCCL) is found. The modes that start two ranks on the nccl comm
+# (nccl_np2, trace, graphs) take the GPU count from MOEC_EMU_GPUS (the CPU
+# emulation's, tests/emu) or nvidia-smi -L capped by CUDA_VISIBLE_DEVICES:
+# with 2 GPUs or more NCCL must work; on one, nccl_np2 and trace require it
+# refused with the shared-GPU message.
 set -u
 mode=$1 moec=$2 src=$3 work=$4 mpiexec=$5
 rm -rf "$work" && mkdir -p "$work" && cd "$work" || exit 1
 fail() { echo "FAIL: $mode: $*"; exit 1; }
 field() { sed -n "s/.*\"$1\": \([^,}]*\).*/\1/p" "$2"; }
+# the GPUs the cuda backend sees (above); empty when nothing tells
+gpu_count() {
+  if [ -n "${MOEC_EMU_GPUS:-}" ]; then echo "$MOEC_EMU_GPUS"; return; fi
+  command -v nvidia-smi >/dev/null 2>&1 || return 0
+  n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU [0-9]')
+  if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
+    v=$(printf '%s\n' "$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c '[^ ]')
+    [ "$v" -lt "$n" ] && n=$v
+  fi
+  echo "$n"
+}
+# why a run failed: its first error lines (before mpirun's abort notice)
+why() { grep -m 2 'error:' "$1" || tail -n 5 "$1"; }
+# the count for a mode that needs to know it
+need_gpu_count() {
+  gpus=$(gpu_count)
+  [ -n "$gpus" ] || fail "cannot tell how many GPUs there are (no nvidia-smi, MOEC_EMU_GPUS unset): whether NCCL must work at -np 2 depends on it"
+}
 export OPENBLAS_NUM_THREADS=1
 "$moec" build "$src/examples/tiny.moe" -o tiny >/dev/null || fail "moec build tiny"
 "$moec" build "$src/tests/dist/dist.moe" -o dist >/dev/null || fail "moec build dist"
@@ -131,7 +153,7 @@ graphs)
   }
   same graphs 1 ./graphs --backend cuda --kernel-cache kc --steps 24 --log-every 1 --variant cycle
   same dist 1 ./dist --backend cuda --kernel-cache kc --log-every 1 --variant cycle
-  gpus=${MOEC_EMU_GPUS:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU [0-9]')}
+  gpus=$(gpu_count)
   if [ "${gpus:-0}" -ge 2 ]; then
     same dist_nccl 2 ./dist --backend cuda --comm nccl --kernel-cache kc --log-every 1 --variant cycle
   else
@@ -195,14 +217,18 @@ nccl_np1)
   close self.jsonl nccl.jsonl 1e-6 20 5e-2
   echo "ok: --comm nccl at one rank follows --comm self" ;;
 nccl_np2)
-  # two ranks: with a GPU each, nccl is the default and follows mpi; on one
-  # GPU, --comm nccl is refused on every rank with the way out, and the
-  # default is the staged mpi comm
+  # two ranks: with a GPU each (2 GPUs or more), nccl must work, is the
+  # default and follows mpi; on one GPU, --comm nccl is refused on every rank
+  # with the way out, and the default is the staged mpi comm
+  need_gpu_count
   run() { timeout 120 "$mpiexec" --oversubscribe -np 2 "$@"; }
   run ./dist --backend cuda --comm nccl --kernel-cache kc --variant cycle --metrics nccl.jsonl > nccl.txt 2>&1; rc=$?
-  if [ $rc != 0 ]; then
-    grep -q "NCCL could not be loaded" nccl.txt && { echo "SKIP: no NCCL here"; exit 77; }
-    [ $rc != 124 ] || fail "--comm nccl on a shared GPU hung"
+  [ $rc != 124 ] || fail "--comm nccl at -np 2 on $gpus GPU(s) hung"
+  if [ $rc != 0 ] && grep -q "NCCL could not be loaded" nccl.txt; then
+    echo "SKIP: no NCCL here: $(grep -m1 'NCCL could not be loaded' nccl.txt)"; exit 77
+  fi
+  if [ "$gpus" -lt 2 ]; then
+    [ $rc != 0 ] || fail "--comm nccl at -np 2 on one GPU was not refused: $(grep '^backend' nccl.txt)"
     grep -q "share one GPU" nccl.txt && grep -q -- "--comm mpi" nccl.txt ||
       fail "--comm nccl failed without the shared-GPU message: $(cat nccl.txt)"
     run ./dist --backend cuda --kernel-cache kc --steps 3 > default.txt 2>&1 || fail "default run: $(cat default.txt)"
@@ -210,6 +236,7 @@ nccl_np2)
     echo "ok: one GPU: --comm nccl is refused on both ranks with a clear message; the default is staged mpi"
     exit 0
   fi
+  [ $rc = 0 ] || fail "--comm nccl at -np 2 on $gpus GPUs (exit $rc): $(why nccl.txt)"
   grep -q "comm nccl" nccl.txt || fail "the header does not name the nccl comm"
   run ./dist --backend cuda --comm mpi --kernel-cache kc --variant cycle --metrics mpi.jsonl --quiet || fail "--comm mpi"
   close mpi.jsonl nccl.jsonl 1e-4 20 5e-2
@@ -263,20 +290,30 @@ PY
   grep -q "^trace: t.json" out.txt || fail "no word of the trace: $(cat out.txt)"
   check_trace t.json m.jsonl 1 "gate and capacity" dispatch experts combine "bwd combine" "bwd experts" \
     "bwd dispatch" "bwd gate" optimizer experts_0 experts_1 rmsnorm_0 || fail "the trace of one rank is wrong"
-  # two ranks sharing the GPU (staged mpi): the all-to-all chunks from start to wait
-  "$mpiexec" --oversubscribe -np 2 ./dist --backend cuda --kernel-cache kc --steps 3 --variant r=1,d=2,a2a=linear \
-    --trace t2.json --metrics m2.jsonl --quiet || fail "-np 2 run"
+  # two ranks on the staged mpi comm (as on one GPU, whatever the count):
+  # the all-to-all chunks from start to wait
+  "$mpiexec" --oversubscribe -np 2 ./dist --backend cuda --comm mpi --kernel-cache kc --steps 3 \
+    --variant r=1,d=2,a2a=linear --trace t2.json --metrics m2.jsonl --quiet || fail "-np 2 run"
   check_trace t2.json m2.jsonl 2 "a2a to experts 1/2" "a2a back 2/2" "experts 1/2" "bwd a2a back 1/2" \
     || fail "the trace of two ranks is wrong"
-  # with a GPU per rank, the nccl comm: the all-to-alls on its own stream
+  # with a GPU per rank, the nccl comm: the all-to-alls on its own stream; on
+  # one GPU it must be refused
+  need_gpu_count
   timeout 120 "$mpiexec" --oversubscribe -np 2 ./dist --backend cuda --comm nccl --kernel-cache kc --steps 3 \
-    --variant r=1,d=2,a2a=linear --trace t3.json --metrics m3.jsonl > nccl.txt 2>&1
-  if [ $? = 0 ]; then
+    --variant r=1,d=2,a2a=linear --trace t3.json --metrics m3.jsonl > nccl.txt 2>&1; rc=$?
+  [ $rc != 124 ] || fail "--comm nccl at -np 2 on $gpus GPU(s) hung"
+  if [ $rc != 0 ] && grep -q "NCCL could not be loaded" nccl.txt; then
+    echo "SKIP: no NCCL here, the nccl trace is not checked: $(grep -m1 'NCCL could not be loaded' nccl.txt)"; exit 77
+  fi
+  if [ "$gpus" -ge 2 ]; then
+    [ $rc = 0 ] || fail "--comm nccl at -np 2 on $gpus GPUs (exit $rc): $(why nccl.txt)"
     check_trace t3.json m3.jsonl 2 "a2a to experts 1/2" "a2a back 2/2" "experts 2/2" || fail "the nccl trace is wrong"
     python3 -c 'import json,sys; t=json.load(open(sys.argv[1])); n=[e["args"]["name"] for e in t["traceEvents"] if e.get("name")=="thread_name" and e["tid"]==1]; assert n[0]=="comm stream (all-to-all)", n' t3.json ||
       fail "the comm stream's thread is not named"
   else
-    echo "(no nccl trace: $(grep -m1 -i 'error' nccl.txt))"
+    [ $rc != 0 ] && grep -q "share one GPU" nccl.txt ||
+      fail "--comm nccl at -np 2 on one GPU was not refused with the shared-GPU message (exit $rc): $(why nccl.txt)"
+    echo "(one GPU: --comm nccl refused, as it must be; no nccl trace)"
   fi
   echo "ok: --trace on cuda: device-timed spans, phases inside their layers, positive layer_ms" ;;
 *) echo "unknown mode $mode"; exit 2 ;;

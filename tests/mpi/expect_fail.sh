@@ -1,7 +1,8 @@
 #!/bin/sh
-# expect_fail.sh STATUS TEXT COMMAND...: runs COMMAND (an mpirun line), which
-# must exit with STATUS and print TEXT (a fixed string) — within 60 seconds,
-# so a rank left waiting fails the test instead of hanging it.
+# expect_fail.sh STATUS TEXT COMMAND...: runs COMMAND (an mpirun line, or a
+# script that runs some), which must exit with STATUS and print TEXT (a fixed
+# string) — within 60 seconds, so a rank left waiting fails the test instead
+# of hanging it.
 set -u
 want_status=$1
 want_text=$2
