@@ -102,7 +102,6 @@ typedef struct moert_exec {
   bool repeat_variants;
   moert_subcomm subcomms[16];
   int nsubcomms;
-  const char *slow_variant; /* MOEC_TEST_SLOW_VARIANT: that variant sleeps (selector tests) */
   moert_trace *trace;       /* NULL: no trace */
   int64_t step;             /* the step being run, for the trace */
   double routed, dropped;

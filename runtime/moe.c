@@ -25,6 +25,7 @@
 
 #include "layer_exec.h"
 #include "rng.h"
+#include "testing.h"
 
 #define COSINE_MAX_LOG_SCALE 4.605170185988091 /* log(1 / 0.01), as Tutel */
 #define COSINE_PROJ MOERT_COSINE_PROJ
@@ -817,7 +818,8 @@ bool moert_moe_fwd(moert_exec *e, int li, const float *x, int64_t step, moert_st
   moert_seg_key k = {.li = li, .kind = MOERT_SEG_FWD, .variant = vi, .flags = noise, .capacity = c.C,
                      .rows = e->rows};
   MOERT_TRY(st, moert_exec_segment(e, &k, moe_fwd, &c, st));
-  if (e->slow_variant && strcmp(e->slow_variant, lp->variants[vi].name) == 0) usleep(30000);
+  const char *slow = moert_testing()->slow_variant;
+  if (slow && strcmp(slow, lp->variants[vi].name) == 0) usleep(30000);
   lm[1] = e->b->mark(e->b, NULL);
   return true;
 }

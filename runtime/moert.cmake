@@ -29,7 +29,7 @@ set(MOERT_LAYER_PATHS ${MOERT_LAYER_PATHS} PARENT_SCOPE)
 add_library(moert STATIC
   ${MOERT_LAYER_SOURCES}
   status.c cpu_ops.c cpu_ops_typed.c rng.c checkpoint.c placement.c backend_cpu.c comm_self.c comm_staged.c moe.c
-  select.c trace.c data.c step.c ckpt_io.c flags.c run.c driver.c comm_mpi.c comm_nccl.c backend_cuda.c
+  select.c trace.c data.c step.c ckpt_io.c flags.c testing.c run.c driver.c comm_mpi.c comm_nccl.c backend_cuda.c
   $<TARGET_OBJECTS:moert_templates>)
 target_include_directories(moert PUBLIC ${CMAKE_CURRENT_SOURCE_DIR})
 # backend_cuda.c opens the driver, NVRTC and cuBLAS with dlopen: their headers

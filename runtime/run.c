@@ -19,6 +19,7 @@
 #include "placement.h"
 #include "rng.h"
 #include "select.h"
+#include "testing.h"
 
 void moert_run_defaults(const moert_model *m, moert_run_opts *o) {
   *o = (moert_run_opts){0};
@@ -161,11 +162,15 @@ static bool peak_tflops(const moert_backend *b, double *peak, char *what, size_t
   return true;
 }
 
-/* The device's free and total bytes: the cuda backend's, or for tests on
- * any backend MOEC_TEST_DEVICE_MEMORY="FREE,TOTAL" (bytes). False: unknown. */
+/* The device's free and total bytes: the cuda backend's, or the test
+ * hook's (testing.h) on any backend. False: unknown. */
 static bool device_memory(const moert_backend *b, double *free_b, double *total_b) {
-  const char *env = getenv("MOEC_TEST_DEVICE_MEMORY");
-  if (env && sscanf(env, "%lf,%lf", free_b, total_b) == 2) return true;
+  const moert_test_hooks *hooks = moert_testing();
+  if (hooks->device_memory) {
+    *free_b = hooks->device_free;
+    *total_b = hooks->device_total;
+    return true;
+  }
   size_t f = 0, t = 0;
   if (!moert_backend_cuda_mem_info(b, &f, &t)) return false;
   *free_b = (double)f;

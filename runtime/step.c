@@ -194,7 +194,6 @@ bool moert_exec_create(moert_exec **out, const moert_model *m, moert_plan *plan,
   e->layer_marks = calloc(4 * (size_t)m->nlayers + 1, sizeof *e->layer_marks);
   e->res_in = calloc((size_t)m->nlayers + 1, sizeof *e->res_in);
   e->res_grad = calloc((size_t)m->nlayers + 1, sizeof *e->res_grad);
-  e->slow_variant = getenv("MOEC_TEST_SLOW_VARIANT");
   int64_t loads = 0;
   for (int i = 0; i < m->nlayers; i++)
     if (m->layers[i].kind == MOERT_L_MOE) loads += m->layers[i].experts;
