@@ -34,6 +34,11 @@ typedef struct moert_subcomm {
   moert_comm *comm;
 } moert_subcomm;
 
+/* The executor's state. The fields up to `opts` are step.c's (made at
+ * create, written by the step), but for the timing marks of MoE layers
+ * (layer_marks), which moe.c makes, and wlow_fresh, which whoever writes
+ * the parameters clears (a checkpoint load). The groups after it say whose
+ * they are. */
 typedef struct moert_exec {
   const moert_model *m;
   moert_plan *plan;
@@ -63,8 +68,6 @@ typedef struct moert_exec {
   float **skip;       /* [max_res_depth] skip-path gradients, [T, M] each */
   const float **xin;  /* [nlayers] input of each layer in the last forward */
   const float **stack;/* residual inputs during forward */
-  int64_t *capacity;  /* [nlayers] C used by each MoE layer in the last forward */
-  int64_t *keep;      /* [nlayers] the claims each MoE layer kept per expert (<= C) */
   /* The ranges of the gradient buffer a step zeroes (offset, count in
    * floats; merged, by offset): every parameter's but those the backward
    * writes whole before adding to them (weights of dense FFNs, the head and
@@ -82,11 +85,6 @@ typedef struct moert_exec {
   double *dnorm_part, *dnorm;
   float *dhilo, *dclip;
   int64_t rows;       /* tokens of the current forward (<= plan tokens) */
-  int64_t total_steps;/* of the run, for the learning-rate schedule */
-  /* expert load of the last forward: per MoE layer, E global counts */
-  double *load;
-  /* MoE variants */
-  int *variant;       /* [nlayers] the variant each MoE layer ran in the last forward */
   double *layer_ms;   /* [nlayers] each MoE layer's time in the last step (fwd + bwd) */
   /* Timing marks of the backend (backend.h), resolved once at the end of a
    * step: its first mark, the wall clock (moert_trace_now) when it was made,
@@ -94,26 +92,11 @@ typedef struct moert_exec {
   int mark0;
   double anchor_us;
   int *layer_marks;   /* [4 nlayers] */
-  moert_pick_fn pick; /* NULL: the first candidate */
-  void *pick_ctx;
   /* A held-out evaluation or sampling: each MoE layer runs the variant of its
    * last forward and asks pick nothing (the selector's cycle and exploration
    * belong to the steps; an evaluation must not take a step's turn) */
   bool repeat_variants;
-  moert_subcomm subcomms[16];
-  int nsubcomms;
-  moert_trace *trace;       /* NULL: no trace */
   int64_t step;             /* the step being run, for the trace */
-  double routed, dropped;
-  double aux;
-  /* CUDA graphs (moert_exec_segment): why they are off (NULL: on where no
-   * trace is kept): MOEC_CUDA_GRAPHS=0, a backend without them, or a comm
-   * whose collectives cannot be captured. The segments seen, and counts for
-   * the run's summary. */
-  const char *graphs_off;
-  struct moert_segment *segs;
-  int nsegs;
-  int64_t graph_captures, graph_launches, graph_fallbacks;
   /* The step, where the backend's ops read it (the gate noise of a graph). */
   int64_t *dstep;
   /* dcur and dnext as each step begins (a step's swaps then give every layer
@@ -124,6 +107,36 @@ typedef struct moert_exec {
    * layer's work, which reads them) */
   const float **res_in;
   float **res_grad;
+  /* Set by the caller (run.c, tests) after create and before the steps; the
+   * executor only reads them. */
+  struct {
+    int64_t total_steps;    /* of the run, for the learning-rate schedule */
+    moert_pick_fn pick;     /* chooses each MoE layer's variant; NULL: the first candidate */
+    void *pick_ctx;
+    moert_trace *trace;     /* NULL: no trace */
+  } opts;
+  /* What the MoE layers did in the last forward: written by moe.c alone
+   * (step.c allocates the arrays), read by the step, the run and tests. */
+  struct {
+    int64_t *capacity;      /* [nlayers] the padded C each MoE layer used */
+    int64_t *keep;          /* [nlayers] the claims each kept per expert (<= C) */
+    int *variant;           /* [nlayers] the variant each ran */
+    double *load;           /* per MoE layer, E global claim counts */
+    double routed, dropped; /* claims routed and dropped, all MoE layers */
+    double aux;             /* the weighted sum of their aux losses */
+    moert_subcomm subcomms[16]; /* the expert groups and H-slice classes (moert_moe_setup) */
+    int nsubcomms;
+  } moe;
+  /* CUDA graphs (moert_exec_segment), step.c's alone: why they are off
+   * (NULL: on where no trace is kept): MOEC_CUDA_GRAPHS=0, a backend without
+   * them, or a comm whose collectives cannot be captured. The segments seen,
+   * and counts for the run's summary. */
+  struct {
+    const char *off;
+    struct moert_segment *segs;
+    int nsegs;
+    int64_t captures, launches, fallbacks;
+  } graphs;
 } moert_exec;
 
 /* A stretch of a step's device work (a layer's forward or backward, in one

@@ -46,9 +46,9 @@
  * the step (step.c): on a device, the time the stream spent on the layer, and
  * nothing waits for it here. The trace's spans (trace.h) are mark pairs too,
  * and NVTX ranges. */
-static int open_span(moert_exec *e, const char *name) { return moert_trace_open(e->trace, e->b, name); }
+static int open_span(moert_exec *e, const char *name) { return moert_trace_open(e->opts.trace, e->b, name); }
 static void close_span(moert_exec *e, int mark, const char *name, const char *cat, int tid) {
-  moert_trace_close(e->trace, e->b, mark, name, cat, tid, e->step);
+  moert_trace_close(e->opts.trace, e->b, mark, name, cat, tid, e->step);
 }
 /* The trace's thread of parameter gathers and scatters: their own on the
  * cpu; on a device the compute stream, where the collectives are enqueued
@@ -60,14 +60,14 @@ static int gather_tid(const moert_exec *e) {
 /* --- sub-communicators --- */
 
 static moert_comm *subcomm(moert_exec *e, int64_t shards, int64_t r) {
-  for (int i = 0; i < e->nsubcomms; i++)
-    if (e->subcomms[i].shards == shards && e->subcomms[i].r == r) return e->subcomms[i].comm;
+  for (int i = 0; i < e->moe.nsubcomms; i++)
+    if (e->moe.subcomms[i].shards == shards && e->moe.subcomms[i].r == r) return e->moe.subcomms[i].comm;
   return NULL;
 }
 
 static bool make_subcomm(moert_exec *e, int64_t shards, int64_t r, moert_status *st) {
   if (subcomm(e, shards, r)) return true;
-  if (e->nsubcomms == (int)(sizeof e->subcomms / sizeof e->subcomms[0]))
+  if (e->moe.nsubcomms == (int)(sizeof e->moe.subcomms / sizeof e->moe.subcomms[0]))
     return MOERT_FAIL(st, "too many distinct expert groupings (limit is 16)");
   int rank = e->comm->rank;
   int64_t ex = rank / shards, j = rank % shards;
@@ -82,10 +82,10 @@ static bool make_subcomm(moert_exec *e, int64_t shards, int64_t r, moert_status 
   }
   moert_comm *c;
   MOERT_TRY(st, e->comm->split(e->comm, color, key, &c, st));
-  e->subcomms[e->nsubcomms].shards = shards;
-  e->subcomms[e->nsubcomms].r = r;
-  e->subcomms[e->nsubcomms].comm = c;
-  e->nsubcomms++;
+  e->moe.subcomms[e->moe.nsubcomms].shards = shards;
+  e->moe.subcomms[e->moe.nsubcomms].r = r;
+  e->moe.subcomms[e->moe.nsubcomms].comm = c;
+  e->moe.nsubcomms++;
   return true;
 }
 
@@ -111,9 +111,9 @@ bool moert_moe_setup(moert_exec *e, moert_status *st) {
 }
 
 void moert_moe_teardown(moert_exec *e) {
-  for (int i = e->nsubcomms - 1; i >= 0; i--)
-    if (e->subcomms[i].comm != e->comm) e->subcomms[i].comm->destroy(e->subcomms[i].comm);
-  e->nsubcomms = 0;
+  for (int i = e->moe.nsubcomms - 1; i >= 0; i--)
+    if (e->moe.subcomms[i].comm != e->comm) e->moe.subcomms[i].comm->destroy(e->moe.subcomms[i].comm);
+  e->moe.nsubcomms = 0;
 }
 
 /* --- the expert FFN on [n, rows, M] (n experts, rows each) --- */
@@ -534,7 +534,7 @@ typedef struct a2a_span {
 /* Before all_to_all_start: the compute stream's mark when the comm has no
  * stream of its own. */
 static int a2a_before(moert_exec *e) {
-  return e->trace && !e->comm->req_marks ? moert_trace_mark(e->trace, e->b) : -1;
+  return e->opts.trace && !e->comm->req_marks ? moert_trace_mark(e->opts.trace, e->b) : -1;
 }
 
 static a2a_span a2a_started(moert_exec *e, const moert_req *rq, int before) {
@@ -542,15 +542,15 @@ static a2a_span a2a_started(moert_exec *e, const moert_req *rq, int before) {
    * (no request): its span is still the compute stream's, start to wait */
   bool own = e->comm->req_marks != NULL;
   a2a_span s = {before, -1, own, own && rq == NULL};
-  if (e->trace && s.own && rq) e->comm->req_marks(e->comm, rq, &s.m0, &s.m1);
+  if (e->opts.trace && s.own && rq) e->comm->req_marks(e->comm, rq, &s.m0, &s.m1);
   return s;
 }
 
 /* After the wait: the span, named name, kept for the end of the step. */
 static void a2a_waited(moert_exec *e, a2a_span *s, const char *name) {
-  if (!e->trace || s->none) return;
-  if (!s->own && s->m0 >= 0) s->m1 = moert_trace_mark(e->trace, e->b);
-  moert_trace_marks(e->trace, s->m0, s->m1, name, "all-to-all", MOERT_TID_A2A, e->step);
+  if (!e->opts.trace || s->none) return;
+  if (!s->own && s->m0 >= 0) s->m1 = moert_trace_mark(e->opts.trace, e->b);
+  moert_trace_marks(e->opts.trace, s->m0, s->m1, name, "all-to-all", MOERT_TID_A2A, e->step);
 }
 
 static bool exchange_pass(pass_ctx *c, const void *in, void *out, moert_status *st) {
@@ -565,7 +565,7 @@ static bool exchange_pass(pass_ctx *c, const void *in, void *out, moert_status *
   int64_t nf = x->block * g->es / (int64_t)sizeof(float);
   moert_req *to[8] = {0}, *back[8] = {0};
   a2a_span s_to[8], s_back[8];
-  bool named = e->trace || moert_nvtx_on();
+  bool named = e->opts.trace || moert_nvtx_on();
   const char *dir = c->backward ? "bwd " : "";
   char name[48] = "";
   for (int64_t i = 0; i < x->d; i++) {
@@ -576,7 +576,7 @@ static bool exchange_pass(pass_ctx *c, const void *in, void *out, moert_status *
   }
   for (int64_t i = 0; i < x->d; i++) {
     MOERT_TRY(st, comm->wait(comm, to[i], st));
-    if (e->trace) {
+    if (e->opts.trace) {
       snprintf(name, sizeof name, "%sa2a to experts %lld/%lld", dir, (long long)i + 1, (long long)x->d);
       a2a_waited(e, &s_to[i], name);
     }
@@ -591,7 +591,7 @@ static bool exchange_pass(pass_ctx *c, const void *in, void *out, moert_status *
   e->b->zero(out, (size_t)(g->es * g->E * x->C * g->M));
   for (int64_t i = 0; i < x->d; i++) {
     MOERT_TRY(st, comm->wait(comm, back[i], st));
-    if (e->trace) {
+    if (e->opts.trace) {
       snprintf(name, sizeof name, "%sa2a back %lld/%lld", dir, (long long)i + 1, (long long)x->d);
       a2a_waited(e, &s_back[i], name);
     }
@@ -704,20 +704,20 @@ static bool aux_loss(moert_exec *e, int li, const layer_geom *g, moert_status *s
 bool moert_moe_read_stats(moert_exec *e, moert_status *st) {
   const moert_model *m = e->m;
   moert_backend *b = e->b;
-  e->aux = 0;
-  e->routed = e->dropped = 0;
-  double *load = e->load;
+  e->moe.aux = 0;
+  e->moe.routed = e->moe.dropped = 0;
+  double *load = e->moe.load;
   bool any_aux = false;
   for (int li = 0; li < m->nlayers; li++) {
     const moert_layer *l = &m->layers[li];
     if (l->kind != MOERT_L_MOE) continue;
-    int64_t E = l->experts, keep = e->keep[li];
+    int64_t E = l->experts, keep = e->moe.keep[li];
     int32_t counts[4096];
     MOERT_TRY(st, b->download(b, counts, I(e, li, COUNTS), sizeof(int32_t) * (size_t)E, st));
     for (int64_t j = 0; j < E; j++) {
       load[j] = counts[j];
-      e->routed += counts[j];
-      e->dropped += counts[j] > keep ? (double)(counts[j] - keep) : 0;
+      e->moe.routed += counts[j];
+      e->moe.dropped += counts[j] > keep ? (double)(counts[j] - keep) : 0;
     }
     load += E;
     any_aux = any_aux || l->aux_loss > 0;
@@ -725,7 +725,7 @@ bool moert_moe_read_stats(moert_exec *e, moert_status *st) {
   if (!any_aux) return true;
   MOERT_TRY(st, b->download(b, e->aux_h, e->daux, sizeof(float) * (size_t)m->nlayers, st));
   for (int li = 0; li < m->nlayers; li++)
-    if (m->layers[li].kind == MOERT_L_MOE && m->layers[li].aux_loss > 0) e->aux += m->layers[li].aux_loss * e->aux_h[li];
+    if (m->layers[li].kind == MOERT_L_MOE && m->layers[li].aux_loss > 0) e->moe.aux += m->layers[li].aux_loss * e->aux_h[li];
   return true;
 }
 
@@ -810,11 +810,11 @@ bool moert_moe_fwd(moert_exec *e, int li, const float *x, int64_t step, moert_st
   /* dropless and dynamic: keep changes from step to step under one padded C,
    * so its drop runs here, outside the graph of C */
   if (!c.with_gate) e->b->drop_beyond(I(e, li, LOC), e->rows * g.K, c.keep);
-  e->keep[li] = c.keep;
-  e->capacity[li] = c.C;
-  int vi = e->repeat_variants ? e->variant[li] : e->pick ? e->pick(e->pick_ctx, li, c.C, step) : 0;
+  e->moe.keep[li] = c.keep;
+  e->moe.capacity[li] = c.C;
+  int vi = e->repeat_variants ? e->moe.variant[li] : e->opts.pick ? e->opts.pick(e->opts.pick_ctx, li, c.C, step) : 0;
   if (vi < 0 || vi >= lp->nvariants) vi = 0;
-  e->variant[li] = c.vi = vi;
+  e->moe.variant[li] = c.vi = vi;
   moert_seg_key k = {.li = li, .kind = MOERT_SEG_FWD, .variant = vi, .flags = noise, .capacity = c.C,
                      .rows = e->rows};
   MOERT_TRY(st, moert_exec_segment(e, &k, moe_fwd, &c, st));
@@ -830,8 +830,8 @@ static bool moe_bwd(moert_exec *e, void *ctx, moert_status *st) {
   const moert_layer_plan *lp = &e->plan->layers[li];
   layer_geom g = geom(e, li);
   moert_backend *b = e->b;
-  int64_t T = e->rows, M = g.M, E = g.E, K = g.K, C = e->capacity[li];
-  const moert_variant *v = &lp->variants[e->variant[li]];
+  int64_t T = e->rows, M = g.M, E = g.E, K = g.K, C = e->moe.capacity[li];
+  const moert_variant *v = &lp->variants[e->moe.variant[li]];
   const float *x = e->xin[li];
   int span = open_span(e, "bwd combine");
   b->combine_bwd_t(g.dt, e->dcur, F(e, li, SRCY), I(e, li, IDX), I(e, li, LOC), F(e, li, GATE), S(e, li, DSRCY),
@@ -905,8 +905,8 @@ bool moert_moe_bwd(moert_exec *e, int li, moert_status *st) {
   int *lm = e->layer_marks + 4 * li;
   lm[2] = e->b->mark(e->b, NULL);
   moe_ctx c = {.li = li};
-  moert_seg_key k = {.li = li, .kind = MOERT_SEG_BWD, .variant = e->variant[li], .flags = 1,
-                     .capacity = e->capacity[li], .rows = e->rows};
+  moert_seg_key k = {.li = li, .kind = MOERT_SEG_BWD, .variant = e->moe.variant[li], .flags = 1,
+                     .capacity = e->moe.capacity[li], .rows = e->rows};
   MOERT_TRY(st, moert_exec_segment(e, &k, moe_bwd, &c, st));
   lm[3] = e->b->mark(e->b, NULL);
   return true;

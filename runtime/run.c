@@ -221,7 +221,7 @@ static void variants_short(const moert_model *m, const moert_plan *p, const moer
   buf[0] = 0;
   for (int li = 0; li < m->nlayers && k + 12 < n; li++) {
     if (m->layers[li].kind != MOERT_L_MOE) continue;
-    const moert_variant *v = &p->layers[li].variants[e->variant[li]];
+    const moert_variant *v = &p->layers[li].variants[e->moe.variant[li]];
     k += (size_t)snprintf(buf + k, n - k, "%sr%dd%d%s", k ? " " : "", v->r, v->d,
                           v->r == 0 || p->world == 1 ? "" : v->a2a == MOERT_A2A_2DH ? "H" : "L");
   }
@@ -269,7 +269,7 @@ static void write_metrics(FILE *f, const moert_model *m, const moert_exec *e, in
   for (int i = 0; i < m->nlayers; i++) {
     if (m->layers[i].kind != MOERT_L_MOE) continue;
     fprintf(f, "%s\"%s\": \"%s\"", first ? "" : ", ", m->layers[i].name,
-            e->plan->layers[i].variants[e->variant[i]].name);
+            e->plan->layers[i].variants[e->moe.variant[i]].name);
     first = false;
   }
   fputs("}, \"layer_ms\": {", f);
@@ -289,7 +289,7 @@ static void write_metrics(FILE *f, const moert_model *m, const moert_exec *e, in
     for (int i = 0; i < m->nlayers; i++) {
       if (m->layers[i].kind != MOERT_L_MOE) continue;
       if (!first) fputs(", ", f);
-      moert_selector_json(x->explored, i, e->capacity[i], f);
+      moert_selector_json(x->explored, i, e->moe.capacity[i], f);
       first = false;
     }
     fputc('}', f);
@@ -488,12 +488,12 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
   }
   if (!moert_exec_create(&e, m, plan, b, comm, training, (uint64_t)o.seed, &st)) goto out;
   if (!moert_exec_use_data(e, data, &st)) goto out;
-  e->total_steps = o.steps;
-  e->pick = moert_selector_pick;
-  e->pick_ctx = sel;
+  e->opts.total_steps = o.steps;
+  e->opts.pick = moert_selector_pick;
+  e->opts.pick_ctx = sel;
   /* a trace of at most ~200 events per layer and step (48 MB at 1M events) */
   if (o.trace && !moert_trace_create(o.trace, 1 << 20, &trace, &st)) goto out;
-  e->trace = trace;
+  e->opts.trace = trace;
   if (o.resume && !moert_ckpt_load(o.checkpoint, e, &start, &st)) goto out;
   times = calloc((size_t)m->nlayers + 1, sizeof *times);
   prev = calloc((size_t)m->nlayers + 1, sizeof *prev);
@@ -515,10 +515,10 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
             moert_backend_cuda_cache_path(b) ? moert_backend_cuda_cache_path(b) : "no cache");
   if (out && b != moert_backend_cpu())
     fprintf(out, "CUDA graphs: %s%s%s\n",
-            e->graphs_off ? "none (" : trace ? "none while tracing (every op is timed)"
+            e->graphs.off ? "none (" : trace ? "none while tracing (every op is timed)"
                                      : "one per layer, variant and capacity, captured at its second step "
                                        "(MOEC_CUDA_GRAPHS=0: none)",
-            e->graphs_off ? e->graphs_off : "", e->graphs_off ? ")" : "");
+            e->graphs.off ? e->graphs.off : "", e->graphs.off ? ")" : "");
   if (o.resume) {
     /* the model as loaded, on the held-out batch: equal to the loss at the
      * checkpoint's step, whatever the world size then and now */
@@ -538,7 +538,7 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
   if (out) fputs(peak > 0 ? TABLE_HEAD_MFU : TABLE_HEAD, out);
 
   double t_all = now(), first_loss = NAN, last_loss = NAN;
-  double *load = e->load;
+  double *load = e->moe.load;
   int64_t nload = 0;
   for (int i = 0; i < m->nlayers; i++)
     if (m->layers[i].kind == MOERT_L_MOE) nload += m->layers[i].experts;
@@ -551,7 +551,7 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
     } else {
       if (!moert_exec_eval(e, data, step, false, &s.loss, &st)) goto out;
       s.flops = plan->flops_fwd * comm->world;
-      s.dropped = e->routed > 0 ? e->dropped / e->routed : 0;
+      s.dropped = e->moe.routed > 0 ? e->moe.dropped / e->moe.routed : 0;
     }
     double ms = (now() - t0) * 1e3;
     /* every rank must see the same times, so every rank picks alike */
@@ -563,9 +563,9 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
     bool switched = false, explored = false;
     for (int li = 0; li < m->nlayers; li++) {
       if (m->layers[li].kind != MOERT_L_MOE) continue;
-      switched |= step > start + 1 && prev[li] != e->variant[li];
-      prev[li] = e->variant[li];
-      explored |= moert_selector_record(sel, li, e->capacity[li], e->variant[li], times[li]);
+      switched |= step > start + 1 && prev[li] != e->moe.variant[li];
+      prev[li] = e->moe.variant[li];
+      explored |= moert_selector_record(sel, li, e->moe.capacity[li], e->moe.variant[li], times[li]);
     }
     if (!isfinite(s.loss)) {
       MOERT_FAIL(&st, "the loss is %s at step %" PRId64 "; training diverged. Lower the learning rate "
@@ -603,9 +603,9 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
     fprintf(out, "%s %" PRId64 " steps in %.2f s; loss %.4f -> %.4f\n", training ? "trained" : "ran",
             o.steps - start, now() - t_all, first_loss, last_loss);
     if (o.checkpoint && training) fprintf(out, "checkpoint: %s (step %" PRId64 ")\n", o.checkpoint, o.steps);
-    if (!e->graphs_off && !trace)
+    if (!e->graphs.off && !trace)
       fprintf(out, "CUDA graphs: %" PRId64 " captured, %" PRId64 " launched, %" PRId64 " parts ran without one\n",
-              e->graph_captures, e->graph_launches, e->graph_fallbacks);
+              e->graphs.captures, e->graphs.launches, e->graphs.fallbacks);
   }
   if (trace && !moert_trace_write(trace, comm, &st)) goto out;
   if (trace && out) fprintf(out, "trace: %s (open in chrome://tracing or ui.perfetto.dev)\n", o.trace);

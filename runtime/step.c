@@ -16,7 +16,7 @@
 #include "rng.h"
 
 /* A graph segment (moert_exec_segment) seen; its graph's id is its index
- * in e->segs. */
+ * in e->graphs.segs. */
 struct moert_segment {
   moert_seg_key key;
   bool ran;      /* once, by fn itself */
@@ -186,10 +186,10 @@ bool moert_exec_create(moert_exec **out, const moert_model *m, moert_plan *plan,
   e->xin = calloc((size_t)m->nlayers + 1, sizeof *e->xin);
   e->stack = calloc((size_t)plan->max_res_depth + 1, sizeof *e->stack);
   e->skip = calloc((size_t)plan->max_res_depth + 1, sizeof *e->skip);
-  e->capacity = calloc((size_t)m->nlayers + 1, sizeof *e->capacity);
-  e->keep = calloc((size_t)m->nlayers + 1, sizeof *e->keep);
+  e->moe.capacity = calloc((size_t)m->nlayers + 1, sizeof *e->moe.capacity);
+  e->moe.keep = calloc((size_t)m->nlayers + 1, sizeof *e->moe.keep);
   e->aux_h = calloc((size_t)m->nlayers + 1, sizeof *e->aux_h);
-  e->variant = calloc((size_t)m->nlayers + 1, sizeof *e->variant);
+  e->moe.variant = calloc((size_t)m->nlayers + 1, sizeof *e->moe.variant);
   e->layer_ms = calloc((size_t)m->nlayers + 1, sizeof *e->layer_ms);
   e->layer_marks = calloc(4 * (size_t)m->nlayers + 1, sizeof *e->layer_marks);
   e->res_in = calloc((size_t)m->nlayers + 1, sizeof *e->res_in);
@@ -197,8 +197,8 @@ bool moert_exec_create(moert_exec **out, const moert_model *m, moert_plan *plan,
   int64_t loads = 0;
   for (int i = 0; i < m->nlayers; i++)
     if (m->layers[i].kind == MOERT_L_MOE) loads += m->layers[i].experts;
-  e->load = calloc((size_t)loads + 1, sizeof *e->load);
-  if (!e->xin || !e->stack || !e->skip || !e->capacity || !e->keep || !e->aux_h || !e->load || !e->variant ||
+  e->moe.load = calloc((size_t)loads + 1, sizeof *e->moe.load);
+  if (!e->xin || !e->stack || !e->skip || !e->moe.capacity || !e->moe.keep || !e->aux_h || !e->moe.load || !e->moe.variant ||
       !e->layer_ms || !e->layer_marks || !e->res_in || !e->res_grad) {
     moert_exec_destroy(e);
     return MOERT_FAIL(st, "out of memory");
@@ -237,11 +237,11 @@ bool moert_exec_create(moert_exec **out, const moert_model *m, moert_plan *plan,
   }
 #undef ALLOC
   const char *graphs = getenv("MOEC_CUDA_GRAPHS");
-  e->graphs_off = graphs && strcmp(graphs, "0") == 0 ? "MOEC_CUDA_GRAPHS=0"
+  e->graphs.off = graphs && strcmp(graphs, "0") == 0 ? "MOEC_CUDA_GRAPHS=0"
                   : !b->graph_begin ? "the CUDA driver cannot capture streams"
                   : !comm->capturable ? "the comm stages through host memory; --comm nccl can be captured"
                                       : NULL;
-  if (!e->graphs_off && !(e->segs = calloc(MOERT_MAX_GRAPHS, sizeof *e->segs))) {
+  if (!e->graphs.off && !(e->graphs.segs = calloc(MOERT_MAX_GRAPHS, sizeof *e->graphs.segs))) {
     moert_exec_destroy(e);
     return MOERT_FAIL(st, "out of memory");
   }
@@ -279,17 +279,17 @@ void moert_exec_destroy(moert_exec *e) {
   free(e->skip);
   free(e->xin);
   free(e->stack);
-  free(e->capacity);
-  free(e->keep);
+  free(e->moe.capacity);
+  free(e->moe.keep);
   free(e->aux_h);
   free(e->zero_runs);
-  free(e->load);
-  free(e->variant);
+  free(e->moe.load);
+  free(e->moe.variant);
   free(e->layer_ms);
   free(e->layer_marks);
   free(e->res_in);
   free(e->res_grad);
-  free(e->segs);
+  free(e->graphs.segs);
   b->free(b, e->teacher_w1);
   b->free(b, e->teacher_w2);
   b->free(b, e->teacher_h);
@@ -328,18 +328,18 @@ double moert_lr_at(const moert_train *t, int64_t step, int64_t steps) {
 
 bool moert_exec_segment(moert_exec *e, const moert_seg_key *key, moert_seg_fn fn, void *ctx, moert_status *st) {
   moert_backend *b = e->b;
-  if (e->graphs_off || e->trace) return fn(e, ctx, st);
+  if (e->graphs.off || e->opts.trace) return fn(e, ctx, st);
   struct moert_segment *s = NULL;
-  for (int i = 0; i < e->nsegs && !s; i++) /* keys have no padding: memcmp compares them */
-    if (memcmp(&e->segs[i].key, key, sizeof *key) == 0) s = &e->segs[i];
+  for (int i = 0; i < e->graphs.nsegs && !s; i++) /* keys have no padding: memcmp compares them */
+    if (memcmp(&e->graphs.segs[i].key, key, sizeof *key) == 0) s = &e->graphs.segs[i];
   if (!s) {
-    if (e->nsegs == MOERT_MAX_GRAPHS) return fn(e, ctx, st); /* past the table, the rest run themselves */
-    s = &e->segs[e->nsegs++];
+    if (e->graphs.nsegs == MOERT_MAX_GRAPHS) return fn(e, ctx, st); /* past the table, the rest run themselves */
+    s = &e->graphs.segs[e->graphs.nsegs++];
     *s = (struct moert_segment){.key = *key};
   }
-  int id = (int)(s - e->segs);
+  int id = (int)(s - e->graphs.segs);
   if (s->captured) {
-    e->graph_launches++;
+    e->graphs.launches++;
     return b->graph_launch(b, id, st) ? true : MOERT_UP(st);
   }
   if (s->eager || !s->ran) {
@@ -358,7 +358,7 @@ bool moert_exec_segment(moert_exec *e, const moert_seg_key *key, moert_seg_fn fn
   if (!made) { /* nothing ran: run fn itself (a real failure shows again there) */
     if (!ok && !why.failed) why = fst;
     s->eager = true;
-    if (e->graph_fallbacks++ == 0 && e->comm->rank == 0)
+    if (e->graphs.fallbacks++ == 0 && e->comm->rank == 0)
       fprintf(stderr, "warning: %s%s cannot be a CUDA graph and runs without one: %s\n",
               key->li >= 0 ? "a part of layer " : key->kind == MOERT_SEG_ZERO ? "the zeroing of the gradients"
                                                                                 : "the gradient norm",
@@ -366,8 +366,8 @@ bool moert_exec_segment(moert_exec *e, const moert_seg_key *key, moert_seg_fn fn
     return fn(e, ctx, st);
   }
   s->captured = true;
-  e->graph_captures++;
-  e->graph_launches++;
+  e->graphs.captures++;
+  e->graphs.launches++;
   return b->graph_launch(b, id, st) ? true : MOERT_UP(st);
 }
 
@@ -379,7 +379,7 @@ static void timing_begin(moert_exec *e) {
   moert_backend *b = e->b;
   b->marks_reset(b);
   for (int i = 0; i < 4 * e->m->nlayers; i++) e->layer_marks[i] = -1;
-  e->comm->marks = e->trace != NULL; /* a comm's own stream marked only for the trace */
+  e->comm->marks = e->opts.trace != NULL; /* a comm's own stream marked only for the trace */
   e->anchor_us = moert_trace_now();
   e->mark0 = b->mark(b, NULL);
 }
@@ -399,7 +399,7 @@ static bool timing_end(moert_exec *e, moert_status *st) {
     if (lm[2] >= 0) MOERT_TRY(st, b->mark_ms(b, lm[2], lm[3], &bwd, st));
     e->layer_ms[li] = fwd + bwd;
   }
-  return moert_trace_resolve(e->trace, b, e->mark0, e->anchor_us, st) ? true : MOERT_UP(st);
+  return moert_trace_resolve(e->opts.trace, b, e->mark0, e->anchor_us, st) ? true : MOERT_UP(st);
 }
 
 /* A layer's span (trace event and NVTX range): named by the layer; the NVTX
@@ -408,9 +408,9 @@ static int open_layer(moert_exec *e, const moert_layer *l, bool bwd) {
   if (bwd && moert_nvtx_on()) {
     char name[80];
     snprintf(name, sizeof name, "%s bwd", l->name);
-    return moert_trace_open(e->trace, e->b, name);
+    return moert_trace_open(e->opts.trace, e->b, name);
   }
-  return moert_trace_open(e->trace, e->b, l->name);
+  return moert_trace_open(e->opts.trace, e->b, l->name);
 }
 
 /* --- forward --- */
@@ -465,7 +465,7 @@ static bool forward(moert_exec *e, int64_t step, bool want_grad, moert_status *s
       MOERT_TRY(st, moert_exec_segment(e, &k, layer_fwd, &c, st));
     }
     if (ops->flags & MOERT_LF_OUTPUT) cur = F(e, li, OUT);
-    if (traced) moert_trace_close(e->trace, b, span, l->name, "forward", MOERT_TID_COMPUTE, e->step);
+    if (traced) moert_trace_close(e->opts.trace, b, span, l->name, "forward", MOERT_TID_COMPUTE, e->step);
   }
   return true;
 }
@@ -520,7 +520,7 @@ static bool backward(moert_exec *e, moert_status *st) {
       }
     }
     if (ops->flags & MOERT_LF_SWAP) swap(e);
-    if (traced) moert_trace_close(e->trace, b, span, l->name, "backward", MOERT_TID_COMPUTE, e->step);
+    if (traced) moert_trace_close(e->opts.trace, b, span, l->name, "backward", MOERT_TID_COMPUTE, e->step);
   }
   return true;
 }
@@ -686,7 +686,7 @@ bool moert_exec_objective(moert_exec *e, moert_data *d, int64_t step, bool want_
   if (want_grad) MOERT_TRY(st, backward(e, st) && reduce_grads(e, st));
   MOERT_TRY(st, read_values(e, &sum, st));
   MOERT_TRY(st, timing_end(e, st));
-  double stats[2] = {sum, e->aux};
+  double stats[2] = {sum, e->moe.aux};
   MOERT_TRY(st, e->comm->all_reduce_f64(e->comm, stats, 2, MOERT_RED_SUM, st));
   *objective = stats[0] / ((double)e->rows * e->comm->world) + stats[1] / e->comm->world;
   return true;
@@ -700,16 +700,16 @@ bool moert_exec_train_step(moert_exec *e, moert_data *d, int64_t step, moert_ste
   e->rows = e->plan->tokens;
   e->step = step;
   timing_begin(e);
-  int span = moert_trace_open(e->trace, b, "batch");
+  int span = moert_trace_open(e->opts.trace, b, "batch");
   MOERT_TRY(st, load_batch(e, d, step, false, st));
   MOERT_TRY(st, zero_grads(e, st));
-  moert_trace_close(e->trace, b, span, "batch", "data", MOERT_TID_COMPUTE, step);
+  moert_trace_close(e->opts.trace, b, span, "batch", "data", MOERT_TID_COMPUTE, step);
   MOERT_TRY(st, forward(e, step, true, st));
   MOERT_TRY(st, backward(e, st));
   double clip_at = t->clip;
   moert_seg_key kn = {.li = -1, .kind = MOERT_SEG_NORM, .variant = -1};
   MOERT_TRY(st, moert_exec_segment(e, &kn, reduce_and_norm, &clip_at, st));
-  double lr = moert_lr_at(t, step, e->total_steps);
+  double lr = moert_lr_at(t, step, e->opts.total_steps);
   out->lr = lr;
   int64_t n = e->plan->param_elems;
   /* the update's time alone, from marks around it (on a device, its time on
@@ -726,14 +726,14 @@ bool moert_exec_train_step(moert_exec *e, moert_data *d, int64_t step, moert_ste
   e->wlow_fresh = low != NULL;
   moert_nvtx_pop();
   int u1 = b->mark(b, NULL);
-  moert_trace_marks(e->trace, u0, u1, "optimizer", "update", MOERT_TID_COMPUTE, step);
+  moert_trace_marks(e->opts.trace, u0, u1, "optimizer", "update", MOERT_TID_COMPUTE, step);
 
   /* The step's values, read once its work is queued: the first read waits
    * for the device (nothing before it did, at a fixed capacity). */
   double sum = 0;
   MOERT_TRY(st, read_values(e, &sum, st));
   MOERT_TRY(st, b->download(b, &out->grad_norm, e->dnorm, sizeof out->grad_norm, st));
-  double stats[4] = {sum, e->aux, e->routed, e->dropped};
+  double stats[4] = {sum, e->moe.aux, e->moe.routed, e->moe.dropped};
   MOERT_TRY(st, e->comm->all_reduce_f64(e->comm, stats, 4, MOERT_RED_SUM, st));
   out->loss = stats[0] / ((double)e->rows * e->comm->world);
   out->aux_loss = stats[1] / e->comm->world; /* the same on every rank */

@@ -85,7 +85,7 @@ static float *single_rank(moert_comm *c, const moert_model *m, int world, double
       !moert_data_open(&data, NULL, m->vocab, m->dim, m->context, m->tokens * world, 3, &st) ||
       !moert_exec_create(&e, m, p, moert_backend_cpu(), moert_comm_self(), true, 3, &st))
     die(c, "the single-rank reference", &st);
-  e->total_steps = 1;
+  e->opts.total_steps = 1;
   if (!moert_exec_objective(e, data, 1, true, obj, &st)) die(c, "the single-rank reference", &st);
   float *g = malloc(sizeof(float) * (size_t)p->param_elems);
   memcpy(g, e->grads, sizeof(float) * (size_t)p->param_elems);
@@ -143,9 +143,9 @@ int main(int argc, char **argv) {
         !moert_data_open(&data, NULL, m->vocab, m->dim, m->context, m->tokens * c->world, 3, &st) ||
         !moert_exec_create(&e, m, p, moert_backend_cpu(), c, true, 3, &st))
       die(c, m->name, &st);
-    e->total_steps = 1;
-    e->pick = pick;
-    e->pick_ctx = &f;
+    e->opts.total_steps = 1;
+    e->opts.pick = pick;
+    e->opts.pick_ctx = &f;
     int nv = 1 << 30, li0 = -1;
     for (int li = 0; li < m->nlayers; li++)
       if (m->layers[li].kind == MOERT_L_MOE) {

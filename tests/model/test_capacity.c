@@ -105,8 +105,8 @@ static int check_layer(const char *name, moert_exec *e, int li, int64_t *dropped
     if (f < 0 && C > K * (int64_t)floor(-f * (double)spe)) C = K * (int64_t)floor(-f * (double)spe);
   }
   if (C < 1) C = 1;
-  if (e->keep[li] != C) BAD("keeps %lld claims per expert, the capacity is %lld", (long long)e->keep[li], (long long)C);
-  int64_t Cp = e->capacity[li];
+  if (e->moe.keep[li] != C) BAD("keeps %lld claims per expert, the capacity is %lld", (long long)e->moe.keep[li], (long long)C);
+  int64_t Cp = e->moe.capacity[li];
   if (Cp < C) BAD("buffers of %lld slots per expert hold fewer than the capacity %lld", (long long)Cp, (long long)C);
   /* every claim in its slot, or dropped */
   for (int64_t tj = 0; tj < T * K; tj++) {
@@ -169,9 +169,9 @@ static int run_case(const ccase *c) {
       fails += check_layer(c->name, e, li, &dropped);
       claims += e->rows * m->layers[li].top_k;
     }
-  if (e->dropped != (double)dropped || e->routed != (double)claims) {
+  if (e->moe.dropped != (double)dropped || e->moe.routed != (double)claims) {
     fprintf(stderr, "  FAIL %s: the step reports %.0f of %.0f claims dropped; %lld of %lld were\n", c->name,
-            e->dropped, e->routed, (long long)dropped, (long long)claims);
+            e->moe.dropped, e->moe.routed, (long long)dropped, (long long)claims);
     fails++;
   }
   bool drops_expected = strstr(c->name, "dropless") == NULL;

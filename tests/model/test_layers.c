@@ -56,10 +56,10 @@ static unsigned long routing(const moert_exec *e) {
     int64_t n = e->rows * l->top_k;
     const int32_t *idx = e->iact + lp->i[MOERT_I_IDX], *loc = e->iact + lp->i[MOERT_I_LOC];
     for (int64_t i = 0; i < n; i++) {
-      int32_t kept = loc[i] < e->capacity[li] ? loc[i] : -1;
+      int32_t kept = loc[i] < e->moe.capacity[li] ? loc[i] : -1;
       h = (h ^ (unsigned long)(idx[i] * 131 + kept)) * 1099511628211ul;
     }
-    h = (h ^ (unsigned long)e->capacity[li]) * 1099511628211ul;
+    h = (h ^ (unsigned long)e->moe.capacity[li]) * 1099511628211ul;
   }
   return h;
 }
@@ -87,7 +87,7 @@ static int run_case(const gcase *c) {
     fprintf(stderr, "FAIL %s: %s\n", c->name, st.msg);
     goto out;
   }
-  e->total_steps = 1;
+  e->opts.total_steps = 1;
   double f0;
   if (!moert_exec_objective(e, data, 1, true, &f0, &st)) {
     fprintf(stderr, "FAIL %s: %s\n", c->name, st.msg);
