@@ -8,7 +8,7 @@ every test passes "survives" and shows a gap in the tests. Prints each
 mutation with the tests that caught it, then `mutation score: C of N caught`
 as the last line; exits 1 when a mutation survives or an entry is broken.
 
-    make mutate                       every mutation (3 minutes on 2 idle cores)
+    make mutate                       every mutation (2 to 4 minutes on 2 busy cores)
     make mutate MUTATIONS=a,b         only these (by name)
     make mutate MUTATE_DIR=/tmp/m     keep the scratch tree in /tmp/m and reuse it
                                       next time (only what changed is rebuilt)
