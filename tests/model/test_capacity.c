@@ -41,7 +41,13 @@ static const ccase cases[] = {
     {"top1_f1_cosine", SPEC(33, "experts = 4; top_k = 1; capacity_factor = 1.0; gate = cosine;")},
     {"top2_dynamic_0.5", SPEC(32, "experts = 4; top_k = 2; capacity_factor = -0.5;")},
     {"top2_dropless", SPEC(32, "experts = 4; top_k = 2; capacity_factor = 0;")},
+    {"top1_dropless_e2", SPEC(31, "experts = 2; top_k = 1; capacity_factor = 0;")},
+    {"top1_dropless_e3", SPEC(29, "experts = 3; top_k = 1; capacity_factor = 0;")},
 };
+
+/* Layers whose last expert alone has the most claims (a capacity that
+ * overlooks the last expert shows only there). */
+static int last_busiest;
 
 /* Whether token a's top-1 score ranks before b's (descending, then index). */
 static const float *prio_scores;
@@ -94,9 +100,10 @@ static int check_layer(const char *name, moert_exec *e, int li, int64_t *dropped
       int64_t tj = order[i] * K + j;
       want_loc[tj] = count[idx[tj]]++;
     }
-  int64_t most = 0;
+  int64_t most = 0, busiest = 0;
   for (int64_t x = 0; x < E; x++)
-    if (count[x] > most) most = count[x];
+    if (count[x] > most) most = count[x], busiest = x;
+  if (busiest == E - 1) last_busiest++;
   double f = l->capacity_factor;
   int64_t spe = (T + E - 1) / E, C;
   if (f > 0) C = K * (int64_t)floor(f * (double)spe);
@@ -126,9 +133,10 @@ static int check_layer(const char *name, moert_exec *e, int li, int64_t *dropped
   for (int64_t i = 0; i < E * Cp * M; i++) wrong += src[i] != want[i];
   if (wrong) BAD("%lld of %lld elements of the dispatched buffer differ from the kept tokens", (long long)wrong,
                  (long long)(E * Cp * M));
-  printf("%-18s layer %-10s T %3lld E %2lld k %lld  capacity %3lld (padded %3lld)  claims per expert at most %3lld  %s\n",
+  printf("%-18s layer %-10s T %3lld E %2lld k %lld  capacity %3lld (padded %3lld)  claims per expert at most %3lld "
+         "(expert %lld)  %s\n",
          name, l->name, (long long)T, (long long)E, (long long)K, (long long)C, (long long)Cp, (long long)most,
-         fails ? "FAIL" : "ok");
+         (long long)busiest, fails ? "FAIL" : "ok");
   free(want);
   free(want_loc);
   free(count);
@@ -191,6 +199,11 @@ out:
 int main(void) {
   int fails = 0;
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) fails += run_case(&cases[i]);
+  if (last_busiest < 2) {
+    fprintf(stderr, "FAIL: in %d layers the last expert alone has the most claims; the cases need 2 or more\n",
+            last_busiest);
+    fails++;
+  }
   printf("%d passed, %d failed\n", (int)(sizeof cases / sizeof cases[0]) - fails, fails);
   return fails ? 1 : 0;
 }
