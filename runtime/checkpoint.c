@@ -1,5 +1,6 @@
-/* checkpoint.c — xxHash64, safetensors writer and validating reader, atomic files
- * and checkpoint directories; see checkpoint.h for the on-disk scheme.
+/* checkpoint.c — safetensors writer and validating reader, atomic files and
+ * checkpoint directories (files hashed with libxxhash's XXH64); see checkpoint.h
+ * for the on-disk scheme.
  *
  * The JSON of a safetensors header and of MANIFEST.json is read by a small pull
  * parser (no document tree): the reader asks for the value it expects next, so a
@@ -19,140 +20,12 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
-
-/* ======================================================================== */
-/* xxHash64                                                                 */
-/* ======================================================================== */
-
-#define XXH_P1 0x9E3779B185EBCA87ull
-#define XXH_P2 0xC2B2AE3D27D4EB4Full
-#define XXH_P3 0x165667B19E3779F9ull
-#define XXH_P4 0x85EBCA77C2B2AE63ull
-#define XXH_P5 0x27D4EB2F165667C5ull
-
-static uint64_t rotl64(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+#include <xxhash.h>
 
 static uint64_t load_le64(const unsigned char *p) {
   uint64_t v = 0;
   for (int i = 7; i >= 0; i--) v = v << 8 | p[i];
   return v;
-}
-
-static uint32_t load_le32(const unsigned char *p) {
-  return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
-static uint64_t xxh_round(uint64_t acc, uint64_t input) {
-  acc += input * XXH_P2;
-  acc = rotl64(acc, 31);
-  return acc * XXH_P1;
-}
-
-static uint64_t xxh_merge(uint64_t h, uint64_t acc) {
-  h ^= xxh_round(0, acc);
-  return h * XXH_P1 + XXH_P4;
-}
-
-static void xxh_stripe(uint64_t acc[4], const unsigned char *p) {
-  for (int i = 0; i < 4; i++) acc[i] = xxh_round(acc[i], load_le64(p + 8 * i));
-}
-
-static uint64_t xxh_converge(const uint64_t acc[4]) {
-  uint64_t h = rotl64(acc[0], 1) + rotl64(acc[1], 7) + rotl64(acc[2], 12) + rotl64(acc[3], 18);
-  for (int i = 0; i < 4; i++) h = xxh_merge(h, acc[i]);
-  return h;
-}
-
-/* The remaining 0..31 bytes, then the avalanche. */
-static uint64_t xxh_finish(uint64_t h, const unsigned char *p, size_t n) {
-  while (n >= 8) {
-    h ^= xxh_round(0, load_le64(p));
-    h = rotl64(h, 27) * XXH_P1 + XXH_P4;
-    p += 8;
-    n -= 8;
-  }
-  if (n >= 4) {
-    h ^= (uint64_t)load_le32(p) * XXH_P1;
-    h = rotl64(h, 23) * XXH_P2 + XXH_P3;
-    p += 4;
-    n -= 4;
-  }
-  while (n > 0) {
-    h ^= (uint64_t)*p * XXH_P5;
-    h = rotl64(h, 11) * XXH_P1;
-    p++;
-    n--;
-  }
-  h ^= h >> 33;
-  h *= XXH_P2;
-  h ^= h >> 29;
-  h *= XXH_P3;
-  h ^= h >> 32;
-  return h;
-}
-
-static void xxh_init_acc(uint64_t acc[4], uint64_t seed) {
-  acc[0] = seed + XXH_P1 + XXH_P2;
-  acc[1] = seed + XXH_P2;
-  acc[2] = seed;
-  acc[3] = seed - XXH_P1;
-}
-
-uint64_t moert_xxh64(const void *data, size_t len, uint64_t seed) {
-  const unsigned char *p = data;
-  size_t n = len;
-  uint64_t h;
-  if (n >= 32) {
-    uint64_t acc[4];
-    xxh_init_acc(acc, seed);
-    while (n >= 32) {
-      xxh_stripe(acc, p);
-      p += 32;
-      n -= 32;
-    }
-    h = xxh_converge(acc);
-  } else {
-    h = seed + XXH_P5;
-  }
-  h += (uint64_t)len;
-  return xxh_finish(h, p, n);
-}
-
-void moert_xxh64_reset(moert_xxh64_state *s, uint64_t seed) {
-  memset(s, 0, sizeof *s);
-  s->seed = seed;
-  xxh_init_acc(s->acc, seed);
-}
-
-void moert_xxh64_update(moert_xxh64_state *s, const void *data, size_t len) {
-  const unsigned char *p = data;
-  if (len == 0) return; /* data may be NULL */
-  s->total_len += len;
-  if (s->buf_len > 0) {
-    size_t take = 32 - s->buf_len < len ? 32 - s->buf_len : len;
-    memcpy(s->buf + s->buf_len, p, take);
-    s->buf_len += take;
-    p += take;
-    len -= take;
-    if (s->buf_len < 32) return;
-    xxh_stripe(s->acc, s->buf);
-    s->buf_len = 0;
-  }
-  while (len >= 32) {
-    xxh_stripe(s->acc, p);
-    p += 32;
-    len -= 32;
-  }
-  if (len > 0) {
-    memcpy(s->buf, p, len);
-    s->buf_len = len;
-  }
-}
-
-uint64_t moert_xxh64_digest(const moert_xxh64_state *s) {
-  uint64_t h = s->total_len >= 32 ? xxh_converge(s->acc) : s->seed + XXH_P5;
-  h += s->total_len;
-  return xxh_finish(h, s->buf, s->buf_len);
 }
 
 /* ======================================================================== */
@@ -1370,18 +1243,28 @@ static bool atomic_write(const char *dir, const char *name, const part *parts, i
     MOERT_FAIL(st, "cannot create `%s`: %s", tmp, strerror(errno));
     goto out;
   }
-  moert_xxh64_state hs;
-  moert_xxh64_reset(&hs, 0);
+  XXH64_state_t *hs = XXH64_createState();
+  if (!hs) {
+    MOERT_FAIL(st, "out of memory");
+    close(fd);
+    unlink(tmp);
+    goto out;
+  }
+  XXH64_reset(hs, 0);
   uint64_t total = 0;
   for (int i = 0; i < nparts; i++) {
-    if (parts[i].n && !write_all(fd, parts[i].p, parts[i].n, tmp, st)) {
+    if (parts[i].n == 0) continue; /* p may be NULL */
+    if (!write_all(fd, parts[i].p, parts[i].n, tmp, st)) {
+      XXH64_freeState(hs);
       close(fd);
       unlink(tmp);
       goto out;
     }
-    moert_xxh64_update(&hs, parts[i].p, parts[i].n);
+    XXH64_update(hs, parts[i].p, parts[i].n);
     total += parts[i].n;
   }
+  uint64_t digest = XXH64_digest(hs);
+  XXH64_freeState(hs);
   if (fsync(fd) != 0) {
     MOERT_FAIL(st, "cannot sync `%s`: %s", tmp, strerror(errno));
     close(fd);
@@ -1400,7 +1283,7 @@ static bool atomic_write(const char *dir, const char *name, const part *parts, i
   }
   if (!fsync_dir(dir, st)) goto out;
   if (size) *size = total;
-  if (hash) *hash = moert_xxh64_digest(&hs);
+  if (hash) *hash = digest;
   ok = true;
 out:
   free(tmp);
@@ -1834,16 +1717,24 @@ static bool check_file(const char *dir, const mfile *f, moert_status *st) {
     MOERT_FAIL(st, "out of memory");
     goto out;
   }
-  moert_xxh64_state hs;
-  moert_xxh64_reset(&hs, 0);
+  XXH64_state_t *hs = XXH64_createState();
+  if (!hs) {
+    free(buf);
+    close(fd);
+    MOERT_FAIL(st, "out of memory");
+    goto out;
+  }
+  XXH64_reset(hs, 0);
   uint64_t total = 0;
   for (;;) {
     size_t got = 0;
     if (!read_exact(fd, buf, HASH_CHUNK, &got, path, st)) break;
-    moert_xxh64_update(&hs, buf, got);
+    XXH64_update(hs, buf, got);
     total += got;
     if (got < HASH_CHUNK) break;
   }
+  uint64_t h = XXH64_digest(hs);
+  XXH64_freeState(hs);
   free(buf);
   close(fd);
   if (st->failed) goto out;
@@ -1851,7 +1742,6 @@ static bool check_file(const char *dir, const mfile *f, moert_status *st) {
     MOERT_FAIL(st, "checkpoint `%s`: `%s` changed size while it was read", dir, f->name);
     goto out;
   }
-  uint64_t h = moert_xxh64_digest(&hs);
   if (h != f->hash) {
     MOERT_FAIL(st,
                "checkpoint `%s` is damaged: `%s` has xxh64 %016" PRIx64
@@ -2038,7 +1928,7 @@ static char *make_tmp_dir(const char *d, moert_status *st) {
     clock_gettime(CLOCK_REALTIME, &ts);
     uint64_t seed[4] = {(uint64_t)getpid(), (uint64_t)ts.tv_sec, (uint64_t)ts.tv_nsec,
                         (uint64_t)attempt};
-    uint64_t x = moert_xxh64(seed, sizeof seed, (uint64_t)(uintptr_t)d);
+    uint64_t x = XXH64(seed, sizeof seed, (uint64_t)(uintptr_t)d);
     char suffix[7];
     for (int i = 0; i < 6; i++, x /= 36) suffix[i] = digits[x % 36];
     suffix[6] = '\0';
@@ -2351,7 +2241,7 @@ bool moert_ckpt_read_file(const moert_ckpt_reader *r, const char *name, void **d
     if (!ok) return MOERT_UP(st);
     return MOERT_FAIL(st, "checkpoint `%s`: `%s` changed size while it was read", r->dir, name);
   }
-  uint64_t h = moert_xxh64(buf, n, 0);
+  uint64_t h = XXH64(buf, n, 0);
   if (h != f->hash) {
     free(buf);
     return MOERT_FAIL(st,
