@@ -1,14 +1,25 @@
 /* checkpoint.h — checkpoint files: safetensors, and atomic, verified checkpoint
- * directories (DESIGN.md: "no checkpoint on disk is ever left half
- * written"). Everything reports failure through moert_status; nothing exits or prints.
+ * directories (DESIGN.md: "no checkpoint on disk is ever left half written").
+ * Everything reports failure through moert_status; nothing exits or prints.
+ * The code: ckpt_safetensors.c, ckpt_manifest.c, ckpt_dir.c, with ckpt_json.c and
+ * ckpt_file.c beneath them (ckpt_impl.h says what each holds); JSON is read with
+ * jansson, files are hashed with libxxhash.
  *
  * A checkpoint is a directory DIR holding data files (safetensors or raw bytes) and
- * DIR/MANIFEST.json, which lists every file with its size and xxh64 (libxxhash's
- * XXH64, seed 0), the training
- * step and the caller's key/value metadata:
- *   {"format":"moec-checkpoint","version":1,"step":100,
- *    "metadata":{"spec":"tiny.moe"},
- *    "files":[{"name":"model.safetensors","size":4096,"xxh64":"0123456789abcdef"}]}
+ * DIR/MANIFEST.json, which lists every file with its size and xxh64 (XXH64, seed 0,
+ * as 16 lowercase hex digits), the training step and the caller's key/value metadata,
+ * in this layout (one line per file):
+ *   {
+ *     "format": "moec-checkpoint",
+ *     "version": 1,
+ *     "step": 100,
+ *     "metadata": {
+ *       "spec": "tiny.moe"
+ *     },
+ *     "files": [
+ *       {"name": "model.safetensors", "size": 4096, "xxh64": "0123456789abcdef"}
+ *     ]
+ *   }
  * A directory verifies only if its manifest parses and every listed file exists with
  * the listed size and hash.
  *

@@ -6,9 +6,11 @@
 # Found with find_path/find_library, so CMAKE_PREFIX_PATH (the variable or the
 # environment's) points at a copy outside the system, as on a machine without a
 # package manager; CPATH and LIBRARY_PATH are honoured too, as the compiler does.
-# Defines the imported targets moert::xxhash and moert::jansson, and
+# Defines the imported targets moert::xxhash and moert::jansson;
 # MOERT_CKPT_LINK_LIBS, their library files for the link line of the binaries
-# `moec build` makes (runtime/moert.cmake).
+# `moec build` makes (runtime/moert.cmake); and MOERT_CKPT_SOURCES, the
+# checkpoint code that libmoert and moert_core compile.
+set(MOERT_CKPT_SOURCES ckpt_json.c ckpt_file.c ckpt_safetensors.c ckpt_manifest.c ckpt_dir.c)
 string(REPLACE ":" ";" _ckpt_cpath "$ENV{CPATH}")
 string(REPLACE ":" ";" _ckpt_libpath "$ENV{LIBRARY_PATH}")
 

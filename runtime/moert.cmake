@@ -20,7 +20,7 @@ add_custom_command(
 add_library(moert_templates OBJECT ${CMAKE_CURRENT_BINARY_DIR}/moert_templates.c)
 
 add_library(moert STATIC
-  status.c cpu_ops.c cpu_ops_typed.c rng.c checkpoint.c placement.c backend_cpu.c comm_self.c comm_staged.c moe.c
+  status.c cpu_ops.c cpu_ops_typed.c rng.c ${MOERT_CKPT_SOURCES} placement.c backend_cpu.c comm_self.c comm_staged.c moe.c
   select.c trace.c data.c step.c ckpt_io.c flags.c driver.c comm_mpi.c comm_nccl.c backend_cuda.c
   $<TARGET_OBJECTS:moert_templates>)
 target_include_directories(moert PUBLIC ${CMAKE_CURRENT_SOURCE_DIR})
@@ -62,15 +62,15 @@ else()
   message(STATUS "nccl comm: nccl.h or the CUDA headers not found; built without it")
 endif()
 target_link_libraries(moert PRIVATE moert_nccl_headers)
-# The checkpoint code's libraries (ckpt_libs.cmake): by their full paths on
-# the link line of built binaries too, wherever they were found.
-target_link_libraries(moert PUBLIC m ${CMAKE_DL_LIBS} moert::xxhash)
-set(MOERT_LINK_LIBS "${MOEC_XXHASH_LIB};-lm;-ldl")
+# The checkpoint code's libxxhash and jansson (ckpt_libs.cmake): by their full
+# paths on the link line of built binaries too, wherever they were found.
+target_link_libraries(moert PUBLIC m ${CMAKE_DL_LIBS} moert::xxhash moert::jansson)
+set(MOERT_LINK_LIBS "${MOERT_CKPT_LINK_LIBS};-lm;-ldl")
 if(MOEC_CBLAS AND CBLAS_INCLUDE AND OPENBLAS_LIB)
   target_include_directories(moert SYSTEM PRIVATE ${CBLAS_INCLUDE})
   target_compile_definitions(moert PRIVATE MOERT_HAVE_CBLAS)
   target_link_libraries(moert PUBLIC ${OPENBLAS_LIB})
-  set(MOERT_LINK_LIBS "${MOEC_XXHASH_LIB};${OPENBLAS_LIB};-lm;-ldl")
+  set(MOERT_LINK_LIBS "${MOERT_CKPT_LINK_LIBS};${OPENBLAS_LIB};-lm;-ldl")
 endif()
 if(MOEC_SANITIZE)
   list(APPEND MOERT_LINK_LIBS "-fsanitize=address,undefined")

@@ -300,14 +300,17 @@ static void test_safetensors_roundtrip(void) {
   FAILS("given twice", moert_st_serialize(NULL, 0, twice, 2, &buf, &len, st));
 }
 
-/* A file from a header text and data_len zero bytes of tensor data. */
-static unsigned char *mkfile(const char *header, size_t data_len, size_t *len) {
-  size_t h = strlen(header);
+/* A file from the header text header[0..h) and data_len zero bytes of tensor data. */
+static unsigned char *mkfile_n(const char *header, size_t h, size_t data_len, size_t *len) {
   unsigned char *b = calloc(1, 8 + h + data_len + 1);
   for (int i = 0; i < 8; i++) b[i] = (unsigned char)((uint64_t)h >> (8 * i));
   memcpy(b + 8, header, h);
   *len = 8 + h + data_len;
   return b;
+}
+
+static unsigned char *mkfile(const char *header, size_t data_len, size_t *len) {
+  return mkfile_n(header, strlen(header), data_len, len);
 }
 
 static bool parse_text(const char *header, size_t data_len, moert_status *st) {
@@ -354,6 +357,13 @@ static void test_safetensors_hostile(void) {
   FAILS("must be a JSON object", parse_text("[1,2]", 0, st));
   FAILS("must be a JSON object", parse_text("\"str\"", 0, st));
   FAILS("at byte 5", parse_text("{\"a\" 1}", 0, st));
+  { /* a raw NUL byte after a number (jansson on its own would skip it) */
+    static const char h[] = "{\"x\":{\"dtype\":\"F32\",\"shape\":[1\0],\"data_offsets\":[0,4]}}";
+    size_t len;
+    unsigned char *b = mkfile_n(h, sizeof h - 1, 4, &len);
+    FAILS("a NUL byte at byte 30", moert_st_create(b, len, "x", &f, st));
+    free(b);
+  }
 
   /* Wrong types and fields. */
   FAILS("dtype must be a string",
