@@ -1,14 +1,25 @@
-/* checkpoint.h — checkpoint files: xxHash64, safetensors, and atomic, verified
- * checkpoint directories (docs/DESIGN.md, "Checkpoints": no checkpoint on disk is
- * ever left half written). Everything reports failure through moert_status;
- * nothing exits or prints.
+/* checkpoint.h — checkpoint files: safetensors, and atomic, verified checkpoint
+ * directories (docs/DESIGN.md, "Checkpoints": no checkpoint on disk is ever left
+ * half written). Everything reports failure through moert_status; nothing exits
+ * or prints. The code: ckpt_safetensors.c, ckpt_manifest.c, ckpt_dir.c, with
+ * ckpt_json.c and ckpt_file.c beneath them (ckpt_impl.h says what each holds);
+ * JSON is read with jansson, files are hashed with libxxhash.
  *
  * A checkpoint is a directory DIR holding data files (safetensors or raw bytes) and
- * DIR/MANIFEST.json, which lists every file with its size and xxh64, the training
- * step and the caller's key/value metadata:
- *   {"format":"moec-checkpoint","version":1,"step":100,
- *    "metadata":{"spec":"tiny.moe"},
- *    "files":[{"name":"model.safetensors","size":4096,"xxh64":"0123456789abcdef"}]}
+ * DIR/MANIFEST.json, which lists every file with its size and xxh64 (XXH64, seed 0,
+ * as 16 lowercase hex digits), the training step and the caller's key/value metadata,
+ * in this layout (one line per file):
+ *   {
+ *     "format": "moec-checkpoint",
+ *     "version": 1,
+ *     "step": 100,
+ *     "metadata": {
+ *       "spec": "tiny.moe"
+ *     },
+ *     "files": [
+ *       {"name": "model.safetensors", "size": 4096, "xxh64": "0123456789abcdef"}
+ *     ]
+ *   }
  * A directory verifies only if its manifest parses and every listed file exists with
  * the listed size and hash.
  *
@@ -49,24 +60,6 @@
 #include <stdint.h>
 
 #include "status.h"
-
-/* ---- xxHash64 (XXH64 of Yann Collet's xxHash specification) ---- */
-
-/* XXH64 of data[0..len) with the given seed. data may be NULL when len is 0. */
-uint64_t moert_xxh64(const void *data, size_t len, uint64_t seed);
-
-/* Streaming form: reset, update any number of times, digest; the digest equals
- * moert_xxh64 of the concatenated input. The struct is plain data (no free). */
-typedef struct moert_xxh64_state {
-  uint64_t acc[4];
-  uint64_t total_len;
-  uint64_t seed;
-  unsigned char buf[32]; /* input not yet consumed by a full 32-byte stripe */
-  size_t buf_len;
-} moert_xxh64_state;
-void moert_xxh64_reset(moert_xxh64_state *s, uint64_t seed);
-void moert_xxh64_update(moert_xxh64_state *s, const void *data, size_t len);
-uint64_t moert_xxh64_digest(const moert_xxh64_state *s);
 
 /* ---- safetensors ---- */
 

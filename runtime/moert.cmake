@@ -28,7 +28,7 @@ set(MOERT_LAYER_SOURCES ${MOERT_LAYER_PATHS})
 set(MOERT_LAYER_PATHS ${MOERT_LAYER_PATHS} PARENT_SCOPE)
 add_library(moert STATIC
   ${MOERT_LAYER_SOURCES}
-  status.c cpu_ops.c cpu_ops_typed.c rng.c checkpoint.c placement.c backend_cpu.c comm_self.c comm_staged.c moe.c
+  status.c cpu_ops.c cpu_ops_typed.c rng.c ${MOERT_CKPT_SOURCES} placement.c backend_cpu.c comm_self.c comm_staged.c moe.c
   select.c trace.c data.c step.c ckpt_io.c flags.c testing.c run.c driver.c comm_mpi.c comm_nccl.c backend_cuda.c
   $<TARGET_OBJECTS:moert_templates>)
 target_include_directories(moert PUBLIC ${CMAKE_CURRENT_SOURCE_DIR})
@@ -70,13 +70,15 @@ else()
   message(STATUS "nccl comm: nccl.h or the CUDA headers not found; built without it")
 endif()
 target_link_libraries(moert PRIVATE moert_nccl_headers)
-target_link_libraries(moert PUBLIC m ${CMAKE_DL_LIBS})
-set(MOERT_LINK_LIBS "-lm;-ldl")
+# The checkpoint code's libxxhash and jansson (ckpt_libs.cmake): by their full
+# paths on the link line of built binaries too, wherever they were found.
+target_link_libraries(moert PUBLIC m ${CMAKE_DL_LIBS} moert::xxhash moert::jansson)
+set(MOERT_LINK_LIBS "${MOERT_CKPT_LINK_LIBS};-lm;-ldl")
 if(MOEC_CBLAS AND CBLAS_INCLUDE AND OPENBLAS_LIB)
   target_include_directories(moert SYSTEM PRIVATE ${CBLAS_INCLUDE})
   target_compile_definitions(moert PRIVATE MOERT_HAVE_CBLAS)
   target_link_libraries(moert PUBLIC ${OPENBLAS_LIB})
-  set(MOERT_LINK_LIBS "${OPENBLAS_LIB};-lm;-ldl")
+  set(MOERT_LINK_LIBS "${MOERT_CKPT_LINK_LIBS};${OPENBLAS_LIB};-lm;-ldl")
 endif()
 if(MOEC_SANITIZE)
   list(APPEND MOERT_LINK_LIBS "-fsanitize=address,undefined")
