@@ -3,9 +3,9 @@
  * expert path's GEMMs (gemm_ex) through cuBLASLt with their epilogues.
  *
  * Nothing CUDA is linked: the driver (libcuda.so.1), NVRTC and cuBLAS are
- * opened with dlopen and called through pointers typed from their headers, so
- * one binary runs with or without a GPU (moert_cuda_available() is then
- * false, quietly). Without the CUDA headers at build time the file compiles
+ * opened with dlopen and called through pointers typed from their headers
+ * (cuda_lib.c), so one binary runs with or without a GPU
+ * (moert_cuda_available() is then false, quietly). Without the CUDA headers at build time the file compiles
  * to stubs that say so.
  *
  * Kernels: the templates, embedded by templates/embed.cmake, are compiled
@@ -42,7 +42,6 @@
  * per process at a time (a second create fails until the first is destroyed). */
 #include "backend.h"
 
-#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -71,9 +70,6 @@ const char *moert_cuda_template_name(int i) {
 #ifndef MOERT_HAVE_CUDA_HEADERS
 
 /* Built without cuda.h: no cuda backend, said plainly. */
-bool moert_cuda_available(void) { return false; }
-int moert_cuda_device_count(void) { return 0; }
-bool moert_nvrtc_available(void) { return false; }
 bool moert_backend_cuda_create(moert_backend **out, int device, const char *cache_dir,
                                bool use_cache, const char *kernels_src, moert_status *st) {
   (void)device, (void)cache_dir, (void)use_cache, (void)kernels_src;
@@ -131,204 +127,7 @@ bool moert_cuda_compile_check_source(const char *src, const char *arch, int *nsp
 
 #else
 
-#include <cublas_v2.h>
-#include <cuda.h>
-#include <nvrtc.h>
-/* cuBLASLt (the expert GEMMs with their epilogues) when its header is there;
- * without it, or without its library at run time, gemm_ex runs on cuBLAS. */
-#if defined(__has_include)
-#if __has_include(<cublasLt.h>)
-#include <cublasLt.h>
-#define MOERT_HAVE_CUBLASLT 1
-#endif
-#endif
-
-/* ------------------------------------------------------------ libraries */
-
-#define STR_(x) #x
-/* The name a header gives a function after its version macros (cuMemAlloc
- * -> "cuMemAlloc_v2"): the symbol to look up. */
-#define XSTR(x) STR_(x)
-
-#define CU_FUNCS(X)                                                                            \
-  X(cuInit) X(cuDriverGetVersion) X(cuDeviceGetCount) X(cuDeviceGet) X(cuDeviceGetAttribute)   \
-  X(cuDeviceGetName) X(cuDevicePrimaryCtxRetain) X(cuDevicePrimaryCtxRelease)                  \
-  X(cuCtxSetCurrent) X(cuStreamCreate) X(cuStreamDestroy) X(cuStreamSynchronize)               \
-  X(cuMemAlloc) X(cuMemFree) X(cuMemsetD8) X(cuMemsetD8Async) X(cuMemcpyHtoDAsync)             \
-  X(cuMemcpyDtoHAsync) X(cuMemcpyDtoDAsync) X(cuModuleLoadData) X(cuModuleUnload)             \
-  X(cuModuleGetFunction) X(cuLaunchKernel) X(cuGetErrorString) X(cuEventCreate)              \
-  X(cuEventRecord) X(cuEventElapsedTime) X(cuEventSynchronize) X(cuEventDestroy)
-
-/* CUDA graphs: optional (without them a step runs its ops one by one). */
-#define CU_GRAPH_FUNCS(X)                                                                      \
-  X(cuStreamBeginCapture) X(cuStreamEndCapture) X(cuGraphInstantiate) X(cuGraphLaunch)        \
-  X(cuGraphExecDestroy) X(cuGraphDestroy)
-
-#define NVRTC_FUNCS(X)                                                                         \
-  X(nvrtcVersion) X(nvrtcGetNumSupportedArchs) X(nvrtcGetSupportedArchs) X(nvrtcCreateProgram) \
-  X(nvrtcDestroyProgram) X(nvrtcCompileProgram) X(nvrtcGetProgramLogSize)                      \
-  X(nvrtcGetProgramLog) X(nvrtcGetCUBINSize) X(nvrtcGetCUBIN) X(nvrtcGetPTXSize)               \
-  X(nvrtcGetPTX) X(nvrtcGetErrorString)
-
-#define CUBLAS_FUNCS(X)                                                                        \
-  X(cublasCreate) X(cublasDestroy) X(cublasSetStream) X(cublasSetMathMode) X(cublasSgemm)      \
-  X(cublasSgemmStridedBatched) X(cublasGemmStridedBatchedEx) X(cublasGetStatusString)
-
-#ifdef MOERT_HAVE_CUBLASLT
-#define CUBLASLT_FUNCS(X)                                                                      \
-  X(cublasLtCreate) X(cublasLtDestroy) X(cublasLtMatmulDescCreate) X(cublasLtMatmulDescDestroy) \
-  X(cublasLtMatmulDescSetAttribute) X(cublasLtMatrixLayoutCreate) X(cublasLtMatrixLayoutDestroy) \
-  X(cublasLtMatrixLayoutSetAttribute) X(cublasLtMatmulPreferenceCreate)                         \
-  X(cublasLtMatmulPreferenceDestroy) X(cublasLtMatmulPreferenceSetAttribute)                    \
-  X(cublasLtMatmulAlgoGetHeuristic) X(cublasLtMatmul)
-#endif
-
-#define DECLARE(f) __typeof__(f) *f;
-static struct {
-  void *lib;
-  CU_FUNCS(DECLARE)
-  CU_GRAPH_FUNCS(DECLARE)
-  bool graphs; /* every CU_GRAPH_FUNCS found */
-} cu;
-static struct {
-  void *lib;
-  int major, minor;
-  NVRTC_FUNCS(DECLARE)
-} nvrtc;
-static struct {
-  void *lib;
-  CUBLAS_FUNCS(DECLARE)
-} cublas;
-#ifdef MOERT_HAVE_CUBLASLT
-static struct {
-  void *lib;
-  CUBLASLT_FUNCS(DECLARE)
-} cublaslt;
-#endif
-#undef DECLARE
-
-/* The first of names that dlopen finds; NULL when none. */
-static void *open_first(const char *const *names, int n) {
-  for (int i = 0; i < n; i++) {
-    void *h = dlopen(names[i], RTLD_NOW | RTLD_LOCAL);
-    if (h) return h;
-  }
-  return NULL;
-}
-
-/* Looks every symbol up; false (and *missing names the first absent one)
- * when one is missing. */
-#define LOOKUP(f)                                                                              \
-  if (ok && !(tbl->f = (__typeof__(tbl->f))dlsym(tbl->lib, XSTR(f)))) {                         \
-    ok = false;                                                                                \
-    *missing = XSTR(f);                                                                        \
-  }
-
-static bool load_cu(const char **missing) {
-  static int state; /* 0 not tried, 1 loaded, -1 failed */
-  if (state) return state > 0;
-  static const char *const names[] = {"libcuda.so.1", "libcuda.so"};
-  bool ok = (cu.lib = open_first(names, 2)) != NULL;
-  *missing = "libcuda.so.1";
-  __typeof__(cu) *tbl = &cu;
-  if (ok) {
-    CU_FUNCS(LOOKUP)
-  }
-  if (ok) {
-    cu.graphs = true;
-#define LOOKUP_GRAPH(f) cu.graphs = (cu.f = (__typeof__(cu.f))dlsym(cu.lib, XSTR(f))) != NULL && cu.graphs;
-    CU_GRAPH_FUNCS(LOOKUP_GRAPH)
-#undef LOOKUP_GRAPH
-  }
-  state = ok ? 1 : -1;
-  return ok;
-}
-
-static bool load_nvrtc(const char **missing) {
-  static int state;
-  if (state) return state > 0;
-  static const char *const names[] = {
-      "libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so", "/usr/local/cuda/lib64/libnvrtc.so.13",
-      "/usr/local/cuda/lib64/libnvrtc.so.12", "/usr/local/cuda/lib64/libnvrtc.so"};
-  bool ok = (nvrtc.lib = open_first(names, 6)) != NULL;
-  *missing = "libnvrtc.so.13 (or .12)";
-  __typeof__(nvrtc) *tbl = &nvrtc;
-  if (ok) {
-    NVRTC_FUNCS(LOOKUP)
-  }
-  if (ok && nvrtc.nvrtcVersion(&nvrtc.major, &nvrtc.minor) != NVRTC_SUCCESS) ok = false;
-  state = ok ? 1 : -1;
-  return ok;
-}
-
-static bool load_cublas(const char **missing) {
-  static int state;
-  if (state) return state > 0;
-  static const char *const names[] = {"libcublas.so.13", "libcublas.so.12", "libcublas.so",
-                                      "/usr/local/cuda/lib64/libcublas.so.13",
-                                      "/usr/local/cuda/lib64/libcublas.so.12",
-                                      "/usr/local/cuda/lib64/libcublas.so"};
-  bool ok = (cublas.lib = open_first(names, 6)) != NULL;
-  *missing = "libcublas.so.13 (or .12)";
-  __typeof__(cublas) *tbl = &cublas;
-  if (ok) {
-    CUBLAS_FUNCS(LOOKUP)
-  }
-  state = ok ? 1 : -1;
-  return ok;
-}
-
-#ifdef MOERT_HAVE_CUBLASLT
-/* cuBLASLt: optional (gemm_ex falls back to cuBLAS without it). */
-static bool load_cublaslt(void) {
-  static int state;
-  if (state) return state > 0;
-  static const char *const names[] = {"libcublasLt.so.13", "libcublasLt.so.12", "libcublasLt.so",
-                                      "/usr/local/cuda/lib64/libcublasLt.so.13",
-                                      "/usr/local/cuda/lib64/libcublasLt.so.12",
-                                      "/usr/local/cuda/lib64/libcublasLt.so"};
-  bool ok = (cublaslt.lib = open_first(names, 6)) != NULL;
-  const char *missing_name = NULL, **missing = &missing_name;
-  __typeof__(cublaslt) *tbl = &cublaslt;
-  if (ok) {
-    CUBLASLT_FUNCS(LOOKUP)
-  }
-  (void)missing_name;
-  state = ok ? 1 : -1;
-  return ok;
-}
-#endif
-#undef LOOKUP
-
-/* ------------------------------------------------------------ error checks */
-
-static const char *cu_errstr(CUresult r) {
-  const char *s = NULL;
-  if (cu.cuGetErrorString && cu.cuGetErrorString(r, &s) == CUDA_SUCCESS && s) return s;
-  return "unknown CUDA driver error";
-}
-static const char *nvrtc_errstr(nvrtcResult r) {
-  const char *s = nvrtc.nvrtcGetErrorString ? nvrtc.nvrtcGetErrorString(r) : NULL;
-  return s ? s : "unknown NVRTC error";
-}
-static const char *cublas_errstr(cublasStatus_t r) {
-  const char *s = cublas.cublasGetStatusString ? cublas.cublasGetStatusString(r) : NULL;
-  return s ? s : "unknown cuBLAS error";
-}
-
-MOERT_CHECK_GEN(cu_check, CUresult, CUDA_SUCCESS, cu_errstr)
-MOERT_CHECK_GEN(nvrtc_check, nvrtcResult, NVRTC_SUCCESS, nvrtc_errstr)
-MOERT_CHECK_GEN(cublas_check, cublasStatus_t, CUBLAS_STATUS_SUCCESS, cublas_errstr)
-
-/* CUOK(st, cuMemAlloc, (&p, n)): calls the loaded function; on failure
- * records "cuMemAlloc failed: <why>" here and is false. CUTRY returns false. */
-#define CUOK(st, fn, args) cu_check(cu.fn args, #fn, __FILE__, __LINE__, (st))
-#define CUTRY(st, fn, args)                                                                    \
-  do {                                                                                         \
-    if (!CUOK(st, fn, args)) return false;                                                     \
-  } while (0)
-#define NVRTCOK(st, fn, args) nvrtc_check(nvrtc.fn args, #fn, __FILE__, __LINE__, (st))
-#define CUBLASOK(st, fn, args) cublas_check(cublas.fn args, #fn, __FILE__, __LINE__, (st))
+#include "cuda_lib.h"
 
 /* ------------------------------------------------------------ kernels */
 
@@ -465,11 +264,10 @@ static cuda_state G;
 static bool healthy(void) { return G.live && !G.err.failed; }
 
 #define ARGS(...) ((void *[]){__VA_ARGS__})
-#define DPTR(p) ((CUdeviceptr)(uintptr_t)(p))
 
 static void launch(int k, uint64_t gx, uint64_t gy, unsigned bx, unsigned by, void **args) {
   if (!healthy()) return;
-  cu_check(cu.cuLaunchKernel(G.fn[k], (unsigned)gx, (unsigned)gy, 1, bx, by, 1, 0, G.stream, args,
+  moert_cu_check(moert_cu.cuLaunchKernel(G.fn[k], (unsigned)gx, (unsigned)gy, 1, bx, by, 1, 0, G.stream, args,
                              NULL),
            kernel_names[k], __FILE__, __LINE__, &G.err);
 }
@@ -485,7 +283,7 @@ static CUfunction pick(int k, long long a, long long b) {
   snprintf(key, sizeof key, spec_keys[k], a, b);
   snprintf(name, sizeof name, "%s__%s", kernel_names[k], key);
   CUfunction f = NULL;
-  if (cu.cuModuleGetFunction(&f, G.mod, name) != CUDA_SUCCESS) f = NULL;
+  if (moert_cu.cuModuleGetFunction(&f, G.mod, name) != CUDA_SUCCESS) f = NULL;
   if (G.nspecs < MAX_SPEC_LOOKUPS) G.specs[G.nspecs++] = (spec_fn){k, a, b, f};
   return f ? f : G.fn[k];
 }
@@ -494,7 +292,7 @@ static CUfunction pick(int k, long long a, long long b) {
 static void launch_spec(int k, long long a, long long b, uint64_t gx, uint64_t gy, unsigned bx,
                         unsigned by, void **args) {
   if (!healthy()) return;
-  cu_check(cu.cuLaunchKernel(pick(k, a, b), (unsigned)gx, (unsigned)gy, 1, bx, by, 1, 0, G.stream,
+  moert_cu_check(moert_cu.cuLaunchKernel(pick(k, a, b), (unsigned)gx, (unsigned)gy, 1, bx, by, 1, 0, G.stream,
                              args, NULL),
            kernel_names[k], __FILE__, __LINE__, &G.err);
 }
@@ -591,7 +389,7 @@ static bool cuda_alloc(moert_backend *b, size_t n, void **out, moert_status *st)
   CUdeviceptr p = 0;
   size_t rounded = (n + 255) / 256 * 256;
   if (!rounded) rounded = 256;
-  CUresult rc = cu.cuMemAlloc(&p, rounded);
+  CUresult rc = moert_cu.cuMemAlloc(&p, rounded);
   if (rc == CUDA_ERROR_OUT_OF_MEMORY) { /* the words the executor looks for: MOERT_OOM_PREFIX */
     size_t free_b = 0, total_b = 0;
     moert_backend_cuda_mem_info(b, &free_b, &total_b);
@@ -599,9 +397,9 @@ static bool cuda_alloc(moert_backend *b, size_t n, void **out, moert_status *st)
                       (double)n / 1e9, (double)free_b / 1e9, (double)total_b / 1e9);
   }
   if (rc != CUDA_SUCCESS)
-    return MOERT_FAIL(st, "cuMemAlloc failed: %s (%zu bytes)", cu_errstr(rc), n);
+    return MOERT_FAIL(st, "cuMemAlloc failed: %s (%zu bytes)", moert_cu_errstr(rc), n);
   if (!CUOK(st, cuMemsetD8, (p, 0, rounded))) {
-    cu.cuMemFree(p);
+    moert_cu.cuMemFree(p);
     return MOERT_UP(st);
   }
   *out = (void *)(uintptr_t)p;
@@ -610,7 +408,7 @@ static bool cuda_alloc(moert_backend *b, size_t n, void **out, moert_status *st)
 
 static void cuda_free(moert_backend *b, void *p) {
   (void)b;
-  if (p && G.live) cu.cuMemFree(DPTR(p));
+  if (p && G.live) moert_cu.cuMemFree(DPTR(p));
 }
 
 static bool cuda_upload(moert_backend *b, void *dst, const void *src, size_t n,
@@ -1265,21 +1063,21 @@ static int lt_epilogue(const moert_gemm *g) {
 }
 
 #define LTOK(call) ((call) == CUBLAS_STATUS_SUCCESS)
-#define LT_SET(fn, obj, attr, val) LTOK(cublaslt.fn((obj), (attr), &(val), sizeof(val)))
+#define LT_SET(fn, obj, attr, val) LTOK(moert_cublaslt.fn((obj), (attr), &(val), sizeof(val)))
 
 static bool lt_layout(cublasLtMatrixLayout_t *l, moert_dt t, int64_t rows, int64_t cols, int64_t ld,
                       int64_t count, int64_t stride) {
   int32_t n = (int32_t)count;
-  return LTOK(cublaslt.cublasLtMatrixLayoutCreate(l, cuda_type(t), (uint64_t)rows, (uint64_t)cols, ld)) &&
+  return LTOK(moert_cublaslt.cublasLtMatrixLayoutCreate(l, cuda_type(t), (uint64_t)rows, (uint64_t)cols, ld)) &&
          LT_SET(cublasLtMatrixLayoutSetAttribute, *l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, n) &&
          LT_SET(cublasLtMatrixLayoutSetAttribute, *l, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, stride);
 }
 
 static void lt_plan_free(lt_plan *p) {
-  if (p->desc) cublaslt.cublasLtMatmulDescDestroy(p->desc);
-  if (p->la) cublaslt.cublasLtMatrixLayoutDestroy(p->la);
-  if (p->lb) cublaslt.cublasLtMatrixLayoutDestroy(p->lb);
-  if (p->lc) cublaslt.cublasLtMatrixLayoutDestroy(p->lc);
+  if (p->desc) moert_cublaslt.cublasLtMatmulDescDestroy(p->desc);
+  if (p->la) moert_cublaslt.cublasLtMatrixLayoutDestroy(p->la);
+  if (p->lb) moert_cublaslt.cublasLtMatrixLayoutDestroy(p->lb);
+  if (p->lc) moert_cublaslt.cublasLtMatrixLayoutDestroy(p->lc);
   p->desc = NULL, p->la = p->lb = p->lc = NULL;
 }
 
@@ -1297,7 +1095,7 @@ static bool lt_pointers(lt_plan *p, const moert_gemm *g) {
 static bool lt_plan_make(lt_plan *p, const moert_gemm *g, int epi) {
   int32_t opa = g->trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, opb = g->trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
   uint32_t e = (uint32_t)epi;
-  bool ok = LTOK(cublaslt.cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F)) &&
+  bool ok = LTOK(moert_cublaslt.cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F)) &&
             LT_SET(cublasLtMatmulDescSetAttribute, p->desc, CUBLASLT_MATMUL_DESC_TRANSA, opa) &&
             LT_SET(cublasLtMatmulDescSetAttribute, p->desc, CUBLASLT_MATMUL_DESC_TRANSB, opb) &&
             LT_SET(cublasLtMatmulDescSetAttribute, p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, e) &&
@@ -1317,7 +1115,7 @@ static bool lt_plan_make(lt_plan *p, const moert_gemm *g, int epi) {
   cublasLtMatmulPreference_t pref = NULL;
   uint64_t ws = LT_WORKSPACE;
   uint32_t aa = (uint32_t)p->key.align_b, ab = (uint32_t)p->key.align_a, ac = (uint32_t)p->key.align_c;
-  ok = ok && LTOK(cublaslt.cublasLtMatmulPreferenceCreate(&pref)) &&
+  ok = ok && LTOK(moert_cublaslt.cublasLtMatmulPreferenceCreate(&pref)) &&
        LT_SET(cublasLtMatmulPreferenceSetAttribute, pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, ws) &&
        LT_SET(cublasLtMatmulPreferenceSetAttribute, pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, aa) &&
        LT_SET(cublasLtMatmulPreferenceSetAttribute, pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, ab) &&
@@ -1326,10 +1124,10 @@ static bool lt_plan_make(lt_plan *p, const moert_gemm *g, int epi) {
   cublasLtMatmulHeuristicResult_t res;
   int found = 0;
   memset(&res, 0, sizeof res);
-  ok = ok && LTOK(cublaslt.cublasLtMatmulAlgoGetHeuristic(G.lt, p->desc, p->la, p->lb, p->lc, p->lc, pref, 1, &res,
+  ok = ok && LTOK(moert_cublaslt.cublasLtMatmulAlgoGetHeuristic(G.lt, p->desc, p->la, p->lb, p->lc, p->lc, pref, 1, &res,
                                                           &found)) &&
        found > 0 && res.state == CUBLAS_STATUS_SUCCESS;
-  if (pref) cublaslt.cublasLtMatmulPreferenceDestroy(pref);
+  if (pref) moert_cublaslt.cublasLtMatmulPreferenceDestroy(pref);
   if (ok) p->algo = res.algo;
   else lt_plan_free(p);
   return ok;
@@ -1381,7 +1179,7 @@ static bool lt_gemm_ex(const moert_gemm *g) {
   lt_plan *p = lt_plan_for(&h, d, epi);
   if (!p || !p->ok || !lt_pointers(p, &h)) return false;
   float alpha = g->alpha, beta = g->beta;
-  cublasStatus_t r = cublaslt.cublasLtMatmul(G.lt, p->desc, &alpha, g->b, p->la, g->a, p->lb, &beta, g->c, p->lc,
+  cublasStatus_t r = moert_cublaslt.cublasLtMatmul(G.lt, p->desc, &alpha, g->b, p->la, g->a, p->lb, &beta, g->c, p->lc,
                                              d, p->lc, &p->algo, (void *)(uintptr_t)G.lt_ws, LT_WORKSPACE,
                                              G.stream);
   if (r == CUBLAS_STATUS_NOT_SUPPORTED || r == CUBLAS_STATUS_INVALID_VALUE) {
@@ -1390,7 +1188,7 @@ static bool lt_gemm_ex(const moert_gemm *g) {
     p->ok = false;
     return false;
   }
-  if (!cublas_check(r, "cublasLtMatmul", __FILE__, __LINE__, &G.err)) return true;
+  if (!moert_cublas_check(r, "cublasLtMatmul", __FILE__, __LINE__, &G.err)) return true;
   if (split) {
     int64_t cs = moert_dt_size(g->c_type);
     if (g->stride_c == g->m * g->n) {
@@ -1408,13 +1206,13 @@ static bool lt_gemm_ex(const moert_gemm *g) {
  * library is missing, it fails to start, or MOEC_CUBLASLT=0. */
 static void lt_setup(void) {
   const char *env = getenv("MOEC_CUBLASLT");
-  if ((env && strcmp(env, "0") == 0) || !load_cublaslt()) return;
-  if (!LTOK(cublaslt.cublasLtCreate(&G.lt))) {
+  if ((env && strcmp(env, "0") == 0) || !moert_cublaslt_load()) return;
+  if (!LTOK(moert_cublaslt.cublasLtCreate(&G.lt))) {
     G.lt = NULL;
     return;
   }
-  if (cu.cuMemAlloc(&G.lt_ws, LT_WORKSPACE) != CUDA_SUCCESS) {
-    cublaslt.cublasLtDestroy(G.lt);
+  if (moert_cu.cuMemAlloc(&G.lt_ws, LT_WORKSPACE) != CUDA_SUCCESS) {
+    moert_cublaslt.cublasLtDestroy(G.lt);
     G.lt = NULL, G.lt_ws = 0;
     return;
   }
@@ -1424,8 +1222,8 @@ static void lt_setup(void) {
 static void lt_release(void) {
   for (int i = 0; i < G.nplans; i++) lt_plan_free(&G.plans[i]);
   G.nplans = 0;
-  if (G.lt) cublaslt.cublasLtDestroy(G.lt);
-  if (G.lt_ws) cu.cuMemFree(G.lt_ws);
+  if (G.lt) moert_cublaslt.cublasLtDestroy(G.lt);
+  if (G.lt_ws) moert_cu.cuMemFree(G.lt_ws);
   G.lt = NULL, G.lt_ws = 0, G.lt_on = false;
 }
 #else
@@ -1663,13 +1461,13 @@ static bool nvrtc_compile(const char *src, const char *arch, const char *log_dir
   nvrtcProgram prog;
   if (!NVRTCOK(st, nvrtcCreateProgram, (&prog, src, "moert_kernels.cu", 0, NULL, NULL)))
     return MOERT_UP(st);
-  nvrtcResult rc = nvrtc.nvrtcCompileProgram(prog, N_NVRTC_OPTIONS + 1, opts);
+  nvrtcResult rc = moert_nvrtc.nvrtcCompileProgram(prog, N_NVRTC_OPTIONS + 1, opts);
   bool ok = true;
   if (rc != NVRTC_SUCCESS) {
     size_t n = 0;
     char *log = NULL;
-    if (nvrtc.nvrtcGetProgramLogSize(prog, &n) == NVRTC_SUCCESS && (log = malloc(n + 1))) {
-      if (nvrtc.nvrtcGetProgramLog(prog, log) != NVRTC_SUCCESS) log[0] = 0;
+    if (moert_nvrtc.nvrtcGetProgramLogSize(prog, &n) == NVRTC_SUCCESS && (log = malloc(n + 1))) {
+      if (moert_nvrtc.nvrtcGetProgramLog(prog, log) != NVRTC_SUCCESS) log[0] = 0;
       log[n] = 0;
     }
     char path[4200], head[640];
@@ -1684,7 +1482,7 @@ static bool nvrtc_compile(const char *src, const char *arch, const char *log_dir
     while (h > 0 && head[h - 1] == '\n') h--;
     head[h] = 0;
     ok = MOERT_FAIL(st, "NVRTC %d.%d could not compile the kernels for %s (%s):\n%s\n%s%s",
-                    nvrtc.major, nvrtc.minor, arch, nvrtc_errstr(rc), head,
+                    moert_nvrtc.major, moert_nvrtc.minor, arch, moert_nvrtc_errstr(rc), head,
                     path[0] ? "the whole log: " : "the log could not be saved",
                     path[0] ? path : "");
     free(log);
@@ -1704,7 +1502,7 @@ static bool nvrtc_compile(const char *src, const char *arch, const char *log_dir
       out->data = NULL;
     }
   }
-  nvrtc.nvrtcDestroyProgram(&prog);
+  moert_nvrtc.nvrtcDestroyProgram(&prog);
   return ok || MOERT_UP(st);
 }
 
@@ -1723,7 +1521,7 @@ static bool pick_arch(int major, int minor, char *arch, size_t cap, moert_status
   if (!ok) return MOERT_UP(st);
   if (!best)
     return MOERT_FAIL(st, "NVRTC %d.%d cannot compile for this GPU (compute capability %d.%d)",
-                      nvrtc.major, nvrtc.minor, major, minor);
+                      moert_nvrtc.major, moert_nvrtc.minor, major, minor);
   snprintf(arch, cap, "%s_%d", best == want ? "sm" : "compute", best);
   return true;
 }
@@ -1736,7 +1534,7 @@ static uint64_t cache_key(const char *src, const char *arch) {
   for (int i = 0; i < N_NVRTC_OPTIONS; i++)
     moert_xxh64_update(&s, nvrtc_options[i], strlen(nvrtc_options[i]) + 1);
   moert_xxh64_update(&s, arch, strlen(arch) + 1);
-  int version[2] = {nvrtc.major, nvrtc.minor};
+  int version[2] = {moert_nvrtc.major, moert_nvrtc.minor};
   moert_xxh64_update(&s, version, sizeof version);
   return moert_xxh64_digest(&s);
 }
@@ -1843,7 +1641,7 @@ static bool load_kernels(const char *cache_dir, bool use_cache, const char *kern
     snprintf(G.cache_path, sizeof G.cache_path, "%s/kernels-%016" PRIx64 ".bin", dir, key);
   image img = {0};
   G.cache_hit = have_dir && cache_read(G.cache_path, key, &img);
-  if (G.cache_hit && cu.cuModuleLoadData(&G.mod, img.data) != CUDA_SUCCESS) {
+  if (G.cache_hit && moert_cu.cuModuleLoadData(&G.mod, img.data) != CUDA_SUCCESS) {
     fprintf(stderr, "moec: warning: the driver refused the cached kernels %s; recompiling\n",
             G.cache_path);
     G.cache_hit = false;
@@ -1864,33 +1662,10 @@ static bool load_kernels(const char *cache_dir, bool use_cache, const char *kern
   free(img.data);
   free(src);
   for (int k = 0; k < K_COUNT; k++)
-    if (cu.cuModuleGetFunction(&G.fn[k], G.mod, kernel_names[k]) != CUDA_SUCCESS)
+    if (moert_cu.cuModuleGetFunction(&G.fn[k], G.mod, kernel_names[k]) != CUDA_SUCCESS)
       return MOERT_FAIL(st, "the kernels have no %s: templates/ and backend_cuda.c disagree",
                         kernel_names[k]);
   return true;
-}
-
-/* ------------------------------------------------------------ the backend */
-
-bool moert_nvrtc_available(void) {
-  const char *missing;
-  return load_nvrtc(&missing);
-}
-
-int moert_cuda_device_count(void) {
-  int n = 0;
-  return moert_cuda_available() && cu.cuDeviceGetCount(&n) == CUDA_SUCCESS ? n : 0;
-}
-
-bool moert_cuda_available(void) {
-  static int state; /* 0 not asked, 1 yes, -1 no */
-  if (state) return state > 0;
-  const char *missing;
-  int n = 0;
-  bool ok = load_cu(&missing) && cu.cuInit(0) == CUDA_SUCCESS &&
-            cu.cuDeviceGetCount(&n) == CUDA_SUCCESS && n > 0;
-  state = ok ? 1 : -1;
-  return ok;
 }
 
 /* ------------------------------------------------------------ timing marks */
@@ -1939,21 +1714,21 @@ static bool cuda_graph_begin(moert_backend *b, moert_status *st) {
 static bool cuda_graph_end(moert_backend *b, int id, moert_status *st) {
   (void)b;
   CUgraph graph = NULL;
-  CUresult rc = cu.cuStreamEndCapture(G.stream, &graph);
+  CUresult rc = moert_cu.cuStreamEndCapture(G.stream, &graph);
   G.capturing = false;
   bool ok = true;
   if (G.err.failed) { /* an op refused while capturing: nothing ran, the device is fine */
     ok = MOERT_FAIL(st, "%s (at %s)", G.err.msg, G.err.trace);
     memset(&G.err, 0, sizeof G.err);
   } else if (rc != CUDA_SUCCESS) {
-    ok = cu_check(rc, "cuStreamEndCapture", __FILE__, __LINE__, st);
+    ok = moert_cu_check(rc, "cuStreamEndCapture", __FILE__, __LINE__, st);
   }
   CUgraphExec exec = NULL;
   if (ok && id >= 0 && id < MOERT_MAX_GRAPHS) ok = CUOK(st, cuGraphInstantiate, (&exec, graph, 0));
   else if (ok) ok = MOERT_FAIL(st, "CUDA graph id %d is not below %d", id, MOERT_MAX_GRAPHS);
-  if (graph) cu.cuGraphDestroy(graph);
+  if (graph) moert_cu.cuGraphDestroy(graph);
   if (!ok) return MOERT_UP(st);
-  if (G.graphs[id]) cu.cuGraphExecDestroy(G.graphs[id]);
+  if (G.graphs[id]) moert_cu.cuGraphExecDestroy(G.graphs[id]);
   G.graphs[id] = exec;
   return true;
 }
@@ -1966,30 +1741,32 @@ static bool cuda_graph_launch(moert_backend *b, int id, moert_status *st) {
   return true;
 }
 
+/* ------------------------------------------------------------ the backend */
+
 static void release(void) {
-  if (G.stream) cu.cuStreamSynchronize(G.stream);
+  if (G.stream) moert_cu.cuStreamSynchronize(G.stream);
   for (int i = 0; i < MOERT_MAX_GRAPHS; i++)
-    if (G.graphs[i]) cu.cuGraphExecDestroy(G.graphs[i]);
+    if (G.graphs[i]) moert_cu.cuGraphExecDestroy(G.graphs[i]);
   lt_release();
-  for (int i = 0; i < G.nevents; i++) cu.cuEventDestroy(G.events[i]);
-  if (G.blas) cublas.cublasDestroy(G.blas);
-  if (G.scratch) cu.cuMemFree(G.scratch);
-  if (G.mod) cu.cuModuleUnload(G.mod);
-  if (G.stream) cu.cuStreamDestroy(G.stream);
-  if (G.ctx) cu.cuDevicePrimaryCtxRelease(G.dev);
+  for (int i = 0; i < G.nevents; i++) moert_cu.cuEventDestroy(G.events[i]);
+  if (G.blas) moert_cublas.cublasDestroy(G.blas);
+  if (G.scratch) moert_cu.cuMemFree(G.scratch);
+  if (G.mod) moert_cu.cuModuleUnload(G.mod);
+  if (G.stream) moert_cu.cuStreamDestroy(G.stream);
+  if (G.ctx) moert_cu.cuDevicePrimaryCtxRelease(G.dev);
   memset(&G, 0, sizeof G);
 }
 
 static bool setup(int device, const char *cache_dir, bool use_cache, const char *kernels_src,
                   moert_status *st) {
   const char *missing = NULL;
-  if (!load_cu(&missing))
+  if (!moert_cu_load(&missing))
     return MOERT_FAIL(st, "no CUDA driver: %s could not be loaded (is there an NVIDIA GPU and "
                           "driver?); run with --backend cpu", missing);
-  if (!load_nvrtc(&missing))
+  if (!moert_nvrtc_load(&missing))
     return MOERT_FAIL(st, "NVRTC could not be loaded (%s); install the CUDA toolkit's runtime "
                           "compiler or add its lib64 folder to LD_LIBRARY_PATH", missing);
-  if (!load_cublas(&missing))
+  if (!moert_cublas_load(&missing))
     return MOERT_FAIL(st, "cuBLAS could not be loaded (%s); install the CUDA toolkit's cuBLAS or "
                           "add its lib64 folder to LD_LIBRARY_PATH", missing);
   int n = 0;
@@ -2058,9 +1835,9 @@ bool moert_backend_cuda_create(moert_backend **out, int device, const char *cach
       .mark = cuda_mark,
       .mark_ms = cuda_mark_ms,
       .marks_reset = cuda_marks_reset,
-      .graph_begin = cu.graphs ? cuda_graph_begin : NULL,
-      .graph_end = cu.graphs ? cuda_graph_end : NULL,
-      .graph_launch = cu.graphs ? cuda_graph_launch : NULL,
+      .graph_begin = moert_cu.graphs ? cuda_graph_begin : NULL,
+      .graph_end = moert_cu.graphs ? cuda_graph_end : NULL,
+      .graph_launch = moert_cu.graphs ? cuda_graph_launch : NULL,
       .bf16 = true,
 #define X(op) .op = cuda_##op,
       MOERT_BACKEND_OPS(X)
@@ -2121,7 +1898,7 @@ void moert_backend_cuda_gemm_counts(const moert_backend *b, int64_t *lt, int64_t
 bool moert_cuda_compile_source(const char *src, const char *arch, const char *log_dir,
                                moert_status *st) {
   const char *missing;
-  if (!load_nvrtc(&missing)) return MOERT_FAIL(st, "NVRTC could not be loaded (%s)", missing);
+  if (!moert_nvrtc_load(&missing)) return MOERT_FAIL(st, "NVRTC could not be loaded (%s)", missing);
   image img = {0};
   bool ok = nvrtc_compile(src, arch, log_dir, cache_key(src, arch), &img, st);
   free(img.data);
@@ -2141,7 +1918,7 @@ bool moert_cuda_compile_check_source(const char *src, const char *arch, int *nsp
                                      moert_status *st) {
   const char *missing;
   *nspecialized = 0;
-  if (!load_nvrtc(&missing)) return MOERT_FAIL(st, "NVRTC could not be loaded (%s)", missing);
+  if (!moert_nvrtc_load(&missing)) return MOERT_FAIL(st, "NVRTC could not be loaded (%s)", missing);
   image img = {0};
   bool ok = nvrtc_compile(src, arch, NULL, cache_key(src, arch), &img, st);
   if (ok && !img.ptx) {
@@ -2172,7 +1949,7 @@ bool moert_cuda_compile_check_source(const char *src, const char *arch, int *nsp
 
 bool moert_cuda_compile_check(const char *arch, int only, moert_status *st) {
   const char *missing;
-  if (!load_nvrtc(&missing)) return MOERT_FAIL(st, "NVRTC could not be loaded (%s)", missing);
+  if (!moert_nvrtc_load(&missing)) return MOERT_FAIL(st, "NVRTC could not be loaded (%s)", missing);
   if (only >= moert_template_count) return MOERT_FAIL(st, "no template %d", only);
   char *src = assemble(only);
   if (!src) return MOERT_FAIL(st, "out of host memory");
@@ -2213,7 +1990,7 @@ bool moert_backend_cuda_mem_info(const moert_backend *b, size_t *free_bytes, siz
 const char *moert_backend_cuda_device_name(const moert_backend *b) {
   static char name[256];
   if (!b || b != &G.b || !G.live) return NULL;
-  if (cu.cuDeviceGetName(name, (int)sizeof name - 1, G.dev) != CUDA_SUCCESS) return NULL;
+  if (moert_cu.cuDeviceGetName(name, (int)sizeof name - 1, G.dev) != CUDA_SUCCESS) return NULL;
   return name[0] ? name : NULL;
 }
 
@@ -2229,7 +2006,7 @@ bool moert_backend_cuda_mem_info(const moert_backend *b, size_t *free_bytes, siz
   static __typeof__(cuMemGetInfo) *get_info;
   *free_bytes = *total_bytes = 0;
   if (!b || b != &G.b || !G.live) return false;
-  if (!get_info) get_info = (__typeof__(cuMemGetInfo) *)dlsym(cu.lib, XSTR(cuMemGetInfo));
+  if (!get_info) get_info = (__typeof__(cuMemGetInfo) *)dlsym(moert_cu.lib, MOERT_XSTR(cuMemGetInfo));
   return get_info && get_info(free_bytes, total_bytes) == CUDA_SUCCESS;
 }
 
