@@ -3,14 +3,16 @@
  * tables of function pointers typed from the libraries' headers, each
  * filled once on first use, so one binary runs with or without a GPU. Here
  * too: the first-found-name helper and the lookup macros the tables are
- * filled with, the error checks of the
+ * filled with (comm_nccl.c fills NCCL's with them), the error checks of the
  * libraries' result codes (status.h's generator) and the macros that call
  * through the tables and check (CUOK, CUTRY, NVRTCOK, CUBLASOK).
  *
- * For the cuda backend (backend_cuda.c). What is declared follows the
- * headers the build found: all of it with MOERT_HAVE_CUDA_HEADERS
- * (MOERT_HAVE_CUDA_DRIVER is then defined for the driver's part), cuBLASLt's
- * where cublasLt.h is too (MOERT_HAVE_CUBLASLT). */
+ * For the cuda backend (backend_cuda.c) and comm_nccl.c.
+ * What is declared follows the headers the build found: the driver's part
+ * with cuda.h (MOERT_HAVE_CUDA_HEADERS, or comm_nccl.c's
+ * MOERT_HAVE_NCCL_HEADERS: MOERT_HAVE_CUDA_DRIVER is then defined), NVRTC's
+ * and cuBLAS's with MOERT_HAVE_CUDA_HEADERS, cuBLASLt's where cublasLt.h is
+ * too (MOERT_HAVE_CUBLASLT). */
 #ifndef MOERT_CUDA_LIB_H
 #define MOERT_CUDA_LIB_H
 
@@ -42,19 +44,21 @@
  * none. */
 void *moert_dl_open_first(const char *const *names, int n);
 
-#ifdef MOERT_HAVE_CUDA_HEADERS
+#if defined(MOERT_HAVE_CUDA_HEADERS) || defined(MOERT_HAVE_NCCL_HEADERS)
 #define MOERT_HAVE_CUDA_DRIVER 1
 #include <cuda.h>
 
-/* The driver's functions the cuda backend calls. */
+/* The driver's functions the cuda backend and comm_nccl.c call. */
 #define CU_FUNCS(X)                                                                            \
   X(cuInit) X(cuDriverGetVersion) X(cuDeviceGetCount) X(cuDeviceGet) X(cuDeviceGetAttribute)   \
-  X(cuDeviceGetName) X(cuDevicePrimaryCtxRetain) X(cuDevicePrimaryCtxRelease)                  \
-  X(cuCtxSetCurrent) X(cuStreamCreate) X(cuStreamDestroy) X(cuStreamSynchronize)               \
+  X(cuDeviceGetName) X(cuDeviceGetPCIBusId) X(cuDevicePrimaryCtxRetain)                        \
+  X(cuDevicePrimaryCtxRelease) X(cuCtxSetCurrent) X(cuCtxGetCurrent) X(cuCtxGetDevice)        \
+  X(cuStreamCreate) X(cuStreamDestroy) X(cuStreamSynchronize) X(cuStreamWaitEvent)             \
   X(cuMemAlloc) X(cuMemFree) X(cuMemsetD8) X(cuMemsetD8Async) X(cuMemcpyHtoDAsync)             \
-  X(cuMemcpyDtoHAsync) X(cuMemcpyDtoDAsync) X(cuModuleLoadData) X(cuModuleUnload)             \
-  X(cuModuleGetFunction) X(cuLaunchKernel) X(cuGetErrorString) X(cuEventCreate)              \
-  X(cuEventRecord) X(cuEventElapsedTime) X(cuEventSynchronize) X(cuEventDestroy)
+  X(cuMemcpyDtoHAsync) X(cuMemcpyDtoDAsync) X(cuMemcpy2DAsync) X(cuModuleLoadData)            \
+  X(cuModuleUnload) X(cuModuleGetFunction) X(cuLaunchKernel) X(cuGetErrorString)              \
+  X(cuEventCreate) X(cuEventRecord) X(cuEventElapsedTime) X(cuEventSynchronize)               \
+  X(cuEventDestroy)
 
 /* CUDA graphs: optional (without them a step runs its ops one by one). */
 #define CU_GRAPH_FUNCS(X)                                                                      \
@@ -92,7 +96,7 @@ bool moert_cu_check(CUresult code, const char *call, const char *file, int line,
 
 /* A device address held in a pointer, as the driver takes it. */
 #define DPTR(p) ((CUdeviceptr)(uintptr_t)(p))
-#endif /* MOERT_HAVE_CUDA_HEADERS */
+#endif /* MOERT_HAVE_CUDA_HEADERS || MOERT_HAVE_NCCL_HEADERS */
 
 #ifdef MOERT_HAVE_CUDA_HEADERS
 #include <cublas_v2.h>

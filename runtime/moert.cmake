@@ -57,8 +57,9 @@ if(MOEC_NVTX_INCLUDE)
 else()
   message(STATUS "NVTX: nvtx3/nvToolsExt.h not found; no NVTX ranges")
 endif()
-# comm_nccl.c opens libnccl.so.2 with dlopen the same way: nccl.h (and the
-# CUDA headers it includes) at build time, nothing NCCL at link time. The
+# comm_nccl.c opens libnccl.so.2 with dlopen the same way (and the driver
+# through cuda_lib.c): nccl.h (and the CUDA headers it includes) at build
+# time, nothing NCCL at link time. The
 # decision is the interface target moert_nccl_headers (MOERT_HAVE_NCCL_HEADERS
 # and the include folders), so other code that calls NCCL by dlopen
 # (bench/gpu/a2a_bench.c) is built with NCCL exactly where the runtime is.
