@@ -1,0 +1,127 @@
+/* backend_cuda_impl.h — what the cuda backend's files share: backend_cuda.c
+ * (the table, the op launchers, the GEMMs, CUDA graphs and the timing
+ * marks) and cuda_nvrtc.c (the kernels: NVRTC and the disk cache). The
+ * backend's state, the list of its kernels, and the entry points the files
+ * call in each other. Not for the runtime's other modules; only with the
+ * CUDA headers (MOERT_HAVE_CUDA_HEADERS). */
+#ifndef MOERT_BACKEND_CUDA_IMPL_H
+#define MOERT_BACKEND_CUDA_IMPL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "backend.h"
+#include "cuda_lib.h"
+
+/* Every kernel of templates/, by its name after moert_k_. */
+#define KERNELS(X)                                                                               \
+  X(colsum_add) X(reduce_sum) X(act_fwd_relu) X(act_fwd_gelu) X(act_fwd_silu) X(act_fwd_tanh) X(act_bwd_tanh) X(act_bwd_relu)    \
+  X(act_bwd_gelu) X(act_bwd_silu) X(swiglu_fwd) X(swiglu_bwd) X(layernorm_fwd)                   \
+  X(layernorm_bwd_dx) X(layernorm_bwd_part) X(rmsnorm_fwd) X(rmsnorm_bwd_dx)                     \
+  X(rmsnorm_bwd_part) X(l2norm_rows_fwd) X(l2norm_rows_bwd) X(l2norm_cols_part)                  \
+  X(l2norm_cols_finish) X(l2norm_cols_apply) X(gate_topk) X(gate_priority_rank)                 \
+  X(gate_priority_scatter) X(gate_locations) X(aux_loss) X(gate_bwd) X(dispatch)                 \
+  X(dispatch_bwd) X(combine) X(combine_bwd) X(drop_beyond) X(copy_blocks) X(embed_fwd)           \
+  X(embed_bwd) X(xent) X(mse) X(dot) X(adamw) X(sgd) X(norm_split) X(clip_factor)               \
+  X(scale_by_exp) X(add_dot_unclamped) X(scale) X(add) X(axpy) X(bias_add)                       \
+  X(bias_grad_part) X(scale_rows) X(cvt_f2bf) X(cvt_bf2f) X(dispatch_bf16) X(dispatch_bwd_bf16)     \
+  X(combine_bf16) X(combine_bwd_bf16) X(act_fwd_relu_bf16) X(act_fwd_gelu_bf16)                  \
+  X(act_fwd_silu_bf16) X(act_bwd_relu_bf16) X(act_bwd_gelu_bf16) X(act_bwd_silu_bf16)           \
+  X(swiglu_fwd_bf16) X(swiglu_bwd_bf16) X(bias_add_bf16) X(bias_grad_part_bf16)                  \
+  X(copy_blocks_bf16) X(fill_normal) X(fill_normal_step)
+
+enum {
+#define X(k) K_##k,
+  KERNELS(X)
+#undef X
+      K_COUNT
+};
+
+/* "moert_k_<name>" of every kernel, by K_ (cuda_nvrtc.c). */
+extern const char *const moert_cuda_kernel_names[K_COUNT];
+
+/* Specializations looked up per process: (kernel, dims) pairs a model
+ * launches, a handful a layer. Beyond this the generic kernels run. */
+enum { MAX_SPEC_LOOKUPS = 256 };
+
+/* A looked-up specialization: fn NULL when the module has none. */
+typedef struct spec_fn {
+  int k;
+  long long a, b;
+  CUfunction fn;
+} spec_fn;
+
+#ifdef MOERT_HAVE_CUBLASLT
+/* cuBLASLt plans kept (distinct GEMM shapes of a run: six per layer,
+ * variant and capacity); beyond them a new shape runs on cuBLAS rather than
+ * create descriptors inside every step (no eviction: a full table keeps the
+ * shapes seen first). The workspace its algorithms may use, allocated
+ * once at create. */
+enum { MAX_LT_PLANS = 256 };
+#define LT_WORKSPACE ((size_t)32 << 20)
+
+/* What a plan depends on: the GEMM's shape, types, epilogue and the
+ * alignment of its operands (the heuristic picks algorithms for it). */
+typedef struct lt_key {
+  int64_t m, n, k, count, lda, ldb, ldc, stride_a, stride_b, stride_c, stride_bias;
+  int32_t trans_a, trans_b, ab_type, c_type, epilogue;
+  int32_t align_a, align_b, align_c, align_bias, align_aux; /* bytes, at most 256 */
+} lt_key;
+
+/* A GEMM shape's descriptors and algorithm; ok false: cuBLASLt has none for
+ * it (it runs on cuBLAS, without asking again). */
+typedef struct lt_plan {
+  lt_key key;
+  bool ok;
+  cublasLtMatmulDesc_t desc;
+  cublasLtMatrixLayout_t la, lb, lc; /* cuBLAS's A (our B), B (our A), C and D (our C) */
+  cublasLtMatmulAlgo_t algo;
+} lt_plan;
+#endif
+
+/* The cuda backend (one per process: backend_cuda.c's). */
+typedef struct cuda_state {
+  moert_backend b;
+  bool live;
+  moert_status err; /* sticky: the first failure of an op, reported by the next sync */
+  CUdevice dev;
+  CUcontext ctx;
+  CUstream stream;
+  CUmodule mod;
+  CUfunction fn[K_COUNT];
+  cublasHandle_t blas;
+  CUdeviceptr scratch;
+  int sm_count, cc_major, cc_minor;
+  bool cache_hit;
+  char cache_path[4096];
+  bool own_src;             /* compiled a kernels.cu: look specializations up */
+  int nspecs;
+  spec_fn specs[MAX_SPEC_LOOKUPS];
+#ifdef MOERT_HAVE_CUBLASLT
+  cublasLtHandle_t lt;      /* NULL: no cuBLASLt */
+  CUdeviceptr lt_ws;
+  int nplans;
+  lt_plan plans[MAX_LT_PLANS];
+#endif
+  bool lt_on;               /* gemm_ex through cuBLASLt (else cuBLAS and kernels) */
+  int64_t lt_gemms, blas_gemms; /* gemm_ex calls run by each */
+  /* timing marks: events (timed) made at setup; nmarks of them recorded
+   * since the last marks_reset */
+  CUevent events[MOERT_MAX_MARKS];
+  int nevents, nmarks;
+  /* CUDA graphs (graph_end's), by the caller's id; a capture open */
+  CUgraphExec graphs[MOERT_MAX_GRAPHS];
+  bool capturing;
+} cuda_state;
+
+/* --- cuda_nvrtc.c */
+
+/* Kernels for s's device (s->cc_major, cc_minor): kernels_src (a model's
+ * kernels.cu; NULL: the embedded templates) from the cache when it holds a
+ * good entry, else compiled by NVRTC (and cached, when use_cache, in
+ * cache_dir or the default one). Loads s->mod and every kernel into s->fn;
+ * sets s->own_src, s->cache_path and s->cache_hit. */
+bool moert_cuda_kernels_load(cuda_state *s, const char *cache_dir, bool use_cache,
+                             const char *kernels_src, moert_status *st);
+
+#endif
