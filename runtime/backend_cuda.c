@@ -1,30 +1,24 @@
 /* backend_cuda.c — the cuda backend (fp32): the ops of cpu_ops.h as kernels
  * of templates/ compiled at start by NVRTC, GEMMs through cuBLAS, the
- * expert path's GEMMs (gemm_ex) through cuBLASLt with their epilogues.
+ * expert path's GEMMs (gemm_ex) through cuBLASLt with their epilogues. This
+ * file holds the backend's table, its setup, the op launchers and the timing
+ * marks and CUDA graphs; the rest is beside it, the files sharing
+ * backend_cuda_impl.h:
+ *   cuda_lib.c     the driver, NVRTC, cuBLAS and cuBLASLt opened with dlopen
+ *   cuda_nvrtc.c   the kernels compiled by NVRTC, and their disk cache
+ *   cuda_blas.c    the GEMMs: cuBLAS, and cuBLASLt's plans and epilogues
  *
- * Nothing CUDA is linked: the driver (libcuda.so.1), NVRTC and cuBLAS are
- * opened with dlopen and called through pointers typed from their headers
- * (cuda_lib.c), so one binary runs with or without a GPU
- * (moert_cuda_available() is then false, quietly). Without the CUDA headers at build time the file compiles
- * to stubs that say so.
+ * Nothing CUDA is linked: one binary runs with or without a GPU
+ * (moert_cuda_available() is then false, quietly). Without the CUDA headers
+ * at build time the file compiles to stubs that say so.
  *
- * Kernels: the templates, embedded by templates/embed.cmake, are compiled
- * once at create for the device's architecture and cached on disk
- * (cuda_nvrtc.c). Every kernel is looked up at create: a template that lost
- * one fails there. The source is the model's kernels.cu when the driver has one (moec emits
- * it: the templates, then kernels specialized on the layers' dims,
+ * Kernels: every kernel is looked up at create (cuda_nvrtc.c). The source is
+ * the model's kernels.cu when the driver has one (moec emits it: the
+ * templates, then kernels specialized on the layers' dims,
  * compiler/emit_cuda.c), else the templates alone. The ops of
  * runtime/kernel_specs.def launch moert_k_<op>__<key>, the key formatted
  * from the launch's dims, when the module has it (looked up once per
  * (kernel, dims) and memoized), else the generic moert_k_<op>.
- *
- * Expert GEMMs: gemm_ex is one strided-batched cublasLtMatmul, the bias and
- * relu or gelu (with its pre-activation) in the epilogue. Its descriptors
- * and algorithm (the heuristic's first) are made on the first call of a
- * (shape, types, epilogue, alignment) and kept, up to MAX_LT_PLANS: after a
- * step's first calls nothing is created. cuBLAS (with kernels for the
- * epilogue) runs what cuBLASLt cannot: no library, no algorithm, a full plan
- * table, MOEC_CUBLASLT=0.
  *
  * Timing: marks (backend.h) are events from a pool of MOERT_MAX_MARKS made
  * at create, recorded on the stream and timed once the step is done, so
@@ -41,10 +35,8 @@
 #include "backend.h"
 
 #include <inttypes.h>
-#include <limits.h>
 #include <math.h>
 #include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 
 #ifndef MOERT_HAVE_CUDA_HEADERS
@@ -74,15 +66,6 @@ void *moert_backend_cuda_stream(const moert_backend *b) {
 int moert_backend_cuda_specialized(const moert_backend *b) {
   (void)b;
   return 0;
-}
-bool moert_backend_cuda_set_cublaslt(moert_backend *b, bool on) {
-  (void)b, (void)on;
-  return false;
-}
-void moert_backend_cuda_gemm_counts(const moert_backend *b, int64_t *lt, int64_t *blas, int *plans) {
-  (void)b;
-  *lt = *blas = 0;
-  *plans = 0;
 }
 float moert_backend_cuda_aux_loss(const float *score_sum, const float *top1_count,
                                   float *dscore_coef, int64_t experts, double global_tokens) {
@@ -118,8 +101,14 @@ enum { MAX_GRID_X = 1 << 20, MAX_GRID_Y = 65535 };
 
 static cuda_state G;
 
+/* The table's GEMM slots (the X-macro in create names each op cuda_<op>):
+ * cuda_blas.c's. */
+static __typeof__(moert_cuda_gemm) *const cuda_gemm = moert_cuda_gemm;
+static __typeof__(moert_cuda_gemm_batched) *const cuda_gemm_batched = moert_cuda_gemm_batched;
+static __typeof__(moert_cuda_gemm_ex) *const cuda_gemm_ex = moert_cuda_gemm_ex;
+
 /* The sticky status: false (and the op does nothing) once something failed. */
-static bool healthy(void) { return G.live && !G.err.failed; }
+static bool healthy(void) { return cuda_healthy(&G); }
 
 #define ARGS(...) ((void *[]){__VA_ARGS__})
 
@@ -337,56 +326,12 @@ static void cuda_drop_beyond(int32_t *loc, int64_t n, int64_t keep) {
   launch(K_drop_beyond, grid_for(n, 256), 1, 256, 1, ARGS(&loc, &n, &keep));
 }
 
-/* ------------------------------------------------------------ dense */
+/* ------------------------------------------------------------ dense (the GEMMs: cuda_blas.c) */
 
-static void scale_rows(float *c, int64_t m, int64_t n, int64_t ldc, float beta) {
+void moert_cuda_scale_rows(float *c, int64_t m, int64_t n, int64_t ldc, float beta) {
   if (beta == 1) return;
   launch(K_scale_rows, grid_for(n, 256), (uint64_t)clamp64(m, 1, MAX_GRID_Y), 256, 1,
          ARGS(&c, &m, &n, &ldc, &beta));
-}
-
-static bool fits_int(int64_t x) { return x >= 0 && x <= INT_MAX; }
-
-/* Row-major C = A B is column-major C^T = B^T A^T: cuBLAS gets B first, the
- * sizes swapped, and the same leading dimensions. */
-static void cuda_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
-                      const float *a, int64_t lda, const float *b, int64_t ldb, float beta,
-                      float *c, int64_t ldc) {
-  if (!healthy() || m <= 0 || n <= 0) return;
-  if (k <= 0 || alpha == 0) { /* BLAS: A and B are not read */
-    scale_rows(c, m, n, ldc, beta);
-    return;
-  }
-  if (!fits_int(m) || !fits_int(n) || !fits_int(k) || !fits_int(lda) || !fits_int(ldb) ||
-      !fits_int(ldc)) {
-    MOERT_FAIL(&G.err, "a GEMM of %" PRId64 "x%" PRId64 "x%" PRId64 " exceeds cuBLAS's 32-bit sizes",
-               m, n, k);
-    return;
-  }
-  CUBLASOK(&G.err, cublasSgemm,
-           (G.blas, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
-            (int)n, (int)m, (int)k, &alpha, b, (int)ldb, a, (int)lda, &beta, c, (int)ldc));
-}
-
-static void cuda_gemm_batched(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
-                              float alpha, const float *a, int64_t lda, int64_t stride_a,
-                              const float *b, int64_t ldb, int64_t stride_b, float beta, float *c,
-                              int64_t ldc, int64_t stride_c, int64_t count) {
-  if (!healthy() || m <= 0 || n <= 0 || count <= 0) return;
-  if (k <= 0 || alpha == 0) {
-    for (int64_t i = 0; i < count; i++) scale_rows(c + i * stride_c, m, n, ldc, beta);
-    return;
-  }
-  if (!fits_int(m) || !fits_int(n) || !fits_int(k) || !fits_int(lda) || !fits_int(ldb) ||
-      !fits_int(ldc) || !fits_int(count)) {
-    MOERT_FAIL(&G.err, "a batched GEMM of %" PRId64 " x %" PRId64 "x%" PRId64 "x%" PRId64
-               " exceeds cuBLAS's 32-bit sizes", count, m, n, k);
-    return;
-  }
-  CUBLASOK(&G.err, cublasSgemmStridedBatched,
-           (G.blas, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
-            (int)n, (int)m, (int)k, &alpha, b, (int)ldb, (long long)stride_b, a, (int)lda,
-            (long long)stride_a, &beta, c, (int)ldc, (long long)stride_c, (int)count));
 }
 
 static void cuda_bias_add(float *y, const float *bias, int64_t rows, int64_t cols) {
@@ -685,8 +630,6 @@ static void cuda_fill_normal_step(float *out, int64_t n, uint64_t seed, uint64_t
          ARGS(&out, &n, &seed, &stream, &step, &per_step, &offset, &mean, &std));
 }
 
-static cudaDataType cuda_type(moert_dt t) { return t == MOERT_BF16 ? CUDA_R_16BF : CUDA_R_32F; }
-
 static void cuda_bias_add_t(moert_dt dt, void *y, const void *bias, int64_t count, int64_t rows,
                             int64_t cols) {
   if (count <= 0 || rows <= 0 || cols <= 0) return;
@@ -820,294 +763,6 @@ static void cuda_copy_blocks_t(moert_dt dt, void *dst, int64_t dst_stride, const
   int a = add;
   launch(K_copy_blocks_bf16, grid_for(cdiv(block, 8), 256), (uint64_t)clamp64(nblocks, 1, MAX_GRID_Y), 256, 1,
          ARGS(&dst, &dst_stride, &src, &src_stride, &nblocks, &block, &a));
-}
-
-/* ------------------------------------------------------------ the expert GEMMs (gemm_ex) */
-
-/* gemm_ex without cuBLASLt: fp32 through cublasSgemmStridedBatched (as
- * cuda_gemm_batched, TF32 off), bf16 operands through
- * cublasGemmStridedBatchedEx with fp32 accumulation and C in fp32 or bf16;
- * then the bias, aux and activation by kernels (C holds the pre-activation,
- * rounded, between them: the activation of a bf16 C is of the rounded value,
- * within the tolerance of the cpu's single rounding). */
-static void blas_gemm_ex(const moert_gemm *g) {
-  if (g->ab_type == MOERT_F32 && g->c_type == MOERT_F32) {
-    cuda_gemm_batched(g->trans_a, g->trans_b, g->m, g->n, g->k, g->alpha, g->a, g->lda, g->stride_a, g->b,
-                      g->ldb, g->stride_b, g->beta, g->c, g->ldc, g->stride_c, g->count);
-  } else if (g->k <= 0 || g->alpha == 0) {
-    MOERT_FAIL(&G.err, "a bf16 GEMM with k = 0 or alpha = 0 (not supported)");
-    return;
-  } else if (!fits_int(g->m) || !fits_int(g->n) || !fits_int(g->k) || !fits_int(g->lda) ||
-             !fits_int(g->ldb) || !fits_int(g->ldc) || !fits_int(g->count)) {
-    MOERT_FAIL(&G.err, "a batched GEMM of %" PRId64 " x %" PRId64 "x%" PRId64 "x%" PRId64
-               " exceeds cuBLAS's 32-bit sizes", g->count, g->m, g->n, g->k);
-    return;
-  } else {
-    float alpha = g->alpha, beta = g->beta;
-    CUBLASOK(&G.err, cublasGemmStridedBatchedEx,
-             (G.blas, g->trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, g->trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
-              (int)g->n, (int)g->m, (int)g->k, &alpha, g->b, CUDA_R_16BF, (int)g->ldb, (long long)g->stride_b,
-              g->a, CUDA_R_16BF, (int)g->lda, (long long)g->stride_a, &beta, g->c, cuda_type(g->c_type),
-              (int)g->ldc, (long long)g->stride_c, (int)g->count, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-  }
-  int64_t cs = moert_dt_size(g->c_type);
-  bool packed = g->ldc == g->n, flat = packed && g->stride_c == g->m * g->n;
-  if ((g->bias || g->act != MOERT_EPI_NONE) && !packed) {
-    MOERT_FAIL(&G.err, "a GEMM with a bias or an activation needs packed rows of C (or cuBLASLt)");
-    return;
-  }
-  if (g->bias) {
-    if (flat) cuda_bias_add_t(g->c_type, g->c, g->bias, g->count, g->m, g->n);
-    else
-      for (int64_t z = 0; z < g->count; z++)
-        cuda_bias_add_t(g->c_type, (char *)g->c + z * g->stride_c * cs,
-                        (const char *)g->bias + z * g->stride_bias * cs, 1, g->m, g->n);
-  }
-  if (g->aux) {
-    if (flat) cuda_convert(g->aux, g->c_type, g->c, g->c_type, g->count * g->m * g->n);
-    else
-      for (int64_t z = 0; z < g->count; z++)
-        cuda_copy_blocks_t(g->c_type, (char *)g->aux + z * g->stride_c * cs, g->ldc,
-                           (const char *)g->c + z * g->stride_c * cs, g->ldc, g->m, g->n, false);
-  }
-  if (g->act != MOERT_EPI_NONE) {
-    moert_act act = g->act == MOERT_EPI_RELU ? MOERT_ACT_RELU : MOERT_ACT_GELU;
-    if (flat) cuda_act_fwd_t(g->c_type, act, g->c, g->c, g->count * g->m * g->n);
-    else
-      for (int64_t z = 0; z < g->count; z++) {
-        void *cz = (char *)g->c + z * g->stride_c * cs;
-        cuda_act_fwd_t(g->c_type, act, cz, cz, g->m * g->n);
-      }
-  }
-}
-
-#ifdef MOERT_HAVE_CUBLASLT
-/* cuBLASLt: row-major C = A B is column-major C^T = B^T A^T, as for cuBLAS:
- * cuBLASLt's A is our B, its B our A, its D (= C) our C seen as [n, m]. So
- * the bias (a row of n) is a vector over D's rows, what its BIAS epilogues
- * broadcast, and aux has C's layout. Epilogues: BIAS, RELU(_BIAS),
- * GELU(_BIAS), GELU_AUX(_BIAS): D = act(alpha A B + beta C + bias), aux the
- * pre-activation, computed in fp32 and rounded once to D's type (bias and
- * aux of D's type: the default of BIAS_DATA_TYPE and EPILOGUE_AUX_DATA_TYPE
- * for bf16 and fp32 outputs). cuBLASLt's GELU is taken to be the tanh form,
- * as the cpu's (PyTorch's _addmm_activation assumes it too; the header does
- * not say): it is used for bf16 results only, where even the erf form (at
- * most 5e-4 away) is below the rounding; fp32 results get the kernel's gelu.
- * CUBLAS_COMPUTE_32F: fp32 operands are computed in fp32 (no TF32), bf16
- * ones accumulated in fp32. */
-
-/* The largest power of two, at most 256, dividing the address of every
- * batch's operand. */
-static int32_t align_of(const void *p, int64_t stride_bytes, int64_t count) {
-  uint64_t x = (uint64_t)(uintptr_t)p | 256u;
-  if (count > 1) x |= (uint64_t)stride_bytes;
-  return (int32_t)(x & (~x + 1));
-}
-
-/* cuBLASLt's epilogue for g; -1 when it has none (relu with aux: its RELU_AUX
- * is a bit mask, not the pre-activation) or g's aux breaks its rules (ld and
- * batch stride multiples of 8). */
-static int lt_epilogue(const moert_gemm *g) {
-  bool b = g->bias != NULL;
-  if (g->aux && (g->act != MOERT_EPI_GELU || g->ldc % 8 || (g->count > 1 && g->stride_c % 8))) return -1;
-  switch (g->act) {
-  case MOERT_EPI_NONE: return b ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
-  case MOERT_EPI_RELU: return b ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU;
-  case MOERT_EPI_GELU:
-    if (g->aux) return b ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
-    return b ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_GELU;
-  }
-  return -1;
-}
-
-#define LTOK(call) ((call) == CUBLAS_STATUS_SUCCESS)
-#define LT_SET(fn, obj, attr, val) LTOK(moert_cublaslt.fn((obj), (attr), &(val), sizeof(val)))
-
-static bool lt_layout(cublasLtMatrixLayout_t *l, moert_dt t, int64_t rows, int64_t cols, int64_t ld,
-                      int64_t count, int64_t stride) {
-  int32_t n = (int32_t)count;
-  return LTOK(moert_cublaslt.cublasLtMatrixLayoutCreate(l, cuda_type(t), (uint64_t)rows, (uint64_t)cols, ld)) &&
-         LT_SET(cublasLtMatrixLayoutSetAttribute, *l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, n) &&
-         LT_SET(cublasLtMatrixLayoutSetAttribute, *l, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, stride);
-}
-
-static void lt_plan_free(lt_plan *p) {
-  if (p->desc) moert_cublaslt.cublasLtMatmulDescDestroy(p->desc);
-  if (p->la) moert_cublaslt.cublasLtMatrixLayoutDestroy(p->la);
-  if (p->lb) moert_cublaslt.cublasLtMatrixLayoutDestroy(p->lb);
-  if (p->lc) moert_cublaslt.cublasLtMatrixLayoutDestroy(p->lc);
-  p->desc = NULL, p->la = p->lb = p->lc = NULL;
-}
-
-/* Sets the pointers the epilogue reads or writes on p's descriptor (the
- * heuristic reads their alignment; each call sets its own). */
-static bool lt_pointers(lt_plan *p, const moert_gemm *g) {
-  const void *bias = g->bias;
-  void *aux = g->aux;
-  return (!bias || LT_SET(cublasLtMatmulDescSetAttribute, p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias)) &&
-         (!aux || LT_SET(cublasLtMatmulDescSetAttribute, p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, aux));
-}
-
-/* Creates p's descriptors for g and asks the heuristic for its best
- * algorithm; false when something is not supported (p then holds nothing). */
-static bool lt_plan_make(lt_plan *p, const moert_gemm *g, int epi) {
-  int32_t opa = g->trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, opb = g->trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
-  uint32_t e = (uint32_t)epi;
-  bool ok = LTOK(moert_cublaslt.cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F)) &&
-            LT_SET(cublasLtMatmulDescSetAttribute, p->desc, CUBLASLT_MATMUL_DESC_TRANSA, opa) &&
-            LT_SET(cublasLtMatmulDescSetAttribute, p->desc, CUBLASLT_MATMUL_DESC_TRANSB, opb) &&
-            LT_SET(cublasLtMatmulDescSetAttribute, p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, e) &&
-            lt_pointers(p, g);
-  if (ok && g->bias && g->count > 1)
-    ok = LT_SET(cublasLtMatmulDescSetAttribute, p->desc, CUBLASLT_MATMUL_DESC_BIAS_BATCH_STRIDE, g->stride_bias);
-  if (ok && g->aux)
-    ok = LT_SET(cublasLtMatmulDescSetAttribute, p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, g->ldc) &&
-         (g->count == 1 || LT_SET(cublasLtMatmulDescSetAttribute, p->desc,
-                                  CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_BATCH_STRIDE, g->stride_c));
-  /* stored shapes, column-major: our B [k, n] (or [n, k]) is [n, k] (or [k, n]) */
-  ok = ok && lt_layout(&p->la, g->ab_type, g->trans_b ? g->k : g->n, g->trans_b ? g->n : g->k, g->ldb, g->count,
-                       g->stride_b);
-  ok = ok && lt_layout(&p->lb, g->ab_type, g->trans_a ? g->m : g->k, g->trans_a ? g->k : g->m, g->lda, g->count,
-                       g->stride_a);
-  ok = ok && lt_layout(&p->lc, g->c_type, g->n, g->m, g->ldc, g->count, g->stride_c);
-  cublasLtMatmulPreference_t pref = NULL;
-  uint64_t ws = LT_WORKSPACE;
-  uint32_t aa = (uint32_t)p->key.align_b, ab = (uint32_t)p->key.align_a, ac = (uint32_t)p->key.align_c;
-  ok = ok && LTOK(moert_cublaslt.cublasLtMatmulPreferenceCreate(&pref)) &&
-       LT_SET(cublasLtMatmulPreferenceSetAttribute, pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, ws) &&
-       LT_SET(cublasLtMatmulPreferenceSetAttribute, pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, aa) &&
-       LT_SET(cublasLtMatmulPreferenceSetAttribute, pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, ab) &&
-       LT_SET(cublasLtMatmulPreferenceSetAttribute, pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, ac) &&
-       LT_SET(cublasLtMatmulPreferenceSetAttribute, pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, ac);
-  cublasLtMatmulHeuristicResult_t res;
-  int found = 0;
-  memset(&res, 0, sizeof res);
-  ok = ok && LTOK(moert_cublaslt.cublasLtMatmulAlgoGetHeuristic(G.lt, p->desc, p->la, p->lb, p->lc, p->lc, pref, 1, &res,
-                                                          &found)) &&
-       found > 0 && res.state == CUBLAS_STATUS_SUCCESS;
-  if (pref) moert_cublaslt.cublasLtMatmulPreferenceDestroy(pref);
-  if (ok) p->algo = res.algo;
-  else lt_plan_free(p);
-  return ok;
-}
-
-/* g's plan, D at d (C's layout): found, or made on the first call of its
- * shape; NULL when the table is full (g then runs on cuBLAS). */
-static lt_plan *lt_plan_for(const moert_gemm *g, const void *d, int epi) {
-  lt_key k;
-  memset(&k, 0, sizeof k); /* the padding too: keys compare by memcmp */
-  int64_t es = moert_dt_size(g->ab_type), cs = moert_dt_size(g->c_type);
-  k.m = g->m, k.n = g->n, k.k = g->k, k.count = g->count;
-  k.lda = g->lda, k.ldb = g->ldb, k.ldc = g->ldc;
-  k.stride_a = g->stride_a, k.stride_b = g->stride_b, k.stride_c = g->stride_c;
-  k.stride_bias = g->bias ? g->stride_bias : 0;
-  k.trans_a = g->trans_a, k.trans_b = g->trans_b, k.ab_type = g->ab_type, k.c_type = g->c_type, k.epilogue = epi;
-  k.align_a = align_of(g->a, g->stride_a * es, g->count);
-  k.align_b = align_of(g->b, g->stride_b * es, g->count);
-  int32_t align_c = align_of(g->c, g->stride_c * cs, g->count), align_d = align_of(d, g->stride_c * cs, g->count);
-  k.align_c = align_c < align_d ? align_c : align_d;
-  k.align_bias = g->bias ? align_of(g->bias, g->stride_bias * cs, g->count) : 0;
-  k.align_aux = g->aux ? align_of(g->aux, g->stride_c * cs, g->count) : 0;
-  for (int i = 0; i < G.nplans; i++)
-    if (memcmp(&G.plans[i].key, &k, sizeof k) == 0) return &G.plans[i];
-  if (G.nplans == MAX_LT_PLANS) return NULL;
-  lt_plan *p = &G.plans[G.nplans++];
-  memset(p, 0, sizeof *p);
-  p->key = k;
-  p->ok = lt_plan_make(p, g, epi);
-  return p;
-}
-
-/* g through cuBLASLt; false when it cannot run g (nothing was run). gelu
- * into fp32 is split: the GEMM and bias through cuBLASLt into aux (or C),
- * then the gelu kernel into C, so fp32 stays as close to the cpu as fp32
- * GEMMs are (the epilogue's tanh need not be correctly rounded, which bf16
- * results do not see). */
-static bool lt_gemm_ex(const moert_gemm *g) {
-  if (!G.lt_on || g->k <= 0 || g->alpha == 0) return false;
-  moert_gemm h = *g;
-  bool split = g->act == MOERT_EPI_GELU && g->c_type == MOERT_F32;
-  if (split) {
-    if (g->ldc != g->n) return false;
-    h.act = MOERT_EPI_NONE, h.aux = NULL;
-  }
-  int epi = lt_epilogue(&h);
-  if (epi < 0) return false;
-  void *d = split && g->aux ? g->aux : g->c;
-  lt_plan *p = lt_plan_for(&h, d, epi);
-  if (!p || !p->ok || !lt_pointers(p, &h)) return false;
-  float alpha = g->alpha, beta = g->beta;
-  cublasStatus_t r = moert_cublaslt.cublasLtMatmul(G.lt, p->desc, &alpha, g->b, p->la, g->a, p->lb, &beta, g->c, p->lc,
-                                             d, p->lc, &p->algo, (void *)(uintptr_t)G.lt_ws, LT_WORKSPACE,
-                                             G.stream);
-  if (r == CUBLAS_STATUS_NOT_SUPPORTED || r == CUBLAS_STATUS_INVALID_VALUE) {
-    /* refused before it ran (an operand the algorithm cannot take): cuBLAS from now on */
-    lt_plan_free(p);
-    p->ok = false;
-    return false;
-  }
-  if (!moert_cublas_check(r, "cublasLtMatmul", __FILE__, __LINE__, &G.err)) return true;
-  if (split) {
-    int64_t cs = moert_dt_size(g->c_type);
-    if (g->stride_c == g->m * g->n) {
-      cuda_act_fwd_t(g->c_type, MOERT_ACT_GELU, d, g->c, g->count * g->m * g->n);
-    } else {
-      for (int64_t z = 0; z < g->count; z++)
-        cuda_act_fwd_t(g->c_type, MOERT_ACT_GELU, (char *)d + z * g->stride_c * cs, (char *)g->c + z * g->stride_c * cs,
-                       g->m * g->n);
-    }
-  }
-  return true;
-}
-
-/* cuBLASLt at create: its handle and workspace; quietly none when the
- * library is missing, it fails to start, or MOEC_CUBLASLT=0. */
-static void lt_setup(void) {
-  const char *env = getenv("MOEC_CUBLASLT");
-  if ((env && strcmp(env, "0") == 0) || !moert_cublaslt_load()) return;
-  if (!LTOK(moert_cublaslt.cublasLtCreate(&G.lt))) {
-    G.lt = NULL;
-    return;
-  }
-  if (moert_cu.cuMemAlloc(&G.lt_ws, LT_WORKSPACE) != CUDA_SUCCESS) {
-    moert_cublaslt.cublasLtDestroy(G.lt);
-    G.lt = NULL, G.lt_ws = 0;
-    return;
-  }
-  G.lt_on = true;
-}
-
-static void lt_release(void) {
-  for (int i = 0; i < G.nplans; i++) lt_plan_free(&G.plans[i]);
-  G.nplans = 0;
-  if (G.lt) moert_cublaslt.cublasLtDestroy(G.lt);
-  if (G.lt_ws) moert_cu.cuMemFree(G.lt_ws);
-  G.lt = NULL, G.lt_ws = 0, G.lt_on = false;
-}
-#else
-static bool lt_gemm_ex(const moert_gemm *g) {
-  (void)g;
-  return false;
-}
-static void lt_setup(void) {}
-static void lt_release(void) {}
-#endif
-
-/* Every GEMM of the expert path: through cuBLASLt, the bias and relu or gelu
- * in its epilogue, when it is loaded and has an algorithm for the shape;
- * else through cuBLAS, the epilogue by kernels. */
-static void cuda_gemm_ex(const moert_gemm *g) {
-  if (!healthy() || g->m <= 0 || g->n <= 0 || g->count <= 0) return;
-  if (g->ab_type != MOERT_BF16 && g->c_type == MOERT_BF16) {
-    MOERT_FAIL(&G.err, "a GEMM of fp32 operands into a bf16 result (not supported)");
-    return;
-  }
-  if (lt_gemm_ex(g)) {
-    G.lt_gemms++;
-    return;
-  }
-  G.blas_gemms++;
-  blas_gemm_ex(g);
 }
 
 /* ------------------------------------------------------------ embedding, losses */
@@ -1323,9 +978,8 @@ static void release(void) {
   if (G.stream) moert_cu.cuStreamSynchronize(G.stream);
   for (int i = 0; i < MOERT_MAX_GRAPHS; i++)
     if (G.graphs[i]) moert_cu.cuGraphExecDestroy(G.graphs[i]);
-  lt_release();
+  moert_cuda_blas_release();
   for (int i = 0; i < G.nevents; i++) moert_cu.cuEventDestroy(G.events[i]);
-  if (G.blas) moert_cublas.cublasDestroy(G.blas);
   if (G.scratch) moert_cu.cuMemFree(G.scratch);
   if (G.mod) moert_cu.cuModuleUnload(G.mod);
   if (G.stream) moert_cu.cuStreamDestroy(G.stream);
@@ -1367,12 +1021,7 @@ static bool setup(int device, const char *cache_dir, bool use_cache, const char 
   for (; G.nevents < MOERT_MAX_MARKS; G.nevents++)
     CUTRY(st, cuEventCreate, (&G.events[G.nevents], CU_EVENT_DEFAULT));
   MOERT_TRY(st, moert_cuda_kernels_load(&G, cache_dir, use_cache, kernels_src, st));
-  if (!CUBLASOK(st, cublasCreate, (&G.blas))) return MOERT_UP(st);
-  /* fp32 GEMMs as fp32 (no TF32), close to the cpu's */
-  if (!CUBLASOK(st, cublasSetMathMode, (G.blas, CUBLAS_DEFAULT_MATH)) ||
-      !CUBLASOK(st, cublasSetStream, (G.blas, G.stream)))
-    return MOERT_UP(st);
-  lt_setup();
+  MOERT_TRY(st, moert_cuda_blas_setup(&G, st));
   return true;
 }
 
@@ -1446,27 +1095,6 @@ int moert_backend_cuda_specialized(const moert_backend *b) {
   if (b && b == &G.b && G.live)
     for (int i = 0; i < G.nspecs; i++) n += G.specs[i].fn != NULL;
   return n;
-}
-
-bool moert_backend_cuda_set_cublaslt(moert_backend *b, bool on) {
-  if (!b || b != &G.b || !G.live) return false;
-#ifdef MOERT_HAVE_CUBLASLT
-  G.lt_on = on && G.lt != NULL;
-#else
-  (void)on;
-#endif
-  return G.lt_on;
-}
-
-void moert_backend_cuda_gemm_counts(const moert_backend *b, int64_t *lt, int64_t *blas, int *plans) {
-  bool mine = b && b == &G.b && G.live;
-  *lt = mine ? G.lt_gemms : 0;
-  *blas = mine ? G.blas_gemms : 0;
-#ifdef MOERT_HAVE_CUBLASLT
-  *plans = mine ? G.nplans : 0;
-#else
-  *plans = 0;
-#endif
 }
 
 #endif /* MOERT_HAVE_CUDA_HEADERS */

@@ -1,9 +1,10 @@
 /* backend_cuda_impl.h — what the cuda backend's files share: backend_cuda.c
- * (the table, the op launchers, the GEMMs, CUDA graphs and the timing
- * marks) and cuda_nvrtc.c (the kernels: NVRTC and the disk cache). The
- * backend's state, the list of its kernels, and the entry points the files
- * call in each other. Not for the runtime's other modules; only with the
- * CUDA headers (MOERT_HAVE_CUDA_HEADERS). */
+ * (the table, the op launchers, CUDA graphs and the timing marks),
+ * cuda_nvrtc.c (the kernels: NVRTC and the disk cache) and cuda_blas.c (the
+ * GEMMs: cuBLAS and the cuBLASLt planner). The backend's state, the list of
+ * its kernels, and the entry points the files call in each other. Not for
+ * the runtime's other modules; only with the CUDA headers
+ * (MOERT_HAVE_CUDA_HEADERS). */
 #ifndef MOERT_BACKEND_CUDA_IMPL_H
 #define MOERT_BACKEND_CUDA_IMPL_H
 
@@ -51,35 +52,8 @@ typedef struct spec_fn {
   CUfunction fn;
 } spec_fn;
 
-#ifdef MOERT_HAVE_CUBLASLT
-/* cuBLASLt plans kept (distinct GEMM shapes of a run: six per layer,
- * variant and capacity); beyond them a new shape runs on cuBLAS rather than
- * create descriptors inside every step (no eviction: a full table keeps the
- * shapes seen first). The workspace its algorithms may use, allocated
- * once at create. */
-enum { MAX_LT_PLANS = 256 };
-#define LT_WORKSPACE ((size_t)32 << 20)
-
-/* What a plan depends on: the GEMM's shape, types, epilogue and the
- * alignment of its operands (the heuristic picks algorithms for it). */
-typedef struct lt_key {
-  int64_t m, n, k, count, lda, ldb, ldc, stride_a, stride_b, stride_c, stride_bias;
-  int32_t trans_a, trans_b, ab_type, c_type, epilogue;
-  int32_t align_a, align_b, align_c, align_bias, align_aux; /* bytes, at most 256 */
-} lt_key;
-
-/* A GEMM shape's descriptors and algorithm; ok false: cuBLASLt has none for
- * it (it runs on cuBLAS, without asking again). */
-typedef struct lt_plan {
-  lt_key key;
-  bool ok;
-  cublasLtMatmulDesc_t desc;
-  cublasLtMatrixLayout_t la, lb, lc; /* cuBLAS's A (our B), B (our A), C and D (our C) */
-  cublasLtMatmulAlgo_t algo;
-} lt_plan;
-#endif
-
-/* The cuda backend (one per process: backend_cuda.c's). */
+/* The cuda backend (one per process: backend_cuda.c's). What only one file
+ * needs stays in that file: cuda_blas.c's handles and plans. */
 typedef struct cuda_state {
   moert_backend b;
   bool live;
@@ -89,7 +63,6 @@ typedef struct cuda_state {
   CUstream stream;
   CUmodule mod;
   CUfunction fn[K_COUNT];
-  cublasHandle_t blas;
   CUdeviceptr scratch;
   int sm_count, cc_major, cc_minor;
   bool cache_hit;
@@ -97,14 +70,6 @@ typedef struct cuda_state {
   bool own_src;             /* compiled a kernels.cu: look specializations up */
   int nspecs;
   spec_fn specs[MAX_SPEC_LOOKUPS];
-#ifdef MOERT_HAVE_CUBLASLT
-  cublasLtHandle_t lt;      /* NULL: no cuBLASLt */
-  CUdeviceptr lt_ws;
-  int nplans;
-  lt_plan plans[MAX_LT_PLANS];
-#endif
-  bool lt_on;               /* gemm_ex through cuBLASLt (else cuBLAS and kernels) */
-  int64_t lt_gemms, blas_gemms; /* gemm_ex calls run by each */
   /* timing marks: events (timed) made at setup; nmarks of them recorded
    * since the last marks_reset */
   CUevent events[MOERT_MAX_MARKS];
@@ -113,6 +78,10 @@ typedef struct cuda_state {
   CUgraphExec graphs[MOERT_MAX_GRAPHS];
   bool capturing;
 } cuda_state;
+
+/* The sticky status: false (and an op does nothing) once something failed,
+ * or when s is not a live backend. */
+static inline bool cuda_healthy(const cuda_state *s) { return s && s->live && !s->err.failed; }
 
 /* --- cuda_nvrtc.c */
 
@@ -123,5 +92,30 @@ typedef struct cuda_state {
  * sets s->own_src, s->cache_path and s->cache_hit. */
 bool moert_cuda_kernels_load(cuda_state *s, const char *cache_dir, bool use_cache,
                              const char *kernels_src, moert_status *st);
+
+/* --- cuda_blas.c: the GEMM ops of the table (cpu_ops.h's gemm and
+ * gemm_batched, cpu_ops_typed.h's gemm_ex) on s's stream */
+
+/* cuBLAS's handle on s->stream, and cuBLASLt's when it loads (quietly none
+ * without it); false only when cuBLAS fails. From then on the GEMMs record
+ * their failures in s->err and run their epilogue kernels through s->b's
+ * ops (bias_add_t, act_fwd_t, convert, copy_blocks_t). */
+bool moert_cuda_blas_setup(cuda_state *s, moert_status *st);
+/* Frees what setup made (whatever part of it was made). */
+void moert_cuda_blas_release(void);
+void moert_cuda_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                     const float *a, int64_t lda, const float *b, int64_t ldb, float beta, float *c,
+                     int64_t ldc);
+void moert_cuda_gemm_batched(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
+                             float alpha, const float *a, int64_t lda, int64_t stride_a,
+                             const float *b, int64_t ldb, int64_t stride_b, float beta, float *c,
+                             int64_t ldc, int64_t stride_c, int64_t count);
+void moert_cuda_gemm_ex(const moert_gemm *g);
+
+/* --- backend_cuda.c */
+
+/* The rows of C (m x n, leading dimension ldc) times beta, a kernel: a GEMM
+ * that reads neither A nor B. */
+void moert_cuda_scale_rows(float *c, int64_t m, int64_t n, int64_t ldc, float beta);
 
 #endif

@@ -30,7 +30,7 @@ add_library(moert STATIC
   ${MOERT_LAYER_SOURCES}
   status.c cpu_ops.c cpu_ops_typed.c rng.c checkpoint.c placement.c backend_cpu.c comm_self.c comm_staged.c moe.c
   select.c trace.c data.c step.c ckpt_io.c flags.c driver.c comm_mpi.c comm_nccl.c
-  backend_cuda.c cuda_lib.c cuda_nvrtc.c
+  backend_cuda.c cuda_lib.c cuda_nvrtc.c cuda_blas.c
   $<TARGET_OBJECTS:moert_templates>)
 target_include_directories(moert PUBLIC ${CMAKE_CURRENT_SOURCE_DIR})
 # The cuda backend (backend_cuda.c) opens the driver, NVRTC and cuBLAS with
