@@ -1,12 +1,12 @@
 /* backend_cuda.c — the cuda backend (fp32): the ops of cpu_ops.h as kernels
  * of templates/ compiled at start by NVRTC, GEMMs through cuBLAS, the
  * expert path's GEMMs (gemm_ex) through cuBLASLt with their epilogues. This
- * file holds the backend's table, its setup, the op launchers and the timing
- * marks and CUDA graphs; the rest is beside it, the files sharing
- * backend_cuda_impl.h:
+ * file holds the backend's table, its setup and the op launchers; the rest
+ * is beside it, the files sharing backend_cuda_impl.h:
  *   cuda_lib.c     the driver, NVRTC, cuBLAS and cuBLASLt opened with dlopen
  *   cuda_nvrtc.c   the kernels compiled by NVRTC, and their disk cache
  *   cuda_blas.c    the GEMMs: cuBLAS, and cuBLASLt's plans and epilogues
+ *   cuda_graphs.c  the timing marks (events) and CUDA graphs
  *
  * Nothing CUDA is linked: one binary runs with or without a GPU
  * (moert_cuda_available() is then false, quietly). Without the CUDA headers
@@ -19,10 +19,6 @@
  * runtime/kernel_specs.def launch moert_k_<op>__<key>, the key formatted
  * from the launch's dims, when the module has it (looked up once per
  * (kernel, dims) and memoized), else the generic moert_k_<op>.
- *
- * Timing: marks (backend.h) are events from a pool of MOERT_MAX_MARKS made
- * at create, recorded on the stream and timed once the step is done, so
- * nothing synchronizes to measure.
  *
  * Execution: one stream. The ops of the table return nothing, so a failed
  * launch or cuBLAS call is recorded in a sticky status, later ops are skipped,
@@ -114,9 +110,9 @@ static bool healthy(void) { return cuda_healthy(&G); }
 
 static void launch(int k, uint64_t gx, uint64_t gy, unsigned bx, unsigned by, void **args) {
   if (!healthy()) return;
-  moert_cu_check(moert_cu.cuLaunchKernel(G.fn[k], (unsigned)gx, (unsigned)gy, 1, bx, by, 1, 0, G.stream, args,
-                             NULL),
-           moert_cuda_kernel_names[k], __FILE__, __LINE__, &G.err);
+  moert_cu_check(moert_cu.cuLaunchKernel(G.fn[k], (unsigned)gx, (unsigned)gy, 1, bx, by, 1, 0, G.stream,
+                                         args, NULL),
+                 moert_cuda_kernel_names[k], __FILE__, __LINE__, &G.err);
 }
 
 /* Kernel k's specialization for dims (a, b) (b unused by one-dim keys), or
@@ -139,9 +135,9 @@ static CUfunction pick(int k, long long a, long long b) {
 static void launch_spec(int k, long long a, long long b, uint64_t gx, uint64_t gy, unsigned bx,
                         unsigned by, void **args) {
   if (!healthy()) return;
-  moert_cu_check(moert_cu.cuLaunchKernel(pick(k, a, b), (unsigned)gx, (unsigned)gy, 1, bx, by, 1, 0, G.stream,
-                             args, NULL),
-           moert_cuda_kernel_names[k], __FILE__, __LINE__, &G.err);
+  moert_cu_check(moert_cu.cuLaunchKernel(pick(k, a, b), (unsigned)gx, (unsigned)gy, 1, bx, by, 1, 0,
+                                         G.stream, args, NULL),
+                 moert_cuda_kernel_names[k], __FILE__, __LINE__, &G.err);
 }
 
 static int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -225,10 +221,7 @@ static void watch(const void *dst, size_t bytes) {
 }
 
 /* Passes the sticky status on to st: false when an op failed earlier. */
-static bool report(moert_status *st) {
-  if (!G.err.failed) return true;
-  return MOERT_FAIL(st, "%s (cuda backend, at %s)", G.err.msg, G.err.trace);
-}
+static bool report(moert_status *st) { return cuda_report(&G, st); }
 
 static bool cuda_alloc(moert_backend *b, size_t n, void **out, moert_status *st) {
   MOERT_TRY(st, report(st));
@@ -899,87 +892,12 @@ static void cuda_clip_factor(const double *part, int64_t n, const float *hilo, d
   launch(K_clip_factor, 1, 1, 32, 1, ARGS(&part, &nn, &hilo, &clip, &norm, &factor));
 }
 
-/* ------------------------------------------------------------ timing marks */
-
-static int cuda_mark(moert_backend *b, void *stream) {
-  (void)b;
-  if (!healthy() || G.nmarks == G.nevents) return -1;
-  CUstream s = stream ? (CUstream)stream : G.stream;
-  if (!CUOK(&G.err, cuEventRecord, (G.events[G.nmarks], s))) return -1;
-  return G.nmarks++;
-}
-
-static bool cuda_mark_ms(moert_backend *b, int from, int to, double *ms, moert_status *st) {
-  (void)b;
-  *ms = NAN;
-  MOERT_TRY(st, report(st));
-  if (from < 0 || to < 0 || from >= G.nmarks || to >= G.nmarks) return true;
-  /* cuEventElapsedTime needs both reached; what waits is the host, once a step */
-  CUTRY(st, cuEventSynchronize, (G.events[from]));
-  CUTRY(st, cuEventSynchronize, (G.events[to]));
-  float f = 0;
-  CUTRY(st, cuEventElapsedTime, (&f, G.events[from], G.events[to]));
-  *ms = f;
-  return true;
-}
-
-static void cuda_marks_reset(moert_backend *b) {
-  (void)b;
-  G.nmarks = 0;
-}
-
-/* ------------------------------------------------------------ CUDA graphs */
-
-/* Captured from the stream in THREAD_LOCAL mode: a call of this thread that
- * may not be captured (one that waits for the device, or allocates) fails,
- * and so does the capture; other threads (NCCL's) are not disturbed. */
-static bool cuda_graph_begin(moert_backend *b, moert_status *st) {
-  (void)b;
-  MOERT_TRY(st, report(st));
-  if (G.capturing) return MOERT_FAIL(st, "a CUDA graph capture is open already");
-  CUTRY(st, cuStreamBeginCapture, (G.stream, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL));
-  G.capturing = true;
-  return true;
-}
-
-static bool cuda_graph_end(moert_backend *b, int id, moert_status *st) {
-  (void)b;
-  CUgraph graph = NULL;
-  CUresult rc = moert_cu.cuStreamEndCapture(G.stream, &graph);
-  G.capturing = false;
-  bool ok = true;
-  if (G.err.failed) { /* an op refused while capturing: nothing ran, the device is fine */
-    ok = MOERT_FAIL(st, "%s (at %s)", G.err.msg, G.err.trace);
-    memset(&G.err, 0, sizeof G.err);
-  } else if (rc != CUDA_SUCCESS) {
-    ok = moert_cu_check(rc, "cuStreamEndCapture", __FILE__, __LINE__, st);
-  }
-  CUgraphExec exec = NULL;
-  if (ok && id >= 0 && id < MOERT_MAX_GRAPHS) ok = CUOK(st, cuGraphInstantiate, (&exec, graph, 0));
-  else if (ok) ok = MOERT_FAIL(st, "CUDA graph id %d is not below %d", id, MOERT_MAX_GRAPHS);
-  if (graph) moert_cu.cuGraphDestroy(graph);
-  if (!ok) return MOERT_UP(st);
-  if (G.graphs[id]) moert_cu.cuGraphExecDestroy(G.graphs[id]);
-  G.graphs[id] = exec;
-  return true;
-}
-
-static bool cuda_graph_launch(moert_backend *b, int id, moert_status *st) {
-  (void)b;
-  if (id < 0 || id >= MOERT_MAX_GRAPHS || !G.graphs[id]) return MOERT_FAIL(st, "no CUDA graph %d", id);
-  MOERT_TRY(st, report(st));
-  CUTRY(st, cuGraphLaunch, (G.graphs[id], G.stream));
-  return true;
-}
-
 /* ------------------------------------------------------------ the backend */
 
 static void release(void) {
   if (G.stream) moert_cu.cuStreamSynchronize(G.stream);
-  for (int i = 0; i < MOERT_MAX_GRAPHS; i++)
-    if (G.graphs[i]) moert_cu.cuGraphExecDestroy(G.graphs[i]);
+  moert_cuda_graphs_release();
   moert_cuda_blas_release();
-  for (int i = 0; i < G.nevents; i++) moert_cu.cuEventDestroy(G.events[i]);
   if (G.scratch) moert_cu.cuMemFree(G.scratch);
   if (G.mod) moert_cu.cuModuleUnload(G.mod);
   if (G.stream) moert_cu.cuStreamDestroy(G.stream);
@@ -1018,8 +936,7 @@ static bool setup(int device, const char *cache_dir, bool use_cache, const char 
   /* zeroed: the scalar slots hold counters that kernels leave at 0 (gate_fwd's) */
   CUTRY(st, cuMemsetD8, (G.scratch, 0, SCRATCH_BYTES));
   /* the timing marks' events, all made now: a step creates none */
-  for (; G.nevents < MOERT_MAX_MARKS; G.nevents++)
-    CUTRY(st, cuEventCreate, (&G.events[G.nevents], CU_EVENT_DEFAULT));
+  MOERT_TRY(st, moert_cuda_marks_setup(st));
   MOERT_TRY(st, moert_cuda_kernels_load(&G, cache_dir, use_cache, kernels_src, st));
   MOERT_TRY(st, moert_cuda_blas_setup(&G, st));
   return true;
@@ -1057,12 +974,6 @@ bool moert_backend_cuda_create(moert_backend **out, int device, const char *cach
       .aux_loss_to = cuda_aux_loss_to,
       .scale_by_exp = cuda_scale_by_exp,
       .add_dot_unclamped = cuda_add_dot_unclamped,
-      .mark = cuda_mark,
-      .mark_ms = cuda_mark_ms,
-      .marks_reset = cuda_marks_reset,
-      .graph_begin = moert_cu.graphs ? cuda_graph_begin : NULL,
-      .graph_end = moert_cu.graphs ? cuda_graph_end : NULL,
-      .graph_launch = moert_cu.graphs ? cuda_graph_launch : NULL,
       .bf16 = true,
 #define X(op) .op = cuda_##op,
       MOERT_BACKEND_OPS(X)
@@ -1070,6 +981,7 @@ bool moert_backend_cuda_create(moert_backend **out, int device, const char *cach
 #undef X
           .impl = &G,
   };
+  moert_cuda_graphs_ops(&G.b); /* mark, mark_ms, marks_reset; graph_* where the driver has them */
   *out = &G.b;
   return true;
 }
@@ -1139,7 +1051,8 @@ bool moert_backend_cuda_mem_info(const moert_backend *b, size_t *free_bytes, siz
   static __typeof__(cuMemGetInfo) *get_info;
   *free_bytes = *total_bytes = 0;
   if (!b || b != &G.b || !G.live) return false;
-  if (!get_info) get_info = (__typeof__(cuMemGetInfo) *)dlsym(moert_cu.lib, MOERT_XSTR(cuMemGetInfo));
+  if (!get_info)
+    get_info = (__typeof__(cuMemGetInfo) *)dlsym(moert_cu.lib, MOERT_XSTR(cuMemGetInfo));
   return get_info && get_info(free_bytes, total_bytes) == CUDA_SUCCESS;
 }
 

@@ -1,9 +1,9 @@
 /* backend_cuda_impl.h — what the cuda backend's files share: backend_cuda.c
- * (the table, the op launchers, CUDA graphs and the timing marks),
- * cuda_nvrtc.c (the kernels: NVRTC and the disk cache) and cuda_blas.c (the
- * GEMMs: cuBLAS and the cuBLASLt planner). The backend's state, the list of
- * its kernels, and the entry points the files call in each other. Not for
- * the runtime's other modules; only with the CUDA headers
+ * (the table and the op launchers), cuda_nvrtc.c (the kernels: NVRTC and
+ * the disk cache), cuda_blas.c (the GEMMs: cuBLAS and the cuBLASLt planner)
+ * and cuda_graphs.c (CUDA graphs and the timing marks). The backend's state,
+ * the list of its kernels, and the entry points the files call in each
+ * other. Not for the runtime's other modules; only with the CUDA headers
  * (MOERT_HAVE_CUDA_HEADERS). */
 #ifndef MOERT_BACKEND_CUDA_IMPL_H
 #define MOERT_BACKEND_CUDA_IMPL_H
@@ -53,7 +53,8 @@ typedef struct spec_fn {
 } spec_fn;
 
 /* The cuda backend (one per process: backend_cuda.c's). What only one file
- * needs stays in that file: cuda_blas.c's handles and plans. */
+ * needs stays in that file: cuda_blas.c's handles and plans, cuda_graphs.c's
+ * events and graphs. */
 typedef struct cuda_state {
   moert_backend b;
   bool live;
@@ -70,18 +71,17 @@ typedef struct cuda_state {
   bool own_src;             /* compiled a kernels.cu: look specializations up */
   int nspecs;
   spec_fn specs[MAX_SPEC_LOOKUPS];
-  /* timing marks: events (timed) made at setup; nmarks of them recorded
-   * since the last marks_reset */
-  CUevent events[MOERT_MAX_MARKS];
-  int nevents, nmarks;
-  /* CUDA graphs (graph_end's), by the caller's id; a capture open */
-  CUgraphExec graphs[MOERT_MAX_GRAPHS];
-  bool capturing;
 } cuda_state;
 
 /* The sticky status: false (and an op does nothing) once something failed,
  * or when s is not a live backend. */
 static inline bool cuda_healthy(const cuda_state *s) { return s && s->live && !s->err.failed; }
+
+/* Passes the sticky status on to st: false when an op failed earlier. */
+static inline bool cuda_report(const cuda_state *s, moert_status *st) {
+  if (!s->err.failed) return true;
+  return MOERT_FAIL(st, "%s (cuda backend, at %s)", s->err.msg, s->err.trace);
+}
 
 /* --- cuda_nvrtc.c */
 
@@ -117,5 +117,16 @@ void moert_cuda_gemm_ex(const moert_gemm *g);
 /* The rows of C (m x n, leading dimension ldc) times beta, a kernel: a GEMM
  * that reads neither A nor B. */
 void moert_cuda_scale_rows(float *c, int64_t m, int64_t n, int64_t ldc, float beta);
+
+/* --- cuda_graphs.c */
+
+/* The timing marks' events, all made now (a step creates none). */
+bool moert_cuda_marks_setup(moert_status *st);
+/* Sets b's timing marks and, where the driver has them, its CUDA graphs
+ * (mark, mark_ms, marks_reset; graph_begin, graph_end, graph_launch), which
+ * run on b->impl's stream and report its sticky status. */
+void moert_cuda_graphs_ops(moert_backend *b);
+/* Destroys the graphs and the events. */
+void moert_cuda_graphs_release(void);
 
 #endif

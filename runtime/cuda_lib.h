@@ -7,7 +7,7 @@
  * libraries' result codes (status.h's generator) and the macros that call
  * through the tables and check (CUOK, CUTRY, NVRTCOK, CUBLASOK).
  *
- * For the cuda backend (backend_cuda.c) and comm_nccl.c.
+ * For the cuda backend (backend_cuda.c and its cuda_*.c) and comm_nccl.c.
  * What is declared follows the headers the build found: the driver's part
  * with cuda.h (MOERT_HAVE_CUDA_HEADERS, or comm_nccl.c's
  * MOERT_HAVE_NCCL_HEADERS: MOERT_HAVE_CUDA_DRIVER is then defined), NVRTC's

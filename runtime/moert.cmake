@@ -30,13 +30,13 @@ add_library(moert STATIC
   ${MOERT_LAYER_SOURCES}
   status.c cpu_ops.c cpu_ops_typed.c rng.c checkpoint.c placement.c backend_cpu.c comm_self.c comm_staged.c moe.c
   select.c trace.c data.c step.c ckpt_io.c flags.c driver.c comm_mpi.c comm_nccl.c
-  backend_cuda.c cuda_lib.c cuda_nvrtc.c cuda_blas.c
+  backend_cuda.c cuda_lib.c cuda_nvrtc.c cuda_blas.c cuda_graphs.c
   $<TARGET_OBJECTS:moert_templates>)
 target_include_directories(moert PUBLIC ${CMAKE_CURRENT_SOURCE_DIR})
-# The cuda backend (backend_cuda.c) opens the driver, NVRTC and cuBLAS with
-# dlopen (cuda_lib.c): their headers at build time (for the types), nothing
-# CUDA at link time, no GPU needed. Without the headers the files compile to
-# stubs that say the backend is not built.
+# The cuda backend (backend_cuda.c and its cuda_*.c) opens the driver, NVRTC
+# and cuBLAS with dlopen (cuda_lib.c): their headers at build time (for the
+# types), nothing CUDA at link time, no GPU needed. Without the headers the
+# files compile to stubs that say the backend is not built.
 find_path(MOEC_CUDA_INCLUDE cuda.h
   HINTS $ENV{CUDA_HOME}/include $ENV{CUDA_PATH}/include /usr/local/cuda/include)
 if(MOEC_CUDA_INCLUDE AND EXISTS ${MOEC_CUDA_INCLUDE}/nvrtc.h AND EXISTS ${MOEC_CUDA_INCLUDE}/cublas_v2.h)
