@@ -33,7 +33,7 @@
 
 typedef struct moert_backend moert_backend;
 
-/* Timing marks a backend keeps per step (backend_cuda.c: CUDA events, all
+/* Timing marks a backend keeps per step (cuda_graphs.c: CUDA events, all
  * made at create). Untraced, a step makes 2 + 4 per MoE layer; traced, about
  * 2 per span, some 150 per MoE layer at pipeline depth 8, of which the trace
  * takes at most 3/4 (trace.h). Marks past the limit are -1: not timed, and
@@ -140,9 +140,9 @@ moert_backend *moert_backend_cpu(void);
  * threads per rank). */
 void moert_backend_cpu_share_cores(int ranks_here);
 
-/* --- the cuda backend (backend_cuda.c): the ops as kernels of templates/
- * compiled by NVRTC at start, GEMMs through cuBLAS, the expert GEMMs through
- * cuBLASLt where it loads; nothing CUDA linked --- */
+/* --- the cuda backend (backend_cuda.c and its cuda_*.c): the ops as
+ * kernels of templates/ compiled by NVRTC at start, GEMMs through cuBLAS, the
+ * expert GEMMs through cuBLASLt where it loads; nothing CUDA linked --- */
 
 /* True when the CUDA driver loads and sees a GPU; false, and nothing said,
  * on a machine without one (or a build without the CUDA headers). */

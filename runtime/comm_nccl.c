@@ -1,10 +1,11 @@
 /* comm_nccl.c — comm.h over NCCL, on device buffers of the cuda backend.
  *
- * Nothing NCCL or CUDA is linked: libnccl.so.2 and the driver (libcuda.so.1)
- * are opened with dlopen and called through pointers typed from nccl.h and
- * cuda.h, as backend_cuda.c does, so one binary runs on machines without
- * NCCL (moert_nccl_available() is then false). Without nccl.h at build time
- * the file compiles to a create that says so.
+ * Nothing NCCL or CUDA is linked: libnccl.so.2 is opened with dlopen and
+ * called through pointers typed from nccl.h (with cuda_lib.h's helpers), the
+ * driver (libcuda.so.1) through cuda_lib.h's table, the one the cuda backend
+ * uses, so one binary runs on machines without NCCL (moert_nccl_available()
+ * is then false). Without nccl.h at build time the file compiles to a
+ * create that says so.
  *
  * Bootstrap (collective over the host comm, self or mpi): every rank checks
  * alone what it can (NCCL loads, the cuda backend's context is current, the
@@ -89,18 +90,15 @@ const char *moert_nccl_strerror(int result) {
 
 #else
 
-#include <cuda.h>
 #include <nccl.h>
+
+#include "cuda_lib.h"
 
 /* Nonblocking all-to-alls in flight on one comm at a time: the executor has
  * at most 2 * 8 (pipeline depth 8, both directions). */
 #define MOERT_NCCL_MAX_INFLIGHT 32
 
 /* ------------------------------------------------------------ libraries */
-
-#define STR_(x) #x
-/* The symbol a header's version macros give a name (cuMemAlloc -> "cuMemAlloc_v2"). */
-#define XSTR(x) STR_(x)
 
 #define NCCL_FUNCS(X)                                                                          \
   X(ncclGetVersion) X(ncclGetUniqueId) X(ncclCommInitRank) X(ncclCommDestroy) X(ncclCommAbort)  \
@@ -110,40 +108,12 @@ const char *moert_nccl_strerror(int result) {
 /* Looked up, used when present: ncclCommSplit (NCCL 2.18), ncclGetLastError (2.13). */
 #define NCCL_OPTIONAL(X) X(ncclCommSplit) X(ncclGetLastError)
 
-#define DRV_FUNCS(X)                                                                           \
-  X(cuGetErrorString) X(cuCtxGetCurrent) X(cuCtxGetDevice) X(cuDeviceGetPCIBusId)              \
-  X(cuStreamCreate) X(cuStreamDestroy) X(cuStreamSynchronize) X(cuStreamWaitEvent)             \
-  X(cuEventCreate) X(cuEventDestroy) X(cuEventRecord) X(cuMemAlloc) X(cuMemFree)               \
-  X(cuMemcpyDtoDAsync) X(cuMemcpy2DAsync)
-
-#define DECLARE(f) __typeof__(f) *f;
 static struct {
   void *lib;
   int version; /* the loaded library's NCCL_VERSION_CODE */
-  NCCL_FUNCS(DECLARE)
-  NCCL_OPTIONAL(DECLARE)
+  NCCL_FUNCS(MOERT_DL_DECLARE)
+  NCCL_OPTIONAL(MOERT_DL_DECLARE)
 } nc;
-static struct {
-  void *lib;
-  DRV_FUNCS(DECLARE)
-} drv;
-#undef DECLARE
-
-#define LOOKUP(f)                                                                              \
-  if (ok && !(tbl->f = (__typeof__(tbl->f))dlsym(tbl->lib, XSTR(f)))) {                         \
-    ok = false;                                                                                \
-    *missing = XSTR(f);                                                                        \
-  }
-#define LOOKUP_OPTIONAL(f) tbl->f = (__typeof__(tbl->f))dlsym(tbl->lib, XSTR(f));
-
-/* The first of names that dlopen finds; NULL when none. */
-static void *open_first(const char *const *names, int n) {
-  for (int i = 0; i < n; i++) {
-    void *h = dlopen(names[i], RTLD_NOW | RTLD_LOCAL);
-    if (h) return h;
-  }
-  return NULL;
-}
 
 /* Opens NCCL once; *missing names what was not found. */
 static bool load_nccl(const char **missing) {
@@ -155,12 +125,12 @@ static bool load_nccl(const char **missing) {
   }
   static const char *const names[] = {"libnccl.so.2", "libnccl.so", "/usr/local/cuda/lib/libnccl.so.2",
                                       "/usr/local/cuda/lib64/libnccl.so.2"};
-  bool ok = (nc.lib = open_first(names, 4)) != NULL;
+  bool ok = (nc.lib = moert_dl_open_first(names, 4)) != NULL;
   *missing = "libnccl.so.2";
   __typeof__(nc) *tbl = &nc;
   if (ok) {
-    NCCL_FUNCS(LOOKUP)
-    NCCL_OPTIONAL(LOOKUP_OPTIONAL)
+    NCCL_FUNCS(MOERT_DL_REQUIRE)
+    NCCL_OPTIONAL(MOERT_DL_OPTIONAL)
   }
   if (ok && nc.ncclGetVersion(&nc.version) != ncclSuccess) {
     ok = false;
@@ -170,27 +140,6 @@ static bool load_nccl(const char **missing) {
   state = ok ? 1 : -1;
   return ok;
 }
-
-static bool load_drv(const char **missing) {
-  static int state;
-  static const char *why;
-  if (state) {
-    *missing = why;
-    return state > 0;
-  }
-  static const char *const names[] = {"libcuda.so.1", "libcuda.so"};
-  bool ok = (drv.lib = open_first(names, 2)) != NULL;
-  *missing = "libcuda.so.1";
-  __typeof__(drv) *tbl = &drv;
-  if (ok) {
-    DRV_FUNCS(LOOKUP)
-  }
-  why = *missing;
-  state = ok ? 1 : -1;
-  return ok;
-}
-#undef LOOKUP
-#undef LOOKUP_OPTIONAL
 
 bool moert_nccl_available(void) {
   const char *missing;
@@ -213,12 +162,6 @@ static const char *nccl_errstr(ncclResult_t r) {
   return buf;
 }
 
-static const char *cu_errstr(CUresult r) {
-  const char *s = NULL;
-  if (drv.cuGetErrorString && drv.cuGetErrorString(r, &s) == CUDA_SUCCESS && s) return s;
-  return "unknown CUDA driver error";
-}
-
 MOERT_CHECK_GEN(nccl_check, ncclResult_t, ncclSuccess, nccl_errstr)
 
 void *moert_nccl_symbol(const char *name) {
@@ -227,14 +170,11 @@ void *moert_nccl_symbol(const char *name) {
 }
 
 const char *moert_nccl_strerror(int result) { return nccl_errstr((ncclResult_t)result); }
-MOERT_CHECK_GEN(cu_check, CUresult, CUDA_SUCCESS, cu_errstr)
 
 /* NCOK(st, ncclSend, (args)): calls the loaded function; on failure records
  * "ncclSend failed: <NCCL's message>" and is false. */
 #define NCOK(st, fn, args) nccl_check(nc.fn args, #fn, __FILE__, __LINE__, (st))
-#define CUOK(st, fn, args) cu_check(drv.fn args, #fn, __FILE__, __LINE__, (st))
-
-#define DPTR(p) ((CUdeviceptr)(uintptr_t)(p))
+/* CUOK (the driver's calls): cuda_lib.h's. */
 
 /* ------------------------------------------------------------ the comm */
 
@@ -296,15 +236,15 @@ static bool grow_dev(nccl_comm *k, CUdeviceptr *p, size_t *cap, size_t need, moe
   if (*p) {
     if (!CUOK(st, cuStreamSynchronize, (k->compute)) || !CUOK(st, cuStreamSynchronize, (k->side)))
       return MOERT_UP(st);
-    drv.cuMemFree(*p);
+    moert_cu.cuMemFree(*p);
     *p = 0;
     *cap = 0;
   }
-  CUresult rc = drv.cuMemAlloc(p, need);
+  CUresult rc = moert_cu.cuMemAlloc(p, need);
   if (rc != CUDA_SUCCESS) {
     *p = 0;
     return MOERT_FAIL(st, "out of GPU memory for the 2DH all-to-all's scratch (%zu bytes): "
-                          "cuMemAlloc: %s", need, cu_errstr(rc));
+                          "cuMemAlloc: %s", need, moert_cu_errstr(rc));
   }
   *cap = need;
   return true;
@@ -606,7 +546,7 @@ static bool make_streams(nccl_comm *k, moert_status *st) {
     moert_req *rq = &k->reqs[i];
     if (!CUOK(st, cuEventCreate, (&rq->ready, CU_EVENT_DISABLE_TIMING))) return MOERT_UP(st);
     if (!CUOK(st, cuEventCreate, (&rq->done, CU_EVENT_DISABLE_TIMING))) {
-      drv.cuEventDestroy(rq->ready);
+      moert_cu.cuEventDestroy(rq->ready);
       rq->ready = NULL;
       return MOERT_UP(st);
     }
@@ -724,7 +664,7 @@ static bool local_setup(moert_backend *b, gpu_id *me, moert_status *st) {
     return MOERT_FAIL(st, "NCCL could not be loaded (%s missing); install NCCL or add its folder to "
                           "LD_LIBRARY_PATH, or run with --comm mpi",
                       missing);
-  if (!load_drv(&missing))
+  if (!moert_cu_load(&missing))
     return MOERT_FAIL(st, "the CUDA driver could not be loaded (%s missing)", missing);
   CUcontext ctx = NULL;
   CUdevice dev = 0;
@@ -815,20 +755,20 @@ static void nccl_destroy(moert_comm *c) {
       nc.ncclCommAbort(k->comm);
     } else {
       /* the GPU finishes what was enqueued before the communicator goes */
-      if (k->compute) drv.cuStreamSynchronize(k->compute);
-      if (k->side) drv.cuStreamSynchronize(k->side);
+      if (k->compute) moert_cu.cuStreamSynchronize(k->compute);
+      if (k->side) moert_cu.cuStreamSynchronize(k->side);
       if (nc.ncclCommDestroy(k->comm) != ncclSuccess) nc.ncclCommAbort(k->comm);
     }
   } else if (k->side) {
-    drv.cuStreamSynchronize(k->side);
+    moert_cu.cuStreamSynchronize(k->side);
   }
   for (int i = 0; i < k->nreqs; i++) {
-    drv.cuEventDestroy(k->reqs[i].ready);
-    drv.cuEventDestroy(k->reqs[i].done);
-    if (k->reqs[i].scratch) drv.cuMemFree(k->reqs[i].scratch);
+    moert_cu.cuEventDestroy(k->reqs[i].ready);
+    moert_cu.cuEventDestroy(k->reqs[i].done);
+    if (k->reqs[i].scratch) moert_cu.cuMemFree(k->reqs[i].scratch);
   }
-  if (k->scratch) drv.cuMemFree(k->scratch);
-  if (k->side) drv.cuStreamDestroy(k->side);
+  if (k->scratch) moert_cu.cuMemFree(k->scratch);
+  if (k->side) moert_cu.cuStreamDestroy(k->side);
   if (k->owns_host) k->host->destroy(k->host);
   free(k);
 }

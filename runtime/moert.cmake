@@ -29,11 +29,14 @@ set(MOERT_LAYER_PATHS ${MOERT_LAYER_PATHS} PARENT_SCOPE)
 add_library(moert STATIC
   ${MOERT_LAYER_SOURCES}
   status.c cpu_ops.c cpu_ops_typed.c rng.c ${MOERT_CKPT_SOURCES} placement.c backend_cpu.c comm_self.c comm_staged.c moe.c
-  select.c trace.c data.c step.c ckpt_io.c flags.c testing.c run.c driver.c comm_mpi.c comm_nccl.c backend_cuda.c
+  select.c trace.c data.c step.c ckpt_io.c flags.c testing.c run.c driver.c comm_mpi.c comm_nccl.c
+  backend_cuda.c cuda_lib.c cuda_nvrtc.c cuda_blas.c cuda_graphs.c
   $<TARGET_OBJECTS:moert_templates>)
 target_include_directories(moert PUBLIC ${CMAKE_CURRENT_SOURCE_DIR})
-# backend_cuda.c opens the driver, NVRTC and cuBLAS with dlopen: their headers
-# at build time (for the types), nothing CUDA at link time, no GPU needed.
+# The cuda backend (backend_cuda.c and its cuda_*.c) opens the driver, NVRTC
+# and cuBLAS with dlopen (cuda_lib.c): their headers at build time (for the
+# types), nothing CUDA at link time, no GPU needed. Without the headers the
+# files compile to stubs that say the backend is not built.
 find_path(MOEC_CUDA_INCLUDE cuda.h
   HINTS $ENV{CUDA_HOME}/include $ENV{CUDA_PATH}/include /usr/local/cuda/include)
 if(MOEC_CUDA_INCLUDE AND EXISTS ${MOEC_CUDA_INCLUDE}/nvrtc.h AND EXISTS ${MOEC_CUDA_INCLUDE}/cublas_v2.h)
@@ -54,8 +57,9 @@ if(MOEC_NVTX_INCLUDE)
 else()
   message(STATUS "NVTX: nvtx3/nvToolsExt.h not found; no NVTX ranges")
 endif()
-# comm_nccl.c opens libnccl.so.2 with dlopen the same way: nccl.h (and the
-# CUDA headers it includes) at build time, nothing NCCL at link time. The
+# comm_nccl.c opens libnccl.so.2 with dlopen the same way (and the driver
+# through cuda_lib.c): nccl.h (and the CUDA headers it includes) at build
+# time, nothing NCCL at link time. The
 # decision is the interface target moert_nccl_headers (MOERT_HAVE_NCCL_HEADERS
 # and the include folders), so other code that calls NCCL by dlopen
 # (bench/gpu/a2a_bench.c) is built with NCCL exactly where the runtime is.

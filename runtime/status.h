@@ -37,9 +37,12 @@ bool moert_trace_at(moert_status *st, const char *file, int line);
  *   MOERT_CHECK_GEN(mpi_check, int, MPI_SUCCESS, mpi_strerror)
  *   #define MPIOK(st, call) mpi_check((call), #call, __FILE__, __LINE__, (st))
  *   #define MPICHECK(st, call) do { if (!MPIOK(st, call)) return false; } while (0) */
-#define MOERT_CHECK_GEN(name, type, success, strerr)                                   \
-  static bool name(type code, const char *call, const char *file, int line,            \
-                   moert_status *st) {                                                 \
+#define MOERT_CHECK_GEN(name, type, success, strerr) static MOERT_CHECK_FN(name, type, success, strerr)
+/* The same function with external linkage, for a check that several files
+ * share (cuda_lib.c's, declared in cuda_lib.h). */
+#define MOERT_CHECK_FN(name, type, success, strerr)                                    \
+  bool name(type code, const char *call, const char *file, int line,                   \
+            moert_status *st) {                                                        \
     if (code == (success)) return true;                                                \
     return moert_fail_at(st, file, line, "%.*s failed: %s", (int)strcspn(call, "("),  \
                          call, strerr(code));                                          \

@@ -1,5 +1,5 @@
 /* fake_cublas.c — libcublas.so.13 of the CPU emulation (tests/emu): the
- * functions the cuda backend looks up (CUBLAS_FUNCS in runtime/backend_cuda.c),
+ * functions the cuda backend looks up (CUBLAS_FUNCS in runtime/cuda_lib.h),
  * with cuBLAS's semantics on host memory (a "device" pointer of the emulation
  * is a host pointer): column-major, op(A) op(B), leading dimensions, strided
  * batches, C not read when beta is 0; fp32 and bf16 operands, fp32 products.

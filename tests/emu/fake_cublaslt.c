@@ -1,6 +1,6 @@
 /* fake_cublaslt.c — libcublasLt.so.13 of the CPU emulation (tests/emu): the
  * functions the cuda backend looks up (CUBLASLT_FUNCS in
- * runtime/backend_cuda.c), with cuBLASLt's semantics on host memory (a
+ * runtime/cuda_lib.h), with cuBLASLt's semantics on host memory (a
  * "device" pointer of the emulation is a host pointer):
  *   D = epilogue(alpha op(A) op(B) + beta C)
  * column-major (CUBLASLT_ORDER_COL), strided batches, C not read when beta

@@ -1,12 +1,12 @@
 #!/bin/sh
-# kernel_names.sh SRCDIR — every kernel that runtime/backend_cuda.c loads by
+# kernel_names.sh SRCDIR — every kernel that the cuda backend loads by
 # name (its KERNELS list, moert_k_NAME) is defined, extern "C", in templates/:
 # a misspelt or missing one would make the cuda backend fail at start on a
 # GPU, which CI does not have. No GPU needed.
 set -u
 src=$1
-names=$(sed -n '/^#define KERNELS(X)/,/^$/p' "$src/runtime/backend_cuda.c" | grep -o 'X([a-z0-9_]*)' | sed 's/X(\(.*\))/\1/')
-[ -n "$names" ] || { echo "FAIL: no KERNELS list found in runtime/backend_cuda.c"; exit 1; }
+names=$(sed -n '/^#define KERNELS(X)/,/^$/p' "$src/runtime/backend_cuda_impl.h" | grep -o 'X([a-z0-9_]*)' | sed 's/X(\(.*\))/\1/')
+[ -n "$names" ] || { echo "FAIL: no KERNELS list found in runtime/backend_cuda_impl.h"; exit 1; }
 n=0 bad=0
 for k in $names; do
   n=$((n + 1))
