@@ -145,6 +145,19 @@ int moec_build(const moert_model *m, const char *spec_path, const char *output, 
       return errorf("the spec %s has no .moe extension, so the binary would overwrite it; name "
                     "the binary with -o BIN%s", spec_path, "");
   }
+  /* the binary's directory must exist and take files, before anything is compiled */
+  char dir[PATH_MAX];
+  snprintf(dir, sizeof dir, "%s", out);
+  char *slash = strrchr(dir, '/');
+  if (slash) *(slash == dir ? slash + 1 : slash) = 0;
+  else snprintf(dir, sizeof dir, ".");
+  struct stat sb;
+  if (stat(dir, &sb) != 0)
+    return errorf("cannot write %s: the directory %s does not exist; create it or choose another -o",
+                  out, dir);
+  if (!S_ISDIR(sb.st_mode)) return errorf("cannot write %s: %s is not a directory", out, dir);
+  if (access(dir, W_OK) != 0)
+    return errorf("cannot write %s: the directory %s is not writable", out, dir);
   char tmpdir[PATH_MAX];
   const char *t = getenv("TMPDIR");
   snprintf(tmpdir, sizeof tmpdir, "%s/moec-build-XXXXXX", t && *t ? t : "/tmp");

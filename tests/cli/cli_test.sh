@@ -86,6 +86,11 @@ expect 1 err '^adir: error: is a directory; give the path of a \.moe file$' 1
 run directory-build "$moec" build adir -o adir-bin
 expect 1 err '^adir: error: is a directory; give the path of a \.moe file$' 1
 [ -e adir-bin ] && fail "a failed build left adir-bin"
+# the binary's directory is checked before anything is compiled
+run build-missing-dir "$moec" build good.moe -o no-such-dir/bin
+expect 1 err '^moec: error: cannot write no-such-dir/bin: the directory no-such-dir does not exist; create it or choose another -o$' 1
+run build-dir-is-file "$moec" build good.moe -o good.moe/bin
+expect 1 err '^moec: error: cannot write good.moe/bin: good.moe is not a directory$' 1
 run missing "$moec" check no-such-file.moe
 expect 1 err '^no-such-file.moe: error: cannot open: No such file or directory' 1
 # chmod 000 does not stop root (CAP_DAC_OVERRIDE), and CI runs as root. There
