@@ -77,6 +77,12 @@ extern const char *const moec_layer_names[MOEC_LAYER__COUNT];
 /* Layers after `repeat` is expanded: every later stage holds per-layer data,
  * and no model we know of has more than a few thousand. */
 #define MOEC_MAX_LAYERS ((int64_t)1 << 20)
+/* Tokens per rank per step: claims, slots and counts are int32 on every
+ * backend (runtime/model.h's MOERT_MAX_TOKENS, the same). */
+#define MOEC_MAX_TOKENS 2147483647
+/* Elements of one activation buffer of a rank (runtime/model.h's
+ * MOERT_MAX_ACT_ELEMS, the same): 4 TiB of fp32. */
+#define MOEC_MAX_ACT_ELEMS ((int64_t)1 << 40)
 /* Experts per MoE layer: gating kernels keep per-expert counters in shared
  * memory, and the largest published MoE models use a few hundred. */
 #define MOEC_MAX_EXPERTS 4096
@@ -146,6 +152,7 @@ typedef struct moec_spec {
   const char *name;
   moec_loc loc;
   int64_t dim, tokens;
+  moec_loc tokens_loc;       /* the `tokens` value, for the whole-model size rules */
   moec_dtype dtype;
   int64_t vocab;   /* 0: no vocabulary (MSE against the teacher) */
   int64_t context;

@@ -10,6 +10,7 @@
 
 #include "flags.h"
 #include "run.h"
+#include "select.h"
 
 #define FLAGS(X)                                                                                   \
   X(STEPS, "steps", 1, "N", "train (or run) until step N in all; with --resume, the total")        \
@@ -37,6 +38,22 @@ MOERT_FLAGS(FLAGS)
 
 /* --variant may be given this many times (one per MoE layer, say). */
 #define MAX_FORCED 64
+/* Bytes --generate samples at most: one forward pass each, on one rank. */
+#define MAX_GENERATE (1 << 20)
+
+/* What a flag's value must be, for its usage error. */
+static const char *wanted(int flag) {
+  switch (flag) {
+  case FLAG_BACKEND: return "cpu or cuda";
+  case FLAG_COMM: return "nccl, mpi or self";
+  case FLAG_STEPS: return "a whole number from 1 to 4611686018427387903";
+  case FLAG_LOG_EVERY: return "a whole number of 1 or more";
+  case FLAG_TOKENS: return "a whole number from 1 to 2147483647, the limit of 32-bit token indices";
+  case FLAG_GENERATE: return "a whole number from 0 to 1048576";
+  case FLAG_VARIANT: return "r=R,d=D,a2a=linear or 2dh, that after LAYER:, or cycle";
+  default: return "a whole number of 0 or more";
+  }
+}
 
 static void usage(const moert_model *m, const char *argv0, FILE *out) {
   fprintf(out, "usage: %s [options]\n\n%s model `%s`, built by moec from %s.\n\noptions:\n", argv0,
@@ -72,10 +89,10 @@ int moert_main(const moert_model *m, int argc, char **argv) {
     case FLAG_STEPS: ok = moert_parse_int(a, 1, INT64_MAX / 2, &o.steps); break;
     case FLAG_SEED: ok = moert_parse_int(a, 0, INT64_MAX, &o.seed); break;
     case FLAG_LOG_EVERY: ok = moert_parse_int(a, 1, INT64_MAX, &o.log_every); break;
-    case FLAG_TOKENS: ok = moert_parse_int(a, 1, (int64_t)1 << 31, &o.tokens); break;
+    case FLAG_TOKENS: ok = moert_parse_int(a, 1, MOERT_MAX_TOKENS, &o.tokens); break;
     case FLAG_EVAL_EVERY: ok = moert_parse_int(a, 0, INT64_MAX, &o.eval_every); break;
     case FLAG_CKPT_EVERY: ok = moert_parse_int(a, 0, INT64_MAX, &o.ckpt_every); break;
-    case FLAG_GENERATE: ok = moert_parse_int(a, 0, 1 << 20, &o.generate); break;
+    case FLAG_GENERATE: ok = moert_parse_int(a, 0, MAX_GENERATE, &o.generate); break;
     case FLAG_BACKEND: o.backend = a; ok = !strcmp(a, "cpu") || !strcmp(a, "cuda"); break;
     case FLAG_METRICS: o.metrics = a; break;
     case FLAG_DATA: o.data = a; break;
@@ -88,6 +105,7 @@ int moert_main(const moert_model *m, int argc, char **argv) {
     case FLAG_VARIANT:
       if (o.nvariants == MAX_FORCED) return usage_error(argv0, "%s", "too many --variant options (limit is 64)");
       variants[o.nvariants++] = a;
+      ok = moert_variant_well_formed(a);
       break;
     case FLAG_RESUME: o.resume = true; break;
     case FLAG_QUIET: o.quiet = true; break;
@@ -95,11 +113,8 @@ int moert_main(const moert_model *m, int argc, char **argv) {
     default: return usage_error(argv0, "unknown option '%s'", argv[optind - 1]);
     }
     if (!ok) {
-      char msg[160];
-      snprintf(msg, sizeof msg, "bad value '%%s' for --%s (%s)", flag_info[c].name,
-               c == FLAG_BACKEND ? "cpu or cuda" : c == FLAG_COMM ? "nccl, mpi or self" : c == FLAG_STEPS || c == FLAG_LOG_EVERY || c == FLAG_TOKENS
-                                                       ? "a whole number of 1 or more"
-                                                       : "a whole number of 0 or more");
+      char msg[200];
+      snprintf(msg, sizeof msg, "bad value '%%s' for --%s (%s)", flag_info[c].name, wanted(c));
       return usage_error(argv0, msg, a);
     }
   }

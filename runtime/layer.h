@@ -94,6 +94,9 @@ typedef struct moert_layer_ops {
   /* Buffers, scratch and FLOPs of the layer; false with a message in st
    * when the world size does not fit it. NULL: none. */
   bool (*plan)(moert_plan_ctx *c, moert_status *st);
+  /* The widest of its activations, in elements per token (MOERT_MAX_ACT_ELEMS
+   * bounds tokens times this). NULL: dim. */
+  int64_t (*row)(const moert_model *m, const moert_layer *l);
   /* The kernels.cu specializations it launches, in launch order; their
    * number (at most MOERT_MAX_LAYER_SPECS). NULL: none. */
   int (*specs)(const moert_model *m, const moert_layer *l, moert_spec_use *u);

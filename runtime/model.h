@@ -63,6 +63,13 @@ typedef enum {
 } moert_place;
 
 #define MOERT_MAX_DIMS 3
+/* Tokens per rank per step: claims, slots and counts are int32 on every
+ * backend (compiler/spec.h's MOEC_MAX_TOKENS, the same). */
+#define MOERT_MAX_TOKENS 2147483647
+/* Elements of one activation buffer of a rank ([tokens, dim], [tokens,
+ * vocab], [tokens, hidden], ...): 4 TiB of fp32, past any device, and far
+ * from int64's overflow in the plan's sums. */
+#define MOERT_MAX_ACT_ELEMS ((int64_t)1 << 40)
 /* The most parameter slots a layer kind has (runtime/layer.h). */
 #define MOERT_MAX_SLOTS 12
 

@@ -112,6 +112,21 @@ bool moert_plan_create_nodes(const moert_model *m, int world, int rank, int64_t 
   p->tokens = tokens;
 
   const int64_t T = tokens;
+  /* every activation of this rank within MOERT_MAX_ACT_ELEMS (compiler/sema.c, the same rule) */
+  int64_t row = m->dim, act;
+  for (int li = 0; li < m->nlayers; li++) {
+    const moert_layer_ops *ops = moert_layer_ops_of(m->layers[li].kind);
+    int64_t r = ops->row ? ops->row(m, &m->layers[li]) : m->dim;
+    if (r > row) row = r;
+  }
+  if (T > MOERT_MAX_TOKENS || __builtin_mul_overflow(T, row, &act) || act > MOERT_MAX_ACT_ELEMS) {
+    moert_plan_destroy(p);
+    if (T > MOERT_MAX_TOKENS)
+      return MOERT_FAIL(st, "%" PRId64 " tokens per rank (limit is %d: token indices are 32-bit)", T,
+                        MOERT_MAX_TOKENS);
+    return MOERT_FAIL(st, "%" PRId64 " tokens per rank make an activation of more than 2^40 elements (%" PRId64
+                      " per token); give fewer tokens per rank (--tokens) or run on more ranks", T, row);
+  }
   if (!moert_layer_resolve_slots(m, p, st)) {
     moert_plan_destroy(p);
     return false;

@@ -43,6 +43,28 @@ static const char *split_layer(const char *value, char *layer, size_t n) {
   return colon + 1;
 }
 
+/* Whether s is a whole number with no sign, leading zeros aside; *end after it. */
+static bool digits(const char *s, const char **end) {
+  const char *p = s;
+  while (*p >= '0' && *p <= '9') p++;
+  *end = p;
+  return p > s && p - s < 10;
+}
+
+bool moert_variant_well_formed(const char *value) {
+  if (strcmp(value, "cycle") == 0) return true;
+  const char *colon = strchr(value, ':'), *v = colon ? colon + 1 : value;
+  if (colon && colon == value) return false; /* ":r=..." names no layer */
+  const char *p = v, *e;
+  if (strncmp(p, "r=", 2) != 0 || !digits(p + 2, &e)) return false;
+  p = e;
+  if (strncmp(p, ",d=", 3) != 0 || !digits(p + 3, &e)) return false;
+  p = e;
+  if (strncmp(p, ",a2a=", 5) != 0) return false;
+  p += 5;
+  return strcmp(p, "linear") == 0 || strcmp(p, "2dh") == 0;
+}
+
 bool moert_selector_create(const moert_plan *plan, moert_pick_mode mode, int64_t explore_steps,
                            const char *const *forced, int nforced, moert_selector **out,
                            moert_status *st) {

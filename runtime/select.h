@@ -24,6 +24,10 @@ typedef struct moert_selector moert_selector;
 /* forced: NULL or the --variant values ("r=1,d=2,a2a=linear", "cycle",
  * "LAYER:r=...") of the command line, nforced of them. Fails, naming the fix,
  * when a forced variant exists in no layer (or not in the named layer). */
+/* Whether a --variant value has the form of one: `cycle`, or
+ * `r=R,d=D,a2a=linear|2dh`, or `LAYER:` before that (whether a layer has
+ * that variant is the selector's to say, later). */
+bool moert_variant_well_formed(const char *value);
 bool moert_selector_create(const moert_plan *plan, moert_pick_mode mode, int64_t explore_steps,
                            const char *const *forced, int nforced, moert_selector **out,
                            moert_status *st);

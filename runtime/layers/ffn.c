@@ -43,6 +43,10 @@ static bool ffn_plan(moert_plan_ctx *c, moert_status *st) {
   return true;
 }
 
+static int64_t ffn_row(const moert_model *m, const moert_layer *l) {
+  return h1_of(l) > m->dim ? h1_of(l) : m->dim;
+}
+
 static void ffn_describe(const moert_model *m, const moert_layer *l, char *buf, size_t n) {
   snprintf(buf, n, "M = %lld, H = %lld", (long long)m->dim, (long long)l->hidden);
 }
@@ -125,6 +129,7 @@ const moert_layer_ops MOERT_LAYER_OPS(FFN) = {
     .slots = slots,
     .slot = ffn_slot,
     .plan = ffn_plan,
+    .row = ffn_row,
     .describe = ffn_describe,
     .plan_json = ffn_json,
     .fwd = ffn_fwd,

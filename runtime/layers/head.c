@@ -34,6 +34,11 @@ static bool head_plan(moert_plan_ctx *c, moert_status *st) {
   return true;
 }
 
+static int64_t head_row(const moert_model *m, const moert_layer *l) {
+  (void)l;
+  return m->vocab > m->dim ? m->vocab : m->dim;
+}
+
 static int head_specs(const moert_model *m, const moert_layer *l, moert_spec_use *u) {
   (void)l;
   u[0] = (moert_spec_use){MOERT_SPEC_xent, m->vocab, 0};
@@ -104,6 +109,7 @@ const moert_layer_ops MOERT_LAYER_OPS(HEAD_XENT) = {
     .slots = slots,
     .slot = head_slot,
     .plan = head_plan,
+    .row = head_row,
     .specs = head_specs,
     .describe = head_describe,
     .plan_shape = head_shape,

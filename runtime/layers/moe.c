@@ -277,6 +277,18 @@ static bool moe_plan(moert_plan_ctx *c, moert_status *st) {
 #undef I_
 #undef S_
 
+/* The gate's scores, the hidden rows, and the dispatch buffer [E, C, M] with C
+ * up to k ceil(|f|) tokens per expert (compiler/sema.c's widest_row, the same). */
+static int64_t moe_row(const moert_model *m, const moert_layer *l) {
+  int64_t h1 = l->act == MOERT_ACT_SWIGLU ? 2 * l->hidden : l->hidden, r = h1 > m->dim ? h1 : m->dim;
+  double f = fabs(l->capacity_factor);
+  int64_t per = f > 1 ? (int64_t)ceil(f) : 1, x;
+  if (__builtin_mul_overflow(l->top_k * per, r, &x)) x = INT64_MAX;
+  if (l->experts > x) x = l->experts;
+  if (l->gate == MOERT_GATE_COSINE && COSINE_PROJ > x) x = COSINE_PROJ;
+  return x;
+}
+
 static int moe_specs(const moert_model *m, const moert_layer *l, moert_spec_use *u) {
   (void)m;
   int n = 0;
@@ -355,6 +367,7 @@ const moert_layer_ops MOERT_LAYER_OPS(MOE) = {
     .slots = slots,
     .slot = moe_slot,
     .plan = moe_plan,
+    .row = moe_row,
     .specs = moe_specs,
     .describe = moe_describe,
     .plan_shape = moe_shape,

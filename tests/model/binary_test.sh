@@ -182,6 +182,23 @@ bad_input)
     [ $rc = 2 ] || fail "'$bad' exited $rc, not 2"
     grep -q "Try" err.txt || fail "'$bad': no usage hint: $(cat err.txt)"
   done
+  # limits said as they are: --tokens's is 32-bit token indices, --generate's 2^20
+  ./tiny --tokens 1e11 2>err.txt; rc=$?
+  [ $rc = 2 ] && grep -q "from 1 to 2147483647" err.txt || fail "--tokens 1e11: rc $rc: $(cat err.txt)"
+  ./tiny --tokens 2147483648 2>err.txt; rc=$?
+  [ $rc = 2 ] && grep -q "from 1 to 2147483647" err.txt || fail "--tokens 2^31: rc $rc: $(cat err.txt)"
+  ./tiny --generate 1048577 2>err.txt; rc=$?
+  [ $rc = 2 ] && grep -q "from 0 to 1048576" err.txt || fail "--generate 2^20 + 1: rc $rc: $(cat err.txt)"
+  # a --variant that is not one is a usage error; a well-formed one no layer has is not
+  for bad in nonsense a2a=foo r=1,d=1,a2a=foo r=1,d=1 :r=1,d=1,a2a=linear r=-1,d=1,a2a=linear; do
+    ./tiny --variant "$bad" --steps 1 2>err.txt; rc=$?
+    [ $rc = 2 ] && grep -q "bad value '$bad' for --variant (r=R,d=D,a2a=linear or 2dh" err.txt ||
+      fail "--variant $bad: rc $rc: $(cat err.txt)"
+  done
+  ./tiny --variant r=7,d=1,a2a=linear --steps 1 --backend cpu 2>err.txt; rc=$?
+  [ $rc = 1 ] && grep -q "no MoE layer has that variant" err.txt || fail "--variant r=7: rc $rc: $(cat err.txt)"
+  ./tiny --variant experts_0:r=1,d=1,a2a=linear --steps 1 --backend cpu --quiet 2>err.txt ||
+    fail "a good --variant LAYER:V failed: $(cat err.txt)"
   ./tiny --steps 3 --metrics out.jsonl extra 2>/dev/null && fail "a stray argument was accepted"
   [ -e out.jsonl ] && fail "a usage error left a metrics file"
   printf 'model d { dim = 8; tokens = 16; ffn f { hidden = 16; } }\ntrain { optimizer = sgd; lr = 1e30; steps = 5; }\n' > diverge.moe
