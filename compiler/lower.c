@@ -27,6 +27,8 @@ _Static_assert((int)MOEC_ACT_RELU == (int)MOERT_ACT_RELU && (int)MOEC_ACT_GELU =
                "spec.def and model.h disagree on activations");
 _Static_assert((int)MOEC_GATE_COSINE == (int)MOERT_GATE_COSINE, "gate kinds");
 _Static_assert(MOEC_COSINE_PROJ == MOERT_COSINE_PROJ, "spec.h and model.h disagree on the cosine projection");
+_Static_assert(MOEC_MAX_TOKENS == MOERT_MAX_TOKENS && MOEC_MAX_ACT_ELEMS == MOERT_MAX_ACT_ELEMS,
+               "spec.h and model.h disagree on the size limits");
 _Static_assert((int)MOEC_OPTIM_ADAM == (int)MOERT_OPT_ADAM, "optimizers");
 _Static_assert((int)MOEC_SCHED_COSINE == (int)MOERT_SCHED_COSINE, "schedules");
 _Static_assert((int)MOEC_A2A_2DH == (int)MOERT_A2A_2DH, "all-to-all algorithms");
