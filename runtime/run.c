@@ -106,8 +106,15 @@ static void print_header(const moert_model *m, const moert_plan *p, moert_dt xdt
     if (lp->dropped[0]) fprintf(out, "; not here: %s", lp->dropped);
     fputc('\n', out);
   }
-  fprintf(out, "variants: %s (r = expert split, d = pipeline depth, L/H = linear/2dh all-to-all)\n",
-          m->parallel.select == MOERT_SELECT_FIXED ? "fixed" : "chosen each step by measured time");
+  char how[160];
+  if (o->nvariants == 1 && strcmp(o->variants[0], "cycle") == 0)
+    snprintf(how, sizeof how, "cycled through every candidate, one a step (--variant cycle)");
+  else if (o->nvariants > 0)
+    snprintf(how, sizeof how, "forced by --variant %s%s", o->variants[0], o->nvariants > 1 ? " and more" : "");
+  else
+    snprintf(how, sizeof how, "%s", m->parallel.select == MOERT_SELECT_FIXED ? "fixed (the spec's first candidate)"
+                                                                           : "chosen each step by measured time");
+  fprintf(out, "variants: %s (r = expert split, d = pipeline depth, L/H = linear/2dh all-to-all)\n", how);
 }
 
 /* The table's head; MFU (model FLOPs utilization) only when a peak is known. */

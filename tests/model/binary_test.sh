@@ -199,6 +199,11 @@ bad_input)
   [ $rc = 1 ] && grep -q "no MoE layer has that variant" err.txt || fail "--variant r=7: rc $rc: $(cat err.txt)"
   ./tiny --variant experts_0:r=1,d=1,a2a=linear --steps 1 --backend cpu --quiet 2>err.txt ||
     fail "a good --variant LAYER:V failed: $(cat err.txt)"
+  # the header says who chooses the variants
+  ./tiny --variant r=1,d=1,a2a=linear --steps 1 --backend cpu > out.txt 2>&1 || fail "a forced variant failed"
+  grep -q "^variants: forced by --variant r=1,d=1,a2a=linear" out.txt || fail "forced, the header says: $(grep '^variants' out.txt)"
+  ./tiny --steps 1 --backend cpu > out.txt 2>&1 || fail "a plain run failed"
+  grep -q "^variants: chosen each step by measured time" out.txt || fail "the header says: $(grep '^variants' out.txt)"
   ./tiny --steps 3 --metrics out.jsonl extra 2>/dev/null && fail "a stray argument was accepted"
   [ -e out.jsonl ] && fail "a usage error left a metrics file"
   printf 'model d { dim = 8; tokens = 16; ffn f { hidden = 16; } }\ntrain { optimizer = sgd; lr = 1e30; steps = 5; }\n' > diverge.moe
