@@ -220,12 +220,20 @@ static bool restore(moert_exec *e, const moert_st_file *f, const char *file, con
   return ok ? true : MOERT_UP(st);
 }
 
-static bool read_all(const char *dir, moert_exec *e, int64_t *step, moert_status *st) {
+static bool read_all(const char *dir, moert_exec *e, int64_t *step, const char **note, moert_status *st) {
   const moert_model *m = e->m;
   moert_ckpt_reader *r;
   MOERT_TRY(st, moert_ckpt_reader_create(dir, &r, st));
   bool ok = same_model(r, m, dir, st);
   *step = moert_ckpt_step(r);
+  /* the optimizer it was trained with: another one's state is dropped, or starts anew, and said */
+  const char *opt = moert_ckpt_meta_get(r, "optimizer");
+  bool ckpt_adam = opt && strcmp(opt, "adamw") == 0, adam = m->train.optimizer == MOERT_OPT_ADAM;
+  *note = NULL;
+  if (ckpt_adam && !adam)
+    *note = "the checkpoint's AdamW moments are dropped: this model trains with SGD";
+  else if (!ckpt_adam && adam && opt)
+    *note = "AdamW's moments start from zero: the checkpoint was trained with SGD";
   moert_st_file *f = NULL;
   char path[4200];
   snprintf(path, sizeof path, "%s/%s", dir, MODEL_FILE);
@@ -233,7 +241,7 @@ static bool read_all(const char *dir, moert_exec *e, int64_t *step, moert_status
   e->wlow_fresh = false; /* the bf16 copy is made from the restored masters */
   moert_st_destroy(f);
   f = NULL;
-  if (ok && m->train.optimizer == MOERT_OPT_ADAM) {
+  if (ok && adam && (ckpt_adam || !opt)) {
     snprintf(path, sizeof path, "%s/%s", dir, OPTIM_FILE);
     ok = moert_ckpt_read_safetensors(r, OPTIM_FILE, &f, st) &&
          restore(e, f, path, ".exp_avg", e->state, st) &&
@@ -244,7 +252,7 @@ static bool read_all(const char *dir, moert_exec *e, int64_t *step, moert_status
   return ok;
 }
 
-bool moert_ckpt_load(const char *dir, moert_exec *e, int64_t *step, moert_status *st) {
-  bool ok = read_all(dir, e, step, st);
+bool moert_ckpt_load(const char *dir, moert_exec *e, int64_t *step, const char **note, moert_status *st) {
+  bool ok = read_all(dir, e, step, note, st);
   return all_ok(e->comm, ok, "to load the checkpoint", st) ? true : MOERT_UP(st);
 }

@@ -18,7 +18,10 @@ bool moert_ckpt_check(const char *dir, const moert_model *m, bool resume, int64_
                       moert_status *st);
 /* Saves the executor's parameters and optimizer state at step. */
 bool moert_ckpt_save(const char *dir, moert_exec *e, int64_t step, moert_status *st);
-/* Loads them back; *step receives the checkpoint's step. */
-bool moert_ckpt_load(const char *dir, moert_exec *e, int64_t *step, moert_status *st);
+/* Loads them back; *step receives the checkpoint's step. A checkpoint of
+ * another optimizer loads its weights: *note then says what became of the
+ * optimizer state (AdamW's moments dropped by SGD, or started from zero by
+ * AdamW), else it is NULL. */
+bool moert_ckpt_load(const char *dir, moert_exec *e, int64_t *step, const char **note, moert_status *st);
 
 #endif

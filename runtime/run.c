@@ -501,7 +501,9 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
   /* a trace of at most ~200 events per layer and step (48 MB at 1M events) */
   if (o.trace && !moert_trace_create(o.trace, 1 << 20, &trace, &st)) goto out;
   e->opts.trace = trace;
-  if (o.resume && !moert_ckpt_load(o.checkpoint, e, &start, &st)) goto out;
+  const char *resume_note = NULL;
+  if (o.resume && !moert_ckpt_load(o.checkpoint, e, &start, &resume_note, &st)) goto out;
+  if (resume_note && comm->rank == 0) fprintf(stderr, "%s: note: %s\n", argv0, resume_note);
   times = calloc((size_t)m->nlayers + 1, sizeof *times);
   prev = calloc((size_t)m->nlayers + 1, sizeof *prev);
   if (!times || !prev) {

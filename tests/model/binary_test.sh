@@ -87,6 +87,24 @@ resume)
   grep -q "larger --steps" err.txt || fail "unclear message: $(cat err.txt)"
   echo "ok: steps 11..20 after resume equal the uninterrupted run bit for bit" ;;
 
+resume_optimizer)
+  # a checkpoint of another optimizer: the weights load, and the run says what became of the moments
+  build tiny
+  sed 's/optimizer = adam/optimizer = sgd/' "$src/examples/tiny.moe" > tsgd.moe
+  "$moec" build tsgd.moe -o tsgd >/dev/null || fail "build tsgd"
+  ./tiny --steps 4 --checkpoint ca --quiet || fail "adam run"
+  cp -r ca cb
+  ./tsgd --steps 6 --checkpoint ca --resume --quiet 2>err.txt || fail "sgd resuming adam: $(cat err.txt)"
+  grep -q "note: the checkpoint's AdamW moments are dropped: this model trains with SGD" err.txt ||
+    fail "sgd resuming adam does not say it drops the moments: $(cat err.txt)"
+  ./tsgd --steps 4 --checkpoint cs --quiet || fail "sgd run"
+  ./tiny --steps 6 --checkpoint cs --resume --quiet 2>err.txt || fail "adam resuming sgd: $(cat err.txt)"
+  grep -q "note: AdamW's moments start from zero: the checkpoint was trained with SGD" err.txt ||
+    fail "adam resuming sgd does not say the moments start anew: $(cat err.txt)"
+  ./tiny --steps 8 --checkpoint cb --resume --quiet 2>err.txt || fail "adam resuming adam: $(cat err.txt)"
+  [ -s err.txt ] && fail "adam resuming adam printed: $(cat err.txt)"
+  echo "ok: a checkpoint of another optimizer resumes, and the run says what became of its state" ;;
+
 checkpoint_read)
   build tiny
   ./tiny --steps 3 --checkpoint ck --quiet || fail "run"
