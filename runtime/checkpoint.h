@@ -31,15 +31,21 @@
  *      DIR.tmp-* left by writers that died; make a fresh sibling DIR.tmp-XXXXXX.
  *   2. add_file / add_safetensors: each file is written as NAME.tmp in the fresh
  *      directory, fsynced, renamed to NAME, and the directory fsynced.
- *   3. commit: MANIFEST.json is written last, the same atomic way. Then
- *      rename DIR -> DIR.old (if DIR exists), rename DIR.tmp-XXXXXX -> DIR, fsync the
- *      parent, remove DIR.old (its regular files, then the directory), fsync again.
+ *   3. commit: MANIFEST.json is written last, the same atomic way. Then, if DIR
+ *      exists, a marker file .moec-replaces naming DIR.moec-old-XXXXXX goes into
+ *      the fresh directory (fsynced), DIR is renamed to DIR.moec-old-XXXXXX;
+ *      DIR.tmp-XXXXXX is renamed to DIR, the parent fsynced, DIR.moec-old-XXXXXX
+ *      removed (its regular files, then the directory), the marker unlinked.
  *      (rename(2) cannot replace a non-empty directory, hence the two renames.)
- * Recovery (moert_ckpt_recover; run by verify, by the reader and by the writer):
- *   - DIR missing, DIR.old present: a crash between the two renames; DIR.old (the
- *     previous checkpoint) is renamed back to DIR.
- *   - DIR and DIR.old present: a crash before the old one was removed; DIR.old is
- *     removed if DIR verifies, else both are left for a person to look at.
+ * Recovery (moert_ckpt_recover; run by verify, by the reader and by the writer)
+ * touches only a directory that a marker written by moec names, never a
+ * user's DIR.old or anything else beside DIR:
+ *   - DIR missing, and a DIR.tmp-X whose marker names an existing
+ *     DIR.moec-old-X: a crash between the two renames; that previous checkpoint
+ *     is renamed back to DIR.
+ *   - DIR present, its marker naming an existing DIR.moec-old-X: a crash before
+ *     the old one was removed; it is removed if DIR verifies, else both are left
+ *     for a person to look at.
  *   - DIR.tmp-* are never read; only a writer removes them (a reader might otherwise
  *     remove the directory of a writer at work).
  * One writer per DIR at a time. A reader that runs during a writer's commit may make

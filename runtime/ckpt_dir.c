@@ -1,7 +1,8 @@
 /* ckpt_dir.c — checkpoint directories, the protocol checkpoint.h describes: a
  * new checkpoint is written into a fresh sibling DIR.tmp-XXXXXX, its manifest
- * last, then swapped in place of DIR by two renames; recovery finishes a swap
- * that a crash interrupted; verify checks a directory against its manifest; the
+ * last, then swapped in place of DIR by two renames (the old one aside to
+ * DIR.moec-old-XXXXXX, which a marker in the new one names); recovery finishes
+ * a swap that a crash interrupted, touching only what such a marker names; verify checks a directory against its manifest; the
  * reader hands out files only after checking their bytes against it. */
 #define _POSIX_C_SOURCE 200809L
 #include "ckpt_impl.h"
@@ -86,40 +87,122 @@ static bool verify_dir(const char *d, moert_status *st) {
   return true;
 }
 
+/* The previous checkpoint is moved aside under a name no user picks,
+ * DIR.moec-old-XXXXXX (XXXXXX: the writer's DIR.tmp-XXXXXX suffix), and only
+ * after the new directory holds a marker file, REPLACES_MARKER, that names it.
+ * A directory beside DIR is taken for moec's leftover only when such a marker
+ * (in DIR, or in a DIR.tmp-* that moec made) names it: a user's DIR.old, or
+ * anything else, is never moved, overwritten or removed. */
+#define OLD_INFIX ".moec-old-"
+#define REPLACES_MARKER ".moec-replaces"
+
+/* The leftover that the marker in directory dir names, as a path beside d
+ * (malloc'd), or NULL where there is no marker or it names nothing of d's. */
+static char *marked_old(const char *dir, const char *parent, const char *base) {
+  char *mk = moert_ckpt_path_join(dir, REPLACES_MARKER);
+  if (!mk) return NULL;
+  int fd = open(mk, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+  free(mk);
+  if (fd < 0) return NULL;
+  char buf[4096];
+  ssize_t n = read(fd, buf, sizeof buf - 1);
+  close(fd);
+  if (n <= 1 || buf[n - 1] != '\n') return NULL;
+  buf[n - 1] = '\0';
+  size_t nb = strlen(base), ni = strlen(OLD_INFIX);
+  if (strncmp(buf, base, nb) != 0 || strncmp(buf + nb, OLD_INFIX, ni) != 0 ||
+      strchr(buf, '/') != NULL || buf[nb + ni] == '\0')
+    return NULL;
+  return moert_ckpt_path_join(parent, buf);
+}
+
+/* Writes marker file into dir (durably) naming old's last component. */
+static bool write_marker(const char *dir, const char *old, moert_status *st) {
+  const char *slash = strrchr(old, '/');
+  const char *name = slash ? slash + 1 : old;
+  char *mk = moert_ckpt_path_join(dir, REPLACES_MARKER);
+  if (!mk) return MOERT_FAIL(st, "out of memory");
+  bool ok = false;
+  int fd = open(mk, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0666);
+  if (fd < 0) {
+    MOERT_FAIL(st, "cannot create `%s`: %s", mk, strerror(errno));
+    goto out;
+  }
+  size_t n = strlen(name);
+  ok = write(fd, name, n) == (ssize_t)n && write(fd, "\n", 1) == 1 && fsync(fd) == 0;
+  if (!ok) MOERT_FAIL(st, "cannot write `%s`: %s", mk, strerror(errno));
+  close(fd);
+  ok = ok && moert_ckpt_fsync_dir(dir, st);
+out:
+  free(mk);
+  return ok;
+}
+
+/* Removes d's marker (and the leftover it names, if any) once d is in place. */
+static void drop_marker(const char *d, const char *parent) {
+  char *mk = moert_ckpt_path_join(d, REPLACES_MARKER);
+  if (mk) unlink(mk);
+  free(mk);
+  moert_status quiet = {0};
+  moert_ckpt_fsync_dir(d, &quiet);
+  moert_ckpt_fsync_dir(parent, &quiet);
+}
+
 static bool recover_norm(const char *d, moert_status *st) {
-  char *old = moert_ckpt_str_cat(d, ".old");
   const char *base;
   char *parent = parent_of(d, &base);
+  if (!parent) return MOERT_FAIL(st, "out of memory");
   bool ok = false;
-  if (!old || !parent) {
-    MOERT_FAIL(st, "out of memory");
+  int have_dir = exists(d, NULL);
+  if (have_dir < 0) {
+    MOERT_FAIL(st, "cannot look at `%s`: %s", d, strerror(errno));
     goto out;
   }
-  int have_dir = exists(d, NULL), have_old = exists(old, NULL);
-  if (have_dir < 0 || have_old < 0) {
-    MOERT_FAIL(st, "cannot look at `%s`: %s", have_dir < 0 ? d : old, strerror(errno));
-    goto out;
-  }
-  if (have_old && !have_dir) {
-    /* A crash between "rename dir -> dir.old" and "rename new -> dir". */
-    if (rename(old, d) != 0) {
-      MOERT_FAIL(
-          st,
-          "checkpoint `%s` is missing and `%s` holds the previous one, but it cannot be moved "
-          "back: %s",
-          d, old, strerror(errno));
-      goto out;
+  if (have_dir) {
+    /* A crash after the swap, before DIR.moec-old-* was removed: remove it
+     * only if DIR is good. */
+    char *old = marked_old(d, parent, base);
+    if (old) {
+      moert_status quiet = {0};
+      if (exists(old, NULL) == 0 || (verify_dir(d, &quiet) && moert_ckpt_remove_flat_dir(old)))
+        drop_marker(d, parent);
     }
-    if (!moert_ckpt_fsync_dir(parent, st)) goto out;
-  } else if (have_old && have_dir) {
-    /* A crash before dir.old was removed: remove it only if dir is good. */
-    moert_status quiet = {0};
-    if (verify_dir(d, &quiet) && moert_ckpt_remove_flat_dir(old))
-      moert_ckpt_fsync_dir(parent, &quiet);
+    free(old);
+    ok = true;
+    goto out;
   }
-  ok = true;
-out:
+  /* No DIR: a crash between "rename DIR -> DIR.moec-old-X" and "rename
+   * DIR.tmp-X -> DIR"; DIR.tmp-X's marker names the previous checkpoint. */
+  DIR *dp = opendir(parent);
+  if (!dp) { /* no parent: nothing to recover */
+    ok = true;
+    goto out;
+  }
+  size_t nb = strlen(base);
+  struct dirent *ent;
+  char *old = NULL;
+  while (!old && (ent = readdir(dp)) != NULL) {
+    if (strncmp(ent->d_name, base, nb) != 0 || strncmp(ent->d_name + nb, ".tmp-", 5) != 0) continue;
+    char *tmp = moert_ckpt_path_join(parent, ent->d_name);
+    old = tmp ? marked_old(tmp, parent, base) : NULL;
+    if (old && exists(old, NULL) != 1) {
+      free(old);
+      old = NULL;
+    }
+    free(tmp);
+  }
+  closedir(dp);
+  if (old && rename(old, d) != 0) {
+    MOERT_FAIL(st,
+               "checkpoint `%s` is missing and `%s` holds the previous one, but it cannot be "
+               "moved back: %s",
+               d, old, strerror(errno));
+    free(old);
+    goto out;
+  }
+  ok = !old || moert_ckpt_fsync_dir(parent, st);
   free(old);
+out:
   free(parent);
   return ok;
 }
@@ -349,9 +432,12 @@ bool moert_ckpt_commit(moert_ckpt_writer *w, int64_t step, const moert_kv *meta,
   free(m.p);
   if (!ok) return MOERT_UP(st);
 
-  /* The swap. Before it: dir holds the old checkpoint (or nothing). */
-  char *old = moert_ckpt_str_cat(w->dir, ".old");
+  /* The swap. Before it: dir holds the old checkpoint (or nothing). The old one
+   * goes aside to DIR.moec-old-XXXXXX, named first by a marker in the new one
+   * (see REPLACES_MARKER), so that recovery knows it for moec's. */
+  char *old = malloc(strlen(w->dir) + sizeof OLD_INFIX + 6);
   if (!old) return MOERT_FAIL(st, "out of memory");
+  sprintf(old, "%s%s%s", w->dir, OLD_INFIX, w->tmp + strlen(w->dir) + strlen(".tmp-"));
   ok = false;
   int have_dir = exists(w->dir, NULL);
   if (have_dir < 0) {
@@ -359,11 +445,12 @@ bool moert_ckpt_commit(moert_ckpt_writer *w, int64_t step, const moert_kv *meta,
     goto out;
   }
   if (have_dir) {
-    if (exists(old, NULL) != 0 && !moert_ckpt_remove_flat_dir(old)) {
-      MOERT_FAIL(st, "cannot replace checkpoint `%s`: `%s` is in the way and cannot be removed",
-                 w->dir, old);
+    if (exists(old, NULL) != 0) {
+      MOERT_FAIL(st, "cannot replace checkpoint `%s`: `%s` is in the way; move it away", w->dir,
+                 old);
       goto out;
     }
+    if (!write_marker(w->tmp, old, st)) goto out;
     if (rename(w->dir, old) != 0) {
       MOERT_FAIL(st, "cannot move the previous checkpoint `%s` aside to `%s`: %s", w->dir, old,
                  strerror(errno));
@@ -380,11 +467,8 @@ bool moert_ckpt_commit(moert_ckpt_writer *w, int64_t step, const moert_kv *meta,
   w->committed = true;
   if (!moert_ckpt_fsync_dir(w->parent, st)) goto out;
   /* The new checkpoint is in place; failing to remove the old one is no failure
-   * (recovery removes it later). */
-  if (have_dir && moert_ckpt_remove_flat_dir(old)) {
-    moert_status quiet = {0};
-    moert_ckpt_fsync_dir(w->parent, &quiet);
-  }
+   * (recovery removes it later, its marker still naming it). */
+  if (have_dir && moert_ckpt_remove_flat_dir(old)) drop_marker(w->dir, w->parent);
   ok = true;
 out:
   free(old);

@@ -33,9 +33,8 @@ static bool same_model(const moert_ckpt_reader *r, const moert_model *m, const c
 bool moert_ckpt_check(const char *dir, const moert_model *m, bool resume, int64_t *step,
                       moert_status *st) {
   *step = 0;
-  char old[4096];
-  snprintf(old, sizeof old, "%s.old", dir);
-  if (!resume && !exists(dir) && !exists(old)) return true;
+  MOERT_TRY(st, moert_ckpt_recover(dir, st)); /* a swap a crash interrupted */
+  if (!resume && !exists(dir)) return true;
   moert_ckpt_reader *r;
   if (!moert_ckpt_reader_create(dir, &r, st)) {
     if (resume) return MOERT_UP(st);

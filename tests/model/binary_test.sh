@@ -161,6 +161,32 @@ checkpoint_corrupt)
   ./tiny --steps 8 --checkpoint ck --resume --quiet || fail "a leftover temporary directory broke resume"
   echo "ok: truncated checkpoints and flipped bytes (header and data) are clear errors and stay untouched" ;;
 
+checkpoint_user_dirs)
+  # a run never moves, overwrites or removes what it did not create: a user's
+  # DIR.old beside a checkpoint stays as it was (issue 17)
+  build tiny
+  ./tiny --steps 10 --checkpoint good --quiet || fail "run"
+  sums() { (cd "$1" && cksum -- * | sort); }
+  # results of a user's beside a checkpoint that is replaced twice
+  cp -a good s4 && mkdir s4.old && echo data > s4.old/results.csv
+  ./tiny --checkpoint s4 --checkpoint-every 10 --steps 30 --resume --quiet || fail "s4: exited $?"
+  [ "$(cat s4.old/results.csv 2>/dev/null)" = data ] || fail "s4.old/results.csv was removed or changed"
+  grep -q '"step": 30' s4/MANIFEST.json || fail "s4 is not at step 30"
+  # a user's backup of a checkpoint (mv s1 s1.old), no s1: a fresh run makes s1
+  cp -a good s1 && mv s1 s1.old && want=$(sums s1.old)
+  ./tiny --checkpoint s1 --checkpoint-every 10 --steps 20 --quiet || fail "s1: exited $?"
+  [ "$(sums s1.old)" = "$want" ] || fail "the backup s1.old was moved or changed"
+  grep -q '"step": 20' s1/MANIFEST.json || fail "s1 is not at step 20"
+  # no s3 and a user's s3.old that is no checkpoint at all
+  mkdir s3.old && echo data > s3.old/results.csv
+  ./tiny --checkpoint s3 --checkpoint-every 10 --steps 20 --quiet 2>err.txt || fail "s3: exited $?: $(cat err.txt)"
+  [ "$(cat s3.old/results.csv 2>/dev/null)" = data ] || fail "s3.old was moved or changed"
+  [ "$(ls s3.old)" = results.csv ] || fail "something was written into s3.old: $(ls s3.old)"
+  for x in s4.* s1.* s3.*; do
+    case $x in s4.old|s1.old|s3.old) ;; *) fail "$x was left beside the checkpoints" ;; esac
+  done
+  echo "ok: a user's s4.old, s1.old and s3.old are left alone" ;;
+
 bad_input)
   build tiny
   build bytes_small
