@@ -462,7 +462,7 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
                        (uint64_t)o.seed, &st))
     goto out;
   int64_t start = 0, ckpt_step = 0;
-  if (training && o.checkpoint && !moert_ckpt_check(o.checkpoint, m, o.resume, &ckpt_step, &st)) goto out;
+  if (training && o.checkpoint && !moert_ckpt_check(o.checkpoint, m, o.resume, o.overwrite, &ckpt_step, &st)) goto out;
   if (o.resume) start = ckpt_step;
   if (o.resume && start >= o.steps) {
     MOERT_FAIL(&st, "the checkpoint in %s is at step %" PRId64 ", and --steps %" PRId64

@@ -161,6 +161,27 @@ checkpoint_corrupt)
   ./tiny --steps 8 --checkpoint ck --resume --quiet || fail "a leftover temporary directory broke resume"
   echo "ok: truncated checkpoints and flipped bytes (header and data) are clear errors and stay untouched" ;;
 
+checkpoint_overwrite)
+  # a run without --resume does not replace a valid checkpoint unless told to
+  # (--overwrite); refused, it writes nothing (issue 17)
+  build tiny
+  ./tiny --steps 50 --checkpoint ck --quiet || fail "run"
+  sums=$(cksum ck/*)
+  ./tiny --steps 20 --checkpoint ck --metrics m.jsonl >out.txt 2>err.txt; rc=$?
+  [ $rc = 1 ] || fail "a fresh run over a step-50 checkpoint exited $rc, not 1"
+  grep -q "ck holds a checkpoint at step 50, which this run would replace; continue it with --resume, or start over with --overwrite" err.txt ||
+    fail "unclear: $(cat err.txt)"
+  [ "$(cksum ck/*)" = "$sums" ] || fail "the refused run changed the checkpoint"
+  [ -e m.jsonl ] && fail "the refused run wrote its metrics file"
+  [ -s out.txt ] && fail "the refused run printed: $(cat out.txt)"
+  ./tiny --steps 20 --checkpoint ck --overwrite --quiet || fail "--overwrite exited $?"
+  grep -q '"step": 20' ck/MANIFEST.json || fail "--overwrite did not replace the checkpoint"
+  ./tiny --steps 30 --checkpoint ck --resume --quiet || fail "--resume exited $?"
+  ./tiny --steps 40 --checkpoint ck --resume --overwrite 2>err.txt; rc=$?
+  [ $rc = 2 ] && grep -q "exclude each other" err.txt || fail "--resume --overwrite: rc $rc: $(cat err.txt)"
+  ./tiny --steps 5 --checkpoint new --overwrite --quiet || fail "--overwrite without a checkpoint exited $?"
+  echo "ok: a step-50 checkpoint is kept until --overwrite; --resume continues it" ;;
+
 checkpoint_user_dirs)
   # a run never moves, overwrites or removes what it did not create: a user's
   # DIR.old beside a checkpoint stays as it was (issue 17)
@@ -169,7 +190,7 @@ checkpoint_user_dirs)
   sums() { (cd "$1" && cksum -- * | sort); }
   # results of a user's beside a checkpoint that is replaced twice
   cp -a good s4 && mkdir s4.old && echo data > s4.old/results.csv
-  ./tiny --checkpoint s4 --checkpoint-every 10 --steps 30 --resume --quiet || fail "s4: exited $?"
+  ./tiny --checkpoint s4 --checkpoint-every 10 --steps 30 --overwrite --quiet || fail "s4: exited $?"
   [ "$(cat s4.old/results.csv 2>/dev/null)" = data ] || fail "s4.old/results.csv was removed or changed"
   grep -q '"step": 30' s4/MANIFEST.json || fail "s4 is not at step 30"
   # a user's backup of a checkpoint (mv s1 s1.old), no s1: a fresh run makes s1
