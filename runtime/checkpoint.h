@@ -151,6 +151,20 @@ const char *moert_st_meta_get(const moert_st_file *f, const char *key);
 bool moert_ckpt_write_file(const char *dir, const char *name, const void *data, size_t len,
                            moert_status *st);
 
+/* A process's hold on checkpoint directory dir, so that one run at a time
+ * writes it (two would break each other's temporary directories). */
+typedef struct moert_ckpt_lock moert_ckpt_lock;
+
+/* Checks that dir can be written (its parent exists, is a directory and is
+ * writable), then takes an exclusive flock(2) on DIR.moec-lock beside it
+ * (created if missing; it holds the holder's pid). Fails at once, with a
+ * message naming the holder's pid, while another process holds it. A lock file
+ * that nobody holds (its process died) is taken over. Release it with
+ * moert_ckpt_lock_destroy (which removes the file); exiting releases it too. */
+bool moert_ckpt_lock_create(const char *dir, moert_ckpt_lock **out, moert_status *st);
+/* Releases and frees l; NULL is ignored. */
+void moert_ckpt_lock_destroy(moert_ckpt_lock *l);
+
 /* Finishes an interrupted commit of dir, as described at the top of this file. */
 bool moert_ckpt_recover(const char *dir, moert_status *st);
 

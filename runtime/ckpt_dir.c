@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -221,6 +222,124 @@ bool moert_ckpt_verify(const char *dir, moert_status *st) {
   bool ok = recover_norm(d, st) && verify_dir(d, st);
   free(d);
   return ok ? true : MOERT_UP(st);
+}
+
+/* The lock file beside DIR: a name that no user picks (see moert_ckpt_lock_create). */
+#define LOCK_SUFFIX ".moec-lock"
+
+struct moert_ckpt_lock {
+  char *path; /* DIR.moec-lock */
+  int fd;     /* open, flock'ed */
+};
+
+/* Whether the parent of normalized d can take a checkpoint: exists, is a
+ * directory and is writable. */
+static bool check_writable(const char *d, moert_status *st) {
+  const char *base;
+  char *parent = parent_of(d, &base);
+  if (!parent) return MOERT_FAIL(st, "out of memory");
+  struct stat sb;
+  bool ok = false;
+  if (stat(parent, &sb) != 0) {
+    if (errno == ENOENT)
+      MOERT_FAIL(st,
+                 "cannot save checkpoints in `%s`: its parent directory `%s` does not exist; "
+                 "create it, or choose another checkpoint directory",
+                 d, parent);
+    else
+      MOERT_FAIL(st,
+                 "cannot save checkpoints in `%s`: its parent directory `%s` cannot be used (%s); "
+                 "choose another checkpoint directory",
+                 d, parent, strerror(errno));
+  } else if (!S_ISDIR(sb.st_mode)) {
+    MOERT_FAIL(st,
+               "cannot save checkpoints in `%s`: `%s` is not a directory; choose another "
+               "checkpoint directory",
+               d, parent);
+  } else if (access(parent, W_OK | X_OK) != 0) {
+    MOERT_FAIL(st,
+               "cannot save checkpoints in `%s`: its parent directory `%s` is not writable (%s); "
+               "make it writable, or choose another checkpoint directory",
+               d, parent, strerror(errno));
+  } else {
+    ok = true;
+  }
+  free(parent);
+  return ok;
+}
+
+bool moert_ckpt_lock_create(const char *dir, moert_ckpt_lock **out, moert_status *st) {
+  char *d = norm_dir(dir, st);
+  if (!d) return MOERT_UP(st);
+  moert_ckpt_lock *l = NULL;
+  char *path = NULL;
+  if (!check_writable(d, st)) goto fail;
+  path = moert_ckpt_str_cat(d, LOCK_SUFFIX);
+  l = calloc(1, sizeof *l);
+  if (!path || !l) {
+    MOERT_FAIL(st, "out of memory");
+    goto fail;
+  }
+  /* A holder removes the file before it lets go: a lock won on a file that is
+   * no longer at path is worth nothing, so try again. */
+  for (int attempt = 0; attempt < 100; attempt++) {
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0666);
+    if (fd < 0) {
+      MOERT_FAIL(st,
+                 "cannot create the lock file `%s` of checkpoint `%s`: %s; choose another "
+                 "checkpoint directory",
+                 path, d, strerror(errno));
+      goto fail;
+    }
+    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+      int err = errno;
+      char pid[32] = {0};
+      ssize_t n = err == EWOULDBLOCK ? pread(fd, pid, sizeof pid - 1, 0) : 0;
+      close(fd);
+      if (err != EWOULDBLOCK) {
+        MOERT_FAIL(st, "cannot lock `%s`: %s", path, strerror(err));
+        goto fail;
+      }
+      pid[n > 0 ? n : 0] = '\0';
+      pid[strcspn(pid, "\n")] = '\0';
+      MOERT_FAIL(st,
+                 "checkpoint `%s` is in use by another run (pid %s, which holds `%s`); wait "
+                 "for it to end, or choose another checkpoint directory",
+                 d, pid[0] ? pid : "unknown", path);
+      goto fail;
+    }
+    struct stat a, b;
+    if (fstat(fd, &a) != 0 || stat(path, &b) != 0 || a.st_dev != b.st_dev || a.st_ino != b.st_ino) {
+      close(fd);
+      continue;
+    }
+    char pid[32];
+    int n = snprintf(pid, sizeof pid, "%ld\n", (long)getpid());
+    if (ftruncate(fd, 0) != 0 || pwrite(fd, pid, (size_t)n, 0) != n) {
+      MOERT_FAIL(st, "cannot write the lock file `%s`: %s", path, strerror(errno));
+      close(fd);
+      goto fail;
+    }
+    l->fd = fd;
+    l->path = path;
+    free(d);
+    *out = l;
+    return true;
+  }
+  MOERT_FAIL(st, "cannot lock `%s`: it keeps being removed", path);
+fail:
+  free(l);
+  free(path);
+  free(d);
+  return MOERT_UP(st);
+}
+
+void moert_ckpt_lock_destroy(moert_ckpt_lock *l) {
+  if (!l) return;
+  unlink(l->path); /* while still held: see moert_ckpt_lock_create */
+  close(l->fd);
+  free(l->path);
+  free(l);
 }
 
 struct moert_ckpt_writer {

@@ -182,6 +182,71 @@ checkpoint_overwrite)
   ./tiny --steps 5 --checkpoint new --overwrite --quiet || fail "--overwrite without a checkpoint exited $?"
   echo "ok: a step-50 checkpoint is kept until --overwrite; --resume continues it" ;;
 
+checkpoint_location)
+  # a checkpoint location that cannot be written is found before step 1, not at
+  # the first save after all the training (issue 17)
+  build tiny
+  # refused WHAT MESSAGE [PREFIX...]: the run exits 1 before step 1, says MESSAGE
+  refused() {
+    what=$1 msg=$2; shift 2
+    rm -f m.jsonl
+    "$@" ./tiny --steps 3 --checkpoint "$what/ck" --metrics m.jsonl >out.txt 2>err.txt; rc=$?
+    [ $rc = 1 ] || fail "$what/ck: exited $rc, not 1: $(cat err.txt)"
+    grep -q "$msg" err.txt || fail "$what/ck: the message lacks /$msg/: $(cat err.txt)"
+    [ -s out.txt ] && fail "$what/ck: the run started before failing: $(cat out.txt)"
+    [ -e m.jsonl ] && fail "$what/ck: the run wrote its metrics file"
+  }
+  refused nodir "cannot save checkpoints in \`nodir/ck\`: its parent directory \`nodir\` does not exist; create it"
+  [ -e nodir ] && fail "the run created nodir"
+  touch afile
+  refused afile "cannot save checkpoints in \`afile/ck\`: \`afile\` is not a directory"
+  # a read-only parent: as the user nobody where we are root (permission bits
+  # do not stop root), else as ourselves
+  mkdir ro && chmod 555 ro
+  drop=none
+  for way in "" "setpriv --reuid=65534 --regid=65534 --clear-groups"; do
+    # shellcheck disable=SC2086 # $way is a command prefix, split on purpose
+    if ! $way touch ro/probe 2>/dev/null && $way ./tiny --help >/dev/null 2>&1; then drop=$way; break; fi
+  done
+  if [ "$drop" = none ]; then
+    echo "note: no way to be refused writing a chmod 555 directory here (setpriv missing?); read-only case not run"
+  else
+    # shellcheck disable=SC2086
+    refused ro "cannot save checkpoints in \`ro/ck\`: its parent directory \`ro\` is not writable (Permission denied); make it writable" $drop
+  fi
+  echo "ok: a missing, non-directory or read-only location is refused before step 1" ;;
+
+checkpoint_lock)
+  # two runs on one checkpoint directory: the second is refused at once, naming
+  # the first's pid, and the first finishes fine (issue 17)
+  build tiny
+  ./tiny --steps 600 --checkpoint ck --checkpoint-every 50 --quiet 2>first.txt & first=$!
+  i=0
+  while [ "$(cat ck.moec-lock 2>/dev/null)" != "$first" ]; do
+    i=$((i + 1)); [ $i -gt 300 ] && fail "the first run (pid $first) took no lock in 30 s"
+    sleep 0.1
+  done
+  ./tiny --steps 600 --checkpoint ck --overwrite --quiet 2>err.txt; rc=$?
+  kill -0 $first 2>/dev/null || fail "the first run ended before the second was tried (make it longer)"
+  [ $rc = 1 ] || fail "the second run exited $rc, not 1: $(cat err.txt)"
+  grep -q "checkpoint \`ck\` is in use by another run (pid $first, which holds \`ck.moec-lock\`); wait for it to end" err.txt ||
+    fail "unclear: $(cat err.txt)"
+  wait $first || fail "the first run failed: $(cat first.txt)"
+  grep -q '"step": 600' ck/MANIFEST.json || fail "the first run's checkpoint is not at step 600"
+  [ -e ck.moec-lock ] && fail "the lock file was left behind"
+  # a lock file nobody holds (its run was killed) is taken over
+  echo 99999 > ck.moec-lock
+  ./tiny --steps 610 --checkpoint ck --resume --quiet || fail "a stale lock file stopped a run"
+  # one held by another program (flock from util-linux) is respected
+  if command -v flock >/dev/null; then
+    flock ck.moec-lock sh -c 'echo 4242 > ck.moec-lock; sleep 3' & holder=$!
+    sleep 1
+    ./tiny --steps 620 --checkpoint ck --resume --quiet 2>err.txt && fail "a run ignored a held lock"
+    grep -q "pid 4242" err.txt || fail "unclear: $(cat err.txt)"
+    wait $holder
+  fi
+  echo "ok: a second run on ck is refused with the first's pid; the first reaches step 600" ;;
+
 checkpoint_user_dirs)
   # a run never moves, overwrites or removes what it did not create: a user's
   # DIR.old beside a checkpoint stays as it was (issue 17)

@@ -974,6 +974,28 @@ static void test_crashes(void) {
   CHECK(!file_exists(path("cr/opt.bin.tmp")), "a stray .tmp survived a commit");
 }
 
+/* One holder of a checkpoint directory at a time; a location that cannot be
+ * written is refused before anything is saved (issue 17). */
+static void test_lock(void) {
+  moert_ckpt_lock *l = NULL, *l2 = NULL;
+  OK(moert_ckpt_lock_create(path("lk"), &l, st));
+  CHECK(file_exists(path("lk.moec-lock")), "no lock file beside lk");
+  char want[64];
+  snprintf(want, sizeof want, "is in use by another run (pid %ld,", (long)getpid());
+  /* flock(2) locks belong to an open file: a second open in this process conflicts */
+  FAILS(want, moert_ckpt_lock_create(path("lk/"), &l2, st));
+  moert_ckpt_lock_destroy(l);
+  CHECK(!file_exists(path("lk.moec-lock")), "the lock file outlived its lock");
+  CHECK(write_text(path("lk.moec-lock"), "99999\n"), "stale lock file");
+  l = NULL;
+  OK(moert_ckpt_lock_create(path("lk"), &l, st)); /* nobody holds it: taken over */
+  moert_ckpt_lock_destroy(l);
+  FAILS("its parent directory", moert_ckpt_lock_create(path("nodir/lk"), &l2, st));
+  CHECK(!file_exists(path("nodir")), "a refused lock created its parent");
+  CHECK(write_text(path("afile"), "x"), "afile");
+  FAILS("is not a directory", moert_ckpt_lock_create(path("afile/lk"), &l2, st));
+}
+
 /* ------------------------------------------------------------------------ */
 /* Cross-check with Python's safetensors (check_safetensors.py)             */
 /* ------------------------------------------------------------------------ */
@@ -1079,6 +1101,7 @@ int main(int argc, char **argv) {
     test_checkpoint_dirs();
     test_manifest_hostile();
     test_crashes();
+    test_lock();
     rm_rf(g_root);
   } else {
     CHECK(false, "cannot make a scratch directory %s: %s", g_root, strerror(errno));
