@@ -28,7 +28,8 @@
  * half-written files:
  *   1. writer_create: recover DIR (below); if DIR exists and does not verify, refuse
  *      unless the caller passed MOERT_CKPT_OVERWRITE_INVALID; remove stale siblings
- *      DIR.tmp-* left by writers that died; make a fresh sibling DIR.tmp-XXXXXX.
+ *      DIR.tmp-* left by writers that died (only those holding the marker file
+ *      .moec-tmp); make a fresh sibling DIR.tmp-XXXXXX with that marker in it.
  *   2. add_file / add_safetensors: each file is written as NAME.tmp in the fresh
  *      directory, fsynced, renamed to NAME, and the directory fsynced.
  *   3. commit: MANIFEST.json is written last, the same atomic way. Then, if DIR

@@ -362,6 +362,10 @@ void moert_ckpt_writer_destroy(moert_ckpt_writer *w) {
   free(w);
 }
 
+/* The file in every DIR.tmp-XXXXXX that moec makes: only a directory holding
+ * it is removed as a dead writer's leftover (a user's look-alike never is). */
+#define TMP_MARKER ".moec-tmp"
+
 /* Removes DIR.tmp-* siblings: temporary directories of writers that died. */
 static void remove_stale_tmp(const char *parent, const char *base) {
   DIR *dp = opendir(parent);
@@ -374,7 +378,9 @@ static void remove_stale_tmp(const char *parent, const char *base) {
     if (fstatat(dirfd(dp), ent->d_name, &sb, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISDIR(sb.st_mode))
       continue;
     char *path = moert_ckpt_path_join(parent, ent->d_name);
-    if (path) moert_ckpt_remove_flat_dir(path);
+    char *mk = path ? moert_ckpt_path_join(path, TMP_MARKER) : NULL;
+    if (mk && lstat(mk, &sb) == 0 && S_ISREG(sb.st_mode)) moert_ckpt_remove_flat_dir(path);
+    free(mk);
     free(path);
   }
   closedir(dp);
@@ -399,7 +405,21 @@ static char *make_tmp_dir(const char *d, moert_status *st) {
       return NULL;
     }
     sprintf(p, "%s.tmp-%s", d, suffix);
-    if (mkdir(p, 0777) == 0) return p;
+    if (mkdir(p, 0777) == 0) {
+      char *mk = moert_ckpt_path_join(p, TMP_MARKER);
+      int fd = mk ? open(mk, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666) : -1;
+      int err = errno;
+      free(mk);
+      if (fd >= 0) {
+        close(fd);
+        return p;
+      }
+      rmdir(p);
+      MOERT_FAIL(st, "cannot write in `%s`, made to write the checkpoint into: %s", p,
+                 strerror(err));
+      free(p);
+      return NULL;
+    }
     int err = errno;
     free(p);
     if (err != EEXIST) {
@@ -586,8 +606,17 @@ bool moert_ckpt_commit(moert_ckpt_writer *w, int64_t step, const moert_kv *meta,
   w->committed = true;
   if (!moert_ckpt_fsync_dir(w->parent, st)) goto out;
   /* The new checkpoint is in place; failing to remove the old one is no failure
-   * (recovery removes it later, its marker still naming it). */
-  if (have_dir && moert_ckpt_remove_flat_dir(old)) drop_marker(w->dir, w->parent);
+   * (recovery removes it later, its marker still naming it). A stray marker
+   * left by a crash here is harmless: readers look only at listed files. */
+  char *tmk = moert_ckpt_path_join(w->dir, TMP_MARKER);
+  if (tmk) unlink(tmk);
+  free(tmk);
+  if (have_dir && moert_ckpt_remove_flat_dir(old))
+    drop_marker(w->dir, w->parent);
+  else if (!have_dir) {
+    moert_status quiet = {0};
+    moert_ckpt_fsync_dir(w->dir, &quiet);
+  }
   ok = true;
 out:
   free(old);

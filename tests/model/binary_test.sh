@@ -159,6 +159,9 @@ checkpoint_corrupt)
   # a leftover half-written checkpoint beside a good one changes nothing
   rm -rf ck && cp -r good ck && mkdir ck.tmp-XXXXXX && echo junk > ck.tmp-XXXXXX/model.safetensors
   ./tiny --steps 8 --checkpoint ck --resume --quiet || fail "a leftover temporary directory broke resume"
+  # ... and a look-alike without moec's marker is not moec's: it is left alone
+  [ "$(cat ck.tmp-XXXXXX/model.safetensors 2>/dev/null)" = junk ] || fail "a ck.tmp-XXXXXX that moec did not make was removed"
+  rm -rf ck.tmp-XXXXXX
   echo "ok: truncated checkpoints and flipped bytes (header and data) are clear errors and stay untouched" ;;
 
 checkpoint_overwrite)

@@ -957,6 +957,14 @@ static void test_crashes(void) {
   OK(read_ckpt("s3.old", 1, st));
   OK(write_ckpt("s3", 2, false, 0, st));
   OK(read_ckpt("s3.old", 1, st));
+  /* a DIR.tmp-* that moec did not make (no .moec-tmp in it) is not removed, and
+   * a committed checkpoint keeps none of moec's markers */
+  mkdir(path("s4.tmp-USER00"), 0777);
+  CHECK(write_text(path("s4.tmp-USER00/notes.txt"), "mine\n"), "notes.txt");
+  OK(write_ckpt("s4", 4, false, 0, st));
+  CHECK(file_exists(path("s4.tmp-USER00/notes.txt")), "a user's s4.tmp-USER00 was removed");
+  CHECK(!file_exists(path("s4/.moec-tmp")) && !file_exists(path("s4/.moec-replaces")),
+        "a marker was left in the committed checkpoint");
   /* a look-alike without moec's marker, or with a marker naming another */
   OK(write_ckpt("s5.moec-old-XXXXXX", 1, false, 0, st));
   FAILS("does not exist", moert_ckpt_verify(path("s5"), st));
