@@ -28,18 +28,25 @@
  * half-written files:
  *   1. writer_create: recover DIR (below); if DIR exists and does not verify, refuse
  *      unless the caller passed MOERT_CKPT_OVERWRITE_INVALID; remove stale siblings
- *      DIR.tmp-* left by writers that died; make a fresh sibling DIR.tmp-XXXXXX.
+ *      DIR.tmp-* left by writers that died (only those holding the marker file
+ *      .moec-tmp); make a fresh sibling DIR.tmp-XXXXXX with that marker in it.
  *   2. add_file / add_safetensors: each file is written as NAME.tmp in the fresh
  *      directory, fsynced, renamed to NAME, and the directory fsynced.
- *   3. commit: MANIFEST.json is written last, the same atomic way. Then
- *      rename DIR -> DIR.old (if DIR exists), rename DIR.tmp-XXXXXX -> DIR, fsync the
- *      parent, remove DIR.old (its regular files, then the directory), fsync again.
+ *   3. commit: MANIFEST.json is written last, the same atomic way. Then, if DIR
+ *      exists, a marker file .moec-replaces naming DIR.moec-old-XXXXXX goes into
+ *      the fresh directory (fsynced), DIR is renamed to DIR.moec-old-XXXXXX;
+ *      DIR.tmp-XXXXXX is renamed to DIR, the parent fsynced, DIR.moec-old-XXXXXX
+ *      removed (its regular files, then the directory), the marker unlinked.
  *      (rename(2) cannot replace a non-empty directory, hence the two renames.)
- * Recovery (moert_ckpt_recover; run by verify, by the reader and by the writer):
- *   - DIR missing, DIR.old present: a crash between the two renames; DIR.old (the
- *     previous checkpoint) is renamed back to DIR.
- *   - DIR and DIR.old present: a crash before the old one was removed; DIR.old is
- *     removed if DIR verifies, else both are left for a person to look at.
+ * Recovery (moert_ckpt_recover; run by verify, by the reader and by the writer)
+ * touches only a directory that a marker written by moec names, never a
+ * user's DIR.old or anything else beside DIR:
+ *   - DIR missing, and a DIR.tmp-X whose marker names an existing
+ *     DIR.moec-old-X: a crash between the two renames; that previous checkpoint
+ *     is renamed back to DIR.
+ *   - DIR present, its marker naming an existing DIR.moec-old-X: a crash before
+ *     the old one was removed; it is removed if DIR verifies, else both are left
+ *     for a person to look at.
  *   - DIR.tmp-* are never read; only a writer removes them (a reader might otherwise
  *     remove the directory of a writer at work).
  * One writer per DIR at a time. A reader that runs during a writer's commit may make
@@ -144,6 +151,20 @@ const char *moert_st_meta_get(const moert_st_file *f, const char *key);
  * not starting with '.'). A crash leaves dir/name either old or new, never partial. */
 bool moert_ckpt_write_file(const char *dir, const char *name, const void *data, size_t len,
                            moert_status *st);
+
+/* A process's hold on checkpoint directory dir, so that one run at a time
+ * writes it (two would break each other's temporary directories). */
+typedef struct moert_ckpt_lock moert_ckpt_lock;
+
+/* Checks that dir can be written (its parent exists, is a directory and is
+ * writable), then takes an exclusive flock(2) on DIR.moec-lock beside it
+ * (created if missing; it holds the holder's pid). Fails at once, with a
+ * message naming the holder's pid, while another process holds it. A lock file
+ * that nobody holds (its process died) is taken over. Release it with
+ * moert_ckpt_lock_destroy (which removes the file); exiting releases it too. */
+bool moert_ckpt_lock_create(const char *dir, moert_ckpt_lock **out, moert_status *st);
+/* Releases and frees l; NULL is ignored. */
+void moert_ckpt_lock_destroy(moert_ckpt_lock *l);
 
 /* Finishes an interrupted commit of dir, as described at the top of this file. */
 bool moert_ckpt_recover(const char *dir, moert_status *st);

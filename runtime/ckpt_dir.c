@@ -1,7 +1,8 @@
 /* ckpt_dir.c — checkpoint directories, the protocol checkpoint.h describes: a
  * new checkpoint is written into a fresh sibling DIR.tmp-XXXXXX, its manifest
- * last, then swapped in place of DIR by two renames; recovery finishes a swap
- * that a crash interrupted; verify checks a directory against its manifest; the
+ * last, then swapped in place of DIR by two renames (the old one aside to
+ * DIR.moec-old-XXXXXX, which a marker in the new one names); recovery finishes
+ * a swap that a crash interrupted, touching only what such a marker names; verify checks a directory against its manifest; the
  * reader hands out files only after checking their bytes against it. */
 #define _POSIX_C_SOURCE 200809L
 #include "ckpt_impl.h"
@@ -13,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -86,40 +88,122 @@ static bool verify_dir(const char *d, moert_status *st) {
   return true;
 }
 
+/* The previous checkpoint is moved aside under a name no user picks,
+ * DIR.moec-old-XXXXXX (XXXXXX: the writer's DIR.tmp-XXXXXX suffix), and only
+ * after the new directory holds a marker file, REPLACES_MARKER, that names it.
+ * A directory beside DIR is taken for moec's leftover only when such a marker
+ * (in DIR, or in a DIR.tmp-* that moec made) names it: a user's DIR.old, or
+ * anything else, is never moved, overwritten or removed. */
+#define OLD_INFIX ".moec-old-"
+#define REPLACES_MARKER ".moec-replaces"
+
+/* The leftover that the marker in directory dir names, as a path beside d
+ * (malloc'd), or NULL where there is no marker or it names nothing of d's. */
+static char *marked_old(const char *dir, const char *parent, const char *base) {
+  char *mk = moert_ckpt_path_join(dir, REPLACES_MARKER);
+  if (!mk) return NULL;
+  int fd = open(mk, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+  free(mk);
+  if (fd < 0) return NULL;
+  char buf[4096];
+  ssize_t n = read(fd, buf, sizeof buf - 1);
+  close(fd);
+  if (n <= 1 || buf[n - 1] != '\n') return NULL;
+  buf[n - 1] = '\0';
+  size_t nb = strlen(base), ni = strlen(OLD_INFIX);
+  if (strncmp(buf, base, nb) != 0 || strncmp(buf + nb, OLD_INFIX, ni) != 0 ||
+      strchr(buf, '/') != NULL || buf[nb + ni] == '\0')
+    return NULL;
+  return moert_ckpt_path_join(parent, buf);
+}
+
+/* Writes marker file into dir (durably) naming old's last component. */
+static bool write_marker(const char *dir, const char *old, moert_status *st) {
+  const char *slash = strrchr(old, '/');
+  const char *name = slash ? slash + 1 : old;
+  char *mk = moert_ckpt_path_join(dir, REPLACES_MARKER);
+  if (!mk) return MOERT_FAIL(st, "out of memory");
+  bool ok = false;
+  int fd = open(mk, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0666);
+  if (fd < 0) {
+    MOERT_FAIL(st, "cannot create `%s`: %s", mk, strerror(errno));
+    goto out;
+  }
+  size_t n = strlen(name);
+  ok = write(fd, name, n) == (ssize_t)n && write(fd, "\n", 1) == 1 && fsync(fd) == 0;
+  if (!ok) MOERT_FAIL(st, "cannot write `%s`: %s", mk, strerror(errno));
+  close(fd);
+  ok = ok && moert_ckpt_fsync_dir(dir, st);
+out:
+  free(mk);
+  return ok;
+}
+
+/* Removes d's marker (and the leftover it names, if any) once d is in place. */
+static void drop_marker(const char *d, const char *parent) {
+  char *mk = moert_ckpt_path_join(d, REPLACES_MARKER);
+  if (mk) unlink(mk);
+  free(mk);
+  moert_status quiet = {0};
+  moert_ckpt_fsync_dir(d, &quiet);
+  moert_ckpt_fsync_dir(parent, &quiet);
+}
+
 static bool recover_norm(const char *d, moert_status *st) {
-  char *old = moert_ckpt_str_cat(d, ".old");
   const char *base;
   char *parent = parent_of(d, &base);
+  if (!parent) return MOERT_FAIL(st, "out of memory");
   bool ok = false;
-  if (!old || !parent) {
-    MOERT_FAIL(st, "out of memory");
+  int have_dir = exists(d, NULL);
+  if (have_dir < 0) {
+    MOERT_FAIL(st, "cannot look at `%s`: %s", d, strerror(errno));
     goto out;
   }
-  int have_dir = exists(d, NULL), have_old = exists(old, NULL);
-  if (have_dir < 0 || have_old < 0) {
-    MOERT_FAIL(st, "cannot look at `%s`: %s", have_dir < 0 ? d : old, strerror(errno));
-    goto out;
-  }
-  if (have_old && !have_dir) {
-    /* A crash between "rename dir -> dir.old" and "rename new -> dir". */
-    if (rename(old, d) != 0) {
-      MOERT_FAIL(
-          st,
-          "checkpoint `%s` is missing and `%s` holds the previous one, but it cannot be moved "
-          "back: %s",
-          d, old, strerror(errno));
-      goto out;
+  if (have_dir) {
+    /* A crash after the swap, before DIR.moec-old-* was removed: remove it
+     * only if DIR is good. */
+    char *old = marked_old(d, parent, base);
+    if (old) {
+      moert_status quiet = {0};
+      if (exists(old, NULL) == 0 || (verify_dir(d, &quiet) && moert_ckpt_remove_flat_dir(old)))
+        drop_marker(d, parent);
     }
-    if (!moert_ckpt_fsync_dir(parent, st)) goto out;
-  } else if (have_old && have_dir) {
-    /* A crash before dir.old was removed: remove it only if dir is good. */
-    moert_status quiet = {0};
-    if (verify_dir(d, &quiet) && moert_ckpt_remove_flat_dir(old))
-      moert_ckpt_fsync_dir(parent, &quiet);
+    free(old);
+    ok = true;
+    goto out;
   }
-  ok = true;
-out:
+  /* No DIR: a crash between "rename DIR -> DIR.moec-old-X" and "rename
+   * DIR.tmp-X -> DIR"; DIR.tmp-X's marker names the previous checkpoint. */
+  DIR *dp = opendir(parent);
+  if (!dp) { /* no parent: nothing to recover */
+    ok = true;
+    goto out;
+  }
+  size_t nb = strlen(base);
+  struct dirent *ent;
+  char *old = NULL;
+  while (!old && (ent = readdir(dp)) != NULL) {
+    if (strncmp(ent->d_name, base, nb) != 0 || strncmp(ent->d_name + nb, ".tmp-", 5) != 0) continue;
+    char *tmp = moert_ckpt_path_join(parent, ent->d_name);
+    old = tmp ? marked_old(tmp, parent, base) : NULL;
+    if (old && exists(old, NULL) != 1) {
+      free(old);
+      old = NULL;
+    }
+    free(tmp);
+  }
+  closedir(dp);
+  if (old && rename(old, d) != 0) {
+    MOERT_FAIL(st,
+               "checkpoint `%s` is missing and `%s` holds the previous one, but it cannot be "
+               "moved back: %s",
+               d, old, strerror(errno));
+    free(old);
+    goto out;
+  }
+  ok = !old || moert_ckpt_fsync_dir(parent, st);
   free(old);
+out:
   free(parent);
   return ok;
 }
@@ -138,6 +222,124 @@ bool moert_ckpt_verify(const char *dir, moert_status *st) {
   bool ok = recover_norm(d, st) && verify_dir(d, st);
   free(d);
   return ok ? true : MOERT_UP(st);
+}
+
+/* The lock file beside DIR: a name that no user picks (see moert_ckpt_lock_create). */
+#define LOCK_SUFFIX ".moec-lock"
+
+struct moert_ckpt_lock {
+  char *path; /* DIR.moec-lock */
+  int fd;     /* open, flock'ed */
+};
+
+/* Whether the parent of normalized d can take a checkpoint: exists, is a
+ * directory and is writable. */
+static bool check_writable(const char *d, moert_status *st) {
+  const char *base;
+  char *parent = parent_of(d, &base);
+  if (!parent) return MOERT_FAIL(st, "out of memory");
+  struct stat sb;
+  bool ok = false;
+  if (stat(parent, &sb) != 0) {
+    if (errno == ENOENT)
+      MOERT_FAIL(st,
+                 "cannot save checkpoints in `%s`: its parent directory `%s` does not exist; "
+                 "create it, or choose another checkpoint directory",
+                 d, parent);
+    else
+      MOERT_FAIL(st,
+                 "cannot save checkpoints in `%s`: its parent directory `%s` cannot be used (%s); "
+                 "choose another checkpoint directory",
+                 d, parent, strerror(errno));
+  } else if (!S_ISDIR(sb.st_mode)) {
+    MOERT_FAIL(st,
+               "cannot save checkpoints in `%s`: `%s` is not a directory; choose another "
+               "checkpoint directory",
+               d, parent);
+  } else if (access(parent, W_OK | X_OK) != 0) {
+    MOERT_FAIL(st,
+               "cannot save checkpoints in `%s`: its parent directory `%s` is not writable (%s); "
+               "make it writable, or choose another checkpoint directory",
+               d, parent, strerror(errno));
+  } else {
+    ok = true;
+  }
+  free(parent);
+  return ok;
+}
+
+bool moert_ckpt_lock_create(const char *dir, moert_ckpt_lock **out, moert_status *st) {
+  char *d = norm_dir(dir, st);
+  if (!d) return MOERT_UP(st);
+  moert_ckpt_lock *l = NULL;
+  char *path = NULL;
+  if (!check_writable(d, st)) goto fail;
+  path = moert_ckpt_str_cat(d, LOCK_SUFFIX);
+  l = calloc(1, sizeof *l);
+  if (!path || !l) {
+    MOERT_FAIL(st, "out of memory");
+    goto fail;
+  }
+  /* A holder removes the file before it lets go: a lock won on a file that is
+   * no longer at path is worth nothing, so try again. */
+  for (int attempt = 0; attempt < 100; attempt++) {
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0666);
+    if (fd < 0) {
+      MOERT_FAIL(st,
+                 "cannot create the lock file `%s` of checkpoint `%s`: %s; choose another "
+                 "checkpoint directory",
+                 path, d, strerror(errno));
+      goto fail;
+    }
+    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+      int err = errno;
+      char pid[32] = {0};
+      ssize_t n = err == EWOULDBLOCK ? pread(fd, pid, sizeof pid - 1, 0) : 0;
+      close(fd);
+      if (err != EWOULDBLOCK) {
+        MOERT_FAIL(st, "cannot lock `%s`: %s", path, strerror(err));
+        goto fail;
+      }
+      pid[n > 0 ? n : 0] = '\0';
+      pid[strcspn(pid, "\n")] = '\0';
+      MOERT_FAIL(st,
+                 "checkpoint `%s` is in use by another run (pid %s, which holds `%s`); wait "
+                 "for it to end, or choose another checkpoint directory",
+                 d, pid[0] ? pid : "unknown", path);
+      goto fail;
+    }
+    struct stat a, b;
+    if (fstat(fd, &a) != 0 || stat(path, &b) != 0 || a.st_dev != b.st_dev || a.st_ino != b.st_ino) {
+      close(fd);
+      continue;
+    }
+    char pid[32];
+    int n = snprintf(pid, sizeof pid, "%ld\n", (long)getpid());
+    if (ftruncate(fd, 0) != 0 || pwrite(fd, pid, (size_t)n, 0) != n) {
+      MOERT_FAIL(st, "cannot write the lock file `%s`: %s", path, strerror(errno));
+      close(fd);
+      goto fail;
+    }
+    l->fd = fd;
+    l->path = path;
+    free(d);
+    *out = l;
+    return true;
+  }
+  MOERT_FAIL(st, "cannot lock `%s`: it keeps being removed", path);
+fail:
+  free(l);
+  free(path);
+  free(d);
+  return MOERT_UP(st);
+}
+
+void moert_ckpt_lock_destroy(moert_ckpt_lock *l) {
+  if (!l) return;
+  unlink(l->path); /* while still held: see moert_ckpt_lock_create */
+  close(l->fd);
+  free(l->path);
+  free(l);
 }
 
 struct moert_ckpt_writer {
@@ -160,6 +362,10 @@ void moert_ckpt_writer_destroy(moert_ckpt_writer *w) {
   free(w);
 }
 
+/* The file in every DIR.tmp-XXXXXX that moec makes: only a directory holding
+ * it is removed as a dead writer's leftover (a user's look-alike never is). */
+#define TMP_MARKER ".moec-tmp"
+
 /* Removes DIR.tmp-* siblings: temporary directories of writers that died. */
 static void remove_stale_tmp(const char *parent, const char *base) {
   DIR *dp = opendir(parent);
@@ -172,7 +378,9 @@ static void remove_stale_tmp(const char *parent, const char *base) {
     if (fstatat(dirfd(dp), ent->d_name, &sb, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISDIR(sb.st_mode))
       continue;
     char *path = moert_ckpt_path_join(parent, ent->d_name);
-    if (path) moert_ckpt_remove_flat_dir(path);
+    char *mk = path ? moert_ckpt_path_join(path, TMP_MARKER) : NULL;
+    if (mk && lstat(mk, &sb) == 0 && S_ISREG(sb.st_mode)) moert_ckpt_remove_flat_dir(path);
+    free(mk);
     free(path);
   }
   closedir(dp);
@@ -197,7 +405,21 @@ static char *make_tmp_dir(const char *d, moert_status *st) {
       return NULL;
     }
     sprintf(p, "%s.tmp-%s", d, suffix);
-    if (mkdir(p, 0777) == 0) return p;
+    if (mkdir(p, 0777) == 0) {
+      char *mk = moert_ckpt_path_join(p, TMP_MARKER);
+      int fd = mk ? open(mk, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666) : -1;
+      int err = errno;
+      free(mk);
+      if (fd >= 0) {
+        close(fd);
+        return p;
+      }
+      rmdir(p);
+      MOERT_FAIL(st, "cannot write in `%s`, made to write the checkpoint into: %s", p,
+                 strerror(err));
+      free(p);
+      return NULL;
+    }
     int err = errno;
     free(p);
     if (err != EEXIST) {
@@ -349,9 +571,12 @@ bool moert_ckpt_commit(moert_ckpt_writer *w, int64_t step, const moert_kv *meta,
   free(m.p);
   if (!ok) return MOERT_UP(st);
 
-  /* The swap. Before it: dir holds the old checkpoint (or nothing). */
-  char *old = moert_ckpt_str_cat(w->dir, ".old");
+  /* The swap. Before it: dir holds the old checkpoint (or nothing). The old one
+   * goes aside to DIR.moec-old-XXXXXX, named first by a marker in the new one
+   * (see REPLACES_MARKER), so that recovery knows it for moec's. */
+  char *old = malloc(strlen(w->dir) + sizeof OLD_INFIX + 6);
   if (!old) return MOERT_FAIL(st, "out of memory");
+  sprintf(old, "%s%s%s", w->dir, OLD_INFIX, w->tmp + strlen(w->dir) + strlen(".tmp-"));
   ok = false;
   int have_dir = exists(w->dir, NULL);
   if (have_dir < 0) {
@@ -359,11 +584,12 @@ bool moert_ckpt_commit(moert_ckpt_writer *w, int64_t step, const moert_kv *meta,
     goto out;
   }
   if (have_dir) {
-    if (exists(old, NULL) != 0 && !moert_ckpt_remove_flat_dir(old)) {
-      MOERT_FAIL(st, "cannot replace checkpoint `%s`: `%s` is in the way and cannot be removed",
-                 w->dir, old);
+    if (exists(old, NULL) != 0) {
+      MOERT_FAIL(st, "cannot replace checkpoint `%s`: `%s` is in the way; move it away", w->dir,
+                 old);
       goto out;
     }
+    if (!write_marker(w->tmp, old, st)) goto out;
     if (rename(w->dir, old) != 0) {
       MOERT_FAIL(st, "cannot move the previous checkpoint `%s` aside to `%s`: %s", w->dir, old,
                  strerror(errno));
@@ -380,10 +606,16 @@ bool moert_ckpt_commit(moert_ckpt_writer *w, int64_t step, const moert_kv *meta,
   w->committed = true;
   if (!moert_ckpt_fsync_dir(w->parent, st)) goto out;
   /* The new checkpoint is in place; failing to remove the old one is no failure
-   * (recovery removes it later). */
-  if (have_dir && moert_ckpt_remove_flat_dir(old)) {
+   * (recovery removes it later, its marker still naming it). A stray marker
+   * left by a crash here is harmless: readers look only at listed files. */
+  char *tmk = moert_ckpt_path_join(w->dir, TMP_MARKER);
+  if (tmk) unlink(tmk);
+  free(tmk);
+  if (have_dir && moert_ckpt_remove_flat_dir(old))
+    drop_marker(w->dir, w->parent);
+  else if (!have_dir) {
     moert_status quiet = {0};
-    moert_ckpt_fsync_dir(w->parent, &quiet);
+    moert_ckpt_fsync_dir(w->dir, &quiet);
   }
   ok = true;
 out:

@@ -30,12 +30,11 @@ static bool same_model(const moert_ckpt_reader *r, const moert_model *m, const c
   return true;
 }
 
-bool moert_ckpt_check(const char *dir, const moert_model *m, bool resume, int64_t *step,
-                      moert_status *st) {
+bool moert_ckpt_check(const char *dir, const moert_model *m, bool resume, bool overwrite,
+                      int64_t *step, moert_status *st) {
   *step = 0;
-  char old[4096];
-  snprintf(old, sizeof old, "%s.old", dir);
-  if (!resume && !exists(dir) && !exists(old)) return true;
+  MOERT_TRY(st, moert_ckpt_recover(dir, st)); /* a swap a crash interrupted */
+  if (!resume && !exists(dir)) return true;
   moert_ckpt_reader *r;
   if (!moert_ckpt_reader_create(dir, &r, st)) {
     if (resume) return MOERT_UP(st);
@@ -47,6 +46,9 @@ bool moert_ckpt_check(const char *dir, const moert_model *m, bool resume, int64_
   bool ok = same_model(r, m, dir, st);
   *step = moert_ckpt_step(r);
   moert_ckpt_reader_destroy(r);
+  if (ok && !resume && !overwrite)
+    ok = MOERT_FAIL(st, "%s holds a checkpoint at step %" PRId64 ", which this run would replace; "
+                    "continue it with --resume, or start over with --overwrite", dir, *step);
   return ok ? true : MOERT_UP(st);
 }
 

@@ -13,9 +13,10 @@
 
 /* Before a run: when resume, dir must hold a valid checkpoint of this model
  * (its step in *step); otherwise, if dir exists, it must be a valid
- * checkpoint (it will be replaced), never something else. */
-bool moert_ckpt_check(const char *dir, const moert_model *m, bool resume, int64_t *step,
-                      moert_status *st);
+ * checkpoint (never something else), and it is refused unless overwrite (the
+ * run would replace it). */
+bool moert_ckpt_check(const char *dir, const moert_model *m, bool resume, bool overwrite,
+                      int64_t *step, moert_status *st);
 /* Saves the executor's parameters and optimizer state at step. */
 bool moert_ckpt_save(const char *dir, moert_exec *e, int64_t step, moert_status *st);
 /* Loads them back; *step receives the checkpoint's step. A checkpoint of

@@ -26,6 +26,7 @@
   X(CHECKPOINT, "checkpoint", 1, "DIR", "save checkpoints into DIR")                               \
   X(CKPT_EVERY, "checkpoint-every", 1, "N", "save every N steps (0: only at the end)")             \
   X(RESUME, "resume", 0, "", "continue from the checkpoint in DIR (--checkpoint or the spec's)")   \
+  X(OVERWRITE, "overwrite", 0, "", "start over, replacing the checkpoint in DIR (without it, a run refuses to)") \
   X(GENERATE, "generate", 1, "N", "after training, sample N bytes of text (byte models)")          \
   X(PROMPT, "prompt", 1, "TEXT", "the text that sampling continues (default: a line of the data)") \
   X(COMM, "comm", 1, "nccl|mpi|self", "how ranks talk (default under mpirun: nccl with cuda and a GPU per rank, else mpi; else self)") \
@@ -108,6 +109,7 @@ int moert_main(const moert_model *m, int argc, char **argv) {
       ok = moert_variant_well_formed(a);
       break;
     case FLAG_RESUME: o.resume = true; break;
+    case FLAG_OVERWRITE: o.overwrite = true; break;
     case FLAG_QUIET: o.quiet = true; break;
     case FLAG_HELP: usage(m, argv0, stdout); return 0;
     default: return usage_error(argv0, "unknown option '%s'", argv[optind - 1]);
@@ -122,6 +124,8 @@ int moert_main(const moert_model *m, int argc, char **argv) {
   if (m->vocab == 0 && o.generate) return usage_error(argv0, "%s", "--generate needs a model with a vocabulary");
   if (o.resume && !o.checkpoint)
     return usage_error(argv0, "%s", "--resume needs a checkpoint directory: --checkpoint DIR");
+  if (o.resume && o.overwrite)
+    return usage_error(argv0, "%s", "--resume and --overwrite exclude each other: continue the checkpoint, or replace it");
   if (!m->train.has_train && o.resume)
     return usage_error(argv0, "%s", "--resume needs a model with a train block");
   const bool want_nccl = o.comm && strcmp(o.comm, "nccl") == 0;

@@ -13,6 +13,7 @@
 #include <time.h>
 
 #include "backend.h"
+#include "checkpoint.h"
 #include "ckpt_io.h"
 #include "comm.h"
 #include "data.h"
@@ -456,6 +457,7 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
   moert_exec *e = NULL;
   moert_selector *sel = NULL;
   moert_trace *trace = NULL;
+  moert_ckpt_lock *ckpt_lock = NULL;
   double *times = NULL;
   int *prev = NULL;
   int rc = 1;
@@ -469,7 +471,12 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
                        (uint64_t)o.seed, &st))
     goto out;
   int64_t start = 0, ckpt_step = 0;
-  if (training && o.checkpoint && !moert_ckpt_check(o.checkpoint, m, o.resume, &ckpt_step, &st)) goto out;
+  /* one run per checkpoint directory: rank 0, which writes it, holds it; the
+   * others wait here (a failed rank 0 stops them) */
+  if (training && o.checkpoint && comm->rank == 0 && !moert_ckpt_lock_create(o.checkpoint, &ckpt_lock, &st))
+    goto out;
+  if (training && o.checkpoint && comm->world > 1 && !comm->barrier(comm, &st)) goto out;
+  if (training && o.checkpoint && !moert_ckpt_check(o.checkpoint, m, o.resume, o.overwrite, &ckpt_step, &st)) goto out;
   if (o.resume) start = ckpt_step;
   if (o.resume && start >= o.steps) {
     MOERT_FAIL(&st, "the checkpoint in %s is at step %" PRId64 ", and --steps %" PRId64
@@ -637,6 +644,7 @@ out:
   moert_trace_destroy(trace);
   moert_data_close(data);
   moert_plan_destroy(plan);
+  moert_ckpt_lock_destroy(ckpt_lock);
   if (comm != host_comm) comm->destroy(comm);
   if (b != moert_backend_cpu()) moert_backend_cuda_destroy(b);
   if (host_comm != moert_comm_self()) moert_comm_mpi_finalize(host_comm);

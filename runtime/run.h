@@ -27,6 +27,7 @@ typedef struct moert_run_opts {
   const char *comm;    /* "nccl", "mpi", "self"; NULL: as docs/RUNNING.md says */
   const char *metrics, *data, *checkpoint, *prompt, *trace, *kernel_cache;
   bool no_kernel_cache, resume;
+  bool overwrite;      /* replace a valid checkpoint in checkpoint without resuming it */
   bool quiet;          /* print only errors */
   const char *const *variants; /* --variant values */
   int nvariants;

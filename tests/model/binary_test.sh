@@ -177,7 +177,122 @@ checkpoint_corrupt)
   # a leftover half-written checkpoint beside a good one changes nothing
   rm -rf ck && cp -r good ck && mkdir ck.tmp-XXXXXX && echo junk > ck.tmp-XXXXXX/model.safetensors
   ./tiny --steps 8 --checkpoint ck --resume --quiet || fail "a leftover temporary directory broke resume"
+  # ... and a look-alike without moec's marker is not moec's: it is left alone
+  [ "$(cat ck.tmp-XXXXXX/model.safetensors 2>/dev/null)" = junk ] || fail "a ck.tmp-XXXXXX that moec did not make was removed"
+  rm -rf ck.tmp-XXXXXX
   echo "ok: truncated checkpoints and flipped bytes (header and data) are clear errors and stay untouched" ;;
+
+checkpoint_overwrite)
+  # a run without --resume does not replace a valid checkpoint unless told to
+  # (--overwrite); refused, it writes nothing (issue 17)
+  build tiny
+  ./tiny --steps 50 --checkpoint ck --quiet || fail "run"
+  sums=$(cksum ck/*)
+  ./tiny --steps 20 --checkpoint ck --metrics m.jsonl >out.txt 2>err.txt; rc=$?
+  [ $rc = 1 ] || fail "a fresh run over a step-50 checkpoint exited $rc, not 1"
+  grep -q "ck holds a checkpoint at step 50, which this run would replace; continue it with --resume, or start over with --overwrite" err.txt ||
+    fail "unclear: $(cat err.txt)"
+  [ "$(cksum ck/*)" = "$sums" ] || fail "the refused run changed the checkpoint"
+  [ -e m.jsonl ] && fail "the refused run wrote its metrics file"
+  [ -s out.txt ] && fail "the refused run printed: $(cat out.txt)"
+  ./tiny --steps 20 --checkpoint ck --overwrite --quiet || fail "--overwrite exited $?"
+  grep -q '"step": 20' ck/MANIFEST.json || fail "--overwrite did not replace the checkpoint"
+  ./tiny --steps 30 --checkpoint ck --resume --quiet || fail "--resume exited $?"
+  ./tiny --steps 40 --checkpoint ck --resume --overwrite 2>err.txt; rc=$?
+  [ $rc = 2 ] && grep -q "exclude each other" err.txt || fail "--resume --overwrite: rc $rc: $(cat err.txt)"
+  ./tiny --steps 5 --checkpoint new --overwrite --quiet || fail "--overwrite without a checkpoint exited $?"
+  echo "ok: a step-50 checkpoint is kept until --overwrite; --resume continues it" ;;
+
+checkpoint_location)
+  # a checkpoint location that cannot be written is found before step 1, not at
+  # the first save after all the training (issue 17)
+  build tiny
+  # refused WHAT MESSAGE [PREFIX...]: the run exits 1 before step 1, says MESSAGE
+  refused() {
+    what=$1 msg=$2; shift 2
+    rm -f m.jsonl
+    "$@" ./tiny --steps 3 --checkpoint "$what/ck" --metrics m.jsonl >out.txt 2>err.txt; rc=$?
+    [ $rc = 1 ] || fail "$what/ck: exited $rc, not 1: $(cat err.txt)"
+    grep -q "$msg" err.txt || fail "$what/ck: the message lacks /$msg/: $(cat err.txt)"
+    [ -s out.txt ] && fail "$what/ck: the run started before failing: $(cat out.txt)"
+    [ -e m.jsonl ] && fail "$what/ck: the run wrote its metrics file"
+  }
+  refused nodir "cannot save checkpoints in \`nodir/ck\`: its parent directory \`nodir\` does not exist; create it"
+  [ -e nodir ] && fail "the run created nodir"
+  touch afile
+  refused afile "cannot save checkpoints in \`afile/ck\`: \`afile\` is not a directory"
+  # a read-only parent: as the user nobody where we are root (permission bits
+  # do not stop root), else as ourselves
+  mkdir ro && chmod 555 ro
+  drop=none
+  for way in "" "setpriv --reuid=65534 --regid=65534 --clear-groups"; do
+    # shellcheck disable=SC2086 # $way is a command prefix, split on purpose
+    if ! $way touch ro/probe 2>/dev/null && $way ./tiny --help >/dev/null 2>&1; then drop=$way; break; fi
+  done
+  if [ "$drop" = none ]; then
+    echo "note: no way to be refused writing a chmod 555 directory here (setpriv missing?); read-only case not run"
+  else
+    # shellcheck disable=SC2086
+    refused ro "cannot save checkpoints in \`ro/ck\`: its parent directory \`ro\` is not writable (Permission denied); make it writable" $drop
+  fi
+  echo "ok: a missing, non-directory or read-only location is refused before step 1" ;;
+
+checkpoint_lock)
+  # two runs on one checkpoint directory: the second is refused at once, naming
+  # the first's pid, and the first finishes fine (issue 17)
+  build tiny
+  ./tiny --steps 600 --checkpoint ck --checkpoint-every 50 --quiet 2>first.txt & first=$!
+  i=0
+  while [ "$(cat ck.moec-lock 2>/dev/null)" != "$first" ]; do
+    i=$((i + 1)); [ $i -gt 300 ] && fail "the first run (pid $first) took no lock in 30 s"
+    sleep 0.1
+  done
+  ./tiny --steps 600 --checkpoint ck --overwrite --quiet 2>err.txt; rc=$?
+  kill -0 $first 2>/dev/null || fail "the first run ended before the second was tried (make it longer)"
+  [ $rc = 1 ] || fail "the second run exited $rc, not 1: $(cat err.txt)"
+  grep -q "checkpoint \`ck\` is in use by another run (pid $first, which holds \`ck.moec-lock\`); wait for it to end" err.txt ||
+    fail "unclear: $(cat err.txt)"
+  wait $first || fail "the first run failed: $(cat first.txt)"
+  grep -q '"step": 600' ck/MANIFEST.json || fail "the first run's checkpoint is not at step 600"
+  [ -e ck.moec-lock ] && fail "the lock file was left behind"
+  # a lock file nobody holds (its run was killed) is taken over
+  echo 99999 > ck.moec-lock
+  ./tiny --steps 610 --checkpoint ck --resume --quiet || fail "a stale lock file stopped a run"
+  # one held by another program (flock from util-linux) is respected
+  if command -v flock >/dev/null; then
+    flock ck.moec-lock sh -c 'echo 4242 > ck.moec-lock; sleep 3' & holder=$!
+    sleep 1
+    ./tiny --steps 620 --checkpoint ck --resume --quiet 2>err.txt && fail "a run ignored a held lock"
+    grep -q "pid 4242" err.txt || fail "unclear: $(cat err.txt)"
+    wait $holder
+  fi
+  echo "ok: a second run on ck is refused with the first's pid; the first reaches step 600" ;;
+
+checkpoint_user_dirs)
+  # a run never moves, overwrites or removes what it did not create: a user's
+  # DIR.old beside a checkpoint stays as it was (issue 17)
+  build tiny
+  ./tiny --steps 10 --checkpoint good --quiet || fail "run"
+  sums() { (cd "$1" && cksum -- * | sort); }
+  # results of a user's beside a checkpoint that is replaced twice
+  cp -a good s4 && mkdir s4.old && echo data > s4.old/results.csv
+  ./tiny --checkpoint s4 --checkpoint-every 10 --steps 30 --overwrite --quiet || fail "s4: exited $?"
+  [ "$(cat s4.old/results.csv 2>/dev/null)" = data ] || fail "s4.old/results.csv was removed or changed"
+  grep -q '"step": 30' s4/MANIFEST.json || fail "s4 is not at step 30"
+  # a user's backup of a checkpoint (mv s1 s1.old), no s1: a fresh run makes s1
+  cp -a good s1 && mv s1 s1.old && want=$(sums s1.old)
+  ./tiny --checkpoint s1 --checkpoint-every 10 --steps 20 --quiet || fail "s1: exited $?"
+  [ "$(sums s1.old)" = "$want" ] || fail "the backup s1.old was moved or changed"
+  grep -q '"step": 20' s1/MANIFEST.json || fail "s1 is not at step 20"
+  # no s3 and a user's s3.old that is no checkpoint at all
+  mkdir s3.old && echo data > s3.old/results.csv
+  ./tiny --checkpoint s3 --checkpoint-every 10 --steps 20 --quiet 2>err.txt || fail "s3: exited $?: $(cat err.txt)"
+  [ "$(cat s3.old/results.csv 2>/dev/null)" = data ] || fail "s3.old was moved or changed"
+  [ "$(ls s3.old)" = results.csv ] || fail "something was written into s3.old: $(ls s3.old)"
+  for x in s4.* s1.* s3.*; do
+    case $x in s4.old|s1.old|s3.old) ;; *) fail "$x was left beside the checkpoints" ;; esac
+  done
+  echo "ok: a user's s4.old, s1.old and s3.old are left alone" ;;
 
 bad_input)
   build tiny

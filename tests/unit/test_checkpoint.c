@@ -901,33 +901,77 @@ static void test_crashes(void) {
   rename(path("stage"), path("cr.tmp-AAAAAA"));
   OK(read_ckpt("cr", 2, st));
 
-  /* Dead between "rename cr -> cr.old" and "rename cr.tmp-* -> cr": recovery
-   * puts the previous checkpoint back. */
-  rename(path("cr"), path("cr.old"));
+  /* Dead between "rename cr -> cr.moec-old-AAAAAA" and "rename cr.tmp-AAAAAA ->
+   * cr": the complete cr.tmp-AAAAAA's marker names the previous checkpoint, and
+   * recovery puts it back. */
+  CHECK(write_text(path("cr.tmp-AAAAAA/.moec-replaces"), "cr.moec-old-AAAAAA\n"), "marker");
+  rename(path("cr"), path("cr.moec-old-AAAAAA"));
   OK(moert_ckpt_verify(path("cr"), st));
   OK(read_ckpt("cr", 2, st));
-  CHECK(!file_exists(path("cr.old")), "recovery left cr.old");
-  rename(path("cr"), path("cr.old"));
+  CHECK(!file_exists(path("cr.moec-old-AAAAAA")), "recovery left cr.moec-old-AAAAAA");
+  rename(path("cr"), path("cr.moec-old-AAAAAA"));
   OK(read_ckpt("cr", 2, st)); /* the reader recovers on its own */
 
-  /* Dead after the swap, before cr.old was removed: the new one stands. */
+  /* Dead after the swap, before cr.moec-old-BBBBBB was removed: the new one
+   * stands, and its marker goes with the leftover. */
   rm_rf(path("cr.tmp-AAAAAA"));
   OK(write_ckpt("stage", 3, false, 0, st));
-  rename(path("cr"), path("cr.old"));
+  CHECK(write_text(path("stage/.moec-replaces"), "cr.moec-old-BBBBBB\n"), "marker");
+  rename(path("cr"), path("cr.moec-old-BBBBBB"));
   rename(path("stage"), path("cr"));
   OK(moert_ckpt_verify(path("cr"), st));
-  CHECK(!file_exists(path("cr.old")), "recovery did not remove cr.old after a finished swap");
+  CHECK(!file_exists(path("cr.moec-old-BBBBBB")), "recovery did not remove the leftover after a finished swap");
+  CHECK(!file_exists(path("cr/.moec-replaces")), "recovery left the marker");
   OK(read_ckpt("cr", 3, st));
 
   /* Both there and the new one damaged: nothing is removed, verify says why. */
   OK(write_ckpt("stage", 4, false, 0, st));
-  rename(path("cr"), path("cr.old"));
+  CHECK(write_text(path("stage/.moec-replaces"), "cr.moec-old-CCCCCC\n"), "marker");
+  rename(path("cr"), path("cr.moec-old-CCCCCC"));
   rename(path("stage"), path("cr"));
   flip_byte(path("cr/opt.bin"), 3);
   FAILS("damaged", moert_ckpt_verify(path("cr"), st));
-  CHECK(file_exists(path("cr.old/MANIFEST.json")), "recovery removed cr.old while cr is damaged");
+  CHECK(file_exists(path("cr.moec-old-CCCCCC/MANIFEST.json")), "recovery removed the leftover while cr is damaged");
+  /* with cr gone, no marker names the leftover: it is left for a person */
   rm_rf(path("cr"));
-  OK(read_ckpt("cr", 3, st)); /* with cr gone, cr.old comes back */
+  FAILS("does not exist", moert_ckpt_verify(path("cr"), st));
+  CHECK(file_exists(path("cr.moec-old-CCCCCC/MANIFEST.json")), "an unnamed leftover was touched");
+  rename(path("cr.moec-old-CCCCCC"), path("cr"));
+  OK(read_ckpt("cr", 3, st));
+
+  /* A user's directories beside a checkpoint are never moved, overwritten or
+   * removed, whatever their names (issue 17). */
+  OK(write_ckpt("s4", 1, false, 0, st)); /* results of a user beside it */
+  mkdir(path("s4.old"), 0777);
+  CHECK(write_text(path("s4.old/results.csv"), "data\n"), "results.csv");
+  OK(write_ckpt("s4", 2, false, 0, st));
+  OK(write_ckpt("s4", 3, false, 0, st));
+  CHECK(file_exists(path("s4.old/results.csv")), "a user's s4.old was removed");
+  OK(write_ckpt("s1", 1, false, 0, st)); /* a user's backup: mv s1 s1.old */
+  rename(path("s1"), path("s1.old"));
+  OK(write_ckpt("s1", 2, false, 0, st));
+  OK(read_ckpt("s1.old", 1, st));
+  OK(read_ckpt("s1", 2, st));
+  OK(write_ckpt("s3.old", 1, false, 0, st)); /* no s3, a user's s3.old */
+  FAILS("does not exist", moert_ckpt_verify(path("s3"), st));
+  OK(read_ckpt("s3.old", 1, st));
+  OK(write_ckpt("s3", 2, false, 0, st));
+  OK(read_ckpt("s3.old", 1, st));
+  /* a DIR.tmp-* that moec did not make (no .moec-tmp in it) is not removed, and
+   * a committed checkpoint keeps none of moec's markers */
+  mkdir(path("s4.tmp-USER00"), 0777);
+  CHECK(write_text(path("s4.tmp-USER00/notes.txt"), "mine\n"), "notes.txt");
+  OK(write_ckpt("s4", 4, false, 0, st));
+  CHECK(file_exists(path("s4.tmp-USER00/notes.txt")), "a user's s4.tmp-USER00 was removed");
+  CHECK(!file_exists(path("s4/.moec-tmp")) && !file_exists(path("s4/.moec-replaces")),
+        "a marker was left in the committed checkpoint");
+  /* a look-alike without moec's marker, or with a marker naming another */
+  OK(write_ckpt("s5.moec-old-XXXXXX", 1, false, 0, st));
+  FAILS("does not exist", moert_ckpt_verify(path("s5"), st));
+  OK(write_ckpt("s5", 2, false, 0, st));
+  CHECK(write_text(path("s5/.moec-replaces"), "s6.moec-old-XXXXXX\n"), "marker");
+  OK(moert_ckpt_verify(path("s5"), st));
+  OK(read_ckpt("s5.moec-old-XXXXXX", 1, st));
 
   /* A crash inside write_file leaves NAME.tmp beside an intact NAME; a stray file
    * in a checkpoint does not matter to verify. */
@@ -936,6 +980,28 @@ static void test_crashes(void) {
   OK(write_ckpt("cr", 5, false, 0, st));
   OK(read_ckpt("cr", 5, st));
   CHECK(!file_exists(path("cr/opt.bin.tmp")), "a stray .tmp survived a commit");
+}
+
+/* One holder of a checkpoint directory at a time; a location that cannot be
+ * written is refused before anything is saved (issue 17). */
+static void test_lock(void) {
+  moert_ckpt_lock *l = NULL, *l2 = NULL;
+  OK(moert_ckpt_lock_create(path("lk"), &l, st));
+  CHECK(file_exists(path("lk.moec-lock")), "no lock file beside lk");
+  char want[64];
+  snprintf(want, sizeof want, "is in use by another run (pid %ld,", (long)getpid());
+  /* flock(2) locks belong to an open file: a second open in this process conflicts */
+  FAILS(want, moert_ckpt_lock_create(path("lk/"), &l2, st));
+  moert_ckpt_lock_destroy(l);
+  CHECK(!file_exists(path("lk.moec-lock")), "the lock file outlived its lock");
+  CHECK(write_text(path("lk.moec-lock"), "99999\n"), "stale lock file");
+  l = NULL;
+  OK(moert_ckpt_lock_create(path("lk"), &l, st)); /* nobody holds it: taken over */
+  moert_ckpt_lock_destroy(l);
+  FAILS("its parent directory", moert_ckpt_lock_create(path("nodir/lk"), &l2, st));
+  CHECK(!file_exists(path("nodir")), "a refused lock created its parent");
+  CHECK(write_text(path("afile"), "x"), "afile");
+  FAILS("is not a directory", moert_ckpt_lock_create(path("afile/lk"), &l2, st));
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1043,6 +1109,7 @@ int main(int argc, char **argv) {
     test_checkpoint_dirs();
     test_manifest_hostile();
     test_crashes();
+    test_lock();
     rm_rf(g_root);
   } else {
     CHECK(false, "cannot make a scratch directory %s: %s", g_root, strerror(errno));
