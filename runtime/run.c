@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "backend.h"
 #include "ckpt_io.h"
@@ -205,6 +206,31 @@ static bool check_memory(const moert_plan *p, bool training, const moert_backend
   if (first != comm->rank && !(known && need > fr))
     return MOERT_FAIL(st, MOERT_OOM_PREFIX " on rank %d (its message says why)", first);
   return moert_exec_oom(p, training, moert_backend_cuda_device_name(b), fr, tot, st);
+}
+
+/* A resumed run's metrics file: keeps the lines of steps before the
+ * checkpoint's step START and that step's own line, and cuts the file at the
+ * byte after them, so the steps that follow are appended once each. Lines past
+ * START, an earlier resume's marker at START (the resume writes its own) and
+ * a torn last line go. A cut loses nothing a crash could: what stays is never
+ * rewritten. F is open for reading and appending ("a+"). */
+static bool metrics_cut(FILE *f, const char *path, int64_t start, moert_status *st) {
+  char *line = NULL;
+  size_t cap = 0;
+  ssize_t n;
+  off_t keep = 0;
+  rewind(f);
+  while ((n = getline(&line, &cap, f)) > 0) {
+    long long step;
+    int used = 0;
+    if (line[n - 1] != '\n' || sscanf(line, "{\"step\": %lld%n", &step, &used) != 1 || used == 0) break;
+    if (step > start || (step == start && strstr(line, "\"resumed\": true"))) break;
+    keep += (off_t)n;
+  }
+  free(line);
+  if (ferror(f) || fflush(f) != 0 || ftruncate(fileno(f), keep) != 0)
+    return MOERT_FAIL(st, "cannot rewrite the metrics file %s: %s", path, strerror(errno));
+  return true;
 }
 
 /* What a step's metrics add for the variants: what the switch cost, and the
@@ -471,7 +497,8 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
     goto out;
   }
   if (o.metrics && comm->rank == 0) {
-    metrics = fopen(o.metrics, "w");
+    /* a resume keeps what the file says up to the checkpoint (metrics_cut) */
+    metrics = fopen(o.metrics, o.resume ? "a+" : "w");
     if (!metrics) {
       MOERT_FAIL(&st, "cannot write the metrics file %s: %s", o.metrics, strerror(errno));
       goto out;
@@ -495,6 +522,7 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
   if (o.trace && !moert_trace_create(o.trace, 1 << 20, &trace, &st)) goto out;
   e->opts.trace = trace;
   if (o.resume && !moert_ckpt_load(o.checkpoint, e, &start, &st)) goto out;
+  if (o.resume && metrics && !metrics_cut(metrics, o.metrics, start, &st)) goto out;
   times = calloc((size_t)m->nlayers + 1, sizeof *times);
   prev = calloc((size_t)m->nlayers + 1, sizeof *prev);
   if (!times || !prev) {
@@ -583,7 +611,10 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
                     explored ? sel : NULL};
     double tflops = s.flops / (ms / 1e3) / 1e12;
     double mfu = peak > 0 ? tflops / (peak * accelerators) : -1;
-    if (metrics) write_metrics(metrics, m, e, step, &s, ms, tps, tflops, mfu, load, times, eval_loss, has_eval, &x);
+    if (metrics) { /* each step on disk as it ends: a kill loses none */
+      write_metrics(metrics, m, e, step, &s, ms, tps, tflops, mfu, load, times, eval_loss, has_eval, &x);
+      fflush(metrics);
+    }
     if (o.on_step) o.on_step(o.on_step_ctx, step, &s, eval_loss);
     if (out && (step % o.log_every == 0 || step == o.steps || step == start + 1)) {
       char vbuf[64];

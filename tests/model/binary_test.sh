@@ -87,6 +87,53 @@ resume)
   grep -q "larger --steps" err.txt || fail "unclear message: $(cat err.txt)"
   echo "ok: steps 11..20 after resume equal the uninterrupted run bit for bit" ;;
 
+resume_metrics)
+  # --resume with the run's own --metrics file: the lines up to the
+  # checkpoint stay byte for byte, those past it (the killed run's) go, and
+  # every step is in the file once
+  build tiny
+  ./tiny --steps 20 --eval-every 5 --metrics full.jsonl --quiet || fail "uninterrupted run"
+  # a run killed after step 12, its last checkpoint at step 10: the metrics of
+  # a 12-step run and the checkpoint of a 10-step one (the steps are the same)
+  ./tiny --steps 12 --eval-every 5 --metrics m.jsonl --quiet || fail "12 steps"
+  ./tiny --steps 10 --checkpoint ck --eval-every 5 --quiet || fail "10 steps"
+  cp m.jsonl before.jsonl
+  ./tiny --steps 20 --checkpoint ck --checkpoint-every 5 --eval-every 5 --resume --metrics m.jsonl --quiet ||
+    fail "resumed run"
+  head -10 before.jsonl > a.txt; head -10 m.jsonl > b.txt
+  cmp -s a.txt b.txt || fail "steps 1..10 changed, or are gone: $(wc -l < b.txt) lines"
+  [ "$(sed -n 11p m.jsonl | grep -c '"step": 10, "resumed": true')" = 1 ] ||
+    fail "line 11 is not the resume's marker at step 10: $(sed -n 11p m.jsonl | cut -c1-80)"
+  grep -v '"resumed"' m.jsonl > steps.jsonl
+  field step steps.jsonl > got.txt; seq 1 20 > want.txt
+  cmp -s got.txt want.txt || fail "steps are not 1..20 once each: $(field step m.jsonl | tr '\n' ' ')"
+  field loss full.jsonl > want.txt; field loss steps.jsonl > got.txt
+  cmp -s want.txt got.txt || fail "the losses differ from the uninterrupted run's"
+  # a torn last line (a kill mid-write) goes too; the first resume's marker stays
+  printf '{"step": 21, "loss": 0.1' >> m.jsonl
+  cp m.jsonl before.jsonl
+  ./tiny --steps 25 --checkpoint ck --eval-every 5 --resume --metrics m.jsonl --quiet || fail "second resume"
+  head -21 before.jsonl > a.txt; head -21 m.jsonl > b.txt
+  cmp -s a.txt b.txt || fail "the second resume changed lines 1..21"
+  [ "$(grep -c '"resumed": true' m.jsonl)" = 2 ] || fail "not two resume markers: $(grep resumed m.jsonl)"
+  grep -v '"resumed"' m.jsonl > steps.jsonl
+  field step steps.jsonl > got.txt; seq 1 25 > want.txt
+  cmp -s got.txt want.txt || fail "after the torn line, steps are not 1..25 once each: $(field step m.jsonl | tr '\n' ' ')"
+  # resumed twice from one checkpoint (the first resume killed later): one
+  # marker at its step, and steps past it once
+  cp -r ck ck25
+  ./tiny --steps 27 --checkpoint ck --eval-every 5 --resume --metrics m.jsonl --quiet || fail "third resume"
+  rm -rf ck && mv ck25 ck
+  ./tiny --steps 27 --checkpoint ck --eval-every 5 --resume --metrics m.jsonl --quiet || fail "the same resume again"
+  [ "$(grep -c '"resumed": true' m.jsonl)" = 3 ] || fail "not three resume markers: $(grep -c resumed m.jsonl)"
+  grep -v '"resumed"' m.jsonl > steps.jsonl
+  field step steps.jsonl > got.txt; seq 1 27 > want.txt
+  cmp -s got.txt want.txt || fail "resuming twice from step 25: steps are $(field step m.jsonl | tr '\n' ' ')"
+  # a run without --resume starts the file anew
+  ./tiny --steps 3 --metrics m.jsonl --quiet || fail "fresh run"
+  [ "$(wc -l < m.jsonl)" = 3 ] || fail "a fresh run kept old lines: $(wc -l < m.jsonl) lines"
+  echo "ok: a resumed run appends to its metrics; every step is there once" ;;
+
 checkpoint_read)
   build tiny
   ./tiny --steps 3 --checkpoint ck --quiet || fail "run"
