@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -206,6 +207,40 @@ static bool check_memory(const moert_plan *p, bool training, const moert_backend
   if (first != comm->rank && !(known && need > fr))
     return MOERT_FAIL(st, MOERT_OOM_PREFIX " on rank %d (its message says why)", first);
   return moert_exec_oom(p, training, moert_backend_cuda_device_name(b), fr, tot, st);
+}
+
+/* The signal (SIGTERM, SIGINT) that asked the run to stop, 0 while none came.
+ * A flag for the handler is necessarily process-wide; the run resets it when
+ * it installs the handlers and reads it once per step. */
+static volatile sig_atomic_t stop_signal;
+
+static const int stop_signals[2] = {SIGTERM, SIGINT};
+
+/* The first SIGTERM or SIGINT: noted, and both (those this handler catches)
+ * set back to their default action, so that a second one ends the process at
+ * once. sigaction is async-signal-safe. */
+static void on_stop_signal(int sig) {
+  struct sigaction dfl = {.sa_handler = SIG_DFL}, cur;
+  stop_signal = sig;
+  for (int i = 0; i < 2; i++)
+    if (sigaction(stop_signals[i], NULL, &cur) == 0 && cur.sa_handler == on_stop_signal)
+      sigaction(stop_signals[i], &dfl, NULL);
+}
+
+/* Catches SIGTERM and SIGINT for the steps; OLD receives what was there. A
+ * signal that was ignored stays ignored (a shell's background job ignores
+ * SIGINT: whoever started it asked for that). */
+static void stop_signals_catch(struct sigaction old[2]) {
+  struct sigaction sa = {.sa_handler = on_stop_signal, .sa_flags = SA_RESTART};
+  sigemptyset(&sa.sa_mask);
+  stop_signal = 0;
+  for (int i = 0; i < 2; i++)
+    if (sigaction(stop_signals[i], NULL, &old[i]) == 0 && old[i].sa_handler != SIG_IGN)
+      sigaction(stop_signals[i], &sa, NULL);
+}
+
+static void stop_signals_restore(const struct sigaction old[2]) {
+  for (int i = 0; i < 2; i++) sigaction(stop_signals[i], &old[i], NULL);
 }
 
 /* A resumed run's metrics file: keeps the lines of steps before the
@@ -478,6 +513,10 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
   double *times = NULL;
   int *prev = NULL;
   int rc = 1;
+  struct sigaction old_actions[2];
+  bool catching = false;
+  int stop_sig = 0;         /* the signal every rank agreed to stop for */
+  int64_t stopped_at = 0;   /* the last step finished then */
 
   if (!moert_plan_create_nodes(m, comm->world, comm->rank, o.tokens, training, comm->nodes, &plan, &st))
     goto out;
@@ -523,7 +562,8 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
   e->opts.trace = trace;
   if (o.resume && !moert_ckpt_load(o.checkpoint, e, &start, &st)) goto out;
   if (o.resume && metrics && !metrics_cut(metrics, o.metrics, start, &st)) goto out;
-  times = calloc((size_t)m->nlayers + 1, sizeof *times);
+  /* each MoE layer's time, the step's, and the stop signal (below) */
+  times = calloc((size_t)m->nlayers + 2, sizeof *times);
   prev = calloc((size_t)m->nlayers + 1, sizeof *prev);
   if (!times || !prev) {
     MOERT_FAIL(&st, "out of memory");
@@ -570,6 +610,10 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
   int64_t nload = 0;
   for (int i = 0; i < m->nlayers; i++)
     if (m->layers[i].kind == MOERT_L_MOE) nload += m->layers[i].experts;
+  /* SIGTERM or SIGINT (a scheduler, Ctrl-C) ends the run after the step at
+   * which every rank has heard of it, with a checkpoint when one is configured */
+  stop_signals_catch(old_actions);
+  catching = true;
   for (int64_t step = start + 1; step <= o.steps; step++) {
     double t0 = now();
     int64_t allocs0 = b->allocs, watched0 = b->watched_bytes;
@@ -582,11 +626,15 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
       s.dropped = e->moe.routed > 0 ? e->moe.dropped / e->moe.routed : 0;
     }
     double ms = (now() - t0) * 1e3;
-    /* every rank must see the same times, so every rank picks alike */
+    /* every rank must see the same times, so every rank picks alike; the
+     * same all-reduce tells every rank whether a signal reached any of them
+     * (the highest signal number wins), so all stop after the same step */
     memcpy(times, e->layer_ms, sizeof *times * (size_t)m->nlayers);
     times[m->nlayers] = ms;
-    if (!comm->all_reduce_f64(comm, times, m->nlayers + 1, MOERT_RED_MAX, &st)) goto out;
+    times[m->nlayers + 1] = stop_signal;
+    if (!comm->all_reduce_f64(comm, times, m->nlayers + 2, MOERT_RED_MAX, &st)) goto out;
     ms = times[m->nlayers];
+    stop_sig = (int)times[m->nlayers + 1];
     if (!comm->all_reduce_f64(comm, load, nload, MOERT_RED_SUM, &st)) goto out;
     bool switched = false, explored = false;
     for (int li = 0; li < m->nlayers; li++) {
@@ -629,8 +677,19 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
     bool save = training && o.checkpoint &&
                 ((o.ckpt_every > 0 && step % o.ckpt_every == 0) || step == o.steps);
     if (save && !moert_ckpt_save(o.checkpoint, e, step, &st)) goto out;
+    if (stop_sig) {
+      if (training && o.checkpoint && !save && !moert_ckpt_save(o.checkpoint, e, step, &st)) goto out;
+      stopped_at = step;
+      break;
+    }
   }
-  if (out) {
+  if (stop_sig && comm->rank == 0) { /* said even with --quiet: the run ends early */
+    printf("stopped by %s after step %" PRId64 "; ", stop_sig == SIGINT ? "SIGINT" : "SIGTERM", stopped_at);
+    if (training && o.checkpoint) printf("checkpoint saved in %s (resume with --resume)\n", o.checkpoint);
+    else if (training) printf("no checkpoint saved (none is configured: --checkpoint DIR)\n");
+    else printf("inference, nothing to save\n");
+    fflush(stdout);
+  } else if (out && !stop_sig) {
     fprintf(out, "%s %" PRId64 " steps in %.2f s; loss %.4f -> %.4f\n", training ? "trained" : "ran",
             o.steps - start, now() - t_all, first_loss, last_loss);
     if (o.checkpoint && training) fprintf(out, "checkpoint: %s (step %" PRId64 ")\n", o.checkpoint, o.steps);
@@ -640,11 +699,12 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
   }
   if (trace && !moert_trace_write(trace, comm, &st)) goto out;
   if (trace && out) fprintf(out, "trace: %s (open in chrome://tracing or ui.perfetto.dev)\n", o.trace);
-  if (o.generate && comm->rank == 0 &&
+  if (o.generate && !stop_sig && comm->rank == 0 &&
       !sample_text(e, data, o.prompt, o.generate, (uint64_t)o.seed, out ? out : stdout, &st))
     goto out;
   rc = 0;
 out:
+  if (catching) stop_signals_restore(old_actions);
   if (metrics) fclose(metrics);
   if (rc && comm->world > 1 && !oom_agreed) {
     /* the other ranks may be waiting in a collective: stop them all */
@@ -665,5 +725,5 @@ out:
   /* every rank failed the memory check alike: one of them says why */
   if (rc && oom_agreed) return 1;
   if (rc) return fail(argv0, &st);
-  return rc;
+  return stop_sig ? 128 + stop_sig : 0; /* a shell's status for a signal's end */
 }
