@@ -677,12 +677,16 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
     bool save = training && o.checkpoint &&
                 ((o.ckpt_every > 0 && step % o.ckpt_every == 0) || step == o.steps);
     if (save && !moert_ckpt_save(o.checkpoint, e, step, &st)) goto out;
-    if (stop_sig) {
+    if (stop_sig && step < o.steps) { /* at the last step the run is done anyway */
       if (training && o.checkpoint && !save && !moert_ckpt_save(o.checkpoint, e, step, &st)) goto out;
       stopped_at = step;
       break;
     }
   }
+  /* after the steps a signal ends the process as it would have before */
+  stop_signals_restore(old_actions);
+  catching = false;
+  if (!stopped_at) stop_sig = 0;
   if (stop_sig && comm->rank == 0) { /* said even with --quiet: the run ends early */
     printf("stopped by %s after step %" PRId64 "; ", stop_sig == SIGINT ? "SIGINT" : "SIGTERM", stopped_at);
     if (training && o.checkpoint) printf("checkpoint saved in %s (resume with --resume)\n", o.checkpoint);

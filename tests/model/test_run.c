@@ -7,8 +7,8 @@
  * SIGINT raised in the hook (after the step's all-reduce, where the ranks
  * agree to stop) ends the run after the next step with 128 + the signal, a
  * checkpoint there that resumes bit for bit, the default action set for a
- * second signal, and the caller's handlers back afterwards; an ignored SIGINT
- * stays ignored. */
+ * second signal, and the caller's handlers back afterwards; one agreed on at
+ * the last step changes nothing; an ignored SIGINT stays ignored. */
 #include <math.h>
 #include <signal.h>
 #include <stdio.h>
@@ -116,6 +116,10 @@ int main(int argc, char **argv) {
     CHECK(t2.loss[i] == a1.loss[4 + i], "step %d after SIGTERM: resumed %.17g, uninterrupted %.17g", 5 + i,
           t2.loss[i], a1.loss[4 + i]);
   signal(SIGTERM, SIG_DFL);
+  /* a signal agreed on at the last step: the run is done, and says so */
+  seen late = {.raise_at = 7, .sig = SIGTERM};
+  rc = run(m, 8, NULL, false, &late);
+  CHECK(rc == 0 && late.n == 8, "SIGTERM agreed on at the last step: status %d after %d steps", rc, late.n);
   /* SIGINT without a checkpoint; then an ignored SIGINT changes nothing */
   seen i1 = {.raise_at = 2, .sig = SIGINT}, i2 = {.raise_at = 2, .sig = SIGINT};
   rc = run(m, 8, NULL, false, &i1);
