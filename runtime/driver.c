@@ -60,7 +60,8 @@ static void usage(const moert_model *m, const char *argv0, FILE *out) {
   fprintf(out, "usage: %s [options]\n\n%s model `%s`, built by moec from %s.\n\noptions:\n", argv0,
           m->train.has_train ? "Trains the" : "Runs forward steps of the", m->name, m->spec_file);
   moert_flags_print(out, flag_info, FLAG__COUNT, 24);
-  fputs("\nExit status: 0 success, 1 a failure while running, 2 a usage error.\n", out);
+  fputs("\nExit status: 0 success, 1 a failure while running, 2 a usage error, 143 or 130 stopped by\n"
+        "SIGTERM or SIGINT after a step (and a checkpoint, when one is configured).\n", out);
 }
 
 static int usage_error(const char *argv0, const char *msg, const char *arg) {

@@ -7,10 +7,12 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "backend.h"
 #include "checkpoint.h"
@@ -213,6 +215,65 @@ static bool check_memory(const moert_plan *p, bool training, const moert_backend
   if (first != comm->rank && !(known && need > fr))
     return MOERT_FAIL(st, MOERT_OOM_PREFIX " on rank %d (its message says why)", first);
   return moert_exec_oom(p, training, moert_backend_cuda_device_name(b), fr, tot, st);
+}
+
+/* The signal (SIGTERM, SIGINT) that asked the run to stop, 0 while none came.
+ * A flag for the handler is necessarily process-wide; the run resets it when
+ * it installs the handlers and reads it once per step. */
+static volatile sig_atomic_t stop_signal;
+
+static const int stop_signals[2] = {SIGTERM, SIGINT};
+
+/* The first SIGTERM or SIGINT: noted, and both (those this handler catches)
+ * set back to their default action, so that a second one ends the process at
+ * once. sigaction is async-signal-safe. */
+static void on_stop_signal(int sig) {
+  struct sigaction dfl = {.sa_handler = SIG_DFL}, cur;
+  stop_signal = sig;
+  for (int i = 0; i < 2; i++)
+    if (sigaction(stop_signals[i], NULL, &cur) == 0 && cur.sa_handler == on_stop_signal)
+      sigaction(stop_signals[i], &dfl, NULL);
+}
+
+/* Catches SIGTERM and SIGINT for the steps; OLD receives what was there. A
+ * signal that was ignored stays ignored (a shell's background job ignores
+ * SIGINT: whoever started it asked for that). */
+static void stop_signals_catch(struct sigaction old[2]) {
+  struct sigaction sa = {.sa_handler = on_stop_signal, .sa_flags = SA_RESTART};
+  sigemptyset(&sa.sa_mask);
+  stop_signal = 0;
+  for (int i = 0; i < 2; i++)
+    if (sigaction(stop_signals[i], NULL, &old[i]) == 0 && old[i].sa_handler != SIG_IGN)
+      sigaction(stop_signals[i], &sa, NULL);
+}
+
+static void stop_signals_restore(const struct sigaction old[2]) {
+  for (int i = 0; i < 2; i++) sigaction(stop_signals[i], &old[i], NULL);
+}
+
+/* A resumed run's metrics file: keeps the lines of steps before the
+ * checkpoint's step START and that step's own line, and cuts the file at the
+ * byte after them, so the steps that follow are appended once each. Lines past
+ * START, an earlier resume's marker at START (the resume writes its own) and
+ * a torn last line go. A cut loses nothing a crash could: what stays is never
+ * rewritten. F is open for reading and appending ("a+"). */
+static bool metrics_cut(FILE *f, const char *path, int64_t start, moert_status *st) {
+  char *line = NULL;
+  size_t cap = 0;
+  ssize_t n;
+  off_t keep = 0;
+  rewind(f);
+  while ((n = getline(&line, &cap, f)) > 0) {
+    long long step;
+    int used = 0;
+    if (line[n - 1] != '\n' || sscanf(line, "{\"step\": %lld%n", &step, &used) != 1 || used == 0) break;
+    if (step > start || (step == start && strstr(line, "\"resumed\": true"))) break;
+    keep += (off_t)n;
+  }
+  free(line);
+  if (ferror(f) || fflush(f) != 0 || ftruncate(fileno(f), keep) != 0)
+    return MOERT_FAIL(st, "cannot rewrite the metrics file %s: %s", path, strerror(errno));
+  return true;
 }
 
 /* What a step's metrics add for the variants: what the switch cost, and the
@@ -461,6 +522,10 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
   double *times = NULL;
   int *prev = NULL;
   int rc = 1;
+  struct sigaction old_actions[2];
+  bool catching = false;
+  int stop_sig = 0;         /* the signal every rank agreed to stop for */
+  int64_t stopped_at = 0;   /* the last step finished then */
 
   if (!moert_plan_create_nodes(m, comm->world, comm->rank, o.tokens, training, comm->nodes, &plan, &st))
     goto out;
@@ -485,7 +550,8 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
     goto out;
   }
   if (o.metrics && comm->rank == 0) {
-    metrics = fopen(o.metrics, "w");
+    /* a resume keeps what the file says up to the checkpoint (metrics_cut) */
+    metrics = fopen(o.metrics, o.resume ? "a+" : "w");
     if (!metrics) {
       MOERT_FAIL(&st, "cannot write the metrics file %s: %s", o.metrics, strerror(errno));
       goto out;
@@ -511,7 +577,9 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
   const char *resume_note = NULL;
   if (o.resume && !moert_ckpt_load(o.checkpoint, e, &start, &resume_note, &st)) goto out;
   if (resume_note && comm->rank == 0) fprintf(stderr, "%s: note: %s\n", argv0, resume_note);
-  times = calloc((size_t)m->nlayers + 1, sizeof *times);
+  if (o.resume && metrics && !metrics_cut(metrics, o.metrics, start, &st)) goto out;
+  /* each MoE layer's time, the step's, and the stop signal (below) */
+  times = calloc((size_t)m->nlayers + 2, sizeof *times);
   prev = calloc((size_t)m->nlayers + 1, sizeof *prev);
   if (!times || !prev) {
     MOERT_FAIL(&st, "out of memory");
@@ -558,6 +626,10 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
   int64_t nload = 0;
   for (int i = 0; i < m->nlayers; i++)
     if (m->layers[i].kind == MOERT_L_MOE) nload += m->layers[i].experts;
+  /* SIGTERM or SIGINT (a scheduler, Ctrl-C) ends the run after the step at
+   * which every rank has heard of it, with a checkpoint when one is configured */
+  stop_signals_catch(old_actions);
+  catching = true;
   for (int64_t step = start + 1; step <= o.steps; step++) {
     double t0 = now();
     int64_t allocs0 = b->allocs, watched0 = b->watched_bytes;
@@ -570,11 +642,15 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
       s.dropped = e->moe.routed > 0 ? e->moe.dropped / e->moe.routed : 0;
     }
     double ms = (now() - t0) * 1e3;
-    /* every rank must see the same times, so every rank picks alike */
+    /* every rank must see the same times, so every rank picks alike; the
+     * same all-reduce tells every rank whether a signal reached any of them
+     * (the highest signal number wins), so all stop after the same step */
     memcpy(times, e->layer_ms, sizeof *times * (size_t)m->nlayers);
     times[m->nlayers] = ms;
-    if (!comm->all_reduce_f64(comm, times, m->nlayers + 1, MOERT_RED_MAX, &st)) goto out;
+    times[m->nlayers + 1] = stop_signal;
+    if (!comm->all_reduce_f64(comm, times, m->nlayers + 2, MOERT_RED_MAX, &st)) goto out;
     ms = times[m->nlayers];
+    stop_sig = (int)times[m->nlayers + 1];
     if (!comm->all_reduce_f64(comm, load, nload, MOERT_RED_SUM, &st)) goto out;
     bool switched = false, explored = false;
     for (int li = 0; li < m->nlayers; li++) {
@@ -599,7 +675,10 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
                     explored ? sel : NULL};
     double tflops = s.flops / (ms / 1e3) / 1e12;
     double mfu = peak > 0 ? tflops / (peak * accelerators) : -1;
-    if (metrics) write_metrics(metrics, m, e, step, &s, ms, tps, tflops, mfu, load, times, eval_loss, has_eval, &x);
+    if (metrics) { /* each step on disk as it ends: a kill loses none */
+      write_metrics(metrics, m, e, step, &s, ms, tps, tflops, mfu, load, times, eval_loss, has_eval, &x);
+      fflush(metrics);
+    }
     if (o.on_step) o.on_step(o.on_step_ctx, step, &s, eval_loss);
     if (out && (step % o.log_every == 0 || step == o.steps || step == start + 1)) {
       char vbuf[64];
@@ -614,8 +693,23 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
     bool save = training && o.checkpoint &&
                 ((o.ckpt_every > 0 && step % o.ckpt_every == 0) || step == o.steps);
     if (save && !moert_ckpt_save(o.checkpoint, e, step, &st)) goto out;
+    if (stop_sig && step < o.steps) { /* at the last step the run is done anyway */
+      if (training && o.checkpoint && !save && !moert_ckpt_save(o.checkpoint, e, step, &st)) goto out;
+      stopped_at = step;
+      break;
+    }
   }
-  if (out) {
+  /* after the steps a signal ends the process as it would have before */
+  stop_signals_restore(old_actions);
+  catching = false;
+  if (!stopped_at) stop_sig = 0;
+  if (stop_sig && comm->rank == 0) { /* said even with --quiet: the run ends early */
+    printf("stopped by %s after step %" PRId64 "; ", stop_sig == SIGINT ? "SIGINT" : "SIGTERM", stopped_at);
+    if (training && o.checkpoint) printf("checkpoint saved in %s (resume with --resume)\n", o.checkpoint);
+    else if (training) printf("no checkpoint saved (none is configured: --checkpoint DIR)\n");
+    else printf("inference, nothing to save\n");
+    fflush(stdout);
+  } else if (out && !stop_sig) {
     fprintf(out, "%s %" PRId64 " steps in %.2f s; loss %.4f -> %.4f\n", training ? "trained" : "ran",
             o.steps - start, now() - t_all, first_loss, last_loss);
     if (o.checkpoint && training) fprintf(out, "checkpoint: %s (step %" PRId64 ")\n", o.checkpoint, o.steps);
@@ -625,11 +719,12 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
   }
   if (trace && !moert_trace_write(trace, comm, &st)) goto out;
   if (trace && out) fprintf(out, "trace: %s (open in chrome://tracing or ui.perfetto.dev)\n", o.trace);
-  if (o.generate && comm->rank == 0 &&
+  if (o.generate && !stop_sig && comm->rank == 0 &&
       !sample_text(e, data, o.prompt, o.generate, (uint64_t)o.seed, out ? out : stdout, &st))
     goto out;
   rc = 0;
 out:
+  if (catching) stop_signals_restore(old_actions);
   if (metrics) fclose(metrics);
   if (rc && comm->world > 1 && !oom_agreed) {
     /* the other ranks may be waiting in a collective: stop them all */
@@ -651,5 +746,5 @@ out:
   /* every rank failed the memory check alike: one of them says why */
   if (rc && oom_agreed) return 1;
   if (rc) return fail(argv0, &st);
-  return rc;
+  return stop_sig ? 128 + stop_sig : 0; /* a shell's status for a signal's end */
 }

@@ -41,7 +41,10 @@ void moert_run_defaults(const moert_model *m, moert_run_opts *o);
 /* Runs model m as o says. argc and argv are main's (MPI_Init may read and
  * change them). Returns the exit status: 0, 1 after a failure (said on
  * stderr, prefixed by argv0; under mpirun every rank stops), 2 for a bad
- * setting in the environment. The options are checked by the caller
+ * setting in the environment, 128 + the signal after SIGTERM or SIGINT
+ * stopped it (every rank after the same step, a checkpoint saved there when
+ * one is configured, a line on rank 0's stdout; its handlers are caught only
+ * during the steps and put back after). The options are checked by the caller
  * (driver.c says which combinations are usage errors). */
 int moert_run(const moert_model *m, const moert_run_opts *o, int *argc, char ***argv, const char *argv0);
 

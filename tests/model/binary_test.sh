@@ -105,6 +105,127 @@ resume_optimizer)
   [ -s err.txt ] && fail "adam resuming adam printed: $(cat err.txt)"
   echo "ok: a checkpoint of another optimizer resumes, and the run says what became of its state" ;;
 
+resume_metrics)
+  # --resume with the run's own --metrics file: the lines up to the
+  # checkpoint stay byte for byte, those past it (the killed run's) go, and
+  # every step is in the file once
+  build tiny
+  ./tiny --steps 20 --eval-every 5 --metrics full.jsonl --quiet || fail "uninterrupted run"
+  # a run killed after step 12, its last checkpoint at step 10: the metrics of
+  # a 12-step run and the checkpoint of a 10-step one (the steps are the same)
+  ./tiny --steps 12 --eval-every 5 --metrics m.jsonl --quiet || fail "12 steps"
+  ./tiny --steps 10 --checkpoint ck --eval-every 5 --quiet || fail "10 steps"
+  cp m.jsonl before.jsonl
+  ./tiny --steps 20 --checkpoint ck --checkpoint-every 5 --eval-every 5 --resume --metrics m.jsonl --quiet ||
+    fail "resumed run"
+  head -10 before.jsonl > a.txt; head -10 m.jsonl > b.txt
+  cmp -s a.txt b.txt || fail "steps 1..10 changed, or are gone: $(wc -l < b.txt) lines"
+  [ "$(sed -n 11p m.jsonl | grep -c '"step": 10, "resumed": true')" = 1 ] ||
+    fail "line 11 is not the resume's marker at step 10: $(sed -n 11p m.jsonl | cut -c1-80)"
+  grep -v '"resumed"' m.jsonl > steps.jsonl
+  field step steps.jsonl > got.txt; seq 1 20 > want.txt
+  cmp -s got.txt want.txt || fail "steps are not 1..20 once each: $(field step m.jsonl | tr '\n' ' ')"
+  field loss full.jsonl > want.txt; field loss steps.jsonl > got.txt
+  cmp -s want.txt got.txt || fail "the losses differ from the uninterrupted run's"
+  # a torn last line (a kill mid-write) goes too; the first resume's marker stays
+  printf '{"step": 21, "loss": 0.1' >> m.jsonl
+  cp m.jsonl before.jsonl
+  ./tiny --steps 25 --checkpoint ck --eval-every 5 --resume --metrics m.jsonl --quiet || fail "second resume"
+  head -21 before.jsonl > a.txt; head -21 m.jsonl > b.txt
+  cmp -s a.txt b.txt || fail "the second resume changed lines 1..21"
+  [ "$(grep -c '"resumed": true' m.jsonl)" = 2 ] || fail "not two resume markers: $(grep resumed m.jsonl)"
+  grep -v '"resumed"' m.jsonl > steps.jsonl
+  field step steps.jsonl > got.txt; seq 1 25 > want.txt
+  cmp -s got.txt want.txt || fail "after the torn line, steps are not 1..25 once each: $(field step m.jsonl | tr '\n' ' ')"
+  # resumed twice from one checkpoint (the first resume killed later): one
+  # marker at its step, and steps past it once
+  cp -r ck ck25
+  ./tiny --steps 27 --checkpoint ck --eval-every 5 --resume --metrics m.jsonl --quiet || fail "third resume"
+  rm -rf ck && mv ck25 ck
+  ./tiny --steps 27 --checkpoint ck --eval-every 5 --resume --metrics m.jsonl --quiet || fail "the same resume again"
+  [ "$(grep -c '"resumed": true' m.jsonl)" = 3 ] || fail "not three resume markers: $(grep -c resumed m.jsonl)"
+  grep -v '"resumed"' m.jsonl > steps.jsonl
+  field step steps.jsonl > got.txt; seq 1 27 > want.txt
+  cmp -s got.txt want.txt || fail "resuming twice from step 25: steps are $(field step m.jsonl | tr '\n' ' ')"
+  # a run without --resume starts the file anew
+  ./tiny --steps 3 --metrics m.jsonl --quiet || fail "fresh run"
+  [ "$(wc -l < m.jsonl)" = 3 ] || fail "a fresh run kept old lines: $(wc -l < m.jsonl) lines"
+  echo "ok: a resumed run appends to its metrics; every step is there once" ;;
+
+signals)
+  # SIGTERM (a scheduler's) ends a run after the step it was in: a checkpoint
+  # at that step, a line that says so, status 143, every finished step in the
+  # metrics; --resume continues as if nothing happened
+  build tiny
+  # wait_steps FILE N PID: until the metrics FILE of the run PID shows N
+  # steps (polled every 50 ms, at most 60 s)
+  wait_steps() {
+    i=0
+    while [ "$(if [ -f "$1" ]; then wc -l < "$1"; else echo 0; fi)" -lt "$2" ]; do
+      kill -0 "$3" 2>/dev/null || fail "the run ended before the signal"
+      i=$((i + 1)); [ $i -le 1200 ] || { kill -KILL "$3"; fail "no $2 steps in 60 s"; }
+      sleep 0.05
+    done
+  }
+  # ends PID: waits for the run PID to end (at most 60 s: a hang is killed
+  # and fails the test); its status in rc
+  ends() {
+    i=0
+    while kill -0 "$1" 2>/dev/null; do
+      i=$((i + 1)); [ $i -le 1200 ] || { pkill -KILL -P "$1"; kill -KILL "$1"; fail "the run hangs after the signal"; }
+      sleep 0.05
+    done
+    wait "$1"; rc=$?
+  }
+  ./tiny --steps 1000000 --checkpoint ck --checkpoint-every 1000000 --metrics m.jsonl --quiet >out.txt 2>err.txt &
+  pid=$!
+  wait_steps m.jsonl 5 $pid
+  kill -TERM $pid; ends $pid
+  [ $rc = 143 ] || fail "exit status $rc after SIGTERM, not 143: $(cat err.txt)"
+  n=$(sed -n 's/^stopped by SIGTERM after step \([0-9]*\); checkpoint saved in ck (resume with --resume)$/\1/p' out.txt)
+  [ -n "$n" ] || fail "no message on stdout: $(cat out.txt)"
+  [ -s err.txt ] && fail "something on stderr: $(cat err.txt)"
+  grep -q "\"step\": $n," ck/MANIFEST.json || fail "the checkpoint is not at step $n: $(grep '"step"' ck/MANIFEST.json)"
+  field step m.jsonl > got.txt; seq 1 "$n" > want.txt
+  cmp -s got.txt want.txt || fail "the metrics do not hold steps 1..$n: $(wc -l < m.jsonl) lines"
+  ./tiny --steps $((n + 3)) --checkpoint ck --resume --metrics m.jsonl --quiet || fail "resume after SIGTERM"
+  ./tiny --steps $((n + 3)) --metrics full.jsonl --quiet || fail "uninterrupted run"
+  field loss full.jsonl > want.txt; field loss m.jsonl > got.txt
+  cmp -s want.txt got.txt || fail "after SIGTERM and --resume the losses differ from an uninterrupted run's"
+  # without a checkpoint: said so
+  ./tiny --steps 1000000 --metrics n.jsonl >out.txt 2>&1 &
+  pid=$!
+  wait_steps n.jsonl 2 $pid
+  kill -TERM $pid; ends $pid
+  [ $rc = 143 ] || fail "without a checkpoint: exit status $rc, not 143"
+  grep -q "^stopped by SIGTERM after step [0-9]*; no checkpoint saved (none is configured: --checkpoint DIR)$" out.txt ||
+    fail "without a checkpoint: $(tail -2 out.txt)"
+  # under mpirun, a SIGTERM that reaches one rank only: both stop after the
+  # same step and the checkpoint there is whole
+  if command -v mpirun >/dev/null 2>&1 && command -v pgrep >/dev/null 2>&1; then
+    export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_mpi_yield_when_idle=1
+    rm -rf ck m.jsonl
+    mpirun --oversubscribe -np 2 ./tiny --steps 1000000 --checkpoint ck --checkpoint-every 1000000 \
+      --metrics m.jsonl --quiet >out.txt 2>&1 &
+    pid=$!
+    wait_steps m.jsonl 5 $pid
+    rank=$(pgrep -P $pid | tail -1)
+    [ -n "$rank" ] || { kill -KILL $pid; fail "no rank process under mpirun"; }
+    kill -TERM "$rank"; ends $pid
+    n=$(sed -n 's/^stopped by SIGTERM after step \([0-9]*\); checkpoint saved in ck (resume with --resume)$/\1/p' out.txt)
+    [ -n "$n" ] || fail "-np 2, SIGTERM to one rank: no message: $(cat out.txt)"
+    grep -q "Exit code: *143" out.txt || fail "-np 2: the rank's status is not 143: $(cat out.txt)"
+    grep -q "\"step\": $n," ck/MANIFEST.json || fail "-np 2: the checkpoint is not at step $n"
+    field step m.jsonl > got.txt; seq 1 "$n" > want.txt
+    cmp -s got.txt want.txt || fail "-np 2: the metrics do not hold steps 1..$n"
+    mpirun --oversubscribe -np 2 ./tiny --steps $((n + 2)) --checkpoint ck --resume --metrics m.jsonl --quiet ||
+      fail "-np 2: resume after SIGTERM"
+    field step m.jsonl > got.txt; seq 1 $((n + 2)) > want.txt
+    cmp -s got.txt want.txt || fail "-np 2: after the resume the metrics do not hold steps 1..$((n + 2))"
+    echo "ok: -np 2, SIGTERM to one rank: both stopped after step $n, checkpoint there, resumed"
+  fi
+  echo "ok: SIGTERM stops after step $n with a checkpoint there; --resume continues bit for bit" ;;
+
 checkpoint_read)
   build tiny
   ./tiny --steps 3 --checkpoint ck --quiet || fail "run"

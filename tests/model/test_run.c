@@ -3,8 +3,14 @@
  * Two runs of the same options give the same losses to the bit; a run saved
  * at step 4 and resumed to step 8 gives the uninterrupted run's losses of
  * steps 5 to 8 to the bit; a resume past the requested steps fails with
- * status 1 and a message, and calls the hook for no step. */
+ * status 1 and a message, and calls the hook for no step. A SIGTERM or
+ * SIGINT raised in the hook (after the step's all-reduce, where the ranks
+ * agree to stop) ends the run after the next step with 128 + the signal, a
+ * checkpoint there that resumes bit for bit, the default action set for a
+ * second signal, and the caller's handlers back afterwards; one agreed on at
+ * the last step changes nothing; an ignored SIGINT stays ignored. */
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,6 +25,9 @@ typedef struct seen {
   int n;
   int64_t steps[16];
   double loss[16];
+  int64_t raise_at; /* the step at which the hook raises sig (0: none) */
+  int sig;
+  bool default_after; /* after the raise, sig's action was the default */
 } seen;
 
 static void hook(void *ctx, int64_t step, const moert_step_stats *s, double eval_loss) {
@@ -28,7 +37,14 @@ static void hook(void *ctx, int64_t step, const moert_step_stats *s, double eval
     v->steps[v->n] = step;
     v->loss[v->n++] = s->loss;
   }
+  if (step == v->raise_at) {
+    raise(v->sig);
+    struct sigaction cur;
+    v->default_after = sigaction(v->sig, NULL, &cur) == 0 && cur.sa_handler == SIG_DFL;
+  }
 }
+
+static void sentinel(int sig) { (void)sig; }
 
 static int run(const moert_model *m, int64_t steps, const char *ckpt, bool resume, seen *v) {
   moert_run_opts o;
@@ -79,6 +95,40 @@ int main(int argc, char **argv) {
           a1.loss[4 + i]);
   fprintf(stderr, "(a failure follows, on purpose:)\n");
   CHECK(run(m, 8, ckpt, true, &bad) == 1 && bad.n == 0, "resuming at step 8 to step 8 fails (%d steps)", bad.n);
+
+  /* SIGTERM at the end of step 3, so the run stops after step 4, with a
+   * checkpoint; the caller's own handler around the run */
+  char ck2[4096];
+  snprintf(ck2, sizeof ck2, "%s/ck2", argv[2]);
+  struct sigaction mine = {.sa_handler = sentinel}, cur;
+  sigemptyset(&mine.sa_mask);
+  sigaction(SIGTERM, &mine, NULL);
+  seen t = {.raise_at = 3, .sig = SIGTERM}, t2 = {0};
+  int rc = run(m, 8, ck2, false, &t);
+  CHECK(rc == 128 + SIGTERM, "SIGTERM at step 3: status %d, not %d", rc, 128 + SIGTERM);
+  CHECK(t.n == 4, "SIGTERM at step 3: the hook saw %d steps, not 4", t.n);
+  CHECK(t.default_after, "after the first SIGTERM a second one does not end the process at once");
+  CHECK(sigaction(SIGTERM, NULL, &cur) == 0 && cur.sa_handler == sentinel, "the caller's SIGTERM handler is not back");
+  CHECK(run(m, 8, ck2, true, &t2) == 0, "resumed after SIGTERM");
+  CHECK(t2.n == 4 && t2.steps[0] == 5, "resumed after SIGTERM: steps %lld.., %d of them (not 5.., 4)",
+        (long long)t2.steps[0], t2.n);
+  for (int i = 0; i < 4 && i < t2.n; i++)
+    CHECK(t2.loss[i] == a1.loss[4 + i], "step %d after SIGTERM: resumed %.17g, uninterrupted %.17g", 5 + i,
+          t2.loss[i], a1.loss[4 + i]);
+  signal(SIGTERM, SIG_DFL);
+  /* a signal agreed on at the last step: the run is done, and says so */
+  seen late = {.raise_at = 7, .sig = SIGTERM};
+  rc = run(m, 8, NULL, false, &late);
+  CHECK(rc == 0 && late.n == 8, "SIGTERM agreed on at the last step: status %d after %d steps", rc, late.n);
+  /* SIGINT without a checkpoint; then an ignored SIGINT changes nothing */
+  seen i1 = {.raise_at = 2, .sig = SIGINT}, i2 = {.raise_at = 2, .sig = SIGINT};
+  rc = run(m, 8, NULL, false, &i1);
+  CHECK(rc == 128 + SIGINT && i1.n == 3, "SIGINT at step 2: status %d after %d steps", rc, i1.n);
+  signal(SIGINT, SIG_IGN);
+  rc = run(m, 8, NULL, false, &i2);
+  CHECK(rc == 0 && i2.n == 8, "an ignored SIGINT: status %d after %d steps", rc, i2.n);
+  CHECK(sigaction(SIGINT, NULL, &cur) == 0 && cur.sa_handler == SIG_IGN, "SIGINT is no longer ignored");
+  signal(SIGINT, SIG_DFL);
   moec_arena_destroy(a);
   printf("%d passed, %d failed\n", g_pass, g_fail);
   return g_fail ? 1 : 0;
