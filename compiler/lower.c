@@ -1,6 +1,7 @@
 /* lower.c — spec to model description; see lower.h. */
 #include "lower.h"
 
+#include <inttypes.h>
 #include <math.h>
 #include <string.h>
 
@@ -223,6 +224,17 @@ moert_model *moec_lower(moec_arena *a, moec_diags *d, const moec_spec *s, const 
     t->steps = 10; /* an inference binary times this many forward steps by default */
     t->seed = 1;
     t->log_every = 1;
+  }
+  /* every activation of a rank within MOEC_MAX_ACT_ELEMS: the plan's rule
+   * (placement.c), from the same descriptors, reported at `tokens` */
+  int64_t row = moert_layer_widest_row(md), act;
+  bool over = __builtin_mul_overflow(s->tokens, row, &act);
+  if (s->tokens_loc.src && (over || act > MOEC_MAX_ACT_ELEMS)) {
+    moec_error(d, s->tokens_loc,
+               "`tokens` = %" PRId64 " makes an activation of %s elements on each rank (%" PRId64
+               " per token; limit is 2^40); use fewer tokens per rank, or more ranks",
+               s->tokens, over ? "more than 2^63" : moec_arena_printf(a, "%" PRId64, act), row);
+    return NULL;
   }
   return md;
 }

@@ -409,32 +409,6 @@ static int64_t leaf_count(const moec_layer *l) {
   return l->kind == MOEC_LAYER_REPEAT ? sat_mul(n, l->count) : n;
 }
 
-/* The widest activation row of the layers in list (in elements per token):
- * FFN hidden rows, a MoE layer's gate scores, hidden rows and its dispatch
- * buffer ([E, C, M] with C up to k ceil(|f|) tokens per expert). */
-static int64_t widest_row(const moec_spec *s, const moec_layer *list) {
-  int64_t w = 0;
-  for (const moec_layer *l = list; l; l = l->next) {
-    int64_t x = 0;
-    if (l->kind == MOEC_LAYER_FFN) {
-      x = l->ffn.act == MOEC_ACT_SWIGLU ? sat_mul(2, l->ffn.hidden) : l->ffn.hidden;
-    } else if (l->kind == MOEC_LAYER_MOE) {
-      const moec_moe *e = &l->moe;
-      int64_t h1 = e->act == MOEC_ACT_SWIGLU ? sat_mul(2, e->hidden) : e->hidden;
-      double f = e->capacity_factor < 0 ? -e->capacity_factor : e->capacity_factor;
-      int64_t per = f > 1 && f < 1e9 ? (int64_t)ceil(f) : f >= 1e9 ? INT64_MAX : 1;
-      int64_t row = h1 > s->dim ? h1 : s->dim;
-      x = sat_mul(sat_mul(e->top_k > 0 ? e->top_k : 1, per), row);
-      if (e->experts > x) x = e->experts;
-      if (e->gate == MOEC_GATE_COSINE && MOEC_COSINE_PROJ > x) x = MOEC_COSINE_PROJ;
-    } else if (l->kind == MOEC_LAYER_RESIDUAL || l->kind == MOEC_LAYER_REPEAT) {
-      x = widest_row(s, l->body);
-    }
-    if (x > w) w = x;
-  }
-  return w;
-}
-
 /* Finds, in expansion order, the leaf layer at which the running parameter
  * count first exceeds *budget; reports it and returns true. */
 static bool find_param_crossing(sema *S, const moec_layer *list, int64_t *budget) {
@@ -937,16 +911,6 @@ moec_spec *moec_sema(moec_arena *a, moec_diags *d, const moec_stmt *file) {
     moec_error(d, past->loc, "too many layers once `repeat` is expanded: %s (limit is %" PRId64 ")",
                total == INT64_MAX ? "more than 2^63" : moec_arena_printf(a, "%" PRId64, total),
                MOEC_MAX_LAYERS);
-  /* every activation of a rank within MOEC_MAX_ACT_ELEMS (the plan's sums stay far from overflow) */
-  int64_t row = widest_row(s, s->layers);
-  if (s->dim > row) row = s->dim;
-  if (s->vocab > row) row = s->vocab;
-  if (s->tokens_loc.src && sat_mul(s->tokens, row) > MOEC_MAX_ACT_ELEMS)
-    moec_error(d, s->tokens_loc,
-               "`tokens` = %" PRId64 " makes an activation of %s elements on each rank (%" PRId64
-               " per token; limit is 2^40); use fewer tokens per rank, or more ranks",
-               s->tokens, sat_mul(s->tokens, row) == INT64_MAX ? "more than 2^63"
-                          : moec_arena_printf(a, "%" PRId64, sat_mul(s->tokens, row)), row);
   int64_t budget = MOEC_MAX_PARAM_BYTES / moec_dtype_bytes(s->dtype) - io_params(s);
   if (budget < 0) {
     moec_error(d, s->loc, "the embedding and head alone pass %" PRId64 " bytes (2^40); make "

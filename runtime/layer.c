@@ -74,3 +74,13 @@ bool moert_layer_resolve_slots(const moert_model *m, moert_plan *p, moert_status
   }
   return true;
 }
+
+int64_t moert_layer_widest_row(const moert_model *m) {
+  int64_t row = m->dim;
+  for (int li = 0; li < m->nlayers; li++) {
+    const moert_layer_ops *ops = moert_layer_ops_of(m->layers[li].kind);
+    int64_t r = ops->row ? ops->row(m, &m->layers[li]) : m->dim;
+    if (r > row) row = r;
+  }
+  return row;
+}

@@ -126,6 +126,7 @@ typedef struct moert_layer_ops {
 #define MOERT_LAYER_OPS(k) moert_layer_##k##__describe
 #define moert_layer_ops_of moert_layer_ops_of__describe
 #define moert_layer_resolve_slots moert_layer_resolve_slots__describe
+#define moert_layer_widest_row moert_layer_widest_row__describe
 #else
 #define MOERT_LAYER_OPS(k) moert_layer_##k
 #endif
@@ -139,6 +140,11 @@ const moert_layer_ops *moert_layer_ops_of(moert_layer_kind kind);
  * `LAYER.SLOT`, of the descriptor's shape, init and placement. A model that
  * disagrees is refused, naming the first difference. */
 bool moert_layer_resolve_slots(const moert_model *m, moert_plan *p, moert_status *st);
+
+/* The widest activation of m's layers, in elements per token (each kind's
+ * row, at least dim): tokens times this is bounded by MOERT_MAX_ACT_ELEMS,
+ * which the compiler's lowering and the plan both check with it. */
+int64_t moert_layer_widest_row(const moert_model *m);
 
 /* The kinds, each kind's descriptor (runtime/layers/). */
 #define X(k, s) extern const moert_layer_ops MOERT_LAYER_OPS(k);

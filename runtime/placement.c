@@ -113,12 +113,7 @@ bool moert_plan_create_nodes(const moert_model *m, int world, int rank, int64_t 
 
   const int64_t T = tokens;
   /* every activation of this rank within MOERT_MAX_ACT_ELEMS (compiler/sema.c, the same rule) */
-  int64_t row = m->dim, act;
-  for (int li = 0; li < m->nlayers; li++) {
-    const moert_layer_ops *ops = moert_layer_ops_of(m->layers[li].kind);
-    int64_t r = ops->row ? ops->row(m, &m->layers[li]) : m->dim;
-    if (r > row) row = r;
-  }
+  int64_t row = moert_layer_widest_row(m), act;
   if (T > MOERT_MAX_TOKENS || __builtin_mul_overflow(T, row, &act) || act > MOERT_MAX_ACT_ELEMS) {
     moert_plan_destroy(p);
     if (T > MOERT_MAX_TOKENS)
@@ -241,7 +236,7 @@ static const char *human(char *buf, size_t n, double v, const char *unit) {
   return buf;
 }
 
-static void json_str(FILE *out, const char *s) {
+void moert_json_str(FILE *out, const char *s) {
   fputc('"', out);
   for (; *s; s++) {
     unsigned char c = (unsigned char)*s;
@@ -270,7 +265,7 @@ void moert_plan_print(const moert_plan *p, FILE *out, bool json) {
   int64_t scratch_bytes = (p->scratch_elems + (int64_t)(2 + p->max_res_depth) * p->tokens * m->dim) * 4;
   if (json) {
     fputs("{\n  \"model\": ", out);
-    json_str(out, m->name);
+    moert_json_str(out, m->name);
     fprintf(out, ",\n  \"world\": %d,\n  \"rank\": %d,\n  \"tokens_per_rank\": %" PRId64
                  ",\n  \"dim\": %" PRId64 ",\n  \"dtype\": \"%s\",\n",
             p->world, p->rank, p->tokens, m->dim, m->dtype == MOERT_DT_BF16 ? "bf16" : "fp32");
@@ -287,7 +282,7 @@ void moert_plan_print(const moert_plan *p, FILE *out, bool json) {
       const moert_layer *l = &m->layers[li];
       const moert_layer_plan *lp = &p->layers[li];
       fputs("    {\"name\": ", out);
-      json_str(out, l->name);
+      moert_json_str(out, l->name);
       fprintf(out, ", \"kind\": \"%s\", \"params\": %" PRId64 ", \"local_params\": %" PRId64
                    ", \"flops_fwd\": %.0f, \"flops_bwd\": %.0f, \"act_bytes\": %" PRId64,
               moert_layer_kind_names[l->kind], layer_param_count_global(m, li), lp->params,
@@ -299,7 +294,7 @@ void moert_plan_print(const moert_plan *p, FILE *out, bool json) {
       for (int i = l->param_first; i < l->param_first + l->nparams; i++) {
         const moert_param_plan *pp = &p->params[i];
         fprintf(out, "%s{\"name\": ", first ? "" : ", ");
-        json_str(out, m->params[i].name);
+        moert_json_str(out, m->params[i].name);
         fputs(", \"shape\": [", out);
         for (int d = 0; d < pp->ndim; d++) fprintf(out, "%s%" PRId64, d ? ", " : "", pp->shape[d]);
         fprintf(out, "], \"offset\": %" PRId64 "}", pp->offset);

@@ -152,6 +152,8 @@ uint64_t moert_global_index(const moert_param *g, const moert_param_plan *pp, in
 /* The variant of layer plan lp called name ("r=1,d=2,a2a=linear"), or -1. */
 int moert_variant_find(const moert_layer_plan *lp, const char *name);
 
+/* s as a JSON string, quoted and escaped, to out (the plan's printers). */
+void moert_json_str(FILE *out, const char *s);
 /* Prints the plan for a person (json = false) or as the stable JSON
  * documented in docs/PLAN.md. */
 void moert_plan_print(const moert_plan *p, FILE *out, bool json);

@@ -314,17 +314,6 @@ static void moe_shape(const moert_plan *p, int li, char *buf, size_t n) {
            (long long)l->top_k, (long long)lp->capacity_bound);
 }
 
-static void json_str(FILE *out, const char *s) {
-  fputc('"', out);
-  for (; *s; s++) {
-    unsigned char ch = (unsigned char)*s;
-    if (ch == '"' || ch == '\\') fprintf(out, "\\%c", ch);
-    else if (ch < 0x20) fprintf(out, "\\u%04x", ch);
-    else fputc(ch, out);
-  }
-  fputc('"', out);
-}
-
 static void moe_json(const moert_plan *p, int li, FILE *out) {
   const moert_layer *l = &p->model->layers[li];
   const moert_layer_plan *lp = &p->layers[li];
@@ -341,7 +330,7 @@ static void moe_json(const moert_plan *p, int li, FILE *out) {
             vv->flops, (long long)vv->mem_bytes);
   }
   fputs("], \"dropped\": ", out);
-  json_str(out, lp->dropped);
+  moert_json_str(out, lp->dropped);
 }
 
 static bool moe_grad_written(const moert_layer *l, int s) {
