@@ -121,6 +121,12 @@ void moec_emit_c(const moert_model *m, const char *source_name, FILE *out) {
             l->normalize_gate, l->batch_prioritized);
     c_num(out, l->gate_noise);
     fprintf(out, ", .moe_index = %d", l->moe_index);
+    if (l->kind == MOERT_L_ATTENTION) {
+      fprintf(out, ",\n          .heads = %" PRId64 ", .kv_heads = %" PRId64 ", .head_dim = %" PRId64
+                   ", .causal = %d, .rope = ",
+              l->heads, l->kv_heads, l->head_dim, l->causal);
+      c_num(out, l->rope);
+    }
     fputs("},\n", out);
   }
   fputs("};\n\n", out);
@@ -146,6 +152,7 @@ void moec_emit_c(const moert_model *m, const char *source_name, FILE *out) {
                ",\n  .dtype = %s,\n",
           m->dim, m->tokens, m->vocab, m->context,
           m->dtype == MOERT_DT_BF16 ? "MOERT_DT_BF16" : "MOERT_DT_FP32");
+  if (m->seq) fprintf(out, "  .seq = %" PRId64 ",\n", m->seq);
   fprintf(out, "  .nlayers = %d, .layers = layers,\n  .nparams = %d, .params = params,\n  .nmoe = %d,\n",
           m->nlayers, m->nparams, m->nmoe);
   fprintf(out, "  .parallel = {.r_auto = %d, .nr = %d, .r = adaptive_r, .ndegrees = %d, "
@@ -170,8 +177,12 @@ void moec_emit_c(const moert_model *m, const char *source_name, FILE *out) {
   c_str(out, t->data_path);
   fprintf(out, ",\n             .eval_every = %" PRId64 ", .checkpoint = ", t->eval_every);
   c_str(out, t->checkpoint);
-  fprintf(out, ", .checkpoint_every = %" PRId64 ", .log_every = %" PRId64 "},\n",
-          t->checkpoint_every, t->log_every);
+  fprintf(out, ", .checkpoint_every = %" PRId64 ", .log_every = %" PRId64, t->checkpoint_every, t->log_every);
+  if (t->label_smoothing != 0) {
+    fputs(", .label_smoothing = ", out);
+    c_num(out, t->label_smoothing);
+  }
+  fputs("},\n", out);
   fputs("  .kernels_cu = moec_kernels_cu,\n};\n\n", out);
   fputs("int main(int argc, char **argv) { return moert_main(&model, argc, argv); }\n", out);
   kernels_literal(m, source_name, out);

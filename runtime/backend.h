@@ -31,6 +31,10 @@
   X(convert) X(gemm_ex) X(bias_add_t) X(bias_grad_t) X(act_fwd_t) X(act_bwd_t) X(swiglu_fwd_t) \
   X(swiglu_bwd_t) X(dispatch_t) X(dispatch_bwd_t) X(combine_t) X(combine_bwd_t)
 
+/* The attention ops (cpu_ops.h, cpu_ops_typed.h): the cpu has them; the cuda
+ * backend's are being written (NULL there until then). */
+#define MOERT_BACKEND_ATTN_OPS(X) X(rope) X(attn_fwd) X(attn_bwd) X(rope_t) X(attn_fwd_t) X(attn_bwd_t)
+
 typedef struct moert_backend moert_backend;
 
 /* Timing marks a backend keeps per step (cuda_graphs.c: CUDA events, all
@@ -123,6 +127,7 @@ struct moert_backend {
 #define X(op) __typeof__(moert_cpu_##op) *op;
   MOERT_BACKEND_OPS(X)
   MOERT_BACKEND_TYPED_OPS(X)
+  MOERT_BACKEND_ATTN_OPS(X)
 #undef X
   /* Counters for the zero-cost-switch claim: allocations made, and bytes
    * that copy, copy_blocks or upload wrote into a watched range (the

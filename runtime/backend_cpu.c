@@ -190,6 +190,7 @@ static moert_backend cpu_backend = {
 #define X(op) .op = moert_cpu_##op,
     MOERT_BACKEND_OPS(X)
     MOERT_BACKEND_TYPED_OPS(X)
+    MOERT_BACKEND_ATTN_OPS(X)
 #undef X
 };
 

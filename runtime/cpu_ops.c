@@ -804,6 +804,124 @@ double moert_cpu_mse(const float *yhat, const float *y, float *dyhat, int64_t n,
   return total;
 }
 
+/* --- attention --- */
+
+void moert_cpu_rope(float *qkv, int64_t tokens, int64_t seq, int64_t heads, int64_t kv_heads,
+                    int64_t head_dim, double base, bool inverse) {
+  int64_t W = (heads + 2 * kv_heads) * head_dim, half = head_dim / 2;
+  for (int64_t t = 0; t < tokens; t++) {
+    double pos = (double)(t % seq);
+    for (int64_t i = 0; i < half; i++) {
+      double ang = pos * pow(base, -2.0 * (double)i / (double)head_dim);
+      double c = (float)cos(ang), s = (float)sin(ang);
+      if (inverse) s = -s;
+      for (int64_t h = 0; h < heads + kv_heads; h++) { /* the query heads, then the key heads */
+        float *x = qkv + t * W + h * head_dim;
+        double a = x[i], b = x[i + half];
+        x[i] = (float)(a * c - b * s);
+        x[i + half] = (float)(a * s + b * c);
+      }
+    }
+  }
+}
+
+static double attn_dot(const float *a, const float *b, int64_t n) {
+  double s = 0;
+  for (int64_t i = 0; i < n; i++) s += (double)a[i] * b[i];
+  return s;
+}
+
+/* The rows of sequence s's heads: query head h of token i, and key and value
+ * head g of token j. */
+#define ATTN_Q(i, h) (qkv + (s * seq + (i)) * W + (h) * D)
+#define ATTN_K(j, g) (qkv + (s * seq + (j)) * W + (heads + (g)) * D)
+#define ATTN_V(j, g) (qkv + (s * seq + (j)) * W + (heads + kv_heads + (g)) * D)
+
+void moert_cpu_attn_fwd(const float *qkv, float *o, float *lse, int64_t nseq, int64_t seq, int64_t heads,
+                        int64_t kv_heads, int64_t head_dim, bool causal) {
+  int64_t D = head_dim, W = (heads + 2 * kv_heads) * D, group = heads / kv_heads;
+  double scale = 1 / sqrt((double)D), acc[MOERT_MAX_HEAD_DIM];
+  assert(D <= MOERT_MAX_HEAD_DIM);
+  for (int64_t s = 0; s < nseq; s++)
+    for (int64_t h = 0; h < heads; h++)
+      for (int64_t i = 0; i < seq; i++) {
+        const float *q = ATTN_Q(i, h);
+        int64_t g = h / group, last = causal ? i : seq - 1;
+        double mx = -INFINITY, sum = 0; /* the softmax's max and sum, online */
+        for (int64_t j = 0; j <= last; j++) {
+          double x = attn_dot(q, ATTN_K(j, g), D) * scale;
+          if (x > mx) sum = sum * exp(mx - x) + 1, mx = x;
+          else sum += exp(x - mx);
+        }
+        double l = mx + log(sum);
+        for (int64_t d = 0; d < D; d++) acc[d] = 0;
+        for (int64_t j = 0; j <= last; j++) {
+          double p = exp(attn_dot(q, ATTN_K(j, g), D) * scale - l);
+          const float *v = ATTN_V(j, g);
+          for (int64_t d = 0; d < D; d++) acc[d] += p * v[d];
+        }
+        float *orow = o + (s * seq + i) * heads * D + h * D;
+        for (int64_t d = 0; d < D; d++) orow[d] = (float)acc[d];
+        lse[(s * heads + h) * seq + i] = (float)l;
+      }
+}
+
+void moert_cpu_attn_bwd(const float *qkv, const float *o, const float *lse, const float *dout, float *dqkv,
+                        float *scratch, int64_t nseq, int64_t seq, int64_t heads, int64_t kv_heads,
+                        int64_t head_dim, bool causal) {
+  int64_t D = head_dim, W = (heads + 2 * kv_heads) * D, HD = heads * D, group = heads / kv_heads;
+  double scale = 1 / sqrt((double)D), acc[MOERT_MAX_HEAD_DIM], acc2[MOERT_MAX_HEAD_DIM];
+  assert(D <= MOERT_MAX_HEAD_DIM);
+  /* delta = sum(dO * O) per query and head, in scratch as lse is laid out */
+  float *delta = scratch;
+  for (int64_t s = 0; s < nseq; s++)
+    for (int64_t h = 0; h < heads; h++)
+      for (int64_t i = 0; i < seq; i++) {
+        int64_t t = s * seq + i;
+        delta[(s * heads + h) * seq + i] = (float)attn_dot(dout + t * HD + h * D, o + t * HD + h * D, D);
+      }
+  /* With p = exp(score - lse) and dS = p (dO . v - delta): dQ_i = scale
+   * sum_j dS_ij k_j; dK_j = scale sum_{h, i} dS_ij q_i; dV_j = sum_{h, i}
+   * p_ij dO_i. Each is summed whole in double and written once (the scores
+   * are recomputed for each pass). */
+  for (int64_t s = 0; s < nseq; s++) {
+    for (int64_t h = 0; h < heads; h++)
+      for (int64_t i = 0; i < seq; i++) {
+        int64_t t = s * seq + i, g = h / group, last = causal ? i : seq - 1, r = (s * heads + h) * seq + i;
+        const float *q = ATTN_Q(i, h), *dq_o = dout + t * HD + h * D;
+        for (int64_t d = 0; d < D; d++) acc[d] = 0;
+        for (int64_t j = 0; j <= last; j++) {
+          const float *k = ATTN_K(j, g);
+          double p = exp(attn_dot(q, k, D) * scale - lse[r]);
+          double ds = p * (attn_dot(dq_o, ATTN_V(j, g), D) - delta[r]);
+          for (int64_t d = 0; d < D; d++) acc[d] += ds * k[d];
+        }
+        float *dq = dqkv + t * W + h * D;
+        for (int64_t d = 0; d < D; d++) dq[d] = (float)(acc[d] * scale);
+      }
+    for (int64_t g = 0; g < kv_heads; g++)
+      for (int64_t j = 0; j < seq; j++) {
+        const float *k = ATTN_K(j, g), *v = ATTN_V(j, g);
+        for (int64_t d = 0; d < D; d++) acc[d] = 0, acc2[d] = 0;
+        for (int64_t h = g * group; h < (g + 1) * group; h++)
+          for (int64_t i = causal ? j : 0; i < seq; i++) {
+            int64_t t = s * seq + i, r = (s * heads + h) * seq + i;
+            const float *q = ATTN_Q(i, h), *dq_o = dout + t * HD + h * D;
+            double p = exp(attn_dot(q, k, D) * scale - lse[r]);
+            double ds = p * (attn_dot(dq_o, v, D) - delta[r]);
+            for (int64_t d = 0; d < D; d++) acc[d] += ds * q[d], acc2[d] += p * dq_o[d];
+          }
+        float *dk = dqkv + (s * seq + j) * W + (heads + g) * D;
+        float *dv = dqkv + (s * seq + j) * W + (heads + kv_heads + g) * D;
+        for (int64_t d = 0; d < D; d++) dk[d] = (float)(acc[d] * scale), dv[d] = (float)acc2[d];
+      }
+  }
+}
+
+#undef ATTN_Q
+#undef ATTN_K
+#undef ATTN_V
+
 /* --- optimizers --- */
 
 double moert_cpu_sumsq(const float *x, int64_t n) {

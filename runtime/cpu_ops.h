@@ -188,6 +188,41 @@ double moert_cpu_xent(const float *logits, const int32_t *target, float *dlogits
  * scale * 2 * (yhat - y). */
 double moert_cpu_mse(const float *yhat, const float *y, float *dyhat, int64_t n, float scale);
 
+/* --- attention (runtime/layers/attention.c) ---
+ *
+ * A qkv row [(H + 2 KV) D] holds a token's H query heads, then its KV key
+ * heads, then its KV value heads, D floats each; an o row [H D] the output
+ * of its H query heads. The T = nseq * seq tokens are nseq sequences of seq:
+ * token t is at position t % seq of sequence t / seq, and attends only within
+ * it. Query head h reads key/value head h / (H / KV) (grouped-query
+ * attention; KV = 1: multi-query). Scores are scaled by 1 / sqrt(D). */
+
+/* Rotary position embeddings, in place, on the query and key heads of qkv
+ * (the value heads untouched): in each head, the pair (i, i + D/2) for
+ * i < D/2 is rotated by the angle pos * base^(-2i / D), pos = t % seq (the
+ * angle computed in double, its cos and sin rounded to float); `inverse`
+ * rotates by minus the angle, which is the rotation's backward too. */
+void moert_cpu_rope(float *qkv, int64_t tokens, int64_t seq, int64_t heads, int64_t kv_heads,
+                    int64_t head_dim, double base, bool inverse);
+/* o = softmax(Q K^T / sqrt(D)) V per sequence and query head; causal: query
+ * i sees keys j <= i. lse [nseq, H, seq] (= [T, H] when seq is whole, and
+ * laid out as [sequence][head][position]): the natural log-sum-exp of each
+ * query's scaled scores, which the backward recomputes the softmax from. */
+void moert_cpu_attn_fwd(const float *qkv, float *o, float *lse, int64_t nseq, int64_t seq, int64_t heads,
+                        int64_t kv_heads, int64_t head_dim, bool causal);
+/* The backward from dout [T, H D]: dqkv written whole (=): dQ, and dK and dV
+ * summed over the query heads that share them. qkv, o and lse are the
+ * forward's; scratch holds moert_cpu_attn_scratch(T, H, KV, D) floats (the
+ * backend's to use: the cpu keeps each query's sum(dO * O) there). */
+void moert_cpu_attn_bwd(const float *qkv, const float *o, const float *lse, const float *dout, float *dqkv,
+                        float *scratch, int64_t nseq, int64_t seq, int64_t heads, int64_t kv_heads,
+                        int64_t head_dim, bool causal);
+/* The scratch of attn_bwd, in floats: a float per query and head, and an
+ * fp32 [T, (H + 2 KV) D] for a device that accumulates dqkv in fp32. */
+static inline int64_t moert_cpu_attn_scratch(int64_t tokens, int64_t heads, int64_t kv_heads, int64_t head_dim) {
+  return tokens * heads + tokens * (heads + 2 * kv_heads) * head_dim;
+}
+
 /* --- optimizers over flat buffers --- */
 
 /* Sum of squares in double. */

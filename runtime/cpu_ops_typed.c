@@ -176,3 +176,33 @@ void moert_cpu_combine_bwd_t(moert_dt dt, const float *dy, const void *buf, cons
   drop(buf, w);
   narrow(dbuf, dt, dw, n);
 }
+
+void moert_cpu_rope_t(moert_dt dt, void *qkv, int64_t tokens, int64_t seq, int64_t heads, int64_t kv_heads,
+                      int64_t head_dim, double base, bool inverse) {
+  int64_t n = tokens * (heads + 2 * kv_heads) * head_dim;
+  float *w = widen(qkv, dt, n);
+  moert_cpu_rope(w, tokens, seq, heads, kv_heads, head_dim, base, inverse);
+  narrow(qkv, dt, w, n);
+}
+
+void moert_cpu_attn_fwd_t(moert_dt dt, const void *qkv, void *o, float *lse, int64_t nseq, int64_t seq,
+                          int64_t heads, int64_t kv_heads, int64_t head_dim, bool causal) {
+  int64_t T = nseq * seq, W = (heads + 2 * kv_heads) * head_dim;
+  float *qw = widen(qkv, dt, T * W), *ow = widen(o, dt, T * heads * head_dim);
+  moert_cpu_attn_fwd(qw, ow, lse, nseq, seq, heads, kv_heads, head_dim, causal);
+  drop(qkv, qw);
+  narrow(o, dt, ow, T * heads * head_dim);
+}
+
+void moert_cpu_attn_bwd_t(moert_dt dt, const void *qkv, const void *o, const float *lse, const void *dout,
+                          void *dqkv, float *scratch, int64_t nseq, int64_t seq, int64_t heads,
+                          int64_t kv_heads, int64_t head_dim, bool causal) {
+  int64_t T = nseq * seq, W = (heads + 2 * kv_heads) * head_dim, HD = heads * head_dim;
+  float *qw = widen(qkv, dt, T * W), *ow = widen(o, dt, T * HD), *dow = widen(dout, dt, T * HD);
+  float *dw = widen(dqkv, dt, T * W);
+  moert_cpu_attn_bwd(qw, ow, lse, dow, dw, scratch, nseq, seq, heads, kv_heads, head_dim, causal);
+  drop(qkv, qw);
+  drop(o, ow);
+  drop(dout, dow);
+  narrow(dqkv, dt, dw, T * W);
+}

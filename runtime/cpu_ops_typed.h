@@ -96,4 +96,15 @@ void moert_cpu_combine_bwd_t(moert_dt dt, const float *dy, const void *buf, cons
                              int64_t tokens, int64_t top_k, int64_t experts, int64_t capacity,
                              int64_t dim);
 
+/* attention (cpu_ops.h) with qkv, o, dout and dqkv of type dt; lse and
+ * scratch fp32. bf16: the inputs as stored, computed in fp32, each output
+ * rounded once where it is stored. */
+void moert_cpu_rope_t(moert_dt dt, void *qkv, int64_t tokens, int64_t seq, int64_t heads, int64_t kv_heads,
+                      int64_t head_dim, double base, bool inverse);
+void moert_cpu_attn_fwd_t(moert_dt dt, const void *qkv, void *o, float *lse, int64_t nseq, int64_t seq,
+                          int64_t heads, int64_t kv_heads, int64_t head_dim, bool causal);
+void moert_cpu_attn_bwd_t(moert_dt dt, const void *qkv, const void *o, const float *lse, const void *dout,
+                          void *dqkv, float *scratch, int64_t nseq, int64_t seq, int64_t heads,
+                          int64_t kv_heads, int64_t head_dim, bool causal);
+
 #endif

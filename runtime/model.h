@@ -18,6 +18,7 @@
   X(LAYERNORM, "layernorm")                                                    \
   X(RMSNORM, "rmsnorm")                                                        \
   X(FFN, "ffn")             /* dense M -> H -> M */                            \
+  X(ATTENTION, "attention") /* self-attention within each sequence */          \
   X(MOE, "moe")                                                                \
   X(RES_BEGIN, "residual")  /* remember x */                                   \
   X(RES_END, "end")         /* x + f(x) */                                     \
@@ -70,6 +71,8 @@ typedef enum {
  * vocab], [tokens, hidden], ...): 4 TiB of fp32, past any device, and far
  * from int64's overflow in the plan's sums. */
 #define MOERT_MAX_ACT_ELEMS ((int64_t)1 << 40)
+/* The widest attention head (the language's limit; the kernels' too). */
+#define MOERT_MAX_HEAD_DIM 256
 /* The most parameter slots a layer kind has (runtime/layer.h). */
 #define MOERT_MAX_SLOTS 12
 
@@ -103,6 +106,10 @@ typedef struct moert_layer {
   int bias, normalize_gate, batch_prioritized;
   double gate_noise;
   int moe_index;          /* 0, 1, ... over the MoE layers */
+  /* ATTENTION (bias above: its projections' biases) */
+  int64_t heads, kv_heads, head_dim;
+  int causal;
+  double rope;            /* RoPE base; 0: no positions */
 } moert_layer;
 
 typedef struct moert_parallel {
@@ -129,12 +136,14 @@ typedef struct moert_train {
   int64_t eval_every;
   const char *checkpoint; /* NULL: none */
   int64_t checkpoint_every, log_every;
+  double label_smoothing; /* the head's training targets; 0: none */
 } moert_train;
 
 typedef struct moert_model {
   const char *name;
   const char *spec_file;  /* as given to moec, for the header */
   int64_t dim, tokens, vocab, context;
+  int64_t seq;            /* sequence length; 0: no sequences (no attention) */
   moert_dtype dtype;
   int nlayers;
   const moert_layer *layers;

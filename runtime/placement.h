@@ -35,7 +35,8 @@
   X(GW)           /* expert parameters gathered for variants with r < S */       \
   X(SSUM) X(TOP1) X(DCOEF)                 /* load statistics [E] */            \
   X(TARGET)                                /* mse: [T, M] teacher output */     \
-  X(HLOGITS)                               /* head: [T, V] */
+  X(HLOGITS)                               /* head: [T, V] */                   \
+  X(QKV) X(AO) X(LSE)  /* attention: [T, (H + 2 KV) D] after RoPE, [T, H D], [T, H] */
 /* Saved int32 buffers. */
 #define MOERT_IBUFS(X) X(IDX) X(LOC) X(ORDER) X(COUNTS) X(WIN) X(TOKENS)
 /* Backward scratch of a layer (offsets into the shared scratch pool). */
@@ -46,7 +47,8 @@
   X(DX) X(DH) X(DA) X(DLOGITS) X(DGATE) X(DPROJN) X(DPROJ) X(DSIMN) X(DSIM) \
   X(DRAW) X(XS) X(XR) X(YS) X(YR) X(EY) X(DSRCY) X(DSRC) X(DEX) X(DEH) X(DEA) X(DGW) X(GT1) X(GT2)       \
   X(XB) X(DYB) /* ffn of a bf16 model: its input and output gradient as bf16, [T, M]; XB the head's input */ \
-  X(DLB)       /* the head of a bf16 model: d logits as bf16, [T, vocab] */
+  X(DLB)       /* the head of a bf16 model: d logits as bf16, [T, vocab] */ \
+  X(DQKV) X(DAO) X(ASCR) /* attention: d qkv, d attention output, the core's scratch */
 
 typedef enum {
 #define X(n) MOERT_F_##n,
