@@ -33,7 +33,8 @@
 
 /* The attention ops (cpu_ops.h, cpu_ops_typed.h): the cpu has them; the cuda
  * backend's are being written (NULL there until then). */
-#define MOERT_BACKEND_ATTN_OPS(X) X(rope) X(attn_fwd) X(attn_bwd) X(rope_t) X(attn_fwd_t) X(attn_bwd_t)
+#define MOERT_BACKEND_ATTN_OPS(X) \
+  X(rope) X(attn_fwd) X(attn_bwd) X(attn_decode) X(rope_t) X(attn_fwd_t) X(attn_bwd_t) X(attn_decode_t)
 
 typedef struct moert_backend moert_backend;
 

@@ -806,11 +806,11 @@ double moert_cpu_mse(const float *yhat, const float *y, float *dyhat, int64_t n,
 
 /* --- attention --- */
 
-void moert_cpu_rope(float *qkv, int64_t tokens, int64_t seq, int64_t heads, int64_t kv_heads,
+void moert_cpu_rope(float *qkv, int64_t tokens, int64_t seq, int64_t pos0, int64_t heads, int64_t kv_heads,
                     int64_t head_dim, double base, bool inverse) {
   int64_t W = (heads + 2 * kv_heads) * head_dim, half = head_dim / 2;
   for (int64_t t = 0; t < tokens; t++) {
-    double pos = (double)(t % seq);
+    double pos = (double)(pos0 + t % seq);
     for (int64_t i = 0; i < half; i++) {
       double ang = pos * pow(base, -2.0 * (double)i / (double)head_dim);
       double c = (float)cos(ang), s = (float)sin(ang);
@@ -921,6 +921,31 @@ void moert_cpu_attn_bwd(const float *qkv, const float *o, const float *lse, cons
 #undef ATTN_Q
 #undef ATTN_K
 #undef ATTN_V
+
+void moert_cpu_attn_decode(const float *q, const float *cache, float *o, int64_t len, int64_t heads,
+                           int64_t kv_heads, int64_t head_dim) {
+  int64_t D = head_dim, W = (heads + 2 * kv_heads) * D, group = heads / kv_heads;
+  double scale = 1 / sqrt((double)D), acc[MOERT_MAX_HEAD_DIM];
+  assert(D <= MOERT_MAX_HEAD_DIM);
+  for (int64_t h = 0; h < heads; h++) {
+    const float *qh = q + h * D;
+    int64_t g = h / group;
+    double mx = -INFINITY, sum = 0;
+    for (int64_t j = 0; j < len; j++) {
+      double x = attn_dot(qh, cache + j * W + (heads + g) * D, D) * scale;
+      if (x > mx) sum = sum * exp(mx - x) + 1, mx = x;
+      else sum += exp(x - mx);
+    }
+    double l = mx + log(sum);
+    for (int64_t d = 0; d < D; d++) acc[d] = 0;
+    for (int64_t j = 0; j < len; j++) {
+      double p = exp(attn_dot(qh, cache + j * W + (heads + g) * D, D) * scale - l);
+      const float *v = cache + j * W + (heads + kv_heads + g) * D;
+      for (int64_t d = 0; d < D; d++) acc[d] += p * v[d];
+    }
+    for (int64_t d = 0; d < D; d++) o[h * D + d] = (float)acc[d];
+  }
+}
 
 /* --- optimizers --- */
 

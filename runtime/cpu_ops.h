@@ -199,10 +199,12 @@ double moert_cpu_mse(const float *yhat, const float *y, float *dyhat, int64_t n,
 
 /* Rotary position embeddings, in place, on the query and key heads of qkv
  * (the value heads untouched): in each head, the pair (i, i + D/2) for
- * i < D/2 is rotated by the angle pos * base^(-2i / D), pos = t % seq (the
- * angle computed in double, its cos and sin rounded to float); `inverse`
- * rotates by minus the angle, which is the rotation's backward too. */
-void moert_cpu_rope(float *qkv, int64_t tokens, int64_t seq, int64_t heads, int64_t kv_heads,
+ * i < D/2 is rotated by the angle pos * base^(-2i / D), pos = pos0 + t % seq
+ * (the angle computed in double, its cos and sin rounded to float);
+ * `inverse` rotates by minus the angle, which is the rotation's backward
+ * too. Training passes pos0 = 0; generation one token (tokens = seq = 1) at
+ * its position pos0. */
+void moert_cpu_rope(float *qkv, int64_t tokens, int64_t seq, int64_t pos0, int64_t heads, int64_t kv_heads,
                     int64_t head_dim, double base, bool inverse);
 /* o = softmax(Q K^T / sqrt(D)) V per sequence and query head; causal: query
  * i sees keys j <= i. lse [nseq, H, seq] (= [T, H] when seq is whole, and
@@ -217,6 +219,13 @@ void moert_cpu_attn_fwd(const float *qkv, float *o, float *lse, int64_t nseq, in
 void moert_cpu_attn_bwd(const float *qkv, const float *o, const float *lse, const float *dout, float *dqkv,
                         float *scratch, int64_t nseq, int64_t seq, int64_t heads, int64_t kv_heads,
                         int64_t head_dim, bool causal);
+/* Generation's attention of one token against the cached rows of the tokens
+ * before it and its own (a key/value cache): q is the token's qkv row (its
+ * query heads read), cache holds len qkv rows (their key and value heads
+ * read, RoPE applied at their positions), in any order (a ring); o [H D] =
+ * softmax over all len rows, no mask. */
+void moert_cpu_attn_decode(const float *q, const float *cache, float *o, int64_t len, int64_t heads,
+                           int64_t kv_heads, int64_t head_dim);
 /* The scratch of attn_bwd, in floats: a float per query and head, and an
  * fp32 [T, (H + 2 KV) D] for a device that accumulates dqkv in fp32. */
 static inline int64_t moert_cpu_attn_scratch(int64_t tokens, int64_t heads, int64_t kv_heads, int64_t head_dim) {

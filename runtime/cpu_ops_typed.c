@@ -177,11 +177,11 @@ void moert_cpu_combine_bwd_t(moert_dt dt, const float *dy, const void *buf, cons
   narrow(dbuf, dt, dw, n);
 }
 
-void moert_cpu_rope_t(moert_dt dt, void *qkv, int64_t tokens, int64_t seq, int64_t heads, int64_t kv_heads,
-                      int64_t head_dim, double base, bool inverse) {
+void moert_cpu_rope_t(moert_dt dt, void *qkv, int64_t tokens, int64_t seq, int64_t pos0, int64_t heads,
+                      int64_t kv_heads, int64_t head_dim, double base, bool inverse) {
   int64_t n = tokens * (heads + 2 * kv_heads) * head_dim;
   float *w = widen(qkv, dt, n);
-  moert_cpu_rope(w, tokens, seq, heads, kv_heads, head_dim, base, inverse);
+  moert_cpu_rope(w, tokens, seq, pos0, heads, kv_heads, head_dim, base, inverse);
   narrow(qkv, dt, w, n);
 }
 
@@ -205,4 +205,14 @@ void moert_cpu_attn_bwd_t(moert_dt dt, const void *qkv, const void *o, const flo
   drop(o, ow);
   drop(dout, dow);
   narrow(dqkv, dt, dw, T * W);
+}
+
+void moert_cpu_attn_decode_t(moert_dt dt, const void *q, const void *cache, void *o, int64_t len, int64_t heads,
+                             int64_t kv_heads, int64_t head_dim) {
+  int64_t W = (heads + 2 * kv_heads) * head_dim, HD = heads * head_dim;
+  float *qw = widen(q, dt, W), *cw = widen(cache, dt, len * W), *ow = widen(o, dt, HD);
+  moert_cpu_attn_decode(qw, cw, ow, len, heads, kv_heads, head_dim);
+  drop(q, qw);
+  drop(cache, cw);
+  narrow(o, dt, ow, HD);
 }

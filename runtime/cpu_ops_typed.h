@@ -99,12 +99,14 @@ void moert_cpu_combine_bwd_t(moert_dt dt, const float *dy, const void *buf, cons
 /* attention (cpu_ops.h) with qkv, o, dout and dqkv of type dt; lse and
  * scratch fp32. bf16: the inputs as stored, computed in fp32, each output
  * rounded once where it is stored. */
-void moert_cpu_rope_t(moert_dt dt, void *qkv, int64_t tokens, int64_t seq, int64_t heads, int64_t kv_heads,
-                      int64_t head_dim, double base, bool inverse);
+void moert_cpu_rope_t(moert_dt dt, void *qkv, int64_t tokens, int64_t seq, int64_t pos0, int64_t heads,
+                      int64_t kv_heads, int64_t head_dim, double base, bool inverse);
 void moert_cpu_attn_fwd_t(moert_dt dt, const void *qkv, void *o, float *lse, int64_t nseq, int64_t seq,
                           int64_t heads, int64_t kv_heads, int64_t head_dim, bool causal);
 void moert_cpu_attn_bwd_t(moert_dt dt, const void *qkv, const void *o, const float *lse, const void *dout,
                           void *dqkv, float *scratch, int64_t nseq, int64_t seq, int64_t heads,
                           int64_t kv_heads, int64_t head_dim, bool causal);
+void moert_cpu_attn_decode_t(moert_dt dt, const void *q, const void *cache, void *o, int64_t len, int64_t heads,
+                             int64_t kv_heads, int64_t head_dim);
 
 #endif

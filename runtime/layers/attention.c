@@ -98,7 +98,7 @@ static bool attn_fwd(moert_exec *e, int li, int64_t step, bool want_grad, moert_
     b->convert(S(e, li, XB), B16, x, MOERT_F32, T * M);
     moert_gemm1(b, false, false, T, W, M, B16, S(e, li, XB), PL(e, li, QKV_W), 0, B16, F(e, li, QKV),
                 l->bias ? PL(e, li, QKV_B) : NULL);
-    if (l->rope > 0) b->rope_t(B16, F(e, li, QKV), T, S, H, KV, D, l->rope, false);
+    if (l->rope > 0) b->rope_t(B16, F(e, li, QKV), T, S, 0, H, KV, D, l->rope, false);
     b->attn_fwd_t(B16, F(e, li, QKV), F(e, li, AO), F(e, li, LSE), T / S, S, H, KV, D, l->causal);
     moert_gemm1(b, false, false, T, M, HD, B16, F(e, li, AO), PL(e, li, OUT_W), 0, MOERT_F32, F(e, li, OUT),
                 l->bias ? P(e, li, OUT_B) : NULL);
@@ -106,7 +106,7 @@ static bool attn_fwd(moert_exec *e, int li, int64_t step, bool want_grad, moert_
   }
   b->gemm(false, false, T, W, M, 1, x, M, P(e, li, QKV_W), W, 0, F(e, li, QKV), W);
   if (l->bias) b->bias_add(F(e, li, QKV), P(e, li, QKV_B), T, W);
-  if (l->rope > 0) b->rope(F(e, li, QKV), T, S, H, KV, D, l->rope, false);
+  if (l->rope > 0) b->rope(F(e, li, QKV), T, S, 0, H, KV, D, l->rope, false);
   b->attn_fwd(F(e, li, QKV), F(e, li, AO), F(e, li, LSE), T / S, S, H, KV, D, l->causal);
   b->gemm(false, false, T, M, HD, 1, F(e, li, AO), HD, P(e, li, OUT_W), M, 0, F(e, li, OUT), M);
   if (l->bias) b->bias_add(F(e, li, OUT), P(e, li, OUT_B), T, M);
@@ -128,7 +128,7 @@ static bool attn_bwd(moert_exec *e, int li, moert_status *st) {
     moert_gemm1(b, false, true, T, HD, M, B16, S(e, li, DYB), PL(e, li, OUT_W), 0, B16, S(e, li, DAO), NULL);
     b->attn_bwd_t(B16, F(e, li, QKV), F(e, li, AO), F(e, li, LSE), S(e, li, DAO), S(e, li, DQKV),
                   S(e, li, ASCR), T / S, S, H, KV, D, l->causal);
-    if (l->rope > 0) b->rope_t(B16, S(e, li, DQKV), T, S, H, KV, D, l->rope, true);
+    if (l->rope > 0) b->rope_t(B16, S(e, li, DQKV), T, S, 0, H, KV, D, l->rope, true);
     if (l->bias) b->bias_grad_t(B16, G(e, li, QKV_B), S(e, li, DQKV), 1, T, W);
     b->convert(S(e, li, XB), B16, x, MOERT_F32, T * M);
     moert_gemm1(b, true, false, M, W, T, B16, S(e, li, XB), S(e, li, DQKV), 0, MOERT_F32, G(e, li, QKV_W), NULL);
@@ -140,7 +140,7 @@ static bool attn_bwd(moert_exec *e, int li, moert_status *st) {
   b->gemm(false, true, T, HD, M, 1, e->dcur, M, P(e, li, OUT_W), M, 0, S(e, li, DAO), HD);
   b->attn_bwd(F(e, li, QKV), F(e, li, AO), F(e, li, LSE), S(e, li, DAO), S(e, li, DQKV), S(e, li, ASCR), T / S, S,
               H, KV, D, l->causal);
-  if (l->rope > 0) b->rope(S(e, li, DQKV), T, S, H, KV, D, l->rope, true);
+  if (l->rope > 0) b->rope(S(e, li, DQKV), T, S, 0, H, KV, D, l->rope, true);
   if (l->bias) b->bias_grad(G(e, li, QKV_B), S(e, li, DQKV), T, W);
   b->gemm(true, false, M, W, T, 1, x, M, S(e, li, DQKV), W, 0, G(e, li, QKV_W), W);
   b->gemm(false, true, T, M, W, 1, S(e, li, DQKV), W, P(e, li, QKV_W), W, 0, e->dnext, M);
