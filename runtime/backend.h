@@ -31,8 +31,9 @@
   X(convert) X(gemm_ex) X(bias_add_t) X(bias_grad_t) X(act_fwd_t) X(act_bwd_t) X(swiglu_fwd_t) \
   X(swiglu_bwd_t) X(dispatch_t) X(dispatch_bwd_t) X(combine_t) X(combine_bwd_t)
 
-/* The attention ops (cpu_ops.h, cpu_ops_typed.h): the cpu has them; the cuda
- * backend's are being written (NULL there until then). */
+/* The attention ops (cpu_ops.h, cpu_ops_typed.h): the cpu's, and the cuda
+ * backend's (templates/attention.cu; fp32 and bf16, head dims a multiple of
+ * 8 up to MOERT_MAX_HEAD_DIM). */
 #define MOERT_BACKEND_ATTN_OPS(X) \
   X(rope) X(attn_fwd) X(attn_bwd) X(attn_decode) X(rope_t) X(attn_fwd_t) X(attn_bwd_t) X(attn_decode_t)
 

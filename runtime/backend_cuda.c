@@ -72,6 +72,7 @@ float moert_backend_cuda_aux_loss(const float *score_sum, const float *top1_coun
 #else
 
 #include "backend_cuda_impl.h"
+#include "model.h" /* MOERT_MAX_HEAD_DIM */
 
 /* ------------------------------------------------------------ kernels */
 
@@ -758,6 +759,120 @@ static void cuda_copy_blocks_t(moert_dt dt, void *dst, int64_t dst_stride, const
          ARGS(&dst, &dst_stride, &src, &src_stride, &nblocks, &block, &a));
 }
 
+/* ------------------------------------------------------------ attention (attention.cu) */
+
+/* A grid of (gx, gy, gz) blocks of bx threads. */
+static void launch3(int k, uint64_t gx, uint64_t gy, uint64_t gz, unsigned bx, void **args) {
+  if (!healthy()) return;
+  moert_cu_check(moert_cu.cuLaunchKernel(G.fn[k], (unsigned)gx, (unsigned)gy, (unsigned)gz, bx, 1, 1, 0,
+                                         G.stream, args, NULL),
+                 moert_cuda_kernel_names[k], __FILE__, __LINE__, &G.err);
+}
+
+/* The kernels of a pass by the largest head dim they are instantiated for
+ * (64, 128, 256): the fast paths at D = 64 and 128, the next one up for the
+ * other multiples of 8. */
+enum { ATTN_FWD, ATTN_DQ, ATTN_DKDV, ATTN_PASSES };
+static const int attn_kernels[2][ATTN_PASSES][3] = {
+    {{K_attn_fwd_f32_d64, K_attn_fwd_f32_d128, K_attn_fwd_f32_d256},
+     {K_attn_bwd_dq_f32_d64, K_attn_bwd_dq_f32_d128, K_attn_bwd_dq_f32_d256},
+     {K_attn_bwd_dkdv_f32_d64, K_attn_bwd_dkdv_f32_d128, K_attn_bwd_dkdv_f32_d256}},
+    {{K_attn_fwd_bf16_d64, K_attn_fwd_bf16_d128, K_attn_fwd_bf16_d256},
+     {K_attn_bwd_dq_bf16_d64, K_attn_bwd_dq_bf16_d128, K_attn_bwd_dq_bf16_d256},
+     {K_attn_bwd_dkdv_bf16_d64, K_attn_bwd_dkdv_bf16_d128, K_attn_bwd_dkdv_bf16_d256}},
+};
+/* Rows a block of those kernels takes (queries, or keys for dK dV), and its
+ * threads: the bf16 kernels 4 warps of 16 rows, the fp32 ones 32 rows of 8
+ * lanes (attention.cu). */
+static const int attn_rows[2] = {32, 64}, attn_threads[2] = {256, 128};
+
+static int attn_kernel(moert_dt dt, int pass, int64_t head_dim) {
+  return attn_kernels[dt == MOERT_BF16][pass][head_dim <= 64 ? 0 : head_dim <= 128 ? 1 : 2];
+}
+
+/* False (recorded in the sticky status) for shapes the kernels do not take. */
+static bool attn_shape_ok(const char *op, moert_dt dt, int64_t nseq, int64_t heads, int64_t kv_heads,
+                          int64_t head_dim) {
+  if (!healthy()) return false;
+  if (dt != MOERT_F32 && dt != MOERT_BF16)
+    return MOERT_FAIL(&G.err, "%s: the cuda backend's attention takes fp32 or bf16", op);
+  if (head_dim <= 0 || head_dim % 8 || head_dim > MOERT_MAX_HEAD_DIM)
+    return MOERT_FAIL(&G.err, "%s: head_dim %" PRId64 " is not a multiple of 8 up to %d", op, head_dim,
+                      MOERT_MAX_HEAD_DIM);
+  if (kv_heads <= 0 || heads % kv_heads || heads > MAX_GRID_Y)
+    return MOERT_FAIL(&G.err, "%s: %" PRId64 " heads over %" PRId64 " key/value heads", op, heads, kv_heads);
+  if (nseq > MAX_GRID_Y)
+    return MOERT_FAIL(&G.err, "%s: %" PRId64 " sequences a call (limit is %d)", op, nseq, (int)MAX_GRID_Y);
+  return true;
+}
+
+static void cuda_rope_t(moert_dt dt, void *qkv, int64_t tokens, int64_t seq, int64_t pos0, int64_t heads,
+                        int64_t kv_heads, int64_t head_dim, double base, bool inverse) {
+  if (tokens <= 0 || seq <= 0 || !attn_shape_ok("rope", dt, 1, heads, kv_heads, head_dim)) return;
+  long long t = tokens, s = seq, p0 = pos0;
+  int H = (int)heads, KV = (int)kv_heads, D = (int)head_dim, inv = inverse;
+  launch(dt == MOERT_BF16 ? K_rope_bf16 : K_rope_f32, grid_for(tokens * (head_dim / 2), 256), 1, 256, 1,
+         ARGS(&qkv, &t, &s, &p0, &H, &KV, &D, &base, &inv));
+}
+
+static void cuda_rope(float *qkv, int64_t tokens, int64_t seq, int64_t pos0, int64_t heads, int64_t kv_heads,
+                      int64_t head_dim, double base, bool inverse) {
+  cuda_rope_t(MOERT_F32, qkv, tokens, seq, pos0, heads, kv_heads, head_dim, base, inverse);
+}
+
+static void cuda_attn_fwd_t(moert_dt dt, const void *qkv, void *o, float *lse, int64_t nseq, int64_t seq,
+                            int64_t heads, int64_t kv_heads, int64_t head_dim, bool causal) {
+  if (nseq <= 0 || seq <= 0 || !attn_shape_ok("attn_fwd", dt, nseq, heads, kv_heads, head_dim)) return;
+  int bf = dt == MOERT_BF16, H = (int)heads, KV = (int)kv_heads, D = (int)head_dim, c = causal;
+  long long s = seq;
+  launch3(attn_kernel(dt, ATTN_FWD, head_dim), (uint64_t)cdiv(seq, attn_rows[bf]), (uint64_t)heads,
+          (uint64_t)nseq, (unsigned)attn_threads[bf], ARGS(&qkv, &o, &lse, &s, &H, &KV, &D, &c));
+}
+
+static void cuda_attn_fwd(const float *qkv, float *o, float *lse, int64_t nseq, int64_t seq, int64_t heads,
+                          int64_t kv_heads, int64_t head_dim, bool causal) {
+  cuda_attn_fwd_t(MOERT_F32, qkv, o, lse, nseq, seq, heads, kv_heads, head_dim, causal);
+}
+
+/* delta = rowsum(dO * O) into the scratch's first T H floats (laid out as
+ * lse), then dQ per query tile and dK, dV per key tile: the two write
+ * disjoint parts of dqkv, together all of it. */
+static void cuda_attn_bwd_t(moert_dt dt, const void *qkv, const void *o, const float *lse, const void *dout,
+                            void *dqkv, float *scratch, int64_t nseq, int64_t seq, int64_t heads,
+                            int64_t kv_heads, int64_t head_dim, bool causal) {
+  if (nseq <= 0 || seq <= 0 || !attn_shape_ok("attn_bwd", dt, nseq, heads, kv_heads, head_dim)) return;
+  int bf = dt == MOERT_BF16, H = (int)heads, KV = (int)kv_heads, D = (int)head_dim, c = causal;
+  long long ns = nseq, s = seq;
+  float *delta = scratch;
+  launch(bf ? K_attn_delta_bf16 : K_attn_delta_f32, grid_for(nseq * seq * heads, 8), 1, 256, 1,
+         ARGS(&o, &dout, &delta, &ns, &s, &H, &D));
+  uint64_t tiles = (uint64_t)cdiv(seq, attn_rows[bf]);
+  launch3(attn_kernel(dt, ATTN_DQ, head_dim), tiles, (uint64_t)heads, (uint64_t)nseq, (unsigned)attn_threads[bf],
+          ARGS(&qkv, &lse, &delta, &dout, &dqkv, &s, &H, &KV, &D, &c));
+  launch3(attn_kernel(dt, ATTN_DKDV, head_dim), tiles, (uint64_t)kv_heads, (uint64_t)nseq,
+          (unsigned)attn_threads[bf], ARGS(&qkv, &lse, &delta, &dout, &dqkv, &s, &H, &KV, &D, &c));
+}
+
+static void cuda_attn_bwd(const float *qkv, const float *o, const float *lse, const float *dout, float *dqkv,
+                          float *scratch, int64_t nseq, int64_t seq, int64_t heads, int64_t kv_heads,
+                          int64_t head_dim, bool causal) {
+  cuda_attn_bwd_t(MOERT_F32, qkv, o, lse, dout, dqkv, scratch, nseq, seq, heads, kv_heads, head_dim, causal);
+}
+
+static void cuda_attn_decode_t(moert_dt dt, const void *q, const void *cache, void *o, int64_t len, int64_t heads,
+                               int64_t kv_heads, int64_t head_dim) {
+  if (len <= 0 || !attn_shape_ok("attn_decode", dt, 1, heads, kv_heads, head_dim)) return;
+  int H = (int)heads, KV = (int)kv_heads, D = (int)head_dim;
+  long long n = len;
+  launch(dt == MOERT_BF16 ? K_attn_decode_bf16 : K_attn_decode_f32, (uint64_t)heads, 1, 256, 1,
+         ARGS(&q, &cache, &o, &n, &H, &KV, &D));
+}
+
+static void cuda_attn_decode(const float *q, const float *cache, float *o, int64_t len, int64_t heads,
+                             int64_t kv_heads, int64_t head_dim) {
+  cuda_attn_decode_t(MOERT_F32, q, cache, o, len, heads, kv_heads, head_dim);
+}
+
 /* ------------------------------------------------------------ embedding, losses */
 
 static void cuda_embed_fwd(const float *table, const int32_t *win, float *x, int64_t tokens,
@@ -978,6 +1093,7 @@ bool moert_backend_cuda_create(moert_backend **out, int device, const char *cach
 #define X(op) .op = cuda_##op,
       MOERT_BACKEND_OPS(X)
       MOERT_BACKEND_TYPED_OPS(X)
+      MOERT_BACKEND_ATTN_OPS(X)
 #undef X
           .impl = &G,
   };

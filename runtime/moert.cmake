@@ -5,7 +5,7 @@
 # The kernel templates (templates/*.cu), embedded as byte arrays for the cuda
 # backend, which compiles them with NVRTC at start (templates/embed.cmake).
 set(MOERT_TEMPLATE_DIR ${CMAKE_SOURCE_DIR}/templates)
-set(MOERT_TEMPLATES common.cuh gating.cu dispatch.cu act.cu norm.cu loss.cu optim.cu bf16.cu rng.cu)
+set(MOERT_TEMPLATES common.cuh gating.cu dispatch.cu act.cu norm.cu loss.cu optim.cu bf16.cu rng.cu attention.cu)
 list(TRANSFORM MOERT_TEMPLATES PREPEND ${MOERT_TEMPLATE_DIR}/ OUTPUT_VARIABLE MOERT_TEMPLATE_PATHS)
 string(REPLACE ";" ":" MOERT_TEMPLATE_ARG "${MOERT_TEMPLATES}")
 add_custom_command(

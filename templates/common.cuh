@@ -152,6 +152,26 @@ __device__ __forceinline__ moert_bf16 moert_f2bf(float f) {
   return (moert_bf16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
+// ---- the tensor cores (attention.cu): one warp-wide matrix product
+// D = A B + C of shape m16n8k16, A and B bf16, C and D fp32, in the
+// fragments of the PTX ISA's mma.m16n8k16 (with g = lane / 4, t = lane % 4):
+// a[0..3] two bf16 each (low half first): A(g, 2t..2t+1), A(g+8, 2t..),
+// A(g, 2t+8..), A(g+8, 2t+8..); b[0..1]: B(2t..2t+1, g), B(2t+8..2t+9, g);
+// c[0..3]: C(g, 2t), C(g, 2t+1), C(g+8, 2t), C(g+8, 2t+1). Every lane of
+// the warp must call it together (it is .sync.aligned). c is accumulated in
+// place. The emulated stack (tests/emu/emu_device.h, MOERT_EMU) computes the
+// same from the same fragments.
+__device__ __forceinline__ void moert_mma_bf16(float *c, const unsigned *a, const unsigned *b) {
+#ifdef MOERT_EMU
+  moert_emu_mma_m16n8k16_bf16(c, a, b);
+#else
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+               "{%8, %9}, {%0, %1, %2, %3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
 // ---- activations (act.cu, bf16.cu): fp32 math
 #define MOERT_GELU_K 0.7978845608028654f // sqrt(2/pi)
 #define MOERT_GELU_C 0.044715f

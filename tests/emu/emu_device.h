@@ -47,6 +47,10 @@
 #define __forceinline__ inline
 #define __shared__ static
 #define __restrict__ __restrict
+#define __launch_bounds__(...)
+// templates/common.cuh takes the emulated forms of the warp-level matrix
+// instructions (moert_emu_mma_*) under this
+#define MOERT_EMU 1
 
 struct uint3 {
   unsigned x, y, z;
@@ -296,6 +300,50 @@ inline unsigned __ballot_sync(unsigned mask, int pred) {
       r |= 1u << l;
   moert_emu::yield_at(moert_emu::AT_WARP);
   return r;
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 as the PTX ISA lays
+// out its fragments (groupID g = lane >> 2, threadID_in_group t = lane % 4;
+// a register's first element in its low 16 bits):
+//   A (16 x 16, row): a[0] = A[g][2t..2t+1], a[1] = A[g+8][2t..2t+1],
+//                     a[2] = A[g][2t+8..2t+9], a[3] = A[g+8][2t+8..2t+9]
+//   B (16 x 8, col):  b[0] = B[2t..2t+1][g], b[1] = B[2t+8..2t+9][g]
+//   C, D (16 x 8):    c[0] = C[g][2t], c[1] = C[g][2t+1], c[2] = C[g+8][2t],
+//                     c[3] = C[g+8][2t+1]
+// Each lane posts its fragments, the warp meets, each lane computes its own
+// four elements of D = A B + C (products exact, summed in fp32 in k order),
+// the warp meets again (the posts may then be overwritten). c += A B.
+namespace moert_emu {
+struct mma_post {
+  unsigned a[4], b[2];
+};
+static mma_post mma_posts[MAX_THREADS / 32][32];
+inline float bf16_at(unsigned reg, int hi) { return __uint_as_float((hi ? reg >> 16 : reg & 0xffffu) << 16); }
+}  // namespace moert_emu
+
+inline void moert_emu_mma_m16n8k16_bf16(float *c, const unsigned *a, const unsigned *b) {
+  using namespace moert_emu;
+  fiber *f = S.cur;
+  mma_post *w = mma_posts[f->warp];
+  memcpy(w[f->lane].a, a, sizeof w[f->lane].a);
+  memcpy(w[f->lane].b, b, sizeof w[f->lane].b);
+  yield_at(AT_WARP);
+  int g = f->lane >> 2, t = f->lane & 3;
+  float d[4];
+  for (int i = 0; i < 4; i++) {
+    int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
+    float acc = c[i];
+    for (int k = 0; k < 16; k++) {
+      // A[row][k]: lane (row % 8) * 4 + (k % 8) / 2, register (row >= 8) + 2 (k >= 8)
+      float av = bf16_at(w[(row & 7) * 4 + (k & 7) / 2].a[(row >= 8) + 2 * (k >= 8)], k & 1);
+      // B[k][col]: lane col * 4 + (k % 8) / 2, register k >= 8
+      float bv = bf16_at(w[col * 4 + (k & 7) / 2].b[k >= 8], k & 1);
+      acc += av * bv;
+    }
+    d[i] = acc;
+  }
+  yield_at(AT_WARP);
+  for (int i = 0; i < 4; i++) c[i] = d[i];
 }
 
 template <class T> inline T atomicAdd(T *p, T v) {
