@@ -9,7 +9,9 @@
 // Two paths, by the storage type:
 // - bf16 (moert_bf16 qkv, o, dout, dqkv): the products on the tensor cores,
 //   mma.m16n8k16 bf16 x bf16 -> fp32 (common.cuh's moert_mma_bf16), a warp
-//   holding 16 rows of the block's 64. The softmax in fp32; P (and dS in the
+//   holding 16 rows of the block's 64; the row-side operand's fragments in
+//   registers, the streamed tile's read from shared memory by ldmatrix (x4,
+//   transposed where the product runs along the tile's rows: P V, dS K). The softmax in fp32; P (and dS in the
 //   backward) rounded to bf16 as the mma's operand, every output rounded
 //   once where it is stored.
 // - fp32: plain fp32 FMA, 8 lanes a row (each holding the elements
@@ -61,8 +63,6 @@ __device__ __forceinline__ unsigned moert_pack_bf(moert_bf16 lo, moert_bf16 hi) 
 __device__ __forceinline__ unsigned moert_pack_f(float lo, float hi) {
   return moert_pack_bf(moert_f2bf(lo), moert_f2bf(hi));
 }
-// Two adjacent bf16 of shared memory (p even-aligned).
-__device__ __forceinline__ unsigned moert_ld2(const moert_bf16 *p) { return *(const unsigned *)p; }
 
 // The shapes of the bf16 kernels for a largest head dim DM.
 template <int DM> struct moert_attn_shape {
@@ -122,24 +122,22 @@ __device__ __forceinline__ void moert_frag_a_global(unsigned *a, const moert_bf1
   a[3] = pb && c1 < D ? moert_pack_bf(pb[c1], pb[c1 + 1]) : moert_pack_bf(z, z);
 }
 
-// B-fragment (k x n = 16 x 8) of X^T where X is shared [n][LD] (row n,
-// column k): k contiguous in a row, so 32-bit loads. x at (n0, k0).
+// B-fragments of X^T where X is shared [n][LD] (row n, column k; k
+// contiguous), x at (n0, k0): b[0..1] for the k-step [k0, k0 + 16) and
+// b[2..3] for [k0 + 16, k0 + 32) of the n-tile [n0, n0 + 8). One ldmatrix.
 template <int LD>
-__device__ __forceinline__ void moert_frag_bt(unsigned *b, const moert_bf16 *x) {
-  int gr = (threadIdx.x & 31) >> 2, tq = threadIdx.x & 3;
-  const moert_bf16 *p = x + gr * LD + 2 * tq;
-  b[0] = moert_ld2(p);
-  b[1] = moert_ld2(p + 8);
+__device__ __forceinline__ void moert_frag_bt2(unsigned *b, const moert_bf16 *x) {
+  int lane = threadIdx.x & 31;
+  moert_ldsm_x4(b, x + (lane & 7) * LD + (lane >> 3) * 8);
 }
 
-// B-fragment (k x n = 16 x 8) of X where X is shared [k][LD]: the pair of
-// a register is two rows apart, so two 16-bit loads. x at (k0, n0).
+// B-fragments of X where X is shared [k][LD] (row k, column n), x at (k0,
+// n0): b[0..1] for the n-tile [n0, n0 + 8) and b[2..3] for [n0 + 8, n0 + 16)
+// of the k-step [k0, k0 + 16). One ldmatrix, transposed.
 template <int LD>
-__device__ __forceinline__ void moert_frag_b(unsigned *b, const moert_bf16 *x) {
-  int gr = (threadIdx.x & 31) >> 2, tq = threadIdx.x & 3;
-  const moert_bf16 *p = x + 2 * tq * LD + gr;
-  b[0] = moert_pack_bf(p[0], p[LD]);
-  b[1] = moert_pack_bf(p[8 * LD], p[9 * LD]);
+__device__ __forceinline__ void moert_frag_b2(unsigned *b, const moert_bf16 *x) {
+  int lane = threadIdx.x & 31;
+  moert_ldsm_x4_trans(b, x + (((lane >> 3) & 1) * 8 + (lane & 7)) * LD + (lane >> 4) * 8);
 }
 
 // The A-fragment of the 16 x 16 block [., 16 kk, 16 kk + 16) of a 16 x N
@@ -227,11 +225,12 @@ __device__ __forceinline__ void moert_attn_fwd_bf16_impl(const moert_bf16 *qkv, 
     for (int j = 0; j < BN / 8; j++) {
       sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
 #pragma unroll
-      for (int kk = 0; kk < DM / 16; kk++)
-        if (kk * 16 < D) {
-          unsigned b[2];
-          moert_frag_bt<LD>(b, Ks + j * 8 * LD + kk * 16);
-          moert_mma_bf16(sc[j], qf[kk], b);
+      for (int k2 = 0; k2 < DM / 32; k2++)
+        if (k2 * 32 < D) {
+          unsigned b[4];
+          moert_frag_bt2<LD>(b, Ks + j * 8 * LD + k2 * 32);
+          moert_mma_bf16(sc[j], qf[2 * k2], b);
+          if (k2 * 32 + 16 < D) moert_mma_bf16(sc[j], qf[2 * k2 + 1], b + 2);
         }
     }
     // scaled to log2 units, masked; the rows' maxima over the 4 lanes of a row
@@ -271,11 +270,12 @@ __device__ __forceinline__ void moert_attn_fwd_bf16_impl(const moert_bf16 *qkv, 
       unsigned a[4];
       moert_frag_from_acc(a, sc[2 * kk], sc[2 * kk + 1]);
 #pragma unroll
-      for (int n = 0; n < DM / 8; n++)
-        if (n * 8 < D) {
-          unsigned b[2];
-          moert_frag_b<LD>(b, Vs + kk * 16 * LD + n * 8);
-          moert_mma_bf16(acc[n], a, b);
+      for (int n2 = 0; n2 < DM / 16; n2++)
+        if (n2 * 16 < D) {
+          unsigned b[4];
+          moert_frag_b2<LD>(b, Vs + kk * 16 * LD + n2 * 16);
+          moert_mma_bf16(acc[2 * n2], a, b);
+          if (n2 * 16 + 8 < D) moert_mma_bf16(acc[2 * n2 + 1], a, b + 2);
         }
     }
   }
@@ -356,13 +356,16 @@ __device__ __forceinline__ void moert_attn_bwd_dq_bf16_impl(const moert_bf16 *qk
 #pragma unroll
       for (int i = 0; i < 4; i++) p[j][i] = dp[j][i] = 0.0f;
 #pragma unroll
-      for (int kk = 0; kk < DM / 16; kk++)
-        if (kk * 16 < D) {
-          unsigned b[2];
-          moert_frag_bt<LD>(b, Ks + j * 8 * LD + kk * 16);
-          moert_mma_bf16(p[j], qf[kk], b);
-          moert_frag_bt<LD>(b, Vs + j * 8 * LD + kk * 16);
-          moert_mma_bf16(dp[j], df[kk], b);
+      for (int k2 = 0; k2 < DM / 32; k2++)
+        if (k2 * 32 < D) {
+          unsigned b[4];
+          bool two = k2 * 32 + 16 < D;
+          moert_frag_bt2<LD>(b, Ks + j * 8 * LD + k2 * 32);
+          moert_mma_bf16(p[j], qf[2 * k2], b);
+          if (two) moert_mma_bf16(p[j], qf[2 * k2 + 1], b + 2);
+          moert_frag_bt2<LD>(b, Vs + j * 8 * LD + k2 * 32);
+          moert_mma_bf16(dp[j], df[2 * k2], b);
+          if (two) moert_mma_bf16(dp[j], df[2 * k2 + 1], b + 2);
         }
 #pragma unroll
       for (int i = 0; i < 4; i++) {
@@ -377,11 +380,12 @@ __device__ __forceinline__ void moert_attn_bwd_dq_bf16_impl(const moert_bf16 *qk
       unsigned a[4];
       moert_frag_from_acc(a, dp[2 * kk], dp[2 * kk + 1]);
 #pragma unroll
-      for (int n = 0; n < DM / 8; n++)
-        if (n * 8 < D) {
-          unsigned b[2];
-          moert_frag_b<LD>(b, Ks + kk * 16 * LD + n * 8);
-          moert_mma_bf16(acc[n], a, b);
+      for (int n2 = 0; n2 < DM / 16; n2++)
+        if (n2 * 16 < D) {
+          unsigned b[4];
+          moert_frag_b2<LD>(b, Ks + kk * 16 * LD + n2 * 16);
+          moert_mma_bf16(acc[2 * n2], a, b);
+          if (n2 * 16 + 8 < D) moert_mma_bf16(acc[2 * n2 + 1], a, b + 2);
         }
     }
   }
@@ -460,13 +464,16 @@ __device__ __forceinline__ void moert_attn_bwd_dkdv_bf16_impl(const moert_bf16 *
 #pragma unroll
         for (int i = 0; i < 4; i++) p[j][i] = ds[j][i] = 0.0f;
 #pragma unroll
-        for (int kk = 0; kk < DM / 16; kk++)
-          if (kk * 16 < D) {
-            unsigned b[2];
-            moert_frag_bt<LD>(b, Qs + j * 8 * LD + kk * 16);
-            moert_mma_bf16(p[j], kf[kk], b);
-            moert_frag_bt<LD>(b, Ds + j * 8 * LD + kk * 16);
-            moert_mma_bf16(ds[j], vf[kk], b);
+        for (int k2 = 0; k2 < DM / 32; k2++)
+          if (k2 * 32 < D) {
+            unsigned b[4];
+            bool two = k2 * 32 + 16 < D;
+            moert_frag_bt2<LD>(b, Qs + j * 8 * LD + k2 * 32);
+            moert_mma_bf16(p[j], kf[2 * k2], b);
+            if (two) moert_mma_bf16(p[j], kf[2 * k2 + 1], b + 2);
+            moert_frag_bt2<LD>(b, Ds + j * 8 * LD + k2 * 32);
+            moert_mma_bf16(ds[j], vf[2 * k2], b);
+            if (two) moert_mma_bf16(ds[j], vf[2 * k2 + 1], b + 2);
           }
 #pragma unroll
         for (int i = 0; i < 4; i++) {
@@ -484,13 +491,16 @@ __device__ __forceinline__ void moert_attn_bwd_dkdv_bf16_impl(const moert_bf16 *
         moert_frag_from_acc(ap, p[2 * kk], p[2 * kk + 1]);
         moert_frag_from_acc(as, ds[2 * kk], ds[2 * kk + 1]);
 #pragma unroll
-        for (int n = 0; n < DM / 8; n++)
-          if (n * 8 < D) {
-            unsigned b[2];
-            moert_frag_b<LD>(b, Ds + kk * 16 * LD + n * 8);
-            moert_mma_bf16(dv[n], ap, b);
-            moert_frag_b<LD>(b, Qs + kk * 16 * LD + n * 8);
-            moert_mma_bf16(dk[n], as, b);
+        for (int n2 = 0; n2 < DM / 16; n2++)
+          if (n2 * 16 < D) {
+            unsigned b[4];
+            bool two = n2 * 16 + 8 < D;
+            moert_frag_b2<LD>(b, Ds + kk * 16 * LD + n2 * 16);
+            moert_mma_bf16(dv[2 * n2], ap, b);
+            if (two) moert_mma_bf16(dv[2 * n2 + 1], ap, b + 2);
+            moert_frag_b2<LD>(b, Qs + kk * 16 * LD + n2 * 16);
+            moert_mma_bf16(dk[2 * n2], as, b);
+            if (two) moert_mma_bf16(dk[2 * n2 + 1], as, b + 2);
           }
       }
     }

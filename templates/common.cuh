@@ -172,6 +172,33 @@ __device__ __forceinline__ void moert_mma_bf16(float *c, const unsigned *a, cons
 #endif
 }
 
+// Four 8 x 8 matrices of 16-bit elements from shared memory, a warp-wide
+// ldmatrix.m8n8.x4: lane l gives the address of row l % 8 of matrix l / 8
+// (16 bytes, 16-byte aligned); r[i] receives matrix i's elements (l / 4,
+// 2 (l % 4)) and (l / 4, 2 (l % 4) + 1), the first in the low half: an mma
+// fragment. _trans: the matrices transposed, r[i] = elements (2 (l % 4), l / 4)
+// and (2 (l % 4) + 1, l / 4). Every lane of the warp calls it together.
+__device__ __forceinline__ void moert_ldsm_x4(unsigned *r, const void *row) {
+#ifdef MOERT_EMU
+  moert_emu_ldmatrix_x4(r, row, false);
+#else
+  unsigned a = (unsigned)__cvta_generic_to_shared(row);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+#endif
+}
+__device__ __forceinline__ void moert_ldsm_x4_trans(unsigned *r, const void *row) {
+#ifdef MOERT_EMU
+  moert_emu_ldmatrix_x4(r, row, true);
+#else
+  unsigned a = (unsigned)__cvta_generic_to_shared(row);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+#endif
+}
+
 // ---- activations (act.cu, bf16.cu): fp32 math
 #define MOERT_GELU_K 0.7978845608028654f // sqrt(2/pi)
 #define MOERT_GELU_C 0.044715f

@@ -346,6 +346,35 @@ inline void moert_emu_mma_m16n8k16_bf16(float *c, const unsigned *a, const unsig
   for (int i = 0; i < 4; i++) c[i] = d[i];
 }
 
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lane l posts the address
+// of row l % 8 of matrix l / 8; the warp meets; lane l takes of matrix i the
+// elements (l / 4, 2 (l % 4)) and (l / 4, 2 (l % 4) + 1) (trans: (2 (l % 4),
+// l / 4) and (2 (l % 4) + 1, l / 4)), the first in the low half of r[i]; the
+// warp meets again.
+namespace moert_emu {
+static const void *ldsm_rows[MAX_THREADS / 32][32];
+}  // namespace moert_emu
+
+inline void moert_emu_ldmatrix_x4(unsigned *r, const void *row, bool trans) {
+  using namespace moert_emu;
+  fiber *f = S.cur;
+  const void **rows = ldsm_rows[f->warp];
+  rows[f->lane] = row;
+  yield_at(AT_WARP);
+  int g = f->lane >> 2, t = f->lane & 3;
+  unsigned out[4];
+  for (int i = 0; i < 4; i++) {
+    uint16_t e[2];
+    for (int h = 0; h < 2; h++) {
+      int rr = trans ? 2 * t + h : g, cc = trans ? g : 2 * t + h;
+      memcpy(&e[h], (const char *)rows[8 * i + rr] + 2 * cc, 2);
+    }
+    out[i] = (unsigned)e[0] | ((unsigned)e[1] << 16);
+  }
+  yield_at(AT_WARP);
+  for (int i = 0; i < 4; i++) r[i] = out[i];
+}
+
 template <class T> inline T atomicAdd(T *p, T v) {
   T old = *p;
   *p = old + v;
