@@ -74,7 +74,9 @@ template <int DM> struct moert_attn_shape {
 
 // Rows [r0, r0 + R) of a [rows, ld] bf16 matrix (src at the first row's
 // column 0, D columns read) into shared dst [R][LD], zeros beyond `rows` and
-// beyond D (up to DM). 16-byte pieces where every address allows it.
+// beyond D (up to DM). Where every address allows it, 16-byte pieces by
+// cp.async: the caller commits the group and waits for it (then a barrier)
+// before reading; the other pieces are stored at once.
 template <int R, int DM, int LD>
 __device__ __forceinline__ void moert_tile_bf16(moert_bf16 *dst, const moert_bf16 *src, long long ld,
                                                 long long r0, long long rows, int D, bool vec) {
@@ -86,7 +88,7 @@ __device__ __forceinline__ void moert_tile_bf16(moert_bf16 *dst, const moert_bf1
     if (gr < rows && c < D) {
       const moert_bf16 *s = src + gr * ld + c;
       if (vec) {
-        *(uint4 *)d = *(const uint4 *)s;
+        moert_cp_async16(d, s);
       } else {
         for (int e = 0; e < 8; e++) d[e] = s[e];
       }
@@ -198,7 +200,9 @@ __device__ __forceinline__ void moert_attn_fwd_bf16_impl(const moert_bf16 *qkv, 
   moert_bf16 *Ks = (moert_bf16 *)k_raw, *Vs = (moert_bf16 *)v_raw;
   const int h = blockIdx.y, s = blockIdx.z, g = h / (H / KV);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gr = lane >> 2, tq = lane & 3;
-  const long long W = (long long)(H + 2 * KV) * D, q0 = (long long)blockIdx.x * BM;
+  // causal: the last query tiles (the most keys) first
+  const long long qt = causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const long long W = (long long)(H + 2 * KV) * D, q0 = qt * BM;
   const moert_bf16 *rows = qkv + (long long)s * seq * W;
   const bool vec = moert_aligned16(qkv) && (W % 8) == 0;
   const long long r0 = q0 + warp * 16 + gr, r1 = r0 + 8;
@@ -214,11 +218,17 @@ __device__ __forceinline__ void moert_attn_fwd_bf16_impl(const moert_bf16 *qkv, 
   for (int n = 0; n < DM / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
   float m0 = -MOERT_INF, m1 = -MOERT_INF, l0 = 0.0f, l1 = 0.0f;
 
+  // K and V tiles in flight while the other is used: K(t+1) loads during
+  // P V(t), V(t+1) during the next Q K^T (cp.async groups K0 V0 K1 V1 ...)
   const long long kend = causal ? moert_min64(seq, q0 + BM) : seq;
+  const moert_bf16 *ksrc = rows + (H + g) * D, *vsrc = rows + (H + KV + g) * D;
+  moert_tile_bf16<BN, DM, LD>(Ks, ksrc, W, 0, seq, D, vec);
+  moert_cp_async_commit();
+  moert_tile_bf16<BN, DM, LD>(Vs, vsrc, W, 0, seq, D, vec);
+  moert_cp_async_commit();
   for (long long k0 = 0; k0 < kend; k0 += BN) {
-    __syncthreads(); // the last tile's readers are done
-    moert_tile_bf16<BN, DM, LD>(Ks, rows + (H + g) * D, W, k0, seq, D, vec);
-    moert_tile_bf16<BN, DM, LD>(Vs, rows + (H + KV + g) * D, W, k0, seq, D, vec);
+    const bool more = k0 + BN < kend;
+    moert_cp_async_wait<1>(); // K(t) here, V(t) may be in flight
     __syncthreads();
     float sc[BN / 8][4];
 #pragma unroll
@@ -265,6 +275,11 @@ __device__ __forceinline__ void moert_attn_fwd_bf16_impl(const moert_bf16 *qkv, 
     l0 = l0 * a0 + s0, l1 = l1 * a1 + s1;
 #pragma unroll
     for (int n = 0; n < DM / 8; n++) acc[n][0] *= a0, acc[n][1] *= a0, acc[n][2] *= a1, acc[n][3] *= a1;
+    __syncthreads(); // every warp is done with K(t)
+    if (more) moert_tile_bf16<BN, DM, LD>(Ks, ksrc, W, k0 + BN, seq, D, vec);
+    moert_cp_async_commit();
+    moert_cp_async_wait<1>(); // V(t) here
+    __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < BN / 16; kk++) {
       unsigned a[4];
@@ -278,6 +293,9 @@ __device__ __forceinline__ void moert_attn_fwd_bf16_impl(const moert_bf16 *qkv, 
           if (n2 * 16 + 8 < D) moert_mma_bf16(acc[2 * n2 + 1], a, b + 2);
         }
     }
+    __syncthreads(); // every warp is done with V(t)
+    if (more) moert_tile_bf16<BN, DM, LD>(Vs, vsrc, W, k0 + BN, seq, D, vec);
+    moert_cp_async_commit();
   }
   l0 += __shfl_xor_sync(MOERT_FULL_MASK, l0, 1);
   l0 += __shfl_xor_sync(MOERT_FULL_MASK, l0, 2);
@@ -320,7 +338,8 @@ __device__ __forceinline__ void moert_attn_bwd_dq_bf16_impl(const moert_bf16 *qk
   moert_bf16 *Ks = (moert_bf16 *)k_raw, *Vs = (moert_bf16 *)v_raw;
   const int h = blockIdx.y, s = blockIdx.z, g = h / (H / KV);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gr = lane >> 2, tq = lane & 3;
-  const long long W = (long long)(H + 2 * KV) * D, HD = (long long)H * D, q0 = (long long)blockIdx.x * BM;
+  const long long qt = causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x; // the longest first
+  const long long W = (long long)(H + 2 * KV) * D, HD = (long long)H * D, q0 = qt * BM;
   const moert_bf16 *rows = qkv + (long long)s * seq * W, *drows = dout + (long long)s * seq * HD;
   const bool vec = moert_aligned16(qkv) && (W % 8) == 0;
   const long long r0 = q0 + warp * 16 + gr, r1 = r0 + 8;
@@ -344,11 +363,18 @@ __device__ __forceinline__ void moert_attn_bwd_dq_bf16_impl(const moert_bf16 *qk
 #pragma unroll
   for (int n = 0; n < DM / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
 
+  // V and K tiles in flight while the other is used (cp.async groups V0 K0
+  // V1 K1 ...): dP = dO V^T first, then S = Q K^T and dQ += dS K; V(t+1)
+  // loads during dS K, K(t+1) during the next dO V^T.
   const long long kend = causal ? moert_min64(seq, q0 + BM) : seq;
+  const moert_bf16 *ksrc = rows + (H + g) * D, *vsrc = rows + (H + KV + g) * D;
+  moert_tile_bf16<BN, DM, LD>(Vs, vsrc, W, 0, seq, D, vec);
+  moert_cp_async_commit();
+  moert_tile_bf16<BN, DM, LD>(Ks, ksrc, W, 0, seq, D, vec);
+  moert_cp_async_commit();
   for (long long k0 = 0; k0 < kend; k0 += BN) {
-    __syncthreads();
-    moert_tile_bf16<BN, DM, LD>(Ks, rows + (H + g) * D, W, k0, seq, D, vec);
-    moert_tile_bf16<BN, DM, LD>(Vs, rows + (H + KV + g) * D, W, k0, seq, D, vec);
+    const bool more = k0 + BN < kend;
+    moert_cp_async_wait<1>(); // V(t) here, K(t) may be in flight
     __syncthreads();
     float p[BN / 8][4], dp[BN / 8][4];
 #pragma unroll
@@ -359,13 +385,24 @@ __device__ __forceinline__ void moert_attn_bwd_dq_bf16_impl(const moert_bf16 *qk
       for (int k2 = 0; k2 < DM / 32; k2++)
         if (k2 * 32 < D) {
           unsigned b[4];
-          bool two = k2 * 32 + 16 < D;
-          moert_frag_bt2<LD>(b, Ks + j * 8 * LD + k2 * 32);
-          moert_mma_bf16(p[j], qf[2 * k2], b);
-          if (two) moert_mma_bf16(p[j], qf[2 * k2 + 1], b + 2);
           moert_frag_bt2<LD>(b, Vs + j * 8 * LD + k2 * 32);
           moert_mma_bf16(dp[j], df[2 * k2], b);
-          if (two) moert_mma_bf16(dp[j], df[2 * k2 + 1], b + 2);
+          if (k2 * 32 + 16 < D) moert_mma_bf16(dp[j], df[2 * k2 + 1], b + 2);
+        }
+    }
+    moert_cp_async_wait<0>(); // K(t) here
+    __syncthreads();
+    if (more) moert_tile_bf16<BN, DM, LD>(Vs, vsrc, W, k0 + BN, seq, D, vec); // every warp is done with V(t)
+    moert_cp_async_commit();
+#pragma unroll
+    for (int j = 0; j < BN / 8; j++) {
+#pragma unroll
+      for (int k2 = 0; k2 < DM / 32; k2++)
+        if (k2 * 32 < D) {
+          unsigned b[4];
+          moert_frag_bt2<LD>(b, Ks + j * 8 * LD + k2 * 32);
+          moert_mma_bf16(p[j], qf[2 * k2], b);
+          if (k2 * 32 + 16 < D) moert_mma_bf16(p[j], qf[2 * k2 + 1], b + 2);
         }
 #pragma unroll
       for (int i = 0; i < 4; i++) {
@@ -388,6 +425,9 @@ __device__ __forceinline__ void moert_attn_bwd_dq_bf16_impl(const moert_bf16 *qk
           if (n2 * 16 + 8 < D) moert_mma_bf16(acc[2 * n2 + 1], a, b + 2);
         }
     }
+    __syncthreads(); // every warp is done with K(t)
+    if (more) moert_tile_bf16<BN, DM, LD>(Ks, ksrc, W, k0 + BN, seq, D, vec);
+    moert_cp_async_commit();
   }
   const float sc = (float)scale;
 #pragma unroll
@@ -445,18 +485,33 @@ __device__ __forceinline__ void moert_attn_bwd_dkdv_bf16_impl(const moert_bf16 *
 #pragma unroll
     for (int i = 0; i < 4; i++) dk[n][i] = dv[n][i] = 0.0f;
 
-  const long long qstart = causal ? k0 / BQ * BQ : 0;
-  for (int h = g * group; h < (g + 1) * group; h++) {
-    const float *L = lse + ((long long)s * H + h) * seq, *De = delta + ((long long)s * H + h) * seq;
+  // dO and Q tiles (with delta and lse) in flight while the other is used
+  // (cp.async groups dO0 Q0 dO1 Q1 ...), over the (head, query tile) pairs
+  // in order: dP^T = V dO^T first, then S^T = K Q^T, dV += P^T dO (dO(t+1)
+  // loads during dK += dS^T Q), dK (Q(t+1) loads during the next V dO^T).
+  const long long qstart = causal ? k0 / BQ * BQ : 0; // < seq: k0 is
+  const int hend = (g + 1) * group;
+  auto load_do = [&](int hh, long long qq) {
+    moert_tile_bf16<BQ, DM, LD>(Ds, drows + hh * D, HD, qq, seq, D, vec);
+    const float *De = delta + ((long long)s * H + hh) * seq;
+    for (int i = threadIdx.x; i < BQ; i += blockDim.x) del_s[i] = qq + i < seq ? De[qq + i] : 0.0f;
+  };
+  auto load_q = [&](int hh, long long qq) { // lse in log2 units; +inf beyond the sequence (P = 0)
+    moert_tile_bf16<BQ, DM, LD>(Qs, rows + hh * D, W, qq, seq, D, vec);
+    const float *L = lse + ((long long)s * H + hh) * seq;
+    for (int i = threadIdx.x; i < BQ; i += blockDim.x)
+      lse_s[i] = qq + i < seq ? L[qq + i] * (float)MOERT_LOG2E : MOERT_INF;
+  };
+  load_do(g * group, qstart);
+  moert_cp_async_commit();
+  load_q(g * group, qstart);
+  moert_cp_async_commit();
+  for (int h = g * group; h < hend;) {
     for (long long q0 = qstart; q0 < seq; q0 += BQ) {
-      __syncthreads();
-      moert_tile_bf16<BQ, DM, LD>(Qs, rows + h * D, W, q0, seq, D, vec);
-      moert_tile_bf16<BQ, DM, LD>(Ds, drows + h * D, HD, q0, seq, D, vec);
-      for (int i = threadIdx.x; i < BQ; i += blockDim.x) {
-        bool live = q0 + i < seq;
-        lse_s[i] = live ? L[q0 + i] * (float)MOERT_LOG2E : MOERT_INF;
-        del_s[i] = live ? De[q0 + i] : 0.0f;
-      }
+      const long long nq = q0 + BQ < seq ? q0 + BQ : qstart;
+      const int nh = q0 + BQ < seq ? h : h + 1;
+      const bool more = nh < hend;
+      moert_cp_async_wait<1>(); // dO(t) here, Q(t) may be in flight
       __syncthreads();
       float p[BQ / 8][4], ds[BQ / 8][4];
 #pragma unroll
@@ -467,13 +522,22 @@ __device__ __forceinline__ void moert_attn_bwd_dkdv_bf16_impl(const moert_bf16 *
         for (int k2 = 0; k2 < DM / 32; k2++)
           if (k2 * 32 < D) {
             unsigned b[4];
-            bool two = k2 * 32 + 16 < D;
-            moert_frag_bt2<LD>(b, Qs + j * 8 * LD + k2 * 32);
-            moert_mma_bf16(p[j], kf[2 * k2], b);
-            if (two) moert_mma_bf16(p[j], kf[2 * k2 + 1], b + 2);
             moert_frag_bt2<LD>(b, Ds + j * 8 * LD + k2 * 32);
             moert_mma_bf16(ds[j], vf[2 * k2], b);
-            if (two) moert_mma_bf16(ds[j], vf[2 * k2 + 1], b + 2);
+            if (k2 * 32 + 16 < D) moert_mma_bf16(ds[j], vf[2 * k2 + 1], b + 2);
+          }
+      }
+      moert_cp_async_wait<0>(); // Q(t) here
+      __syncthreads();
+#pragma unroll
+      for (int j = 0; j < BQ / 8; j++) {
+#pragma unroll
+        for (int k2 = 0; k2 < DM / 32; k2++)
+          if (k2 * 32 < D) {
+            unsigned b[4];
+            moert_frag_bt2<LD>(b, Qs + j * 8 * LD + k2 * 32);
+            moert_mma_bf16(p[j], kf[2 * k2], b);
+            if (k2 * 32 + 16 < D) moert_mma_bf16(p[j], kf[2 * k2 + 1], b + 2);
           }
 #pragma unroll
         for (int i = 0; i < 4; i++) {
@@ -487,22 +551,37 @@ __device__ __forceinline__ void moert_attn_bwd_dkdv_bf16_impl(const moert_bf16 *
       }
 #pragma unroll
       for (int kk = 0; kk < BQ / 16; kk++) {
-        unsigned ap[4], as[4];
+        unsigned ap[4];
         moert_frag_from_acc(ap, p[2 * kk], p[2 * kk + 1]);
+#pragma unroll
+        for (int n2 = 0; n2 < DM / 16; n2++)
+          if (n2 * 16 < D) {
+            unsigned b[4];
+            moert_frag_b2<LD>(b, Ds + kk * 16 * LD + n2 * 16);
+            moert_mma_bf16(dv[2 * n2], ap, b);
+            if (n2 * 16 + 8 < D) moert_mma_bf16(dv[2 * n2 + 1], ap, b + 2);
+          }
+      }
+      __syncthreads(); // every warp is done with dO(t) and delta
+      if (more) load_do(nh, nq);
+      moert_cp_async_commit();
+#pragma unroll
+      for (int kk = 0; kk < BQ / 16; kk++) {
+        unsigned as[4];
         moert_frag_from_acc(as, ds[2 * kk], ds[2 * kk + 1]);
 #pragma unroll
         for (int n2 = 0; n2 < DM / 16; n2++)
           if (n2 * 16 < D) {
             unsigned b[4];
-            bool two = n2 * 16 + 8 < D;
-            moert_frag_b2<LD>(b, Ds + kk * 16 * LD + n2 * 16);
-            moert_mma_bf16(dv[2 * n2], ap, b);
-            if (two) moert_mma_bf16(dv[2 * n2 + 1], ap, b + 2);
             moert_frag_b2<LD>(b, Qs + kk * 16 * LD + n2 * 16);
             moert_mma_bf16(dk[2 * n2], as, b);
-            if (two) moert_mma_bf16(dk[2 * n2 + 1], as, b + 2);
+            if (n2 * 16 + 8 < D) moert_mma_bf16(dk[2 * n2 + 1], as, b + 2);
           }
       }
+      __syncthreads(); // every warp is done with Q(t) and lse
+      if (more) load_q(nh, nq);
+      moert_cp_async_commit();
+      h = nh;
     }
   }
   const float sc = (float)scale;

@@ -199,6 +199,31 @@ __device__ __forceinline__ void moert_ldsm_x4_trans(unsigned *r, const void *row
 #endif
 }
 
+// 16 bytes global -> shared without the registers (cp.async, sm_80+; both
+// addresses 16-byte aligned), in flight until this thread's
+// moert_cp_async_wait<N> leaves at most N of its committed groups pending;
+// other threads see the data after a barrier that follows the wait. The
+// emulated stack copies at once.
+__device__ __forceinline__ void moert_cp_async16(void *smem, const void *gmem) {
+#ifdef MOERT_EMU
+  memcpy(smem, gmem, 16);
+#else
+  unsigned a = (unsigned)__cvta_generic_to_shared(smem);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a), "l"(gmem) : "memory");
+#endif
+}
+// Closes this thread's group of cp.asyncs issued since the last commit.
+__device__ __forceinline__ void moert_cp_async_commit() {
+#ifndef MOERT_EMU
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N> __device__ __forceinline__ void moert_cp_async_wait() {
+#ifndef MOERT_EMU
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
 // ---- activations (act.cu, bf16.cu): fp32 math
 #define MOERT_GELU_K 0.7978845608028654f // sqrt(2/pi)
 #define MOERT_GELU_C 0.044715f
