@@ -156,6 +156,9 @@ typedef struct moert_model {
    * templates and kernels specialized on the layers' dims, compiled by the
    * cuda backend; NULL: the runtime's own templates, unspecialized. */
   const char *kernels_cu;
+  /* the device calibration `moec build --gpu` embedded (runtime/cost.h's
+   * JSON) and where it came from; NULL: none (select = predicted fails) */
+  const char *calibration, *calibration_source;
 } moert_model;
 
 extern const char *const moert_layer_kind_names[MOERT_L__COUNT];
