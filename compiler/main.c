@@ -236,8 +236,11 @@ static int compile_cmd(const char *cmd, const char *path, const opts *o) {
     /* the binary predicts with the calibration it carries (select = predicted) */
     moert_calib calib;
     char *text = NULL;
-    rc = load_calibration(o, &calib, &text);
-    if (!rc) {
+    bool none = o->gpu && strcmp(o->gpu, "none") == 0; /* --gpu none: a binary without one */
+    if (!none) rc = load_calibration(o, &calib, &text);
+    if (none) {
+      rc = moec_build(m, path, o->output, o->keep);
+    } else if (!rc) {
       m->calibration = text;
       m->calibration_source = calib.source;
       rc = moec_build(m, path, o->output, o->keep);
