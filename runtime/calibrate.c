@@ -302,7 +302,21 @@ static bool calibrate_on(const moert_model *m, const moert_run_opts *o, cal *c, 
     b->convert(gc, MOERT_BF16, gb, MOERT_F32, gemm_elems);
     b->copy_blocks_t(MOERT_BF16, gb, 0, gc, 0, 1, gemm_elems, false);
   }
-  if (!measure_gemms(c, M, H, H1, max_rows, T, E, ga, gb, gc)) goto out;
+  /* the GEMM curve at every MoE layer's shape (a model made for
+   * calibrating may hold several: bench/calib_gpu.moe) */
+  for (int li = 0; li < m->nlayers; li++) {
+    const moert_layer *x = &m->layers[li];
+    if (x->kind != MOERT_L_MOE) continue;
+    int64_t h1 = x->act == MOERT_ACT_SWIGLU ? 2 * x->hidden : x->hidden, seen = 0;
+    for (int lj = 0; lj < li; lj++) {
+      const moert_layer *y = &m->layers[lj];
+      seen |= y->kind == MOERT_L_MOE && y->hidden == x->hidden && y->act == x->act && y->experts == x->experts;
+    }
+    if (seen) continue;
+    int64_t rows = 4 * x->experts * moert_cost_capacity(plan, li), w = h1 > M ? h1 : M;
+    while (rows * w > gemm_elems && rows > 16) rows /= 2;
+    if (!measure_gemms(c, M, x->hidden, h1, rows, T, x->experts, ga, gb, gc)) goto out;
+  }
 
   /* the gate, dispatch and combine at the model's T, E, k and C */
   kern_ctx k = {.l = l, .T = T, .K = K, .E = E, .C = C, .M = M};

@@ -392,13 +392,17 @@ static double experts_s(const moert_calib *c, const moert_layer *l, int es, doub
                         double h, double h1, bool backward) {
   if (rows <= 0) return 0;
   double fc1 = 2 * rows * M * h1 * n, fc2 = 2 * rows * h * M * n;
-  bool epilogue = l->act == MOERT_ACT_RELU || l->act == MOERT_ACT_GELU; /* fc1's epilogue applies it */
+  /* relu and gelu run in fc1's epilogue: free in cuBLASLt's, a pass over
+   * the rows on the cpu */
+  bool fused = (l->act == MOERT_ACT_RELU || l->act == MOERT_ACT_GELU) && strcmp(c->backend, "cuda") == 0;
+  /* the biases' gradients read the output gradients once more */
+  double bias = l->bias && backward ? kernel_s(c, MOERT_K_ACT, es * n * rows * (h1 + M)) : 0;
   if (!backward)
     return moert_calib_gemm_s(c, MOERT_GEMM_NN, fc1) + moert_calib_gemm_s(c, MOERT_GEMM_NN, fc2) +
-           (epilogue ? 0 : kernel_s(c, MOERT_K_ACT, es * n * rows * (h1 + h)));
+           (fused ? 0 : kernel_s(c, MOERT_K_ACT, es * n * rows * (h1 + h)));
   return moert_calib_gemm_s(c, MOERT_GEMM_TN, fc2) + moert_calib_gemm_s(c, MOERT_GEMM_NT, fc2) +
          kernel_s(c, MOERT_K_ACT, es * n * rows * (2 * h1 + h)) + moert_calib_gemm_s(c, MOERT_GEMM_TN, fc1) +
-         moert_calib_gemm_s(c, MOERT_GEMM_NT, fc1);
+         moert_calib_gemm_s(c, MOERT_GEMM_NT, fc1) + bias;
 }
 
 void moert_cost_variant(const moert_plan *p, int li, int vi, int64_t C, const moert_calib *c, const moert_net *n,
@@ -447,11 +451,14 @@ void moert_cost_variant(const moert_plan *p, int li, int vi, int64_t C, const mo
   /* expert parameters gathered (r = 0: all of them over the world; r < S:
    * the P base slices of a class), their gradients reduce-scattered back */
   int r = v->r;
-  if (W > 1 && (r == 0 || r < S)) {
+  if (r == 0 || r < S) {
     double bias = l->bias ? H1 + M : 0;
     double elems = r == 0 ? E * (M * H1 + H * M + bias) : (M * H1 + H * M + (l->bias ? H1 : 0)) / r;
     int group = r == 0 ? W : (int)(S / r);
-    t[MOERT_COST_GATHER] = moert_cost_ring(es * elems, group, n) + (training ? moert_cost_ring(4 * elems, group, n) : 0);
+    if (group > 1)
+      t[MOERT_COST_GATHER] = moert_cost_ring(es * elems, group, n) + (training ? moert_cost_ring(4 * elems, group, n) : 0);
+    else /* a group of one copies: the parameters in, their gradients out */
+      t[MOERT_COST_GATHER] = kernel_s(c, MOERT_K_COPY, 2 * es * elems) + (training ? kernel_s(c, MOERT_K_COPY, 8 * elems) : 0);
   }
 
   if (r == 0 || W == 1) { /* the tokens stay: every expert (r = 0) or the local ones, whole */
