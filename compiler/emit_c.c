@@ -40,11 +40,7 @@ enum { LITERAL_PIECE = 1024 };
  * line of it, concatenated by the C compiler. Octal escapes (never followed
  * by a digit that could extend them: they are always three digits) and \?
  * after ? (no trigraphs under -std=c11) keep every byte as it is. */
-static void kernels_literal(const moert_model *m, const char *source_name, FILE *out) {
-  char *text = moec_emit_cuda_string(m, source_name);
-  fputs("\n// kernels.cu, as `moec emit --cuda` prints it: the cuda backend compiles this text.\n"
-        "const char moec_kernels_cu[] =\n",
-        out);
+static void text_literal(const char *text, FILE *out) {
   size_t piece = 0;
   bool open = false;
   for (const char *p = text; *p; p++) {
@@ -67,6 +63,14 @@ static void kernels_literal(const moert_model *m, const char *source_name, FILE 
   }
   if (!*text) fputs("    \"\"\n", out);
   fputs("    ;\n", out);
+}
+
+static void kernels_literal(const moert_model *m, const char *source_name, FILE *out) {
+  char *text = moec_emit_cuda_string(m, source_name);
+  fputs("\n// kernels.cu, as `moec emit --cuda` prints it: the cuda backend compiles this text.\n"
+        "const char moec_kernels_cu[] =\n",
+        out);
+  text_literal(text, out);
   free(text);
 }
 
@@ -87,8 +91,10 @@ void moec_emit_c(const moert_model *m, const char *source_name, FILE *out) {
         "// `repeat` expanded, residual blocks as residual/end pairs; every parameter\n"
         "// with its global shape, initializer and placement over ranks.\n"
         "#include \"moert.h\"\n\n"
-        "extern const char moec_kernels_cu[]; /* kernels.cu, at the end of this file */\n\n",
+        "extern const char moec_kernels_cu[]; /* kernels.cu, at the end of this file */\n",
         out);
+  if (m->calibration) fputs("extern const char moec_calibration[]; /* at the end of this file */\n", out);
+  fputc('\n', out);
 
   fprintf(out, "static const moert_param params[%d] = {\n", m->nparams ? m->nparams : 1);
   for (int i = 0; i < m->nparams; i++) {
@@ -183,7 +189,18 @@ void moec_emit_c(const moert_model *m, const char *source_name, FILE *out) {
     c_num(out, t->label_smoothing);
   }
   fputs("},\n", out);
-  fputs("  .kernels_cu = moec_kernels_cu,\n};\n\n", out);
+  fputs("  .kernels_cu = moec_kernels_cu,\n", out);
+  if (m->calibration) { /* moec build: the calibration the binary predicts with */
+    fputs("  .calibration = moec_calibration, .calibration_source = ", out);
+    c_str(out, m->calibration_source);
+    fputs(",\n", out);
+  }
+  fputs("};\n\n", out);
   fputs("int main(int argc, char **argv) { return moert_main(&model, argc, argv); }\n", out);
   kernels_literal(m, source_name, out);
+  if (m->calibration) {
+    fputs("\n// The device calibration (runtime/cost.h) `select = predicted` predicts with.\n"
+          "const char moec_calibration[] =\n", out);
+    text_literal(m->calibration, out);
+  }
 }

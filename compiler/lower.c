@@ -34,6 +34,7 @@ _Static_assert((int)MOEC_OPTIM_ADAM == (int)MOERT_OPT_ADAM, "optimizers");
 _Static_assert((int)MOEC_SCHED_COSINE == (int)MOERT_SCHED_COSINE, "schedules");
 _Static_assert((int)MOEC_A2A_2DH == (int)MOERT_A2A_2DH, "all-to-all algorithms");
 _Static_assert((int)MOEC_SELECT_FIXED == (int)MOERT_SELECT_FIXED, "select modes");
+_Static_assert((int)MOEC_SELECT_PREDICTED == (int)MOERT_SELECT_PREDICTED, "select modes");
 
 static bool claim_name(lowering *L, const char *name, moec_loc loc) {
   const moec_loc *other = moec_names_add(&L->names, name, loc);

@@ -1,8 +1,8 @@
 /* main.c — the `moec` command line.
  *   moec check [--print|--summary] FILE...
- *   moec plan [--json] [--ranks W] FILE
+ *   moec plan [--json] [--ranks W] [--ranks-per-node G] [--gpu FILE] [--net SPEC] FILE
  *   moec emit FILE [--cuda] [-o DIR]
- *   moec build FILE [-o BIN] [--keep]
+ *   moec build FILE [-o BIN] [--keep] [--gpu FILE]
  * Exit status: 0 success, 1 an error in a spec, 2 a usage error. */
 #include <getopt.h>
 #include <stdbool.h>
@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "build.h"
+#include "cost.h"
 #include "emit_c.h"
 #include "emit_cuda.h"
 #include "front.h"
@@ -47,7 +48,7 @@ static const struct {
 
 static void usage(FILE *out) {
   fputs("usage: moec check [options] FILE...   check .moe specs (- reads standard input)\n"
-        "       moec plan [--json] [--ranks W] FILE   print the plan: shapes, FLOPs, memory\n"
+        "       moec plan [--json] [--ranks W] FILE   print the plan: shapes, FLOPs, memory, predicted times\n"
         "       moec emit FILE [-o DIR]          print (or write into DIR) the generated C driver\n"
         "       moec emit FILE --cuda            print the model's CUDA kernels (kernels.cu)\n"
         "       moec build FILE [-o BIN]         compile FILE into an executable that trains it\n"
@@ -79,9 +80,91 @@ static int usage_error(const char *fmt, const char *arg) {
 
 typedef struct opts {
   bool print, summary, dump_ast, werror, nowarn, json, keep, cuda;
-  const char *output;
-  int64_t ranks;
+  const char *output, *gpu, *net;
+  int64_t ranks, ranks_per_node;
 } opts;
+
+/* The default calibration (data/calibration/embed.cmake): the H100's where
+ * it is committed, else the CPU's. */
+extern const unsigned char moec_default_calibration[];
+extern const char moec_default_calibration_name[];
+
+/* The calibration --gpu names, or the default; 1 after printing why not. */
+static int load_calibration(const opts *o, moert_calib *c, char **text) {
+  moert_status st = {0};
+  *text = NULL;
+  if (o->gpu) {
+    if (!moert_calib_load(o->gpu, c, text, &st)) {
+      fprintf(stderr, "moec: error: %s\n", st.msg);
+      return 1;
+    }
+    return 0;
+  }
+  char where[160];
+  snprintf(where, sizeof where, "built in: %s%s", moec_default_calibration_name,
+           strstr(moec_default_calibration_name, "cpu.json") ? " (this CI machine's CPU, not a GPU; give --gpu FILE)" : "");
+  if (!moert_calib_parse((const char *)moec_default_calibration, where, c, &st)) {
+    fprintf(stderr, "moec: error: %s\n", st.msg);
+    return 1;
+  }
+  size_t n = strlen((const char *)moec_default_calibration) + 1;
+  if (!(*text = malloc(n))) return 1;
+  memcpy(*text, moec_default_calibration, n);
+  snprintf(c->source, sizeof c->source, "%s", where);
+  return 0;
+}
+
+typedef struct predict_ctx {
+  const moert_plan *plan;
+  const moert_calib *calib;
+  const moert_net *net;
+  bool training, json; /* json: the JSON carries the prediction (asked for with --gpu or --net) */
+} predict_ctx;
+
+static void print_prediction(void *ctx, FILE *out, bool json) {
+  const predict_ctx *pc = ctx;
+  moert_cost_print(pc->plan, pc->calib, pc->net, pc->training, out, json);
+}
+
+/* `moec plan`: the plan at W ranks, G a node, and its prediction. */
+static int plan_cmd(const moert_model *m, const char *path, const opts *o) {
+  moert_status st = {0};
+  int world = (int)(o->ranks ? o->ranks : 1), G = world;
+  /* the nodes, as the runtime sees them: MOEC_LOCAL_SIZE ranks per node,
+   * unless --ranks-per-node says */
+  const char *ls = getenv("MOEC_LOCAL_SIZE");
+  if (ls && atoi(ls) > 0 && world % atoi(ls) == 0) G = atoi(ls);
+  if (o->ranks_per_node) {
+    if (world % o->ranks_per_node) {
+      fprintf(stderr, "moec: error: --ranks-per-node %lld does not divide --ranks %d; give a number of ranks "
+                      "that is a whole number of nodes\n", (long long)o->ranks_per_node, world);
+      return 2;
+    }
+    G = (int)o->ranks_per_node;
+  }
+  moert_calib calib;
+  char *text;
+  if (load_calibration(o, &calib, &text)) return 1;
+  free(text);
+  moert_net net;
+  moert_net_defaults(&net);
+  net.ranks_per_node = G;
+  if (o->net && !moert_net_parse(o->net, &calib, &net, &st)) {
+    fprintf(stderr, "moec: error: %s\n", st.msg);
+    return 2;
+  }
+  moert_plan *p;
+  if (!moert_plan_create_nodes(m, world, 0, m->tokens, m->train.has_train, world / G, &p, &st)) {
+    fprintf(stderr, "%s: error: %s\n", path, st.msg);
+    return 1;
+  }
+  predict_ctx pc = {p, &calib, &net, m->train.has_train, o->gpu || o->net};
+  /* the JSON carries the prediction when asked for, so the plan's goldens
+   * do not change with the committed calibration */
+  moert_plan_print_with(p, stdout, o->json, !o->json || pc.json ? print_prediction : NULL, &pc);
+  moert_plan_destroy(p);
+  return 0;
+}
 
 static void print_diags(const moec_diags *d, const opts *o) {
   if (!o->nowarn || d->nerrors) {
@@ -144,25 +227,25 @@ static int compile_cmd(const char *cmd, const char *path, const opts *o) {
   if (!m || (o->werror && d.nwarnings)) {
     rc = 1;
   } else if (strcmp(cmd, "plan") == 0) {
-    moert_status st = {0};
-    moert_plan *p;
-    /* the nodes, as the runtime sees them: MOEC_LOCAL_SIZE ranks per node */
-    int world = (int)(o->ranks ? o->ranks : 1), nodes = 1;
-    const char *ls = getenv("MOEC_LOCAL_SIZE");
-    if (ls && atoi(ls) > 0 && world % atoi(ls) == 0) nodes = world / atoi(ls);
-    if (!moert_plan_create_nodes(m, world, 0, m->tokens, m->train.has_train, nodes, &p, &st)) {
-      fprintf(stderr, "%s: error: %s\n", path, st.msg);
-      rc = 1;
-    } else {
-      moert_plan_print(p, stdout, o->json);
-      moert_plan_destroy(p);
-    }
+    rc = plan_cmd(m, path, o);
   } else if (strcmp(cmd, "emit") == 0) {
     if (o->output) rc = moec_emit_dir(m, path, o->output); /* model.c and kernels.cu */
     else if (o->cuda) moec_emit_cuda(m, path, stdout);
     else moec_emit_c(m, path, stdout);
   } else {
-    rc = moec_build(m, path, o->output, o->keep);
+    /* the binary predicts with the calibration it carries (select = predicted) */
+    moert_calib calib;
+    char *text = NULL;
+    bool none = o->gpu && strcmp(o->gpu, "none") == 0; /* --gpu none: a binary without one */
+    if (!none) rc = load_calibration(o, &calib, &text);
+    if (none) {
+      rc = moec_build(m, path, o->output, o->keep);
+    } else if (!rc) {
+      m->calibration = text;
+      m->calibration_source = calib.source;
+      rc = moec_build(m, path, o->output, o->keep);
+    }
+    free(text);
   }
   moec_arena_destroy(a);
   return rc;
@@ -215,6 +298,18 @@ int main(int argc, char **argv) {
     case OPT_JSON: o.json = true; break;
     case OPT_KEEP: o.keep = true; break;
     case OPT_CUDA: o.cuda = true; break;
+    case OPT_GPU: o.gpu = optarg; break;
+    case OPT_NET: o.net = optarg; break;
+    case OPT_RANKS_PER_NODE: {
+      char *end;
+      long long v = strtoll(optarg, &end, 10);
+      if (end == optarg || *end || v < 1 || v > 1 << 20) {
+        rc = usage_error("bad value '%s' for --ranks-per-node (a whole number from 1 to 1048576)", optarg);
+        goto out;
+      }
+      o.ranks_per_node = v;
+      break;
+    }
     case OPT_RANKS: {
       char *end;
       long long v = strtoll(optarg, &end, 10);

@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "calibrate.h"
 #include "flags.h"
 #include "run.h"
 #include "select.h"
@@ -32,6 +33,7 @@
   X(COMM, "comm", 1, "nccl|mpi|self", "how ranks talk (default under mpirun: nccl with cuda and a GPU per rank, else mpi; else self)") \
   X(VARIANT, "variant", 1, "V", "force V (r=R,d=D,a2a=linear|2dh, or LAYER:V, or cycle); repeatable") \
   X(TRACE, "trace", 1, "FILE.json", "write a Chrome trace (chrome://tracing, Perfetto) of every op of every rank") \
+  X(CALIBRATE, "calibrate", 1, "FILE", "measure this device (and the all-to-all under mpirun) for `moec plan --gpu FILE`; no training") \
   X(QUIET, "quiet", 0, "", "print only errors")                                                    \
   X(HELP, "help", 0, "", "print this help and exit")
 
@@ -77,6 +79,7 @@ int moert_main(const moert_model *m, int argc, char **argv) {
   moert_run_opts o;
   moert_run_defaults(m, &o);
   const char *variants[MAX_FORCED];
+  const char *calibrate = NULL;
   opterr = 0;
   int c;
   /* ":" first: a missing value comes back as ':', an unknown option as '?' */
@@ -112,6 +115,7 @@ int moert_main(const moert_model *m, int argc, char **argv) {
     case FLAG_RESUME: o.resume = true; break;
     case FLAG_OVERWRITE: o.overwrite = true; break;
     case FLAG_QUIET: o.quiet = true; break;
+    case FLAG_CALIBRATE: calibrate = a; break;
     case FLAG_HELP: usage(m, argv0, stdout); return 0;
     default: return usage_error(argv0, "unknown option '%s'", argv[optind - 1]);
     }
@@ -134,5 +138,6 @@ int moert_main(const moert_model *m, int argc, char **argv) {
     return usage_error(argv0, "%s", "--comm nccl needs the cuda backend (NCCL moves GPU memory); with "
                                     "--backend cpu use --comm mpi");
   o.variants = variants;
+  if (calibrate) return moert_calibrate(m, &o, calibrate, &argc, &argv, argv0);
   return moert_run(m, &o, &argc, &argv, argv0);
 }

@@ -41,7 +41,7 @@ typedef enum { MOERT_ACT_RELU, MOERT_ACT_GELU, MOERT_ACT_SILU, MOERT_ACT_SWIGLU,
 typedef enum { MOERT_OPT_SGD, MOERT_OPT_ADAM } moert_optim;
 typedef enum { MOERT_SCHED_CONSTANT, MOERT_SCHED_COSINE } moert_sched;
 typedef enum { MOERT_A2A_LINEAR, MOERT_A2A_2DH } moert_a2a_algo;
-typedef enum { MOERT_SELECT_AUTO, MOERT_SELECT_FIXED } moert_select_mode;
+typedef enum { MOERT_SELECT_AUTO, MOERT_SELECT_FIXED, MOERT_SELECT_PREDICTED } moert_select_mode;
 
 /* How a parameter is initialized, from the counter-based generator keyed by
  * (seed, parameter index, element's global index): identical at every world
@@ -156,6 +156,9 @@ typedef struct moert_model {
    * templates and kernels specialized on the layers' dims, compiled by the
    * cuda backend; NULL: the runtime's own templates, unspecialized. */
   const char *kernels_cu;
+  /* the device calibration `moec build --gpu` embedded (runtime/cost.h's
+   * JSON) and where it came from; NULL: none (select = predicted fails) */
+  const char *calibration, *calibration_source;
 } moert_model;
 
 extern const char *const moert_layer_kind_names[MOERT_L__COUNT];

@@ -28,7 +28,7 @@ set(MOERT_LAYER_SOURCES ${MOERT_LAYER_PATHS})
 set(MOERT_LAYER_PATHS ${MOERT_LAYER_PATHS} PARENT_SCOPE)
 add_library(moert STATIC
   ${MOERT_LAYER_SOURCES}
-  status.c cpu_ops.c cpu_ops_typed.c rng.c ${MOERT_CKPT_SOURCES} placement.c backend_cpu.c comm_self.c comm_staged.c moe.c
+  status.c cpu_ops.c cpu_ops_typed.c rng.c ${MOERT_CKPT_SOURCES} placement.c cost.c calibrate.c backend_cpu.c comm_self.c comm_staged.c moe.c
   select.c trace.c data.c step.c ckpt_io.c flags.c testing.c run.c driver.c comm_mpi.c comm_nccl.c
   backend_cuda.c cuda_lib.c cuda_nvrtc.c cuda_blas.c cuda_graphs.c
   $<TARGET_OBJECTS:moert_templates>)

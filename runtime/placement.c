@@ -258,11 +258,22 @@ static int64_t layer_param_count_global(const moert_model *m, int li) {
   return n;
 }
 
-void moert_plan_print(const moert_plan *p, FILE *out, bool json) {
+static int64_t scratch_bytes_of(const moert_plan *p) {
+  return (p->scratch_elems + (int64_t)(2 + p->max_res_depth) * p->tokens * p->model->dim) * 4;
+}
+
+int64_t moert_plan_memory_bytes(const moert_plan *p, bool training) {
+  return p->param_elems * 4 * (training ? 2 : 1) + p->state_elems * 4 + (p->act_elems + p->int_elems) * 4 +
+         scratch_bytes_of(p);
+}
+
+void moert_plan_print(const moert_plan *p, FILE *out, bool json) { moert_plan_print_with(p, out, json, NULL, NULL); }
+
+void moert_plan_print_with(const moert_plan *p, FILE *out, bool json, moert_plan_more more, void *ctx) {
   const moert_model *m = p->model;
   int64_t state_bytes = p->state_elems * 4, param_bytes = p->param_elems * 4;
   int64_t act_bytes = (p->act_elems + p->int_elems) * 4;
-  int64_t scratch_bytes = (p->scratch_elems + (int64_t)(2 + p->max_res_depth) * p->tokens * m->dim) * 4;
+  int64_t scratch_bytes = scratch_bytes_of(p);
   if (json) {
     fputs("{\n  \"model\": ", out);
     moert_json_str(out, m->name);
@@ -302,7 +313,9 @@ void moert_plan_print(const moert_plan *p, FILE *out, bool json) {
       }
       fprintf(out, "]}%s\n", li + 1 < m->nlayers ? "," : "");
     }
-    fputs("  ]\n}\n", out);
+    fputs(more ? "  ],\n" : "  ]\n", out);
+    if (more) more(ctx, out, true);
+    fputs("}\n", out);
     return;
   }
   char b1[32], b2[32], b3[32];
@@ -348,4 +361,5 @@ void moert_plan_print(const moert_plan *p, FILE *out, bool json) {
           human(b3, sizeof b3, (double)state_bytes, "B"),
           human((char[32]){0}, 32, (double)act_bytes, "B"),
           human((char[32]){0}, 32, (double)scratch_bytes, "B"));
+  if (more) more(ctx, out, false);
 }

@@ -159,6 +159,14 @@ void moert_json_str(FILE *out, const char *s);
 /* Prints the plan for a person (json = false) or as the stable JSON
  * documented in docs/PLAN.md. */
 void moert_plan_print(const moert_plan *p, FILE *out, bool json);
+/* The same, with more: called at the end (JSON: after "layers", for more
+ * top-level keys, the first of which it writes after a comma already
+ * written; text: after the totals). */
+typedef void (*moert_plan_more)(void *ctx, FILE *out, bool json);
+void moert_plan_print_with(const moert_plan *p, FILE *out, bool json, moert_plan_more more, void *ctx);
+/* Bytes of this rank's pools: parameters, gradients (training), optimizer
+ * state, saved activations and scratch (what moert_plan_print totals). */
+int64_t moert_plan_memory_bytes(const moert_plan *p, bool training);
 
 extern const char *const moert_fbuf_names[MOERT_F__COUNT];
 extern const char *const moert_ibuf_names[MOERT_I__COUNT];

@@ -116,7 +116,8 @@ static void print_header(const moert_model *m, const moert_plan *p, moert_dt xdt
     snprintf(how, sizeof how, "forced by --variant %s%s", o->variants[0], o->nvariants > 1 ? " and more" : "");
   else
     snprintf(how, sizeof how, "%s", m->parallel.select == MOERT_SELECT_FIXED ? "fixed (the spec's first candidate)"
-                                                                           : "chosen each step by measured time");
+                                    : m->parallel.select == MOERT_SELECT_PREDICTED ? "predicted by the cost model, not measured"
+                                                                                   : "chosen each step by measured time");
   fprintf(out, "variants: %s (r = expert split, d = pipeline depth, L/H = linear/2dh all-to-all)\n", how);
 }
 
@@ -532,6 +533,7 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
   moert_pick_mode mode = m->parallel.select == MOERT_SELECT_FIXED ? MOERT_PICK_FIXED : MOERT_PICK_AUTO;
   if (!moert_selector_create(plan, mode, m->parallel.explore_steps, o.variants, o.nvariants, &sel, &st))
     goto out;
+  if (!moert_selector_use_prediction(sel, comm->local_size, training, &st)) goto out;
   if (!moert_data_open(&data, o.data, m->vocab, m->dim, m->context, o.tokens * comm->world,
                        (uint64_t)o.seed, &st))
     goto out;

@@ -4,12 +4,18 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cost.h"
+
 typedef struct bucket {
   int64_t cap;                         /* power of two */
   int samples[MOERT_MAX_VARIANTS];
   double total_ms[MOERT_MAX_VARIANTS];
   int chosen;                          /* -1 while exploring */
   int next;                            /* exploration cursor */
+  /* with a prediction: the candidates in predicted order, and their
+   * predicted ms at the capacity that made the bucket */
+  int order[MOERT_MAX_VARIANTS];
+  double pred_ms[MOERT_MAX_VARIANTS];
 } bucket;
 
 typedef struct layer_sel {
@@ -25,6 +31,10 @@ struct moert_selector {
   moert_pick_mode mode;
   int64_t explore;
   layer_sel *layers;
+  bool predict;                        /* moert_selector_use_prediction gave a model */
+  bool training;
+  moert_calib calib;
+  moert_net net;
 };
 
 static int64_t bucket_of(int64_t c) {
@@ -152,7 +162,51 @@ static bucket *find_bucket(moert_selector *s, int li, int64_t capacity, bool mak
   memset(b, 0, sizeof *b);
   b->cap = cap;
   b->chosen = -1;
+  const moert_layer_plan *lp = &s->plan->layers[li];
+  for (int v = 0; v < lp->nvariants; v++) b->order[v] = v;
+  if (s->predict) {
+    moert_cost cost[MOERT_MAX_VARIANTS];
+    moert_cost_order(s->plan, li, capacity, &s->calib, &s->net, s->training, b->order, cost);
+    for (int v = 0; v < lp->nvariants; v++) b->pred_ms[v] = cost[v].total * 1e3;
+    if (s->mode == MOERT_PICK_PREDICTED) b->chosen = b->order[0];
+  }
   return b;
+}
+
+bool moert_selector_use_prediction(moert_selector *s, int ranks_per_node, bool training, moert_status *st) {
+  const moert_model *m = s->plan->model;
+  bool wanted = m->parallel.select == MOERT_SELECT_PREDICTED;
+  bool forced = s->mode == MOERT_PICK_CYCLE;
+  for (int li = 0; li < m->nlayers; li++) forced |= s->layers[li].forced >= 0;
+  if (forced || m->parallel.select == MOERT_SELECT_FIXED) return true;
+  if (!m->calibration) {
+    if (wanted)
+      return MOERT_FAIL(st, "`select = predicted` needs a calibration in the binary, and this one was built "
+                        "without (moec build --gpu none); build it with `moec build --gpu FILE` (a file of "
+                        "`./model --calibrate FILE`), or without --gpu for the committed one");
+    return true;
+  }
+  moert_status cst = {0};
+  if (!moert_calib_parse(m->calibration, m->calibration_source ? m->calibration_source : "the built-in calibration",
+                         &s->calib, &cst))
+    return MOERT_FAIL(st, "the calibration built into this binary: %s", cst.msg);
+  moert_net_defaults(&s->net);
+  s->net.ranks_per_node = ranks_per_node > 0 ? ranks_per_node : 1;
+  const char *net = getenv("MOEC_NET");
+  if (net && !moert_net_parse(net, &s->calib, &s->net, st)) return MOERT_UP(st);
+  s->predict = true;
+  s->training = training;
+  if (wanted) s->mode = MOERT_PICK_PREDICTED;
+  return true;
+}
+
+/* The candidate a bucket explores now: in rounds over the spec's order, or,
+ * with a prediction, each candidate's runs one after another in predicted
+ * order (a warm-up, then explore_steps measured). */
+static int exploring(const moert_selector *s, const bucket *b, int nv) {
+  if (!s->predict) return b->next % nv;
+  int64_t pos = b->next / (s->explore + 1);
+  return b->order[pos < nv ? pos : nv - 1];
 }
 
 int moert_selector_pick(void *ctx, int li, int64_t capacity, int64_t step) {
@@ -169,7 +223,7 @@ int moert_selector_pick(void *ctx, int li, int64_t capacity, int64_t step) {
   bucket *b = find_bucket(s, li, capacity, true);
   if (!b) return 0;
   if (b->chosen >= 0) return b->chosen;
-  return b->next % nv;
+  return exploring(s, b, nv);
 }
 
 bool moert_selector_record(moert_selector *s, int li, int64_t capacity, int variant, double ms) {
@@ -177,7 +231,26 @@ bool moert_selector_record(moert_selector *s, int li, int64_t capacity, int vari
   int nv = s->plan->layers[li].nvariants;
   if (s->mode != MOERT_PICK_AUTO || l->forced >= 0 || nv == 1) return false;
   bucket *b = find_bucket(s, li, capacity, true);
-  if (!b || b->chosen >= 0 || variant != b->next % nv) return false;
+  if (!b || b->chosen >= 0 || variant != exploring(s, b, nv)) return false;
+  if (s->predict) {
+    /* a candidate's first run is its warm-up; after its explore_steps
+     * measured runs, the next candidate in predicted order, unless it is
+     * predicted MOERT_PRUNE times slower than the best measured so far */
+    int64_t pos = b->next / (s->explore + 1), within = b->next % (s->explore + 1);
+    b->next++;
+    if (within == 0) return false;
+    b->samples[variant]++;
+    b->total_ms[variant] += ms;
+    if (within < s->explore) return false;
+    int best = b->order[0];
+    for (int64_t i = 1; i <= pos; i++) {
+      int v = b->order[i];
+      if (b->total_ms[v] / b->samples[v] < b->total_ms[best] / b->samples[best]) best = v;
+    }
+    if (pos + 1 < nv && b->pred_ms[b->order[pos + 1]] <= MOERT_PRUNE * b->pred_ms[best]) return false;
+    b->chosen = best;
+    return true;
+  }
   /* the first round is a warm-up, not recorded: a candidate's first run
    * pays once for what later runs reuse (NCCL's lazily made connections,
    * GEMM heuristics, cold caches), and one such outlier in a mean of
@@ -204,5 +277,12 @@ void moert_selector_json(const moert_selector *s, int li, int64_t capacity, FILE
   for (int v = 0; b && v < lp->nvariants; v++)
     fprintf(out, "%s\"%s\": %.6g", v ? ", " : "", lp->variants[v].name,
             b->samples[v] ? b->total_ms[v] / b->samples[v] : 0.0);
-  fputs("}}", out);
+  fputc('}', out);
+  if (s->predict && b) { /* what the cost model predicted, and the order it explored in */
+    fputs(", \"predicted_ms\": {", out);
+    for (int v = 0; v < lp->nvariants; v++)
+      fprintf(out, "%s\"%s\": %.6g", v ? ", " : "", lp->variants[v].name, b->pred_ms[v]);
+    fputc('}', out);
+  }
+  fputc('}', out);
 }

@@ -17,7 +17,7 @@
 #include "placement.h"
 #include "status.h"
 
-typedef enum { MOERT_PICK_AUTO, MOERT_PICK_FIXED, MOERT_PICK_CYCLE } moert_pick_mode;
+typedef enum { MOERT_PICK_AUTO, MOERT_PICK_FIXED, MOERT_PICK_CYCLE, MOERT_PICK_PREDICTED } moert_pick_mode;
 
 typedef struct moert_selector moert_selector;
 
@@ -32,6 +32,18 @@ bool moert_selector_create(const moert_plan *plan, moert_pick_mode mode, int64_t
                            const char *const *forced, int nforced, moert_selector **out,
                            moert_status *st);
 void moert_selector_destroy(moert_selector *s);
+/* With the cost model (cost.h) on the calibration the binary carries
+ * (moert_model.calibration) and the network of MOEC_NET (cost.h's --net
+ * syntax; ranks_per_node ranks a node): `select = predicted` picks each
+ * bucket's predicted best and explores nothing; `select = auto` explores
+ * the candidates one after another in predicted order (each one's warm-up
+ * run, then explore_steps measured ones) and stops at the first candidate
+ * predicted MOERT_PRUNE times slower than the best measured so far. Without
+ * a calibration, auto explores every candidate in the spec's order (in
+ * rounds) and `select = predicted` fails, saying how to give one. Does
+ * nothing under a forced variant or cycle. */
+#define MOERT_PRUNE 1.5
+bool moert_selector_use_prediction(moert_selector *s, int ranks_per_node, bool training, moert_status *st);
 /* The variant of layer li for a step whose padded capacity is C (an
  * executor's moert_pick_fn). */
 int moert_selector_pick(void *s, int li, int64_t capacity, int64_t step);
