@@ -1,12 +1,16 @@
 #!/bin/sh
-# seq_test.sh MODE MOEC SRCDIR WORKDIR — models with sequences (`seq`) and
-# attention, built by moec and run on the cpu as a user runs them. Exit 77
-# means "skipped" (a missing optional tool), with the reason printed.
+# seq_test.sh MODE MOEC SRCDIR WORKDIR — language models with sequences
+# (`seq`), attention and label smoothing, built by moec and run on the cpu as
+# a user runs them. Exit 77 means "skipped" (a missing optional tool), with the
+# reason printed.
 #   world_sizes  a seq model with attention and an n-gram window, trained at
 #                -np 1 and -np 2 with the same global batch: the same losses
 #                (the windows of a step do not depend on the world size)
 #   copy         a task only attention can solve: records of 15 random letters,
 #                `|`, the same letters and a newline; the model must copy
+#   smoothing    label_smoothing changes training but not the loss reported:
+#                step 1's loss (before any update) is the plain cross-entropy,
+#                the same as without smoothing; later steps differ
 set -u
 mode=$1 moec=$2 src=$3 work=$4
 rm -rf "$work" && mkdir -p "$work" && cd "$work" || exit 1
@@ -82,6 +86,28 @@ EOF
   awk -v l="$loss" 'BEGIN { exit !(l > 1.6) }' ||
     fail "eval loss $loss is far below the perfect-copying floor 1.885: the targets leak (the causal mask?)"
   echo "ok: the attention model copies: eval loss $loss, between the copying floor 1.885 and 2.5 (3.054 without copying)" ;;
+
+smoothing)
+  cat "$src"/docs/*.md > text.txt
+  cat > s.moe <<'EOF'
+model s {
+  dim = 32; tokens = 128; vocab = 256; context = 2; dtype = fp32;
+  residual { rmsnorm; ffn f { hidden = 64; } }
+}
+train { steps = 5; lr = 1e-2; seed = 3; data = bytes("text.txt"); log_every = 1; }
+EOF
+  sed 's/seed = 3;/seed = 3; label_smoothing = 0.3;/' s.moe > s3.moe
+  "$moec" build s.moe -o s >/dev/null && "$moec" build s3.moe -o s3 >/dev/null || fail "moec build"
+  ./s --backend cpu --metrics a.jsonl --quiet && ./s3 --backend cpu --metrics b.jsonl --quiet || fail "training"
+  field loss a.jsonl > a.txt; field loss b.jsonl > b.txt
+  [ "$(head -1 a.txt)" = "$(head -1 b.txt)" ] ||
+    fail "step 1's loss differs with smoothing ($(head -1 a.txt) vs $(head -1 b.txt)): the reported loss must stay the plain cross-entropy"
+  [ "$(tail -1 a.txt)" != "$(tail -1 b.txt)" ] || fail "label_smoothing changed nothing in training"
+  # smoothing pulls the logits toward uniform: the plain loss of the smoothed
+  # run is the higher one after a few steps of this size
+  awk -v a="$(tail -1 a.txt)" -v b="$(tail -1 b.txt)" 'BEGIN { exit !(b > a) }' ||
+    fail "with smoothing 0.3 the plain loss is not higher at step 5 ($(tail -1 b.txt) vs $(tail -1 a.txt))"
+  echo "ok: step 1 loss $(head -1 a.txt) with and without smoothing; step 5: $(tail -1 a.txt) plain, $(tail -1 b.txt) smoothed" ;;
 
 *) fail "unknown mode" ;;
 esac
