@@ -81,7 +81,7 @@ struct moert_backend {
    * host need not wait for it mid-step; the executor reads such values once,
    * at the step's end (the gradients they write are as the plain ops'). */
   void (*xent_to)(const float *logits, const int32_t *target, float *dlogits, int64_t rows,
-                  int64_t vocab, float scale, double *out);
+                  int64_t vocab, float scale, float smoothing, double *out);
   void (*mse_to)(const float *yhat, const float *y, float *dyhat, int64_t n, float scale, double *out);
   void (*aux_loss_to)(const float *score_sum, const float *top1_count, float *dscore_coef,
                       int64_t experts, double global_tokens, float *out);

@@ -82,8 +82,8 @@ static void cpu_copy_blocks(float *dst, int64_t dst_stride, const float *src, in
   }
 }
 static void cpu_xent_to(const float *logits, const int32_t *target, float *dlogits, int64_t rows,
-                        int64_t vocab, float scale, double *out) {
-  *out = moert_cpu_xent(logits, target, dlogits, rows, vocab, scale);
+                        int64_t vocab, float scale, float smoothing, double *out) {
+  *out = moert_cpu_xent(logits, target, dlogits, rows, vocab, scale, smoothing);
 }
 
 static void cpu_mse_to(const float *yhat, const float *y, float *dyhat, int64_t n, float scale,

@@ -891,32 +891,32 @@ static void cuda_embed_bwd(const float *dx, const int32_t *win, float *dtable, i
 /* The partial sums of xent (and its dlogits), reduced into *out on the
  * device. */
 static void xent_parts(const float *logits, const int32_t *target, float *dlogits, int64_t rows,
-                       int64_t vocab, float scale, double *out) {
+                       int64_t vocab, float scale, float smoothing, double *out) {
   unsigned bx, by;
   row_shape(vocab, &bx, &by);
   uint64_t grid = row_grid(rows, by, MAX_PARTS);
   double *part = scratch_d(0);
   long long n = (long long)grid;
   launch_spec(K_xent, vocab, 0, grid, 1, bx, by,
-              ARGS(&logits, &target, &dlogits, &rows, &vocab, &scale, &part));
+              ARGS(&logits, &target, &dlogits, &rows, &vocab, &scale, &smoothing, &part));
   launch(K_reduce_sum, 1, 1, 1024, 1, ARGS(&part, &n, &out));
 }
 
 static double cuda_xent(const float *logits, const int32_t *target, float *dlogits, int64_t rows,
-                        int64_t vocab, float scale) {
+                        int64_t vocab, float scale, float smoothing) {
   if (rows <= 0) return 0;
   double *out = scalar_slot(0), v;
-  xent_parts(logits, target, dlogits, rows, vocab, scale, out);
+  xent_parts(logits, target, dlogits, rows, vocab, scale, smoothing, out);
   return fetch(&v, out, sizeof v) ? v : NAN;
 }
 
 static void cuda_xent_to(const float *logits, const int32_t *target, float *dlogits, int64_t rows,
-                         int64_t vocab, float scale, double *out) {
+                         int64_t vocab, float scale, float smoothing, double *out) {
   if (rows <= 0) {
     cuda_zero(out, sizeof *out);
     return;
   }
-  xent_parts(logits, target, dlogits, rows, vocab, scale, out);
+  xent_parts(logits, target, dlogits, rows, vocab, scale, smoothing, out);
 }
 
 static void mse_parts(const float *yhat, const float *y, float *dyhat, int64_t n, float scale,

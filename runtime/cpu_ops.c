@@ -774,8 +774,8 @@ void moert_cpu_embed_bwd(const float *dx, const int32_t *win, float *dtable, int
 }
 
 double moert_cpu_xent(const float *logits, const int32_t *target, float *dlogits, int64_t rows,
-                      int64_t vocab, float scale) {
-  double total = 0;
+                      int64_t vocab, float scale, float smoothing) {
+  double total = 0, on = 1 - (double)smoothing, spread = (double)smoothing / (double)vocab;
   for (int64_t r = 0; r < rows; r++) {
     const float *l = logits + r * vocab;
     int64_t tgt = target[r];
@@ -789,7 +789,7 @@ double moert_cpu_xent(const float *logits, const int32_t *target, float *dlogits
     if (!dlogits) continue;
     float *d = dlogits + r * vocab;
     for (int64_t v = 0; v < vocab; v++)
-      d[v] = valid ? (float)(scale * (exp(l[v] - mx) / sum - (v == tgt))) : 0;
+      d[v] = valid ? (float)(scale * (exp(l[v] - mx) / sum - (v == tgt ? on + spread : spread))) : 0;
   }
   return total;
 }

@@ -180,10 +180,14 @@ void moert_cpu_embed_fwd(const float *table, const int32_t *win, float *x, int64
 /* dtable accumulates. */
 void moert_cpu_embed_bwd(const float *dx, const int32_t *win, float *dtable, int64_t tokens,
                          int64_t context, int64_t vocab, int64_t dim);
-/* Sum over rows of -log softmax(logits)[target]; when dlogits is not NULL it
- * is written with scale * (softmax - onehot). logits is [rows, vocab]. */
+/* Sum over rows of -log softmax(logits)[target] (the plain cross-entropy,
+ * whatever the smoothing); when dlogits is not NULL it is written with
+ * scale * (softmax - ((1 - smoothing) onehot + smoothing / vocab)), the
+ * gradient of the label-smoothed objective (1 - smoothing) (-log p[target])
+ * + smoothing * mean over v of (-log p[v]). logits is [rows, vocab]; a row
+ * whose target is outside [0, vocab) counts 0 and gets dlogits 0. */
 double moert_cpu_xent(const float *logits, const int32_t *target, float *dlogits, int64_t rows,
-                      int64_t vocab, float scale);
+                      int64_t vocab, float scale, float smoothing);
 /* Sum of (yhat - y)^2; when dyhat is not NULL it is written with
  * scale * 2 * (yhat - y). */
 double moert_cpu_mse(const float *yhat, const float *y, float *dyhat, int64_t n, float scale);

@@ -69,21 +69,25 @@ extern "C" __global__ void moert_k_embed_bwd(const float *dx, const int *win, fl
 
 // Cross-entropy: part[blockIdx.x] = the sum over this block's rows of
 // -log softmax(logits)[target] (rows whose target is outside [0, vocab)
-// count 0); dlogits, when not null, = scale * (softmax - onehot), 0 on the
-// ignored rows.
+// count 0), the plain cross-entropy whatever the smoothing; dlogits, when not
+// null, = scale * (softmax - ((1 - smoothing) onehot + smoothing / vocab)),
+// the gradient of the label-smoothed objective, 0 on the ignored rows.
 // V: the vocabulary (the row width) when known at compile time, else 0.
 template <int V>
 __device__ __forceinline__ void moert_xent_impl(const float *logits, const int *target,
                                                 float *dlogits, long long rows,
-                                                long long vocab_arg, float scale, double *part) {
+                                                long long vocab_arg, float scale, float smoothing,
+                                                double *part) {
   typedef moert_row<V> R;
   if constexpr (R::CACHE) {
     if (blockDim.x != R::G) {
-      moert_xent_impl<0>(logits, target, dlogits, rows, vocab_arg, scale, part);
+      moert_xent_impl<0>(logits, target, dlogits, rows, vocab_arg, scale, smoothing, part);
       return;
     }
   }
   const long long vocab = V > 0 ? V : vocab_arg;
+  // the smoothed target: on + spread at the target, spread elsewhere (as the cpu, in double)
+  const float on = (float)(1.0 - (double)smoothing), spread = (float)((double)smoothing / (double)vocab);
   __shared__ double sh[MOERT_MAX_ROWS * MOERT_MAX_WARPS];
   double total = 0.0; // the losses of this thread's rows (kept by the group's thread 0)
   for (long long base = (long long)blockIdx.x * blockDim.y; base < rows;
@@ -117,7 +121,7 @@ __device__ __forceinline__ void moert_xent_impl(const float *logits, const int *
       float inv = (float)(1.0 / sum);
       moert_row_each<V>(vocab, [&](int q, long long v) {
         float ex = R::CACHE ? lv[q] : expf(l[v] - mxf);
-        d[v] = valid ? scale * (ex * inv - (v == tgt ? 1.0f : 0.0f)) : 0.0f;
+        d[v] = valid ? scale * (ex * inv - (v == tgt ? on + spread : spread)) : 0.0f;
       });
     }
   }
@@ -127,8 +131,8 @@ __device__ __forceinline__ void moert_xent_impl(const float *logits, const int *
 
 extern "C" __global__ void moert_k_xent(const float *logits, const int *target, float *dlogits,
                                         long long rows, long long vocab, float scale,
-                                        double *part) {
-  moert_xent_impl<0>(logits, target, dlogits, rows, vocab, scale, part);
+                                        float smoothing, double *part) {
+  moert_xent_impl<0>(logits, target, dlogits, rows, vocab, scale, smoothing, part);
 }
 
 // Squared error: part[blockIdx.x] = this block's share of sum (yhat - y)^2;

@@ -75,8 +75,11 @@ static bool head_fwd(moert_exec *e, int li, int64_t step, bool want_grad, moert_
   } else {
     b->gemm(false, false, T, m->vocab, M, 1, cur, M, P(e, li, W), m->vocab, 0, F(e, li, HLOGITS), m->vocab);
   }
+  /* training follows the smoothed targets; the loss reported stays the plain
+   * cross-entropy (xent returns it whatever the smoothing), so runs compare */
+  float smoothing = want_grad ? (float)m->train.label_smoothing : 0.0f;
   b->xent_to(F(e, li, HLOGITS), I(e, li, TOKENS), want_grad ? S(e, li, DLOGITS) : NULL, T, m->vocab,
-             (float)norm, e->dloss);
+             (float)norm, smoothing, e->dloss);
   return true;
 }
 

@@ -694,22 +694,24 @@ static void t_embed(int64_t T, int64_t context, int64_t vocab, int64_t M) {
   end();
 }
 
-static void t_xent(int64_t rows, int64_t vocab, bool grad) {
-  begin("xent rows=%lld vocab=%lld%s", (long long)rows, (long long)vocab, grad ? " with dlogits" : "");
+/* smoothing: label smoothing of the dlogits (the loss stays the plain one) */
+static void t_xent(int64_t rows, int64_t vocab, bool grad, float smoothing) {
+  begin("xent rows=%lld vocab=%lld%s smoothing=%g", (long long)rows, (long long)vocab,
+        grad ? " with dlogits" : "", smoothing);
   fbuf logits = fb(rows * vocab, -6, 6), dl = garbage(rows * vocab);
   ibuf target = ib(rows, 0, vocab);
   for (int64_t r = 0; r < rows; r += 5) target.h[r] = r % 10 ? -1 : (int32_t)vocab; /* ignored */
   sync_i(target);
   float scale = 1.0f / (float)rows;
-  double want = cpu->xent(logits.h, target.h, grad ? dl.h : NULL, rows, vocab, scale);
-  double got = gpu->xent(logits.d, target.d, grad ? dl.d : NULL, rows, vocab, scale);
+  double want = cpu->xent(logits.h, target.h, grad ? dl.h : NULL, rows, vocab, scale, smoothing);
+  double got = gpu->xent(logits.d, target.d, grad ? dl.d : NULL, rows, vocab, scale, smoothing);
   check_scalar("loss", got, want, 1e-6);
   check_f("dlogits", dl, TOL);
   /* xent_to: the same sum left in device memory, the same dlogits */
   double *out = dev_scalar(), got_to = NAN;
   fbuf dl2 = garbage(rows * vocab);
-  double want_to = cpu->xent(logits.h, target.h, grad ? dl2.h : NULL, rows, vocab, scale);
-  gpu->xent_to(logits.d, target.d, grad ? dl2.d : NULL, rows, vocab, scale, out);
+  double want_to = cpu->xent(logits.h, target.h, grad ? dl2.h : NULL, rows, vocab, scale, smoothing);
+  gpu->xent_to(logits.d, target.d, grad ? dl2.d : NULL, rows, vocab, scale, smoothing, out);
   download(&got_to, out, sizeof got_to);
   check_scalar("loss (xent_to)", got_to, want_to, 1e-6);
   check_f("dlogits (xent_to)", dl2, TOL);
@@ -1216,10 +1218,13 @@ static void run_all(void) {
   t_embed(37, 1, 50, 5);
   t_embed(300, 3, 50, 64);
   for (int g = 0; g < 2; g++) {
-    t_xent(1, 2, g);
-    t_xent(37, 50, g);
-    t_xent(300, 1000, g);
-    t_xent(64, 5000, g);
+    t_xent(1, 2, g, 0);
+    t_xent(37, 50, g, 0);
+    t_xent(300, 1000, g, 0);
+    t_xent(64, 5000, g, 0);
+    t_xent(1, 2, g, 0.5f);
+    t_xent(37, 50, g, 0.1f);
+    t_xent(300, 1000, g, 0.25f);
     t_mse(1, g);
     t_mse(10007, g);
   }
@@ -1368,8 +1373,9 @@ static void run_specialized(void) {
     t_layernorm(r, 100);
     t_rmsnorm(r, 100);
     t_l2norm_rows(r, 256, false);
-    t_xent(r, 300, true);
-    t_xent(r, 300, false);
+    t_xent(r, 300, true, 0);
+    t_xent(r, 300, false, 0);
+    t_xent(r, 300, true, 0.1f);
     for (int j = 0; j < 3; j++) {
       int64_t E = ek[j][0], K = ek[j][1];
       t_gate_fwd(r, E, K, 0);

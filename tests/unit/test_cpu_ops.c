@@ -583,6 +583,8 @@ static int run_gradient_checks(void) {
                          CASE_FNS(embed)};
   cases[n++] = (gc_case){.name = "xent", .nin = 1, .in_n = {5 * 7}, .out_n = 1, .d = {5, 7},
                          .setup = setup_xent, CASE_FNS(xent)};
+  cases[n++] = (gc_case){.name = "xent label smoothing 0.2", .nin = 1, .in_n = {5 * 7}, .out_n = 1,
+                         .d = {5, 7}, .p = {0.2}, .setup = setup_xent, CASE_FNS(xent)};
   cases[n++] = (gc_case){.name = "mse", .nin = 2, .in_n = {9, 9}, .out_n = 1, .d = {9},
                          CASE_FNS(mse)};
   // clang-format on
@@ -1139,14 +1141,23 @@ static void test_embed_losses(void) {
   const int32_t tgt[] = {0, 1, -1};
   float dl[9];
   for (int i = 0; i < 9; i++) dl[i] = NAN;
-  double loss = moert_cpu_xent(logits, tgt, dl, 3, 3, 0.5f);
+  double loss = moert_cpu_xent(logits, tgt, dl, 3, 3, 0.5f, 0);
   double want = log(3.0) + 1000;
   if (!(fabs(loss - want) <= 1e-9 * want))
     fail("xent: loss %.12g, want %.12g (ln 3 + 1000; the -1 row ignored)", loss, want);
   check_f32("xent: dlogits = scale (softmax - onehot); ignored row 0", dl,
             (double[]){0.5 * (1.0 / 3 - 1), 0.5 / 3, 0.5 / 3, 0.5, -0.5, 0, 0, 0, 0}, 9, 1e-7, 0);
-  double loss2 = moert_cpu_xent(logits, tgt, NULL, 3, 3, 1);
+  double loss2 = moert_cpu_xent(logits, tgt, NULL, 3, 3, 1, 0);
   if (loss2 != loss) fail("xent: loss without dlogits %.12g != %.12g", loss2, loss);
+  /* smoothing 0.3 over 3 words: the target 0.7 + 0.1, the others 0.1; the
+   * loss returned stays the plain cross-entropy */
+  for (int i = 0; i < 9; i++) dl[i] = NAN;
+  double loss3 = moert_cpu_xent(logits, tgt, dl, 3, 3, 0.5f, 0.3f);
+  if (loss3 != loss) fail("xent: the loss with smoothing %.12g != the plain one %.12g", loss3, loss);
+  check_f32("xent: dlogits = scale (softmax - ((1 - eps) onehot + eps / V)); ignored row 0", dl,
+            (double[]){0.5 * (1.0 / 3 - 0.8), 0.5 * (1.0 / 3 - 0.1), 0.5 * (1.0 / 3 - 0.1), 0.5 * (1 - 0.1),
+                       0.5 * (0 - 0.8), 0.5 * (0 - 0.1), 0, 0, 0},
+            9, 1e-7, 0);
 
   const float yhat[] = {1, 2, 3}, yy[] = {0, 4, 3};
   float dyh[3];
