@@ -27,6 +27,7 @@ _Static_assert((int)MOEC_ACT_RELU == (int)MOERT_ACT_RELU && (int)MOEC_ACT_GELU =
                    (int)MOEC_ACT_SILU == (int)MOERT_ACT_SILU && (int)MOEC_ACT_SWIGLU == (int)MOERT_ACT_SWIGLU,
                "spec.def and model.h disagree on activations");
 _Static_assert((int)MOEC_GATE_COSINE == (int)MOERT_GATE_COSINE, "gate kinds");
+_Static_assert(MOEC_MAX_HEAD_DIM == MOERT_MAX_HEAD_DIM, "spec.h and model.h disagree on the widest head");
 _Static_assert(MOEC_COSINE_PROJ == MOERT_COSINE_PROJ, "spec.h and model.h disagree on the cosine projection");
 _Static_assert(MOEC_MAX_TOKENS == MOERT_MAX_TOKENS && MOEC_MAX_ACT_ELEMS == MOERT_MAX_ACT_ELEMS,
                "spec.h and model.h disagree on the size limits");
@@ -66,7 +67,7 @@ static moert_layer *add_layer(lowering *L, moert_layer_kind kind, const char *na
 static void add_params(lowering *L) {
   moert_layer *l = &L->layers[L->nlayers - 1];
   const moert_layer_ops *ops = moert_layer_ops_of(l->kind);
-  moert_model dims = {.dim = L->s->dim, .vocab = L->s->vocab, .context = L->s->context};
+  moert_model dims = {.dim = L->s->dim, .vocab = L->s->vocab, .context = L->s->context, .seq = L->s->seq};
   for (int s = 0; s < ops->nslots; s++) {
     moert_param want;
     if (!ops->slot(&dims, l, s, &want)) continue;
@@ -105,6 +106,20 @@ static void lower_one(lowering *L, const moec_layer *l, const char *suffix) {
     x->hidden = l->ffn.hidden;
     x->act = (moert_act)l->ffn.act;
     x->bias = 1;
+    add_params(L);
+    break;
+  }
+  case MOEC_LAYER_ATTENTION: {
+    const moec_attention *at = &l->attn;
+    const char *name = moec_arena_printf(L->a, "%s%s", l->name, suffix);
+    claim_name(L, name, l->loc);
+    moert_layer *x = add_layer(L, MOERT_L_ATTENTION, name);
+    x->heads = at->heads;
+    x->kv_heads = at->kv_heads;
+    x->head_dim = at->head_dim;
+    x->causal = at->causal;
+    x->rope = at->rope;
+    x->bias = at->bias;
     add_params(L);
     break;
   }
@@ -175,6 +190,7 @@ moert_model *moec_lower(moec_arena *a, moec_diags *d, const moec_spec *s, const 
   md->tokens = s->tokens;
   md->vocab = s->vocab;
   md->context = s->vocab ? s->context : 0;
+  md->seq = s->vocab ? s->seq : 0;
   md->dtype = (moert_dtype)s->dtype;
   md->nlayers = L->nlayers;
   md->layers = L->layers;
@@ -220,6 +236,7 @@ moert_model *moec_lower(moec_arena *a, moec_diags *d, const moec_spec *s, const 
     t->checkpoint = st->checkpoint;
     t->checkpoint_every = st->checkpoint_every;
     t->log_every = st->log_every;
+    t->label_smoothing = s->vocab ? st->label_smoothing : 0;
   } else {
     t->steps = 10; /* an inference binary times this many forward steps by default */
     t->seed = 1;

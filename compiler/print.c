@@ -63,6 +63,18 @@ static void put_layers(const moec_layer *l, int depth, FILE *out) {
       indent(out, depth + 1); fprintf(out, "activation = %s;\n", moec_act_names[l->ffn.act]);
       indent(out, depth); fputs("}\n", out);
       break;
+    case MOEC_LAYER_ATTENTION: {
+      const moec_attention *at = &l->attn;
+      fprintf(out, "attention %s {\n", l->name);
+      indent(out, depth + 1); fprintf(out, "heads = %" PRId64 ";\n", at->heads);
+      indent(out, depth + 1); fprintf(out, "kv_heads = %" PRId64 ";\n", at->kv_heads);
+      indent(out, depth + 1); fprintf(out, "head_dim = %" PRId64 ";\n", at->head_dim);
+      indent(out, depth + 1); fprintf(out, "causal = %s;\n", at->causal ? "true" : "false");
+      indent(out, depth + 1); fputs("rope = ", out); put_num(out, at->rope); fputs(";\n", out);
+      indent(out, depth + 1); fprintf(out, "bias = %s;\n", at->bias ? "true" : "false");
+      indent(out, depth); fputs("}\n", out);
+      break;
+    }
     case MOEC_LAYER_LAYERNORM:
     case MOEC_LAYER_RMSNORM:
       fprintf(out, "%s;\n", moec_layer_names[l->kind]);
@@ -88,6 +100,7 @@ void moec_spec_print(const moec_spec *s, FILE *out) {
   if (s->vocab) {
     fprintf(out, "  vocab = %" PRId64 ";\n", s->vocab);
     fprintf(out, "  context = %" PRId64 ";\n", s->context);
+    if (s->seq) fprintf(out, "  seq = %" PRId64 ";\n", s->seq);
   }
   put_layers(s->layers, 1, out);
   fputs("}\n", out);
@@ -135,6 +148,7 @@ void moec_spec_print(const moec_spec *s, FILE *out) {
   }
   fprintf(out, "  checkpoint_every = %" PRId64 ";\n", t->checkpoint_every);
   fprintf(out, "  log_every = %" PRId64 ";\n", t->log_every);
+  fputs("  label_smoothing = ", out); put_num(out, t->label_smoothing); fputs(";\n", out);
   fputs("}\n", out);
 }
 
@@ -173,7 +187,7 @@ static void human(char *buf, size_t n, double v) {
 void moec_spec_summary(const moec_spec *s, FILE *out) {
   tally t = {0};
   count(s->layers, 1, &t);
-  int64_t leaves = t.layers[MOEC_LAYER_MOE] + t.layers[MOEC_LAYER_FFN] +
+  int64_t leaves = t.layers[MOEC_LAYER_MOE] + t.layers[MOEC_LAYER_FFN] + t.layers[MOEC_LAYER_ATTENTION] +
                    t.layers[MOEC_LAYER_LAYERNORM] + t.layers[MOEC_LAYER_RMSNORM];
   int64_t params = moec_spec_params(s);
   char pbuf[32], bbuf[32];
@@ -181,9 +195,12 @@ void moec_spec_summary(const moec_spec *s, FILE *out) {
   human(bbuf, sizeof bbuf, (double)params * moec_dtype_bytes(s->dtype));
   fprintf(out, "model %s: dim %" PRId64 ", %" PRId64 " tokens per rank, %s\n", s->name, s->dim,
           s->tokens, moec_dtype_names[s->dtype]);
-  fprintf(out, "  layers: %" PRId64 " (%" PRId64 " moe, %" PRId64 " ffn, %" PRId64
+  char attn[48] = ""; /* only where there is attention: older summaries stay as they were */
+  if (t.layers[MOEC_LAYER_ATTENTION])
+    snprintf(attn, sizeof attn, ", %" PRId64 " attention", t.layers[MOEC_LAYER_ATTENTION]);
+  fprintf(out, "  layers: %" PRId64 " (%" PRId64 " moe, %" PRId64 " ffn%s, %" PRId64
           " norm) in %" PRId64 " residual blocks\n",
-          leaves, t.layers[MOEC_LAYER_MOE], t.layers[MOEC_LAYER_FFN],
+          leaves, t.layers[MOEC_LAYER_MOE], t.layers[MOEC_LAYER_FFN], attn,
           t.layers[MOEC_LAYER_LAYERNORM] + t.layers[MOEC_LAYER_RMSNORM],
           t.layers[MOEC_LAYER_RESIDUAL]);
   fprintf(out, "  parameters: %s (%" PRId64 "), %sB as %s\n", pbuf, params, bbuf,
@@ -193,8 +210,10 @@ void moec_spec_summary(const moec_spec *s, FILE *out) {
   else if (t.layers[MOEC_LAYER_MOE])
     fprintf(out, "  experts: %" PRId64 " in all, %" PRId64 " to %" PRId64 " per moe layer\n",
             t.experts, t.min_e, t.max_e);
+  char seq[48] = "";
+  if (s->seq) snprintf(seq, sizeof seq, ", sequences of %" PRId64, s->seq);
   if (s->vocab)
-    fprintf(out, "  vocabulary: %" PRId64 " tokens, context %" PRId64 "\n", s->vocab, s->context);
+    fprintf(out, "  vocabulary: %" PRId64 " tokens, context %" PRId64 "%s\n", s->vocab, s->context, seq);
   if (s->has_train)
     fprintf(out, "  training: %" PRId64 " steps of %s, lr %g, %s data\n", s->train.steps,
             moec_optim_names[s->train.optimizer], s->train.lr,

@@ -79,8 +79,8 @@ static const char *const section_names[] = {
 };
 
 /* Blocks that hold keys. */
-typedef enum { BLK_MODEL, BLK_MOE, BLK_FFN, BLK_PARALLEL, BLK_TRAIN, BLK__COUNT } block;
-static const char *const block_names[BLK__COUNT] = {"model", "moe", "ffn", "parallel", "train"};
+typedef enum { BLK_MODEL, BLK_MOE, BLK_FFN, BLK_ATTENTION, BLK_PARALLEL, BLK_TRAIN, BLK__COUNT } block;
+static const char *const block_names[BLK__COUNT] = {"model", "moe", "ffn", "attention", "parallel", "train"};
 
 typedef enum {
   T_INT, T_NUM, T_BOOL, T_STRING, T_DATA, T_RLIST, T_DLIST, T_A2ALIST,
@@ -377,6 +377,13 @@ int64_t moec_layer_params(const moec_spec *s, const moec_layer *l) {
     return sat_add(gate, sat_mul(e->experts, ffn_params(m, e->hidden, e->act, e->bias)));
   }
   case MOEC_LAYER_FFN: return ffn_params(m, l->ffn.hidden, l->ffn.act, true);
+  case MOEC_LAYER_ATTENTION: { /* runtime/layers/attention.c's slots */
+    const moec_attention *at = &l->attn;
+    int64_t qkv = sat_mul(sat_add(at->heads, sat_mul(2, at->kv_heads)), at->head_dim);
+    int64_t o = sat_mul(at->heads, at->head_dim);
+    int64_t p = sat_add(sat_mul(m, qkv), sat_mul(o, m));
+    return at->bias ? sat_add(p, sat_add(qkv, m)) : p;
+  }
   case MOEC_LAYER_LAYERNORM: return sat_mul(2, m);
   case MOEC_LAYER_RMSNORM: return m;
   case MOEC_LAYER_RESIDUAL:
@@ -490,6 +497,83 @@ static void check_ffn(sema *S, const moec_stmt *st, moec_layer *l) {
                  l->ffn.hidden);
 }
 
+/* The keys of one `attention` layer; the rules that need `dim` (the default
+ * head_dim) wait for the model's keys (finish_attention). */
+static void check_attention(sema *S, const moec_stmt *st, moec_layer *l) {
+  collect_keys_only(S, st->body, BLK_ATTENTION);
+  moec_attention *at = &l->attn;
+  /* heads_loc stays unset unless `heads` is valid: the rules that follow
+   * from it (kv_heads divides it, the default head_dim) then stay quiet */
+  const moec_stmt *h = GIVEN(ATTENTION_heads);
+  get_int(S, KEY_ATTENTION_heads, &at->heads, 1, positive);
+  bool read = h && h->nvalues == 1 && h->values->kind == MOEC_VAL_INT;
+  if (read && at->heads > MOEC_MAX_HEADS)
+    moec_error(S->d, h->values->loc, "too many heads: %" PRId64 " (limit is %d)", at->heads,
+               MOEC_MAX_HEADS);
+  else if (read && at->heads > 0)
+    at->heads_loc = h->values->loc;
+  if (!at->heads_loc.src) at->heads = 1;
+  get_int(S, KEY_ATTENTION_kv_heads, &at->kv_heads, at->heads, positive);
+  if (at->kv_heads <= 0) at->kv_heads = at->heads;
+  get_int(S, KEY_ATTENTION_head_dim, &at->head_dim, 0, positive);
+  at->head_dim_given = GIVEN(ATTENTION_head_dim) != NULL;
+  at->causal = get_bool(S, KEY_ATTENTION_causal, true);
+  get_num(S, KEY_ATTENTION_rope, &at->rope, 10000.0, nonneg_d);
+  at->bias = get_bool(S, KEY_ATTENTION_bias, false);
+  require(S, st, KEY_ATTENTION_heads, st->body_error);
+  if (GIVEN(ATTENTION_kv_heads) && at->heads_loc.src && at->kv_heads > 0 && at->heads % at->kv_heads)
+    moec_error(S->d, GIVEN(ATTENTION_kv_heads)->values->loc,
+               "`kv_heads` (%" PRId64 ") must divide `heads` (%" PRId64 "): each key/value head "
+               "serves the same number of query heads",
+               at->kv_heads, at->heads);
+  if (at->heads % at->kv_heads) at->kv_heads = at->heads;
+  if (at->head_dim_given && at->head_dim > 0 &&
+      (at->head_dim % MOEC_HEAD_DIM_ALIGN || at->head_dim > MOEC_MAX_HEAD_DIM))
+    moec_error(S->d, GIVEN(ATTENTION_head_dim)->values->loc,
+               "`head_dim` must be a multiple of %d and at most %d, not %" PRId64,
+               MOEC_HEAD_DIM_ALIGN, MOEC_MAX_HEAD_DIM, at->head_dim);
+  if (at->head_dim_given && (at->head_dim <= 0 || at->head_dim % MOEC_HEAD_DIM_ALIGN ||
+                             at->head_dim > MOEC_MAX_HEAD_DIM))
+    at->head_dim = MOEC_HEAD_DIM_ALIGN;
+}
+
+/* The default head_dim (dim / heads) of every attention layer in the list,
+ * once `dim` is known; reported at `heads` (or at the layer when `heads` was
+ * not given: its missing key was reported already). Returns whether the list
+ * holds an attention layer. */
+static bool finish_attention(sema *S, moec_layer *l, bool dim_ok) {
+  bool any = false;
+  for (; l; l = l->next) {
+    if (l->kind == MOEC_LAYER_RESIDUAL || l->kind == MOEC_LAYER_REPEAT) {
+      any |= finish_attention(S, l->body, dim_ok);
+      continue;
+    }
+    if (l->kind != MOEC_LAYER_ATTENTION) continue;
+    any = true;
+    moec_attention *at = &l->attn;
+    if (at->head_dim_given) continue;
+    int64_t m = S->spec->dim;
+    at->head_dim = m / at->heads;
+    if (!dim_ok || !at->heads_loc.src) {
+      if (at->head_dim <= 0) at->head_dim = MOEC_HEAD_DIM_ALIGN;
+      continue;
+    }
+    if (m % at->heads)
+      moec_error(S->d, at->heads_loc,
+                 "`head_dim` defaults to `dim` / `heads`, but %" PRId64 " / %" PRId64 " is not whole; "
+                 "choose `heads` that divides `dim`, or give `head_dim = ...;`",
+                 m, at->heads);
+    else if (at->head_dim % MOEC_HEAD_DIM_ALIGN || at->head_dim > MOEC_MAX_HEAD_DIM)
+      moec_error(S->d, at->heads_loc,
+                 "`head_dim` defaults to `dim` / `heads` = %" PRId64 ", but it must be a multiple of "
+                 "%d and at most %d; change `heads`, or give `head_dim = ...;`",
+                 at->head_dim, MOEC_HEAD_DIM_ALIGN, MOEC_MAX_HEAD_DIM);
+    if (at->head_dim <= 0 || at->head_dim % MOEC_HEAD_DIM_ALIGN || at->head_dim > MOEC_MAX_HEAD_DIM)
+      at->head_dim = MOEC_HEAD_DIM_ALIGN;
+  }
+  return any;
+}
+
 /* One statement inside `model`, `residual` or `repeat` (the parent's keyword)
  * as a layer; NULL if it is not one (after a diagnostic). */
 static moec_layer *check_layer(sema *S, const moec_stmt *st, const char *parent) {
@@ -569,6 +653,11 @@ static moec_layer *check_layer(sema *S, const moec_stmt *st, const char *parent)
     l->name = st->name;
     define_name(S, st->name, st->name_loc);
     check_ffn(S, st, l);
+    break;
+  case MOEC_LAYER_ATTENTION:
+    l->name = st->name;
+    define_name(S, st->name, st->name_loc);
+    check_attention(S, st, l);
     break;
   case MOEC_LAYER_REPEAT:
     l->count = st->count;
@@ -669,9 +758,26 @@ static void check_model(sema *S, const moec_stmt *st) {
   else if (GIVEN(MODEL_context) && s->context > MOEC_MAX_CONTEXT)
     moec_error(S->d, GIVEN(MODEL_context)->values->loc,
                "`context` is %" PRId64 " (limit is %d)", s->context, MOEC_MAX_CONTEXT);
+  get_int(S, KEY_MODEL_seq, &s->seq, 0, positive);
+  if (GIVEN(MODEL_seq) && !GIVEN(MODEL_vocab) && !S->misspelt[KEY_MODEL_vocab])
+    moec_error(S->d, GIVEN(MODEL_seq)->word_loc,
+               "`seq` needs `vocab`: it cuts the token stream into sequences");
+  else if (GIVEN(MODEL_seq) && s->seq > 0 && GIVEN(MODEL_tokens) && s->tokens > 0 && s->tokens % s->seq)
+    moec_error(S->d, s->tokens_loc,
+               "`tokens` (%" PRId64 ") must be a whole number of sequences of `seq` = %" PRId64
+               "; make `tokens` a multiple of %" PRId64,
+               s->tokens, s->seq, s->seq);
+  bool dim_ok = GIVEN(MODEL_dim) && s->dim > 0 && s->dim % 2 == 0;
   if (s->dim <= 0) s->dim = 2;
   if (s->vocab < 0) s->vocab = 0;
   if (s->context <= 0 || s->context > MOEC_MAX_CONTEXT) s->context = 1;
+  if (s->seq < 0) s->seq = 0;
+  if (finish_attention(S, s->layers, dim_ok) && !GIVEN(MODEL_seq) && !S->misspelt[KEY_MODEL_seq] &&
+      !st->body_error) {
+    moec_error(S->d, st->name_loc,
+               "the model has attention, so the `model` block `%s` is missing `seq = ...;` "
+               "(the length of the sequences attention sees)", q(S, st->name));
+  }
   if (!tried_layers && !st->body_error)
     moec_warning(S->d, st->name_loc, "the model has no layers; add `moe`, `ffn` or other layers");
 }
@@ -800,6 +906,9 @@ static void check_train(sema *S, const moec_stmt *st) {
   if (GIVEN(TRAIN_checkpoint)) want_string(S, GIVEN(TRAIN_checkpoint), &t->checkpoint);
   get_int(S, KEY_TRAIN_checkpoint_every, &t->checkpoint_every, 0, nonneg_i);
   get_int(S, KEY_TRAIN_log_every, &t->log_every, 10, positive);
+  get_num(S, KEY_TRAIN_label_smoothing, &t->label_smoothing, 0, unit_interval);
+  if (GIVEN(TRAIN_label_smoothing)) S->spec->smoothing_loc = GIVEN(TRAIN_label_smoothing)->values->loc;
+  if (t->label_smoothing < 0 || t->label_smoothing >= 1) t->label_smoothing = 0;
   if (GIVEN(TRAIN_checkpoint_every) && t->checkpoint_every > 0 && !GIVEN(TRAIN_checkpoint))
     moec_warning(S->d, GIVEN(TRAIN_checkpoint_every)->word_loc,
                  "`checkpoint_every` without `checkpoint` saves nothing unless the binary is run "
@@ -899,6 +1008,10 @@ moec_spec *moec_sema(moec_arena *a, moec_diags *d, const moec_stmt *file) {
                "`data = bytes(...)` reads bytes, so it needs `vocab = 256`%s",
                s->vocab ? moec_arena_printf(a, ", not `vocab = %" PRId64 "`", s->vocab)
                         : " in the model block");
+  if (s->has_train && s->train.label_smoothing > 0 && !s->vocab)
+    moec_warning(d, s->smoothing_loc,
+                 "`label_smoothing` has no effect without `vocab`: the model's loss is the MSE "
+                 "against the teacher, not a cross-entropy");
   /* reported at the top-level layer that takes the count past the limit */
   int64_t leaves = 0, total = 0;
   const moec_layer *past = NULL;

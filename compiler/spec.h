@@ -86,6 +86,15 @@ extern const char *const moec_layer_names[MOEC_LAYER__COUNT];
 /* Experts per MoE layer: gating kernels keep per-expert counters in shared
  * memory, and the largest published MoE models use a few hundred. */
 #define MOEC_MAX_EXPERTS 4096
+/* Attention heads of one layer: the row widths (heads + 2 kv_heads) *
+ * head_dim stay far from overflow, and the largest published models use a
+ * few hundred. */
+#define MOEC_MAX_HEADS 4096
+/* The widest attention head (runtime/model.h's MOERT_MAX_HEAD_DIM, the same:
+ * the kernels keep a head's row in registers). Head widths are multiples of
+ * MOEC_HEAD_DIM_ALIGN: the kernels load a head's row 8 elements at a time. */
+#define MOEC_MAX_HEAD_DIM 256
+#define MOEC_HEAD_DIM_ALIGN 8
 /* The cosine gate's projection width, as Tutel's CosineTopKGate. */
 #define MOEC_COSINE_PROJ 256
 /* `auto` in the adaptive_r list (0 and every divisor of S, at its place). */
@@ -108,12 +117,22 @@ typedef struct moec_ffn {
   moec_act act;
 } moec_ffn;
 
+typedef struct moec_attention {
+  int64_t heads, kv_heads, head_dim;
+  bool head_dim_given;       /* false: dim / heads, set once `dim` is known */
+  moec_loc heads_loc;        /* the `heads` value, for the default head_dim's rules */
+  bool causal;
+  double rope;               /* RoPE base; 0: no positions */
+  bool bias;
+} moec_attention;
+
 typedef struct moec_layer {
   moec_layer_kind kind;
-  const char *name;          /* MOE, FFN: the name as written */
+  const char *name;          /* MOE, FFN, ATTENTION: the name as written */
   moec_loc loc;              /* the layer's keyword */
   moec_moe moe;
   moec_ffn ffn;
+  moec_attention attn;       /* ATTENTION */
   int64_t count;             /* REPEAT */
   struct moec_layer *body;   /* RESIDUAL, REPEAT */
   struct moec_layer *next;
@@ -146,6 +165,7 @@ typedef struct moec_train {
   int64_t eval_every;
   const char *checkpoint;  /* NULL: none */
   int64_t checkpoint_every, log_every;
+  double label_smoothing;  /* the head's training targets; 0: none */
 } moec_train;
 
 typedef struct moec_spec {
@@ -156,11 +176,13 @@ typedef struct moec_spec {
   moec_dtype dtype;
   int64_t vocab;   /* 0: no vocabulary (MSE against the teacher) */
   int64_t context;
+  int64_t seq;     /* sequence length; 0: none (no attention) */
   moec_layer *layers;
   moec_parallel parallel;
   bool has_train;  /* false: an inference-only binary */
   moec_train train;
   moec_loc train_data_loc; /* the `data` item, for whole-model diagnostics */
+  moec_loc smoothing_loc;  /* the `label_smoothing` value, likewise */
 } moec_spec;
 
 /* Checks a parsed file against every rule of docs/LANGUAGE.md, adding a

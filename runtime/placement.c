@@ -269,6 +269,7 @@ void moert_plan_print(const moert_plan *p, FILE *out, bool json) {
     fprintf(out, ",\n  \"world\": %d,\n  \"rank\": %d,\n  \"tokens_per_rank\": %" PRId64
                  ",\n  \"dim\": %" PRId64 ",\n  \"dtype\": \"%s\",\n",
             p->world, p->rank, p->tokens, m->dim, m->dtype == MOERT_DT_BF16 ? "bf16" : "fp32");
+    if (m->seq) fprintf(out, "  \"seq\": %" PRId64 ",\n", m->seq); /* only where set: older plans stay */
     fprintf(out, "  \"params\": {\"global\": %" PRId64 ", \"local\": %" PRId64 "},\n", p->global_params,
             p->param_elems);
     fprintf(out, "  \"memory_bytes\": {\"params\": %" PRId64 ", \"grads\": %" PRId64
