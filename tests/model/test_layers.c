@@ -23,6 +23,8 @@ typedef struct gcase {
 
 #define HEAD(body) "model m { dim = 8; tokens = 24; dtype = fp32; " body " } train { steps = 1; seed = 7; }"
 #define VOCAB(body) "model m { dim = 8; tokens = 24; vocab = 16; context = 3; dtype = fp32; " body " } train { steps = 1; seed = 3; }"
+/* byte models over sequences of 6 (4 per batch): attention needs them */
+#define SEQ(body) "model m { dim = 8; tokens = 24; vocab = 16; context = 2; seq = 6; dtype = fp32; " body " } train { steps = 1; seed = 3; }"
 
 static const gcase cases[] = {
     {"layernorm", HEAD("layernorm;")},
@@ -44,6 +46,16 @@ static const gcase cases[] = {
     {"moe_dynamic_bp_noise", HEAD("moe e { experts = 4; hidden = 16; top_k = 2; capacity_factor = -0.75; activation = silu; batch_prioritized = true; gate_noise = 1.0; aux_loss = 1.0; }")},
     {"moe_top3_of_8", HEAD("residual { layernorm; moe e { experts = 8; hidden = 8; top_k = 3; capacity_factor = 1.5; activation = gelu; } }")},
     {"lm_embed_head", VOCAB("residual { rmsnorm; moe e { experts = 4; hidden = 8; top_k = 2; activation = gelu; aux_loss = 0.5; } }")},
+    /* attention: every option; head_dim 8 != dim / heads throughout (dim 8) */
+    {"attn_causal_rope_mha", SEQ("attention a { heads = 2; head_dim = 8; }")},
+    {"attn_bidirectional_norope", SEQ("attention a { heads = 2; head_dim = 8; causal = false; rope = 0; }")},
+    {"attn_bidirectional_rope", SEQ("attention a { heads = 1; head_dim = 16; causal = false; rope = 100; }")},
+    {"attn_bias_gqa", SEQ("attention a { heads = 4; kv_heads = 2; head_dim = 8; bias = true; }")},
+    {"attn_mqa_norope_bias", SEQ("attention a { heads = 4; kv_heads = 1; head_dim = 8; rope = 0; bias = true; }")},
+    {"attn_residual_rmsnorm_moe", SEQ("residual { rmsnorm; attention a { heads = 2; kv_heads = 1; head_dim = 8; } } "
+                                      "residual { rmsnorm; moe e { experts = 4; hidden = 8; top_k = 2; activation = gelu; aux_loss = 0.5; } }")},
+    {"attn_twice_ffn", SEQ("repeat 2 { residual { layernorm; attention a { heads = 2; kv_heads = 2; head_dim = 8; bias = true; } } } "
+                           "ffn f { hidden = 8; activation = silu; }")},
 };
 
 /* A checksum of every MoE layer's routing (choices and slots). */
