@@ -12,11 +12,16 @@
 
 /* Streams of the counter-based generator (rng.h), one per use. */
 enum { STREAM_X = 101, STREAM_EVAL_X = 102, STREAM_TEACHER1 = 103, STREAM_TEACHER2 = 104,
-       STREAM_TOKENS = 105, STREAM_SUCC = 106, STREAM_EVAL_TOKENS = 107 };
+       STREAM_TOKENS = 105, STREAM_SUCC = 106, STREAM_EVAL_TOKENS = 107, STREAM_WINDOWS = 108 };
+
+/* Where the synthetic training stream's windows start: [0, 2^40), far more
+ * positions than any run reads. */
+#define SYNTH_SPAN ((int64_t)1 << 40)
 
 /* Synthetic streams have no end; the eval stream is another stream. */
 struct moert_data {
   int64_t vocab, dim, context, global;
+  int64_t seq;          /* 0: no windows, consecutive positions */
   uint64_t seed;
   unsigned char *bytes; /* NULL: synthetic */
   int64_t nbytes, ntrain;
@@ -28,13 +33,23 @@ enum { TEACHER_CHUNK = 256 };
 
 bool moert_data_open(moert_data **out, const char *path, int64_t vocab, int64_t dim,
                      int64_t context, int64_t global, uint64_t seed, moert_status *st) {
+  return moert_data_open_seq(out, path, vocab, dim, context, 0, global, seed, st);
+}
+
+bool moert_data_open_seq(moert_data **out, const char *path, int64_t vocab, int64_t dim, int64_t context,
+                         int64_t seq, int64_t global, uint64_t seed, moert_status *st) {
   *out = NULL;
+  if (seq < 0 || (seq > 0 && (!vocab || global % seq != 0)))
+    return MOERT_FAIL(st, "a step's %lld tokens are not a whole number of sequences of %lld; "
+                      "use a number of tokens per rank that is a multiple of %lld",
+                      (long long)global, (long long)seq, (long long)seq);
   moert_data *d = calloc(1, sizeof *d);
   if (!d) return MOERT_FAIL(st, "out of memory");
   d->vocab = vocab;
   d->dim = dim;
   d->context = context;
   d->global = global;
+  d->seq = seq;
   d->seed = seed;
   if (path) {
     if (vocab != 256) {
@@ -126,8 +141,50 @@ static int32_t token_at(const moert_data *d, bool eval, int64_t p) {
   return synth_token(d, eval ? STREAM_EVAL_TOKENS : STREAM_TOKENS, p);
 }
 
+/* 64 random bits of (seed, stream, index). */
+static uint64_t rand_u64(uint64_t seed, uint64_t stream, uint64_t index) {
+  const uint32_t key[2] = {(uint32_t)seed, (uint32_t)(seed >> 32)};
+  const uint32_t ctr[4] = {(uint32_t)stream, (uint32_t)(stream >> 32), (uint32_t)index, (uint32_t)(index >> 32)};
+  uint32_t out[4];
+  moert_philox4x32(key, ctr, out);
+  return (uint64_t)out[1] << 32 | out[0];
+}
+
+/* The stream position where window j (global index) of a step starts: its
+ * S + 1 tokens lie in the training part, or in the held-out tail. */
+static int64_t window_start(const moert_data *d, int64_t step, bool eval, int64_t j) {
+  int64_t S = d->seq, nw = d->global / S;
+  if (d->bytes && eval) { /* evenly spaced over the tail, first at its start, last at its end */
+    int64_t room = d->nbytes - d->ntrain - (S + 1);
+    return d->ntrain + (nw > 1 ? j * (room / (nw - 1)) : 0);
+  }
+  if (eval) return j * S; /* the synthetic eval stream, from its start */
+  int64_t span = d->bytes ? d->ntrain - S : SYNTH_SPAN; /* starts in [0, span) */
+  uint64_t r = rand_u64(d->seed, STREAM_WINDOWS, (uint64_t)(step - 1) * (uint64_t)nw + (uint64_t)j);
+  return (int64_t)(r % (uint64_t)span);
+}
+
+/* With seq: the windows that hold [first, first + n). */
+static void window_tokens(const moert_data *d, int64_t step, bool eval, int64_t first, int64_t n,
+                          int32_t *win, int32_t *next) {
+  int64_t S = d->seq;
+  for (int64_t t = 0; t < n;) {
+    int64_t g = first + t, j = g / S, i = g % S;
+    int64_t start = window_start(d, step, eval, j);
+    for (; i < S && t < n; i++, t++) {
+      for (int64_t c = 0; c < d->context; c++)
+        win[t * d->context + c] = i - c < 0 ? -1 : token_at(d, eval, start + i - c);
+      next[t] = token_at(d, eval, start + i + 1);
+    }
+  }
+}
+
 void moert_data_tokens(const moert_data *d, int64_t step, bool eval, int64_t first, int64_t n,
                        int32_t *win, int32_t *next) {
+  if (d->seq) {
+    window_tokens(d, step, eval, first, n, win, next);
+    return;
+  }
   int64_t base;
   if (d->bytes) {
     /* consecutive steps read consecutive windows of the training part */

@@ -536,13 +536,19 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
   int stop_sig = 0;         /* the signal every rank agreed to stop for */
   int64_t stopped_at = 0;   /* the last step finished then */
 
+  if (m->seq && o.tokens % m->seq != 0) { /* --tokens: the spec's own value is checked by moec */
+    MOERT_FAIL(&st, "%lld tokens per rank are not a whole number of sequences of %lld (the spec's `seq`); "
+               "use --tokens with a multiple of %lld", (long long)o.tokens, (long long)m->seq,
+               (long long)m->seq);
+    goto out;
+  }
   if (!moert_plan_create_nodes(m, comm->world, comm->rank, o.tokens, training, comm->nodes, &plan, &st))
     goto out;
   moert_pick_mode mode = m->parallel.select == MOERT_SELECT_FIXED ? MOERT_PICK_FIXED : MOERT_PICK_AUTO;
   if (!moert_selector_create(plan, mode, m->parallel.explore_steps, o.variants, o.nvariants, &sel, &st))
     goto out;
-  if (!moert_data_open(&data, o.data, m->vocab, m->dim, m->context, o.tokens * comm->world,
-                       (uint64_t)o.seed, &st))
+  if (!moert_data_open_seq(&data, o.data, m->vocab, m->dim, m->context, m->seq, o.tokens * comm->world,
+                           (uint64_t)o.seed, &st))
     goto out;
   int64_t start = 0, ckpt_step = 0;
   /* one run per checkpoint directory: rank 0, which writes it, holds it; the
