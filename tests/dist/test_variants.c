@@ -90,7 +90,7 @@ static float *single_rank(moert_comm *c, const moert_model *m, int world, double
   moert_data *data;
   moert_exec *e;
   if (!moert_plan_create(m, 1, 0, m->tokens * world, true, &p, &st) ||
-      !moert_data_open(&data, NULL, m->vocab, m->dim, m->context, m->tokens * world, 3, &st) ||
+      !moert_data_open_seq(&data, NULL, m->vocab, m->dim, m->context, m->seq, m->tokens * world, 3, &st) ||
       !moert_exec_create(&e, m, p, moert_backend_cpu(), moert_comm_self(), true, 3, &st))
     die(c, "the single-rank reference", &st);
   e->opts.total_steps = 1;
@@ -148,7 +148,7 @@ int main(int argc, char **argv) {
     moert_exec *e;
     forced f = {0};
     if (!moert_plan_create_nodes(m, c->world, c->rank, m->tokens, true, c->nodes, &p, &st) ||
-        !moert_data_open(&data, NULL, m->vocab, m->dim, m->context, m->tokens * c->world, 3, &st) ||
+        !moert_data_open_seq(&data, NULL, m->vocab, m->dim, m->context, m->seq, m->tokens * c->world, 3, &st) ||
         !moert_exec_create(&e, m, p, moert_backend_cpu(), c, true, 3, &st))
       die(c, m->name, &st);
     e->opts.total_steps = 1;

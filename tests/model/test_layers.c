@@ -94,7 +94,7 @@ static int run_case(const gcase *c) {
   moert_exec *e = NULL;
   int fails = 1;
   if (!moert_plan_create(m, 1, 0, m->tokens, true, &p, &st) ||
-      !moert_data_open(&data, NULL, m->vocab, m->dim, m->context, m->tokens, 7, &st) ||
+      !moert_data_open_seq(&data, NULL, m->vocab, m->dim, m->context, m->seq, m->tokens, 7, &st) ||
       !moert_exec_create(&e, m, p, moert_backend_cpu(), moert_comm_self(), true, 7, &st)) {
     fprintf(stderr, "FAIL %s: %s\n", c->name, st.msg);
     goto out;
