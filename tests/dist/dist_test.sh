@@ -40,7 +40,7 @@ cycle_np*)
 bf16_np4)
   # the bf16 expert path, emulated on the cpu (MOEC_CPU_BF16=1): its addressing
   # in every variant, against itself and against fp32
-  sed 's/dtype = fp32/dtype = bf16/' "$src/tests/dist/dist.moe" > distb.moe
+  sed 's/dtype = fp32/dtype = bf16/' "$src/tests/dist/$spec.moe" > distb.moe
   "$moec" build distb.moe -o distb >/dev/null 2>&1 || fail "moec build (bf16)"
   MOEC_CPU_BF16=1 ./distb --steps 1 | grep -q "bf16 experts" || fail "the header does not say the experts run in bf16"
   brun() { n=$1; shift; MOEC_CPU_BF16=1 run "$n" -x MOEC_CPU_BF16 "$@"; }
