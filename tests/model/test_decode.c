@@ -11,7 +11,8 @@
  * the same on a second run (decode_begin empties the cache). A model with a
  * bidirectional layer is refused. The specs go through the real front end.
  * Argument `bf16`: the bf16 executor path (run with MOEC_CPU_BF16=1), to
- * bf16's tolerance. */
+ * bf16's tolerance. Argument `cuda`: the cuda backend (skipped, 77, without
+ * a GPU), fp32 then bf16, each also against the cpu's fp32 decode. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -42,6 +43,8 @@ static const dcase cases[] = {
 };
 
 static bool bf16_mode;
+/* The backend the cases run on: the cpu, or (argument cuda) the GPU's. */
+static moert_backend *backend;
 
 /* The spec with DT made fp32 or bf16. */
 static char *spec_text(const char *spec) {
@@ -73,6 +76,37 @@ static bool close_logits(const char *what, const float *got, const float *want, 
   return bad == 0;
 }
 
+/* The logits of decoding h[0..L) on the cpu in fp32, into out [L, vocab]. */
+static bool cpu_decode(const dcase *c, const int32_t *h, int64_t L, float *out) {
+  bool was = bf16_mode;
+  bf16_mode = false;
+  char *text = spec_text(c->spec);
+  bf16_mode = was;
+  moec_arena *a = moec_arena_create();
+  moec_diags d;
+  moec_diags_init(&d, a);
+  moec_spec *s = moec_front_buffer(a, &d, c->name, text, strlen(text));
+  moert_model *m = s ? moec_lower(a, &d, s, c->name) : NULL;
+  free(text);
+  moert_status st = {0};
+  moert_plan *p = NULL;
+  moert_exec *e = NULL;
+  int32_t *win = malloc(sizeof *win * (size_t)(m ? m->context : 1));
+  bool ok = m && moert_plan_create(m, 1, 0, m->tokens, false, &p, &st) &&
+            moert_exec_create(&e, m, p, moert_backend_cpu(), moert_comm_self(), false, 11, &st) &&
+            moert_exec_decode_begin(e, &st);
+  for (int64_t i = 0; i < L && ok; i++) {
+    window(h, i, m->context, win);
+    ok = moert_exec_decode(e, win, out + i * m->vocab, &st);
+  }
+  if (!ok) printf("FAIL %s: the cpu's decode: %s\n", c->name, m ? st.msg : "the spec does not compile");
+  free(win);
+  moert_exec_destroy(e);
+  moert_plan_destroy(p);
+  moec_arena_destroy(a);
+  return ok;
+}
+
 static int run_case(const dcase *c) {
   moec_arena *a = moec_arena_create();
   moec_diags d;
@@ -93,13 +127,13 @@ static int run_case(const dcase *c) {
   moert_plan *p = NULL;
   moert_exec *e = NULL;
   int64_t S = m->seq, V = m->vocab, C = m->context, L = 2 * S + 5;
-  double tol = bf16_mode ? 3e-2 : 2e-5;
+  double tol = bf16_mode ? 3e-2 : backend == moert_backend_cpu() ? 2e-5 : 1e-4;
   int32_t *h = malloc(sizeof *h * (size_t)L), *win = malloc(sizeof *win * (size_t)(S * C));
   float *dec = malloc(sizeof *dec * (size_t)(L * V)), *ref = malloc(sizeof *ref * (size_t)(S * V));
   float *again = malloc(sizeof *again * (size_t)V);
   int fails = 0;
   if (!moert_plan_create(m, 1, 0, m->tokens, false, &p, &st) ||
-      !moert_exec_create(&e, m, p, moert_backend_cpu(), moert_comm_self(), false, 11, &st)) {
+      !moert_exec_create(&e, m, p, backend, moert_comm_self(), false, 11, &st)) {
     printf("FAIL %s: %s\n", c->name, st.msg);
     fails = 1;
     goto out;
@@ -157,9 +191,21 @@ static int run_case(const dcase *c) {
     fails++;
   }
   st = (moert_status){0};
-  printf("%-4s %s: %lld tokens decoded one at a time = the forward at the first %lld positions%s%s\n",
+  /* on a device: the same decode on the cpu in fp32 (the model's parameters
+   * are the same: they come from the seed) */
+  if (backend != moert_backend_cpu()) {
+    float *cpu = malloc(sizeof *cpu * (size_t)(L * V));
+    if (!cpu_decode(c, h, L, cpu)) fails++;
+    for (int64_t i = 0; i < L && !fails; i++) {
+      snprintf(what, sizeof what, "%s: position %lld, %s decode vs the cpu's", c->name, (long long)i, backend->name);
+      fails += !close_logits(what, dec + i * V, cpu + i * V, V, bf16_mode ? 3e-2 : 1e-4);
+    }
+    free(cpu);
+  }
+  printf("%-4s %s: %lld tokens decoded one at a time = the forward at the first %lld positions%s%s%s\n",
          fails ? "FAIL" : "ok", c->name, (long long)L, (long long)S,
-         windows ? " and the last seq tokens' forward after them" : "", bf16_mode ? " (bf16)" : "");
+         windows ? " and the last seq tokens' forward after them" : "", bf16_mode ? " (bf16)" : "",
+         backend == moert_backend_cpu() ? "" : ", and the cpu's decode");
   goto out;
 failed:
   printf("FAIL %s: %s\n", c->name, st.msg);
@@ -193,7 +239,7 @@ static int refuses_bidirectional(void) {
   int32_t win[2] = {1, -1};
   float *logits = malloc(sizeof(float) * (size_t)m->vocab);
   bool ok = moert_plan_create(m, 1, 0, m->tokens, false, &p, &st) &&
-            moert_exec_create(&e, m, p, moert_backend_cpu(), moert_comm_self(), false, 11, &st) &&
+            moert_exec_create(&e, m, p, backend, moert_comm_self(), false, 11, &st) &&
             moert_exec_decode_begin(e, &st) && moert_exec_decode(e, win, logits, &st);
   int fail = ok || !strstr(st.msg, "bidirectional");
   printf("%-4s a bidirectional model's decode is refused: %s\n", fail ? "FAIL" : "ok", ok ? "(it ran)" : st.msg);
@@ -205,10 +251,29 @@ static int refuses_bidirectional(void) {
 }
 
 int main(int argc, char **argv) {
-  bf16_mode = argc > 1 && strcmp(argv[1], "bf16") == 0;
-  int fails = 0, n = (int)(sizeof cases / sizeof cases[0]);
-  for (int i = 0; i < n; i++) fails += run_case(&cases[i]);
-  fails += refuses_bidirectional();
-  printf("%d passed, %d failed\n", n + 1 - fails, fails);
+  const char *mode = argc > 1 ? argv[1] : "";
+  bool cuda = strcmp(mode, "cuda") == 0;
+  bf16_mode = strcmp(mode, "bf16") == 0;
+  backend = moert_backend_cpu();
+  if (cuda) {
+    moert_status st = {0};
+    if (!moert_cuda_available()) {
+      printf("SKIP: no GPU (the cuda backend's decode needs one)\n");
+      return 77;
+    }
+    if (!moert_backend_cuda_create(&backend, 0, NULL, true, NULL, &st)) {
+      printf("FAIL: the cuda backend: %s\n", st.msg);
+      return 1;
+    }
+  }
+  int fails = 0, n = 0, ncases = (int)(sizeof cases / sizeof cases[0]);
+  for (int pass = 0; pass < (cuda ? 2 : 1); pass++) { /* cuda: fp32, then bf16 */
+    if (cuda) bf16_mode = pass == 1;
+    for (int i = 0; i < ncases; i++, n++) fails += run_case(&cases[i]);
+    fails += refuses_bidirectional();
+    n++;
+  }
+  if (cuda) moert_backend_cuda_destroy(backend);
+  printf("%d passed, %d failed\n", n - fails, fails);
   return fails ? 1 : 0;
 }
