@@ -188,7 +188,7 @@ void moert_cpu_rope_t(moert_dt dt, void *qkv, int64_t tokens, int64_t seq, int64
 void moert_cpu_attn_fwd_t(moert_dt dt, const void *qkv, void *o, float *lse, int64_t nseq, int64_t seq,
                           int64_t heads, int64_t kv_heads, int64_t head_dim, bool causal) {
   int64_t T = nseq * seq, W = (heads + 2 * kv_heads) * head_dim;
-  float *qw = widen(qkv, dt, T * W), *ow = widen(o, dt, T * heads * head_dim);
+  float *qw = widen(qkv, dt, T * W), *ow = dt == MOERT_F32 ? o : must_alloc(T * heads * head_dim); /* written */
   moert_cpu_attn_fwd(qw, ow, lse, nseq, seq, heads, kv_heads, head_dim, causal);
   drop(qkv, qw);
   narrow(o, dt, ow, T * heads * head_dim);
@@ -199,7 +199,7 @@ void moert_cpu_attn_bwd_t(moert_dt dt, const void *qkv, const void *o, const flo
                           int64_t kv_heads, int64_t head_dim, bool causal) {
   int64_t T = nseq * seq, W = (heads + 2 * kv_heads) * head_dim, HD = heads * head_dim;
   float *qw = widen(qkv, dt, T * W), *ow = widen(o, dt, T * HD), *dow = widen(dout, dt, T * HD);
-  float *dw = widen(dqkv, dt, T * W);
+  float *dw = dt == MOERT_F32 ? dqkv : must_alloc(T * W); /* written whole */
   moert_cpu_attn_bwd(qw, ow, lse, dow, dw, scratch, nseq, seq, heads, kv_heads, head_dim, causal);
   drop(qkv, qw);
   drop(o, ow);
@@ -210,7 +210,7 @@ void moert_cpu_attn_bwd_t(moert_dt dt, const void *qkv, const void *o, const flo
 void moert_cpu_attn_decode_t(moert_dt dt, const void *q, const void *cache, void *o, int64_t len, int64_t heads,
                              int64_t kv_heads, int64_t head_dim) {
   int64_t W = (heads + 2 * kv_heads) * head_dim, HD = heads * head_dim;
-  float *qw = widen(q, dt, W), *cw = widen(cache, dt, len * W), *ow = widen(o, dt, HD);
+  float *qw = widen(q, dt, W), *cw = widen(cache, dt, len * W), *ow = dt == MOERT_F32 ? o : must_alloc(HD);
   moert_cpu_attn_decode(qw, cw, ow, len, heads, kv_heads, head_dim);
   drop(q, qw);
   drop(cache, cw);

@@ -127,6 +127,15 @@ typedef struct moert_exec {
     moert_subcomm subcomms[16]; /* the expert groups and H-slice classes (moert_moe_setup) */
     int nsubcomms;
   } moe;
+  /* Generation with a cache (moert_exec_decode), step.c's: each layer's
+   * decode state in backend memory ([nlayers], NULL where its kind keeps
+   * none; layer.h's decode_state), the position of the next token, and
+   * whether the forward running is a decode. */
+  struct {
+    void **state;
+    int64_t pos;
+    bool on;
+  } dec;
   /* CUDA graphs (moert_exec_segment), step.c's alone: why they are off
    * (NULL: on where no trace is kept): MOEC_CUDA_GRAPHS=0, a backend without
    * them, or a comm whose collectives cannot be captured. The segments seen,
@@ -199,6 +208,25 @@ bool moert_exec_eval(moert_exec *e, moert_data *d, int64_t step, bool eval, doub
 /* Logits of the next token after each of `n` windows (n <= tokens), for
  * sampling text: out is [n, vocab] on the host. */
 bool moert_exec_logits(moert_exec *e, const int32_t *win, int64_t n, float *out, moert_status *st);
+/* Generation one token at a time, each step costing one token's forward:
+ * decode_begin allocates the layers' decode state (attention: a key/value
+ * cache of `seq` rows per layer) on the backend once, and at every call
+ * empties it and sets the position to 0. decode then runs the forward of one
+ * token, its embedding window win[context] (as moert_exec_logits takes
+ * them), at the next position, and writes the logits of the token after it
+ * into out [vocab] (host). Each attention layer attends to its cached rows
+ * of the tokens so far, the token's own included, each rotated by RoPE at its
+ * position (0, 1, ...). The cache is a ring of the last `seq` tokens: up to
+ * seq tokens, the logits are those of a whole-sequence forward at that
+ * position (moert_exec_logits on the sequence's windows, where its MoE
+ * layers drop no claim: one token never overflows); past seq, each
+ * attention layer sees the last seq tokens' rows, at their positions relative
+ * to each other (RoPE's scores depend on nothing else): for one attention
+ * layer, the logits of the last row of a forward over the window of those seq
+ * tokens; with several, the cached rows of a deeper layer are those computed
+ * when each token was the newest (a sliding window, not a re-run over it). */
+bool moert_exec_decode_begin(moert_exec *e, moert_status *st);
+bool moert_exec_decode(moert_exec *e, const int32_t *win, float *out, moert_status *st);
 /* Forward and backward on the batch of `step` without an update: *objective
  * is the task loss plus the weighted aux losses (what the gradients are of),
  * the gradients are in e->grads. For gradient checks. */

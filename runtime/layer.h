@@ -117,6 +117,18 @@ typedef struct moert_layer_ops {
   /* Whether the backward writes slot s's gradient whole (beta 0) before
    * anything adds to it (the step does not zero those). NULL: none. */
   bool (*grad_written)(const moert_layer *l, int s);
+  /* Generation one token at a time (moert_exec_decode), for a kind whose
+   * output at a token depends on the tokens before it (attention); NULL
+   * for both: its forward on the token's row alone serves. decode_state:
+   * the elements (of the executor's storage type e->xdt) the layer keeps
+   * between tokens, a key/value cache; moert_exec_decode_begin allocates
+   * them once and zeroes them at each start, at e->dec.state[li]. decode:
+   * the layer's forward of the token at position pos (0, 1, ... from the
+   * start) on its one row e->xin[li] (e->rows is 1), reading and updating
+   * that state, its output where fwd leaves it; enqueues device work only
+   * (the position changes its arguments at every token: never a graph). */
+  int64_t (*decode_state)(const moert_model *m, const moert_layer *l);
+  bool (*decode)(struct moert_exec *e, int li, int64_t pos, moert_status *st);
 } moert_layer_ops;
 
 /* The compiler's copies (MOERT_LAYER_DESCRIBE_ONLY) have names of their

@@ -407,10 +407,19 @@ static bool sample_text(moert_exec *e, moert_data *d, const char *prompt, int64_
   for (int64_t i = 0; i < plen; i++) hist[i] = (unsigned char)prompt[i];
   int64_t len = plen;
   fprintf(out, "\nsample (prompt in brackets):\n[%s]", prompt);
-  bool ok = true;
+  /* One token's forward per byte (moert_exec_decode), attention layers
+   * keeping their keys and values in a cache: the prompt's bytes but its
+   * last go through it one by one, then the loop below runs the newest byte
+   * (the prompt's last, then each one made) and samples from its logits. An
+   * empty prompt: a token of an empty window at position 0. */
+  bool ok = moert_exec_decode_begin(e, st);
+  for (int64_t i = 1; i < plen && ok; i++) {
+    for (int64_t c = 0; c < ctx; c++) win[c] = i - 1 - c >= 0 ? hist[i - 1 - c] : -1;
+    ok = moert_exec_decode(e, win, logits, st);
+  }
   for (int64_t s = 0; s < n && ok; s++) {
     for (int64_t c = 0; c < ctx; c++) win[c] = len - 1 - c >= 0 ? hist[len - 1 - c] : -1;
-    if (!moert_exec_logits(e, win, 1, logits, st)) {
+    if (!moert_exec_decode(e, win, logits, st)) {
       ok = false;
       break;
     }

@@ -290,6 +290,9 @@ void moert_exec_destroy(moert_exec *e) {
   free(e->res_in);
   free(e->res_grad);
   free(e->graphs.segs);
+  if (e->dec.state)
+    for (int i = 0; i < e->m->nlayers; i++) b->free(b, e->dec.state[i]);
+  free(e->dec.state);
   b->free(b, e->teacher_w1);
   b->free(b, e->teacher_w2);
   b->free(b, e->teacher_h);
@@ -457,7 +460,9 @@ static bool forward(moert_exec *e, int64_t step, bool want_grad, moert_status *s
     int span = traced ? open_layer(e, l, false) : -1;
     if (ops->flags & MOERT_LF_RES_OPEN) e->stack[depth++] = cur;
     if (ops->flags & MOERT_LF_RES_CLOSE) e->res_in[li] = e->stack[--depth];
-    if (ops->fwd && (ops->flags & MOERT_LF_OWN_SEGMENTS)) {
+    if (e->dec.on && ops->decode) {
+      MOERT_TRY(st, ops->decode(e, li, e->dec.pos, st));
+    } else if (ops->fwd && (ops->flags & MOERT_LF_OWN_SEGMENTS)) {
       MOERT_TRY(st, ops->fwd(e, li, step, want_grad, st));
     } else if (ops->fwd) {
       fwd_ctx c = {li, step, want_grad};
@@ -651,7 +656,10 @@ bool moert_exec_eval(moert_exec *e, moert_data *d, int64_t step, bool eval, doub
   return true;
 }
 
-bool moert_exec_logits(moert_exec *e, const int32_t *win, int64_t n, float *out, moert_status *st) {
+/* The forward of n windows without a loss (the head's targets 0), no gate
+ * noise, each MoE layer in its last variant; a decode (moert_exec_decode)
+ * when e->dec.on. The logits [n, vocab] into out (host). */
+static bool logits_of(moert_exec *e, const int32_t *win, int64_t n, float *out, moert_status *st) {
   const moert_model *m = e->m;
   if (!m->vocab || n > e->plan->tokens) return MOERT_FAIL(st, "no vocabulary, or too many windows");
   e->rows = n;
@@ -673,6 +681,35 @@ bool moert_exec_logits(moert_exec *e, const int32_t *win, int64_t n, float *out,
   if (!ok) return MOERT_UP(st);
   MOERT_TRY(st, e->b->download(e->b, out, F(e, head, HLOGITS), sizeof(float) * (size_t)(n * m->vocab), st));
   return true;
+}
+
+bool moert_exec_logits(moert_exec *e, const int32_t *win, int64_t n, float *out, moert_status *st) {
+  return logits_of(e, win, n, out, st) ? true : MOERT_UP(st);
+}
+
+bool moert_exec_decode_begin(moert_exec *e, moert_status *st) {
+  const moert_model *m = e->m;
+  moert_backend *b = e->b;
+  if (!e->dec.state && !(e->dec.state = calloc((size_t)m->nlayers + 1, sizeof *e->dec.state)))
+    return MOERT_FAIL(st, "out of memory");
+  for (int li = 0; li < m->nlayers; li++) {
+    const moert_layer_ops *ops = moert_layer_ops_of(m->layers[li].kind);
+    if (!ops->decode_state) continue;
+    size_t bytes = (size_t)ops->decode_state(m, &m->layers[li]) * (size_t)moert_dt_size(e->xdt);
+    if (!e->dec.state[li]) MOERT_TRY(st, b->alloc(b, bytes, &e->dec.state[li], st)); /* zeroed */
+    else b->zero(e->dec.state[li], bytes);
+  }
+  e->dec.pos = 0;
+  return true;
+}
+
+bool moert_exec_decode(moert_exec *e, const int32_t *win, float *out, moert_status *st) {
+  if (!e->dec.state) return MOERT_FAIL(st, "moert_exec_decode before moert_exec_decode_begin");
+  e->dec.on = true;
+  bool ok = logits_of(e, win, 1, out, st);
+  e->dec.on = false;
+  e->dec.pos++;
+  return ok ? true : MOERT_UP(st);
 }
 
 bool moert_exec_objective(moert_exec *e, moert_data *d, int64_t step, bool want_grad,

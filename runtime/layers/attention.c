@@ -87,12 +87,15 @@ static bool attn_grad_written(const moert_layer *l, int s) {
 
 #ifndef MOERT_LAYER_DESCRIBE_ONLY
 static bool attn_fwd(moert_exec *e, int li, int64_t step, bool want_grad, moert_status *st) {
-  (void)step, (void)want_grad, (void)st;
+  (void)step, (void)want_grad;
   moert_backend *b = e->b;
   const moert_layer *l = &e->m->layers[li];
   const float *x = e->xin[li];
   int64_t T = e->rows, M = e->m->dim, S = e->m->seq, W = qkv_width(l), HD = o_width(l);
   int64_t H = l->heads, KV = l->kv_heads, D = l->head_dim;
+  if (T % S != 0) /* the plan checks the batch; a caller's rows (logits of a few windows) too */
+    return MOERT_FAIL(st, "attention layer `%s`: %lld rows are not whole sequences of %lld (generation runs one "
+                      "token at a time through moert_exec_decode)", l->name, (long long)T, (long long)S);
   if (e->xdt == MOERT_BF16) { /* bf16 operands and qkv, o; fp32 in and out */
     const moert_dt B16 = MOERT_BF16;
     b->convert(S(e, li, XB), B16, x, MOERT_F32, T * M);
@@ -146,9 +149,52 @@ static bool attn_bwd(moert_exec *e, int li, moert_status *st) {
   b->gemm(false, true, T, M, W, 1, S(e, li, DQKV), W, P(e, li, QKV_W), W, 0, e->dnext, M);
   return true;
 }
+
+/* Generation's key/value cache: the qkv rows of the last seq tokens, a ring
+ * (token p in row p % seq), in the storage type; only their key and value
+ * heads are read. */
+static int64_t attn_decode_state(const moert_model *m, const moert_layer *l) { return m->seq * qkv_width(l); }
+
+/* One token at position pos: its qkv row (row 0 of QKV), rotated at pos,
+ * into the ring; its query against the ring's min(pos + 1, seq) rows (row 0
+ * of AO); the output projection (row 0 of OUT), as the forward's. */
+static bool attn_decode(moert_exec *e, int li, int64_t pos, moert_status *st) {
+  moert_backend *b = e->b;
+  const moert_layer *l = &e->m->layers[li];
+  if (!l->causal)
+    return MOERT_FAIL(st, "attention layer `%s` is bidirectional (causal = false): its tokens see later ones, "
+                      "which generation has not made yet; only a causal model generates text", l->name);
+  const float *x = e->xin[li];
+  int64_t M = e->m->dim, S = e->m->seq, W = qkv_width(l), HD = o_width(l);
+  int64_t H = l->heads, KV = l->kv_heads, D = l->head_dim, len = pos + 1 < S ? pos + 1 : S;
+  int esz = moert_dt_size(e->xdt);
+  void *slot = (char *)e->dec.state[li] + (size_t)((pos % S) * W) * (size_t)esz;
+  if (e->xdt == MOERT_BF16) {
+    const moert_dt B16 = MOERT_BF16;
+    b->convert(S(e, li, XB), B16, x, MOERT_F32, M);
+    moert_gemm1(b, false, false, 1, W, M, B16, S(e, li, XB), PL(e, li, QKV_W), 0, B16, F(e, li, QKV),
+                l->bias ? PL(e, li, QKV_B) : NULL);
+    if (l->rope > 0) b->rope_t(B16, F(e, li, QKV), 1, 1, pos, H, KV, D, l->rope, false);
+    b->copy_blocks_t(B16, slot, W, F(e, li, QKV), W, 1, W, false);
+    b->attn_decode_t(B16, F(e, li, QKV), e->dec.state[li], F(e, li, AO), len, H, KV, D);
+    moert_gemm1(b, false, false, 1, M, HD, B16, F(e, li, AO), PL(e, li, OUT_W), 0, MOERT_F32, F(e, li, OUT),
+                l->bias ? P(e, li, OUT_B) : NULL);
+    return true;
+  }
+  b->gemm(false, false, 1, W, M, 1, x, M, P(e, li, QKV_W), W, 0, F(e, li, QKV), W);
+  if (l->bias) b->bias_add(F(e, li, QKV), P(e, li, QKV_B), 1, W);
+  if (l->rope > 0) b->rope(F(e, li, QKV), 1, 1, pos, H, KV, D, l->rope, false);
+  b->copy(slot, F(e, li, QKV), W);
+  b->attn_decode(F(e, li, QKV), e->dec.state[li], F(e, li, AO), len, H, KV, D);
+  b->gemm(false, false, 1, M, HD, 1, F(e, li, AO), HD, P(e, li, OUT_W), M, 0, F(e, li, OUT), M);
+  if (l->bias) b->bias_add(F(e, li, OUT), P(e, li, OUT_B), 1, M);
+  return true;
+}
 #else
 #define attn_fwd NULL
 #define attn_bwd NULL
+#define attn_decode_state NULL
+#define attn_decode NULL
 #endif
 
 const moert_layer_ops MOERT_LAYER_OPS(ATTENTION) = {
@@ -164,4 +210,6 @@ const moert_layer_ops MOERT_LAYER_OPS(ATTENTION) = {
     .fwd = attn_fwd,
     .bwd = attn_bwd,
     .grad_written = attn_grad_written,
+    .decode_state = attn_decode_state,
+    .decode = attn_decode,
 };

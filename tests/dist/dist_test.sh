@@ -9,7 +9,12 @@ field() { sed -n "s/.*\"$1\": \([^,}]*\).*/\1/p" "$2"; }
 run() { n=$1; shift; "$mpiexec" --oversubscribe -np "$n" -x MOEC_LOCAL_SIZE -x MOEC_TEST_SLOW_VARIANT -x OPENBLAS_NUM_THREADS "$@"; }
 export OPENBLAS_NUM_THREADS=1 MOEC_LOCAL_SIZE=${MOEC_LOCAL_SIZE:-} MOEC_TEST_SLOW_VARIANT=${MOEC_TEST_SLOW_VARIANT:-}
 [ -n "$MOEC_LOCAL_SIZE" ] || unset MOEC_LOCAL_SIZE
-"$moec" build "$src/tests/dist/dist.moe" -o dist >/dev/null || fail "moec build"
+# modes ending in _attn run dist_attn.moe (attention and experts) as ./dist
+case $mode in
+*_attn) spec=dist_attn; mode=${mode%_attn} ;;
+*) spec=dist ;;
+esac
+"$moec" build "$src/tests/dist/$spec.moe" -o dist >/dev/null || fail "moec build $spec.moe"
 # losses of two metrics files agree to a relative tolerance
 same_losses() {
   field loss "$1" > l1.txt; field loss "$2" > l2.txt
@@ -35,7 +40,7 @@ cycle_np*)
 bf16_np4)
   # the bf16 expert path, emulated on the cpu (MOEC_CPU_BF16=1): its addressing
   # in every variant, against itself and against fp32
-  sed 's/dtype = fp32/dtype = bf16/' "$src/tests/dist/dist.moe" > distb.moe
+  sed 's/dtype = fp32/dtype = bf16/' "$src/tests/dist/$spec.moe" > distb.moe
   "$moec" build distb.moe -o distb >/dev/null 2>&1 || fail "moec build (bf16)"
   MOEC_CPU_BF16=1 ./distb --steps 1 | grep -q "bf16 experts" || fail "the header does not say the experts run in bf16"
   brun() { n=$1; shift; MOEC_CPU_BF16=1 run "$n" -x MOEC_CPU_BF16 "$@"; }

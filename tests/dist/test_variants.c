@@ -14,7 +14,8 @@
  * reference: the same model, planned for one rank, on the whole global batch
  * (comm_self), its gradient read at each local element's global index. At
  * one rank that reference runs on comm_self while the variants run on the
- * mpi comm's world of one. */
+ * mpi comm's world of one. Spec f has attention layers: whole sequences on
+ * every rank, so it is the same function at every world size too. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -57,6 +58,13 @@ static const vspec specs[] = {
      "parallel { adaptive_r = auto; overlap_degree = 1, 2; all_to_all = linear, 2dh; } "
      "train { steps = 1; seed = 9; }",
      true},
+    /* a byte model over sequences of 6 (whole sequences on every rank):
+     * attention (GQA 4/2, RoPE, bias) and dropless experts, twice */
+    {"model f { dim = 16; tokens = 24; vocab = 32; context = 2; seq = 6; dtype = fp32; repeat 2 { residual { "
+     "rmsnorm; attention a { heads = 4; kv_heads = 2; head_dim = 8; bias = true; } } residual { rmsnorm; moe e { "
+     "experts = 4; hidden = 16; top_k = 2; capacity_factor = 0; activation = gelu; aux_loss = 0.1; } } } } "
+     "parallel { adaptive_r = auto; overlap_degree = 1, 2; all_to_all = linear, 2dh; } train { steps = 1; seed = 10; }",
+     true},
 };
 
 typedef struct forced {
@@ -82,7 +90,7 @@ static float *single_rank(moert_comm *c, const moert_model *m, int world, double
   moert_data *data;
   moert_exec *e;
   if (!moert_plan_create(m, 1, 0, m->tokens * world, true, &p, &st) ||
-      !moert_data_open(&data, NULL, m->vocab, m->dim, m->context, m->tokens * world, 3, &st) ||
+      !moert_data_open_seq(&data, NULL, m->vocab, m->dim, m->context, m->seq, m->tokens * world, 3, &st) ||
       !moert_exec_create(&e, m, p, moert_backend_cpu(), moert_comm_self(), true, 3, &st))
     die(c, "the single-rank reference", &st);
   e->opts.total_steps = 1;
@@ -140,7 +148,7 @@ int main(int argc, char **argv) {
     moert_exec *e;
     forced f = {0};
     if (!moert_plan_create_nodes(m, c->world, c->rank, m->tokens, true, c->nodes, &p, &st) ||
-        !moert_data_open(&data, NULL, m->vocab, m->dim, m->context, m->tokens * c->world, 3, &st) ||
+        !moert_data_open_seq(&data, NULL, m->vocab, m->dim, m->context, m->seq, m->tokens * c->world, 3, &st) ||
         !moert_exec_create(&e, m, p, moert_backend_cpu(), c, true, 3, &st))
       die(c, m->name, &st);
     e->opts.total_steps = 1;

@@ -23,6 +23,8 @@ typedef struct gcase {
 
 #define HEAD(body) "model m { dim = 8; tokens = 24; dtype = fp32; " body " } train { steps = 1; seed = 7; }"
 #define VOCAB(body) "model m { dim = 8; tokens = 24; vocab = 16; context = 3; dtype = fp32; " body " } train { steps = 1; seed = 3; }"
+/* byte models over sequences of 6 (4 per batch): attention needs them */
+#define SEQ(body) "model m { dim = 8; tokens = 24; vocab = 16; context = 2; seq = 6; dtype = fp32; " body " } train { steps = 1; seed = 3; }"
 
 static const gcase cases[] = {
     {"layernorm", HEAD("layernorm;")},
@@ -44,6 +46,16 @@ static const gcase cases[] = {
     {"moe_dynamic_bp_noise", HEAD("moe e { experts = 4; hidden = 16; top_k = 2; capacity_factor = -0.75; activation = silu; batch_prioritized = true; gate_noise = 1.0; aux_loss = 1.0; }")},
     {"moe_top3_of_8", HEAD("residual { layernorm; moe e { experts = 8; hidden = 8; top_k = 3; capacity_factor = 1.5; activation = gelu; } }")},
     {"lm_embed_head", VOCAB("residual { rmsnorm; moe e { experts = 4; hidden = 8; top_k = 2; activation = gelu; aux_loss = 0.5; } }")},
+    /* attention: every option; head_dim 8 != dim / heads throughout (dim 8) */
+    {"attn_causal_rope_mha", SEQ("attention a { heads = 2; head_dim = 8; }")},
+    {"attn_bidirectional_norope", SEQ("attention a { heads = 2; head_dim = 8; causal = false; rope = 0; }")},
+    {"attn_bidirectional_rope", SEQ("attention a { heads = 1; head_dim = 16; causal = false; rope = 100; }")},
+    {"attn_bias_gqa", SEQ("attention a { heads = 4; kv_heads = 2; head_dim = 8; bias = true; }")},
+    {"attn_mqa_norope_bias", SEQ("attention a { heads = 4; kv_heads = 1; head_dim = 8; rope = 0; bias = true; }")},
+    {"attn_residual_rmsnorm_moe", SEQ("residual { rmsnorm; attention a { heads = 2; kv_heads = 1; head_dim = 8; } } "
+                                      "residual { rmsnorm; moe e { experts = 4; hidden = 8; top_k = 2; activation = gelu; aux_loss = 0.5; } }")},
+    {"attn_twice_ffn", SEQ("repeat 2 { residual { layernorm; attention a { heads = 2; kv_heads = 2; head_dim = 8; bias = true; } } } "
+                           "ffn f { hidden = 8; activation = silu; }")},
 };
 
 /* A checksum of every MoE layer's routing (choices and slots). */
@@ -82,7 +94,7 @@ static int run_case(const gcase *c) {
   moert_exec *e = NULL;
   int fails = 1;
   if (!moert_plan_create(m, 1, 0, m->tokens, true, &p, &st) ||
-      !moert_data_open(&data, NULL, m->vocab, m->dim, m->context, m->tokens, 7, &st) ||
+      !moert_data_open_seq(&data, NULL, m->vocab, m->dim, m->context, m->seq, m->tokens, 7, &st) ||
       !moert_exec_create(&e, m, p, moert_backend_cpu(), moert_comm_self(), true, 7, &st)) {
     fprintf(stderr, "FAIL %s: %s\n", c->name, st.msg);
     goto out;
@@ -203,9 +215,94 @@ out:
   return fails;
 }
 
-int main(void) {
-  int fails = 0;
-  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) fails += run_case(&cases[i]);
-  printf("%d passed, %d failed\n", (int)(sizeof cases / sizeof cases[0]) - fails, fails);
+/* --- the bf16 executor path (argument bf16; run with MOEC_CPU_BF16=1) ---
+ * Finite differences need fp32, so a bf16 model (activations of its dense,
+ * attention and expert paths stored as bf16, emulated on the cpu) is checked
+ * against the same model in fp32: its spec with dtype = bf16 has the same
+ * parameters, so the objective and each parameter's gradient must agree
+ * within bf16's error. */
+
+/* The objective and the gradient (in parameter order, malloc'ed into *grad,
+ * *n floats) of spec `text` on the cpu; *xdt the executor's storage type. */
+static bool objective_of(const char *name, const char *text, double *obj, float **grad, int64_t *n, moert_dt *xdt) {
+  moec_arena *a = moec_arena_create();
+  moec_diags d;
+  moec_diags_init(&d, a);
+  moec_spec *s = moec_front_buffer(a, &d, name, text, strlen(text));
+  moert_model *m = s ? moec_lower(a, &d, s, name) : NULL;
+  moert_status st = {0};
+  moert_plan *p = NULL;
+  moert_data *data = NULL;
+  moert_exec *e = NULL;
+  bool ok = m && moert_plan_create(m, 1, 0, m->tokens, true, &p, &st) &&
+            moert_data_open_seq(&data, NULL, m->vocab, m->dim, m->context, m->seq, m->tokens, 7, &st) &&
+            moert_exec_create(&e, m, p, moert_backend_cpu(), moert_comm_self(), true, 7, &st);
+  if (ok) {
+    e->opts.total_steps = 1;
+    ok = moert_exec_objective(e, data, 1, true, obj, &st);
+  }
+  if (ok) {
+    *xdt = e->xdt;
+    *n = 0; /* the parameters' elements, without the plan's padding between them */
+    for (int i = 0; i < m->nparams; i++) *n += p->params[i].count;
+    *grad = malloc(sizeof(float) * (size_t)(*n ? *n : 1));
+    for (int64_t i = 0, k = 0; i < m->nparams; k += p->params[i].count, i++)
+      memcpy(*grad + k, e->grads + p->params[i].offset, sizeof(float) * (size_t)p->params[i].count);
+  } else {
+    if (!m) moec_diags_print(&d, stderr);
+    fprintf(stderr, "FAIL %s: %s\n", name, m ? st.msg : "the spec does not compile");
+  }
+  moert_exec_destroy(e);
+  moert_data_close(data);
+  moert_plan_destroy(p);
+  moec_arena_destroy(a);
+  return ok;
+}
+
+static int run_bf16_case(const gcase *c) {
+  const char *at = strstr(c->spec, "dtype = fp32");
+  char *text = malloc(strlen(c->spec) + 1);
+  sprintf(text, "%.*sdtype = bf16%s", (int)(at - c->spec), c->spec, at + strlen("dtype = fp32"));
+  double f32 = 0, b16 = 0;
+  float *g32 = NULL, *g16 = NULL;
+  int64_t n32 = 0, n16 = 0;
+  moert_dt x32, x16;
+  bool ok = objective_of(c->name, c->spec, &f32, &g32, &n32, &x32) && objective_of(c->name, text, &b16, &g16, &n16, &x16);
+  free(text);
+  int fails = !ok;
+  if (ok) {
+    double dd = 0, ss = 0;
+    for (int64_t i = 0; i < n32 && n16 == n32; i++) {
+      double diff = (double)g16[i] - g32[i];
+      dd += diff * diff;
+      ss += (double)g32[i] * g32[i];
+    }
+    if (getenv("TEST_LAYERS_DUMP")) {
+      for (int64_t i = 0; i < n32 && n16 == n32; i++)
+        if (fabs((double)g16[i] - g32[i]) > 0.05 * fabs(g32[i]) + 1e-4)
+          fprintf(stderr, "  %s: gradient [%lld] bf16 %.6g fp32 %.6g\n", c->name, (long long)i, g16[i], g32[i]);
+    }
+    double grel = sqrt(dd / (ss > 0 ? ss : 1)), orel = fabs(b16 - f32) / fabs(f32);
+    /* bf16 keeps 8 bits: about 4e-3 per stored value, a few such roundings deep */
+    bool good = x16 == MOERT_BF16 && x32 == MOERT_F32 && n16 == n32 && ss > 0 && orel < 1e-3 && grel < 2e-2 && dd > 0;
+    printf("%-28s bf16 vs fp32: objective %.5f vs %.5f (rel %.1e), gradient rel %.2e%s  %s\n", c->name, b16, f32,
+           orel, grel, x16 != MOERT_BF16 ? " (not bf16: MOEC_CPU_BF16=1 unset?)" : dd == 0 ? " (identical: not bf16)" : "",
+           good ? "ok" : "FAIL");
+    fails = !good;
+  }
+  free(g32);
+  free(g16);
+  return fails;
+}
+
+int main(int argc, char **argv) {
+  bool bf16 = argc > 1 && strcmp(argv[1], "bf16") == 0;
+  int fails = 0, n = 0;
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+    if (bf16 && strncmp(cases[i].name, "attn", 4) != 0 && strncmp(cases[i].name, "lm_", 3) != 0) continue;
+    fails += bf16 ? run_bf16_case(&cases[i]) : run_case(&cases[i]);
+    n++;
+  }
+  printf("%d passed, %d failed\n", n - fails, fails);
   return fails ? 1 : 0;
 }

@@ -14,8 +14,13 @@
  * "+=" (and the reverse) is caught. Then exact tests of routing on small hand
  * computed cases, forward values against closed forms, the GEMMs against a
  * double reference on odd shapes, and the optimizers against a double
- * reference. A failure prints the first mismatches and the largest
- * difference; the exit status is the number of failed checks (capped). */
+ * reference. Attention: its gradient cases (rope, attention with and
+ * without rope, causal or not, mha, gqa, mqa), then its forward against a
+ * plain reference (a mask or kv head wrong in both directions passes the
+ * gradient checks), RoPE's properties, the decode op against the forward and
+ * the bf16 forms against the fp32 ops. A failure prints the first mismatches
+ * and the largest difference; the exit status is the number of failed checks
+ * (capped). */
 #include "cpu_ops.h"
 #include "cpu_ops_typed.h"
 
@@ -503,6 +508,25 @@ static void gemm_batched_case(gc_case *c, const char *name, bool ta, bool tb) {
   c->in_n[2] = c->out_n = count * sc;
 }
 
+/* Attention (cpu_ops_cases.inc): nseq sequences of seq tokens, H query heads
+ * reading KV key/value heads of D; rope: RoPE (base 10000) before the
+ * attention, as the layer runs it. */
+static void attn_case(gc_case *c, const char *name, int64_t nseq, int64_t seq, int64_t H, int64_t KV,
+                      int64_t D, bool causal, bool rope) {
+  *c = (gc_case){.name = name, .nin = 1, .d = {nseq, seq, H, KV, D, causal, rope}, .p = {10000},
+                 CASE_FNS(attn)};
+  c->in_n[0] = nseq * seq * (H + 2 * KV) * D;
+  c->out_n = nseq * seq * H * D;
+}
+
+/* RoPE alone at positions pos0 + t % seq (inverse: the backward rotation). */
+static void rope_case(gc_case *c, const char *name, int64_t nseq, int64_t seq, int64_t pos0, int64_t H,
+                      int64_t KV, int64_t D, double base, bool inverse) {
+  *c = (gc_case){.name = name, .nin = 1, .d = {nseq, seq, H, KV, D, 0, 1, pos0, inverse}, .p = {base},
+                 CASE_FNS(rope)};
+  c->in_n[0] = c->out_n = nseq * seq * (H + 2 * KV) * D;
+}
+
 static int run_gradient_checks(void) {
   gc_case cases[64];
   int n = 0;
@@ -588,6 +612,18 @@ static int run_gradient_checks(void) {
   cases[n++] = (gc_case){.name = "mse", .nin = 2, .in_n = {9, 9}, .out_n = 1, .d = {9},
                          CASE_FNS(mse)};
   // clang-format on
+  /* attention: causal and not; multi-head, grouped-query (H 4, KV 2) and
+   * multi-query (KV 1); D 8 and 16; 2 or 3 sequences of 5 to 7 */
+  attn_case(&cases[n++], "attn mha causal D8", 2, 7, 2, 2, 8, true, false);
+  attn_case(&cases[n++], "attn mha D16", 2, 7, 2, 2, 16, false, false);
+  attn_case(&cases[n++], "attn gqa 4/2 causal D16", 2, 7, 4, 2, 16, true, false);
+  attn_case(&cases[n++], "attn gqa 4/2 D8", 3, 5, 4, 2, 8, false, false);
+  attn_case(&cases[n++], "attn mqa 4/1 causal D8", 2, 7, 4, 1, 8, true, false);
+  attn_case(&cases[n++], "attn mqa 4/1 D16", 2, 6, 4, 1, 16, false, false);
+  attn_case(&cases[n++], "attn + rope gqa 4/2 causal D8", 2, 7, 4, 2, 8, true, true);
+  attn_case(&cases[n++], "attn + rope mqa 3/1 D16", 2, 7, 3, 1, 16, false, true);
+  rope_case(&cases[n++], "rope gqa 4/2 D8", 2, 7, 0, 4, 2, 8, 10000, false);
+  rope_case(&cases[n++], "rope inverse at pos0 5, D16 base 100", 2, 7, 5, 2, 1, 16, 100, true);
 
   int before = failures;
   for (int i = 0; i < n; i++) {
@@ -1244,6 +1280,331 @@ static void test_optimizers(void) {
   printf("%-4s adamw, sgd vs double, gscale, their bf16 copies; sumsq, the norm on the device, scale\n", failures == before ? "ok" : "FAIL");
 }
 
+/* --- attention: forward values against a plain reference, RoPE's
+ * properties, the decode op against the forward, the bf16 forms (the
+ * gradient checks show only that a backward matches its forward: a wrong
+ * mask or kv head in both would pass them) --- */
+
+/* o and lse of attention written plainly in double from the float qkv: for
+ * each sequence s, query head h and position i, the scores of query
+ * (s, i, h) against the keys of kv head h / (H / KV) at positions 0..i
+ * (causal) or 0..seq-1, softmax, the weighted sum of their values. */
+static void attn_ref(const float *qkv, double *o, double *lse, int64_t nseq, int64_t seq, int64_t H,
+                     int64_t KV, int64_t D, bool causal) {
+  int64_t W = (H + 2 * KV) * D;
+  double *sc = xalloc(seq, sizeof *sc);
+  for (int64_t s = 0; s < nseq; s++)
+    for (int64_t i = 0; i < seq; i++)
+      for (int64_t h = 0; h < H; h++) {
+        int64_t g = h / (H / KV), n = causal ? i + 1 : seq;
+        const float *q = qkv + (s * seq + i) * W + h * D;
+        double mx = -INFINITY, sum = 0;
+        for (int64_t j = 0; j < n; j++) {
+          const float *k = qkv + (s * seq + j) * W + (H + g) * D;
+          double x = 0;
+          for (int64_t d = 0; d < D; d++) x += (double)q[d] * k[d];
+          sc[j] = x / sqrt((double)D);
+          if (sc[j] > mx) mx = sc[j];
+        }
+        for (int64_t j = 0; j < n; j++) sum += exp(sc[j] - mx);
+        double *orow = o + (s * seq + i) * H * D + h * D;
+        for (int64_t d = 0; d < D; d++) orow[d] = 0;
+        for (int64_t j = 0; j < n; j++) {
+          const float *v = qkv + (s * seq + j) * W + (H + KV + g) * D;
+          for (int64_t d = 0; d < D; d++) orow[d] += exp(sc[j] - mx) / sum * v[d];
+        }
+        lse[(s * H + h) * seq + i] = mx + log(sum);
+      }
+  free(sc);
+}
+
+static float *random_floats(rng *r, int64_t n) {
+  float *x = xalloc(n, sizeof *x);
+  for (int64_t i = 0; i < n; i++) x[i] = (float)rng_range(r, -1.5, 1.5);
+  return x;
+}
+
+static void test_attn_values(void) {
+  int before = failures;
+  static const struct { int64_t nseq, seq, H, KV, D; bool causal; } cs[] = {
+      {2, 7, 2, 2, 8, true}, {2, 7, 4, 2, 16, true}, {3, 5, 4, 2, 8, false}, {2, 7, 4, 1, 8, true},
+      {1, 9, 6, 3, 16, false}, {2, 1, 2, 1, 8, true}};
+  rng r = {0xa77e};
+  for (size_t k = 0; k < sizeof cs / sizeof *cs; k++) {
+    int64_t nseq = cs[k].nseq, seq = cs[k].seq, H = cs[k].H, KV = cs[k].KV, D = cs[k].D, T = nseq * seq;
+    int64_t W = (H + 2 * KV) * D;
+    float *qkv = random_floats(&r, T * W), *o = xalloc(T * H * D, sizeof *o), *lse = xalloc(T * H, sizeof *lse);
+    double *wo = xalloc(T * H * D, sizeof *wo), *wl = xalloc(T * H, sizeof *wl);
+    for (int64_t i = 0; i < T * H * D; i++) o[i] = NAN;
+    for (int64_t i = 0; i < T * H; i++) lse[i] = NAN;
+    attn_ref(qkv, wo, wl, nseq, seq, H, KV, D, cs[k].causal);
+    moert_cpu_attn_fwd(qkv, o, lse, nseq, seq, H, KV, D, cs[k].causal);
+    char what[128];
+    for (int part = 0; part < 2; part++) {
+      snprintf(what, sizeof what, "attn_fwd %lldx%lld H %lld KV %lld D %lld%s: %s vs the plain reference",
+               (long long)nseq, (long long)seq, (long long)H, (long long)KV, (long long)D,
+               cs[k].causal ? " causal" : "", part ? "lse" : "o");
+      if (part) check_f32(what, lse, wl, T * H, 1e-6, 1e-7);
+      else check_f32(what, o, wo, T * H * D, 1e-6, 1e-7);
+    }
+    free(qkv), free(o), free(lse), free(wo), free(wl);
+  }
+  /* a hand case: one sequence of 2, one head of D 2, causal; q0 = (1, 0),
+   * k0 = (1, 0), k1 = (0, 2), v0 = (1, 2), v1 = (3, 4), q1 = (0, 1). Row 0
+   * sees itself only: o0 = v0, lse0 = 1/sqrt 2. Row 1: scores 0 and 2/sqrt 2. */
+  {
+    float qkv[] = {1, 0, 1, 0, 1, 2, 0, 1, 0, 2, 3, 4}, o[4], lse[2];
+    double s = sqrt(2.0), p1 = exp(s) / (1 + exp(s));
+    moert_cpu_attn_fwd(qkv, o, lse, 1, 2, 1, 1, 2, true);
+    check_f32("attn_fwd hand case: o", o, (double[]){1, 2, 1 + 2 * p1, 2 + 2 * p1}, 4, 1e-6, 0);
+    check_f32("attn_fwd hand case: lse", lse, (double[]){1 / s, log(1 + exp(s))}, 2, 1e-6, 0);
+  }
+  printf("%-4s attn_fwd: o and lse vs a plain reference (causal and not, mha, gqa, mqa), a hand case\n",
+         failures == before ? "ok" : "FAIL");
+}
+
+static void test_rope_values(void) {
+  int before = failures;
+  {
+    /* H 1, KV 1, D 4, base 100: pairs (0, 2) at frequency 1, (1, 3) at
+     * 100^(-1/2) = 0.1; token 1 of a sequence at pos0 1 is at position 2 */
+    float qkv[2 * 12];
+    for (int i = 0; i < 24; i++) qkv[i] = (float)(i % 12 + 1);
+    moert_cpu_rope(qkv, 2, 2, 1, 1, 1, 4, 100, false);
+    double w[12];
+    for (int head = 0; head < 2; head++) { /* the query head and the key head */
+      double a = 4 * head + 1, b = 4 * head + 2, c = 4 * head + 3, d = 4 * head + 4;
+      w[4 * head + 0] = a * cos(2.0) - c * sin(2.0);
+      w[4 * head + 2] = a * sin(2.0) + c * cos(2.0);
+      w[4 * head + 1] = b * cos(0.2) - d * sin(0.2);
+      w[4 * head + 3] = b * sin(0.2) + d * cos(0.2);
+    }
+    for (int i = 8; i < 12; i++) w[i] = i + 1; /* the value head is not rotated */
+    check_f32("rope hand case: position 2 of D 4, base 100", qkv + 12, w, 12, 1e-6, 0);
+  }
+  rng r = {0x7095};
+  int64_t nseq = 2, seq = 7, H = 4, KV = 2, D = 16, T = nseq * seq, W = (H + 2 * KV) * D;
+  float *x = random_floats(&r, T * W), *y = xalloc(T * W, sizeof *y), *one = xalloc(W, sizeof *one);
+  double *want = xalloc(T * W, sizeof *want);
+  for (int64_t i = 0; i < T * W; i++) want[i] = x[i];
+  memcpy(y, x, sizeof(float) * (size_t)(T * W));
+  moert_cpu_rope(y, T, seq, 0, H, KV, D, 10000, false);
+  /* value heads untouched, bit for bit; positions restart in each sequence */
+  int64_t moved = 0, vdiff = 0, restart = 0;
+  for (int64_t t = 0; t < T; t++)
+    for (int64_t j = 0; j < W; j++) {
+      vdiff += j >= (H + KV) * D && y[t * W + j] != x[t * W + j];
+      moved += j < (H + KV) * D && t % seq > 0 && y[t * W + j] != x[t * W + j];
+    }
+  {
+    float *z = xalloc(T * W, sizeof *z);
+    memcpy(z, x, sizeof(float) * (size_t)(T * W));
+    memcpy(z + seq * W, x, sizeof(float) * (size_t)(seq * W)); /* sequence 1 = sequence 0 */
+    moert_cpu_rope(z, T, seq, 0, H, KV, D, 10000, false);
+    restart = memcmp(z, z + seq * W, sizeof(float) * (size_t)(seq * W)) != 0;
+    free(z);
+  }
+  if (vdiff) fail("rope: %lld value-head elements changed", (long long)vdiff);
+  if (moved < (T - nseq) * (H + KV) * D / 2) fail("rope: only %lld query/key elements moved", (long long)moved);
+  if (restart) fail("rope: the positions do not restart in each sequence");
+  /* position 0 is not rotated; the inverse undoes it */
+  check_f32("rope: position 0 unrotated", y, want, W, 0, 0);
+  moert_cpu_rope(y, T, seq, 0, H, KV, D, 10000, true);
+  check_f32("rope: the inverse undoes it", y, want, T * W, 1e-6, 1e-7);
+  /* one token at pos0 = p (generation) is the row at position p of a whole
+   * sequence, bit for bit; and rope at pos0 p over a sequence = rope of
+   * positions p..p+seq-1 token by token */
+  memcpy(y, x, sizeof(float) * (size_t)(T * W));
+  moert_cpu_rope(y, T, seq, 0, H, KV, D, 10000, false);
+  int64_t differ = 0;
+  for (int64_t t = 0; t < T; t++) {
+    memcpy(one, x + t * W, sizeof(float) * (size_t)W);
+    moert_cpu_rope(one, 1, 1, t % seq, H, KV, D, 10000, false);
+    differ += memcmp(one, y + t * W, sizeof(float) * (size_t)W) != 0;
+  }
+  if (differ) fail("rope: %lld single tokens at pos0 = p differ from row p of the sequence", (long long)differ);
+  memcpy(y, x, sizeof(float) * (size_t)(seq * W));
+  moert_cpu_rope(y, seq, seq, 40, H, KV, D, 10000, false);
+  differ = 0;
+  for (int64_t t = 0; t < seq; t++) {
+    memcpy(one, x + t * W, sizeof(float) * (size_t)W);
+    moert_cpu_rope(one, 1, 1, 40 + t, H, KV, D, 10000, false);
+    differ += memcmp(one, y + t * W, sizeof(float) * (size_t)W) != 0;
+  }
+  if (differ) fail("rope: %lld tokens of a sequence at pos0 40 differ from single tokens at 40 + t", (long long)differ);
+  free(x), free(y), free(one), free(want);
+  printf("%-4s rope: a hand case, value heads kept, per-sequence positions, inverse, one token at pos0 = p\n",
+         failures == before ? "ok" : "FAIL");
+}
+
+/* Generation's decode op against the forward: over a causal sequence whose
+ * rows were rotated one token at a time at their index (as generation does),
+ * attn_decode of row i's query against rows 0..i equals row i of attn_fwd
+ * (rotated as a whole sequence); the cache's rows in a ring's order (rotated
+ * by any amount) give the same; the float, blocked and double builds agree;
+ * and a window whose positions are all shifted (a ring past seq tokens, its
+ * rows rotated at their absolute positions) gives the same as at 0..i: RoPE's
+ * scores depend on relative positions only. */
+static void test_attn_decode(void) {
+  int before = failures;
+  static const struct { int64_t H, KV, D; } cs[] = {{4, 2, 8}, {4, 1, 16}, {2, 2, 16}};
+  rng r = {0xdec0};
+  for (size_t k = 0; k < sizeof cs / sizeof *cs; k++) {
+    int64_t seq = 7, H = cs[k].H, KV = cs[k].KV, D = cs[k].D, W = (H + 2 * KV) * D, HD = H * D;
+    float *x = random_floats(&r, seq * W), *full = xalloc(seq * W, sizeof *full);
+    float *cache = xalloc(seq * W, sizeof *cache), *ring = xalloc(seq * W, sizeof *ring);
+    float *shifted = xalloc(seq * W, sizeof *shifted);
+    float *o = xalloc(seq * HD, sizeof *o), *lse = xalloc(seq * H, sizeof *lse), *od = xalloc(HD, sizeof *od);
+    float *ob = xalloc(HD, sizeof *ob);
+    double *want = xalloc(HD, sizeof *want), *cache64 = xalloc(seq * W, sizeof *cache64);
+    double *od64 = xalloc(HD, sizeof *od64);
+    memcpy(full, x, sizeof(float) * (size_t)(seq * W));
+    moert_cpu_rope(full, seq, seq, 0, H, KV, D, 10000, false);
+    moert_cpu_attn_fwd(full, o, lse, 1, seq, H, KV, D, true);
+    for (int64_t i = 0; i < seq; i++) {
+      memcpy(cache + i * W, x + i * W, sizeof(float) * (size_t)W);
+      moert_cpu_rope(cache + i * W, 1, 1, i, H, KV, D, 10000, false);
+      memcpy(shifted + i * W, x + i * W, sizeof(float) * (size_t)W);
+      moert_cpu_rope(shifted + i * W, 1, 1, 1000 + i, H, KV, D, 10000, false);
+    }
+    char what[128];
+    for (int64_t i = 0; i < seq; i++) {
+      int64_t len = i + 1;
+      for (int64_t d = 0; d < HD; d++) want[d] = o[i * HD + d];
+      for (int64_t d = 0; d < HD; d++) od[d] = NAN;
+      moert_cpu_attn_decode(cache + i * W, cache, od, len, H, KV, D);
+      snprintf(what, sizeof what, "attn_decode H %lld KV %lld D %lld: row %lld vs attn_fwd", (long long)H,
+               (long long)KV, (long long)D, (long long)i);
+      check_f32(what, od, want, HD, 1e-6, 1e-7);
+      for (int64_t sh = 1; sh < len; sh++) { /* ring order: the oldest row at sh */
+        for (int64_t j = 0; j < len; j++)
+          memcpy(ring + (j + sh) % len * W, cache + j * W, sizeof(float) * (size_t)W);
+        moert_cpu_attn_decode(cache + i * W, ring, od, len, H, KV, D);
+        snprintf(what, sizeof what, "attn_decode H %lld KV %lld D %lld: row %lld, cache rotated by %lld", (long long)H,
+                 (long long)KV, (long long)D, (long long)i, (long long)sh);
+        check_f32(what, od, want, HD, 1e-6, 1e-7);
+      }
+      moert_cpu_attn_decode(shifted + i * W, shifted, od, len, H, KV, D);
+      snprintf(what, sizeof what, "attn_decode H %lld KV %lld D %lld: row %lld at positions 1000 on", (long long)H,
+               (long long)KV, (long long)D, (long long)i);
+      check_f32(what, od, want, HD, 1e-5, 1e-6);
+      /* the builds: float and blocked against the double twin */
+      for (int64_t j = 0; j < len * W; j++) cache64[j] = cache[j];
+      moert_f64_attn_decode(cache64 + i * W, cache64, od64, len, H, KV, D);
+      moert_cpu_attn_decode(cache + i * W, cache, od, len, H, KV, D);
+      moert_blk_attn_decode(cache + i * W, cache, ob, len, H, KV, D);
+      snprintf(what, sizeof what, "attn_decode H %lld KV %lld D %lld row %lld: f32 vs f64", (long long)H,
+               (long long)KV, (long long)D, (long long)i);
+      check_f32(what, od, od64, HD, F32_RTOL, F32_ATOL);
+      snprintf(what, sizeof what, "attn_decode H %lld KV %lld D %lld row %lld: blk vs f64", (long long)H,
+               (long long)KV, (long long)D, (long long)i);
+      check_f32(what, ob, od64, HD, F32_RTOL, F32_ATOL);
+    }
+    free(x), free(full), free(cache), free(ring), free(shifted), free(o), free(lse), free(od), free(ob);
+    free(want), free(cache64), free(od64);
+  }
+  printf("%-4s attn_decode: = causal attn_fwd row by row, any ring order, shifted positions; f32, blk vs f64\n",
+         failures == before ? "ok" : "FAIL");
+}
+
+/* The bf16 forms (cpu_ops_typed.c) are the fp32 ops on the bf16 values,
+ * each output rounded once to bf16, bit for bit; fp32 through them is the
+ * fp32 op itself. */
+static uint16_t *to_bf16(const float *x, int64_t n) {
+  uint16_t *b = xalloc(n, sizeof *b);
+  moert_cpu_convert(b, MOERT_BF16, x, MOERT_F32, n);
+  return b;
+}
+
+static void check_bf16(const char *what, const uint16_t *got, const float *fp32, int64_t n) {
+  int64_t bad = 0;
+  for (int64_t i = 0; i < n; i++) {
+    uint16_t want = moert_f32_to_bf16(fp32[i]);
+    if (got[i] == want) continue;
+    if (bad++ < SHOW_MISMATCHES)
+      printf("FAIL: %s: [%lld] got 0x%04x want 0x%04x (%g)\n", what, (long long)i, got[i], want, (double)fp32[i]);
+  }
+  if (bad) {
+    printf("  %lld of %lld differ\n", (long long)bad, (long long)n);
+    failures++;
+  }
+}
+
+static void test_attn_typed(void) {
+  int before = failures;
+  rng r = {0xbf16};
+  int64_t nseq = 2, seq = 6, H = 4, KV = 2, D = 8, T = nseq * seq, W = (H + 2 * KV) * D, HD = H * D;
+  /* values bf16 holds: the fp32 op sees what the bf16 one sees */
+  float *qkv = random_floats(&r, T * W), *dout = random_floats(&r, T * HD);
+  for (int64_t i = 0; i < T * W; i++) qkv[i] = moert_bf16_to_f32(moert_f32_to_bf16(qkv[i]));
+  for (int64_t i = 0; i < T * HD; i++) dout[i] = moert_bf16_to_f32(moert_f32_to_bf16(dout[i]));
+  int64_t nscr = moert_cpu_attn_scratch(T, H, KV, D);
+  float *rq = xalloc(T * W, sizeof *rq), *o = xalloc(T * HD, sizeof *o), *lse = xalloc(T * H, sizeof *lse);
+  float *dq = xalloc(T * W, sizeof *dq), *scr = xalloc(nscr, sizeof *scr), *od = xalloc(HD, sizeof *od);
+  float *lse_b = xalloc(T * H, sizeof *lse_b);
+  /* fp32: rope, forward, backward, inverse rope, decode of the last row */
+  memcpy(rq, qkv, sizeof(float) * (size_t)(T * W));
+  moert_cpu_rope(rq, T, seq, 0, H, KV, D, 10000, false);
+  uint16_t *bq = to_bf16(qkv, T * W);
+  moert_cpu_rope_t(MOERT_BF16, bq, T, seq, 0, H, KV, D, 10000, false);
+  check_bf16("rope_t bf16", bq, rq, T * W);
+  /* from here the fp32 ops take the bf16 rotation as their input */
+  moert_cpu_convert(rq, MOERT_F32, bq, MOERT_BF16, T * W);
+  moert_cpu_attn_fwd(rq, o, lse, nseq, seq, H, KV, D, true);
+  uint16_t *bo = xalloc(T * HD, sizeof *bo);
+  moert_cpu_attn_fwd_t(MOERT_BF16, bq, bo, lse_b, nseq, seq, H, KV, D, true);
+  check_bf16("attn_fwd_t bf16: o", bo, o, T * HD);
+  {
+    double *l = xalloc(T * H, sizeof *l);
+    for (int64_t i = 0; i < T * H; i++) l[i] = lse[i];
+    check_f32("attn_fwd_t bf16: lse (fp32, the op's own)", lse_b, l, T * H, 0, 0);
+    free(l);
+  }
+  moert_cpu_convert(o, MOERT_F32, bo, MOERT_BF16, T * HD); /* the stored o is what the backward reads */
+  moert_cpu_attn_bwd(rq, o, lse, dout, dq, scr, nseq, seq, H, KV, D, true);
+  uint16_t *bd = to_bf16(dout, T * HD), *bdq = xalloc(T * W, sizeof *bdq);
+  moert_cpu_attn_bwd_t(MOERT_BF16, bq, bo, lse, bd, bdq, scr, nseq, seq, H, KV, D, true);
+  check_bf16("attn_bwd_t bf16: dqkv", bdq, dq, T * W);
+  moert_cpu_convert(dq, MOERT_F32, bdq, MOERT_BF16, T * W);
+  moert_cpu_rope(dq, T, seq, 0, H, KV, D, 10000, true);
+  moert_cpu_rope_t(MOERT_BF16, bdq, T, seq, 0, H, KV, D, 10000, true);
+  check_bf16("rope_t bf16 inverse", bdq, dq, T * W);
+  { /* one token at its position (generation) */
+    float row[64];
+    uint16_t brow[64];
+    memcpy(row, qkv + 3 * W, sizeof(float) * (size_t)W);
+    moert_cpu_convert(brow, MOERT_BF16, row, MOERT_F32, W);
+    moert_cpu_rope(row, 1, 1, 9, H, KV, D, 10000, false);
+    moert_cpu_rope_t(MOERT_BF16, brow, 1, 1, 9, H, KV, D, 10000, false);
+    check_bf16("rope_t bf16, one token at pos0 9", brow, row, W);
+  }
+  moert_cpu_attn_decode(rq + (seq - 1) * W, rq, od, seq, H, KV, D);
+  uint16_t *bod = xalloc(HD, sizeof *bod);
+  moert_cpu_attn_decode_t(MOERT_BF16, bq + (seq - 1) * W, bq, bod, seq, H, KV, D);
+  check_bf16("attn_decode_t bf16", bod, od, HD);
+  /* fp32 through the typed forms: the ops themselves, bit for bit */
+  float *fo = xalloc(T * HD, sizeof *fo), *fl = xalloc(T * H, sizeof *fl), *fdq = xalloc(T * W, sizeof *fdq);
+  float *fod = xalloc(HD, sizeof *fod), *fq = xalloc(T * W, sizeof *fq);
+  memcpy(fq, qkv, sizeof(float) * (size_t)(T * W));
+  moert_cpu_rope_t(MOERT_F32, fq, T, seq, 0, H, KV, D, 10000, false);
+  memcpy(rq, qkv, sizeof(float) * (size_t)(T * W));
+  moert_cpu_rope(rq, T, seq, 0, H, KV, D, 10000, false);
+  moert_cpu_attn_fwd(rq, o, lse, nseq, seq, H, KV, D, false);
+  moert_cpu_attn_fwd_t(MOERT_F32, fq, fo, fl, nseq, seq, H, KV, D, false);
+  moert_cpu_attn_bwd(rq, o, lse, dout, dq, scr, nseq, seq, H, KV, D, false);
+  moert_cpu_attn_bwd_t(MOERT_F32, fq, fo, fl, dout, fdq, scr, nseq, seq, H, KV, D, false);
+  moert_cpu_attn_decode(rq, rq, od, 3, H, KV, D);
+  moert_cpu_attn_decode_t(MOERT_F32, fq, fq, fod, 3, H, KV, D);
+  if (memcmp(fq, rq, sizeof(float) * (size_t)(T * W)) || memcmp(fo, o, sizeof(float) * (size_t)(T * HD)) ||
+      memcmp(fl, lse, sizeof(float) * (size_t)(T * H)) || memcmp(fdq, dq, sizeof(float) * (size_t)(T * W)) ||
+      memcmp(fod, od, sizeof(float) * (size_t)HD))
+    fail("attention's typed forms in fp32 differ from the fp32 ops");
+  free(qkv), free(dout), free(rq), free(o), free(lse), free(dq), free(scr), free(od), free(lse_b);
+  free(bq), free(bo), free(bd), free(bdq), free(bod), free(fo), free(fl), free(fdq), free(fod), free(fq);
+  printf("%-4s attention's bf16 forms = the fp32 ops on bf16 values, rounded once; fp32 forms = the ops\n",
+         failures == before ? "ok" : "FAIL");
+}
+
 int main(void) {
   run_gradient_checks();
   test_gemm_shapes();
@@ -1259,6 +1620,10 @@ int main(void) {
   test_gate_stats_aux();
   test_embed_losses();
   test_optimizers();
+  test_attn_values();
+  test_rope_values();
+  test_attn_decode();
+  test_attn_typed();
   if (failures) {
     printf("test_cpu_ops: %d checks FAILED\n", failures);
     return 1;
