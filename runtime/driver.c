@@ -25,6 +25,7 @@
   X(EVAL_EVERY, "eval-every", 1, "N", "evaluate on held-out data every N steps (0: never)")        \
   X(CHECKPOINT, "checkpoint", 1, "DIR", "save checkpoints into DIR")                               \
   X(CKPT_EVERY, "checkpoint-every", 1, "N", "save every N steps (0: only at the end)")             \
+  X(ON_NAN, "on-nan", 1, "stop|skip", "at a non-finite loss or gradient norm: stop (default; status 1) or skip that step's update") \
   X(RESUME, "resume", 0, "", "continue from the checkpoint in DIR (--checkpoint or the spec's)")   \
   X(OVERWRITE, "overwrite", 0, "", "start over, replacing the checkpoint in DIR (without it, a run refuses to)") \
   X(GENERATE, "generate", 1, "N", "after training, sample N bytes of text (byte models)")          \
@@ -47,6 +48,7 @@ static const char *wanted(int flag) {
   switch (flag) {
   case FLAG_BACKEND: return "cpu or cuda";
   case FLAG_COMM: return "nccl, mpi or self";
+  case FLAG_ON_NAN: return "stop or skip";
   case FLAG_STEPS: return "a whole number from 1 to 4611686018427387903";
   case FLAG_LOG_EVERY: return "a whole number of 1 or more";
   case FLAG_TOKENS: return "a whole number from 1 to 2147483647, the limit of 32-bit token indices";
@@ -97,6 +99,10 @@ int moert_main(const moert_model *m, int argc, char **argv) {
     case FLAG_GENERATE: ok = moert_parse_int(a, 0, MAX_GENERATE, &o.generate); break;
     case FLAG_BACKEND: o.backend = a; ok = !strcmp(a, "cpu") || !strcmp(a, "cuda"); break;
     case FLAG_METRICS: o.metrics = a; break;
+    case FLAG_ON_NAN:
+      o.on_nan = strcmp(a, "skip") == 0 ? MOERT_ON_NAN_SKIP : MOERT_ON_NAN_STOP;
+      ok = !strcmp(a, "skip") || !strcmp(a, "stop");
+      break;
     case FLAG_DATA: o.data = a; break;
     case FLAG_CHECKPOINT: o.checkpoint = a; break;
     case FLAG_PROMPT: o.prompt = a; break;
