@@ -295,13 +295,17 @@ checkpoint_corrupt)
   rm -rf ck && cp -r good ck && flip ck/model.safetensors $(((8 + n + size) / 2))
   cmp -s good/model.safetensors ck/model.safetensors && fail "the flip changed nothing"
   refuses "a flipped data byte" "$(hashed model.safetensors)"
+  # the manifest's own step, edited: its own hash catches it (issue 17)
+  rm -rf ck && cp -r good ck && sed -i 's/^  "step": 4,$/  "step": 2,/' ck/MANIFEST.json
+  cmp -s good/MANIFEST.json ck/MANIFEST.json && fail "the edit of the step changed nothing"
+  refuses "an edited step" "ck/MANIFEST.json is damaged: its text has xxh64 [0-9a-f]\{16\} but its \`manifest_xxh64\` says"
   # a leftover half-written checkpoint beside a good one changes nothing
   rm -rf ck && cp -r good ck && mkdir ck.tmp-XXXXXX && echo junk > ck.tmp-XXXXXX/model.safetensors
   ./tiny --steps 8 --checkpoint ck --resume --quiet || fail "a leftover temporary directory broke resume"
   # ... and a look-alike without moec's marker is not moec's: it is left alone
   [ "$(cat ck.tmp-XXXXXX/model.safetensors 2>/dev/null)" = junk ] || fail "a ck.tmp-XXXXXX that moec did not make was removed"
   rm -rf ck.tmp-XXXXXX
-  echo "ok: truncated checkpoints and flipped bytes (header and data) are clear errors and stay untouched" ;;
+  echo "ok: truncated checkpoints, flipped bytes (header and data) and an edited step are clear errors and stay untouched" ;;
 
 checkpoint_overwrite)
   # a run without --resume does not replace a valid checkpoint unless told to
