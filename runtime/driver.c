@@ -66,7 +66,21 @@ static void usage(const moert_model *m, const char *argv0, FILE *out) {
         "SIGTERM or SIGINT after a step (and a checkpoint, when one is configured).\n", out);
 }
 
+/* Whether a launcher (mpirun, srun) started this process as a rank other
+ * than 0. The flags are checked before MPI starts, alike on every rank, so
+ * only rank 0 says what is wrong with them: one message for the job. */
+static bool other_rank(void) {
+  static const char *const vars[] = {"OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK",
+                                     "SLURM_PROCID"};
+  for (size_t i = 0; i < sizeof vars / sizeof vars[0]; i++) {
+    const char *v = getenv(vars[i]);
+    if (v && *v) return strcmp(v, "0") != 0;
+  }
+  return false;
+}
+
 static int usage_error(const char *argv0, const char *msg, const char *arg) {
+  if (other_rank()) return 2;
   fprintf(stderr, "%s: ", argv0);
   fprintf(stderr, msg, arg);
   fprintf(stderr, "\nTry '%s --help' for more information.\n", argv0);

@@ -528,9 +528,10 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
     else if (want_nccl)
       MOERT_FAIL(&st, "--comm nccl: no usable NVIDIA GPU was found (no libcuda.so.1, or no device); run "
                  "with --comm mpi (or --comm self on one rank)");
-    if (st.failed) {
+    if (st.failed) { /* every rank finds the same: rank 0 says it */
+      bool say = comm->rank == 0;
       if (comm != moert_comm_self()) moert_comm_mpi_finalize(comm);
-      return fail(argv0, &st);
+      return say ? fail(argv0, &st) : 1;
     }
   }
   moert_backend *b = moert_backend_cpu();
@@ -568,9 +569,11 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
   if (!peak_tflops(b, &peak, peak_what, sizeof peak_what)) {
     if (comm != host_comm) comm->destroy(comm);
     if (b != moert_backend_cpu()) moert_backend_cuda_destroy(b);
+    bool say = host_comm->rank == 0; /* every rank reads the same environment */
     if (host_comm != moert_comm_self()) moert_comm_mpi_finalize(host_comm);
-    return usage_error(argv0, "bad value '%s' for MOEC_PEAK_TFLOPS (TFLOP/s per GPU, a number above 0)",
-                       getenv("MOEC_PEAK_TFLOPS"));
+    return say ? usage_error(argv0, "bad value '%s' for MOEC_PEAK_TFLOPS (TFLOP/s per GPU, a number above 0)",
+                             getenv("MOEC_PEAK_TFLOPS"))
+               : 2;
   }
   /* MFU's denominator: one peak per GPU; ranks that share a GPU share its peak */
   double accelerators = comm->world;
@@ -642,7 +645,9 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
   if (o.trace && !moert_trace_create(o.trace, 1 << 20, &trace, &st)) goto out;
   e->opts.trace = trace;
   const char *resume_note = NULL;
-  if (o.resume && !moert_ckpt_load(o.checkpoint, e, &start, &resume_note, &st)) goto out;
+  /* every rank loads the same checkpoint (a damaged one fails them all alike) */
+  ok = !(o.resume && !moert_ckpt_load(o.checkpoint, e, &start, &resume_note, &st));
+  if (!agree(comm, ok, argv0, &agreed, &st)) goto out;
   int64_t last_saved = o.resume ? start : -1; /* the step of the checkpoint on disk; -1: none of this run */
   if (resume_note && comm->rank == 0) fprintf(stderr, "%s: note: %s\n", argv0, resume_note);
   if (o.resume && metrics && !metrics_cut(metrics, o.metrics, start, &st)) goto out;

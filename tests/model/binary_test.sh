@@ -328,6 +328,36 @@ checkpoint_overwrite)
   ./tiny --steps 5 --checkpoint new --overwrite --quiet || fail "--overwrite without a checkpoint exited $?"
   echo "ok: a step-50 checkpoint is kept until --overwrite; --resume continues it" ;;
 
+config_errors)
+  # a configuration error that every rank finds is said once, by rank 0, and
+  # the job exits without an abort (issue 17): no "MPI_ABORT was invoked" banner
+  command -v mpirun >/dev/null 2>&1 || { echo "skip: no mpirun"; exit 77; }
+  export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_mpi_yield_when_idle=1
+  build tiny
+  # once STATUS MESSAGE ARGS...: two ranks of tiny with ARGS exit STATUS, and
+  # stderr holds MESSAGE exactly once and nothing of MPI_ABORT
+  once() {
+    want=$1 msg=$2; shift 2
+    mpirun --oversubscribe -np 2 ./tiny --quiet "$@" >out.txt 2>err.txt; rc=$?
+    [ $rc = "$want" ] || fail "$*: exit status $rc, not $want: $(cat err.txt)"
+    n=$(grep -c -- "$msg" err.txt)
+    [ "$n" = 1 ] || fail "$*: the message is there $n times, not once: $(cat err.txt)"
+    grep -q "MPI_ABORT" err.txt && fail "$*: the ranks aborted: $(cat err.txt)"
+    [ -s out.txt ] && fail "$*: the run started: $(cat out.txt)"
+    return 0
+  }
+  once 2 "bad value 'x' for --steps" --steps x
+  once 2 "unknown option '--stpes'" --stpes 3
+  once 1 "error: --variant r=7,d=1,a2a=linear: no MoE layer has that variant at 2 ranks" --steps 2 --variant r=7,d=1,a2a=linear
+  once 1 "error: cannot save checkpoints in \`nodir/ck\`: its parent directory \`nodir\` does not exist" --steps 2 --checkpoint nodir/ck
+  ./tiny --steps 2 --checkpoint ck --quiet || fail "a checkpoint to resume"
+  once 1 "error: ck holds a checkpoint at step 2, which this run would replace" --steps 4 --checkpoint ck
+  once 1 "error: the checkpoint in ck is at step 2, and --steps 2 is the total to reach" --steps 2 --checkpoint ck --resume
+  sed -i 's/^  "step": 2,$/  "step": 1,/' ck/MANIFEST.json
+  once 1 "ck/MANIFEST.json is damaged" --steps 4 --checkpoint ck --resume
+  once 1 "error: cannot write the metrics file nodir/m.jsonl" --steps 2 --metrics nodir/m.jsonl
+  echo "ok: configuration errors under mpirun -np 2: one message, no abort" ;;
+
 diverge)
   # a step whose loss or gradient norm is not finite never reaches the weights,
   # the optimizer state or a checkpoint (issue 17): --on-nan stop (the default)
