@@ -493,8 +493,8 @@ static void nonfinite_what(const moert_step_stats *s, char *buf, size_t n) {
 }
 
 /* Where the non-finite values of a skipped step began (a collective), in
- * words: "the output of layer `experts__0` (the first with a non-finite
- * value, in forward order)". */
+ * words: "the output of layer `experts_0` went non-finite first (in forward
+ * order)". */
 static bool nonfinite_where(moert_exec *e, char *buf, size_t n, moert_status *st) {
   int li = -1;
   bool in_grad = false;
@@ -763,9 +763,13 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
     }
     if (s.skipped && o.on_nan == MOERT_ON_NAN_STOP) {
       char kept[400];
-      if (!o.checkpoint) snprintf(kept, sizeof kept, "no checkpoint is configured");
-      else if (last_saved < 0) snprintf(kept, sizeof kept, "no checkpoint was saved by this run (%s is as it was)", o.checkpoint);
-      else snprintf(kept, sizeof kept, "the checkpoint in %s stays at step %" PRId64 ", the last one saved", o.checkpoint, last_saved);
+      if (!o.checkpoint)
+        snprintf(kept, sizeof kept, "no checkpoint is configured");
+      else if (last_saved < 0)
+        snprintf(kept, sizeof kept, "no checkpoint was saved by this run (%s is as it was)", o.checkpoint);
+      else
+        snprintf(kept, sizeof kept, "the checkpoint in %s stays at step %" PRId64 ", the last one saved",
+                 o.checkpoint, last_saved);
       ok = MOERT_FAIL(&st, "training diverged at %s. Its update was not applied and the run stops (--on-nan "
                       "stop); %s. Lower the learning rate (lr = %g), add warm-up, set `clip` in the train "
                       "block, or pass --on-nan skip to go on without such steps",
