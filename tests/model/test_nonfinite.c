@@ -5,7 +5,10 @@
  * moert_exec_find_nonfinite names the MoE layer whose output went NaN first,
  * not the layers before it; with every output finite it names the first layer
  * in backward order with a NaN gradient (the later of two), and -1 when
- * nothing is NaN. The next step, with good weights, updates again. */
+ * nothing is NaN. The next step, with good weights, updates again. A
+ * skipped step leaves AdamW's step count where it was: after a skipped step
+ * 1, step 2 is AdamW's first update, whose bias correction makes every
+ * element move by lr (with step count 2 it would move by about 0.74 lr). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -107,6 +110,34 @@ int main(int argc, char **argv) {
   CHECK(ok && li == l1 && in_grad, "NaN gradients of rmsnorm_0 and experts_1: layer %d (%s), want %d", li,
         in_grad ? "gradient" : "output", l1);
   CHECK(ok, "%s", st.msg);
+
+  /* a fresh executor whose step 1 is skipped: step 2 is AdamW's first update */
+  moert_exec *e2 = NULL;
+  int r0 = param_of(m, "experts_0");
+  size_t n_r0 = (size_t)p->params[r0].count;
+  float keep = 0, *w0 = malloc(sizeof(float) * n_r0), *w2 = malloc(sizeof(float) * n_r0);
+  ok = w0 && w2 && moert_exec_create(&e2, m, p, moert_backend_cpu(), moert_comm_self(), true, 7, &st);
+  if (ok) e2->opts.total_steps = 8;
+  ok = ok && e2->b->download(e2->b, &keep, e2->params + p->params[w1].offset, sizeof keep, &st) &&
+       poke(e2, w1, false, 0, NAN, &st) && moert_exec_train_step(e2, data, 1, &ss, &st);
+  CHECK(ok && ss.skipped && e2->skipped == 1, "a fresh step 1 with a NaN weight: %s", ok ? "not skipped" : st.msg);
+  ok = ok && poke(e2, w1, false, 0, keep, &st) &&
+       e2->b->download(e2->b, w0, e2->params + p->params[r0].offset, sizeof(float) * n_r0, &st) &&
+       moert_exec_train_step(e2, data, 2, &ss, &st) &&
+       e2->b->download(e2->b, w2, e2->params + p->params[r0].offset, sizeof(float) * n_r0, &st);
+  CHECK(ok && !ss.skipped, "step 2 after the repair: %s", ok ? "skipped" : st.msg);
+  size_t moved = 0, by_lr = 0;
+  for (size_t k = 0; ok && k < n_r0; k++) {
+    double r = fabs((double)w2[k] - w0[k]) / ss.lr;
+    moved += r > 0.5;
+    by_lr += r > 0.98 && r < 1.02;
+  }
+  CHECK(ok && moved > n_r0 / 2 && by_lr > moved * 9 / 10,
+        "after a skipped step 1, step 2 moved %zu of %zu elements of experts_0 by lr (of %zu that moved): not "
+        "AdamW's first update (its step count advanced at the skip?)", by_lr, n_r0, moved);
+  moert_exec_destroy(e2);
+  free(w0);
+  free(w2);
 
   free(before);
   free(after);
