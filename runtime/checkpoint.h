@@ -8,20 +8,24 @@
  * A checkpoint is a directory DIR holding data files (safetensors or raw bytes) and
  * DIR/MANIFEST.json, which lists every file with its size and xxh64 (XXH64, seed 0,
  * as 16 lowercase hex digits), the training step and the caller's key/value metadata,
- * in this layout (one line per file):
+ * in this layout (one line per file), ended by the xxh64 of every byte before its
+ * last member:
  *   {
  *     "format": "moec-checkpoint",
- *     "version": 1,
+ *     "version": 2,
  *     "step": 100,
  *     "metadata": {
  *       "spec": "tiny.moe"
  *     },
  *     "files": [
  *       {"name": "model.safetensors", "size": 4096, "xxh64": "0123456789abcdef"}
- *     ]
+ *     ],
+ *     "manifest_xxh64": "fedcba9876543210"
  *   }
- * A directory verifies only if its manifest parses and every listed file exists with
- * the listed size and hash.
+ * A directory verifies only if its manifest parses, its own hash matches (an edited
+ * step, metadata value or file entry is refused) and every listed file exists with
+ * the listed size and hash. Version 1, written before, has no hash of its own and is
+ * still read.
  *
  * How a checkpoint is written, so that a crash at any point leaves either the old
  * checkpoint or the new one, never a mix and never a directory that verifies with

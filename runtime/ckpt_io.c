@@ -12,6 +12,7 @@
 #include <sys/stat.h>
 
 #include "checkpoint.h"
+#include "flags.h"
 
 #define MODEL_FILE "model.safetensors"
 #define OPTIM_FILE "optimizer.safetensors"
@@ -149,13 +150,14 @@ static bool write_all(moert_exec *e, const char *dir, int64_t step, moert_status
       t[i].data = i < n ? wp + at[i] : i < 2 * n ? wm + at2[i - n] : wv + at3[i - 2 * n];
       t[i].nbytes = sizeof(float) * (size_t)global_count(g);
     }
-    char stepbuf[32], toks[32], world[16];
+    char stepbuf[32], toks[32], world[16], skipped[32];
     snprintf(stepbuf, sizeof stepbuf, "%" PRId64, step);
+    snprintf(skipped, sizeof skipped, "%" PRId64, e->skipped);
     snprintf(toks, sizeof toks, "%" PRId64, e->plan->tokens);
     snprintf(world, sizeof world, "%d", e->comm->world);
     moert_kv meta[] = {{"model", m->name}, {"spec", m->spec_file}, {"step", stepbuf},
                        {"tokens_per_rank", toks}, {"world", world},
-                       {"optimizer", adam ? "adamw" : "sgd"}};
+                       {"optimizer", adam ? "adamw" : "sgd"}, {"skipped_steps", skipped}};
     ok = ok && moert_ckpt_writer_create(dir, 0, &w, st) &&
          moert_ckpt_add_safetensors(w, MODEL_FILE, t, n, meta, 2, st) &&
          (!adam || moert_ckpt_add_safetensors(w, OPTIM_FILE, t + n, 2 * n, NULL, 0, st)) &&
@@ -228,6 +230,13 @@ static bool read_all(const char *dir, moert_exec *e, int64_t *step, const char *
   MOERT_TRY(st, moert_ckpt_reader_create(dir, &r, st));
   bool ok = same_model(r, m, dir, st);
   *step = moert_ckpt_step(r);
+  /* steps whose update was skipped (--on-nan skip): the optimizer's step
+   * count is the step less these (absent: none, a checkpoint from before) */
+  const char *skipped = moert_ckpt_meta_get(r, "skipped_steps");
+  e->skipped = 0;
+  if (ok && skipped && (!moert_parse_int(skipped, 0, *step, &e->skipped)))
+    ok = MOERT_FAIL(st, "%s/MANIFEST.json: metadata `skipped_steps` must be a whole number from 0 to the step "
+                    "(%" PRId64 "), found `%.40s`", dir, *step, skipped);
   /* the optimizer it was trained with: another one's state is dropped, or starts anew, and said */
   const char *opt = moert_ckpt_meta_get(r, "optimizer");
   bool ckpt_adam = opt && strcmp(opt, "adamw") == 0, adam = m->train.optimizer == MOERT_OPT_ADAM;

@@ -1,8 +1,10 @@
 /* ckpt_manifest.c — MANIFEST.json, the last file of a checkpoint (checkpoint.h
  * shows it): its text, written in a fixed layout (one line per file: tools and
- * tests read it with grep and sed); its reading, through jansson, with every field
- * checked and unknown ones skipped (a later version may add some); and the check
- * of one listed file against its size and xxh64. */
+ * tests read it with grep and sed) and ended by the xxh64 of every byte before
+ * that last member, so that an edited step, metadata or file list is found;
+ * its reading, through jansson, with every field checked and unknown ones
+ * skipped (a later version may add some), version 1 (no hash of its own) still
+ * read; and the check of one listed file against its size and xxh64. */
 #define _POSIX_C_SOURCE 200809L
 #include "ckpt_impl.h"
 
@@ -12,15 +14,28 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <xxhash.h>
 
 /* Limit on MANIFEST.json (a few bytes per file; this is far beyond any checkpoint). */
 #define MANIFEST_MAX_BYTES (64u << 20)
 
+/* The version written: 2 ends with the manifest's own hash (SELF_KEY); 1,
+ * read still, has none. */
+#define MANIFEST_VERSION 2
+/* The last member of a version-2 manifest, whose value is the xxh64 (seed 0)
+ * of every byte of the file before it: the file ends with SELF_HEAD, 16 hex
+ * digits, SELF_END. */
+#define SELF_KEY "manifest_xxh64"
+#define SELF_HEAD ",\n  \"" SELF_KEY "\": \""
+#define SELF_END "\"\n}\n"
+#define SELF_TAIL_LEN (sizeof SELF_HEAD - 1 + 16 + sizeof SELF_END - 1)
+
 void moert_ckpt_manifest_format(int64_t step, const moert_kv *meta, int nmeta,
                                 const moert_ckpt_mfile *files, int nfiles, moert_sbuf *m) {
+  size_t start = m->len;
   moert_sb_printf(
-      m, "{\n  \"format\": \"moec-checkpoint\",\n  \"version\": 1,\n  \"step\": %" PRId64 ",\n",
-      step);
+      m, "{\n  \"format\": \"moec-checkpoint\",\n  \"version\": %d,\n  \"step\": %" PRId64 ",\n",
+      MANIFEST_VERSION, step);
   moert_sb_puts(m, "  \"metadata\": {");
   for (int i = 0; i < nmeta; i++) {
     moert_sb_puts(m, i ? ",\n    " : "\n    ");
@@ -35,7 +50,9 @@ void moert_ckpt_manifest_format(int64_t step, const moert_kv *meta, int nmeta,
     moert_sb_printf(m, ", \"size\": %" PRIu64 ", \"xxh64\": \"%016" PRIx64 "\"}", files[i].size,
                     files[i].hash);
   }
-  moert_sb_puts(m, nfiles ? "\n  ]\n}\n" : "]\n}\n");
+  moert_sb_puts(m, nfiles ? "\n  ]" : "]");
+  if (m->oom) return;
+  moert_sb_printf(m, SELF_HEAD "%016" PRIx64 SELF_END, (uint64_t)XXH64(m->p + start, m->len - start, 0));
 }
 
 void moert_ckpt_manifest_free(moert_ckpt_manifest *m) {
@@ -134,7 +151,8 @@ static bool m_duplicate(const moert_json_dup *d, const char *path, moert_status 
 }
 
 /* The members of the manifest's top-level object, in file order. */
-static bool m_members(moert_ckpt_manifest *m, const char *path, moert_status *st) {
+static bool m_members(moert_ckpt_manifest *m, const char *path, int64_t *version, bool *has_self,
+                      moert_status *st) {
   bool has_format = false, has_version = false, has_step = false, has_files = false;
   const char *key;
   const json_t *v;
@@ -147,10 +165,12 @@ static bool m_members(moert_ckpt_manifest *m, const char *path, moert_status *st
             st, "%s: `format` is not \"moec-checkpoint\": not a moec checkpoint manifest", path);
     } else if (strcmp(key, "version") == 0) {
       has_version = true;
-      int64_t version;
-      MOERT_TRY(st, m_int(v, path, "version", false, &version, st));
-      if (version != 1)
-        return MOERT_FAIL(st, "%s: version %" PRId64 " (this moec reads version 1)", path, version);
+      MOERT_TRY(st, m_int(v, path, "version", false, version, st));
+      if (*version < 1 || *version > MANIFEST_VERSION)
+        return MOERT_FAIL(st, "%s: version %" PRId64 " (this moec reads versions 1 to %d)", path, *version,
+                          MANIFEST_VERSION);
+    } else if (strcmp(key, SELF_KEY) == 0) {
+      *has_self = true; /* its value is checked against the text (self_check) */
     } else if (strcmp(key, "step") == 0) {
       has_step = true;
       MOERT_TRY(st, m_int(v, path, "step", true, &m->step, st));
@@ -192,6 +212,31 @@ static bool m_members(moert_ckpt_manifest *m, const char *path, moert_status *st
   return true;
 }
 
+/* A version-2 manifest's own hash: the text ends with SELF_HEAD, 16 hex
+ * digits and SELF_END (where moec writes it), and they are the xxh64 of every
+ * byte before. */
+static bool self_check(const unsigned char *text, size_t len, const char *path, moert_status *st) {
+  size_t head = sizeof SELF_HEAD - 1;
+  const char *tail = (const char *)text + len - (len >= SELF_TAIL_LEN ? SELF_TAIL_LEN : 0);
+  char hex[17];
+  uint64_t listed = 0;
+  if (len >= SELF_TAIL_LEN) {
+    memcpy(hex, tail + head, 16);
+    hex[16] = 0;
+  }
+  if (len < SELF_TAIL_LEN || memcmp(tail, SELF_HEAD, head) != 0 || !parse_hex64(hex, &listed) ||
+      memcmp(tail + head + 16, SELF_END, sizeof SELF_END - 1) != 0)
+    return MOERT_FAIL(st, "%s: `" SELF_KEY "` is not the last line, where moec writes it: the manifest was "
+                      "edited after it was written; restore the checkpoint from a copy, or start over with "
+                      "--overwrite", path);
+  uint64_t h = XXH64(text, len - SELF_TAIL_LEN, 0);
+  if (h != listed)
+    return MOERT_FAIL(st, "%s is damaged: its text has xxh64 %016" PRIx64 " but its `" SELF_KEY "` says %016" PRIx64
+                      " (its step, metadata or file list changed after it was written); restore the "
+                      "checkpoint from a copy, or start over with --overwrite", path, h, listed);
+  return true;
+}
+
 bool moert_ckpt_manifest_load(const char *dir, moert_ckpt_manifest *m, moert_status *st) {
   memset(m, 0, sizeof *m);
   char *path = moert_ckpt_path_join(dir, MOERT_CKPT_MANIFEST);
@@ -220,7 +265,16 @@ bool moert_ckpt_manifest_load(const char *dir, moert_ckpt_manifest *m, moert_sta
     MOERT_FAIL(st, "%s: must be a JSON object, found %s", path, moert_ckpt_json_kind(m->root));
     goto done;
   }
-  if (!m_members(m, path, st)) goto done;
+  int64_t version = 0;
+  bool has_self = false;
+  if (!m_members(m, path, &version, &has_self, st)) goto done;
+  if (version >= 2 && !has_self) {
+    MOERT_FAIL(st, "%s: no `" SELF_KEY "` (a version-%" PRId64 " manifest ends with its own hash): the "
+               "manifest was edited after it was written; restore the checkpoint from a copy, or start over "
+               "with --overwrite", path, version);
+    goto done;
+  }
+  if (version >= 2 && !self_check(text, len, path, st)) goto done;
   const char **names = malloc(sizeof *names * (size_t)m->nfiles + 1);
   if (!names) {
     MOERT_FAIL(st, "out of memory");

@@ -26,6 +26,7 @@
   X(EVAL_EVERY, "eval-every", 1, "N", "evaluate on held-out data every N steps (0: never)")        \
   X(CHECKPOINT, "checkpoint", 1, "DIR", "save checkpoints into DIR")                               \
   X(CKPT_EVERY, "checkpoint-every", 1, "N", "save every N steps (0: only at the end)")             \
+  X(ON_NAN, "on-nan", 1, "stop|skip", "at a non-finite loss or gradient norm: stop (default; status 1) or skip that step's update") \
   X(RESUME, "resume", 0, "", "continue from the checkpoint in DIR (--checkpoint or the spec's)")   \
   X(OVERWRITE, "overwrite", 0, "", "start over, replacing the checkpoint in DIR (without it, a run refuses to)") \
   X(GENERATE, "generate", 1, "N", "after training, sample N bytes of text (byte models)")          \
@@ -49,6 +50,7 @@ static const char *wanted(int flag) {
   switch (flag) {
   case FLAG_BACKEND: return "cpu or cuda";
   case FLAG_COMM: return "nccl, mpi or self";
+  case FLAG_ON_NAN: return "stop or skip";
   case FLAG_STEPS: return "a whole number from 1 to 4611686018427387903";
   case FLAG_LOG_EVERY: return "a whole number of 1 or more";
   case FLAG_TOKENS: return "a whole number from 1 to 2147483647, the limit of 32-bit token indices";
@@ -66,7 +68,21 @@ static void usage(const moert_model *m, const char *argv0, FILE *out) {
         "SIGTERM or SIGINT after a step (and a checkpoint, when one is configured).\n", out);
 }
 
+/* Whether a launcher (mpirun, srun) started this process as a rank other
+ * than 0. The flags are checked before MPI starts, alike on every rank, so
+ * only rank 0 says what is wrong with them: one message for the job. */
+static bool other_rank(void) {
+  static const char *const vars[] = {"OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK",
+                                     "SLURM_PROCID"};
+  for (size_t i = 0; i < sizeof vars / sizeof vars[0]; i++) {
+    const char *v = getenv(vars[i]);
+    if (v && *v) return strcmp(v, "0") != 0;
+  }
+  return false;
+}
+
 static int usage_error(const char *argv0, const char *msg, const char *arg) {
+  if (other_rank()) return 2;
   fprintf(stderr, "%s: ", argv0);
   fprintf(stderr, msg, arg);
   fprintf(stderr, "\nTry '%s --help' for more information.\n", argv0);
@@ -100,6 +116,10 @@ int moert_main(const moert_model *m, int argc, char **argv) {
     case FLAG_GENERATE: ok = moert_parse_int(a, 0, MAX_GENERATE, &o.generate); break;
     case FLAG_BACKEND: o.backend = a; ok = !strcmp(a, "cpu") || !strcmp(a, "cuda"); break;
     case FLAG_METRICS: o.metrics = a; break;
+    case FLAG_ON_NAN:
+      o.on_nan = strcmp(a, "skip") == 0 ? MOERT_ON_NAN_SKIP : MOERT_ON_NAN_STOP;
+      ok = !strcmp(a, "skip") || !strcmp(a, "stop");
+      break;
     case FLAG_DATA: o.data = a; break;
     case FLAG_CHECKPOINT: o.checkpoint = a; break;
     case FLAG_PROMPT: o.prompt = a; break;

@@ -22,6 +22,7 @@ typedef struct moert_step_stats {
   double dropped;     /* fraction of routed (token, choice) claims dropped */
   double flops;       /* model FLOPs of the step, all ranks */
   double update_ms;   /* the optimizer's update (timing marks: on a device, its time on the GPU) */
+  bool skipped;       /* the loss or the gradient norm was not finite: no update was applied */
 } moert_step_stats;
 
 /* Chooses the variant of MoE layer li for this step, once its padded
@@ -97,6 +98,10 @@ typedef struct moert_exec {
    * belong to the steps; an evaluation must not take a step's turn) */
   bool repeat_variants;
   int64_t step;             /* the step being run, for the trace */
+  /* Steps whose loss or gradient norm was not finite: their update was not
+   * applied, and the optimizer's own step count (AdamW's bias correction) is
+   * the step less these. Saved in and restored from checkpoints. */
+  int64_t skipped;
   /* The step, where the backend's ops read it (the gate noise of a graph). */
   int64_t *dstep;
   /* dcur and dnext as each step begins (a step's swaps then give every layer
@@ -198,7 +203,11 @@ void moert_exec_destroy(moert_exec *e);
 bool moert_exec_use_data(moert_exec *e, const moert_data *d, moert_status *st);
 
 /* One training step on the batch of `step` (1-based): forward, loss,
- * backward, gradient norm and clipping, optimizer update. */
+ * backward, gradient norm and clipping, optimizer update. The loss and the
+ * global gradient norm (the same on every rank) are read before the update:
+ * when either is not finite the update is not applied (parameters, optimizer
+ * state and bf16 copies stay as they were), out->skipped is set and
+ * e->skipped counts it; the caller decides whether the run goes on. */
 bool moert_exec_train_step(moert_exec *e, moert_data *d, int64_t step, moert_step_stats *out,
                            moert_status *st);
 /* Forward only: the loss of a batch (eval: the held-out batch; for an
@@ -233,6 +242,14 @@ bool moert_exec_decode(moert_exec *e, const int32_t *win, float *out, moert_stat
 bool moert_exec_objective(moert_exec *e, moert_data *d, int64_t step, bool want_grad,
                           double *objective, moert_status *st);
 /* The learning rate of a step (warm-up and schedule). */
+/* After a step that out->skipped: where the non-finite values started, the
+ * same on every rank (a collective: every rank calls it). *layer receives
+ * the first layer, in forward order, whose saved output holds a non-finite
+ * value on some rank; when every output is finite, the first layer in
+ * backward order with a non-finite parameter gradient, and *in_grad is set;
+ * -1 when neither (the loss layer's own arithmetic). Downloads the buffers
+ * one layer at a time through the backend. */
+bool moert_exec_find_nonfinite(moert_exec *e, int *layer, bool *in_grad, moert_status *st);
 double moert_lr_at(const moert_train *t, int64_t step, int64_t steps);
 
 #endif

@@ -121,6 +121,9 @@ static void print_header(const moert_model *m, const moert_plan *p, moert_dt xdt
   fprintf(out, "variants: %s (r = expert split, d = pipeline depth, L/H = linear/2dh all-to-all)\n", how);
 }
 
+/* Skipped steps (--on-nan skip) said on stderr; the metrics count them all. */
+#define MAX_SKIP_WARNINGS 10
+
 /* The table's head; MFU (model FLOPs utilization) only when a peak is known. */
 static const char *const TABLE_HEAD =
     "   step       loss        aux        lr  grad_norm      tok/s  TFLOP/s    ms/step  dropped  variants\n";
@@ -218,6 +221,15 @@ static bool check_memory(const moert_plan *p, bool training, const moert_backend
   return moert_exec_oom(p, training, moert_backend_cuda_device_name(b), fr, tot, st);
 }
 
+/* A check that every rank makes at the same point of the run (a setting,
+ * the checkpoint directory, the metrics file): ok is this rank's result,
+ * its message in st when false. When some rank failed, every rank fails
+ * alike (*agreed: the run ends with status 1 on every rank, no abort), and
+ * the first rank that failed (rank 0 for what every rank sees) prints its
+ * message, once, before any rank exits; the others record a short one.
+ * False with *agreed unset: the collective itself failed. */
+static bool agree(moert_comm *comm, bool ok, const char *argv0, bool *agreed, moert_status *st);
+
 /* The signal (SIGTERM, SIGINT) that asked the run to stop, 0 while none came.
  * A flag for the handler is necessarily process-wide; the run resets it when
  * it installs the handlers and reads it once per step. */
@@ -310,6 +322,8 @@ static void write_metrics(FILE *f, const moert_model *m, const moert_exec *e, in
   json_num(f, s->lr);
   fputs(", \"grad_norm\": ", f);
   json_num(f, s->grad_norm);
+  if (e->training) /* steps whose update was skipped (--on-nan skip), so far */
+    fprintf(f, ", \"skipped\": %" PRId64, e->skipped);
   fputs(", \"ms\": ", f);
   json_num(f, ms);
   fputs(", \"tokens_per_s\": ", f);
@@ -451,6 +465,61 @@ static int fail(const char *argv0, const moert_status *st) {
   return 1;
 }
 
+static bool agree(moert_comm *comm, bool ok, const char *argv0, bool *agreed, moert_status *st) {
+  int W = comm->world, first = ok ? -1 : comm->rank;
+  if (W > 1) {
+    double *v = calloc((size_t)W, sizeof *v);
+    moert_status cst = {0};
+    if (!v) return ok ? MOERT_FAIL(st, "out of memory") : false;
+    v[comm->rank] = ok ? 0 : 1;
+    if (!comm->all_reduce_f64(comm, v, W, MOERT_RED_SUM, &cst)) {
+      free(v);
+      if (ok) *st = cst;
+      return false;
+    }
+    first = -1;
+    for (int r = 0; r < W && first < 0; r++)
+      if (v[r] > 0) first = r;
+    free(v);
+  }
+  if (first < 0) return true;
+  *agreed = true;
+  if (first == comm->rank) fail(argv0, st);
+  else if (ok) MOERT_FAIL(st, "rank %d stopped the run (its message says why)", first);
+  fflush(stderr);
+  moert_status bst = {0};
+  if (W > 1) comm->barrier(comm, &bst); /* said before any rank exits (mpirun kills the rest then) */
+  return false;
+}
+
+/* The step's non-finite values in words: "the loss is NaN and the gradient
+ * norm is infinite". */
+static void nonfinite_what(const moert_step_stats *s, char *buf, size_t n) {
+  const char *loss = isnan(s->loss) ? "NaN" : isinf(s->loss) ? "infinite" : NULL;
+  const char *norm = isnan(s->grad_norm) ? "NaN" : isinf(s->grad_norm) ? "infinite" : NULL;
+  if (loss && norm) snprintf(buf, n, "the loss is %s and the gradient norm is %s", loss, norm);
+  else if (loss) snprintf(buf, n, "the loss is %s", loss);
+  else snprintf(buf, n, "the gradient norm is %s (the loss is %g)", norm ? norm : "?", s->loss);
+}
+
+/* Where the non-finite values of a skipped step began (a collective), in
+ * words: "the output of layer `experts_0` went non-finite first (in forward
+ * order)". */
+static bool nonfinite_where(moert_exec *e, char *buf, size_t n, moert_status *st) {
+  int li = -1;
+  bool in_grad = false;
+  MOERT_TRY(st, moert_exec_find_nonfinite(e, &li, &in_grad, st));
+  if (li < 0)
+    snprintf(buf, n, "every layer's output and parameter gradient is finite: the loss layer's own "
+             "arithmetic overflowed");
+  else if (!in_grad)
+    snprintf(buf, n, "the output of layer `%s` went non-finite first (in forward order)", e->m->layers[li].name);
+  else
+    snprintf(buf, n, "every layer's output is finite; the parameter gradient of layer `%s` went non-finite "
+             "first (in backward order)", e->m->layers[li].name);
+  return true;
+}
+
 int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char ***argv, const char *argv0) {
   const moert_run_opts o = *opts;
   const bool want_nccl = o.comm && strcmp(o.comm, "nccl") == 0;
@@ -469,9 +538,10 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
     else if (want_nccl)
       MOERT_FAIL(&st, "--comm nccl: no usable NVIDIA GPU was found (no libcuda.so.1, or no device); run "
                  "with --comm mpi (or --comm self on one rank)");
-    if (st.failed) {
+    if (st.failed) { /* every rank finds the same: rank 0 says it */
+      bool say = comm->rank == 0;
       if (comm != moert_comm_self()) moert_comm_mpi_finalize(comm);
-      return fail(argv0, &st);
+      return say ? fail(argv0, &st) : 1;
     }
   }
   moert_backend *b = moert_backend_cpu();
@@ -509,9 +579,11 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
   if (!peak_tflops(b, &peak, peak_what, sizeof peak_what)) {
     if (comm != host_comm) comm->destroy(comm);
     if (b != moert_backend_cpu()) moert_backend_cuda_destroy(b);
+    bool say = host_comm->rank == 0; /* every rank reads the same environment */
     if (host_comm != moert_comm_self()) moert_comm_mpi_finalize(host_comm);
-    return usage_error(argv0, "bad value '%s' for MOEC_PEAK_TFLOPS (TFLOP/s per GPU, a number above 0)",
-                       getenv("MOEC_PEAK_TFLOPS"));
+    return say ? usage_error(argv0, "bad value '%s' for MOEC_PEAK_TFLOPS (TFLOP/s per GPU, a number above 0)",
+                             getenv("MOEC_PEAK_TFLOPS"))
+               : 2;
   }
   /* MFU's denominator: one peak per GPU; ranks that share a GPU share its peak */
   double accelerators = comm->world;
@@ -520,7 +592,9 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
     if (gpus > 0 && gpus < comm->local_size) accelerators = (double)comm->nodes * gpus;
   }
   bool training = m->train.has_train;
-  bool oom_agreed = false;
+  /* every rank failed a check alike (agree, check_memory): the first failing
+   * rank said why, and no rank aborts */
+  bool agreed = false;
   int oom_reporter = 0, my_rank = comm->rank;
   FILE *metrics = NULL;
   moert_plan *plan = NULL;
@@ -537,45 +611,40 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
   int stop_sig = 0;         /* the signal every rank agreed to stop for */
   int64_t stopped_at = 0;   /* the last step finished then */
 
-  if (m->seq && o.tokens % m->seq != 0) { /* --tokens: the spec's own value is checked by moec */
-    MOERT_FAIL(&st, "%lld tokens per rank are not a whole number of sequences of %lld (the spec's `seq`); "
-               "use --tokens with a multiple of %lld", (long long)o.tokens, (long long)m->seq,
-               (long long)m->seq);
-    goto out;
-  }
-  if (!moert_plan_create_nodes(m, comm->world, comm->rank, o.tokens, training, comm->nodes, &plan, &st))
-    goto out;
+  /* The checks of the settings, the data, the checkpoint directory and the
+   * metrics file: every rank reaches each agree, so a failure that every
+   * rank sees is said once and ends every rank without an abort. */
   moert_pick_mode mode = m->parallel.select == MOERT_SELECT_FIXED ? MOERT_PICK_FIXED : MOERT_PICK_AUTO;
-  if (!moert_selector_create(plan, mode, m->parallel.explore_steps, o.variants, o.nvariants, &sel, &st))
-    goto out;
-  if (!moert_selector_use_prediction(sel, comm->local_size, training, &st)) goto out;
-  if (!moert_data_open_seq(&data, o.data, m->vocab, m->dim, m->context, m->seq, o.tokens * comm->world,
-                           (uint64_t)o.seed, &st))
-    goto out;
   int64_t start = 0, ckpt_step = 0;
   /* one run per checkpoint directory: rank 0, which writes it, holds it; the
-   * others wait here (a failed rank 0 stops them) */
-  if (training && o.checkpoint && comm->rank == 0 && !moert_ckpt_lock_create(o.checkpoint, &ckpt_lock, &st))
-    goto out;
-  if (training && o.checkpoint && comm->world > 1 && !comm->barrier(comm, &st)) goto out;
-  if (training && o.checkpoint && !moert_ckpt_check(o.checkpoint, m, o.resume, o.overwrite, &ckpt_step, &st)) goto out;
-  if (o.resume) start = ckpt_step;
-  if (o.resume && start >= o.steps) {
-    MOERT_FAIL(&st, "the checkpoint in %s is at step %" PRId64 ", and --steps %" PRId64
-               " is the total to reach; give a larger --steps",
-               o.checkpoint, start, o.steps);
-    goto out;
-  }
-  if (o.metrics && comm->rank == 0) {
+   * others wait at the agreement (a failed rank 0 stops them) */
+  bool ok = true;
+  if (m->seq && o.tokens % m->seq != 0) /* --tokens: the spec's own value is checked by moec */
+    ok = MOERT_FAIL(&st, "%lld tokens per rank are not a whole number of sequences of %lld (the spec's `seq`); "
+                    "use --tokens with a multiple of %lld", (long long)o.tokens, (long long)m->seq,
+                    (long long)m->seq);
+  ok = ok && moert_plan_create_nodes(m, comm->world, comm->rank, o.tokens, training, comm->nodes, &plan, &st) &&
+       moert_selector_create(plan, mode, m->parallel.explore_steps, o.variants, o.nvariants, &sel, &st) &&
+       moert_selector_use_prediction(sel, comm->local_size, training, &st) &&
+       moert_data_open_seq(&data, o.data, m->vocab, m->dim, m->context, m->seq, o.tokens * comm->world,
+                           (uint64_t)o.seed, &st) &&
+            !(training && o.checkpoint && comm->rank == 0 &&
+              !moert_ckpt_lock_create(o.checkpoint, &ckpt_lock, &st));
+  if (!agree(comm, ok, argv0, &agreed, &st)) goto out;
+  ok = !(training && o.checkpoint && !moert_ckpt_check(o.checkpoint, m, o.resume, o.overwrite, &ckpt_step, &st));
+  if (ok && o.resume) start = ckpt_step;
+  if (ok && o.resume && start >= o.steps)
+    ok = MOERT_FAIL(&st, "the checkpoint in %s is at step %" PRId64 ", and --steps %" PRId64
+                    " is the total to reach; give a larger --steps",
+                    o.checkpoint, start, o.steps);
+  if (ok && o.metrics && comm->rank == 0) {
     /* a resume keeps what the file says up to the checkpoint (metrics_cut) */
     metrics = fopen(o.metrics, o.resume ? "a+" : "w");
-    if (!metrics) {
-      MOERT_FAIL(&st, "cannot write the metrics file %s: %s", o.metrics, strerror(errno));
-      goto out;
-    }
+    if (!metrics) ok = MOERT_FAIL(&st, "cannot write the metrics file %s: %s", o.metrics, strerror(errno));
   }
-  if (!check_memory(plan, training, b, comm, &oom_agreed, &oom_reporter, &st)) {
-    if (oom_agreed) { /* one rank says why, before any rank exits (mpirun kills the rest then) */
+  if (!agree(comm, ok, argv0, &agreed, &st)) goto out;
+  if (!check_memory(plan, training, b, comm, &agreed, &oom_reporter, &st)) {
+    if (agreed) { /* one rank says why, before any rank exits (mpirun kills the rest then) */
       moert_status bst = {0};
       if (oom_reporter == my_rank) fail(argv0, &st);
       fflush(stderr);
@@ -592,7 +661,10 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
   if (o.trace && !moert_trace_create(o.trace, 1 << 20, &trace, &st)) goto out;
   e->opts.trace = trace;
   const char *resume_note = NULL;
-  if (o.resume && !moert_ckpt_load(o.checkpoint, e, &start, &resume_note, &st)) goto out;
+  /* every rank loads the same checkpoint (a damaged one fails them all alike) */
+  ok = !(o.resume && !moert_ckpt_load(o.checkpoint, e, &start, &resume_note, &st));
+  if (!agree(comm, ok, argv0, &agreed, &st)) goto out;
+  int64_t last_saved = o.resume ? start : -1; /* the step of the checkpoint on disk; -1: none of this run */
   if (resume_note && comm->rank == 0) fprintf(stderr, "%s: note: %s\n", argv0, resume_note);
   if (o.resume && metrics && !metrics_cut(metrics, o.metrics, start, &st)) goto out;
   /* each MoE layer's time, the step's, and the stop signal (below) */
@@ -676,18 +748,27 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
       prev[li] = e->moe.variant[li];
       explored |= moert_selector_record(sel, li, e->moe.capacity[li], e->moe.variant[li], times[li]);
     }
-    if (!isfinite(s.loss)) {
-      MOERT_FAIL(&st, "the loss is %s at step %" PRId64 "; training diverged. Lower the learning rate "
-                 "(lr = %g), add warm-up, or set `clip` in the train block",
-                 isnan(s.loss) ? "NaN" : "infinite", step, m->train.lr);
+    /* a non-finite loss or gradient norm: the executor applied no update;
+     * every rank sees the same global values, so all decide alike */
+    char why[512] = "";
+    if (!training && !isfinite(s.loss)) {
+      ok = MOERT_FAIL(&st, "the loss is %s at step %" PRId64 " (inference: the weights or the data hold "
+                      "non-finite values)", isnan(s.loss) ? "NaN" : "infinite", step);
+      agree(comm, ok, argv0, &agreed, &st);
       goto out;
+    }
+    if (s.skipped) {
+      char what[128], where[320];
+      nonfinite_what(&s, what, sizeof what);
+      if (!nonfinite_where(e, where, sizeof where, &st)) goto out;
+      snprintf(why, sizeof why, "step %" PRId64 ": %s; %s", step, what, where);
     }
     double eval_loss = NAN;
     bool has_eval = training && o.eval_every > 0 && (step % o.eval_every == 0 || step == o.steps);
     if (has_eval && !moert_exec_eval(e, data, step, true, &eval_loss, &st)) goto out;
     double tps = (double)o.tokens * comm->world / (ms / 1e3);
-    if (step == start + 1) first_loss = s.loss;
-    last_loss = s.loss;
+    if (isnan(first_loss)) first_loss = s.loss;
+    if (!s.skipped) last_loss = s.loss;
     step_extra x = {switched ? b->watched_bytes - watched0 : 0, switched ? b->allocs - allocs0 : 0,
                     explored ? sel : NULL};
     double tflops = s.flops / (ms / 1e3) / 1e12;
@@ -695,6 +776,28 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
     if (metrics) { /* each step on disk as it ends: a kill loses none */
       write_metrics(metrics, m, e, step, &s, ms, tps, tflops, mfu, load, times, eval_loss, has_eval, &x);
       fflush(metrics);
+    }
+    if (s.skipped && o.on_nan == MOERT_ON_NAN_STOP) {
+      char kept[400];
+      if (!o.checkpoint)
+        snprintf(kept, sizeof kept, "no checkpoint is configured");
+      else if (last_saved < 0)
+        snprintf(kept, sizeof kept, "no checkpoint was saved by this run (%s is as it was)", o.checkpoint);
+      else
+        snprintf(kept, sizeof kept, "the checkpoint in %s stays at step %" PRId64 ", the last one saved",
+                 o.checkpoint, last_saved);
+      ok = MOERT_FAIL(&st, "training diverged at %s. Its update was not applied and the run stops (--on-nan "
+                      "stop); %s. Lower the learning rate (lr = %g), add warm-up, set `clip` in the train "
+                      "block, or pass --on-nan skip to go on without such steps",
+                      why, kept, m->train.lr);
+      agree(comm, ok, argv0, &agreed, &st);
+      goto out;
+    }
+    if (s.skipped && comm->rank == 0 && !o.quiet && e->skipped <= MAX_SKIP_WARNINGS) {
+      fprintf(stderr, "%s: warning: %s. Its update was skipped (--on-nan skip; %" PRId64 " skipped so far)%s\n",
+              argv0, why, e->skipped,
+              e->skipped == MAX_SKIP_WARNINGS ? "; later skipped steps are counted in the metrics only" : "");
+      fflush(stderr);
     }
     if (o.on_step) o.on_step(o.on_step_ctx, step, &s, eval_loss);
     if (out && (step % o.log_every == 0 || step == o.steps || step == start + 1)) {
@@ -710,6 +813,7 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
     bool save = training && o.checkpoint &&
                 ((o.ckpt_every > 0 && step % o.ckpt_every == 0) || step == o.steps);
     if (save && !moert_ckpt_save(o.checkpoint, e, step, &st)) goto out;
+    if (save) last_saved = step;
     if (stop_sig && step < o.steps) { /* at the last step the run is done anyway */
       if (training && o.checkpoint && !save && !moert_ckpt_save(o.checkpoint, e, step, &st)) goto out;
       stopped_at = step;
@@ -727,8 +831,11 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
     else printf("inference, nothing to save\n");
     fflush(stdout);
   } else if (out && !stop_sig) {
-    fprintf(out, "%s %" PRId64 " steps in %.2f s; loss %.4f -> %.4f\n", training ? "trained" : "ran",
+    fprintf(out, "%s %" PRId64 " steps in %.2f s; loss %.4f -> %.4f", training ? "trained" : "ran",
             o.steps - start, now() - t_all, first_loss, last_loss);
+    if (e->skipped) fprintf(out, "; %" PRId64 " step%s skipped (non-finite loss or gradient norm)", e->skipped,
+                            e->skipped == 1 ? "" : "s");
+    fputc('\n', out);
     if (o.checkpoint && training) fprintf(out, "checkpoint: %s (step %" PRId64 ")\n", o.checkpoint, o.steps);
     if (!e->graphs.off && !trace)
       fprintf(out, "CUDA graphs: %" PRId64 " captured, %" PRId64 " launched, %" PRId64 " parts ran without one\n",
@@ -743,7 +850,7 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
 out:
   if (catching) stop_signals_restore(old_actions);
   if (metrics) fclose(metrics);
-  if (rc && comm->world > 1 && !oom_agreed) {
+  if (rc && comm->world > 1 && !agreed) {
     /* the other ranks may be waiting in a collective: stop them all */
     fprintf(stderr, "%s: rank %d: error: %s\n", argv0, comm->rank, st.msg);
     fflush(stderr);
@@ -761,7 +868,7 @@ out:
   if (b != moert_backend_cpu()) moert_backend_cuda_destroy(b);
   if (host_comm != moert_comm_self()) moert_comm_mpi_finalize(host_comm);
   /* every rank failed the memory check alike: one of them says why */
-  if (rc && oom_agreed) return 1;
+  if (rc && agreed) return 1;
   if (rc) return fail(argv0, &st);
   return stop_sig ? 128 + stop_sig : 0; /* a shell's status for a signal's end */
 }

@@ -18,6 +18,13 @@
  * none was taken). */
 typedef void (*moert_step_hook)(void *ctx, int64_t step, const moert_step_stats *s, double eval_loss);
 
+/* What a training run does at a step whose loss or global gradient norm is
+ * not finite (--on-nan). Either way that step's update is not applied. */
+typedef enum moert_on_nan {
+  MOERT_ON_NAN_STOP, /* end the run (status 1) after that step's metrics line; no checkpoint of it */
+  MOERT_ON_NAN_SKIP, /* go on from the weights before it; the metrics count the skipped steps */
+} moert_on_nan;
+
 /* What a run does; the binaries' flags (docs/RUNNING.md) set these. */
 typedef struct moert_run_opts {
   int64_t steps;       /* the last step (with resume: the total) */
@@ -29,6 +36,7 @@ typedef struct moert_run_opts {
   bool no_kernel_cache, resume;
   bool overwrite;      /* replace a valid checkpoint in checkpoint without resuming it */
   bool quiet;          /* print only errors */
+  moert_on_nan on_nan; /* default stop */
   const char *const *variants; /* --variant values */
   int nvariants;
   moert_step_hook on_step;     /* NULL: none */

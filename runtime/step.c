@@ -748,25 +748,11 @@ bool moert_exec_train_step(moert_exec *e, moert_data *d, int64_t step, moert_ste
   MOERT_TRY(st, moert_exec_segment(e, &kn, reduce_and_norm, &clip_at, st));
   double lr = moert_lr_at(t, step, e->opts.total_steps);
   out->lr = lr;
-  int64_t n = e->plan->param_elems;
-  /* the update's time alone, from marks around it (on a device, its time on
-   * the GPU; nothing waits for it here) */
-  int u0 = b->mark(b, NULL);
-  moert_nvtx_push("optimizer");
-  uint16_t *low = e->xdt == MOERT_BF16 ? e->wlow : NULL; /* rounded in the same pass */
-  const float *clip = t->clip > 0 ? e->dclip : NULL;      /* grad_norm's factor */
-  if (t->optimizer == MOERT_OPT_ADAM)
-    b->adamw(e->params, e->grads, e->state, e->state + n, n, (float)lr, (float)t->beta1, (float)t->beta2,
-             (float)t->eps, (float)t->weight_decay, step, clip, low);
-  else
-    b->sgd(e->params, e->grads, n, (float)lr, (float)t->weight_decay, clip, low);
-  e->wlow_fresh = low != NULL;
-  moert_nvtx_pop();
-  int u1 = b->mark(b, NULL);
-  moert_trace_marks(e->opts.trace, u0, u1, "optimizer", "update", MOERT_TID_COMPUTE, step);
-
-  /* The step's values, read once its work is queued: the first read waits
-   * for the device (nothing before it did, at a fixed capacity). */
+  /* The step's values, read before the update so that a non-finite loss or
+   * gradient norm never reaches the parameters or the optimizer state: the
+   * first read waits for the device (nothing before it did, at a fixed
+   * capacity). The loss is summed over ranks and the norm is global, so
+   * every rank decides alike (NaN and infinity survive a sum). */
   double sum = 0;
   MOERT_TRY(st, read_values(e, &sum, st));
   MOERT_TRY(st, b->download(b, &out->grad_norm, e->dnorm, sizeof out->grad_norm, st));
@@ -776,7 +762,82 @@ bool moert_exec_train_step(moert_exec *e, moert_data *d, int64_t step, moert_ste
   out->aux_loss = stats[1] / e->comm->world; /* the same on every rank */
   out->dropped = stats[2] > 0 ? stats[3] / stats[2] : 0;
   out->flops = (e->plan->flops_fwd + e->plan->flops_bwd) * e->comm->world;
+  out->skipped = !isfinite(out->loss) || !isfinite(out->grad_norm);
+  if (out->skipped) { /* no update: the parameters (and their bf16 copies) stay */
+    e->skipped++;
+    out->update_ms = 0;
+    MOERT_TRY(st, timing_end(e, st));
+    return true;
+  }
+  int64_t n = e->plan->param_elems;
+  /* the update's time alone, from marks around it (on a device, its time on
+   * the GPU; nothing waits for it here) */
+  int u0 = b->mark(b, NULL);
+  moert_nvtx_push("optimizer");
+  uint16_t *low = e->xdt == MOERT_BF16 ? e->wlow : NULL; /* rounded in the same pass */
+  const float *clip = t->clip > 0 ? e->dclip : NULL;      /* grad_norm's factor */
+  /* the optimizer's step count: skipped steps did not advance it */
+  int64_t opt_step = step - e->skipped;
+  if (t->optimizer == MOERT_OPT_ADAM)
+    b->adamw(e->params, e->grads, e->state, e->state + n, n, (float)lr, (float)t->beta1, (float)t->beta2,
+             (float)t->eps, (float)t->weight_decay, opt_step, clip, low);
+  else
+    b->sgd(e->params, e->grads, n, (float)lr, (float)t->weight_decay, clip, low);
+  e->wlow_fresh = low != NULL;
+  moert_nvtx_pop();
+  int u1 = b->mark(b, NULL);
+  moert_trace_marks(e->opts.trace, u0, u1, "optimizer", "update", MOERT_TID_COMPUTE, step);
   MOERT_TRY(st, timing_end(e, st));
   MOERT_TRY(st, b->mark_ms(b, u0, u1, &out->update_ms, st));
   return true;
+}
+
+/* The first of n floats at dev that is not finite, or -1; a host copy. */
+static int64_t first_nonfinite(moert_backend *b, const float *dev, int64_t n, float *host, moert_status *st) {
+  if (!b->download(b, host, dev, sizeof(float) * (size_t)n, st)) return -2;
+  for (int64_t i = 0; i < n; i++)
+    if (!isfinite(host[i])) return i;
+  return -1;
+}
+
+bool moert_exec_find_nonfinite(moert_exec *e, int *layer, bool *in_grad, moert_status *st) {
+  const moert_model *m = e->m;
+  const moert_plan *p = e->plan;
+  moert_backend *b = e->b;
+  int L = m->nlayers;
+  /* the largest buffer looked at: a layer's output [rows, dim], or a layer's gradients */
+  int64_t most = e->rows * m->dim;
+  for (int i = 0; i < m->nparams; i++)
+    if (p->params[i].count > most) most = p->params[i].count;
+  float *host = malloc(sizeof(float) * (size_t)(most > 0 ? most : 1));
+  if (!host) return MOERT_FAIL(st, "out of memory");
+  /* this rank's find as a rank in [0, 2L]: L - li for layer li's output,
+   * 2L - k for the k-th layer in backward order with a bad gradient, 0 for
+   * none; the highest over ranks wins (the comm reduces by max) */
+  double found = 0;
+  for (int li = 0; li < L && found == 0; li++) {
+    if (!(moert_layer_ops_of(m->layers[li].kind)->flags & MOERT_LF_OUTPUT) || p->layers[li].f[MOERT_F_OUT] < 0)
+      continue;
+    int64_t at = first_nonfinite(b, F(e, li, OUT), e->rows * m->dim, host, st);
+    if (at == -2) goto fail;
+    if (at >= 0) found = 2.0 * L - li;
+  }
+  for (int k = 0; k < L && found == 0 && e->grads; k++) {
+    int li = L - 1 - k;
+    for (int i = 0; i < m->nparams && found == 0; i++) {
+      if (m->params[i].layer != li || p->params[i].count == 0) continue;
+      int64_t at = first_nonfinite(b, e->grads + p->params[i].offset, p->params[i].count, host, st);
+      if (at == -2) goto fail;
+      if (at >= 0) found = (double)L - k;
+    }
+  }
+  free(host);
+  MOERT_TRY(st, e->comm->all_reduce_f64(e->comm, &found, 1, MOERT_RED_MAX, st));
+  int f = (int)found;
+  *in_grad = f > 0 && f <= L;
+  *layer = f > L ? 2 * L - f : f > 0 ? f - 1 : -1;
+  return true;
+fail:
+  free(host);
+  return MOERT_UP(st);
 }

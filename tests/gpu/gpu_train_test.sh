@@ -204,6 +204,27 @@ oom)
   [ "$(grep -c 'error: out of GPU memory' out.txt)" = 1 ] || fail "not one message from 2 ranks: $(cat out.txt)"
   echo "ok: a plan larger than the GPU fails with exit 1 and one message naming the fix" ;;
 
+diverge)
+  # --on-nan on the cuda backend: the loss and gradient norm read from the
+  # device before the update, the layer found by downloading each layer's
+  # output; the same as on the cpu (tests/model/binary_test.sh diverge)
+  "$moec" build "$src/tests/model/diverge.moe" -o diverge >/dev/null || fail "moec build diverge"
+  for b in cpu cuda; do
+    ./diverge --backend $b --kernel-cache kc --checkpoint ck_$b --checkpoint-every 1 --metrics stop_$b.jsonl \
+      --quiet >out.txt 2>err_$b.txt; rc=$?
+    [ $rc = 1 ] || fail "$b: stop: exit status $rc, not 1: $(cat err_$b.txt)"
+    ./diverge --backend $b --kernel-cache kc --on-nan skip --checkpoint sk_$b --checkpoint-every 1 \
+      --metrics skip_$b.jsonl --quiet || fail "$b: skip: exit status $?"
+  done
+  grep -q "training diverged at step 2: .*the output of layer \`experts_0\` went non-finite first" err_cuda.txt ||
+    fail "cuda: the message does not name experts_0 at step 2: $(cat err_cuda.txt)"
+  grep -q '"step": 1,' ck_cuda/MANIFEST.json || fail "cuda: the kept checkpoint is not at step 1"
+  [ "$(field skipped skip_cuda.jsonl | tr '\n' ' ')" = "0 1 2 3 " ] || fail "cuda: skipped counts $(field skipped skip_cuda.jsonl)"
+  [ "$(field loss skip_cuda.jsonl | tail -1)" = null ] || fail "cuda: step 4's loss is not null"
+  cmp -s ck_cuda/model.safetensors sk_cuda/model.safetensors && cmp -s ck_cuda/optimizer.safetensors sk_cuda/optimizer.safetensors ||
+    fail "cuda: the skipped steps changed the weights or the optimizer state"
+  echo "ok: --on-nan stop and skip on the cuda backend as on the cpu" ;;
+
 nccl_np1)
   # one rank, no mpirun: the nccl comm over the self host comm (a world of one)
   ./tiny --backend cuda --steps 30 --kernel-cache kc > default.txt || fail "default run"

@@ -295,13 +295,17 @@ checkpoint_corrupt)
   rm -rf ck && cp -r good ck && flip ck/model.safetensors $(((8 + n + size) / 2))
   cmp -s good/model.safetensors ck/model.safetensors && fail "the flip changed nothing"
   refuses "a flipped data byte" "$(hashed model.safetensors)"
+  # the manifest's own step, edited: its own hash catches it (issue 17)
+  rm -rf ck && cp -r good ck && sed -i 's/^  "step": 4,$/  "step": 2,/' ck/MANIFEST.json
+  cmp -s good/MANIFEST.json ck/MANIFEST.json && fail "the edit of the step changed nothing"
+  refuses "an edited step" "ck/MANIFEST.json is damaged: its text has xxh64 [0-9a-f]\{16\} but its \`manifest_xxh64\` says"
   # a leftover half-written checkpoint beside a good one changes nothing
   rm -rf ck && cp -r good ck && mkdir ck.tmp-XXXXXX && echo junk > ck.tmp-XXXXXX/model.safetensors
   ./tiny --steps 8 --checkpoint ck --resume --quiet || fail "a leftover temporary directory broke resume"
   # ... and a look-alike without moec's marker is not moec's: it is left alone
   [ "$(cat ck.tmp-XXXXXX/model.safetensors 2>/dev/null)" = junk ] || fail "a ck.tmp-XXXXXX that moec did not make was removed"
   rm -rf ck.tmp-XXXXXX
-  echo "ok: truncated checkpoints and flipped bytes (header and data) are clear errors and stay untouched" ;;
+  echo "ok: truncated checkpoints, flipped bytes (header and data) and an edited step are clear errors and stay untouched" ;;
 
 checkpoint_overwrite)
   # a run without --resume does not replace a valid checkpoint unless told to
@@ -323,6 +327,92 @@ checkpoint_overwrite)
   [ $rc = 2 ] && grep -q "exclude each other" err.txt || fail "--resume --overwrite: rc $rc: $(cat err.txt)"
   ./tiny --steps 5 --checkpoint new --overwrite --quiet || fail "--overwrite without a checkpoint exited $?"
   echo "ok: a step-50 checkpoint is kept until --overwrite; --resume continues it" ;;
+
+config_errors)
+  # a configuration error that every rank finds is said once, by rank 0, and
+  # the job exits without an abort (issue 17): no "MPI_ABORT was invoked" banner
+  command -v mpirun >/dev/null 2>&1 || { echo "skip: no mpirun"; exit 77; }
+  export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_mpi_yield_when_idle=1
+  build tiny
+  # once STATUS MESSAGE ARGS...: two ranks of tiny with ARGS exit STATUS, and
+  # stderr holds MESSAGE exactly once and nothing of MPI_ABORT
+  once() {
+    want=$1 msg=$2; shift 2
+    mpirun --oversubscribe -np 2 ./tiny --quiet "$@" >out.txt 2>err.txt; rc=$?
+    [ $rc = "$want" ] || fail "$*: exit status $rc, not $want: $(cat err.txt)"
+    n=$(grep -c -- "$msg" err.txt)
+    [ "$n" = 1 ] || fail "$*: the message is there $n times, not once: $(cat err.txt)"
+    grep -q "MPI_ABORT" err.txt && fail "$*: the ranks aborted: $(cat err.txt)"
+    [ -s out.txt ] && fail "$*: the run started: $(cat out.txt)"
+    return 0
+  }
+  once 2 "bad value 'x' for --steps" --steps x
+  once 2 "unknown option '--stpes'" --stpes 3
+  once 1 "error: --variant r=7,d=1,a2a=linear: no MoE layer has that variant at 2 ranks" --steps 2 --variant r=7,d=1,a2a=linear
+  once 1 "error: cannot save checkpoints in \`nodir/ck\`: its parent directory \`nodir\` does not exist" --steps 2 --checkpoint nodir/ck
+  ./tiny --steps 2 --checkpoint ck --quiet || fail "a checkpoint to resume"
+  once 1 "error: ck holds a checkpoint at step 2, which this run would replace" --steps 4 --checkpoint ck
+  once 1 "error: the checkpoint in ck is at step 2, and --steps 2 is the total to reach" --steps 2 --checkpoint ck --resume
+  sed -i 's/^  "step": 2,$/  "step": 1,/' ck/MANIFEST.json
+  once 1 "ck/MANIFEST.json is damaged" --steps 4 --checkpoint ck --resume
+  once 1 "error: cannot write the metrics file nodir/m.jsonl" --steps 2 --metrics nodir/m.jsonl
+  echo "ok: configuration errors under mpirun -np 2: one message, no abort" ;;
+
+diverge)
+  # a step whose loss or gradient norm is not finite never reaches the weights,
+  # the optimizer state or a checkpoint (issue 17): --on-nan stop (the default)
+  # ends the run naming the layer, --on-nan skip goes on without that update
+  "$moec" build "$src/tests/model/diverge.moe" -o diverge >/dev/null || fail "moec build diverge"
+  # valid_json FILE: every line parses (null, never nan)
+  valid_json() {
+    python3 -c 'import json, sys; [json.loads(l) for l in open(sys.argv[1])]' "$1" 2>/dev/null ||
+      fail "$1 is not valid JSON lines: $(grep -n nan "$1" | head -2)"
+  }
+  ./diverge --checkpoint ck --checkpoint-every 1 --metrics m.jsonl --quiet >out.txt 2>err.txt; rc=$?
+  [ $rc = 1 ] || fail "stop: exit status $rc, not 1: $(cat err.txt)"
+  grep -q "error: training diverged at step 2: the loss is NaN and the gradient norm is NaN; the output of layer \`experts_0\` went non-finite first" err.txt ||
+    fail "stop: the message does not say the step and the layer: $(cat err.txt)"
+  grep -q "the checkpoint in ck stays at step 1, the last one saved" err.txt || fail "stop: no word on the checkpoint: $(cat err.txt)"
+  [ "$(field step m.jsonl | tr '\n' ' ')" = "1 2 " ] || fail "stop: the metrics do not hold steps 1 and 2: $(field step m.jsonl)"
+  [ "$(field loss m.jsonl | tail -1)" = null ] && [ "$(field grad_norm m.jsonl | tail -1)" = null ] ||
+    fail "stop: step 2's loss and gradient norm are not null: $(tail -1 m.jsonl | cut -c1-120)"
+  valid_json m.jsonl
+  grep -q '"step": 1,' ck/MANIFEST.json || fail "stop: the checkpoint is not at step 1, the last good one: $(grep '"step"' ck/MANIFEST.json)"
+  ./diverge --checkpoint ck --resume --steps 1 --quiet 2>err.txt && fail "a checkpoint at step 1 resumed to step 1"
+  grep -q "is at step 1, and --steps 1" err.txt || fail "the step-1 checkpoint does not load: $(cat err.txt)"
+  # the weights of step 1, from a run that stops there: equal to the kept checkpoint's
+  ./diverge --steps 1 --checkpoint good --quiet || fail "a 1-step run"
+  cmp -s good/model.safetensors ck/model.safetensors || fail "stop: the kept checkpoint's weights are not step 1's"
+  # skip: every step in the metrics, the skipped ones null and counted; the
+  # weights and the optimizer state after skipped steps are those before them
+  ./diverge --on-nan skip --checkpoint sk --checkpoint-every 1 --metrics s.jsonl >out.txt 2>err.txt ||
+    fail "skip: exit status $?: $(cat err.txt)"
+  [ "$(field step s.jsonl | tr '\n' ' ')" = "1 2 3 4 " ] || fail "skip: the metrics do not hold steps 1-4: $(field step s.jsonl)"
+  [ "$(field skipped s.jsonl | tr '\n' ' ')" = "0 1 2 3 " ] || fail "skip: skipped counts $(field skipped s.jsonl | tr '\n' ' ')"
+  [ "$(field loss s.jsonl | tail -1)" = null ] || fail "skip: step 4's loss is not null"
+  valid_json s.jsonl
+  [ "$(grep -c "warning: step [234]: the loss is NaN.*Its update was skipped (--on-nan skip" err.txt)" = 3 ] ||
+    fail "skip: no warning for each skipped step: $(cat err.txt)"
+  grep -q "3 steps skipped (non-finite loss or gradient norm)" out.txt || fail "skip: the summary does not count them: $(tail -3 out.txt)"
+  grep -q '"step": 4,' sk/MANIFEST.json && grep -q '"skipped_steps": "3"' sk/MANIFEST.json || fail "skip: the checkpoint is not at step 4 with 3 skipped"
+  cmp -s good/model.safetensors sk/model.safetensors && cmp -s good/optimizer.safetensors sk/optimizer.safetensors ||
+    fail "skip: the weights or the optimizer state changed in skipped steps"
+  # a resume keeps counting
+  ./diverge --on-nan skip --checkpoint sk --resume --steps 5 --metrics s.jsonl --quiet || fail "skip: resume"
+  [ "$(field skipped s.jsonl | tail -1)" = 4 ] || fail "skip: after a resume the count is $(field skipped s.jsonl | tail -1), not 4"
+  ./diverge --on-nan maybe 2>err.txt; rc=$?
+  [ $rc = 2 ] && grep -q "bad value 'maybe' for --on-nan (stop or skip)" err.txt || fail "--on-nan maybe: $rc $(cat err.txt)"
+  # under mpirun every rank sees the same global loss: one message, no abort
+  if command -v mpirun >/dev/null 2>&1; then
+    export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_mpi_yield_when_idle=1
+    rm -rf ck
+    mpirun --oversubscribe -np 2 ./diverge --checkpoint ck --checkpoint-every 1 --quiet >out.txt 2>err.txt; rc=$?
+    [ $rc = 1 ] || fail "stop under mpirun: exit status $rc, not 1: $(cat err.txt)"
+    [ "$(grep -c "training diverged at step 2" err.txt)" = 1 ] || fail "stop under mpirun: not one message: $(cat err.txt)"
+    grep -q "MPI_ABORT" err.txt && fail "stop under mpirun aborts: $(cat err.txt)"
+    grep -q '"step": 1,' ck/MANIFEST.json || fail "stop under mpirun: the checkpoint is not at step 1"
+  fi
+  echo "ok: a diverging run stops naming the layer, or skips the updates; nothing non-finite is saved" ;;
 
 checkpoint_location)
   # a checkpoint location that cannot be written is found before step 1, not at

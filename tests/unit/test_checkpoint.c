@@ -767,6 +767,41 @@ static void test_checkpoint_dirs(void) {
   moert_ckpt_reader_destroy(r);
 }
 
+/* The manifest's own hash (version 2): an edited step, metadata value or file
+ * entry is refused, naming the manifest; the text as written loads. */
+static void test_manifest_self_hash(void) {
+  OK(write_ckpt("sh", 5, false, 0, st));
+  char good[4096];
+  FILE *fp = fopen(path("sh/MANIFEST.json"), "rb");
+  size_t n = fp ? fread(good, 1, sizeof good - 1, fp) : 0;
+  if (fp) fclose(fp);
+  good[n] = '\0';
+  CHECK(strstr(good, "\"version\": 2,") != NULL, "the manifest is not version 2: %s", good);
+  OK(read_ckpt("sh", 5, st));
+  static const struct {
+    const char *from, *to, *want;
+  } edits[] = {
+      {"\"step\": 5,", "\"step\": 7,", "MANIFEST.json is damaged: its text has xxh64"},
+      {"\"step\": 5,", "\"step\": 5 ,", "MANIFEST.json is damaged"},
+      {"\"tiny.moe\"", "\"tinx.moe\"", "(its step, metadata or file list changed after it was written)"},
+      {"\"opt.bin\", \"size\": 512", "\"opt.bin\", \"size\": 512 ", "restore the checkpoint from a copy"},
+      {"\"manifest_xxh64\"", "\"manifest_xxh64\" ", "is not the last line, where moec writes it"},
+      {"\"manifest_xxh64\"", "\"manifest_xxh65\"", "no `manifest_xxh64`"},
+  };
+  for (size_t i = 0; i < sizeof edits / sizeof edits[0]; i++) {
+    char text[4200];
+    const char *at = strstr(good, edits[i].from);
+    CHECK(at != NULL, "`%s` is not in the manifest", edits[i].from);
+    if (!at) continue;
+    snprintf(text, sizeof text, "%.*s%s%s", (int)(at - good), good, edits[i].to, at + strlen(edits[i].from));
+    write_text(path("sh/MANIFEST.json"), text);
+    FAILS(edits[i].want, moert_ckpt_verify(path("sh"), st));
+    FAILS("sh/MANIFEST.json", read_ckpt("sh", 5, st));
+  }
+  write_text(path("sh/MANIFEST.json"), good);
+  OK(read_ckpt("sh", 5, st));
+}
+
 /* Hand-written manifests that are wrong in one way each. */
 static void test_manifest_hostile(void) {
   OK(write_ckpt("mf", 1, false, 0, st));
@@ -800,7 +835,7 @@ static void test_manifest_hostile(void) {
        NULL, "listed twice"},
       {"[{\"name\":\"opt.bin\",\"size\":512,\"size\":512,\"xxh64\":\"%s\"}]", NULL, "twice"},
       {"{}%.0s", NULL, "`files` must be an array"},
-      {"[%.0s]", "{\"format\":\"moec-checkpoint\",\"version\":2,\"step\":1,", "version 2"},
+      {"[%.0s]", "{\"format\":\"moec-checkpoint\",\"version\":3,\"step\":1,", "version 3 (this moec reads versions 1 to 2)"},
       {"[%.0s]", "{\"format\":\"other\",\"version\":1,\"step\":1,",
        "not a moec checkpoint manifest"},
       {"[%.0s]", "{\"format\":\"moec-checkpoint\",\"version\":1,", "no `step`"},
@@ -1108,6 +1143,7 @@ int main(int argc, char **argv) {
     test_atomic_file();
     test_checkpoint_dirs();
     test_manifest_hostile();
+    test_manifest_self_hash();
     test_crashes();
     test_lock();
     rm_rf(g_root);
