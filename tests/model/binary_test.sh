@@ -532,5 +532,57 @@ oom_message)
   fi
   echo "ok: a plan larger than the device's free memory fails at start with one clear message" ;;
 
+watchdog)
+  # --timeout: a rank that stops (SIGSTOP, as a hung GPU leaves it) ends the
+  # job within the timeout plus 30 s, with exit status 3 and a message from a
+  # live rank that names the collective, the step and the stopped rank; no
+  # process is left behind; a long but healthy step does not fire it (issue 17)
+  command -v mpirun >/dev/null 2>&1 || { echo "skip: no mpirun"; exit 77; }
+  export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_mpi_yield_when_idle=1
+  # three experts for three ranks
+  printf 'model w3 {\n  dim = 16; tokens = 32; dtype = fp32;\n  repeat 2 { residual { rmsnorm; moe e { experts = 3; hidden = 64; top_k = 2; capacity_factor = 0; } } }\n}\nparallel { adaptive_r = auto; overlap_degree = 1, 2; }\ntrain { steps = 20; optimizer = adam; lr = 3e-3; seed = 2; }\n' > w3.moe
+  "$moec" build w3.moe -o w3 >/dev/null 2>&1 || fail "moec build w3"
+  exe=$(readlink -f w3)
+  # leftovers: the pids of processes of this binary still there; stopped or
+  # not, they are woken and killed, and the test fails
+  leftovers() {
+    left=""
+    for p in /proc/[0-9]*; do
+      [ "$(readlink "$p/exe" 2>/dev/null)" = "$exe" ] && left="$left ${p#/proc/}"
+    done
+    [ -z "$left" ] && return 0
+    # shellcheck disable=SC2086 # a list of pids
+    kill -CONT $left 2>/dev/null; kill -KILL $left 2>/dev/null
+    fail "processes left behind after the job ended:$left"
+  }
+  # stopped R: rank R stops at step 3 of a run with --timeout 3
+  stopped() {
+    t0=$(date +%s)
+    timeout -k 5 45 mpirun --oversubscribe -np 3 -x MOEC_TEST_STOP_RANK="$1,3" ./w3 --steps 100000 --timeout 3 \
+      --quiet >out.txt 2>err.txt; rc=$?
+    took=$(($(date +%s) - t0))
+    sleep 1; leftovers
+    [ $rc = 124 ] || [ $rc = 137 ] && fail "rank $1 stopped: the job hung (killed by timeout after $took s)"
+    [ $rc = 3 ] || fail "rank $1 stopped: exit status $rc, not 3: $(cat err.txt)"
+    [ $took -le 33 ] || fail "rank $1 stopped: the job took $took s to end, more than --timeout 3 + 30 s"
+    grep -q "error: [a-z_]* at step 3 did not complete in 3 s (--timeout 3): rank $1 did not answer a roll call" err.txt ||
+      fail "rank $1 stopped: the message does not name the collective, the step and rank $1: $(cat err.txt)"
+    [ "$(grep -c 'did not complete' err.txt)" = 1 ] || fail "rank $1 stopped: not one message: $(cat err.txt)"
+    echo "ok: rank $1 stopped at step 3: the job ended in $took s, status 3: $(grep 'did not complete' err.txt)"
+  }
+  stopped 2
+  stopped 0 # the lowest live rank, 1, says it
+  # a step longer than the timeout whose collectives wait little: no alarm
+  MOEC_TEST_SLEEP_STEP=2,4 timeout -k 5 60 mpirun --oversubscribe -np 3 -x MOEC_TEST_SLEEP_STEP ./w3 --steps 3 \
+    --timeout 2 --quiet 2>err.txt || fail "a healthy 4 s step with --timeout 2 failed: $(cat err.txt)"
+  leftovers
+  for bad in -1 abc 1.5 31536001; do
+    ./w3 --timeout "$bad" --steps 1 2>err.txt; rc=$?
+    [ $rc = 2 ] && grep -q "bad value '$bad' for --timeout (whole seconds from 0" err.txt ||
+      fail "--timeout $bad: rc $rc: $(cat err.txt)"
+  done
+  ./w3 --help | grep -q -- "--timeout SECONDS" || fail "--help does not list --timeout"
+  echo "ok: a stopped rank ends the job with a message; a long healthy step does not" ;;
+
 *) echo "unknown mode $mode"; exit 2 ;;
 esac
