@@ -572,6 +572,27 @@ watchdog)
   }
   stopped 2
   stopped 0 # the lowest live rank, 1, says it
+  # a rank that dies ends the job at once, as before (mpirun sees it go), the
+  # watchdog's long default timeout notwithstanding
+  mpirun --oversubscribe -np 3 ./w3 --steps 100000 --metrics d.jsonl --quiet >out.txt 2>&1 & job=$!
+  i=0
+  while [ "$(cat d.jsonl 2>/dev/null | wc -l)" -lt 3 ]; do
+    i=$((i + 1)); [ $i -le 600 ] || { kill -KILL $job; fail "no 3 steps in 60 s"; }
+    sleep 0.1
+  done
+  victim=$(for p in /proc/[0-9]*; do [ "$(readlink "$p/exe" 2>/dev/null)" = "$exe" ] && echo "${p#/proc/}"; done | tail -1)
+  t0=$(date +%s)
+  kill -KILL "$victim"
+  i=0
+  while kill -0 $job 2>/dev/null; do
+    i=$((i + 1)); [ $i -le 300 ] || { kill -KILL $job; leftovers; fail "the job did not end in 30 s after a rank died"; }
+    sleep 0.1
+  done
+  took=$(($(date +%s) - t0))
+  wait $job && fail "the job exited 0 after a rank died"
+  sleep 1; leftovers
+  [ $took -le 5 ] || fail "the job took $took s to end after a rank died"
+  echo "ok: a rank killed -9: the job ended in $took s"
   # a step longer than the timeout whose collectives wait little: no alarm
   MOEC_TEST_SLEEP_STEP=2,4 timeout -k 5 60 mpirun --oversubscribe -np 3 -x MOEC_TEST_SLEEP_STEP ./w3 --steps 3 \
     --timeout 2 --quiet 2>err.txt || fail "a healthy 4 s step with --timeout 2 failed: $(cat err.txt)"
