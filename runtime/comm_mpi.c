@@ -311,20 +311,22 @@ static bool mpi_timed_out(moert_comm *c, const char *what, double waited, const 
     if (here[r] && r != me && (in[r].step != (w ? w->step : 0) || strncmp(in[r].what, what, sizeof in[r].what)))
       same = false;
   if (same) snprintf(where, sizeof where, ", each waiting in %s%s", what, at);
-  char head[200];
-  if (why) snprintf(head, sizeof head, "%s%s failed: %s", what, at, why);
+  /* the cause last: the message has a size, and NCCL's text is long */
+  char head[200], cause[640] = "";
+  if (why) snprintf(head, sizeof head, "%s%s failed", what, at);
   else snprintf(head, sizeof head, "%s%s did not complete in %.0f s (--timeout %g)", what, at, waited, timeout);
+  if (why) snprintf(cause, sizeof cause, ". The failure: %s", why);
   if (nabsent)
     MOERT_FAIL(st, "%s: rank%s %s did not answer a roll call in %.0f s (stopped, hung or dead, or busy outside "
                "the collectives for that long); rank%s %s answered%s. The job ends (exit status %d); "
-               "--timeout sets the limit (0: none)",
+               "--timeout sets the limit (0: none)%s",
                head, nabsent > 1 ? "s" : "", absent, window, answered > 1 ? "s" : "", alive, where,
-               MOERT_EXIT_TIMEOUT);
+               MOERT_EXIT_TIMEOUT, cause);
   else
     MOERT_FAIL(st, "%s, yet every rank answered a roll call%s (a collective that the ranks called in "
                "different orders, or a slow network). The job ends (exit status %d); --timeout sets the "
-               "limit (0: none)",
-               head, where, MOERT_EXIT_TIMEOUT);
+               "limit (0: none)%s",
+               head, where, MOERT_EXIT_TIMEOUT, cause);
   /* the lowest rank that answered says it for all and ends the job; the others
    * answer on meanwhile, then end it themselves if it did not */
   int lowest = 0;
