@@ -178,6 +178,15 @@ const char *moert_backend_cuda_cache_path(const moert_backend *b);
  * live cuda backend): a device comm enqueues its collectives there, so they
  * are ordered with the kernels without a host synchronization. */
 void *moert_backend_cuda_stream(const moert_backend *b);
+/* Called while the host waits for the cuda backend's stream (a download, an
+ * upload), at each poll after a first spin, with the seconds waited so far:
+ * false ends the wait, which fails with the message fn records in st. */
+typedef bool (*moert_cuda_waiter)(void *ctx, double waited, moert_status *st);
+/* Installs fn (NULL: none; the waits then block in cuStreamSynchronize). The
+ * nccl comm's watchdog (comm.h's moert_watch): its collectives run on the
+ * stream, so the host waits for them there. No-op when b is not the live
+ * cuda backend. */
+void moert_backend_cuda_set_waiter(moert_backend *b, moert_cuda_waiter fn, void *ctx);
 /* How many specialized kernels (moert_k_<op>__<key>) the ops launched so far
  * found in the module: for tests and the run's header. */
 int moert_backend_cuda_specialized(const moert_backend *b);

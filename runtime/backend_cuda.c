@@ -34,6 +34,7 @@
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 
 #ifndef MOERT_HAVE_CUDA_HEADERS
 
@@ -57,6 +58,9 @@ const char *moert_backend_cuda_cache_path(const moert_backend *b) {
 void *moert_backend_cuda_stream(const moert_backend *b) {
   (void)b;
   return NULL;
+}
+void moert_backend_cuda_set_waiter(moert_backend *b, moert_cuda_waiter fn, void *ctx) {
+  (void)b, (void)fn, (void)ctx;
 }
 
 int moert_backend_cuda_specialized(const moert_backend *b) {
@@ -170,12 +174,39 @@ static uint64_t row_grid(int64_t rows, unsigned by, int64_t cap) {
 static double *scratch_d(int64_t i) { return (double *)(uintptr_t)(G.scratch + (CUdeviceptr)i * 8); }
 static double *scalar_slot(int i) { return scratch_d(SCRATCH_DOUBLES + i); }
 
+/* The wait for the stream with a waiter (moert_backend_cuda_set_waiter):
+ * cuStreamQuery spun for WAIT_SPIN_S, then polled between sleeps that double
+ * from 20 us to WAIT_SLEEP_MAX_NS (what a wait past the spin may lose once
+ * the stream is done: a step reads back once or twice). */
+#define WAIT_SPIN_S 2e-3
+#define WAIT_SLEEP_MAX_NS 100000L
+
+/* Waits until the stream's work is done (cuStreamSynchronize, or polled
+ * under the waiter, which may end the wait). */
+static bool sync_stream(moert_status *st) {
+  if (!G.waiter) return CUOK(st, cuStreamSynchronize, (G.stream));
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  const double t0 = (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+  long ns = 20000;
+  for (;;) {
+    CUresult r = moert_cu.cuStreamQuery(G.stream);
+    if (r == CUDA_SUCCESS) return true;
+    if (r != CUDA_ERROR_NOT_READY) return MOERT_FAIL(st, "cuStreamQuery failed: %s", moert_cu_errstr(r));
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    const double waited = (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec - t0;
+    if (waited < WAIT_SPIN_S) continue;
+    if (!G.waiter(G.waiter_ctx, waited, st)) return MOERT_UP(st);
+    nanosleep(&(struct timespec){0, ns}, NULL);
+    ns = ns * 2 < WAIT_SLEEP_MAX_NS ? ns * 2 : WAIT_SLEEP_MAX_NS;
+  }
+}
+
 /* Downloads n bytes of device memory after the stream's work; false (with
  * the sticky status set) on failure. */
 static bool fetch(void *dst, const void *src, size_t n) {
   if (!healthy()) return false;
-  return CUOK(&G.err, cuMemcpyDtoHAsync, (dst, DPTR(src), n, G.stream)) &&
-         CUOK(&G.err, cuStreamSynchronize, (G.stream));
+  return CUOK(&G.err, cuMemcpyDtoHAsync, (dst, DPTR(src), n, G.stream)) && sync_stream(&G.err);
 }
 
 /* part[0..nparts) -> one double in scalar slot 0, downloaded; NAN when
@@ -260,7 +291,7 @@ static bool cuda_upload(moert_backend *b, void *dst, const void *src, size_t n,
   if (!n) return true;
   /* Synchronous for the host: src may be reused at once. */
   CUTRY(st, cuMemcpyHtoDAsync, (DPTR(dst), src, n, G.stream));
-  CUTRY(st, cuStreamSynchronize, (G.stream));
+  MOERT_TRY(st, sync_stream(st));
   return true;
 }
 
@@ -270,7 +301,7 @@ static bool cuda_download(moert_backend *b, void *dst, const void *src, size_t n
   MOERT_TRY(st, report(st));
   if (!n) return true;
   CUTRY(st, cuMemcpyDtoHAsync, (dst, DPTR(src), n, G.stream));
-  CUTRY(st, cuStreamSynchronize, (G.stream));
+  MOERT_TRY(st, sync_stream(st));
   return true;
 }
 
@@ -1116,6 +1147,12 @@ const char *moert_backend_cuda_cache_path(const moert_backend *b) {
 
 void *moert_backend_cuda_stream(const moert_backend *b) {
   return b && b == &G.b && G.live ? (void *)G.stream : NULL;
+}
+
+void moert_backend_cuda_set_waiter(moert_backend *b, moert_cuda_waiter fn, void *ctx) {
+  if (!b || b != &G.b || !G.live) return;
+  G.waiter = fn;
+  G.waiter_ctx = fn ? ctx : NULL;
 }
 
 int moert_backend_cuda_specialized(const moert_backend *b) {

@@ -78,6 +78,8 @@ typedef struct cuda_state {
   bool own_src;             /* compiled a kernels.cu: look specializations up */
   int nspecs;
   spec_fn specs[MAX_SPEC_LOOKUPS];
+  moert_cuda_waiter waiter; /* NULL: waits block in the driver */
+  void *waiter_ctx;
 } cuda_state;
 
 /* The sticky status: false (and an op does nothing) once something failed,

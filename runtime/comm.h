@@ -27,6 +27,28 @@
 
 typedef enum { MOERT_RED_SUM, MOERT_RED_MAX } moert_red;
 
+/* The exit status of a job that a collective's watchdog ended (--timeout). */
+#define MOERT_EXIT_TIMEOUT 3
+/* Seconds a roll call (below) waits for the answers, at most. */
+#define MOERT_ROLL_CALL_S 10.0
+
+/* The collectives' watchdog (--timeout), one per process, shared by a comm
+ * and every comm made over it or from it (split, staged, nccl): when one
+ * wait for a collective lasts past `timeout`, the comm holds a roll call
+ * (every other rank is asked, on a communicator of its own, to answer within
+ * min(timeout, MOERT_ROLL_CALL_S) seconds; a rank answers while it waits in
+ * a collective of its own), the collective fails with a message that names
+ * it, the step and the ranks that did not answer, and `fired` is set: the
+ * caller ends the job with MOERT_EXIT_TIMEOUT. Only the lowest rank that
+ * answered returns at once (it says why, for all); the others answer on for
+ * a while, so that its abort ends them, then fail alike. */
+typedef struct moert_watch {
+  double timeout;      /* seconds one wait may last; 0: no limit (no watchdog) */
+  int64_t step;        /* the step running, for the message (0: before the steps) */
+  const char *waiting; /* the collective this process waits in (NULL: none), for roll calls */
+  bool fired;          /* a collective timed out (or its comm failed on the GPU) */
+} moert_watch;
+
 typedef struct moert_comm moert_comm;
 /* A nonblocking collective in flight; finished (and freed) by wait. */
 typedef struct moert_req moert_req;
@@ -87,6 +109,15 @@ struct moert_comm {
    * (nothing waits for the device, nothing moves through the host), so a
    * CUDA graph can capture them: nccl, and a staged comm of one rank. */
   bool capturable;
+  /* The watchdog (NULL: waits have no limit); a comm made over or from c
+   * takes c's. Set it on the host comm before making the others. */
+  moert_watch *watch;
+  /* Optional (NULL: a world of one, nobody to call): a collective `what` of
+   * c, or of a comm over it, waited `waited` seconds past the watch's
+   * timeout, or failed for `why` (NULL: it timed out). Holds the roll call
+   * over every rank of the job, records the message in st, sets the watch's
+   * fired, and returns false (the caller ends the job). */
+  bool (*timed_out)(moert_comm *c, const char *what, double waited, const char *why, moert_status *st);
   void (*destroy)(moert_comm *c);
   void *impl;
 };

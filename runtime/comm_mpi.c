@@ -45,14 +45,28 @@
  * inter-node all-to-all (blocking). Each request has its own scratch, so any
  * number may be in flight; requests are kept for reuse after wait, so a
  * steady loop allocates nothing. As for every collective, all ranks start and
- * wait in the same order. */
+ * wait in the same order.
+ *
+ * The watchdog (comm.h's moert_watch, --timeout). Every collective is the
+ * nonblocking MPI call, finished by one wait (finish): without a watch, or
+ * with timeout 0, MPI_Waitall, as the blocking call would; with one, a spin
+ * of MPI_Testall (yielding the core, as Open MPI's own wait does with
+ * mpi_yield_when_idle) for SPIN_S, then MPI_Testall between sleeps that grow
+ * from SLEEP_MIN_NS to SLEEP_MAX_NS, so a stopped peer costs the waiting
+ * ranks almost no CPU. Past the timeout, a roll call on a duplicate of the
+ * world comm made for it (`roll`, its tags of its own): a ping to every other
+ * rank, which answers with what it waits in and at which step while it polls
+ * a wait of its own (and while it holds a roll call of its own); the ranks
+ * that do not answer in min(timeout, MOERT_ROLL_CALL_S) are named. */
 #include "comm.h"
 
 #include <limits.h>
 #include <mpi.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "comm_mpi_impl.h"
 
@@ -85,8 +99,23 @@ struct moert_req {
   size_t scratch_cap;
 };
 
+/* A roll call's answer: where the answering rank waits. */
+typedef struct roll_answer {
+  int64_t step;  /* its watch's step */
+  char what[40]; /* the collective it waits in */
+} roll_answer;
+
+/* The world's roll-call channel, shared by the comms split from it. */
+typedef struct roll_state {
+  MPI_Comm comm;     /* a duplicate of the world comm, for roll calls only */
+  int rank, world;
+  roll_answer *out;  /* the answer sent to each asker (alive until the send is done) */
+} roll_state;
+
 typedef struct mpi_impl {
   MPI_Comm comm;
+  roll_state *roll;    /* the world's (owned by the world comm: owns_roll) */
+  bool owns_roll;
   MPI_Comm node_comm;  /* the ranks of my node, by local rank (2DH; else NULL) */
   MPI_Comm cross_comm; /* the ranks of my local index, by node (2DH; else NULL) */
   bool owns_mpi;       /* the world comm of a process whose MPI we started */
@@ -164,6 +193,188 @@ static bool strided_type(MPI_Datatype base, int64_t len, int64_t stride, MPI_Dat
 
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+/* ---- the watchdog ------------------------------------------------------- */
+
+/* The first part of a watched wait spins (a collective of ranks that are all
+ * there takes microseconds); after it the wait sleeps between tests, the
+ * sleep doubling from SLEEP_MIN_NS to SLEEP_MAX_NS (what a wait past the
+ * spin may lose, at most, once the collective is done). */
+#define SPIN_S 2e-3
+#define SLEEP_MIN_NS 20000L
+#define SLEEP_MAX_NS 500000L
+/* Tags on the roll comm: a ping, and its answer. */
+#define TAG_PING 1
+#define TAG_HERE 2
+
+static double now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static void nap(long ns) {
+  struct timespec ts = {0, ns};
+  nanosleep(&ts, NULL);
+}
+
+/* Answers every ping waiting on the roll comm: where this process waits. */
+static void answer_pings(roll_state *rs, const moert_watch *w) {
+  for (;;) {
+    int flag = 0;
+    MPI_Status s;
+    if (MPI_Iprobe(MPI_ANY_SOURCE, TAG_PING, rs->comm, &flag, &s) != MPI_SUCCESS || !flag) return;
+    char ping;
+    if (MPI_Recv(&ping, 1, MPI_BYTE, s.MPI_SOURCE, TAG_PING, rs->comm, MPI_STATUS_IGNORE) != MPI_SUCCESS)
+      return;
+    roll_answer *a = &rs->out[s.MPI_SOURCE];
+    a->step = w->step;
+    snprintf(a->what, sizeof a->what, "%s", w->waiting ? w->waiting : "no collective");
+    MPI_Request r;
+    if (MPI_Isend(a, (int)sizeof *a, MPI_BYTE, s.MPI_SOURCE, TAG_HERE, rs->comm, &r) == MPI_SUCCESS)
+      MPI_Request_free(&r); /* a small message: it goes out on its own */
+  }
+}
+
+/* Appends "0, 1, 4" (ranks r with pick[r] == want) to buf; their number. */
+static int list_ranks(char *buf, size_t n, const bool *pick, bool want, int world) {
+  int count = 0;
+  size_t k = strlen(buf);
+  for (int r = 0; r < world; r++) {
+    if (pick[r] != want) continue;
+    if (count == 16) { /* the message has a size */
+      if (k < n) snprintf(buf + k, n - k, " and more");
+      count++;
+      break;
+    }
+    if (k < n) k += (size_t)snprintf(buf + k, n - k, "%s%d", count ? ", " : "", r);
+    count++;
+  }
+  return count;
+}
+
+/* comm.h's timed_out: the roll call, the message, and the wait of the ranks
+ * other than the lowest that answered (it ends the job for all). */
+static bool mpi_timed_out(moert_comm *c, const char *what, double waited, const char *why,
+                          moert_status *st) {
+  roll_state *rs = impl_of(c)->roll;
+  moert_watch *w = c->watch;
+  static const char ping = 1;
+  const int W = rs->world, me = rs->rank;
+  if (w) {
+    w->fired = true;
+    w->waiting = what;
+  }
+  const double timeout = w && w->timeout > 0 ? w->timeout : MOERT_ROLL_CALL_S;
+  const double window = timeout < MOERT_ROLL_CALL_S ? timeout : MOERT_ROLL_CALL_S;
+  roll_answer *in = calloc((size_t)W, sizeof *in);
+  MPI_Request *rr = calloc((size_t)W, sizeof *rr);
+  bool *here = calloc((size_t)W, sizeof *here);
+  if (!in || !rr || !here) {
+    free(in), free(rr), free(here);
+    return MOERT_FAIL(st, "%s did not complete (and no memory is left for a roll call)", what);
+  }
+  for (int r = 0; r < W; r++) {
+    rr[r] = MPI_REQUEST_NULL;
+    if (r == me) continue;
+    MPI_Request sr;
+    MPI_Irecv(&in[r], (int)sizeof in[r], MPI_BYTE, r, TAG_HERE, rs->comm, &rr[r]);
+    if (MPI_Isend(&ping, 1, MPI_BYTE, r, TAG_PING, rs->comm, &sr) == MPI_SUCCESS) MPI_Request_free(&sr);
+  }
+  here[me] = true;
+  int answered = 1;
+  const double t0 = now_s();
+  while (answered < W && now_s() - t0 < window) {
+    for (int r = 0; r < W; r++) {
+      int flag = 0;
+      if (r == me || here[r] || MPI_Test(&rr[r], &flag, MPI_STATUS_IGNORE) != MPI_SUCCESS || !flag) continue;
+      here[r] = true;
+      answered++;
+    }
+    answer_pings(rs, &(moert_watch){.step = w ? w->step : 0, .waiting = what});
+    nap(1000000L);
+  }
+  for (int r = 0; r < W; r++)
+    if (!here[r] && rr[r] != MPI_REQUEST_NULL) {
+      MPI_Cancel(&rr[r]);
+      MPI_Request_free(&rr[r]);
+    }
+  char at[48] = "";
+  if (w && w->step > 0) snprintf(at, sizeof at, " at step %lld", (long long)w->step);
+  else snprintf(at, sizeof at, " before the first step");
+  char absent[400] = "", alive[400] = "";
+  const int nabsent = list_ranks(absent, sizeof absent, here, false, W);
+  list_ranks(alive, sizeof alive, here, true, W);
+  /* where the others wait, when they all say one thing: "all_reduce at step 5" */
+  char where[96] = "";
+  bool same = true;
+  for (int r = 0; r < W; r++)
+    if (here[r] && r != me && (in[r].step != (w ? w->step : 0) || strncmp(in[r].what, what, sizeof in[r].what)))
+      same = false;
+  if (same) snprintf(where, sizeof where, ", each waiting in %s%s", what, at);
+  /* the cause last: the message has a size, and NCCL's text is long */
+  char head[200], cause[640] = "";
+  if (why) snprintf(head, sizeof head, "%s%s failed", what, at);
+  else snprintf(head, sizeof head, "%s%s did not complete in %.0f s (--timeout %g)", what, at, waited, timeout);
+  if (why) snprintf(cause, sizeof cause, ". The failure: %s", why);
+  if (nabsent)
+    MOERT_FAIL(st, "%s: rank%s %s did not answer a roll call in %.0f s (stopped, hung or dead, or busy outside "
+               "the collectives for that long); rank%s %s answered%s. The job ends (exit status %d); "
+               "--timeout sets the limit (0: none)%s",
+               head, nabsent > 1 ? "s" : "", absent, window, answered > 1 ? "s" : "", alive, where,
+               MOERT_EXIT_TIMEOUT, cause);
+  else
+    MOERT_FAIL(st, "%s, yet every rank answered a roll call%s (a collective that the ranks called in "
+               "different orders, or a slow network). The job ends (exit status %d); --timeout sets the "
+               "limit (0: none)%s",
+               head, where, MOERT_EXIT_TIMEOUT, cause);
+  /* the lowest rank that answered says it for all and ends the job; the others
+   * answer on meanwhile, then end it themselves if it did not */
+  int lowest = 0;
+  while (!here[lowest]) lowest++;
+  if (lowest != me) {
+    const double t1 = now_s();
+    while (now_s() - t1 < window) {
+      answer_pings(rs, &(moert_watch){.step = w ? w->step : 0, .waiting = what});
+      nap(1000000L);
+    }
+  }
+  free(in), free(rr), free(here);
+  return false;
+}
+
+/* Finishes n started MPI requests of collective `what` on c: MPI_Waitall,
+ * or under c's watch the spin, the polls and, past the timeout, the roll call
+ * (the top of the file). */
+static bool finish(moert_comm *c, int n, MPI_Request *r, const char *what, moert_status *st) {
+  moert_watch *w = c->watch;
+  if (!w || !(w->timeout > 0)) {
+    if (!MPIOK(st, MPI_Waitall(n, r, MPI_STATUSES_IGNORE))) return MOERT_UP(st);
+    return true;
+  }
+  const double t0 = now_s();
+  long sleep_ns = SLEEP_MIN_NS;
+  int done = 0;
+  for (;;) {
+    if (!MPIOK(st, MPI_Testall(n, r, &done, MPI_STATUSES_IGNORE))) return MOERT_UP(st);
+    if (done) break;
+    const double t = now_s();
+    if (t - t0 < SPIN_S) {
+      sched_yield();
+      continue;
+    }
+    w->waiting = what;
+    answer_pings(impl_of(c)->roll, w);
+    if (t - t0 >= w->timeout) return mpi_timed_out(c, what, t - t0, NULL, st);
+    nap(sleep_ns);
+    sleep_ns = sleep_ns * 2 < SLEEP_MAX_NS ? sleep_ns * 2 : SLEEP_MAX_NS;
+  }
+  w->waiting = NULL;
+  return true;
+}
+
+/* One nonblocking MPI call `call`, which fills the request *rq, finished. */
+#define NB(st, c, what, call, rq) (MPIOK(st, call) && finish((c), 1, (rq), (what), (st)))
+
 /* ---- nonblocking requests ---------------------------------------------- */
 
 static bool req_get(mpi_impl *im, moert_req **out, moert_status *st) {
@@ -210,13 +421,15 @@ static bool req_reserve(moert_req *rq, int64_t k, moert_status *st) {
  * block i of recv from rank i), in passes of at most max_count floats per
  * block ("Large counts"). With rq, the calls are started and their requests
  * appended to rq; without, they complete here. */
-static bool a2a(const mpi_impl *im, MPI_Comm comm, const float *send, float *recv, int64_t n,
+static bool a2a(moert_comm *c, MPI_Comm comm, const float *send, float *recv, int64_t n,
                 moert_req *rq, moert_status *st) {
+  const mpi_impl *im = impl_of(c);
   if (n == 0) return true;
   if (n <= im->max_count) {
     if (!rq) {
-      MPICHECK(st, MPI_Alltoall(send, (int)n, MPI_FLOAT, recv, (int)n, MPI_FLOAT, comm));
-      return true;
+      MPI_Request r;
+      return NB(st, c, "all_to_all",
+                MPI_Ialltoall(send, (int)n, MPI_FLOAT, recv, (int)n, MPI_FLOAT, comm, &r), &r);
     }
     if (!req_reserve(rq, 1, st)) return false;
     MPICHECK(st, MPI_Ialltoall(send, (int)n, MPI_FLOAT, recv, (int)n, MPI_FLOAT, comm,
@@ -227,39 +440,39 @@ static bool a2a(const mpi_impl *im, MPI_Comm comm, const float *send, float *rec
   if (rq && !req_reserve(rq, (n + im->max_count - 1) / im->max_count, st)) return false;
   for (int64_t off = 0; off < n; off += im->max_count) {
     MPI_Datatype t;
+    MPI_Request r;
     if (!strided_type(MPI_FLOAT, min64(im->max_count, n - off), n, &t, st)) return false;
-    bool ok = rq ? MPIOK(st, MPI_Ialltoall(send + off, 1, t, recv + off, 1, t, comm,
-                                           &rq->mr[rq->nmr]))
-                 : MPIOK(st, MPI_Alltoall(send + off, 1, t, recv + off, 1, t, comm));
+    bool ok = MPIOK(st, MPI_Ialltoall(send + off, 1, t, recv + off, 1, t, comm, rq ? &rq->mr[rq->nmr] : &r));
     MPI_Type_free(&t); /* a started call keeps what it needs of t */
     if (!ok) return false;
     if (rq) rq->nmr++;
+    else if (!finish(c, 1, &r, "all_to_all", st)) return MOERT_UP(st);
   }
   return true;
 }
 
 /* 2DH steps 1 and 2 (see the top of the file): send -> scratch [L][N] ->
  * intra-node all-to-all -> recv [L][N]; started into rq when rq is given. */
-static bool tdh_first(const moert_comm *c, const float *send, float *recv, float *scratch,
+static bool tdh_first(moert_comm *c, const float *send, float *recv, float *scratch,
                       int64_t n, moert_req *rq, moert_status *st) {
   const int N = c->nodes, L = c->local_size;
   const size_t bytes = (size_t)n * sizeof(float);
   for (int l = 0; l < L; l++)
     for (int m = 0; m < N; m++)
       memcpy(scratch + ((size_t)l * N + m) * n, send + ((size_t)m * L + l) * n, bytes);
-  return a2a(impl_of(c), impl_of(c)->node_comm, scratch, recv, (int64_t)N * n, rq, st);
+  return a2a(c, impl_of(c)->node_comm, scratch, recv, (int64_t)N * n, rq, st);
 }
 
 /* 2DH steps 3 and 4: recv [L][N] -> scratch [N][L] -> inter-node all-to-all
  * -> recv, block r from rank r. */
-static bool tdh_second(const moert_comm *c, float *recv, float *scratch, int64_t n,
+static bool tdh_second(moert_comm *c, float *recv, float *scratch, int64_t n,
                        moert_status *st) {
   const int N = c->nodes, L = c->local_size;
   const size_t bytes = (size_t)n * sizeof(float);
   for (int m = 0; m < N; m++)
     for (int l = 0; l < L; l++)
       memcpy(scratch + ((size_t)m * L + l) * n, recv + ((size_t)l * N + m) * n, bytes);
-  return a2a(impl_of(c), impl_of(c)->cross_comm, scratch, recv, (int64_t)L * n, NULL, st);
+  return a2a(c, impl_of(c)->cross_comm, scratch, recv, (int64_t)L * n, NULL, st);
 }
 
 static bool check_a2a(const moert_comm *c, int64_t n, moert_a2a_algo algo, moert_status *st) {
@@ -275,7 +488,7 @@ static bool mpi_a2a(moert_comm *c, const float *send, float *recv, int64_t n, mo
   MOERT_TRY(st, check_a2a(c, n, algo, st));
   if (n == 0) return true;
   if (algo == MOERT_A2A_LINEAR || !two_level(c)) {
-    MOERT_TRY(st, a2a(im, im->comm, send, recv, n, NULL, st));
+    MOERT_TRY(st, a2a(c, im->comm, send, recv, n, NULL, st));
     return true;
   }
   MOERT_TRY(st, grow(&im->scratch, &im->scratch_cap, (size_t)c->world * (size_t)n, st));
@@ -294,7 +507,7 @@ static bool mpi_a2a_start(moert_comm *c, const float *send, float *recv, int64_t
   MOERT_TRY(st, req_get(im, &rq, st));
   bool ok;
   if (algo == MOERT_A2A_LINEAR || !two_level(c)) {
-    ok = a2a(im, im->comm, send, recv, n, rq, st);
+    ok = a2a(c, im->comm, send, recv, n, rq, st);
   } else {
     rq->tdh = true;
     rq->recv = recv;
@@ -329,14 +542,16 @@ static bool mpi_a2av(moert_comm *c, const float *send, const int64_t *scount, co
     v[2 * W + r] = (int)rcount[r];
     v[3 * W + r] = (int)rdispl[r];
   }
-  ok = ok && MPIOK(st, MPI_Alltoallv(send, v, v + W, MPI_FLOAT, recv, v + 2 * W, v + 3 * W, MPI_FLOAT, im->comm));
+  MPI_Request r;
+  ok = ok && NB(st, c, "all_to_allv",
+                MPI_Ialltoallv(send, v, v + W, MPI_FLOAT, recv, v + 2 * W, v + 3 * W, MPI_FLOAT, im->comm, &r), &r);
   free(v);
   return ok ? true : MOERT_UP(st);
 }
 
 static bool mpi_wait(moert_comm *c, moert_req *rq, moert_status *st) {
   if (!rq) return true;
-  bool ok = rq->nmr == 0 || MPIOK(st, MPI_Waitall(rq->nmr, rq->mr, MPI_STATUSES_IGNORE));
+  bool ok = rq->nmr == 0 || finish(c, rq->nmr, rq->mr, "all_to_all (nonblocking)", st);
   rq->nmr = 0;
   if (ok && rq->tdh) ok = tdh_second(c, rq->recv, rq->scratch, rq->n, st);
   req_put(impl_of(c), rq);
@@ -351,9 +566,10 @@ static bool all_reduce(moert_comm *c, void *x, int64_t n, MPI_Datatype type, int
   MPI_Op mop = MPI_SUM;
   MOERT_TRY(st, check_count("all_reduce", n, 1, size, st));
   MOERT_TRY(st, mpi_op(op, &mop, st));
+  MPI_Request r;
   for (int64_t off = 0; off < n; off += im->max_count)
-    if (!MPIOK(st, MPI_Allreduce(MPI_IN_PLACE, (char *)x + off * size,
-                                 (int)min64(im->max_count, n - off), type, mop, im->comm)))
+    if (!NB(st, c, "all_reduce", MPI_Iallreduce(MPI_IN_PLACE, (char *)x + off * size,
+                                                (int)min64(im->max_count, n - off), type, mop, im->comm, &r), &r))
       return MOERT_UP(st);
   return true;
 }
@@ -376,8 +592,9 @@ static bool mpi_all_gather(moert_comm *c, const float *send, float *recv, int64_
   if (n == 0) return true;
   bool in_place = send == recv + (size_t)c->rank * n;
   if (n <= im->max_count) {
-    if (!MPIOK(st, MPI_Allgather(in_place ? MPI_IN_PLACE : send, (int)n, MPI_FLOAT, recv, (int)n,
-                                 MPI_FLOAT, im->comm)))
+    MPI_Request r;
+    if (!NB(st, c, "all_gather", MPI_Iallgather(in_place ? MPI_IN_PLACE : send, (int)n, MPI_FLOAT, recv, (int)n,
+                                                MPI_FLOAT, im->comm, &r), &r))
       return MOERT_UP(st);
     return true;
   }
@@ -385,10 +602,11 @@ static bool mpi_all_gather(moert_comm *c, const float *send, float *recv, int64_
     int64_t len = min64(im->max_count, n - off);
     MPI_Datatype t;
     MOERT_TRY(st, strided_type(MPI_FLOAT, len, n, &t, st));
-    bool ok = MPIOK(st, MPI_Allgather(in_place ? MPI_IN_PLACE : send + off, (int)len, MPI_FLOAT,
-                                      recv + off, 1, t, im->comm));
+    MPI_Request r;
+    bool ok = MPIOK(st, MPI_Iallgather(in_place ? MPI_IN_PLACE : send + off, (int)len, MPI_FLOAT,
+                                       recv + off, 1, t, im->comm, &r));
     MPI_Type_free(&t);
-    if (!ok) return MOERT_UP(st);
+    if (!ok || !finish(c, 1, &r, "all_gather", st)) return MOERT_UP(st);
   }
   return true;
 }
@@ -402,8 +620,9 @@ static bool mpi_reduce_scatter(moert_comm *c, const float *send, float *recv, in
   if (n == 0) return true;
   bool in_place = send == recv;
   if (n <= im->max_count) {
-    if (!MPIOK(st, MPI_Reduce_scatter_block(in_place ? MPI_IN_PLACE : send, recv, (int)n, MPI_FLOAT,
-                                            MPI_SUM, im->comm)))
+    MPI_Request r;
+    if (!NB(st, c, "reduce_scatter", MPI_Ireduce_scatter_block(in_place ? MPI_IN_PLACE : send, recv, (int)n,
+                                                               MPI_FLOAT, MPI_SUM, im->comm, &r), &r))
       return MOERT_UP(st);
     return true;
   }
@@ -413,9 +632,10 @@ static bool mpi_reduce_scatter(moert_comm *c, const float *send, float *recv, in
     for (int64_t off = 0; off < n; off += im->max_count) {
       const float *s = send + (size_t)r * n + off;
       if (r == c->rank && in_place && r == 0) s = MPI_IN_PLACE;
-      if (!MPIOK(st, MPI_Reduce(s, r == c->rank ? recv + off : NULL,
-                                (int)min64(im->max_count, n - off), MPI_FLOAT, MPI_SUM, r,
-                                im->comm)))
+      MPI_Request q;
+      if (!NB(st, c, "reduce_scatter", MPI_Ireduce(s, r == c->rank ? recv + off : NULL,
+                                                   (int)min64(im->max_count, n - off), MPI_FLOAT, MPI_SUM, r,
+                                                   im->comm, &q), &q))
         return MOERT_UP(st);
     }
   return true;
@@ -425,9 +645,10 @@ static bool mpi_broadcast(moert_comm *c, void *buf, int64_t bytes, int root, moe
   mpi_impl *im = impl_of(c);
   MOERT_TRY(st, check_count("broadcast", bytes, 1, 1, st));
   MOERT_TRY(st, check_root(c, "broadcast", root, st));
+  MPI_Request r;
   for (int64_t off = 0; off < bytes; off += im->max_count)
-    if (!MPIOK(st, MPI_Bcast((char *)buf + off, (int)min64(im->max_count, bytes - off), MPI_BYTE,
-                             root, im->comm)))
+    if (!NB(st, c, "broadcast", MPI_Ibcast((char *)buf + off, (int)min64(im->max_count, bytes - off), MPI_BYTE,
+                                           root, im->comm, &r), &r))
       return MOERT_UP(st);
   return true;
 }
@@ -442,8 +663,9 @@ static bool mpi_gather(moert_comm *c, const void *send, void *recv, int64_t byte
   const bool at_root = c->rank == root;
   const bool in_place = at_root && send == (const char *)recv + (size_t)root * bytes;
   if (bytes <= im->max_count) {
-    if (!MPIOK(st, MPI_Gather(in_place ? MPI_IN_PLACE : send, (int)bytes, MPI_BYTE,
-                              at_root ? recv : NULL, (int)bytes, MPI_BYTE, root, im->comm)))
+    MPI_Request r;
+    if (!NB(st, c, "gather", MPI_Igather(in_place ? MPI_IN_PLACE : send, (int)bytes, MPI_BYTE,
+                                         at_root ? recv : NULL, (int)bytes, MPI_BYTE, root, im->comm, &r), &r))
       return MOERT_UP(st);
     return true;
   }
@@ -451,17 +673,19 @@ static bool mpi_gather(moert_comm *c, const void *send, void *recv, int64_t byte
     int64_t len = min64(im->max_count, bytes - off);
     MPI_Datatype t;
     MOERT_TRY(st, strided_type(MPI_BYTE, len, bytes, &t, st));
-    bool ok = MPIOK(st, MPI_Gather(in_place ? MPI_IN_PLACE : (const char *)send + off, (int)len,
-                                   MPI_BYTE, at_root ? (char *)recv + off : NULL, 1, t, root,
-                                   im->comm));
+    MPI_Request r;
+    bool ok = MPIOK(st, MPI_Igather(in_place ? MPI_IN_PLACE : (const char *)send + off, (int)len,
+                                    MPI_BYTE, at_root ? (char *)recv + off : NULL, 1, t, root,
+                                    im->comm, &r));
     MPI_Type_free(&t);
-    if (!ok) return MOERT_UP(st);
+    if (!ok || !finish(c, 1, &r, "gather", st)) return MOERT_UP(st);
   }
   return true;
 }
 
 static bool mpi_barrier(moert_comm *c, moert_status *st) {
-  if (!MPIOK(st, MPI_Barrier(impl_of(c)->comm))) return MOERT_UP(st);
+  MPI_Request r;
+  if (!NB(st, c, "barrier", MPI_Ibarrier(impl_of(c)->comm, &r), &r)) return MOERT_UP(st);
   return true;
 }
 
@@ -490,6 +714,7 @@ static mpi_comm *comm_new(void) {
   c->wait = mpi_wait;
   c->split = mpi_split;
   c->barrier = mpi_barrier;
+  c->timed_out = mpi_timed_out;
   c->destroy = mpi_destroy;
   c->impl = &mc->im;
   return mc;
@@ -615,6 +840,15 @@ static bool world_setup(mpi_comm *mc, bool *consistent, moert_status *st) {
   MPICHECK(st, MPI_Comm_set_errhandler(im->comm, MPI_ERRORS_RETURN));
   MPICHECK(st, MPI_Comm_size(im->comm, &c->world));
   MPICHECK(st, MPI_Comm_rank(im->comm, &c->rank));
+  roll_state *rs = im->roll = calloc(1, sizeof *rs);
+  if (!rs) return MOERT_FAIL(st, "out of memory for the mpi comm");
+  im->owns_roll = true;
+  rs->comm = MPI_COMM_NULL;
+  if (!(rs->out = calloc((size_t)c->world, sizeof *rs->out)))
+    return MOERT_FAIL(st, "out of memory for the mpi comm");
+  rs->rank = c->rank;
+  rs->world = c->world;
+  MPICHECK(st, MPI_Comm_dup(im->comm, &rs->comm));
 
   MPI_Comm shm;
   MPICHECK(st, MPI_Comm_split_type(im->comm, MPI_COMM_TYPE_SHARED, c->rank, MPI_INFO_NULL, &shm));
@@ -692,6 +926,8 @@ static bool mpi_split(moert_comm *c, int color, int key, moert_comm **out, moert
   if (!mc) return MOERT_FAIL(st, "out of memory for a comm of split");
   moert_comm *k = &mc->pub;
   mc->im.max_count = im->max_count;
+  mc->im.roll = im->roll;
+  k->watch = c->watch;
   int *node_of = NULL;
   bool ok = MPIOK(st, MPI_Comm_split(im->comm, color, key, &mc->im.comm)) &&
             MPIOK(st, MPI_Comm_set_errhandler(mc->im.comm, MPI_ERRORS_RETURN)) &&
@@ -738,6 +974,11 @@ static void mpi_destroy(moert_comm *c) {
   free(im->scratch);
   int finalized = 0;
   MPI_Finalized(&finalized);
+  if (im->owns_roll) {
+    if (!finalized) free_comm(&im->roll->comm);
+    free(im->roll->out);
+    free(im->roll);
+  }
   if (!finalized) {
     free_comm(&im->cross_comm);
     free_comm(&im->node_comm);

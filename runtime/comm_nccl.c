@@ -47,8 +47,18 @@
  * Errors. Every NCCL and driver call is checked; a failure records the call's
  * name and NCCL's message (ncclGetErrorString, and ncclGetLastError's detail).
  * Errors NCCL finds later, while the GPU runs (a peer that died), are polled
- * with ncclCommGetAsyncError at each collective and wait. After a failure,
- * destroy aborts the communicator (ncclCommAbort) instead of waiting for it. */
+ * with ncclCommGetAsyncError at each collective (the host ones included) and
+ * wait. After a failure, destroy aborts the communicator (ncclCommAbort)
+ * instead of waiting for it.
+ *
+ * The watchdog (comm.h's moert_watch, --timeout). The host waits for the
+ * collectives where it waits for the backend's stream (a download): with a
+ * timeout, at more than one rank, the comm installs a waiter there
+ * (moert_backend_cuda_set_waiter), which polls ncclCommGetAsyncError and the
+ * time waited. An async error, or a wait past the timeout, aborts the
+ * communicator (ncclCommAbort: its kernels stop) and the host comm's roll
+ * call names the ranks that do not answer, as comm_mpi.c's own timeout; the
+ * message names the last collective enqueued. */
 #include "comm.h"
 
 #include <dlfcn.h>
@@ -196,6 +206,8 @@ typedef struct nccl_comm {
   CUstream compute;      /* the backend's stream (not ours) */
   CUstream side;         /* ours: the nonblocking all-to-alls */
   bool failed;           /* an NCCL call failed: destroy aborts */
+  const char *last;      /* the last collective enqueued (for the watchdog's message) */
+  bool waiter;           /* this comm's watchdog waits for the backend's stream */
   CUdeviceptr scratch;   /* the blocking 2DH's, scratch_cap bytes */
   size_t scratch_cap;
   moert_req reqs[MOERT_NCCL_MAX_INFLIGHT];
@@ -211,14 +223,49 @@ static bool comm_failed(nccl_comm *k, moert_status *st) {
   return MOERT_UP(st);
 }
 
-/* An error NCCL found while the GPU ran an earlier operation. */
+/* The watchdog found k stuck (why NULL: waited past the timeout) or failed
+ * (why: NCCL's error): the communicator is aborted (ncclCommAbort stops its
+ * kernels), and the host comm's roll call names the ranks that do not answer
+ * (comm.h's timed_out); false. */
+static bool comm_hung(nccl_comm *k, const char *why, double waited, moert_status *st) {
+  char what[64];
+  snprintf(what, sizeof what, "%s (NCCL, on the GPU)", k->last ? k->last : "a collective");
+  char whybuf[600];
+  if (why) snprintf(whybuf, sizeof whybuf, "%s", why); /* nccl_errstr's buffer is reused */
+  k->failed = true;
+  if (k->comm) nc.ncclCommAbort(k->comm);
+  k->comm = NULL;
+  moert_comm *h = k->host;
+  if (h->timed_out) return h->timed_out(h, what, waited, why ? whybuf : NULL, st);
+  if (k->pub.watch) k->pub.watch->fired = true;
+  if (why) return MOERT_FAIL(st, "%s failed: %s", what, whybuf);
+  return MOERT_FAIL(st, "%s did not complete in %.0f s (--timeout)", what, waited);
+}
+
+/* An error NCCL found while the GPU ran an earlier operation, before op. */
 static bool check_async(nccl_comm *k, const char *op, moert_status *st) {
   ncclResult_t r = ncclSuccess;
+  if (!k->comm) return MOERT_FAIL(st, "%s: the nccl comm was aborted after an earlier failure", op);
   if (!NCOK(st, ncclCommGetAsyncError, (k->comm, &r))) return comm_failed(k, st);
-  if (r == ncclSuccess || r == ncclInProgress) return true;
-  k->failed = true;
-  return MOERT_FAIL(st, "%s: NCCL reported an error from an earlier operation: %s (did a rank "
-                        "die?)", op, nccl_errstr(r));
+  if (r != ncclSuccess && r != ncclInProgress) {
+    char why[700];
+    snprintf(why, sizeof why, "NCCL reported an error (found before %s): %s", op,
+             nccl_errstr(r));
+    return comm_hung(k, why, 0, st);
+  }
+  k->last = op;
+  return true;
+}
+
+/* The backend's waiter (moert_backend_cuda_set_waiter) while the host waits
+ * for the stream that runs k's collectives: NCCL's async error, and the
+ * watch's timeout. */
+static bool stream_waiter(void *ctx, double waited, moert_status *st) {
+  nccl_comm *k = ctx;
+  const moert_watch *w = k->pub.watch;
+  MOERT_TRY(st, check_async(k, k->last ? k->last : "a collective", st));
+  if (w && w->timeout > 0 && waited >= w->timeout) return comm_hung(k, NULL, waited, st);
+  return true;
 }
 
 static bool check_count(const char *op, int64_t n, int64_t blocks, moert_status *st) {
@@ -389,7 +436,7 @@ static bool nccl_wait(moert_comm *c, moert_req *rq, moert_status *st) {
   rq->busy = false;
   /* the compute stream goes on once the exchange is done; the host does not wait */
   if (!CUOK(st, cuStreamWaitEvent, (k->compute, rq->done, 0))) return MOERT_UP(st);
-  MOERT_TRY(st, check_async(k, "wait", st));
+  MOERT_TRY(st, check_async(k, "all_to_all (nonblocking)", st));
   return true;
 }
 
@@ -485,16 +532,19 @@ static bool nccl_reduce_scatter(moert_comm *c, const float *send, float *recv, i
 
 static bool nccl_all_reduce_f64(moert_comm *c, double *x, int64_t n, moert_red op, moert_status *st) {
   moert_comm *h = K_(c)->host;
+  MOERT_TRY(st, check_async(K_(c), "all_reduce (host)", st));
   return h->all_reduce_f64(h, x, n, op, st) || MOERT_UP(st);
 }
 static bool nccl_all_reduce_i64(moert_comm *c, int64_t *x, int64_t n, moert_red op, moert_status *st) {
   moert_comm *h = K_(c)->host;
+  MOERT_TRY(st, check_async(K_(c), "all_reduce (host)", st));
   return h->all_reduce_i64(h, x, n, op, st) || MOERT_UP(st);
 }
 static bool nccl_broadcast(moert_comm *c, void *buf, int64_t bytes, int root, moert_status *st) {
   moert_comm *h = K_(c)->host;
   if (root < 0 || root >= c->world) /* self ignores root: say it here */
     return MOERT_FAIL(st, "broadcast: root %d is not a rank of this comm (0 to %d)", root, c->world - 1);
+  MOERT_TRY(st, check_async(K_(c), "broadcast (host)", st));
   return h->broadcast(h, buf, bytes, root, st) || MOERT_UP(st);
 }
 static bool nccl_gather(moert_comm *c, const void *send, void *recv, int64_t bytes, int root,
@@ -502,12 +552,13 @@ static bool nccl_gather(moert_comm *c, const void *send, void *recv, int64_t byt
   moert_comm *h = K_(c)->host;
   if (root < 0 || root >= c->world)
     return MOERT_FAIL(st, "gather: root %d is not a rank of this comm (0 to %d)", root, c->world - 1);
+  MOERT_TRY(st, check_async(K_(c), "gather (host)", st));
   return h->gather(h, send, recv, bytes, root, st) || MOERT_UP(st);
 }
 /* The ranks meet on the host; the GPU work enqueued before goes on. */
 static bool nccl_barrier(moert_comm *c, moert_status *st) {
   moert_comm *h = K_(c)->host;
-  MOERT_TRY(st, check_async(K_(c), "barrier", st));
+  MOERT_TRY(st, check_async(K_(c), "barrier (host)", st));
   return h->barrier(h, st) || MOERT_UP(st);
 }
 
@@ -515,6 +566,11 @@ static bool nccl_barrier(moert_comm *c, moert_status *st) {
 
 static bool nccl_split(moert_comm *c, int color, int key, moert_comm **out, moert_status *st);
 static void nccl_destroy(moert_comm *c);
+
+static bool nccl_timed_out(moert_comm *c, const char *what, double waited, const char *why, moert_status *st) {
+  moert_comm *h = K_(c)->host;
+  return h->timed_out(h, what, waited, why, st);
+}
 
 /* A comm around host (owned when owns_host) with no NCCL communicator yet. */
 static nccl_comm *comm_new(moert_comm *host, bool owns_host, moert_backend *b) {
@@ -534,7 +590,7 @@ static nccl_comm *comm_new(moert_comm *host, bool owns_host, moert_backend *b) {
       .reduce_scatter_f32 = nccl_reduce_scatter, .broadcast = nccl_broadcast, .gather = nccl_gather,
       .all_to_all_f32 = nccl_a2a, .all_to_allv_f32 = nccl_a2av, .all_to_all_start = nccl_a2a_start,
       .wait = nccl_wait, .req_marks = nccl_req_marks, .split = nccl_split, .barrier = nccl_barrier, .destroy = nccl_destroy,
-      .capturable = true,
+      .capturable = true, .watch = host->watch, .timed_out = host->timed_out ? nccl_timed_out : NULL,
       .impl = k};
   return k;
 }
@@ -691,6 +747,11 @@ bool moert_comm_nccl_create(moert_comm *host, moert_backend *b, moert_comm **out
     nccl_destroy(&k->pub);
     return MOERT_UP(st);
   }
+  /* the collectives run on the backend's stream: the host waits for them there */
+  if (k->pub.watch && k->pub.watch->timeout > 0 && host->world > 1) {
+    moert_backend_cuda_set_waiter(b, stream_waiter, k);
+    k->waiter = true;
+  }
   *out = &k->pub;
   return true;
 }
@@ -750,6 +811,7 @@ static bool nccl_split(moert_comm *c, int color, int key, moert_comm **out, moer
 static void nccl_destroy(moert_comm *c) {
   if (!c) return;
   nccl_comm *k = K_(c);
+  if (k->waiter) moert_backend_cuda_set_waiter(k->b, NULL, NULL);
   if (k->comm) {
     if (k->failed) {
       nc.ncclCommAbort(k->comm);

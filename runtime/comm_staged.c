@@ -133,6 +133,11 @@ static void st_destroy(moert_comm *c) {
 
 static bool wrap(moert_comm *inner, moert_backend *b, bool owns_inner, moert_comm **out, moert_status *st);
 
+static bool st_timed_out(moert_comm *c, const char *what, double waited, const char *why, moert_status *st) {
+  moert_comm *in = S_(c)->inner;
+  return in->timed_out(in, what, waited, why, st);
+}
+
 static bool st_split(moert_comm *c, int color, int key, moert_comm **out, moert_status *st) {
   moert_comm *child;
   MOERT_TRY(st, S_(c)->inner->split(S_(c)->inner, color, key, &child, st));
@@ -164,7 +169,8 @@ static bool wrap(moert_comm *inner, moert_backend *b, bool owns_inner, moert_com
       .all_gather_f32 = st_all_gather, .reduce_scatter_f32 = st_reduce_scatter, .broadcast = st_broadcast,
       .gather = st_gather, .all_to_all_f32 = st_a2a, .all_to_allv_f32 = st_a2av,
       .all_to_all_start = st_a2a_start, .wait = st_wait, .split = st_split, .barrier = st_barrier,
-      .capturable = inner->world == 1,
+      .capturable = inner->world == 1, .watch = inner->watch,
+      .timed_out = inner->timed_out ? st_timed_out : NULL,
       .destroy = owns_inner ? st_destroy_owner : st_destroy, .impl = s};
   *out = c;
   return true;

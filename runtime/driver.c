@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "calibrate.h"
+#include "comm.h"
 #include "flags.h"
 #include "run.h"
 #include "select.h"
@@ -35,6 +36,7 @@
   X(VARIANT, "variant", 1, "V", "force V (r=R,d=D,a2a=linear|2dh, or LAYER:V, or cycle); repeatable") \
   X(TRACE, "trace", 1, "FILE.json", "write a Chrome trace (chrome://tracing, Perfetto) of every op of every rank") \
   X(CALIBRATE, "calibrate", 1, "FILE", "measure this device (and the all-to-all under mpirun) for `moec plan --gpu FILE`; no training") \
+  X(TIMEOUT, "timeout", 1, "SECONDS", "end the job when one wait for a collective lasts longer (default 600; 0: never)") \
   X(QUIET, "quiet", 0, "", "print only errors")                                                    \
   X(HELP, "help", 0, "", "print this help and exit")
 
@@ -42,6 +44,8 @@ MOERT_FLAGS(FLAGS)
 
 /* --variant may be given this many times (one per MoE layer, say). */
 #define MAX_FORCED 64
+/* --timeout at most: a year (any longer is "never", which 0 says). */
+#define MAX_TIMEOUT_S 31536000
 /* Bytes --generate samples at most: one forward pass each, on one rank. */
 #define MAX_GENERATE (1 << 20)
 
@@ -56,6 +60,7 @@ static const char *wanted(int flag) {
   case FLAG_TOKENS: return "a whole number from 1 to 2147483647, the limit of 32-bit token indices";
   case FLAG_GENERATE: return "a whole number from 0 to 1048576";
   case FLAG_VARIANT: return "r=R,d=D,a2a=linear or 2dh, that after LAYER:, or cycle";
+  case FLAG_TIMEOUT: return "whole seconds from 0 (no limit) to 31536000, a year";
   default: return "a whole number of 0 or more";
   }
 }
@@ -64,8 +69,9 @@ static void usage(const moert_model *m, const char *argv0, FILE *out) {
   fprintf(out, "usage: %s [options]\n\n%s model `%s`, built by moec from %s.\n\noptions:\n", argv0,
           m->train.has_train ? "Trains the" : "Runs forward steps of the", m->name, m->spec_file);
   moert_flags_print(out, flag_info, FLAG__COUNT, 24);
-  fputs("\nExit status: 0 success, 1 a failure while running, 2 a usage error, 143 or 130 stopped by\n"
-        "SIGTERM or SIGINT after a step (and a checkpoint, when one is configured).\n", out);
+  fprintf(out, "\nExit status: 0 success, 1 a failure while running, 2 a usage error, %d a collective did not\n"
+          "complete within --timeout (a rank stopped or hung; the job ends), 143 or 130 stopped by\n"
+          "SIGTERM or SIGINT after a step (and a checkpoint, when one is configured).\n", MOERT_EXIT_TIMEOUT);
 }
 
 /* Whether a launcher (mpirun, srun) started this process as a rank other
@@ -114,6 +120,12 @@ int moert_main(const moert_model *m, int argc, char **argv) {
     case FLAG_EVAL_EVERY: ok = moert_parse_int(a, 0, INT64_MAX, &o.eval_every); break;
     case FLAG_CKPT_EVERY: ok = moert_parse_int(a, 0, INT64_MAX, &o.ckpt_every); break;
     case FLAG_GENERATE: ok = moert_parse_int(a, 0, MAX_GENERATE, &o.generate); break;
+    case FLAG_TIMEOUT: {
+      int64_t t = 0;
+      ok = moert_parse_int(a, 0, MAX_TIMEOUT_S, &t);
+      o.timeout = (double)t;
+      break;
+    }
     case FLAG_BACKEND: o.backend = a; ok = !strcmp(a, "cpu") || !strcmp(a, "cuda"); break;
     case FLAG_METRICS: o.metrics = a; break;
     case FLAG_ON_NAN:

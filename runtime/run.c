@@ -26,6 +26,7 @@
 
 void moert_run_defaults(const moert_model *m, moert_run_opts *o) {
   *o = (moert_run_opts){0};
+  o->timeout = MOERT_DEFAULT_TIMEOUT_S;
   o->steps = m->train.steps;
   o->seed = m->train.seed;
   o->log_every = m->train.log_every;
@@ -530,6 +531,10 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
   bool use_mpi = o.comm && !want_nccl ? strcmp(o.comm, "mpi") == 0 : moert_comm_under_mpirun();
   if (use_mpi && !moert_comm_mpi_create(argc, argv, &comm, &st)) return fail(argv0, &st);
   moert_comm *host_comm = comm;
+  /* the collectives' watchdog (--timeout): every comm made over this one takes it */
+  moert_watch watch = {.timeout = o.timeout};
+  if (comm != moert_comm_self()) comm->watch = &watch;
+  const moert_test_hooks *hooks = moert_testing();
   bool want_cuda = o.backend ? strcmp(o.backend, "cuda") == 0 : moert_cuda_available();
   if ((o.backend || want_nccl) && !moert_cuda_available()) {
     if (o.backend && want_cuda)
@@ -720,6 +725,10 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
   stop_signals_catch(old_actions);
   catching = true;
   for (int64_t step = start + 1; step <= o.steps; step++) {
+    watch.step = step;
+    if (hooks->stop_step == step && hooks->stop_rank == comm->rank) raise(SIGSTOP);
+    if (hooks->sleep_step == step)
+      nanosleep(&(struct timespec){(time_t)hooks->sleep_s, (long)(fmod(hooks->sleep_s, 1) * 1e9)}, NULL);
     double t0 = now();
     int64_t allocs0 = b->allocs, watched0 = b->watched_bytes;
     moert_step_stats s = {0};
@@ -854,7 +863,7 @@ out:
     /* the other ranks may be waiting in a collective: stop them all */
     fprintf(stderr, "%s: rank %d: error: %s\n", argv0, comm->rank, st.msg);
     fflush(stderr);
-    moert_comm_abort(host_comm, 1);
+    moert_comm_abort(host_comm, watch.fired ? MOERT_EXIT_TIMEOUT : 1);
   }
   free(times);
   free(prev);

@@ -37,11 +37,16 @@ typedef struct moert_run_opts {
   bool overwrite;      /* replace a valid checkpoint in checkpoint without resuming it */
   bool quiet;          /* print only errors */
   moert_on_nan on_nan; /* default stop */
+  double timeout;      /* seconds one wait for a collective may last (comm.h's watchdog); 0: no limit */
   const char *const *variants; /* --variant values */
   int nvariants;
   moert_step_hook on_step;     /* NULL: none */
   void *on_step_ctx;
 } moert_run_opts;
+
+/* --timeout's default: ten minutes, longer than any healthy collective wait
+ * (a first step's NVRTC compile on a peer, a checkpoint written by rank 0). */
+#define MOERT_DEFAULT_TIMEOUT_S 600
 
 /* The options of a run as the spec sets them (its train block, its tokens). */
 void moert_run_defaults(const moert_model *m, moert_run_opts *o);

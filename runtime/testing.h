@@ -15,6 +15,16 @@ typedef struct moert_test_hooks {
    * run's memory check sees, on any backend (the out-of-memory tests). */
   bool device_memory;
   double device_free, device_total;
+  /* MOEC_TEST_STOP_RANK=R,STEP: rank R stops itself (SIGSTOP) at the start of
+   * step STEP, as a hung GPU or a stopped process would (the watchdog's
+   * tests, --timeout). stop_step 0: none. */
+  int stop_rank;
+  long long stop_step;
+  /* MOEC_TEST_SLEEP_STEP=STEP,SECONDS: every rank sleeps SECONDS at the start
+   * of step STEP, outside any collective: a long but healthy step, which the
+   * watchdog must let be. sleep_step 0: none. */
+  long long sleep_step;
+  double sleep_s;
 } moert_test_hooks;
 
 /* The hooks of this process (read from the environment at the first call). */

@@ -872,6 +872,23 @@ CUresult cuStreamSynchronize(CUstream s) {
   return r;
 }
 
+/* Work runs when it is launched: a stream is always done. As
+ * cuStreamSynchronize, illegal on a capturing stream (CUDA's query is, in the
+ * global and thread-local capture modes). */
+CUresult cuStreamQuery(CUstream s) {
+  NEED_CONTEXT();
+  pthread_mutex_lock(&lock);
+  CUresult r = CUDA_SUCCESS;
+  if (!special(s) && s->cap) {
+    invalidate(s->cap, "cuStreamQuery of a capturing stream", CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
+    r = CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+  }
+  if (r == CUDA_SUCCESS) r = unsafe_call("cuStreamQuery");
+  if (r == CUDA_SUCCESS && legacy(s)) r = legacy_use("cuStreamQuery of the legacy stream");
+  pthread_mutex_unlock(&lock);
+  return r;
+}
+
 CUresult cuStreamWaitEvent(CUstream s, CUevent e, unsigned flags) {
   NEED_CONTEXT();
   if (!e || (flags & ~(unsigned)CU_EVENT_WAIT_EXTERNAL)) return CUDA_ERROR_INVALID_VALUE;

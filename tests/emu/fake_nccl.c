@@ -7,7 +7,8 @@
  * requires); a communicator is an MPI communicator of its ranks in NCCL rank
  * order. A call returns when its work is done (the stream only decides
  * whether it is captured, below), so there are no asynchronous errors but
- * those of a replayed graph (ncclCommGetAsyncError). Sends,
+ * those of a replayed graph and of a group that gave up waiting for its
+ * peers (MOEC_EMU_NCCL_PEER_TIMEOUT, below run_ops) (ncclCommGetAsyncError). Sends,
  * receives and collectives inside ncclGroupStart/End are queued and all
  * started at the outermost ncclGroupEnd (nonblocking MPI, in call order), then
  * completed together, so no pattern of sends and receives within a group
@@ -61,6 +62,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "emu_capture.h"
 
@@ -351,7 +353,8 @@ ncclResult_t ncclCommUserRank(const ncclComm_t comm, int *rank) {
   return ncclSuccess;
 }
 
-/* Every operation returns done: only a replayed graph fails later. */
+/* Every operation returns done: only a replayed graph, or a group that gave
+ * up on its peers (MOEC_EMU_NCCL_PEER_TIMEOUT), fails later. */
 ncclResult_t ncclCommGetAsyncError(ncclComm_t comm, ncclResult_t *asyncError) {
   if (!comm || !asyncError) return fail(ncclInvalidArgument, "ncclCommGetAsyncError: comm or asyncError is NULL");
   *asyncError = comm->async_error;
@@ -459,6 +462,49 @@ static ncclResult_t start(queued *o, MPI_Request *req) {
   return ncclSuccess;
 }
 
+/* MOEC_EMU_NCCL_PEER_TIMEOUT=S (seconds; unset or 0: none): how long a
+ * group waits for its peers before it gives up, as NCCL does when it loses a
+ * peer's connection: the call returns (NCCL's calls return once enqueued),
+ * the group's communicators get ncclRemoteError as their async error
+ * (ncclCommGetAsyncError) and last_error says which rank and why. What was
+ * started stays in flight (MPI cannot cancel a collective): its buffers may
+ * still change, and the communicator is only good for ncclCommAbort, as
+ * NCCL's after such an error. For comm_nccl.c's watchdog tests (a rank that
+ * stops while the others wait for it). */
+static double peer_timeout(void) {
+  static double t = -1;
+  if (t < 0) {
+    const char *e = getenv("MOEC_EMU_NCCL_PEER_TIMEOUT");
+    t = e ? atof(e) : 0;
+    if (!(t > 0)) t = 0;
+  }
+  return t;
+}
+
+static double seconds(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* MPI_Waitall of n requests, or, under MOEC_EMU_NCCL_PEER_TIMEOUT, polled
+ * until the timeout; *lost: it passed (the requests are left in flight). */
+static int wait_peers(int n, MPI_Request *reqs, bool *lost) {
+  *lost = false;
+  const double limit = peer_timeout();
+  if (limit <= 0) return MPI_Waitall(n, reqs, MPI_STATUSES_IGNORE);
+  const double t0 = seconds();
+  for (;;) {
+    int done = 0, rc = MPI_Testall(n, reqs, &done, MPI_STATUSES_IGNORE);
+    if (rc != MPI_SUCCESS || done) return rc;
+    if (seconds() - t0 > limit) {
+      *lost = true;
+      return MPI_SUCCESS;
+    }
+    nanosleep(&(struct timespec){0, 1000000L}, NULL);
+  }
+}
+
 /* Runs the n calls of ops (of one group). */
 static ncclResult_t run_ops(queued *ops, int n) {
   ncclResult_t r = ncclSuccess;
@@ -473,9 +519,20 @@ static ncclResult_t run_ops(queued *ops, int n) {
     posted += reqs[started] != MPI_REQUEST_NULL;
   }
   /* what was started is completed, even after a failure: MPI writes into the buffers until then */
+  bool lost = false;
   if (posted > 0) {
-    int rc = MPI_Waitall(started, reqs, MPI_STATUSES_IGNORE);
+    int rc = wait_peers(started, reqs, &lost);
     if (rc != MPI_SUCCESS && r == ncclSuccess) r = mpi_fail(rc, "MPI_Waitall");
+  }
+  if (lost) { /* MPI may still write into the buffers: tmp stays (leaked on purpose) */
+    int me = 0;
+    if (mpi_up()) MPI_Comm_rank(MPI_COMM_WORLD, &me);
+    snprintf(last_error, sizeof last_error, "emu: a group of rank %d waited more than %g s for its peers "
+             "(MOEC_EMU_NCCL_PEER_TIMEOUT): a peer's connection is lost", me, peer_timeout());
+    for (int i = 0; i < n; i++)
+      if (ops[i].comm->async_error == ncclSuccess) ops[i].comm->async_error = ncclRemoteError;
+    free(reqs);
+    return ncclSuccess;
   }
   for (int i = 0; i < n; i++) {
     queued *o = &ops[i];

@@ -266,6 +266,37 @@ nccl_np2)
   run ./dist --backend cuda --kernel-cache kc --steps 3 > default.txt 2>&1 || fail "default run"
   grep -q "comm nccl" default.txt || fail "a GPU per rank does not default to nccl: $(grep '^backend' default.txt)"
   echo "ok: -np 2 on two GPUs: nccl is the default; every variant, cycled, follows mpi's losses" ;;
+nccl_watchdog)
+  # --timeout on the nccl comm (issue 17): rank 2 of 3 stops (SIGSTOP) at
+  # step 3; the others' collectives on the GPU never finish. On a GPU the
+  # host's wait for the stream passes the timeout; on the emulation the NCCL
+  # stand-in gives up on the lost peer after 1 s (MOEC_EMU_NCCL_PEER_TIMEOUT)
+  # with an async error. Either way the communicator is aborted, the roll call
+  # names rank 2, and the job ends with status 3 within the timeout + 30 s.
+  need_gpu_count
+  [ "$gpus" -ge 3 ] || { echo "SKIP: 3 GPUs needed, $gpus here"; exit 77; }
+  printf 'model w3 {\n  dim = 16; tokens = 32; dtype = fp32;\n  repeat 2 { residual { rmsnorm; moe e { experts = 3; hidden = 64; top_k = 2; capacity_factor = 2; } } }\n}\ntrain { steps = 20; optimizer = adam; lr = 3e-3; seed = 2; }\n' > w3.moe
+  "$moec" build w3.moe -o w3 >/dev/null 2>&1 || fail "moec build w3"
+  # the kernels compiled once, before the job: a rank compiling for long
+  # while the others wait in a collective would fire the watchdog too
+  ./w3 --backend cuda --kernel-cache kc --steps 1 --quiet || fail "a first run (the kernel cache)"
+  exe=$(readlink -f w3)
+  t0=$(date +%s)
+  timeout -k 5 60 "$mpiexec" --oversubscribe -np 3 -x MOEC_TEST_STOP_RANK=2,3 -x MOEC_EMU_NCCL_PEER_TIMEOUT=1 \
+    ./w3 --backend cuda --comm nccl --kernel-cache kc --steps 100000 --timeout 5 --quiet >out.txt 2>err.txt; rc=$?
+  took=$(($(date +%s) - t0))
+  sleep 1
+  left=""
+  for p in /proc/[0-9]*; do [ "$(readlink "$p/exe" 2>/dev/null)" = "$exe" ] && left="$left ${p#/proc/}"; done
+  # shellcheck disable=SC2086 # a list of pids
+  [ -z "$left" ] || { kill -CONT $left; kill -KILL $left; fail "processes left behind:$left"; }
+  if grep -q "NCCL could not be loaded" err.txt; then echo "SKIP: no NCCL here"; exit 77; fi
+  [ $rc != 124 ] && [ $rc != 137 ] || fail "the job hung (killed after $took s): $(cat err.txt)"
+  [ $rc = 3 ] || fail "exit status $rc, not 3: $(cat err.txt)"
+  [ $took -le 35 ] || fail "the job took $took s to end, more than --timeout 5 + 30 s"
+  grep -q "(NCCL, on the GPU) at step 3 .*rank 2 did not answer a roll call" err.txt ||
+    fail "the message does not name the NCCL collective, step 3 and rank 2: $(cat err.txt)"
+  echo "ok: rank 2 stopped: the nccl job ended in $took s, status 3: $(grep 'roll call' err.txt | head -1)" ;;
 trace)
   # --trace on the cuda backend: every span timed by CUDA events, the MoE
   # phases (positive) inside their layer's span, on the compute stream's

@@ -622,5 +622,145 @@ oom_message)
   fi
   echo "ok: a plan larger than the device's free memory fails at start with one clear message" ;;
 
+watchdog)
+  # --timeout: a rank that stops (SIGSTOP, as a hung GPU leaves it) ends the
+  # job within the timeout plus 30 s, with exit status 3 and a message from a
+  # live rank that names the collective, the step and the stopped rank; no
+  # process is left behind; a long but healthy step does not fire it (issue 17)
+  command -v mpirun >/dev/null 2>&1 || { echo "skip: no mpirun"; exit 77; }
+  export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_mpi_yield_when_idle=1
+  # three experts for three ranks
+  printf 'model w3 {\n  dim = 16; tokens = 32; dtype = fp32;\n  repeat 2 { residual { rmsnorm; moe e { experts = 3; hidden = 64; top_k = 2; capacity_factor = 0; } } }\n}\nparallel { adaptive_r = auto; overlap_degree = 1, 2; }\ntrain { steps = 20; optimizer = adam; lr = 3e-3; seed = 2; }\n' > w3.moe
+  "$moec" build w3.moe -o w3 >/dev/null 2>&1 || fail "moec build w3"
+  exe=$(readlink -f w3)
+  # leftovers: the pids of processes of this binary still there; stopped or
+  # not, they are woken and killed, and the test fails
+  leftovers() {
+    left=""
+    for p in /proc/[0-9]*; do
+      [ "$(readlink "$p/exe" 2>/dev/null)" = "$exe" ] && left="$left ${p#/proc/}"
+    done
+    [ -z "$left" ] && return 0
+    # shellcheck disable=SC2086 # a list of pids
+    kill -CONT $left 2>/dev/null; kill -KILL $left 2>/dev/null
+    fail "processes left behind after the job ended:$left"
+  }
+  # stopped R: rank R stops at step 3 of a run with --timeout 3
+  stopped() {
+    t0=$(date +%s)
+    timeout -k 5 45 mpirun --oversubscribe -np 3 -x MOEC_TEST_STOP_RANK="$1,3" ./w3 --steps 100000 --timeout 3 \
+      --quiet >out.txt 2>err.txt; rc=$?
+    took=$(($(date +%s) - t0))
+    sleep 1; leftovers
+    [ $rc = 124 ] || [ $rc = 137 ] && fail "rank $1 stopped: the job hung (killed by timeout after $took s)"
+    [ $rc = 3 ] || fail "rank $1 stopped: exit status $rc, not 3: $(cat err.txt)"
+    [ $took -le 33 ] || fail "rank $1 stopped: the job took $took s to end, more than --timeout 3 + 30 s"
+    grep -q "error: [a-z_]* at step 3 did not complete in 3 s (--timeout 3): rank $1 did not answer a roll call" err.txt ||
+      fail "rank $1 stopped: the message does not name the collective, the step and rank $1: $(cat err.txt)"
+    [ "$(grep -c 'did not complete' err.txt)" = 1 ] || fail "rank $1 stopped: not one message: $(cat err.txt)"
+    echo "ok: rank $1 stopped at step 3: the job ended in $took s, status 3: $(grep 'did not complete' err.txt)"
+  }
+  stopped 2
+  stopped 0 # the lowest live rank, 1, says it
+  # a rank that dies ends the job at once, as before (mpirun sees it go), the
+  # watchdog's long default timeout notwithstanding
+  mpirun --oversubscribe -np 3 ./w3 --steps 100000 --metrics d.jsonl --quiet >out.txt 2>&1 & job=$!
+  i=0
+  while [ "$(cat d.jsonl 2>/dev/null | wc -l)" -lt 3 ]; do
+    i=$((i + 1)); [ $i -le 600 ] || { kill -KILL $job; fail "no 3 steps in 60 s"; }
+    sleep 0.1
+  done
+  victim=$(for p in /proc/[0-9]*; do [ "$(readlink "$p/exe" 2>/dev/null)" = "$exe" ] && echo "${p#/proc/}"; done | tail -1)
+  t0=$(date +%s)
+  kill -KILL "$victim"
+  i=0
+  while kill -0 $job 2>/dev/null; do
+    i=$((i + 1)); [ $i -le 300 ] || { kill -KILL $job; leftovers; fail "the job did not end in 30 s after a rank died"; }
+    sleep 0.1
+  done
+  took=$(($(date +%s) - t0))
+  wait $job && fail "the job exited 0 after a rank died"
+  sleep 1; leftovers
+  [ $took -le 5 ] || fail "the job took $took s to end after a rank died"
+  echo "ok: a rank killed -9: the job ended in $took s"
+  # a step longer than the timeout whose collectives wait little: no alarm
+  MOEC_TEST_SLEEP_STEP=2,4 timeout -k 5 60 mpirun --oversubscribe -np 3 -x MOEC_TEST_SLEEP_STEP ./w3 --steps 3 \
+    --timeout 2 --quiet 2>err.txt || fail "a healthy 4 s step with --timeout 2 failed: $(cat err.txt)"
+  leftovers
+  for bad in -1 abc 1.5 31536001; do
+    ./w3 --timeout "$bad" --steps 1 2>err.txt; rc=$?
+    [ $rc = 2 ] && grep -q "bad value '$bad' for --timeout (whole seconds from 0" err.txt ||
+      fail "--timeout $bad: rc $rc: $(cat err.txt)"
+  done
+  ./w3 --help | grep -q -- "--timeout SECONDS" || fail "--help does not list --timeout"
+  echo "ok: a stopped rank ends the job with a message; a long healthy step does not" ;;
+
+soak)
+  # 2000 steps at 4 ranks with the variants cycling, checkpoints every 100,
+  # the whole job killed (-9) halfway and resumed: memory stays flat after the
+  # resume, and the metrics file holds every step 1..2000 once (issue 17).
+  # Label slow: a minute or two on 2 cores.
+  command -v mpirun >/dev/null 2>&1 || { echo "skip: no mpirun"; exit 77; }
+  export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_mpi_yield_when_idle=1
+  started=$(date +%s)
+  printf 'model soak {\n  dim = 64; tokens = 128; dtype = fp32;\n  repeat 2 { residual { rmsnorm; moe e { experts = 4; hidden = 128; top_k = 2; capacity_factor = 0; } } }\n}\nparallel { adaptive_r = auto; overlap_degree = 1, 2; }\ntrain { steps = 2000; optimizer = adam; lr = 1e-3; seed = 3; }\n' > soak.moe
+  "$moec" build soak.moe -o soak >/dev/null 2>&1 || fail "moec build soak"
+  exe=$(readlink -f soak)
+  # the pids of the ranks (processes of this binary)
+  ranks() { for p in /proc/[0-9]*; do [ "$(readlink "$p/exe" 2>/dev/null)" = "$exe" ] && echo "${p#/proc/}"; done; }
+  # the last step in the metrics file (0 before the first)
+  last_step() { s=$(grep -v '"resumed"' m.jsonl 2>/dev/null | tail -1 | sed -n 's/^{"step": \([0-9]*\),.*/\1/p'); echo "${s:-0}"; }
+  run="mpirun --oversubscribe -np 4 ./soak --steps 2000 --variant cycle --checkpoint ck --checkpoint-every 100 --metrics m.jsonl --quiet"
+  $run >out1.txt 2>&1 & job=$!
+  i=0
+  while [ "$(last_step)" -lt 1000 ]; do
+    kill -0 $job 2>/dev/null || fail "the first run ended before step 1000: $(cat out1.txt)"
+    i=$((i + 1)); [ $i -le 6000 ] || { kill -KILL $job; fail "no step 1000 in 10 minutes"; }
+    sleep 0.1
+  done
+  # every rank and mpirun at once, as a node's loss or a scheduler's kill -9 would
+  # shellcheck disable=SC2046 # a list of pids
+  kill -KILL $job $(ranks) 2>/dev/null
+  wait $job 2>/dev/null
+  sleep 1
+  [ -z "$(ranks)" ] || fail "ranks left after kill -9: $(ranks)"
+  killed_at=$(last_step)
+  ck=$(sed -n 's/.*"step": \([0-9]*\).*/\1/p' ck/MANIFEST.json | head -1)
+  [ -n "$ck" ] && [ "$ck" -ge 900 ] && [ "$ck" -le "$killed_at" ] && [ $((ck % 100)) = 0 ] ||
+    fail "after the kill at step $killed_at the checkpoint is at step '$ck'"
+  echo "killed at step $killed_at; the checkpoint is at step $ck"
+  # the resumed run, its ranks' resident memory (VmRSS) and its peak so far
+  # (VmHWM) sampled with the step it was at
+  $run --resume >out2.txt 2>&1 & job=$!
+  : > rss.txt
+  while kill -0 $job 2>/dev/null; do
+    step=$(last_step)
+    for p in $(ranks); do
+      kb=$(sed -n 's/^Vm\(RSS\|HWM\):[^0-9]*\([0-9]*\) kB/\2/p' "/proc/$p/status" 2>/dev/null | tr '\n' ' ')
+      [ -n "$kb" ] && echo "$p $step $kb" >> rss.txt
+    done
+    sleep 0.2
+  done
+  wait $job || fail "the resumed run exited $?: $(cat out2.txt)"
+  # per rank: its peak (VmHWM) at the first sample past the save 100 steps
+  # after the resume (a save's buffers come and go: their peak is in both
+  # figures, and a leak grows the later one), and at its last sample, which
+  # must be near the end; VmRSS's range from there is shown
+  # (rss.txt: pid, step, VmHWM, VmRSS in kB, in /proc's order)
+  awk -v from=$((ck + 101)) '$2 >= from { if (!($1 in base)) { base[$1] = $3; lo[$1] = $4 }
+      if ($4 > hi[$1]) hi[$1] = $4; if ($4 < lo[$1]) lo[$1] = $4; top[$1] = $3; last[$1] = $2 }
+    END { n = 0; bad = 0
+      for (p in base) { n++; g = (top[p] - base[p]) / base[p]
+        printf "rank pid %s: peak %d kB at step %d, %d kB at step %d (%+.2f%%); resident %d to %d kB\n",
+               p, base[p], from, top[p], last[p], 100 * g, lo[p], hi[p]
+        if (g > 0.02 || last[p] < 1900) bad = 1 }
+      exit !(n == 4 && !bad) }' rss.txt ||
+    fail "memory grew by more than 2% after the resume, or was not sampled to the end at 4 ranks (rss.txt)"
+  grep -v '"resumed"' m.jsonl | sed -n 's/^{"step": \([0-9]*\),.*/\1/p' > got.txt
+  seq 1 2000 > want.txt
+  cmp -s got.txt want.txt || fail "the metrics do not hold steps 1..2000 once each ($(wc -l < got.txt) lines; $(sort -n got.txt | uniq -d | head -3 | tr '\n' ' ')duplicated)"
+  [ -e ck.moec-lock ] && fail "the resumed run left its lock file"
+  echo "ok: killed -9 at step $killed_at, resumed from $ck: steps 1..2000 once each, memory flat; $(($(date +%s) - started)) s" ;;
+
 *) echo "unknown mode $mode"; exit 2 ;;
 esac
