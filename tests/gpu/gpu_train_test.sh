@@ -104,6 +104,42 @@ bf16)
   bad=$(grep -c -v '"switch_bytes": 0, "switch_allocs": 0' cycle.jsonl)
   [ "$bad" = 0 ] || fail "$bad steps switched at a cost"
   echo "ok: bf16 experts on the GPU follow the cpu's emulation and fp32; every variant at -np 2 follows one" ;;
+attention)
+  # attention on the cuda backend (tests/gpu/attn.moe: GQA with RoPE at
+  # head_dim 64, biases and head_dim 24, an MoE layer between): fp32 against
+  # the cpu, bf16 against the cpu's emulation of it, CUDA graphs to the bit
+  # against the ops one by one, and --generate through the key/value cache
+  corpus="$src/examples/data/corpus.txt"
+  [ -s "$corpus" ] || fail "no corpus at $corpus (sh tools/make-corpus.sh)"
+  steps=${MOEC_ATTN_STEPS:-30}
+  "$moec" build "$src/tests/gpu/attn.moe" -o attn >/dev/null || fail "moec build attn"
+  ./attn --backend cpu --data "$corpus" --steps "$steps" --metrics cpu.jsonl --quiet || fail "cpu run"
+  ./attn --backend cuda --data "$corpus" --steps "$steps" --metrics cuda.jsonl --kernel-cache kc --quiet ||
+    fail "cuda run"
+  close cpu.jsonl cuda.jsonl 1e-4 10 5e-2
+  sed 's/dtype = fp32/dtype = bf16/' "$src/tests/gpu/attn.moe" > attnb.moe
+  "$moec" build attnb.moe -o attnb >/dev/null || fail "moec build (bf16)"
+  MOEC_CPU_BF16=1 ./attnb --backend cpu --data "$corpus" --steps "$steps" --metrics bemu.jsonl --quiet ||
+    fail "cpu emulation run (bf16)"
+  ./attnb --backend cuda --data "$corpus" --steps "$steps" --metrics bgpu.jsonl --kernel-cache kc --quiet ||
+    fail "cuda run (bf16)"
+  close bemu.jsonl bgpu.jsonl 5e-3 10 1
+  close_mean bemu.jsonl bgpu.jsonl 5e-2 10
+  for m in attn attnb; do
+    MOEC_CUDA_GRAPHS=0 ./$m --backend cuda --data "$corpus" --steps 6 --log-every 1 --metrics $m.plain.jsonl \
+      --kernel-cache kc > $m.plain.txt 2>&1 || fail "$m without graphs: $(cat $m.plain.txt)"
+    ./$m --backend cuda --data "$corpus" --steps 6 --log-every 1 --metrics $m.graphs.jsonl --kernel-cache kc \
+      > $m.graphs.txt 2>&1 || fail "$m with graphs: $(cat $m.graphs.txt)"
+    grep -q "CUDA graphs: [1-9][0-9]* captured, [1-9][0-9]* launched, 0 parts ran without one" $m.graphs.txt ||
+      fail "$m: graphs not made, not launched or refused: $(grep 'CUDA graphs' $m.graphs.txt)"
+    field loss $m.plain.jsonl > a.txt; field loss $m.graphs.jsonl > b.txt
+    [ -s a.txt ] && cmp -s a.txt b.txt || { paste a.txt b.txt; fail "$m: the losses differ with graphs"; }
+  done
+  ./attn --backend cuda --data "$corpus" --steps "$steps" --kernel-cache kc --generate 200 --prompt "And God" \
+    > gen.txt 2>&1 || fail "--generate: $(cat gen.txt)"
+  n=$(sed -n '/^\[And God\]/,$p' gen.txt | wc -c) # the prompt in brackets, 200 bytes, a newline
+  [ "$n" -eq 210 ] || fail "--generate wrote $((n - 10)) bytes after the prompt, not 200: $(cat gen.txt)"
+  echo "ok: attention on cuda follows the cpu (fp32) and its bf16 emulation; graphs change nothing; it generates" ;;
 cache)
   rm -rf kc2
   ./tiny --backend cuda --steps 2 --kernel-cache kc2 > first.txt || fail "first run"
