@@ -68,7 +68,7 @@ __device__ __forceinline__ unsigned moert_pack_f(float lo, float hi) {
 template <int DM> struct moert_attn_shape {
   static constexpr int BM = 64;                  // query rows a block: 16 a warp
   static constexpr int BN = DM > 128 ? 32 : 64;  // key rows a tile (forward, dQ)
-  static constexpr int BQ = 32;                  // query rows a tile (dK, dV)
+  static constexpr int BQ = DM > 64 ? 32 : 64;   // query rows a tile (dK, dV): registers allowing
   static constexpr int LD = DM + 8;              // shared row stride: 4 banks apart
 };
 
@@ -243,7 +243,10 @@ __device__ __forceinline__ void moert_attn_fwd_bf16_impl(const moert_bf16 *qkv, 
           if (k2 * 32 + 16 < D) moert_mma_bf16(sc[j], qf[2 * k2 + 1], b + 2);
         }
     }
-    // scaled to log2 units, masked; the rows' maxima over the 4 lanes of a row
+    // scaled to log2 units, masked (edge: the tile has keys beyond the
+    // sequence or after one of the warp's rows); the rows' maxima over the 4
+    // lanes of a row
+    const bool edge = k0 + BN > seq || (causal && k0 + BN - 1 > q0 + warp * 16);
     float x0 = -MOERT_INF, x1 = -MOERT_INF;
 #pragma unroll
     for (int j = 0; j < BN / 8; j++)
@@ -251,7 +254,7 @@ __device__ __forceinline__ void moert_attn_fwd_bf16_impl(const moert_bf16 *qkv, 
       for (int i = 0; i < 4; i++) {
         long long kc = k0 + j * 8 + 2 * tq + (i & 1), r = i < 2 ? r0 : r1;
         float v = sc[j][i] * sl2;
-        if (kc >= seq || (causal && kc > r)) v = -MOERT_INF;
+        if (edge && (kc >= seq || (causal && kc > r))) v = -MOERT_INF;
         sc[j][i] = v;
         if (i < 2) x0 = fmaxf(x0, v);
         else x1 = fmaxf(x1, v);
@@ -392,6 +395,7 @@ __device__ __forceinline__ void moert_attn_bwd_dq_bf16_impl(const moert_bf16 *qk
     }
     moert_cp_async_wait<0>(); // K(t) here
     __syncthreads();
+    const bool edge = k0 + BN > seq || (causal && k0 + BN - 1 > q0 + warp * 16); // a tile to mask
     if (more) moert_tile_bf16<BN, DM, LD>(Vs, vsrc, W, k0 + BN, seq, D, vec); // every warp is done with V(t)
     moert_cp_async_commit();
 #pragma unroll
@@ -408,7 +412,7 @@ __device__ __forceinline__ void moert_attn_bwd_dq_bf16_impl(const moert_bf16 *qk
       for (int i = 0; i < 4; i++) {
         long long kc = k0 + j * 8 + 2 * tq + (i & 1), r = i < 2 ? r0 : r1;
         float pv = exp2f(p[j][i] * sl2 - (i < 2 ? e0 : e1));
-        if (kc >= seq || (causal && kc > r)) pv = 0.0f;
+        if (edge && (kc >= seq || (causal && kc > r))) pv = 0.0f;
         dp[j][i] = pv * (dp[j][i] - (i < 2 ? d0 : d1)); // dS
       }
     }
@@ -529,6 +533,9 @@ __device__ __forceinline__ void moert_attn_bwd_dkdv_bf16_impl(const moert_bf16 *
       }
       moert_cp_async_wait<0>(); // Q(t) here
       __syncthreads();
+      // a tile to mask: the warp has keys beyond the sequence, or after one
+      // of the tile's queries (queries beyond the sequence have P = 0 by lse)
+      const bool edge = k0 + warp * 16 + 15 >= seq || (causal && k0 + warp * 16 + 15 > q0);
 #pragma unroll
       for (int j = 0; j < BQ / 8; j++) {
 #pragma unroll
@@ -544,7 +551,7 @@ __device__ __forceinline__ void moert_attn_bwd_dkdv_bf16_impl(const moert_bf16 *
           int qc = j * 8 + 2 * tq + (i & 1);
           long long r = i < 2 ? r0 : r1;
           float pv = exp2f(p[j][i] * sl2 - lse_s[qc]);
-          if (r >= seq || (causal && r > q0 + qc)) pv = 0.0f;
+          if (edge && (r >= seq || (causal && r > q0 + qc))) pv = 0.0f;
           p[j][i] = pv;
           ds[j][i] = pv * (ds[j][i] - del_s[qc]);
         }
