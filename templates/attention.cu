@@ -881,8 +881,9 @@ extern "C" __global__ void moert_k_attn_decode_bf16(const moert_bf16 *q, const m
 
 // ---------------------------------------------------------------- the kernels by DM
 
-#define MOERT_ATTN_KERNELS(DM)                                                                                 \
-  extern "C" __global__ void __launch_bounds__(128)                                                           \
+// FWD_BLOCKS: the forward's blocks an SM must hold (its register cap).
+#define MOERT_ATTN_KERNELS(DM, FWD_BLOCKS)                                                                     \
+  extern "C" __global__ void __launch_bounds__(128, FWD_BLOCKS)                                               \
       moert_k_attn_fwd_bf16_d##DM(const moert_bf16 *qkv, moert_bf16 *o, float *lse, long long seq, int H,      \
                                   int KV, int D, int causal) {                                                 \
     moert_attn_fwd_bf16_impl<DM>(qkv, o, lse, seq, H, KV, D, causal);                                          \
@@ -916,6 +917,6 @@ extern "C" __global__ void moert_k_attn_decode_bf16(const moert_bf16 *q, const m
     moert_attn_bwd_dkdv_f32_impl<DM>(qkv, lse, delta, dout, dqkv, seq, H, KV, D, causal);                      \
   }
 
-MOERT_ATTN_KERNELS(64)
-MOERT_ATTN_KERNELS(128)
-MOERT_ATTN_KERNELS(256)
+MOERT_ATTN_KERNELS(64, 4)
+MOERT_ATTN_KERNELS(128, 3)
+MOERT_ATTN_KERNELS(256, 2)
