@@ -792,10 +792,11 @@ static void cuda_copy_blocks_t(moert_dt dt, void *dst, int64_t dst_stride, const
 
 /* ------------------------------------------------------------ attention (attention.cu) */
 
-/* A grid of (gx, gy, gz) blocks of bx threads. */
-static void launch3(int k, uint64_t gx, uint64_t gy, uint64_t gz, unsigned bx, void **args) {
+/* A grid of (gx, gy, gz) blocks of bx threads, with smem bytes of dynamic
+ * shared memory. */
+static void launch3(int k, uint64_t gx, uint64_t gy, uint64_t gz, unsigned bx, unsigned smem, void **args) {
   if (!healthy()) return;
-  moert_cu_check(moert_cu.cuLaunchKernel(G.fn[k], (unsigned)gx, (unsigned)gy, (unsigned)gz, bx, 1, 1, 0,
+  moert_cu_check(moert_cu.cuLaunchKernel(G.fn[k], (unsigned)gx, (unsigned)gy, (unsigned)gz, bx, 1, 1, smem,
                                          G.stream, args, NULL),
                  moert_cuda_kernel_names[k], __FILE__, __LINE__, &G.err);
 }
@@ -819,6 +820,22 @@ static const int attn_rows[2] = {32, 64}, attn_threads[2] = {256, 128};
 
 static int attn_kernel(moert_dt dt, int pass, int64_t head_dim) {
   return attn_kernels[dt == MOERT_BF16][pass][head_dim <= 64 ? 0 : head_dim <= 128 ? 1 : 2];
+}
+
+/* The bf16 forward's query rows a block and dynamic shared memory, by its
+ * largest head dim 64, 128, 256: attention.cu's moert_attn_fwd_shape (MT
+ * m-tiles of 16 rows a warp, Q in shared memory when MT > 1, key tiles of
+ * BN rows, rows of DM + 8 bf16): (MT > 1 ? 64 MT : 0) + 2 BN rows. */
+static const int attn_fwd_rows[3] = {128, 128, 64};
+static const unsigned attn_fwd_smem[3] = {(128 + 2 * 64) * (64 + 8) * 2, (128 + 2 * 64) * (128 + 8) * 2,
+                                          (2 * 32) * (256 + 8) * 2};
+
+/* Allows the bf16 forwards their dynamic shared memory past 48 KB. */
+static bool attn_setup(moert_status *st) {
+  for (int i = 0; i < 3; i++)
+    CUTRY(st, cuFuncSetAttribute,
+          (G.fn[attn_kernels[1][ATTN_FWD][i]], CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, (int)attn_fwd_smem[i]));
+  return true;
 }
 
 /* False (recorded in the sticky status) for shapes the kernels do not take. */
@@ -855,9 +872,11 @@ static void cuda_attn_fwd_t(moert_dt dt, const void *qkv, void *o, float *lse, i
                             int64_t heads, int64_t kv_heads, int64_t head_dim, bool causal) {
   if (nseq <= 0 || seq <= 0 || !attn_shape_ok("attn_fwd", dt, nseq, heads, kv_heads, head_dim)) return;
   int bf = dt == MOERT_BF16, H = (int)heads, KV = (int)kv_heads, D = (int)head_dim, c = causal;
+  int dm = head_dim <= 64 ? 0 : head_dim <= 128 ? 1 : 2;
   long long s = seq;
-  launch3(attn_kernel(dt, ATTN_FWD, head_dim), (uint64_t)cdiv(seq, attn_rows[bf]), (uint64_t)heads,
-          (uint64_t)nseq, (unsigned)attn_threads[bf], ARGS(&qkv, &o, &lse, &s, &H, &KV, &D, &c));
+  launch3(attn_kernel(dt, ATTN_FWD, head_dim), (uint64_t)cdiv(seq, bf ? attn_fwd_rows[dm] : attn_rows[0]),
+          (uint64_t)heads, (uint64_t)nseq, (unsigned)attn_threads[bf], bf ? attn_fwd_smem[dm] : 0,
+          ARGS(&qkv, &o, &lse, &s, &H, &KV, &D, &c));
 }
 
 static void cuda_attn_fwd(const float *qkv, float *o, float *lse, int64_t nseq, int64_t seq, int64_t heads,
@@ -878,10 +897,10 @@ static void cuda_attn_bwd_t(moert_dt dt, const void *qkv, const void *o, const f
   launch(bf ? K_attn_delta_bf16 : K_attn_delta_f32, grid_for(nseq * seq * heads, 8), 1, 256, 1,
          ARGS(&o, &dout, &delta, &ns, &s, &H, &D));
   uint64_t tiles = (uint64_t)cdiv(seq, attn_rows[bf]);
-  launch3(attn_kernel(dt, ATTN_DQ, head_dim), tiles, (uint64_t)heads, (uint64_t)nseq, (unsigned)attn_threads[bf],
+  launch3(attn_kernel(dt, ATTN_DQ, head_dim), tiles, (uint64_t)heads, (uint64_t)nseq, (unsigned)attn_threads[bf], 0,
           ARGS(&qkv, &lse, &delta, &dout, &dqkv, &s, &H, &KV, &D, &c));
   launch3(attn_kernel(dt, ATTN_DKDV, head_dim), tiles, (uint64_t)kv_heads, (uint64_t)nseq,
-          (unsigned)attn_threads[bf], ARGS(&qkv, &lse, &delta, &dout, &dqkv, &s, &H, &KV, &D, &c));
+          (unsigned)attn_threads[bf], 0, ARGS(&qkv, &lse, &delta, &dout, &dqkv, &s, &H, &KV, &D, &c));
 }
 
 static void cuda_attn_bwd(const float *qkv, const float *o, const float *lse, const float *dout, float *dqkv,
@@ -1084,6 +1103,7 @@ static bool setup(int device, const char *cache_dir, bool use_cache, const char 
   /* the timing marks' events, all made now: a step creates none */
   MOERT_TRY(st, moert_cuda_marks_setup(st));
   MOERT_TRY(st, moert_cuda_kernels_load(&G, cache_dir, use_cache, kernels_src, st));
+  MOERT_TRY(st, attn_setup(st));
   MOERT_TRY(st, moert_cuda_blas_setup(&G, st));
   return true;
 }

@@ -58,7 +58,7 @@ void *moert_dl_open_first(const char *const *names, int n);
   X(cuMemcpyDtoHAsync) X(cuMemcpyDtoDAsync) X(cuMemcpy2DAsync) X(cuModuleLoadData)            \
   X(cuModuleUnload) X(cuModuleGetFunction) X(cuLaunchKernel) X(cuGetErrorString)              \
   X(cuEventCreate) X(cuEventRecord) X(cuEventElapsedTime) X(cuEventSynchronize)               \
-  X(cuEventDestroy)
+  X(cuEventDestroy) X(cuFuncSetAttribute)
 
 /* CUDA graphs: optional (without them a step runs its ops one by one). */
 #define CU_GRAPH_FUNCS(X)                                                                      \

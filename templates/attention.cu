@@ -8,12 +8,14 @@
 //
 // Two paths, by the storage type:
 // - bf16 (moert_bf16 qkv, o, dout, dqkv): the products on the tensor cores,
-//   mma.m16n8k16 bf16 x bf16 -> fp32 (common.cuh's moert_mma_bf16), a warp
-//   holding 16 rows of the block's 64; the row-side operand's fragments in
-//   registers, the streamed tile's read from shared memory by ldmatrix (x4,
-//   transposed where the product runs along the tile's rows: P V, dS K). The softmax in fp32; P (and dS in the
-//   backward) rounded to bf16 as the mma's operand, every output rounded
-//   once where it is stored.
+//   mma.m16n8k16 bf16 x bf16 -> fp32 (common.cuh's moert_mma_bf16), 4 warps
+//   of 16 rows (the forward: 2 m-tiles of 16 a warp below head dim 256); the
+//   streamed tile's fragments read from shared memory by ldmatrix (x4,
+//   transposed where the product runs along the tile's rows: P V, dS K),
+//   the other operand's from registers (or ldmatrix). The softmax in fp32;
+//   P (and dS in the backward) rounded to bf16 as the mma's operand, every
+//   output rounded once where it is stored. Tiles come in by cp.async, the
+//   next of one in flight while the other is used.
 // - fp32: plain fp32 FMA, 8 lanes a row (each holding the elements
 //   d = lane + 8 i of the row's vectors, D being a multiple of 8), the dot
 //   products summed over the 8 lanes by shuffles.
@@ -29,7 +31,9 @@
 // others run the instantiation of the next DM up.
 //
 // Launch (runtime/backend_cuda.c): bf16 kernels 128 threads, fp32 kernels
-// 256, grids (tiles, heads, sequences); shared memory is static, under 48 KB.
+// 256, grids (tiles, heads, sequences). The bf16 forward's shared memory is
+// dynamic (Q waits there; 70 KB at head dim 128, which cuFuncSetAttribute
+// allows at the backend's start), the others' static, under 48 KB.
 
 #define MOERT_LOG2E 1.4426950408889634
 #define MOERT_LN2 0.6931471805599453f
@@ -68,7 +72,7 @@ __device__ __forceinline__ unsigned moert_pack_f(float lo, float hi) {
 template <int DM> struct moert_attn_shape {
   static constexpr int BM = 64;                  // query rows a block: 16 a warp
   static constexpr int BN = DM > 128 ? 32 : 64;  // key rows a tile (forward, dQ)
-  static constexpr int BQ = 32;                  // query rows a tile (dK, dV)
+  static constexpr int BQ = DM > 64 ? 32 : 64;   // query rows a tile (dK, dV): registers allowing
   static constexpr int LD = DM + 8;              // shared row stride: 4 banks apart
 };
 
@@ -133,6 +137,14 @@ __device__ __forceinline__ void moert_frag_bt2(unsigned *b, const moert_bf16 *x)
   moert_ldsm_x4(b, x + (lane & 7) * LD + (lane >> 3) * 8);
 }
 
+// The A-fragment of the 16 x 16 block of shared X [row][LD] (k contiguous)
+// at x. One ldmatrix.
+template <int LD>
+__device__ __forceinline__ void moert_frag_a2(unsigned *a, const moert_bf16 *x) {
+  int lane = threadIdx.x & 31;
+  moert_ldsm_x4(a, x + (((lane >> 3) & 1) * 8 + (lane & 7)) * LD + (lane >> 4) * 8);
+}
+
 // B-fragments of X where X is shared [k][LD] (row k, column n), x at (k0,
 // n0): b[0..1] for the n-tile [n0, n0 + 8) and b[2..3] for [n0 + 8, n0 + 16)
 // of the k-step [k0, k0 + 16). One ldmatrix, transposed.
@@ -188,93 +200,137 @@ extern "C" __global__ void moert_k_rope_bf16(moert_bf16 *qkv, long long tokens, 
 
 // ---------------------------------------------------------------- forward, bf16
 
-// Block (query tile blockIdx.x of 64, head blockIdx.y, sequence blockIdx.z),
-// 4 warps of 16 query rows. Q's fragments in registers; per key tile S = Q
-// K^T on the tensor cores, masked, the online softmax, O += P V.
+// The forward's shapes: MT m-tiles of 16 query rows a warp (4 warps), so
+// that each K or V fragment read from shared memory feeds MT products; with
+// MT > 1 Q waits in shared memory (its fragments by ldmatrix) instead of
+// registers. Its shared memory is dynamic: (Q rows + 2 BN) LD bf16 —
+// runtime/backend_cuda.c's attn_fwd_smem says the same.
+template <int DM> struct moert_attn_fwd_shape {
+  static constexpr int MT = DM > 128 ? 1 : 2;
+  static constexpr int BM = 64 * MT, BN = moert_attn_shape<DM>::BN, LD = moert_attn_shape<DM>::LD;
+  static constexpr bool QSMEM = MT > 1;
+  static constexpr int QROWS = QSMEM ? BM : 0;
+  static constexpr int SMEM_BYTES = (QROWS + 2 * BN) * LD * 2;
+};
+
+// Block (query tile blockIdx.x of BM, head blockIdx.y, sequence
+// blockIdx.z), 4 warps of MT x 16 query rows; per key tile S = Q K^T on the
+// tensor cores, masked, the online softmax, O += P V.
 template <int DM>
 __device__ __forceinline__ void moert_attn_fwd_bf16_impl(const moert_bf16 *qkv, moert_bf16 *o, float *lse,
                                                          long long seq, int H, int KV, int D, int causal) {
-  typedef moert_attn_shape<DM> S;
-  constexpr int BM = S::BM, BN = S::BN, LD = S::LD;
-  __shared__ uint4 k_raw[BN * LD / 8], v_raw[BN * LD / 8];
-  moert_bf16 *Ks = (moert_bf16 *)k_raw, *Vs = (moert_bf16 *)v_raw;
+  typedef moert_attn_fwd_shape<DM> S;
+  constexpr int MT = S::MT, BM = S::BM, BN = S::BN, LD = S::LD;
+  moert_bf16 *Qs = (moert_bf16 *)moert_dyn_smem(), *Ks = Qs + S::QROWS * LD, *Vs = Ks + BN * LD;
   const int h = blockIdx.y, s = blockIdx.z, g = h / (H / KV);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gr = lane >> 2, tq = lane & 3;
   // causal: the last query tiles (the most keys) first
   const long long qt = causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-  const long long W = (long long)(H + 2 * KV) * D, q0 = qt * BM;
+  const long long W = (long long)(H + 2 * KV) * D, q0 = qt * BM, w0 = q0 + warp * 16 * MT; // the warp's rows
   const moert_bf16 *rows = qkv + (long long)s * seq * W;
   const bool vec = moert_aligned16(qkv) && (W % 8) == 0;
-  const long long r0 = q0 + warp * 16 + gr, r1 = r0 + 8;
   const float sl2 = (float)(MOERT_LOG2E / sqrt((double)D));
 
-  unsigned qf[DM / 16][4];
+  unsigned qf[S::QSMEM ? 1 : DM / 16][4]; // Q's fragments when in registers (MT = 1)
+  if constexpr (!S::QSMEM) {
+    const long long r0 = w0 + gr, r1 = r0 + 8;
 #pragma unroll
-  for (int kk = 0; kk < DM / 16; kk++)
-    moert_frag_a_global(qf[kk], r0 < seq ? rows + r0 * W + h * D : 0, r1 < seq ? rows + r1 * W + h * D : 0,
-                        kk * 16, D);
-  float acc[DM / 8][4];
+    for (int kk = 0; kk < DM / 16; kk++)
+      moert_frag_a_global(qf[kk], r0 < seq ? rows + r0 * W + h * D : 0, r1 < seq ? rows + r1 * W + h * D : 0,
+                          kk * 16, D);
+  }
+  float acc[MT][DM / 8][4], m[MT][2], l[MT][2];
 #pragma unroll
-  for (int n = 0; n < DM / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
-  float m0 = -MOERT_INF, m1 = -MOERT_INF, l0 = 0.0f, l1 = 0.0f;
+  for (int t = 0; t < MT; t++) {
+#pragma unroll
+    for (int n = 0; n < DM / 8; n++) acc[t][n][0] = acc[t][n][1] = acc[t][n][2] = acc[t][n][3] = 0.0f;
+    m[t][0] = m[t][1] = -MOERT_INF;
+    l[t][0] = l[t][1] = 0.0f;
+  }
 
   // K and V tiles in flight while the other is used: K(t+1) loads during
-  // P V(t), V(t+1) during the next Q K^T (cp.async groups K0 V0 K1 V1 ...)
+  // P V(t), V(t+1) during the next Q K^T (cp.async groups [Q] K0, V0, K1, ...)
   const long long kend = causal ? moert_min64(seq, q0 + BM) : seq;
   const moert_bf16 *ksrc = rows + (H + g) * D, *vsrc = rows + (H + KV + g) * D;
+  if constexpr (S::QSMEM) moert_tile_bf16<S::QROWS, DM, LD>(Qs, rows + h * D, W, q0, seq, D, vec);
   moert_tile_bf16<BN, DM, LD>(Ks, ksrc, W, 0, seq, D, vec);
   moert_cp_async_commit();
   moert_tile_bf16<BN, DM, LD>(Vs, vsrc, W, 0, seq, D, vec);
   moert_cp_async_commit();
   for (long long k0 = 0; k0 < kend; k0 += BN) {
     const bool more = k0 + BN < kend;
-    moert_cp_async_wait<1>(); // K(t) here, V(t) may be in flight
+    moert_cp_async_wait<1>(); // K(t) (and Q) here, V(t) may be in flight
     __syncthreads();
-    float sc[BN / 8][4];
+    float sc[MT][BN / 8][4];
 #pragma unroll
-    for (int j = 0; j < BN / 8; j++) {
-      sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
+    for (int t = 0; t < MT; t++)
 #pragma unroll
-      for (int k2 = 0; k2 < DM / 32; k2++)
-        if (k2 * 32 < D) {
+      for (int j = 0; j < BN / 8; j++) sc[t][j][0] = sc[t][j][1] = sc[t][j][2] = sc[t][j][3] = 0.0f;
+#pragma unroll
+    for (int k2 = 0; k2 < DM / 32; k2++)
+      if (k2 * 32 < D) {
+        const bool two = k2 * 32 + 16 < D;
+        unsigned a[MT][2][4]; // the k-steps 2 k2, 2 k2 + 1 of each m-tile
+#pragma unroll
+        for (int t = 0; t < MT; t++)
+#pragma unroll
+          for (int e = 0; e < 2; e++) {
+            if constexpr (S::QSMEM)
+              moert_frag_a2<LD>(a[t][e], Qs + (warp * MT + t) * 16 * LD + k2 * 32 + e * 16);
+            else
+              for (int i = 0; i < 4; i++) a[t][e][i] = qf[2 * k2 + e][i];
+          }
+#pragma unroll
+        for (int j = 0; j < BN / 8; j++) {
           unsigned b[4];
           moert_frag_bt2<LD>(b, Ks + j * 8 * LD + k2 * 32);
-          moert_mma_bf16(sc[j], qf[2 * k2], b);
-          if (k2 * 32 + 16 < D) moert_mma_bf16(sc[j], qf[2 * k2 + 1], b + 2);
+#pragma unroll
+          for (int t = 0; t < MT; t++) {
+            moert_mma_bf16(sc[t][j], a[t][0], b);
+            if (two) moert_mma_bf16(sc[t][j], a[t][1], b + 2);
+          }
         }
-    }
-    // scaled to log2 units, masked; the rows' maxima over the 4 lanes of a row
-    float x0 = -MOERT_INF, x1 = -MOERT_INF;
-#pragma unroll
-    for (int j = 0; j < BN / 8; j++)
-#pragma unroll
-      for (int i = 0; i < 4; i++) {
-        long long kc = k0 + j * 8 + 2 * tq + (i & 1), r = i < 2 ? r0 : r1;
-        float v = sc[j][i] * sl2;
-        if (kc >= seq || (causal && kc > r)) v = -MOERT_INF;
-        sc[j][i] = v;
-        if (i < 2) x0 = fmaxf(x0, v);
-        else x1 = fmaxf(x1, v);
       }
-    x0 = fmaxf(x0, __shfl_xor_sync(MOERT_FULL_MASK, x0, 1));
-    x0 = fmaxf(x0, __shfl_xor_sync(MOERT_FULL_MASK, x0, 2));
-    x1 = fmaxf(x1, __shfl_xor_sync(MOERT_FULL_MASK, x1, 1));
-    x1 = fmaxf(x1, __shfl_xor_sync(MOERT_FULL_MASK, x1, 2));
-    float n0 = fmaxf(m0, x0), n1 = fmaxf(m1, x1);
-    float b0 = n0 == -MOERT_INF ? 0.0f : n0, b1 = n1 == -MOERT_INF ? 0.0f : n1; // rows with no key yet
-    float a0 = exp2f(m0 - b0), a1 = exp2f(m1 - b1);
-    m0 = n0, m1 = n1;
-    float s0 = 0.0f, s1 = 0.0f;
+    // per m-tile: scaled to log2 units, masked (edge: the tile has keys beyond
+    // the sequence or after one of the m-tile's rows); the rows' maxima over
+    // the 4 lanes of a row; the online softmax's update
 #pragma unroll
-    for (int j = 0; j < BN / 8; j++) {
-      sc[j][0] = exp2f(sc[j][0] - b0), sc[j][1] = exp2f(sc[j][1] - b0);
-      sc[j][2] = exp2f(sc[j][2] - b1), sc[j][3] = exp2f(sc[j][3] - b1);
-      s0 += sc[j][0] + sc[j][1];
-      s1 += sc[j][2] + sc[j][3];
+    for (int t = 0; t < MT; t++) {
+      const long long r0 = w0 + t * 16 + gr, r1 = r0 + 8;
+      const bool edge = k0 + BN > seq || (causal && k0 + BN - 1 > w0 + t * 16);
+      float x0 = -MOERT_INF, x1 = -MOERT_INF;
+#pragma unroll
+      for (int j = 0; j < BN / 8; j++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+          long long kc = k0 + j * 8 + 2 * tq + (i & 1), r = i < 2 ? r0 : r1;
+          float v = sc[t][j][i] * sl2;
+          if (edge && (kc >= seq || (causal && kc > r))) v = -MOERT_INF;
+          sc[t][j][i] = v;
+          if (i < 2) x0 = fmaxf(x0, v);
+          else x1 = fmaxf(x1, v);
+        }
+      x0 = fmaxf(x0, __shfl_xor_sync(MOERT_FULL_MASK, x0, 1));
+      x0 = fmaxf(x0, __shfl_xor_sync(MOERT_FULL_MASK, x0, 2));
+      x1 = fmaxf(x1, __shfl_xor_sync(MOERT_FULL_MASK, x1, 1));
+      x1 = fmaxf(x1, __shfl_xor_sync(MOERT_FULL_MASK, x1, 2));
+      float n0 = fmaxf(m[t][0], x0), n1 = fmaxf(m[t][1], x1);
+      float b0 = n0 == -MOERT_INF ? 0.0f : n0, b1 = n1 == -MOERT_INF ? 0.0f : n1; // rows with no key yet
+      float a0 = exp2f(m[t][0] - b0), a1 = exp2f(m[t][1] - b1);
+      m[t][0] = n0, m[t][1] = n1;
+      float s0 = 0.0f, s1 = 0.0f;
+#pragma unroll
+      for (int j = 0; j < BN / 8; j++) {
+        sc[t][j][0] = exp2f(sc[t][j][0] - b0), sc[t][j][1] = exp2f(sc[t][j][1] - b0);
+        sc[t][j][2] = exp2f(sc[t][j][2] - b1), sc[t][j][3] = exp2f(sc[t][j][3] - b1);
+        s0 += sc[t][j][0] + sc[t][j][1];
+        s1 += sc[t][j][2] + sc[t][j][3];
+      }
+      l[t][0] = l[t][0] * a0 + s0, l[t][1] = l[t][1] * a1 + s1;
+#pragma unroll
+      for (int n = 0; n < DM / 8; n++)
+        acc[t][n][0] *= a0, acc[t][n][1] *= a0, acc[t][n][2] *= a1, acc[t][n][3] *= a1;
     }
-    l0 = l0 * a0 + s0, l1 = l1 * a1 + s1;
-#pragma unroll
-    for (int n = 0; n < DM / 8; n++) acc[n][0] *= a0, acc[n][1] *= a0, acc[n][2] *= a1, acc[n][3] *= a1;
     __syncthreads(); // every warp is done with K(t)
     if (more) moert_tile_bf16<BN, DM, LD>(Ks, ksrc, W, k0 + BN, seq, D, vec);
     moert_cp_async_commit();
@@ -282,44 +338,53 @@ __device__ __forceinline__ void moert_attn_fwd_bf16_impl(const moert_bf16 *qkv, 
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < BN / 16; kk++) {
-      unsigned a[4];
-      moert_frag_from_acc(a, sc[2 * kk], sc[2 * kk + 1]);
+      unsigned a[MT][4];
+#pragma unroll
+      for (int t = 0; t < MT; t++) moert_frag_from_acc(a[t], sc[t][2 * kk], sc[t][2 * kk + 1]);
 #pragma unroll
       for (int n2 = 0; n2 < DM / 16; n2++)
         if (n2 * 16 < D) {
           unsigned b[4];
           moert_frag_b2<LD>(b, Vs + kk * 16 * LD + n2 * 16);
-          moert_mma_bf16(acc[2 * n2], a, b);
-          if (n2 * 16 + 8 < D) moert_mma_bf16(acc[2 * n2 + 1], a, b + 2);
+#pragma unroll
+          for (int t = 0; t < MT; t++) {
+            moert_mma_bf16(acc[t][2 * n2], a[t], b);
+            if (n2 * 16 + 8 < D) moert_mma_bf16(acc[t][2 * n2 + 1], a[t], b + 2);
+          }
         }
     }
     __syncthreads(); // every warp is done with V(t)
     if (more) moert_tile_bf16<BN, DM, LD>(Vs, vsrc, W, k0 + BN, seq, D, vec);
     moert_cp_async_commit();
   }
-  l0 += __shfl_xor_sync(MOERT_FULL_MASK, l0, 1);
-  l0 += __shfl_xor_sync(MOERT_FULL_MASK, l0, 2);
-  l1 += __shfl_xor_sync(MOERT_FULL_MASK, l1, 1);
-  l1 += __shfl_xor_sync(MOERT_FULL_MASK, l1, 2);
   const long long HD = (long long)H * D;
-  float i0 = 1.0f / l0, i1 = 1.0f / l1;
 #pragma unroll
-  for (int n = 0; n < DM / 8; n++)
-    if (n * 8 < D) {
-      int c = n * 8 + 2 * tq;
-      if (r0 < seq) {
-        moert_bf16 *p = o + ((long long)s * seq + r0) * HD + h * D + c;
-        p[0] = moert_f2bf(acc[n][0] * i0), p[1] = moert_f2bf(acc[n][1] * i0);
+  for (int t = 0; t < MT; t++) {
+    const long long r0 = w0 + t * 16 + gr, r1 = r0 + 8;
+    float l0 = l[t][0], l1 = l[t][1];
+    l0 += __shfl_xor_sync(MOERT_FULL_MASK, l0, 1);
+    l0 += __shfl_xor_sync(MOERT_FULL_MASK, l0, 2);
+    l1 += __shfl_xor_sync(MOERT_FULL_MASK, l1, 1);
+    l1 += __shfl_xor_sync(MOERT_FULL_MASK, l1, 2);
+    float i0 = 1.0f / l0, i1 = 1.0f / l1;
+#pragma unroll
+    for (int n = 0; n < DM / 8; n++)
+      if (n * 8 < D) {
+        int c = n * 8 + 2 * tq;
+        if (r0 < seq) {
+          moert_bf16 *p = o + ((long long)s * seq + r0) * HD + h * D + c;
+          p[0] = moert_f2bf(acc[t][n][0] * i0), p[1] = moert_f2bf(acc[t][n][1] * i0);
+        }
+        if (r1 < seq) {
+          moert_bf16 *p = o + ((long long)s * seq + r1) * HD + h * D + c;
+          p[0] = moert_f2bf(acc[t][n][2] * i1), p[1] = moert_f2bf(acc[t][n][3] * i1);
+        }
       }
-      if (r1 < seq) {
-        moert_bf16 *p = o + ((long long)s * seq + r1) * HD + h * D + c;
-        p[0] = moert_f2bf(acc[n][2] * i1), p[1] = moert_f2bf(acc[n][3] * i1);
-      }
+    if (tq == 0) {
+      float *L = lse + ((long long)s * H + h) * seq;
+      if (r0 < seq) L[r0] = m[t][0] * MOERT_LN2 + logf(l0);
+      if (r1 < seq) L[r1] = m[t][1] * MOERT_LN2 + logf(l1);
     }
-  if (tq == 0) {
-    float *L = lse + ((long long)s * H + h) * seq;
-    if (r0 < seq) L[r0] = m0 * MOERT_LN2 + logf(l0);
-    if (r1 < seq) L[r1] = m1 * MOERT_LN2 + logf(l1);
   }
 }
 
@@ -392,6 +457,7 @@ __device__ __forceinline__ void moert_attn_bwd_dq_bf16_impl(const moert_bf16 *qk
     }
     moert_cp_async_wait<0>(); // K(t) here
     __syncthreads();
+    const bool edge = k0 + BN > seq || (causal && k0 + BN - 1 > q0 + warp * 16); // a tile to mask
     if (more) moert_tile_bf16<BN, DM, LD>(Vs, vsrc, W, k0 + BN, seq, D, vec); // every warp is done with V(t)
     moert_cp_async_commit();
 #pragma unroll
@@ -408,7 +474,7 @@ __device__ __forceinline__ void moert_attn_bwd_dq_bf16_impl(const moert_bf16 *qk
       for (int i = 0; i < 4; i++) {
         long long kc = k0 + j * 8 + 2 * tq + (i & 1), r = i < 2 ? r0 : r1;
         float pv = exp2f(p[j][i] * sl2 - (i < 2 ? e0 : e1));
-        if (kc >= seq || (causal && kc > r)) pv = 0.0f;
+        if (edge && (kc >= seq || (causal && kc > r))) pv = 0.0f;
         dp[j][i] = pv * (dp[j][i] - (i < 2 ? d0 : d1)); // dS
       }
     }
@@ -529,6 +595,9 @@ __device__ __forceinline__ void moert_attn_bwd_dkdv_bf16_impl(const moert_bf16 *
       }
       moert_cp_async_wait<0>(); // Q(t) here
       __syncthreads();
+      // a tile to mask: the warp has keys beyond the sequence, or after one
+      // of the tile's queries (queries beyond the sequence have P = 0 by lse)
+      const bool edge = k0 + warp * 16 + 15 >= seq || (causal && k0 + warp * 16 + 15 > q0);
 #pragma unroll
       for (int j = 0; j < BQ / 8; j++) {
 #pragma unroll
@@ -544,7 +613,7 @@ __device__ __forceinline__ void moert_attn_bwd_dkdv_bf16_impl(const moert_bf16 *
           int qc = j * 8 + 2 * tq + (i & 1);
           long long r = i < 2 ? r0 : r1;
           float pv = exp2f(p[j][i] * sl2 - lse_s[qc]);
-          if (r >= seq || (causal && r > q0 + qc)) pv = 0.0f;
+          if (edge && (r >= seq || (causal && r > q0 + qc))) pv = 0.0f;
           p[j][i] = pv;
           ds[j][i] = pv * (ds[j][i] - del_s[qc]);
         }
@@ -874,8 +943,9 @@ extern "C" __global__ void moert_k_attn_decode_bf16(const moert_bf16 *q, const m
 
 // ---------------------------------------------------------------- the kernels by DM
 
-#define MOERT_ATTN_KERNELS(DM)                                                                                 \
-  extern "C" __global__ void __launch_bounds__(128)                                                           \
+// FWD_BLOCKS: the forward's blocks an SM must hold (its register cap).
+#define MOERT_ATTN_KERNELS(DM, FWD_BLOCKS)                                                                     \
+  extern "C" __global__ void __launch_bounds__(128, FWD_BLOCKS)                                               \
       moert_k_attn_fwd_bf16_d##DM(const moert_bf16 *qkv, moert_bf16 *o, float *lse, long long seq, int H,      \
                                   int KV, int D, int causal) {                                                 \
     moert_attn_fwd_bf16_impl<DM>(qkv, o, lse, seq, H, KV, D, causal);                                          \
@@ -909,6 +979,6 @@ extern "C" __global__ void moert_k_attn_decode_bf16(const moert_bf16 *q, const m
     moert_attn_bwd_dkdv_f32_impl<DM>(qkv, lse, delta, dout, dqkv, seq, H, KV, D, causal);                      \
   }
 
-MOERT_ATTN_KERNELS(64)
-MOERT_ATTN_KERNELS(128)
-MOERT_ATTN_KERNELS(256)
+MOERT_ATTN_KERNELS(64, 2)
+MOERT_ATTN_KERNELS(128, 2)
+MOERT_ATTN_KERNELS(256, 2)

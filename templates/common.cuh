@@ -224,6 +224,18 @@ template <int N> __device__ __forceinline__ void moert_cp_async_wait() {
 #endif
 }
 
+// The block's dynamic shared memory (the launch's sharedMemBytes; above
+// 48 KB only once cuFuncSetAttribute allowed the kernel as much), 16-byte
+// aligned.
+__device__ __forceinline__ void *moert_dyn_smem() {
+#ifdef MOERT_EMU
+  return moert_emu_dyn_smem();
+#else
+  extern __shared__ uint4 moert_dsmem[];
+  return moert_dsmem;
+#endif
+}
+
 // ---- activations (act.cu, bf16.cu): fp32 math
 #define MOERT_GELU_K 0.7978845608028654f // sqrt(2/pi)
 #define MOERT_GELU_C 0.044715f

@@ -11,8 +11,11 @@
 // every live thread of the block has; a thread that waits at one while the
 // others wait at another, or have ended, is the divergence CUDA leaves
 // undefined, and fails the launch. __shared__ variables are static: one copy,
-// which the block running at the time owns. Atomics are plain read-modify-
-// writes (only one fiber runs at a time).
+// which the block running at the time owns; so is the dynamic shared memory
+// (moert_emu_dyn_smem). Atomics are plain read-modify-writes (only one fiber
+// runs at a time). The warp-level matrix instructions common.cuh wraps (mma,
+// ldmatrix) are warp collectives computed by their PTX fragment layouts;
+// cp.async copies at once.
 //
 // The module's interface to the stand-in driver (at the end of this file):
 // moert_emu_kernel (a kernel's body by name), moert_emu_params (the sizes of
@@ -374,6 +377,15 @@ inline void moert_emu_ldmatrix_x4(unsigned *r, const void *row, bool trans) {
   yield_at(AT_WARP);
   for (int i = 0; i < 4; i++) r[i] = out[i];
 }
+
+// Dynamic shared memory: one buffer of the most a kernel may ask for
+// (fake_cuda.c's launch refuses more, and more than 48 KB where
+// cuFuncSetAttribute did not allow it), owned by the block running.
+#define MOERT_EMU_DYN_SMEM (227 * 1024)
+namespace moert_emu {
+alignas(16) static unsigned char dyn_smem[MOERT_EMU_DYN_SMEM];
+}  // namespace moert_emu
+inline void *moert_emu_dyn_smem() { return moert_emu::dyn_smem; }
 
 template <class T> inline T atomicAdd(T *p, T v) {
   T old = *p;

@@ -153,8 +153,13 @@ struct CUfunc_st {
   CUmodule mod;
   void *body;
   char name[256];
+  int max_dynamic_smem; /* cuFuncSetAttribute's; 0: the default 48 KB */
   struct CUfunc_st *next;
 };
+
+/* The dynamic shared memory a launch may ask for: emu_device.h's buffer
+ * (an H100's 227 KB), and 48 KB unless cuFuncSetAttribute allowed more. */
+enum { EMU_DYN_SMEM_MAX = 227 * 1024, EMU_DYN_SMEM_DEFAULT = 48 * 1024 };
 
 static int env_int(const char *name, int dflt, int lo, int hi) {
   const char *s = getenv(name);
@@ -1292,13 +1297,29 @@ static bool kernel_node(CUfunction f, void **params, const unsigned g[3], const 
   return true;
 }
 
+CUresult cuFuncSetAttribute(CUfunction f, CUfunction_attribute a, int v) {
+  if (!f) return CUDA_ERROR_INVALID_HANDLE;
+  if (a == CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES) {
+    if (v < 0 || v > EMU_DYN_SMEM_MAX) return CUDA_ERROR_INVALID_VALUE;
+    f->max_dynamic_smem = v;
+    return CUDA_SUCCESS;
+  }
+  return a == CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT ? CUDA_SUCCESS : CUDA_ERROR_NOT_SUPPORTED;
+}
+
 CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                         unsigned bz, unsigned shared, CUstream s, void **params, void **extra) {
   NEED_CONTEXT();
   if (!f) return CUDA_ERROR_INVALID_HANDLE;
-  if (extra || shared) {
-    fprintf(stderr, "moec emu: %s: `extra` parameters and dynamic shared memory are not emulated\n", f->name);
+  if (extra) {
+    fprintf(stderr, "moec emu: %s: `extra` parameters are not emulated\n", f->name);
     return CUDA_ERROR_NOT_SUPPORTED;
+  }
+  if (shared > (unsigned)(f->max_dynamic_smem > EMU_DYN_SMEM_DEFAULT ? f->max_dynamic_smem : EMU_DYN_SMEM_DEFAULT)) {
+    fprintf(stderr, "moec emu: %s: %u bytes of dynamic shared memory, more than the kernel is allowed (%d; "
+            "cuFuncSetAttribute raises it up to %d)\n", f->name, shared,
+            f->max_dynamic_smem > EMU_DYN_SMEM_DEFAULT ? f->max_dynamic_smem : EMU_DYN_SMEM_DEFAULT, EMU_DYN_SMEM_MAX);
+    return CUDA_ERROR_INVALID_VALUE;
   }
   const unsigned g[3] = {gx, gy, gz}, b[3] = {bx, by, bz};
   pthread_mutex_lock(&lock);

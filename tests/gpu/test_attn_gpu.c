@@ -13,7 +13,9 @@
  * sequences, fp32 and bf16. Compared by the norm-relative error ||gpu - cpu||
  * / ||cpu||: fp32 1e-5 (fp32 sums against the cpu's double ones), bf16 a few
  * 1e-3 (P and dS rounded to bf16 as the tensor cores' operands, and each
- * output rounded once).
+ * output rounded once). Then again with device pointers one element past
+ * 16-byte alignment (MHA, GQA, MQA): the kernels' paths without 16-byte
+ * pieces (cp.async).
  *
  * test_attn_gpu [SUITE] [--big]: SUITE one of rope, fwd32, bwd32, fwd16,
  * bwd16, decode (all when absent); the shapes are small enough for the
@@ -55,7 +57,12 @@ typedef struct tbuf {
   moert_dt dt;
   void *h, *d;
   int64_t n;
+  void *base; /* the allocation d is in */
 } tbuf;
+
+/* Device pointers one element past 16-byte alignment: the kernels' paths
+ * without 16-byte pieces. */
+static bool misalign;
 
 enum { MAX_BUFS = 32 };
 static tbuf bufs[MAX_BUFS];
@@ -79,9 +86,10 @@ static void upload(tbuf b) {
 /* n random elements in [lo, hi) on both sides. */
 static tbuf tb(moert_dt dt, int64_t n, float lo, float hi) {
   if (nbufs == MAX_BUFS) exit(1);
-  tbuf b = {dt, calloc(1, tbytes(dt, n)), NULL, n};
+  tbuf b = {dt, calloc(1, tbytes(dt, n)), NULL, n, NULL};
   moert_status st = {0};
-  if (!b.h || !gpu->alloc(gpu, tbytes(dt, n), &b.d, &st)) die("alloc", &st);
+  if (!b.h || !gpu->alloc(gpu, tbytes(dt, n) + 16, &b.base, &st)) die("alloc", &st);
+  b.d = (char *)b.base + (misalign ? moert_dt_size(dt) : 0);
   for (int64_t i = 0; i < n; i++) tset(dt, b.h, i, frand(lo, hi));
   upload(b);
   return bufs[nbufs++] = b;
@@ -114,11 +122,11 @@ static void end(void) {
   moert_status st = {0};
   float probe;
   if (nbufs && !gpu->download(gpu, &probe, bufs[0].d, sizeof probe, &st)) die(case_name, &st);
-  if (!case_failures) printf("ok   %s (max rel err %.2e)\n", case_name, case_worst);
+  if (!case_failures) printf("ok   %s%s (max rel err %.2e)\n", case_name, misalign ? " [unaligned]" : "", case_worst);
   fflush(stdout);
   for (int i = 0; i < nbufs; i++) {
     free(bufs[i].h);
-    gpu->free(gpu, bufs[i].d);
+    gpu->free(gpu, bufs[i].base);
   }
   nbufs = 0;
 }
@@ -143,7 +151,7 @@ static void compare(const char *what, moert_dt dt, const void *got, int64_t off,
   double rel = ww > 0 ? sqrt(dd / ww) : sqrt(dd);
   if (rel > case_worst) case_worst = rel;
   if (nans == 0 && rel <= tol) return;
-  if (!case_failures) printf("FAIL %s\n", case_name);
+  if (!case_failures) printf("FAIL %s%s\n", case_name, misalign ? " [unaligned]" : "");
   case_failures++;
   failures++;
   printf("  %s: rel err %.3e (tol %.1e), %lld NaN, %lld elements\n", what, rel, tol, (long long)nans,
@@ -235,7 +243,8 @@ static void t_bwd(moert_dt dt, shape s, bool causal) {
   double tol = tol_of(dt, 1e-5, 1e-2);
   for (int p = 0; p < 3; p++) {
     /* the part's columns of every row, gathered */
-    tbuf g = {dt, malloc(tbytes(dt, T * w[p])), NULL, T * w[p]}, c = {dt, malloc(tbytes(dt, T * w[p])), NULL, T * w[p]};
+    tbuf g = {dt, malloc(tbytes(dt, T * w[p])), NULL, T * w[p], NULL};
+    tbuf c = {dt, malloc(tbytes(dt, T * w[p])), NULL, T * w[p], NULL};
     if (!g.h || !c.h) exit(1);
     size_t es = (size_t)moert_dt_size(dt);
     for (int64_t t = 0; t < T; t++) {
@@ -288,6 +297,7 @@ static const shape big_shapes[] = {
 static void suite(const char *name, void (*each)(moert_dt, shape, bool), moert_dt dt, bool both_masks) {
   const shape *sh = big ? big_shapes : small_shapes;
   int n = big ? (int)(sizeof big_shapes / sizeof *big_shapes) : (int)(sizeof small_shapes / sizeof *small_shapes);
+  if (misalign) n = 3; /* the unaligned pass: MHA, GQA, MQA */
   (void)name;
   for (int i = 0; i < n; i++) {
     each(dt, sh[i], true);
@@ -326,22 +336,25 @@ int main(int argc, char **argv) {
   moert_status st = {0};
   /* the default kernel cache: the emulated stack's compile is the slow part */
   if (!moert_backend_cuda_create(&gpu, 0, NULL, true, NULL, &st)) die("moert_backend_cuda_create", &st);
-  if (want(only, "rope")) {
-    suite("rope", rope_each, MOERT_F32, true);
-    suite("rope", rope_each, MOERT_BF16, true);
-  }
-  if (want(only, "fwd32")) suite("fwd32", t_fwd, MOERT_F32, true);
-  if (want(only, "bwd32")) suite("bwd32", t_bwd, MOERT_F32, false);
-  if (want(only, "fwd16")) suite("fwd16", t_fwd, MOERT_BF16, true);
-  if (want(only, "bwd16")) suite("bwd16", t_bwd, MOERT_BF16, false);
-  if (want(only, "decode")) {
-    int64_t len = big ? 1029 : 77;
-    for (int d = 0; d < 2; d++) {
-      moert_dt dt = d ? MOERT_BF16 : MOERT_F32;
-      t_decode(dt, len, 8, 2, 64);
-      t_decode(dt, len, 4, 4, 128);
-      t_decode(dt, 5, 4, 1, 256);
-      t_decode(dt, len, 2, 1, 8);
+  for (int pass = 0; pass < 2; pass++) { /* aligned, then one element off (the first shapes) */
+    misalign = pass == 1;
+    if (want(only, "rope")) {
+      suite("rope", rope_each, MOERT_F32, true);
+      suite("rope", rope_each, MOERT_BF16, true);
+    }
+    if (want(only, "fwd32")) suite("fwd32", t_fwd, MOERT_F32, true);
+    if (want(only, "bwd32")) suite("bwd32", t_bwd, MOERT_F32, false);
+    if (want(only, "fwd16")) suite("fwd16", t_fwd, MOERT_BF16, true);
+    if (want(only, "bwd16")) suite("bwd16", t_bwd, MOERT_BF16, false);
+    if (want(only, "decode")) {
+      int64_t len = big ? 1029 : 77;
+      for (int d = 0; d < 2; d++) {
+        moert_dt dt = d ? MOERT_BF16 : MOERT_F32;
+        t_decode(dt, len, 8, 2, 64);
+        t_decode(dt, len, 4, 4, 128);
+        t_decode(dt, 5, 4, 1, 256);
+        t_decode(dt, len, 2, 1, 8);
+      }
     }
   }
   moert_backend_cuda_destroy(gpu);
