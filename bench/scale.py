@@ -39,11 +39,12 @@ def main():
     ap.add_argument("--net", default="nvlink=450GB/s,ib=8x400Gb/s,alpha_intra=3us,alpha_inter=10us")
     a = ap.parse_args()
     for title, spec in SPECS:
-        times, info = {}, {}
+        times, info, a2a = {}, {}, {}
         for w in SCALES:
             p = plan(a, spec, w)
             l = p["prediction"]["layers"][0]
             times[w] = {v["name"]: v["total_ns"] / 1e6 for v in l["variants"]}
+            a2a[w] = {v["name"]: v for v in l["variants"]}
             info[w] = (l, p["prediction"]["calibration"], [x for x in p["layers"] if x["kind"] == "moe"][0])
         common = set.intersection(*(set(times[w]) for w in SCALES))
         fixed = min(common, key=lambda n: max(times[w][n] / min(times[w].values()) for w in SCALES))
@@ -67,6 +68,19 @@ def main():
             print("| %d | %d | %d | %s | %.2f | %s | %.2fx | %s | %s | %s | %s |" % (
                 w, ml["shards"], l["capacity"], b, t[b], domtxt, t[fixed] / t[b],
                 "%.2fx" % (ep / t[b]) if ep else "-", g(lin), g(r1), g(d1)))
+        print("\nThe all-to-all alone (plain expert parallelism, r=1,d=1: one step's 4 all-to-alls, ms), the network's "
+              "part of the prediction:\n")
+        print("| GPUs | linear | (intra / inter) | 2dh | (intra / inter) | 2dh's gain | a2a share of the best |")
+        print("|---|---|---|---|---|---|---|")
+        for w in SCALES:
+            lv, hv = a2a[w].get("r=1,d=1,a2a=linear"), a2a[w].get("r=1,d=1,a2a=2dh")
+            b = a2a[w][info[w][0]["best"]]
+            f = lambda v, k: v[k] / 1e6
+            print("| %d | %.3f | %.3f / %.3f | %s | %s | %s | %.1f%% |" % (
+                w, f(lv, "a2a_ns"), f(lv, "a2a_intra_ns"), f(lv, "a2a_inter_ns"),
+                "%.3f" % f(hv, "a2a_ns") if hv else "-",
+                "%.3f / %.3f" % (f(hv, "a2a_intra_ns"), f(hv, "a2a_inter_ns")) if hv else "-",
+                "%.2fx" % (lv["a2a_ns"] / hv["a2a_ns"]) if hv else "-", 100.0 * b["a2a_ns"] / b["total_ns"]))
         print()
 
 
