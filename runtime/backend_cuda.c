@@ -50,6 +50,10 @@ bool moert_backend_cuda_cache_hit(const moert_backend *b) {
   (void)b;
   return false;
 }
+bool moert_backend_cuda_mma_check(moert_backend *b, moert_status *st) {
+  (void)b;
+  return MOERT_FAIL(st, "this build of moec has no cuda backend");
+}
 const char *moert_backend_cuda_cache_path(const moert_backend *b) {
   (void)b;
   return NULL;
@@ -1128,6 +1132,38 @@ void moert_backend_cuda_destroy(moert_backend *b) {
 
 bool moert_backend_cuda_cache_hit(const moert_backend *b) {
   return b && b == &G.b && G.live && G.cache_hit;
+}
+
+bool moert_backend_cuda_mma_check(moert_backend *b, moert_status *st) {
+  if (!b || b != &G.b || !G.live) return MOERT_FAIL(st, "not the live cuda backend");
+  uint16_t a[16 * 16], bm[16 * 8];
+  float want[16 * 8], got[3 * 16 * 8];
+  for (int i = 0; i < 16; i++)
+    for (int k = 0; k < 16; k++) a[i * 16 + k] = moert_f32_to_bf16((float)((i * 3 + k * 5) % 7 - 3));
+  for (int k = 0; k < 16; k++)
+    for (int n = 0; n < 8; n++) bm[k * 8 + n] = moert_f32_to_bf16((float)((k * 2 + n * 3 + k * n) % 5 - 2));
+  for (int i = 0; i < 16; i++)
+    for (int n = 0; n < 8; n++) {
+      float c = 0;
+      for (int k = 0; k < 16; k++) c += moert_bf16_to_f32(a[i * 16 + k]) * moert_bf16_to_f32(bm[k * 8 + n]);
+      want[i * 8 + n] = c;
+    }
+  void *da = NULL, *db = NULL, *dc = NULL;
+  bool ok = b->alloc(b, sizeof a, &da, st) && b->alloc(b, sizeof bm, &db, st) && b->alloc(b, sizeof got, &dc, st) &&
+            b->upload(b, da, a, sizeof a, st) && b->upload(b, db, bm, sizeof bm, st);
+  if (ok) {
+    launch(K_mma_check, 1, 1, 32, 1, ARGS(&da, &db, &dc));
+    ok = b->download(b, got, dc, sizeof got, st);
+  }
+  static const char *const how[3] = {"fragments loaded by the documented layout", "ldmatrix and ldmatrix.trans",
+                                     "ldmatrix (B^T)"};
+  for (int w = 0; ok && w < 3; w++)
+    for (int i = 0; ok && i < 16 * 8; i++)
+      if (got[w * 128 + i] != want[i])
+        ok = MOERT_FAIL(st, "mma.m16n8k16 with %s: C[%d][%d] is %g, not %g", how[w], i / 8, i % 8,
+                        (double)got[w * 128 + i], (double)want[i]);
+  b->free(b, da), b->free(b, db), b->free(b, dc);
+  return ok;
 }
 
 const char *moert_backend_cuda_cache_path(const moert_backend *b) {

@@ -941,6 +941,41 @@ extern "C" __global__ void moert_k_attn_decode_bf16(const moert_bf16 *q, const m
   moert_attn_decode_impl<moert_bf16>(q, cache, o, len, H, KV, D);
 }
 
+// ---------------------------------------------------------------- the fragment layouts' check
+
+// One warp: C = A B (A [16][16], B [16][8], row-major bf16) three ways, each
+// written to out[i] [16][8] through the accumulator's layout: 0, A's and B's
+// fragments loaded from global memory by the documented layout; 1, A by
+// ldmatrix and B by ldmatrix.trans from shared B [k][n]; 2, A by ldmatrix
+// and B by ldmatrix from shared B^T [n][k]. The host compares each with its
+// own product (runtime/backend_cuda.c's moert_backend_cuda_mma_check): the
+// PTX layouts moert_mma_bf16 and moert_ldsm_x4 assume, checked on the GPU
+// apart from attention.
+extern "C" __global__ void moert_k_mma_check(const moert_bf16 *a, const moert_bf16 *b, float *out) {
+  __shared__ uint4 as_raw[16 * 24 / 8], bs_raw[16 * 16 / 8], bt_raw[8 * 40 / 8];
+  moert_bf16 *As = (moert_bf16 *)as_raw, *Bs = (moert_bf16 *)bs_raw, *Bt = (moert_bf16 *)bt_raw;
+  const int lane = threadIdx.x & 31, gr = lane >> 2, tq = lane & 3;
+  for (int i = lane; i < 16 * 24; i += 32) As[i] = i % 24 < 16 ? a[i / 24 * 16 + i % 24] : 0;
+  for (int i = lane; i < 16 * 16; i += 32) Bs[i] = i % 16 < 8 ? b[i / 16 * 8 + i % 16] : 0;
+  for (int i = lane; i < 8 * 40; i += 32) Bt[i] = i % 40 < 16 ? b[(i % 40) * 8 + i / 40] : 0;
+  __syncwarp();
+  unsigned fa[3][4], fb[3][4];
+  moert_frag_a_global(fa[0], a + gr * 16, a + (gr + 8) * 16, 0, 16);
+  fb[0][0] = moert_pack_bf(b[2 * tq * 8 + gr], b[(2 * tq + 1) * 8 + gr]);
+  fb[0][1] = moert_pack_bf(b[(2 * tq + 8) * 8 + gr], b[(2 * tq + 9) * 8 + gr]);
+  moert_frag_a2<24>(fa[1], As);
+  moert_frag_b2<16>(fb[1], Bs);
+  moert_frag_a2<24>(fa[2], As);
+  moert_frag_bt2<40>(fb[2], Bt);
+  for (int w = 0; w < 3; w++) {
+    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    moert_mma_bf16(c, fa[w], fb[w]);
+    float *o = out + w * 128;
+    o[gr * 8 + 2 * tq] = c[0], o[gr * 8 + 2 * tq + 1] = c[1];
+    o[(gr + 8) * 8 + 2 * tq] = c[2], o[(gr + 8) * 8 + 2 * tq + 1] = c[3];
+  }
+}
+
 // ---------------------------------------------------------------- the kernels by DM
 
 // FWD_BLOCKS: the forward's blocks an SM must hold (its register cap).

@@ -20,6 +20,8 @@
  * test_attn_gpu [SUITE] [--big]: SUITE one of rope, fwd32, bwd32, fwd16,
  * bwd16, decode (all when absent); the shapes are small enough for the
  * emulated stack unless --big (the real GPU: seq 300 and 1029, more heads).
+ * First of all, moert_backend_cuda_mma_check: the tensor cores' fragment
+ * layouts that the bf16 kernels assume, on their own.
  * Skips (77) where no GPU is found. MOEC_TEST_SEED sets the seed. */
 #include "backend.h"
 
@@ -336,6 +338,15 @@ int main(int argc, char **argv) {
   moert_status st = {0};
   /* the default kernel cache: the emulated stack's compile is the slow part */
   if (!moert_backend_cuda_create(&gpu, 0, NULL, true, NULL, &st)) die("moert_backend_cuda_create", &st);
+  /* the fragment layouts apart from attention first: a failure there names the instruction */
+  checks++;
+  if (moert_backend_cuda_mma_check(gpu, &st)) {
+    printf("ok   the tensor cores' fragment layouts (mma.m16n8k16, ldmatrix, ldmatrix.trans)\n");
+  } else {
+    printf("FAIL the tensor cores' fragment layouts: %s\n", st.msg);
+    failures++;
+    st = (moert_status){0};
+  }
   for (int pass = 0; pass < 2; pass++) { /* aligned, then one element off (the first shapes) */
     misalign = pass == 1;
     if (want(only, "rope")) {
