@@ -882,13 +882,28 @@ static void cuda_attn_bwd(const float *qkv, const float *o, const float *lse, co
   cuda_attn_bwd_t(MOERT_F32, qkv, o, lse, dout, dqkv, scratch, nseq, seq, heads, kv_heads, head_dim, causal);
 }
 
+/* Decode's rows a block at least when a cache is split over more blocks
+ * than heads (flash-decoding). */
+enum { DECODE_MIN_CHUNK = 64 };
+
+/* One block a head when that fills the GPU (or the cache is short), else
+ * each head's cache in chunks over about two blocks an SM, the chunks'
+ * partials (D + 2 floats each, in the scratch) combined by a second kernel. */
 static void cuda_attn_decode_t(moert_dt dt, const void *q, const void *cache, void *o, int64_t len, int64_t heads,
                                int64_t kv_heads, int64_t head_dim) {
   if (len <= 0 || !attn_shape_ok("attn_decode", dt, 1, heads, kv_heads, head_dim)) return;
-  int H = (int)heads, KV = (int)kv_heads, D = (int)head_dim;
-  long long n = len;
-  launch(dt == MOERT_BF16 ? K_attn_decode_bf16 : K_attn_decode_f32, (uint64_t)heads, 1, 256, 1,
-         ARGS(&q, &cache, &o, &n, &H, &KV, &D));
+  int H = (int)heads, KV = (int)kv_heads, D = (int)head_dim, bf = dt == MOERT_BF16;
+  int64_t most = clamp64(SCRATCH_DOUBLES * 2 / (heads * (head_dim + 2)), 1, MAX_GRID_Y);
+  int64_t split = clamp64(cdiv(2 * (int64_t)G.sm_count, heads), 1, cdiv(len, DECODE_MIN_CHUNK));
+  split = split < most ? split : most;
+  long long n = len, chunk = cdiv(len, split);
+  int nchunk = (int)cdiv(len, chunk); /* every chunk holds rows */
+  float *part = (float *)scratch_d(0);
+  launch(bf ? K_attn_decode_bf16 : K_attn_decode_f32, (uint64_t)heads, (uint64_t)nchunk, 256, 1,
+         ARGS(&q, &cache, &o, &n, &H, &KV, &D, &chunk, &part));
+  if (nchunk > 1)
+    launch(bf ? K_attn_decode_combine_bf16 : K_attn_decode_combine_f32, (uint64_t)heads, 1, 256, 1,
+           ARGS(&part, &o, &nchunk, &D));
 }
 
 static void cuda_attn_decode(const float *q, const float *cache, float *o, int64_t len, int64_t heads,

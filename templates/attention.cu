@@ -882,13 +882,17 @@ extern "C" __global__ void moert_k_attn_delta_bf16(const moert_bf16 *o, const mo
   moert_attn_delta_impl<moert_bf16>(o, dout, delta, nseq, seq, H, D);
 }
 
-// Decode: a block of 256 a query head (blockIdx.x); its 32 row groups take
-// the cached rows j = group + 32 i, each with its own online softmax, then
-// the groups' (max, sum, o) are combined through shared memory.
+// Decode: a block of 256 a (query head blockIdx.x, chunk blockIdx.y of
+// `chunk` cached rows); its 32 row groups take the chunk's rows j = group +
+// 32 i, each with its own online softmax, then the groups' (max, sum, o)
+// are combined through shared memory. One chunk (gridDim.y 1): o written.
+// Several (flash-decoding: long caches over more blocks than heads): the
+// chunk's max, sum and unnormalized o, D + 2 floats at part + (h chunks +
+// c) (D + 2), for moert_k_attn_decode_combine.
 #define MOERT_DECODE_GROUPS 32
 template <class T>
 __device__ __forceinline__ void moert_attn_decode_impl(const T *q, const T *cache, T *o, long long len, int H,
-                                                       int KV, int D) {
+                                                       int KV, int D, long long chunk, float *part) {
   constexpr int DM = 256, PER = DM / 8;
   __shared__ float Om[MOERT_DECODE_GROUPS * DM], Mm[MOERT_DECODE_GROUPS], Lm[MOERT_DECODE_GROUPS];
   const int h = blockIdx.x, g = h / (H / KV), grp = threadIdx.x >> 3, l8 = threadIdx.x & 7;
@@ -898,9 +902,10 @@ __device__ __forceinline__ void moert_attn_decode_impl(const T *q, const T *cach
   moert_row8_load<DM>(x, q + (long long)h * D, true, D);
 #pragma unroll
   for (int i = 0; i < PER; i++) acc[i] = 0.0f;
-  for (long long j0 = 0; j0 < len; j0 += MOERT_DECODE_GROUPS) { // the same trip count in every lane
+  const long long j1 = moert_min64(len, ((long long)blockIdx.y + 1) * chunk);
+  for (long long j0 = blockIdx.y * chunk; j0 < j1; j0 += MOERT_DECODE_GROUPS) { // one trip count in every lane
     long long j = j0 + grp;
-    bool live = j < len;
+    bool live = j < j1;
     const T *k = cache + j * W + (long long)(H + g) * D, *v = cache + j * W + (long long)(H + KV + g) * D;
     float sd = 0.0f;
 #pragma unroll
@@ -924,21 +929,46 @@ __device__ __forceinline__ void moert_attn_decode_impl(const T *q, const T *cach
   for (int i = 0; i < MOERT_DECODE_GROUPS; i++) M = fmaxf(M, Mm[i]);
   float sum = 0.0f;
   for (int i = 0; i < MOERT_DECODE_GROUPS; i++) sum += Mm[i] == -MOERT_INF ? 0.0f : Lm[i] * expf(Mm[i] - M);
+  float *pp = part + ((long long)h * gridDim.y + blockIdx.y) * (D + 2);
+  if (gridDim.y > 1 && threadIdx.x == 0) pp[0] = M, pp[1] = sum;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float v = 0.0f;
     for (int i = 0; i < MOERT_DECODE_GROUPS; i++)
       if (Mm[i] != -MOERT_INF) v += Om[i * DM + d] * expf(Mm[i] - M);
-    moert_stf(o, (long long)h * D + d, v / sum);
+    if (gridDim.y > 1) pp[2 + d] = v;
+    else moert_stf(o, (long long)h * D + d, v / sum);
   }
 }
 
+// Decode's chunks combined: o of head blockIdx.x from its nchunk partials.
+template <class T>
+__device__ __forceinline__ void moert_attn_decode_combine_impl(const float *part, T *o, int nchunk, int D) {
+  const float *pp = part + (long long)blockIdx.x * nchunk * (D + 2);
+  float M = -MOERT_INF, sum = 0.0f;
+  for (int c = 0; c < nchunk; c++) M = fmaxf(M, pp[c * (D + 2)]);
+  for (int c = 0; c < nchunk; c++) sum += pp[c * (D + 2) + 1] * expf(pp[c * (D + 2)] - M);
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float v = 0.0f;
+    for (int c = 0; c < nchunk; c++) v += pp[c * (D + 2) + 2 + d] * expf(pp[c * (D + 2)] - M);
+    moert_stf(o, (long long)blockIdx.x * D + d, v / sum);
+  }
+}
+
+extern "C" __global__ void moert_k_attn_decode_combine_f32(const float *part, float *o, int nchunk, int D) {
+  moert_attn_decode_combine_impl<float>(part, o, nchunk, D);
+}
+extern "C" __global__ void moert_k_attn_decode_combine_bf16(const float *part, moert_bf16 *o, int nchunk, int D) {
+  moert_attn_decode_combine_impl<moert_bf16>(part, o, nchunk, D);
+}
+
 extern "C" __global__ void moert_k_attn_decode_f32(const float *q, const float *cache, float *o, long long len,
-                                                   int H, int KV, int D) {
-  moert_attn_decode_impl<float>(q, cache, o, len, H, KV, D);
+                                                   int H, int KV, int D, long long chunk, float *part) {
+  moert_attn_decode_impl<float>(q, cache, o, len, H, KV, D, chunk, part);
 }
 extern "C" __global__ void moert_k_attn_decode_bf16(const moert_bf16 *q, const moert_bf16 *cache, moert_bf16 *o,
-                                                    long long len, int H, int KV, int D) {
-  moert_attn_decode_impl<moert_bf16>(q, cache, o, len, H, KV, D);
+                                                    long long len, int H, int KV, int D, long long chunk,
+                                                    float *part) {
+  moert_attn_decode_impl<moert_bf16>(q, cache, o, len, H, KV, D, chunk, part);
 }
 
 // ---------------------------------------------------------------- the fragment layouts' check
