@@ -205,6 +205,14 @@ void moert_backend_cuda_gemm_counts(const moert_backend *b, int64_t *lt, int64_t
 float moert_backend_cuda_aux_loss(const float *score_sum, const float *top1_count,
                                   float *dscore_coef, int64_t experts, double global_tokens);
 
+/* The tensor cores' fragment layouts the bf16 attention kernels assume
+ * (mma.m16n8k16 and ldmatrix, as the PTX ISA documents them), checked on b's
+ * GPU apart from attention: a 16x16 by 16x8 product of small integers done
+ * three ways (fragments loaded by the documented layout, by ldmatrix with
+ * .trans, by ldmatrix) must equal the host's exactly. False, with which way
+ * differs and where, when one does. For tests. */
+bool moert_backend_cuda_mma_check(moert_backend *b, moert_status *st);
+
 /* For tests without a GPU: whether NVRTC loads; the embedded templates
  * (common.cuh first); compiling them for arch ("sm_90", "compute_80"), all
  * (only < 0: and every kernel the backend uses must be in the result) or

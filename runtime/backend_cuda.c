@@ -51,6 +51,10 @@ bool moert_backend_cuda_cache_hit(const moert_backend *b) {
   (void)b;
   return false;
 }
+bool moert_backend_cuda_mma_check(moert_backend *b, moert_status *st) {
+  (void)b;
+  return MOERT_FAIL(st, "this build of moec has no cuda backend");
+}
 const char *moert_backend_cuda_cache_path(const moert_backend *b) {
   (void)b;
   return NULL;
@@ -909,13 +913,28 @@ static void cuda_attn_bwd(const float *qkv, const float *o, const float *lse, co
   cuda_attn_bwd_t(MOERT_F32, qkv, o, lse, dout, dqkv, scratch, nseq, seq, heads, kv_heads, head_dim, causal);
 }
 
+/* Decode's rows a block at least when a cache is split over more blocks
+ * than heads (flash-decoding). */
+enum { DECODE_MIN_CHUNK = 64 };
+
+/* One block a head when that fills the GPU (or the cache is short), else
+ * each head's cache in chunks over about two blocks an SM, the chunks'
+ * partials (D + 2 floats each, in the scratch) combined by a second kernel. */
 static void cuda_attn_decode_t(moert_dt dt, const void *q, const void *cache, void *o, int64_t len, int64_t heads,
                                int64_t kv_heads, int64_t head_dim) {
   if (len <= 0 || !attn_shape_ok("attn_decode", dt, 1, heads, kv_heads, head_dim)) return;
-  int H = (int)heads, KV = (int)kv_heads, D = (int)head_dim;
-  long long n = len;
-  launch(dt == MOERT_BF16 ? K_attn_decode_bf16 : K_attn_decode_f32, (uint64_t)heads, 1, 256, 1,
-         ARGS(&q, &cache, &o, &n, &H, &KV, &D));
+  int H = (int)heads, KV = (int)kv_heads, D = (int)head_dim, bf = dt == MOERT_BF16;
+  int64_t most = clamp64(SCRATCH_DOUBLES * 2 / (heads * (head_dim + 2)), 1, MAX_GRID_Y);
+  int64_t split = clamp64(cdiv(2 * (int64_t)G.sm_count, heads), 1, cdiv(len, DECODE_MIN_CHUNK));
+  split = split < most ? split : most;
+  long long n = len, chunk = cdiv(len, split);
+  int nchunk = (int)cdiv(len, chunk); /* every chunk holds rows */
+  float *part = (float *)scratch_d(0);
+  launch(bf ? K_attn_decode_bf16 : K_attn_decode_f32, (uint64_t)heads, (uint64_t)nchunk, 256, 1,
+         ARGS(&q, &cache, &o, &n, &H, &KV, &D, &chunk, &part));
+  if (nchunk > 1)
+    launch(bf ? K_attn_decode_combine_bf16 : K_attn_decode_combine_f32, (uint64_t)heads, 1, 256, 1,
+           ARGS(&part, &o, &nchunk, &D));
 }
 
 static void cuda_attn_decode(const float *q, const float *cache, float *o, int64_t len, int64_t heads,
@@ -1159,6 +1178,38 @@ void moert_backend_cuda_destroy(moert_backend *b) {
 
 bool moert_backend_cuda_cache_hit(const moert_backend *b) {
   return b && b == &G.b && G.live && G.cache_hit;
+}
+
+bool moert_backend_cuda_mma_check(moert_backend *b, moert_status *st) {
+  if (!b || b != &G.b || !G.live) return MOERT_FAIL(st, "not the live cuda backend");
+  uint16_t a[16 * 16], bm[16 * 8];
+  float want[16 * 8], got[3 * 16 * 8];
+  for (int i = 0; i < 16; i++)
+    for (int k = 0; k < 16; k++) a[i * 16 + k] = moert_f32_to_bf16((float)((i * 3 + k * 5) % 7 - 3));
+  for (int k = 0; k < 16; k++)
+    for (int n = 0; n < 8; n++) bm[k * 8 + n] = moert_f32_to_bf16((float)((k * 2 + n * 3 + k * n) % 5 - 2));
+  for (int i = 0; i < 16; i++)
+    for (int n = 0; n < 8; n++) {
+      float c = 0;
+      for (int k = 0; k < 16; k++) c += moert_bf16_to_f32(a[i * 16 + k]) * moert_bf16_to_f32(bm[k * 8 + n]);
+      want[i * 8 + n] = c;
+    }
+  void *da = NULL, *db = NULL, *dc = NULL;
+  bool ok = b->alloc(b, sizeof a, &da, st) && b->alloc(b, sizeof bm, &db, st) && b->alloc(b, sizeof got, &dc, st) &&
+            b->upload(b, da, a, sizeof a, st) && b->upload(b, db, bm, sizeof bm, st);
+  if (ok) {
+    launch(K_mma_check, 1, 1, 32, 1, ARGS(&da, &db, &dc));
+    ok = b->download(b, got, dc, sizeof got, st);
+  }
+  static const char *const how[3] = {"fragments loaded by the documented layout", "ldmatrix and ldmatrix.trans",
+                                     "ldmatrix (B^T)"};
+  for (int w = 0; ok && w < 3; w++)
+    for (int i = 0; ok && i < 16 * 8; i++)
+      if (got[w * 128 + i] != want[i])
+        ok = MOERT_FAIL(st, "mma.m16n8k16 with %s: C[%d][%d] is %g, not %g", how[w], i / 8, i % 8,
+                        (double)got[w * 128 + i], (double)want[i]);
+  b->free(b, da), b->free(b, db), b->free(b, dc);
+  return ok;
 }
 
 const char *moert_backend_cuda_cache_path(const moert_backend *b) {

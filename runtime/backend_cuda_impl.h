@@ -30,7 +30,8 @@
   X(act_fwd_silu_bf16) X(act_bwd_relu_bf16) X(act_bwd_gelu_bf16) X(act_bwd_silu_bf16)           \
   X(swiglu_fwd_bf16) X(swiglu_bwd_bf16) X(bias_add_bf16) X(bias_grad_part_bf16)                  \
   X(copy_blocks_bf16) X(fill_normal) X(fill_normal_step) X(rope_f32) X(rope_bf16)                \
-  X(attn_delta_f32) X(attn_delta_bf16) X(attn_decode_f32) X(attn_decode_bf16)                    \
+  X(attn_delta_f32) X(attn_delta_bf16) X(attn_decode_f32) X(attn_decode_bf16) X(mma_check)       \
+  X(attn_decode_combine_f32) X(attn_decode_combine_bf16)       \
   ATTN_KERNELS(X, 64) ATTN_KERNELS(X, 128) ATTN_KERNELS(X, 256)
 
 /* attention.cu's kernels instantiated for the largest head dim DM. */

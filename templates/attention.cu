@@ -882,13 +882,17 @@ extern "C" __global__ void moert_k_attn_delta_bf16(const moert_bf16 *o, const mo
   moert_attn_delta_impl<moert_bf16>(o, dout, delta, nseq, seq, H, D);
 }
 
-// Decode: a block of 256 a query head (blockIdx.x); its 32 row groups take
-// the cached rows j = group + 32 i, each with its own online softmax, then
-// the groups' (max, sum, o) are combined through shared memory.
+// Decode: a block of 256 a (query head blockIdx.x, chunk blockIdx.y of
+// `chunk` cached rows); its 32 row groups take the chunk's rows j = group +
+// 32 i, each with its own online softmax, then the groups' (max, sum, o)
+// are combined through shared memory. One chunk (gridDim.y 1): o written.
+// Several (flash-decoding: long caches over more blocks than heads): the
+// chunk's max, sum and unnormalized o, D + 2 floats at part + (h chunks +
+// c) (D + 2), for moert_k_attn_decode_combine.
 #define MOERT_DECODE_GROUPS 32
 template <class T>
 __device__ __forceinline__ void moert_attn_decode_impl(const T *q, const T *cache, T *o, long long len, int H,
-                                                       int KV, int D) {
+                                                       int KV, int D, long long chunk, float *part) {
   constexpr int DM = 256, PER = DM / 8;
   __shared__ float Om[MOERT_DECODE_GROUPS * DM], Mm[MOERT_DECODE_GROUPS], Lm[MOERT_DECODE_GROUPS];
   const int h = blockIdx.x, g = h / (H / KV), grp = threadIdx.x >> 3, l8 = threadIdx.x & 7;
@@ -898,9 +902,10 @@ __device__ __forceinline__ void moert_attn_decode_impl(const T *q, const T *cach
   moert_row8_load<DM>(x, q + (long long)h * D, true, D);
 #pragma unroll
   for (int i = 0; i < PER; i++) acc[i] = 0.0f;
-  for (long long j0 = 0; j0 < len; j0 += MOERT_DECODE_GROUPS) { // the same trip count in every lane
+  const long long j1 = moert_min64(len, ((long long)blockIdx.y + 1) * chunk);
+  for (long long j0 = blockIdx.y * chunk; j0 < j1; j0 += MOERT_DECODE_GROUPS) { // one trip count in every lane
     long long j = j0 + grp;
-    bool live = j < len;
+    bool live = j < j1;
     const T *k = cache + j * W + (long long)(H + g) * D, *v = cache + j * W + (long long)(H + KV + g) * D;
     float sd = 0.0f;
 #pragma unroll
@@ -924,21 +929,81 @@ __device__ __forceinline__ void moert_attn_decode_impl(const T *q, const T *cach
   for (int i = 0; i < MOERT_DECODE_GROUPS; i++) M = fmaxf(M, Mm[i]);
   float sum = 0.0f;
   for (int i = 0; i < MOERT_DECODE_GROUPS; i++) sum += Mm[i] == -MOERT_INF ? 0.0f : Lm[i] * expf(Mm[i] - M);
+  float *pp = part + ((long long)h * gridDim.y + blockIdx.y) * (D + 2);
+  if (gridDim.y > 1 && threadIdx.x == 0) pp[0] = M, pp[1] = sum;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float v = 0.0f;
     for (int i = 0; i < MOERT_DECODE_GROUPS; i++)
       if (Mm[i] != -MOERT_INF) v += Om[i * DM + d] * expf(Mm[i] - M);
-    moert_stf(o, (long long)h * D + d, v / sum);
+    if (gridDim.y > 1) pp[2 + d] = v;
+    else moert_stf(o, (long long)h * D + d, v / sum);
   }
 }
 
+// Decode's chunks combined: o of head blockIdx.x from its nchunk partials.
+template <class T>
+__device__ __forceinline__ void moert_attn_decode_combine_impl(const float *part, T *o, int nchunk, int D) {
+  const float *pp = part + (long long)blockIdx.x * nchunk * (D + 2);
+  float M = -MOERT_INF, sum = 0.0f;
+  for (int c = 0; c < nchunk; c++) M = fmaxf(M, pp[c * (D + 2)]);
+  for (int c = 0; c < nchunk; c++) sum += pp[c * (D + 2) + 1] * expf(pp[c * (D + 2)] - M);
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float v = 0.0f;
+    for (int c = 0; c < nchunk; c++) v += pp[c * (D + 2) + 2 + d] * expf(pp[c * (D + 2)] - M);
+    moert_stf(o, (long long)blockIdx.x * D + d, v / sum);
+  }
+}
+
+extern "C" __global__ void moert_k_attn_decode_combine_f32(const float *part, float *o, int nchunk, int D) {
+  moert_attn_decode_combine_impl<float>(part, o, nchunk, D);
+}
+extern "C" __global__ void moert_k_attn_decode_combine_bf16(const float *part, moert_bf16 *o, int nchunk, int D) {
+  moert_attn_decode_combine_impl<moert_bf16>(part, o, nchunk, D);
+}
+
 extern "C" __global__ void moert_k_attn_decode_f32(const float *q, const float *cache, float *o, long long len,
-                                                   int H, int KV, int D) {
-  moert_attn_decode_impl<float>(q, cache, o, len, H, KV, D);
+                                                   int H, int KV, int D, long long chunk, float *part) {
+  moert_attn_decode_impl<float>(q, cache, o, len, H, KV, D, chunk, part);
 }
 extern "C" __global__ void moert_k_attn_decode_bf16(const moert_bf16 *q, const moert_bf16 *cache, moert_bf16 *o,
-                                                    long long len, int H, int KV, int D) {
-  moert_attn_decode_impl<moert_bf16>(q, cache, o, len, H, KV, D);
+                                                    long long len, int H, int KV, int D, long long chunk,
+                                                    float *part) {
+  moert_attn_decode_impl<moert_bf16>(q, cache, o, len, H, KV, D, chunk, part);
+}
+
+// ---------------------------------------------------------------- the fragment layouts' check
+
+// One warp: C = A B (A [16][16], B [16][8], row-major bf16) three ways, each
+// written to out[i] [16][8] through the accumulator's layout: 0, A's and B's
+// fragments loaded from global memory by the documented layout; 1, A by
+// ldmatrix and B by ldmatrix.trans from shared B [k][n]; 2, A by ldmatrix
+// and B by ldmatrix from shared B^T [n][k]. The host compares each with its
+// own product (runtime/backend_cuda.c's moert_backend_cuda_mma_check): the
+// PTX layouts moert_mma_bf16 and moert_ldsm_x4 assume, checked on the GPU
+// apart from attention.
+extern "C" __global__ void moert_k_mma_check(const moert_bf16 *a, const moert_bf16 *b, float *out) {
+  __shared__ uint4 as_raw[16 * 24 / 8], bs_raw[16 * 16 / 8], bt_raw[8 * 40 / 8];
+  moert_bf16 *As = (moert_bf16 *)as_raw, *Bs = (moert_bf16 *)bs_raw, *Bt = (moert_bf16 *)bt_raw;
+  const int lane = threadIdx.x & 31, gr = lane >> 2, tq = lane & 3;
+  for (int i = lane; i < 16 * 24; i += 32) As[i] = i % 24 < 16 ? a[i / 24 * 16 + i % 24] : 0;
+  for (int i = lane; i < 16 * 16; i += 32) Bs[i] = i % 16 < 8 ? b[i / 16 * 8 + i % 16] : 0;
+  for (int i = lane; i < 8 * 40; i += 32) Bt[i] = i % 40 < 16 ? b[(i % 40) * 8 + i / 40] : 0;
+  __syncwarp();
+  unsigned fa[3][4], fb[3][4];
+  moert_frag_a_global(fa[0], a + gr * 16, a + (gr + 8) * 16, 0, 16);
+  fb[0][0] = moert_pack_bf(b[2 * tq * 8 + gr], b[(2 * tq + 1) * 8 + gr]);
+  fb[0][1] = moert_pack_bf(b[(2 * tq + 8) * 8 + gr], b[(2 * tq + 9) * 8 + gr]);
+  moert_frag_a2<24>(fa[1], As);
+  moert_frag_b2<16>(fb[1], Bs);
+  moert_frag_a2<24>(fa[2], As);
+  moert_frag_bt2<40>(fb[2], Bt);
+  for (int w = 0; w < 3; w++) {
+    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    moert_mma_bf16(c, fa[w], fb[w]);
+    float *o = out + w * 128;
+    o[gr * 8 + 2 * tq] = c[0], o[gr * 8 + 2 * tq + 1] = c[1];
+    o[(gr + 8) * 8 + 2 * tq] = c[2], o[(gr + 8) * 8 + 2 * tq + 1] = c[3];
+  }
 }
 
 // ---------------------------------------------------------------- the kernels by DM

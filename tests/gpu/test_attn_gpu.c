@@ -15,11 +15,15 @@
  * 1e-3 (P and dS rounded to bf16 as the tensor cores' operands, and each
  * output rounded once). Then again with device pointers one element past
  * 16-byte alignment (MHA, GQA, MQA): the kernels' paths without 16-byte
- * pieces (cp.async).
+ * pieces (cp.async). Last, graph: all four captured into one CUDA graph
+ * (nothing in them may synchronize or allocate), launched twice on fresh
+ * inputs.
  *
  * test_attn_gpu [SUITE] [--big]: SUITE one of rope, fwd32, bwd32, fwd16,
- * bwd16, decode (all when absent); the shapes are small enough for the
- * emulated stack unless --big (the real GPU: seq 300 and 1029, more heads).
+ * bwd16, decode, graph (all when absent); the shapes are small enough for the
+ * emulated stack unless --big (the real GPU: seq 300 to 1029, more heads).
+ * First of all, moert_backend_cuda_mma_check: the tensor cores' fragment
+ * layouts that the bf16 kernels assume, on their own.
  * Skips (77) where no GPU is found. MOEC_TEST_SEED sets the seed. */
 #include "backend.h"
 
@@ -279,6 +283,57 @@ static void t_decode(moert_dt dt, int64_t len, int64_t H, int64_t KV, int64_t D)
   end();
 }
 
+/* CUDA graphs capture every op of a step: RoPE, the forward, the backward
+ * and decode recorded into one graph (none may synchronize or allocate),
+ * then launched twice on fresh inputs (uploaded in place, as a step's),
+ * each result against the cpu's. */
+static void t_graph(moert_dt dt) {
+  const int64_t nseq = 2, seq = 45, H = 4, KV = 2, D = 64, T = nseq * seq, W = (H + 2 * KV) * D;
+  begin("graph of rope, attn_fwd, attn_bwd, attn_decode %s", dt_name(dt));
+  if (!gpu->graph_begin) {
+    printf("ok   %s: skipped (the driver cannot capture streams)\n", case_name);
+    return;
+  }
+  int64_t ns = moert_cpu_attn_scratch(T, H, KV, D);
+  tbuf qkv = tb(dt, T * W, -2, 2), o = garbage(dt, T * H * D), lse = garbage(MOERT_F32, T * H);
+  tbuf dout = tb(dt, T * H * D, -1, 1), dqkv = garbage(dt, T * W), scr = garbage(MOERT_F32, ns);
+  tbuf od = garbage(dt, H * D);
+  const void *q_d = (const char *)qkv.d + (size_t)moert_dt_size(dt) * (size_t)((seq - 1) * W);
+  moert_status st = {0};
+  checks++;
+  bool ok = gpu->graph_begin(gpu, &st);
+  if (ok) {
+    gpu->rope_t(dt, qkv.d, T, seq, 0, H, KV, D, 10000.0, false);
+    gpu->attn_fwd_t(dt, qkv.d, o.d, lse.d, nseq, seq, H, KV, D, true);
+    gpu->attn_bwd_t(dt, qkv.d, o.d, lse.d, dout.d, dqkv.d, scr.d, nseq, seq, H, KV, D, true);
+    gpu->attn_decode_t(dt, q_d, qkv.d, od.d, seq, H, KV, D);
+    ok = gpu->graph_end(gpu, 0, &st);
+  }
+  if (!ok) {
+    printf("FAIL %s: the capture: %s\n", case_name, st.msg);
+    failures++;
+    end();
+    return;
+  }
+  for (int round = 0; round < 2; round++) {
+    for (int64_t i = 0; i < qkv.n; i++) tset(dt, qkv.h, i, frand(-2, 2));
+    for (int64_t i = 0; i < dout.n; i++) tset(dt, dout.h, i, frand(-1, 1));
+    upload(qkv), upload(dout);
+    if (!gpu->graph_launch(gpu, 0, &st)) die("graph_launch", &st);
+    cpu->rope_t(dt, qkv.h, T, seq, 0, H, KV, D, 10000.0, false);
+    cpu->attn_fwd_t(dt, qkv.h, o.h, lse.h, nseq, seq, H, KV, D, true);
+    cpu->attn_bwd_t(dt, qkv.h, o.h, lse.h, dout.h, dqkv.h, scr.h, nseq, seq, H, KV, D, true);
+    cpu->attn_decode_t(dt, (const char *)qkv.h + (size_t)moert_dt_size(dt) * (size_t)((seq - 1) * W), qkv.h, od.h,
+                       seq, H, KV, D);
+    check("qkv after rope", qkv, tol_of(dt, 1e-6, 1e-3));
+    check("o", o, tol_of(dt, 1e-5, 6e-3));
+    check("lse", lse, tol_of(dt, 1e-6, 1e-5));
+    check("dqkv", dqkv, tol_of(dt, 1e-5, 1e-2));
+    check("decode", od, tol_of(dt, 1e-5, 6e-3));
+  }
+  end();
+}
+
 /* --- the suites --- */
 
 static const shape small_shapes[] = {
@@ -289,9 +344,11 @@ static const shape small_shapes[] = {
     {1, 45, 2, 2, 40},  /* a head dim of the generic path */
     {1, 37, 2, 1, 256}, /* the widest head */
 };
+/* the real GPU's: many tiles, every path; the cpu's reference (double,
+ * O(seq^2 H D)) keeps the whole run at a few minutes */
 static const shape big_shapes[] = {
-    {3, 300, 8, 8, 64},   {2, 1029, 8, 2, 64}, {2, 300, 8, 1, 128}, {1, 1029, 16, 4, 128},
-    {2, 300, 4, 2, 8},    {1, 333, 4, 2, 40},  {1, 300, 4, 1, 256}, {1, 1029, 8, 8, 256},
+    {3, 300, 8, 8, 64}, {2, 1029, 8, 2, 64}, {2, 300, 8, 1, 128}, {1, 1029, 8, 2, 128},
+    {2, 300, 4, 2, 8},  {1, 333, 4, 2, 40},  {1, 300, 4, 1, 256}, {1, 520, 4, 4, 256},
 };
 
 static void suite(const char *name, void (*each)(moert_dt, shape, bool), moert_dt dt, bool both_masks) {
@@ -317,11 +374,11 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[i], "--big")) big = true;
     else only = argv[i];
   }
-  static const char *const names[] = {"rope", "fwd32", "bwd32", "fwd16", "bwd16", "decode"};
+  static const char *const names[] = {"rope", "fwd32", "bwd32", "fwd16", "bwd16", "decode", "graph"};
   bool known = !only;
-  for (int i = 0; i < 6; i++) known |= only && !strcmp(only, names[i]);
+  for (int i = 0; i < 7; i++) known |= only && !strcmp(only, names[i]);
   if (!known) {
-    printf("usage: test_attn_gpu [rope|fwd32|bwd32|fwd16|bwd16|decode] [--big]\n");
+    printf("usage: test_attn_gpu [rope|fwd32|bwd32|fwd16|bwd16|decode|graph] [--big]\n");
     return 2;
   }
   if (!moert_cuda_available()) {
@@ -336,6 +393,15 @@ int main(int argc, char **argv) {
   moert_status st = {0};
   /* the default kernel cache: the emulated stack's compile is the slow part */
   if (!moert_backend_cuda_create(&gpu, 0, NULL, true, NULL, &st)) die("moert_backend_cuda_create", &st);
+  /* the fragment layouts apart from attention first: a failure there names the instruction */
+  checks++;
+  if (moert_backend_cuda_mma_check(gpu, &st)) {
+    printf("ok   the tensor cores' fragment layouts (mma.m16n8k16, ldmatrix, ldmatrix.trans)\n");
+  } else {
+    printf("FAIL the tensor cores' fragment layouts: %s\n", st.msg);
+    failures++;
+    st = (moert_status){0};
+  }
   for (int pass = 0; pass < 2; pass++) { /* aligned, then one element off (the first shapes) */
     misalign = pass == 1;
     if (want(only, "rope")) {
@@ -356,6 +422,11 @@ int main(int argc, char **argv) {
         t_decode(dt, len, 2, 1, 8);
       }
     }
+  }
+  misalign = false;
+  if (want(only, "graph")) {
+    t_graph(MOERT_F32);
+    t_graph(MOERT_BF16);
   }
   moert_backend_cuda_destroy(gpu);
   printf("%d checks, %d failed\n", checks, failures);
