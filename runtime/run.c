@@ -387,7 +387,10 @@ static void write_metrics(FILE *f, const moert_model *m, const moert_exec *e, in
   fflush(f);
 }
 
-/* Sample n bytes after a prompt, temperature 0.8, from the generator. */
+/* Sample n bytes after a prompt, temperature 0.8, from the generator, onto
+ * out (NULL: nothing printed). Every rank runs it: the forwards of a model
+ * with experts on several ranks are collective; rank 0's pick is every
+ * rank's. */
 static bool sample_text(moert_exec *e, moert_data *d, const char *prompt, int64_t n, uint64_t seed,
                         FILE *out, moert_status *st) {
   const moert_model *m = e->m;
@@ -410,6 +413,10 @@ static bool sample_text(moert_exec *e, moert_data *d, const char *prompt, int64_
     prompt = fallback;
   }
   int64_t plen = (int64_t)strlen(prompt);
+  for (int64_t i = 0; i < plen; i++) /* the embedding's rows: a byte past them would be read out of bounds */
+    if ((unsigned char)prompt[i] >= V)
+      return MOERT_FAIL(st, "--prompt: byte %lld of the prompt is %d, outside the model's vocabulary of %lld",
+                        (long long)i, (unsigned char)prompt[i], (long long)V);
   int32_t *hist = malloc(sizeof(int32_t) * (size_t)(plen + n + 1));
   int32_t *win = malloc(sizeof(int32_t) * (size_t)ctx);
   float *logits = malloc(sizeof(float) * (size_t)V);
@@ -421,7 +428,7 @@ static bool sample_text(moert_exec *e, moert_data *d, const char *prompt, int64_
   }
   for (int64_t i = 0; i < plen; i++) hist[i] = (unsigned char)prompt[i];
   int64_t len = plen;
-  fprintf(out, "\nsample (prompt in brackets):\n[%s]", prompt);
+  if (out) fprintf(out, "\nsample (prompt in brackets):\n[%s]", prompt);
   /* One token's forward per byte (moert_exec_decode), attention layers
    * keeping their keys and values in a cache: the prompt's bytes but its
    * last go through it one by one, then the loop below runs the newest byte
@@ -450,10 +457,18 @@ static bool sample_text(moert_exec *e, moert_data *d, const char *prompt, int64_
         break;
       }
     }
+    if (e->comm->world > 1) { /* rank 0's, should the ranks' logits differ in a last bit */
+      double agreed = e->comm->rank == 0 ? (double)pick : 0;
+      if (!e->comm->all_reduce_f64(e->comm, &agreed, 1, MOERT_RED_SUM, st)) {
+        ok = false;
+        break;
+      }
+      pick = (int64_t)agreed;
+    }
     hist[len++] = (int32_t)pick;
-    fputc(pick == '\n' || (pick >= 32 && pick < 127) ? (int)pick : '?', out);
+    if (out) fputc(pick == '\n' || (pick >= 32 && pick < 127) ? (int)pick : '?', out);
   }
-  fputs("\n", out);
+  if (out) fputs("\n", out);
   free(hist);
   free(win);
   free(logits);
@@ -852,8 +867,8 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
   }
   if (trace && !moert_trace_write(trace, comm, &st)) goto out;
   if (trace && out) fprintf(out, "trace: %s (open in chrome://tracing or ui.perfetto.dev)\n", o.trace);
-  if (o.generate && !stop_sig && comm->rank == 0 &&
-      !sample_text(e, data, o.prompt, o.generate, (uint64_t)o.seed, out ? out : stdout, &st))
+  if (o.generate && !stop_sig &&
+      !sample_text(e, data, o.prompt, o.generate, (uint64_t)o.seed, comm->rank ? NULL : out ? out : stdout, &st))
     goto out;
   rc = 0;
 out:

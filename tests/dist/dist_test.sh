@@ -55,6 +55,22 @@ bf16_np4)
   run 4 ./dist --variant "$first" --metrics f32.jsonl --quiet || fail "fp32 run"
   same_losses f32.jsonl fixed.jsonl 2e-2
   echo "ok: bf16 experts: every variant follows the fixed one, -np 1 and fp32 within bf16 tolerance; switches free" ;;
+generate)
+  # --generate at two ranks: every rank runs the forwards (the experts' are
+  # collective; rank 0 alone would wait for the others forever), rank 0
+  # prints, and the sample is -np 1's (the same weights: invariance)
+  p=" 0123 456"
+  run 1 ./dist --tokens 128 --generate 40 --prompt "$p" > g1.txt || fail "-np 1: $(tail -2 g1.txt)"
+  timeout 120 "$mpiexec" --oversubscribe -np 2 -x OPENBLAS_NUM_THREADS ./dist --tokens 64 --generate 40 --prompt "$p" \
+    > g2.txt 2>&1 || fail "-np 2 exited $? (124: it hung): $(tail -2 g2.txt)"
+  sed -n '/^sample (prompt in brackets):$/,$p' g1.txt > s1.txt; sed -n '/^sample (prompt in brackets):$/,$p' g2.txt > s2.txt
+  [ "$(grep -c '^sample' g2.txt)" = 1 ] || fail "-np 2 printed $(grep -c '^sample' g2.txt) samples, not rank 0's alone"
+  [ "$(tail -n +2 s1.txt | wc -c)" -ge $((${#p} + 2 + 40)) ] || fail "no sample of 40 bytes: $(cat g1.txt)"
+  cmp -s s1.txt s2.txt || { cat s1.txt s2.txt; fail "the samples of -np 1 and -np 2 differ"; }
+  # a prompt byte past the vocabulary (64) is refused, not read out of bounds
+  ./dist --steps 1 --generate 4 --prompt "abc" > bad.txt 2>&1 && fail "a prompt outside the vocabulary ran"
+  grep -q "outside the model's vocabulary of 64" bad.txt || fail "unclear message: $(cat bad.txt)"
+  echo "ok: --generate at -np 2 runs on every rank, prints once, and samples what -np 1 samples" ;;
 invariance)
   t=32
   run 1 ./dist --tokens $((4 * t)) --metrics w1.jsonl --quiet || fail "-np 1"

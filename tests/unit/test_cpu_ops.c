@@ -527,6 +527,13 @@ static void rope_case(gc_case *c, const char *name, int64_t nseq, int64_t seq, i
   c->in_n[0] = c->out_n = nseq * seq * (H + 2 * KV) * D;
 }
 
+/* attn_decode of the last of len rows (cpu_ops_cases.inc's decode). */
+static void decode_case(gc_case *c, const char *name, int64_t len, int64_t H, int64_t KV, int64_t D) {
+  *c = (gc_case){.name = name, .nin = 1, .d = {len, H, KV, D}, CASE_FNS(decode)};
+  c->in_n[0] = len * (H + 2 * KV) * D;
+  c->out_n = H * D;
+}
+
 static int run_gradient_checks(void) {
   gc_case cases[64];
   int n = 0;
@@ -624,6 +631,9 @@ static int run_gradient_checks(void) {
   attn_case(&cases[n++], "attn + rope mqa 3/1 D16", 2, 7, 3, 1, 16, false, true);
   rope_case(&cases[n++], "rope gqa 4/2 D8", 2, 7, 0, 4, 2, 8, 10000, false);
   rope_case(&cases[n++], "rope inverse at pos0 5, D16 base 100", 2, 7, 5, 2, 1, 16, 100, true);
+  decode_case(&cases[n++], "attn_decode gqa 4/2 D8, 7 rows", 7, 4, 2, 8);
+  decode_case(&cases[n++], "attn_decode mqa 4/1 D16, 6 rows", 6, 4, 1, 16);
+  decode_case(&cases[n++], "attn_decode mha D8, 1 row", 1, 2, 2, 8);
 
   int before = failures;
   for (int i = 0; i < n; i++) {
