@@ -4,7 +4,9 @@
 #  2. builds examples/tiny.moe and trains it on two ranks under mpirun, each
 #     MoE layer switching among its parallelism variants: the loss falls;
 #  3. builds examples/bytes_small.moe, trains it on the King James Bible for
-#     a few hundred steps and prints a sample of the text it learned to write.
+#     a few hundred steps and prints a sample of the text it learned to write;
+#  4. the same with examples/bytes_attention.moe, which reads sequences of
+#     128 bytes through causal self-attention instead of an n-gram window.
 set -eu
 moec=${MOEC:-moec}
 cd "$(dirname "$0")/.."
@@ -38,5 +40,10 @@ echo "== 3. moec build examples/bytes_small.moe -o $out/bytes_small && $out/byte
 sh tools/make-corpus.sh
 "$moec" build examples/bytes_small.moe -o "$out/bytes_small"
 "$out/bytes_small" --generate 300 --metrics "$out/bytes_small.jsonl"
+
 echo
-echo "metrics (one JSON object per step): $out/tiny.jsonl, $out/bytes_small.jsonl"
+echo "== 4. moec build examples/bytes_attention.moe -o $out/bytes_attention && $out/bytes_attention --generate 300"
+"$moec" build examples/bytes_attention.moe -o "$out/bytes_attention"
+"$out/bytes_attention" --backend cpu --generate 300 --metrics "$out/bytes_attention.jsonl"
+echo
+echo "metrics (one JSON object per step): $out/tiny.jsonl, $out/bytes_small.jsonl, $out/bytes_attention.jsonl"
