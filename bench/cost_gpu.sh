@@ -11,6 +11,8 @@
 # one GPU has no NVLink to measure); the validation is bench/cost_validate.py
 # with the cuda backend: the compute terms against the trace at one rank, and
 # the ranking at 2 ranks sharing the GPU (the staged comm).
+# It builds the tree first when BUILD_DIR has none: that needs what
+# tools/install-deps.sh installs (bison >= 3.6, flex, jansson, xxhash, MPI).
 set -eu
 cal=${1:-data/calibration/h100.json}
 build=${2:-build}

@@ -10,7 +10,9 @@ the best fixed variant (the one variant, present at every scale, whose worst
 slowdown over the four scales is least) and over plain expert parallelism
 (r=1,d=1,a2a=linear); and what each dimension buys alone: 2dh (the best
 variant over the best linear one), r (over the best with r = 1), d (over the
-best with d = 1). Prints markdown.
+best with d = 1); the all-to-all alone, linear against 2dh; and the steps
+select = auto spends exploring with and without the prediction, were the runs
+to take the predicted times. Prints markdown.
 """
 import argparse
 import json
@@ -81,6 +83,19 @@ def main():
                 "%.3f" % f(hv, "a2a_ns") if hv else "-",
                 "%.3f / %.3f" % (f(hv, "a2a_intra_ns"), f(hv, "a2a_inter_ns")) if hv else "-",
                 "%.2fx" % (lv["a2a_ns"] / hv["a2a_ns"]) if hv else "-", 100.0 * b["a2a_ns"] / b["total_ns"]))
+        # select = auto's exploring (explore_steps = 3: a warm-up and 3 measured runs a
+        # candidate), if the runs took what the model predicts: every candidate without the
+        # prediction; with it, those before the first one predicted 1.5x the best (select.h)
+        print("\nExploring under `select = auto` (explore_steps = 3), if runs took the predicted times: steps "
+              "spent before the layer settles\n")
+        print("| GPUs | candidates | without the prediction | with it | candidates pruned |")
+        print("|---|---|---|---|---|")
+        for w in SCALES:
+            order = sorted(times[w], key=times[w].get)
+            best, k = times[w][order[0]], 1
+            while k < len(order) and times[w][order[k]] <= 1.5 * best:
+                k += 1
+            print("| %d | %d | %d | %d | %d |" % (w, len(order), 4 * len(order), 4 * k, len(order) - k))
         print()
 
 

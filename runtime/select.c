@@ -182,7 +182,7 @@ bool moert_selector_use_prediction(moert_selector *s, int ranks_per_node, bool t
   if (!m->calibration) {
     if (wanted)
       return MOERT_FAIL(st, "`select = predicted` needs a calibration in the binary, and this one was built "
-                        "without (moec build --gpu none); build it with `moec build --gpu FILE` (a file of "
+                        "without (moec build --gpu none, or a driver from moec emit); build it with `moec build --gpu FILE` (a file of "
                         "`./model --calibrate FILE`), or without --gpu for the committed one");
     return true;
   }

@@ -80,6 +80,10 @@ invariance)
   echo "ok: -np 1 with $((4 * t)) tokens and -np 4 with $t tokens give the same losses" ;;
 selector)
   slow="r=0,d=1,a2a=linear"
+  # the measured selector alone: a binary without a calibration explores every
+  # candidate in rounds, whatever calibration is committed (model.cost.explore
+  # tests exploring with one)
+  "$moec" build --gpu none "$src/tests/dist/dist.moe" -o dist >/dev/null || fail "moec build --gpu none"
   MOEC_TEST_SLOW_VARIANT=$slow run 2 ./dist --steps 30 --metrics s.jsonl --quiet || fail "run"
   grep -q '"selector"' s.jsonl || fail "the selector never reported a finished exploration"
   # 3 candidates at -np 2 (dist.moe): a warm-up round, then explore_steps = 2 rounds
