@@ -51,7 +51,7 @@
  * nonblocking MPI call, finished by one wait (finish): without a watch, or
  * with timeout 0, MPI_Waitall, as the blocking call would; with one, a spin
  * of MPI_Testall (yielding the core, as Open MPI's own wait does with
- * mpi_yield_when_idle) for SPIN_S, then MPI_Testall between sleeps that grow
+ * mpi_yield_when_idle) for SPIN_S (0.1 s), then MPI_Testall between sleeps that grow
  * from SLEEP_MIN_NS to SLEEP_MAX_NS, so a stopped peer costs the waiting
  * ranks almost no CPU. Past the timeout, a roll call on a duplicate of the
  * world comm made for it (`roll`, its tags of its own): a ping to every other
@@ -195,13 +195,15 @@ static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 /* ---- the watchdog ------------------------------------------------------- */
 
-/* The first part of a watched wait spins (a collective of ranks that are all
- * there takes microseconds); after it the wait sleeps between tests, the
- * sleep doubling from SLEEP_MIN_NS to SLEEP_MAX_NS (what a wait past the
- * spin may lose, at most, once the collective is done). */
-#define SPIN_S 2e-3
+/* The first part of a watched wait spins, as MPI's own wait does (a
+ * collective of ranks that are all there takes microseconds, and its rounds
+ * progress only while its ranks call MPI: a rank that sleeps holds the
+ * others up); after it, a wait that is long already sleeps between tests,
+ * the sleep doubling from SLEEP_MIN_NS to SLEEP_MAX_NS (what a wait past the
+ * spin may lose, at most, per round of the collective). */
+#define SPIN_S 0.1
 #define SLEEP_MIN_NS 20000L
-#define SLEEP_MAX_NS 500000L
+#define SLEEP_MAX_NS 200000L
 /* Tags on the roll comm: a ping, and its answer. */
 #define TAG_PING 1
 #define TAG_HERE 2

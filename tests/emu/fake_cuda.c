@@ -48,7 +48,7 @@
  *   (CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED); the per-thread default stream is
  *   not emulated for capture (CUDA_ERROR_NOT_SUPPORTED).
  * - "Potentially unsafe" calls — cuMemAlloc, cuMemFree, cuMemsetD8,
- *   cuModuleLoadData, cuModuleUnload, cuStreamSynchronize, cuEventSynchronize
+ *   cuModuleLoadData, cuModuleUnload, cuStreamSynchronize, cuStreamQuery, cuEventSynchronize
  *   — fail with CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED and invalidate the
  *   capture(s) that forbid them: those of the calling thread not begun in
  *   RELAXED mode, and, while the thread's mode (cuThreadExchangeStreamCapture-
