@@ -10,6 +10,10 @@
 #              variant `moec plan` predicts best, and no step explores
 #   explore    select = auto at 2 ranks: with the prediction, exploring stops
 #              before the candidate predicted far slower (6 steps, not 9)
+#   calibrate  ./model --calibrate at 1 rank and at 2 (mpirun): files moec plan
+#              reads, the second with the all-to-all's alpha and beta; on the
+#              backend a run would take (cuda under tests/emu: emu.calibrate;
+#              EXPECT_BACKEND says which)
 # Exit 77 means "skipped" (no mpirun), with the reason printed.
 set -u
 mode=$1 moec=$2 src=$3 work=$4 mpiexec=${5:-mpirun}
@@ -110,6 +114,27 @@ for l in open(sys.argv[1]):
     if "selector" in d: assert "predicted_ms" in d["selector"]["experts"], "no predicted_ms"' with.jsonl ||
     fail "the pruned candidate ran"
   echo "ok: exploring took $a steps with the prediction, $b without" ;;
+
+calibrate)
+  command -v "$mpiexec" >/dev/null 2>&1 || { echo "skipped: no $mpiexec"; exit 77; }
+  want=${EXPECT_BACKEND:-cpu}
+  "$moec" build --gpu none "$cost/pick.moe" -o pick > /dev/null || fail "moec build"
+  ./pick --calibrate c1.json > out.txt || fail "--calibrate failed"
+  grep -q "written to c1.json" out.txt || fail "no word of the file written: $(cat out.txt)"
+  "$mpiexec" -np 2 ./pick --calibrate c2.json --quiet || fail "--calibrate at 2 ranks failed"
+  python3 -c 'import json,sys
+for f, ranks in (("c1.json", 0), ("c2.json", 2)):
+    c = json.load(open(f))
+    assert c["backend"] == sys.argv[1], "%s: backend %s, not %s" % (f, c["backend"], sys.argv[1])
+    kinds = {p["kind"] for p in c["gemm"]}
+    assert kinds == {"nn", "tn", "nt"}, "%s: GEMM kinds %s" % (f, kinds)
+    assert all(p["flops_per_s"] > 0 for p in c["gemm"]) and all(v > 0 for v in c["bandwidth"].values()), f
+    if ranks: assert c["a2a"] and c["a2a"]["ranks"] == 2 and c["a2a"]["beta_bytes_per_s"] > 0, "%s: a2a %s" % (f, c["a2a"])
+    else: assert c["a2a"] is None, "c1.json: an all-to-all at one rank"' "$want" || fail "the calibrations are wrong"
+  "$moec" plan --gpu c1.json --ranks 2 "$cost/pick.moe" | grep -q "best: r=" || fail "moec plan cannot use c1.json"
+  "$moec" plan --gpu c2.json --net nvlink=measured,alpha_intra=measured --ranks 2 "$cost/pick.moe" |
+    grep -q "best: r=" || fail "moec plan cannot use c2.json's all-to-all"
+  echo "ok: calibrations of the $want backend at 1 and 2 ranks, read by moec plan" ;;
 
 *) fail "unknown mode" ;;
 esac
