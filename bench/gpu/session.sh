@@ -2,8 +2,12 @@
 # session.sh — everything the one-GPU issue checks and measures, in one call on
 # the GPU machine (a device session has about 30 minutes, 10 a command): build,
 # the `gpu` CTest label, the layer benchmark against PyTorch (and with
-# MOEC_CUBLASLT=0), and the step time of every example (with CUDA graphs, and
-# without them: MOEC_CUDA_GRAPHS=0). Each phase writes its
+# MOEC_CUBLASLT=0), the step time of every example (with CUDA graphs, and
+# without them: MOEC_CUDA_GRAPHS=0), the attention kernels against PyTorch's
+# scaled_dot_product_attention (attn), the GPT-MoE with attention against the
+# n-gram one at the same steps and tokens (gpt; needs examples/data/corpus.txt,
+# carried to the machine), and the cost model's calibration of the GPU
+# (calibrate: data/calibration/h100.json and the cost model's one-GPU check). Each phase writes its
 # log and its table under --out; report.md gathers them with the command, the
 # GPU, the date and the commit, ready for bench/RESULTS.md. A phase that fails
 # is recorded and the next one runs; --deadline stops starting phases in time.
@@ -11,7 +15,8 @@
 # usage: bench/gpu/session.sh [options]
 #   --out DIR            where logs, tables and report.md go (default: $OUT, else a new /tmp dir)
 #   --build DIR          the build tree (default: build); made with RelWithDebInfo when missing
-#   --phases "LIST"      of build tests layer layer_blas examples examples_nographs (default: all, in that order)
+#   --phases "LIST"      of build tests layer layer_blas examples examples_nographs attn gpt calibrate
+#                        (default: all, in that order)
 #   --tests REGEX        ctest -R REGEX within the gpu label (default: every gpu test)
 #   --examples "LIST"    example names (default: every examples/*.moe that trains or runs)
 #   --steps N            steps an example runs (default 25); --warmup N: not measured (default 5)
@@ -21,7 +26,7 @@
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
-out=${OUT:-} build=$root/build phases="build tests layer layer_blas examples examples_nographs" tests_re= examples=
+out=${OUT:-} build=$root/build phases="build tests layer layer_blas examples examples_nographs attn gpt calibrate" tests_re= examples=
 steps=25 warm=5 deadline=0 backend=cuda
 usage() { sed -n '2,/^# Exit/s/^# \{0,1\}//p' "$0" >&2; exit 2; }
 args="$*"
@@ -42,7 +47,7 @@ while [ $# -gt 0 ]; do
   [ $# -gt 0 ] && shift
 done
 for p in $phases; do
-  case $p in build|tests|layer|layer_blas|examples|examples_nographs) ;; *) echo "session.sh: no phase '$p'" >&2; usage ;; esac
+  case $p in build|tests|layer|layer_blas|examples|examples_nographs|attn|gpt|calibrate) ;; *) echo "session.sh: no phase '$p'" >&2; usage ;; esac
 done
 case $backend in cpu|cuda) ;; *) echo "session.sh: --backend is cuda or cpu" >&2; exit 2 ;; esac
 [ "$steps" -gt "$warm" ] 2>/dev/null || { echo "session.sh: --steps must exceed --warmup" >&2; exit 2; }
@@ -177,6 +182,39 @@ PY
       [ -s "$out/$p/errors.txt" ] && { echo; sed 's/^/- /' "$out/$p/errors.txt"; }
       echo
     } >> "$report"
+    ;;
+  attn)
+    cmake --build "$build" --target attn_bench > "$out/attn_build.log" 2>&1 &&
+      python3 "$here/attn_bench.py" --bench "$build/bench/attn_bench" --json "$out/attn.json" > "$out/attn.md" 2>&1
+    rc=$?
+    { echo "## Attention: moec's kernels against PyTorch's scaled_dot_product_attention"; echo
+      echo "Command: \`python3 bench/gpu/attn_bench.py --bench build/bench/attn_bench\`"; echo
+      cat "$out/attn.md"; echo; } >> "$report"
+    ;;
+  gpt)
+    # the same steps and tokens: held-out loss of attention + experts against the n-gram model
+    rc=0
+    mkdir -p "$out/gpt"
+    for x in gpt_moe_bytes gpt_moe; do
+      "$build/compiler/moec" build "$root/examples/$x.moe" -o "$out/gpt/$x" > "$out/gpt/$x.build.log" 2>&1 &&
+        (cd "$root" && timeout 400 "$out/gpt/$x" --backend cuda --metrics "$out/gpt/$x.jsonl" --kernel-cache "$out/kc" \
+          --generate 300 --prompt "And it came to pass" > "$out/gpt/$x.log" 2>&1) || { rc=1; tail -n 5 "$out/gpt/$x.log"; }
+    done
+    { echo "## GPT-MoE with attention against the n-gram GPT-MoE (same steps, tokens, data)"; echo
+      echo "Command: \`moec build examples/X.moe -o X && ./X --backend cuda --metrics X.jsonl --generate 300\`"; echo
+      for x in gpt_moe_bytes gpt_moe; do
+        echo "- $x: last eval_loss $(sed -n 's/.*"eval_loss": \([0-9.]*\).*/\1/p' "$out/gpt/$x.jsonl" | tail -n 1)," \
+             "median ms/step $(sed -n 's/.*"ms": \([0-9.]*\).*/\1/p' "$out/gpt/$x.jsonl" | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }')"
+      done
+      echo; echo "Sample of gpt_moe:"; echo; echo '```'; sed -n '/^sample/,$p' "$out/gpt/gpt_moe.log"; echo '```'; echo
+    } >> "$report"
+    ;;
+  calibrate)
+    (cd "$root" && OUT_DIR="$out/cost" bash bench/cost_gpu.sh "$out/h100.json" "$build") > "$out/calibrate.log" 2>&1
+    rc=$?
+    { echo "## The cost model: calibration of this GPU and its one-GPU check"; echo
+      echo "Command: \`bench/cost_gpu.sh\` (the calibration is $out/h100.json: commit it as data/calibration/h100.json)"; echo
+      echo '```'; tail -n 40 "$out/calibrate.log"; echo '```'; echo; } >> "$report"
     ;;
   esac
   result "$p" "$rc" $(($(date +%s) - t0))
