@@ -99,6 +99,10 @@ def parse_list(path):
     for no, raw in enumerate(text, 1):
         where = f"{shown(path)}:{no}"
         if block is not None:  # inside <<< ... === ... >>>: verbatim
+            if re.fullmatch(r"== [A-Za-z0-9_.-]+", raw) and no < len(text) and text[no].startswith("file:"):
+                # the next entry's header: this block was never closed (a merge that lost its `>>>`)
+                raise ListError(f"{where}: mutation {cur.name}: its `<<<` block is not closed by `===` and "
+                                f"`>>>` before the next mutation, {raw[3:]}")
             if raw == "===" and block == "original":
                 cur.original = "\n".join(lines)
                 block, lines = "replacement", []
