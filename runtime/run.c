@@ -648,8 +648,7 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
        moert_selector_use_prediction(sel, comm->local_size, training, &st) &&
        moert_data_open_seq(&data, o.data, m->vocab, m->dim, m->context, m->seq, o.tokens * comm->world,
                            (uint64_t)o.seed, &st) &&
-            !(training && o.checkpoint && comm->rank == 0 &&
-              !moert_ckpt_lock_create(o.checkpoint, &ckpt_lock, &st));
+       !(training && o.checkpoint && comm->rank == 0 && !moert_ckpt_lock_create(o.checkpoint, &ckpt_lock, &st));
   if (!agree(comm, ok, argv0, &agreed, &st)) goto out;
   ok = !(training && o.checkpoint && !moert_ckpt_check(o.checkpoint, m, o.resume, o.overwrite, &ckpt_step, &st));
   if (ok && o.resume) start = ckpt_step;

@@ -811,9 +811,10 @@ bool moert_exec_find_nonfinite(moert_exec *e, int *layer, bool *in_grad, moert_s
     if (p->params[i].count > most) most = p->params[i].count;
   float *host = malloc(sizeof(float) * (size_t)(most > 0 ? most : 1));
   if (!host) return MOERT_FAIL(st, "out of memory");
-  /* this rank's find as a rank in [0, 2L]: L - li for layer li's output,
-   * 2L - k for the k-th layer in backward order with a bad gradient, 0 for
-   * none; the highest over ranks wins (the comm reduces by max) */
+  /* this rank's find as a rank in [0, 2L]: 2L - li for layer li's output
+   * (outputs outrank gradients), L - k for the k-th layer in backward order
+   * with a bad gradient, 0 for none; the highest over ranks wins (the comm
+   * reduces by max) */
   double found = 0;
   for (int li = 0; li < L && found == 0; li++) {
     if (!(moert_layer_ops_of(m->layers[li].kind)->flags & MOERT_LF_OUTPUT) || p->layers[li].f[MOERT_F_OUT] < 0)

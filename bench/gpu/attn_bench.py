@@ -16,26 +16,13 @@ both times, moec / torch (above 1: moec slower) and moec's TFLOP/s
 (FlashAttention's count: 4 S^2 H D B forward, 2.5x backward, halved when
 causal); --json writes the rows for bench/RESULTS.md.
 """
-import argparse, json, os, statistics, subprocess, sys, tempfile
+import argparse, json, os, subprocess, sys, tempfile
 
 import torch
 import torch.nn.functional as F
 
-
-def median_ms(fn, warmup, reps):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a = torch.cuda.Event(enable_timing=True)
-        b = torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torch_ref import median_ms  # noqa: E402  (the same timing as the other references)
 
 
 def torch_times(B, S, H, D, KV, causal, warmup, iters):
