@@ -141,15 +141,6 @@ static int32_t token_at(const moert_data *d, bool eval, int64_t p) {
   return synth_token(d, eval ? STREAM_EVAL_TOKENS : STREAM_TOKENS, p);
 }
 
-/* 64 random bits of (seed, stream, index). */
-static uint64_t rand_u64(uint64_t seed, uint64_t stream, uint64_t index) {
-  const uint32_t key[2] = {(uint32_t)seed, (uint32_t)(seed >> 32)};
-  const uint32_t ctr[4] = {(uint32_t)stream, (uint32_t)(stream >> 32), (uint32_t)index, (uint32_t)(index >> 32)};
-  uint32_t out[4];
-  moert_philox4x32(key, ctr, out);
-  return (uint64_t)out[1] << 32 | out[0];
-}
-
 /* The stream position where window j (global index) of a step starts: its
  * S + 1 tokens lie in the training part, or in the held-out tail. */
 static int64_t window_start(const moert_data *d, int64_t step, bool eval, int64_t j) {
@@ -160,7 +151,7 @@ static int64_t window_start(const moert_data *d, int64_t step, bool eval, int64_
   }
   if (eval) return j * S; /* the synthetic eval stream, from its start */
   int64_t span = d->bytes ? d->ntrain - S : SYNTH_SPAN; /* starts in [0, span) */
-  uint64_t r = rand_u64(d->seed, STREAM_WINDOWS, (uint64_t)(step - 1) * (uint64_t)nw + (uint64_t)j);
+  uint64_t r = moert_rand_u64(d->seed, STREAM_WINDOWS, (uint64_t)(step - 1) * (uint64_t)nw + (uint64_t)j);
   return (int64_t)(r % (uint64_t)span);
 }
 

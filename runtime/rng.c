@@ -45,6 +45,12 @@ static void draw(uint64_t seed, uint64_t stream, uint64_t index, uint32_t out[4]
   moert_philox4x32(key, ctr, out);
 }
 
+uint64_t moert_rand_u64(uint64_t seed, uint64_t stream, uint64_t index) {
+  uint32_t w[4];
+  draw(seed, stream, index, w);
+  return (uint64_t)w[1] << 32 | w[0];
+}
+
 float moert_rand_uniform(uint64_t seed, uint64_t stream, uint64_t index) {
   uint32_t w[4];
   draw(seed, stream, index, w);

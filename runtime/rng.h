@@ -22,6 +22,8 @@
 /* One Philox4x32-10 block: out = philox(key, ctr). out may not alias the inputs. */
 void moert_philox4x32(const uint32_t key[2], const uint32_t ctr[4], uint32_t out[4]);
 
+/* 64 random bits of (seed, stream, index): the first two words of its block. */
+uint64_t moert_rand_u64(uint64_t seed, uint64_t stream, uint64_t index);
 /* Uniform in [0, 1): the top 24 bits of out[0], times 2^-24 (every float of the
  * form k * 2^-24 equally likely; 1.0 is never returned). */
 float moert_rand_uniform(uint64_t seed, uint64_t stream, uint64_t index);
