@@ -86,33 +86,54 @@ static bool attn_grad_written(const moert_layer *l, int s) {
 }
 
 #ifndef MOERT_LAYER_DESCRIBE_ONLY
+/* The input projection of `rows` tokens at positions pos0 + t % seq: QKV =
+ * x qkv_w (+ qkv_b), RoPE on its query and key heads (bf16 operands and
+ * qkv in a bf16 model). */
+static void qkv_in(moert_exec *e, int li, int64_t rows, int64_t seq, int64_t pos0) {
+  moert_backend *b = e->b;
+  const moert_layer *l = &e->m->layers[li];
+  const float *x = e->xin[li];
+  int64_t M = e->m->dim, W = qkv_width(l), H = l->heads, KV = l->kv_heads, D = l->head_dim;
+  if (e->xdt == MOERT_BF16) {
+    b->convert(S(e, li, XB), MOERT_BF16, x, MOERT_F32, rows * M);
+    moert_gemm1(b, false, false, rows, W, M, MOERT_BF16, S(e, li, XB), PL(e, li, QKV_W), 0, MOERT_BF16,
+                F(e, li, QKV), l->bias ? PL(e, li, QKV_B) : NULL);
+    if (l->rope > 0) b->rope_t(MOERT_BF16, F(e, li, QKV), rows, seq, pos0, H, KV, D, l->rope, false);
+    return;
+  }
+  b->gemm(false, false, rows, W, M, 1, x, M, P(e, li, QKV_W), W, 0, F(e, li, QKV), W);
+  if (l->bias) b->bias_add(F(e, li, QKV), P(e, li, QKV_B), rows, W);
+  if (l->rope > 0) b->rope(F(e, li, QKV), rows, seq, pos0, H, KV, D, l->rope, false);
+}
+
+/* The output projection of `rows` tokens: OUT = o out_w (+ out_b), fp32. */
+static void out_proj(moert_exec *e, int li, int64_t rows) {
+  moert_backend *b = e->b;
+  const moert_layer *l = &e->m->layers[li];
+  int64_t M = e->m->dim, HD = o_width(l);
+  if (e->xdt == MOERT_BF16) {
+    moert_gemm1(b, false, false, rows, M, HD, MOERT_BF16, F(e, li, AO), PL(e, li, OUT_W), 0, MOERT_F32,
+                F(e, li, OUT), l->bias ? P(e, li, OUT_B) : NULL);
+    return;
+  }
+  b->gemm(false, false, rows, M, HD, 1, F(e, li, AO), HD, P(e, li, OUT_W), M, 0, F(e, li, OUT), M);
+  if (l->bias) b->bias_add(F(e, li, OUT), P(e, li, OUT_B), rows, M);
+}
+
 static bool attn_fwd(moert_exec *e, int li, int64_t step, bool want_grad, moert_status *st) {
   (void)step, (void)want_grad;
   moert_backend *b = e->b;
   const moert_layer *l = &e->m->layers[li];
-  const float *x = e->xin[li];
-  int64_t T = e->rows, M = e->m->dim, S = e->m->seq, W = qkv_width(l), HD = o_width(l);
-  int64_t H = l->heads, KV = l->kv_heads, D = l->head_dim;
+  int64_t T = e->rows, S = e->m->seq, H = l->heads, KV = l->kv_heads, D = l->head_dim;
   if (T % S != 0) /* the plan checks the batch; a caller's rows (logits of a few windows) too */
     return MOERT_FAIL(st, "attention layer `%s`: %lld rows are not whole sequences of %lld (generation runs one "
                       "token at a time through moert_exec_decode)", l->name, (long long)T, (long long)S);
-  if (e->xdt == MOERT_BF16) { /* bf16 operands and qkv, o; fp32 in and out */
-    const moert_dt B16 = MOERT_BF16;
-    b->convert(S(e, li, XB), B16, x, MOERT_F32, T * M);
-    moert_gemm1(b, false, false, T, W, M, B16, S(e, li, XB), PL(e, li, QKV_W), 0, B16, F(e, li, QKV),
-                l->bias ? PL(e, li, QKV_B) : NULL);
-    if (l->rope > 0) b->rope_t(B16, F(e, li, QKV), T, S, 0, H, KV, D, l->rope, false);
-    b->attn_fwd_t(B16, F(e, li, QKV), F(e, li, AO), F(e, li, LSE), T / S, S, H, KV, D, l->causal);
-    moert_gemm1(b, false, false, T, M, HD, B16, F(e, li, AO), PL(e, li, OUT_W), 0, MOERT_F32, F(e, li, OUT),
-                l->bias ? P(e, li, OUT_B) : NULL);
-    return true;
-  }
-  b->gemm(false, false, T, W, M, 1, x, M, P(e, li, QKV_W), W, 0, F(e, li, QKV), W);
-  if (l->bias) b->bias_add(F(e, li, QKV), P(e, li, QKV_B), T, W);
-  if (l->rope > 0) b->rope(F(e, li, QKV), T, S, 0, H, KV, D, l->rope, false);
-  b->attn_fwd(F(e, li, QKV), F(e, li, AO), F(e, li, LSE), T / S, S, H, KV, D, l->causal);
-  b->gemm(false, false, T, M, HD, 1, F(e, li, AO), HD, P(e, li, OUT_W), M, 0, F(e, li, OUT), M);
-  if (l->bias) b->bias_add(F(e, li, OUT), P(e, li, OUT_B), T, M);
+  qkv_in(e, li, T, S, 0);
+  if (e->xdt == MOERT_BF16) /* bf16 qkv and o; fp32 in and out */
+    b->attn_fwd_t(MOERT_BF16, F(e, li, QKV), F(e, li, AO), F(e, li, LSE), T / S, S, H, KV, D, l->causal);
+  else
+    b->attn_fwd(F(e, li, QKV), F(e, li, AO), F(e, li, LSE), T / S, S, H, KV, D, l->causal);
+  out_proj(e, li, T);
   return true;
 }
 
@@ -164,30 +185,16 @@ static bool attn_decode(moert_exec *e, int li, int64_t pos, moert_status *st) {
   if (!l->causal)
     return MOERT_FAIL(st, "attention layer `%s` is bidirectional (causal = false): its tokens see later ones, "
                       "which generation has not made yet; only a causal model generates text", l->name);
-  const float *x = e->xin[li];
-  int64_t M = e->m->dim, S = e->m->seq, W = qkv_width(l), HD = o_width(l);
-  int64_t H = l->heads, KV = l->kv_heads, D = l->head_dim, len = pos + 1 < S ? pos + 1 : S;
-  int esz = moert_dt_size(e->xdt);
-  void *slot = (char *)e->dec.state[li] + (size_t)((pos % S) * W) * (size_t)esz;
-  if (e->xdt == MOERT_BF16) {
-    const moert_dt B16 = MOERT_BF16;
-    b->convert(S(e, li, XB), B16, x, MOERT_F32, M);
-    moert_gemm1(b, false, false, 1, W, M, B16, S(e, li, XB), PL(e, li, QKV_W), 0, B16, F(e, li, QKV),
-                l->bias ? PL(e, li, QKV_B) : NULL);
-    if (l->rope > 0) b->rope_t(B16, F(e, li, QKV), 1, 1, pos, H, KV, D, l->rope, false);
-    b->copy_blocks_t(B16, slot, W, F(e, li, QKV), W, 1, W, false);
-    b->attn_decode_t(B16, F(e, li, QKV), e->dec.state[li], F(e, li, AO), len, H, KV, D);
-    moert_gemm1(b, false, false, 1, M, HD, B16, F(e, li, AO), PL(e, li, OUT_W), 0, MOERT_F32, F(e, li, OUT),
-                l->bias ? P(e, li, OUT_B) : NULL);
-    return true;
-  }
-  b->gemm(false, false, 1, W, M, 1, x, M, P(e, li, QKV_W), W, 0, F(e, li, QKV), W);
-  if (l->bias) b->bias_add(F(e, li, QKV), P(e, li, QKV_B), 1, W);
-  if (l->rope > 0) b->rope(F(e, li, QKV), 1, 1, pos, H, KV, D, l->rope, false);
-  b->copy(slot, F(e, li, QKV), W);
-  b->attn_decode(F(e, li, QKV), e->dec.state[li], F(e, li, AO), len, H, KV, D);
-  b->gemm(false, false, 1, M, HD, 1, F(e, li, AO), HD, P(e, li, OUT_W), M, 0, F(e, li, OUT), M);
-  if (l->bias) b->bias_add(F(e, li, OUT), P(e, li, OUT_B), 1, M);
+  int64_t S = e->m->seq, W = qkv_width(l), H = l->heads, KV = l->kv_heads, D = l->head_dim;
+  int64_t len = pos + 1 < S ? pos + 1 : S;
+  void *slot = (char *)e->dec.state[li] + (size_t)((pos % S) * W) * (size_t)moert_dt_size(e->xdt);
+  qkv_in(e, li, 1, 1, pos);
+  b->copy_blocks_t(e->xdt, slot, W, F(e, li, QKV), W, 1, W, false);
+  if (e->xdt == MOERT_BF16)
+    b->attn_decode_t(MOERT_BF16, F(e, li, QKV), e->dec.state[li], F(e, li, AO), len, H, KV, D);
+  else
+    b->attn_decode(F(e, li, QKV), e->dec.state[li], F(e, li, AO), len, H, KV, D);
+  out_proj(e, li, 1);
   return true;
 }
 #else
