@@ -26,6 +26,10 @@
 /* Elements of the largest buffer: 256 M (1 GB of fp32) on a GPU, 32 M on the cpu. */
 #define MAX_ELEMS_GPU (256ll << 20)
 #define MAX_ELEMS_CPU (32ll << 20)
+/* The largest all-to-all a rank sends in all: 64 MiB on a GPU (NVLink's
+ * bandwidth shows only in the tens of MiB), 4 MiB on the cpu. */
+#define A2A_BYTES_GPU (64ll << 20)
+#define A2A_BYTES_CPU (4ll << 20)
 
 typedef struct cal {
   moert_backend *b;
@@ -182,41 +186,54 @@ static double now_s(void) {
   return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-/* alpha and beta of the linear all-to-all among this comm's ranks: t =
- * (W - 1) alpha + bytes (W - 1) / W / beta, least squares over sizes. */
-static bool measure_a2a(cal *c, float *send, float *recv, int64_t max_n) {
-  moert_comm *comm = c->comm;
-  moert_backend *b = c->b;
-  int W = comm->world;
-  double xs[16], ys[16];
-  int npts = 0;
-  for (int64_t n = 256; n <= max_n && npts < 16; n *= 4) {
-    double best = INFINITY;
-    for (int rep = 0; rep < 5; rep++) {
-      MOERT_TRY(c->st, comm->barrier(comm, c->st));
-      double t0 = now_s();
-      MOERT_TRY(c->st, comm->all_to_all_f32(comm, send, recv, n, MOERT_A2A_LINEAR, c->st));
-      float probe;
-      MOERT_TRY(c->st, b->download(b, &probe, recv, sizeof probe, c->st)); /* the device has finished */
-      double t = now_s() - t0;
-      MOERT_TRY(c->st, comm->all_reduce_f64(comm, &t, 1, MOERT_RED_MAX, c->st));
-      if (t < best) best = t;
-    }
-    double bytes = 4.0 * (double)n * W;
-    xs[npts] = bytes * (W - 1) / W;
-    ys[npts] = best;
-    npts++;
-  }
+/* The least-squares slope and intercept of ys over xs. */
+static void fit_line(const double *xs, const double *ys, int n, double *slope, double *icept) {
   double sx = 0, sy = 0, sxx = 0, sxy = 0;
-  for (int i = 0; i < npts; i++) {
+  for (int i = 0; i < n; i++) {
     sx += xs[i];
     sy += ys[i];
     sxx += xs[i] * xs[i];
     sxy += xs[i] * ys[i];
   }
-  double slope = (npts * sxy - sx * sy) / (npts * sxx - sx * sx), icept = (sy - slope * sx) / npts;
-  if (!(slope > 0)) return MOERT_FAIL(c->st, "the all-to-all times do not grow with size (slope %g): too noisy to "
-                                      "fit; calibrate again on a quieter machine", slope);
+  *slope = (n * sxy - sx * sy) / (n * sxx - sx * sx);
+  *icept = (sy - *slope * sx) / n;
+}
+
+/* alpha and beta of the linear all-to-all among this comm's ranks: t =
+ * (W - 1) alpha + bytes (W - 1) / W / beta, least squares over sizes from
+ * 1 KiB a peer to A2A_BYTES_* a rank (the machine's, not the model's: at small sizes the
+ * latency and the noise of a busy machine hide the bandwidth). Each size keeps
+ * the best of its repeats; a fit whose slope is not positive is measured again
+ * with twice the repeats, three times at most, before it is an error. */
+static bool measure_a2a(cal *c, float *send, float *recv, int64_t max_n) {
+  moert_comm *comm = c->comm;
+  moert_backend *b = c->b;
+  int W = comm->world;
+  double xs[16], ys[16], slope = 0, icept = 0;
+  for (int round = 0, reps = 5; round < 3; round++, reps *= 2) {
+    int npts = 0;
+    for (int64_t n = 256; n <= max_n && npts < 16; n *= 4) {
+      double best = INFINITY;
+      for (int rep = 0; rep < reps; rep++) {
+        MOERT_TRY(c->st, comm->barrier(comm, c->st));
+        double t0 = now_s();
+        MOERT_TRY(c->st, comm->all_to_all_f32(comm, send, recv, n, MOERT_A2A_LINEAR, c->st));
+        float probe;
+        MOERT_TRY(c->st, b->download(b, &probe, recv, sizeof probe, c->st)); /* the device has finished */
+        double t = now_s() - t0;
+        MOERT_TRY(c->st, comm->all_reduce_f64(comm, &t, 1, MOERT_RED_MAX, c->st));
+        if (t < best) best = t;
+      }
+      double bytes = 4.0 * (double)n * W;
+      xs[npts] = bytes * (W - 1) / W;
+      ys[npts] = best;
+      npts++;
+    }
+    fit_line(xs, ys, npts, &slope, &icept);
+    if (slope > 0) break; /* the same on every rank: the times are all-reduced */
+  }
+  if (!(slope > 0)) return MOERT_FAIL(c->st, "the all-to-all times do not grow with size (slope %g, three "
+                                      "tries): too noisy to fit; calibrate again on a quieter machine", slope);
   c->out.has_a2a = true;
   c->out.a2a_ranks = W;
   c->out.a2a_beta = 1 / slope;
@@ -369,9 +386,12 @@ static bool calibrate_on(const moert_model *m, const moert_run_opts *o, cal *c, 
   c->out.launch_s = launch;
 
   if (c->comm->world > 1 && c->comm->nodes == 1) {
-    int64_t n = gemm_elems / c->comm->world;
-    if (n > (4 << 20)) n = 4 << 20;
-    if (!measure_a2a(c, ga, gc, n)) goto out;
+    int64_t n = (gpu ? A2A_BYTES_GPU : A2A_BYTES_CPU) / 4 / c->comm->world; /* floats to each peer */
+    void *sa, *sr;
+    ALLOC_(sa, 4 * n * c->comm->world);
+    ALLOC_(sr, 4 * n * c->comm->world);
+    b->zero(sa, 4 * n * c->comm->world); /* the values do not matter to the time; defined bytes do */
+    if (!measure_a2a(c, sa, sr, n)) goto out;
   }
   ok = true;
 out:
