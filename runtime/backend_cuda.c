@@ -567,15 +567,13 @@ static void cuda_gate_fwd(const moert_cpu_gate_io *g, int64_t tokens, int64_t ex
                    &a.dscore_coef, &a.global_tokens, &a.aux_out, &done, &tokens, &experts, &top_k));
 }
 
-static void cuda_gate_bwd(const float *scores, const int32_t *idx, const float *topv,
-                          const float *dgate, const float *dscore_coef, float weight,
-                          float *dlogits, int64_t tokens, int64_t experts, int64_t top_k,
-                          bool normalize) {
+static void cuda_gate_bwd(const moert_cpu_gate_bwd_io *g, int64_t tokens, int64_t experts, int64_t top_k) {
   if (tokens <= 0 || experts <= 0) return;
-  int nz = normalize;
+  moert_cpu_gate_bwd_io a = *g; /* the kernel's arguments point into a copy */
+  int nz = a.normalize;
   launch_spec(K_gate_bwd, experts, top_k, row_grid(tokens, 8, MAX_GRID_X), 1, 32, 8,
-              ARGS(&scores, &idx, &topv, &dgate, &dscore_coef, &weight, &dlogits, &tokens, &experts,
-                   &top_k, &nz));
+              ARGS(&a.scores, &a.idx, &a.topv, &a.dgate, &a.dscore_coef, &a.weight, &a.dlogits, &tokens,
+                   &experts, &top_k, &nz));
 }
 
 static void cuda_aux_loss_to(const float *score_sum, const float *top1_count, float *dscore_coef,

@@ -153,8 +153,12 @@ static void run_kernel(cal *c, void *p) {
     break;
   }
   case MOERT_K_GATE_BWD:
-    b->gate_bwd(k->scores, k->idx, k->topv, k->dgate, NULL, 0, k->dlogits, k->T, k->E, k->K, k->l->normalize_gate);
+  {
+    moert_cpu_gate_bwd_io io = {.scores = k->scores, .idx = k->idx, .topv = k->topv, .dgate = k->dgate,
+                                .dlogits = k->dlogits, .normalize = k->l->normalize_gate};
+    b->gate_bwd(&io, k->T, k->E, k->K);
     break;
+  }
   case MOERT_K_DISPATCH: b->dispatch_t(c->dt, k->x, k->idx, k->loc, k->buf, k->T, k->K, k->E, k->C, k->M); break;
   case MOERT_K_COMBINE: b->combine_t(c->dt, k->buf, k->idx, k->loc, k->gate, k->y, k->T, k->K, k->E, k->C, k->M); break;
   case MOERT_K_DISPATCH_BWD:

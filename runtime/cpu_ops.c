@@ -645,10 +645,11 @@ void moert_cpu_gate_fwd(const moert_cpu_gate_io *g, int64_t tokens, int64_t expe
 /* A token at a time, the row of dlogits holding its dscores first (the
  * softmax backward reads each element before writing it): the pieces'
  * arithmetic exactly, without their [tokens, experts] scratch. */
-void moert_cpu_gate_bwd(const float *scores, const int32_t *idx, const float *topv,
-                        const float *dgate, const float *dscore_coef, float weight,
-                        float *dlogits, int64_t tokens, int64_t experts, int64_t top_k,
-                        bool normalize) {
+void moert_cpu_gate_bwd(const moert_cpu_gate_bwd_io *g, int64_t tokens, int64_t experts, int64_t top_k) {
+  const float *scores = g->scores, *topv = g->topv, *dgate = g->dgate, *dscore_coef = g->dscore_coef;
+  const int32_t *idx = g->idx;
+  float weight = g->weight, *dlogits = g->dlogits;
+  bool normalize = g->normalize;
   for (int64_t t = 0; t < tokens; t++) {
     const float *dg = dgate + t * top_k;
     float *ds = dlogits + t * experts;

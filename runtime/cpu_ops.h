@@ -125,7 +125,31 @@ void moert_cpu_softmax_bwd(const float *scores, const float *dscores, float *dlo
  * gate_locations then follows; the load statistics of gate_stats, written
  * (not accumulated); and when aux_out is not NULL (the statistics are then
  * global already: one rank), moert_cpu_aux_loss of them over global_tokens
- * into *aux_out (where the data lives) and dscore_coef. */
+ * into *aux_out (where the data lives) and dscore_coef.
+ *
+ * Today's routers (docs/LANGUAGE.md), each off when its fields are zero:
+ *  sigmoid      scores = sigmoid(logits + noise) (else softmax); the aux
+ *               statistics then use the scores normalized over the experts
+ *  bias         [experts]: choices are made on scores + bias; topv, the
+ *               combine weights and the statistics use the scores alone
+ *  groups       > 1: the experts in `groups` equal groups; a token ranks
+ *               the groups by the sum of its two best (biased) scores in
+ *               each (ties: the lower group), keeps the top_groups best and
+ *               takes its top_k within them
+ *  route_scale  the combine weights are gate_normalize's times this (0 is
+ *               taken as 1)
+ *  ec_capacity  > 0: expert choice. top_k must equal experts: slot (t, e)
+ *               is expert e's (idx = e); each expert takes the
+ *               min(ec_capacity, tokens) tokens of highest score (ties: the
+ *               lower token) at loc = its rank among them, the rest get
+ *               loc = -1; topv = the score, gate = topv * route_scale (no
+ *               normalizing), counts = the tokens taken; order is unused;
+ *               top1_count counts each token's best-scored expert
+ *  z_sum        [1] or NULL: written with the sum over tokens of
+ *               logsumexp(logits + noise)^2 (ST-MoE's router z-loss)
+ *  entropy_sum  [1] or NULL: written with the sum over tokens of the
+ *               entropy (nats) of the softmax scores, or of the sigmoid
+ *               scores normalized over the experts */
 typedef struct moert_cpu_gate_io {
   const float *logits, *noise; /* [tokens, experts]; noise may be NULL */
   float *scores;               /* [tokens, experts] */
@@ -137,16 +161,39 @@ typedef struct moert_cpu_gate_io {
   float *aux_out;              /* NULL: no aux loss here */
   double global_tokens;
   bool normalize;
+  bool sigmoid;
+  const float *bias;
+  int64_t groups, top_groups;
+  float route_scale;
+  int64_t ec_capacity;
+  float *z_sum, *entropy_sum;
 } moert_cpu_gate_io;
 void moert_cpu_gate_fwd(const moert_cpu_gate_io *g, int64_t tokens, int64_t experts, int64_t top_k);
 /* The gate's backward after combine_bwd, as one op: dlogits (written) =
- * softmax_bwd of the scores' gradient, which is gate_scores_bwd's from
- * zero (weight * dscore_coef when not NULL, and the dtopv that
- * gate_normalize_bwd makes of dgate). */
-void moert_cpu_gate_bwd(const float *scores, const int32_t *idx, const float *topv,
-                        const float *dgate, const float *dscore_coef, float weight,
-                        float *dlogits, int64_t tokens, int64_t experts, int64_t top_k,
-                        bool normalize);
+ * the activation's backward (softmax, or sigmoid: s (1 - s)) of the scores'
+ * gradient, which is the sum of
+ *  - the combine weights': route_scale times what gate_normalize_bwd makes
+ *    of dgate (expert choice: route_scale * dgate, no normalizing), on the
+ *    chosen experts' scores;
+ *  - the aux loss's, weight * dscore_coef when not NULL (through the
+ *    normalizing over the experts with a sigmoid gate);
+ * plus, when z_weight > 0, the z-loss's: z_weight * 2 lse softmax(logits +
+ * noise) / global_tokens, lse = logsumexp(logits + noise). */
+typedef struct moert_cpu_gate_bwd_io {
+  const float *scores;         /* [tokens, experts] */
+  const int32_t *idx;          /* [tokens, top_k] */
+  const float *topv, *dgate;   /* [tokens, top_k] */
+  const float *dscore_coef;    /* [experts] or NULL */
+  float weight;                /* the aux loss's */
+  const float *logits, *noise; /* the z-loss's input (noise may be NULL) */
+  float z_weight;              /* 0: no z-loss */
+  double global_tokens;
+  float *dlogits;              /* [tokens, experts] */
+  bool normalize, sigmoid;
+  float route_scale;           /* 0 is taken as 1 */
+  int64_t ec_capacity;         /* > 0: expert choice (top_k == experts) */
+} moert_cpu_gate_bwd_io;
+void moert_cpu_gate_bwd(const moert_cpu_gate_bwd_io *g, int64_t tokens, int64_t experts, int64_t top_k);
 
 /* --- dispatch and combine over the padded [experts, capacity, dim] layout --- */
 

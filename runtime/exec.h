@@ -129,6 +129,11 @@ typedef struct moert_exec {
     double *load;           /* per MoE layer, E global claim counts */
     double routed, dropped; /* claims routed and dropped, all MoE layers */
     double aux;             /* the weighted sum of their aux losses */
+    double z;               /* the weighted sum of their router z-losses */
+    /* [nlayers], per MoE layer, this rank's: claims routed and dropped, and
+     * the sum over its tokens of the gate's entropy (nats; of the softmax
+     * scores, or of the sigmoid scores normalized over the experts) */
+    double *layer_routed, *layer_dropped, *entropy;
     moert_subcomm subcomms[16]; /* the expert groups and H-slice classes (moert_moe_setup) */
     int nsubcomms;
   } moe;

@@ -34,7 +34,9 @@ typedef enum {
 
 /* The same order as compiler/spec.def (the compiler checks this). */
 typedef enum { MOERT_DT_BF16, MOERT_DT_FP32 } moert_dtype;
-typedef enum { MOERT_GATE_SOFTMAX, MOERT_GATE_COSINE } moert_gate;
+typedef enum { MOERT_GATE_SOFTMAX, MOERT_GATE_COSINE, MOERT_GATE_SIGMOID } moert_gate;
+/* Who chooses: each token its top_k experts, or each expert its C tokens. */
+typedef enum { MOERT_ROUTE_TOKEN_CHOICE, MOERT_ROUTE_EXPERT_CHOICE } moert_routing;
 /* A layer's activation. tanh: not a layer's (the language has none); the
  * synthetic regression data's teacher, computed on a device (data.h). */
 typedef enum { MOERT_ACT_RELU, MOERT_ACT_GELU, MOERT_ACT_SILU, MOERT_ACT_SWIGLU, MOERT_ACT_TANH } moert_act;
@@ -89,6 +91,7 @@ typedef struct moert_param {
   moert_place place;
   int layer;              /* index into moert_model.layers */
   int swiglu_halves;      /* EXPERT_IN/BIAS of swiglu fc1: the last dim is two halves of H */
+  int frozen;             /* not trained (a sigmoid gate's bias): no gradient, no optimizer step */
 } moert_param;
 
 typedef struct moert_layer {
@@ -106,6 +109,15 @@ typedef struct moert_layer {
   int bias, normalize_gate, batch_prioritized;
   double gate_noise;
   int moe_index;          /* 0, 1, ... over the MoE layers */
+  /* today's routers (docs/LANGUAGE.md): the combine weights' factor [1];
+   * the sigmoid gate's loss-free balancing step [0: off]; group-limited
+   * routing [1, 1]; the router z-loss's weight [0]; always-on experts [0];
+   * token or expert choice */
+  double route_scale, bias_update;
+  int64_t groups, top_groups;
+  double z_loss;
+  int64_t shared_experts;
+  moert_routing routing;
   /* ATTENTION (bias above: its projections' biases) */
   int64_t heads, kv_heads, head_dim;
   int causal;

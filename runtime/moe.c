@@ -729,6 +729,15 @@ bool moert_moe_read_stats(moert_exec *e, moert_status *st) {
   return true;
 }
 
+bool moert_moe_gate_bias(moert_exec *e, int li, float *out, moert_status *st) {
+  const moert_layer *l = &e->m->layers[li];
+  if (l->gate != MOERT_GATE_SIGMOID) {
+    memset(out, 0, sizeof(float) * (size_t)l->experts);
+    return true;
+  }
+  return e->b->download(e->b, out, P_(e, l, GATE_BIAS), sizeof(float) * (size_t)l->experts, st);
+}
+
 /* A MoE layer's forward or backward once its variant and capacity are
  * known: device work only (a graph segment, step.c). with_gate: the forward
  * runs the gate too (a fixed capacity: nothing is read back between). */
@@ -877,9 +886,11 @@ static bool moe_bwd(moert_exec *e, void *ctx, moert_status *st) {
 
   /* the gate */
   span = open_span(e, "bwd gate");
-  b->gate_bwd(F(e, li, SCORES), I(e, li, IDX), F(e, li, TOPV), S(e, li, DGATE),
-              l->aux_loss > 0 ? F(e, li, DCOEF) : NULL, (float)l->aux_loss, S(e, li, DLOGITS), T, E, K,
-              l->normalize_gate);
+  moert_cpu_gate_bwd_io gio = {.scores = F(e, li, SCORES), .idx = I(e, li, IDX), .topv = F(e, li, TOPV),
+                               .dgate = S(e, li, DGATE), .dscore_coef = l->aux_loss > 0 ? F(e, li, DCOEF) : NULL,
+                               .weight = (float)l->aux_loss, .dlogits = S(e, li, DLOGITS),
+                               .normalize = l->normalize_gate};
+  b->gate_bwd(&gio, T, E, K);
   if (l->gate == MOERT_GATE_COSINE) {
     /* logits = raw * exp(temp): d temp = sum(dlogits * logits) unless clamped */
     b->add_dot_unclamped(G_(e, l, GATE_TEMP), S(e, li, DLOGITS), F(e, li, LOGITS), T * E, P_(e, l, GATE_TEMP),

@@ -10,12 +10,18 @@
 #include "exec.h"
 
 /* A MoE layer's parameter slots (layer.h), in order: the cosine gate's or
- * the softmax gate's, then the experts' (the biases when `bias`). */
+ * the softmax and sigmoid gates' (with the sigmoid gate's bias, which is
+ * frozen: the balancing, not gradients, moves it), then the experts' (the
+ * biases when `bias`), then the shared experts' (`shared_experts` > 0: one
+ * dense FFN of shared_experts * hidden, replicated). */
 #define MOERT_MOE_SLOTS(X)                                                      \
   X(GATE_PROJ_W, "gate_proj_w") X(GATE_PROJ_B, "gate_proj_b")                   \
   X(GATE_SIM, "gate_sim") X(GATE_TEMP, "gate_temp") /* cosine */                \
-  X(GATE_W, "gate_w")                               /* softmax */               \
-  X(FC1_W, "fc1_w") X(FC1_B, "fc1_b") X(FC2_W, "fc2_w") X(FC2_B, "fc2_b")
+  X(GATE_W, "gate_w")                               /* softmax, sigmoid */      \
+  X(GATE_BIAS, "gate_bias")                         /* sigmoid */               \
+  X(FC1_W, "fc1_w") X(FC1_B, "fc1_b") X(FC2_W, "fc2_w") X(FC2_B, "fc2_b")       \
+  X(SHARED_FC1_W, "shared_fc1_w") X(SHARED_FC1_B, "shared_fc1_b")               \
+  X(SHARED_FC2_W, "shared_fc2_w") X(SHARED_FC2_B, "shared_fc2_b")
 typedef enum {
 #define X(n, s) MOERT_MOE_##n,
   MOERT_MOE_SLOTS(X)
@@ -40,6 +46,9 @@ bool moert_moe_fwd(moert_exec *e, int li, const float *x, int64_t step, moert_st
  * e->dropped against the capacity it kept) and its aux loss (the weighted
  * sum into e->aux). */
 bool moert_moe_read_stats(moert_exec *e, moert_status *st);
+/* The sigmoid gate's bias of MoE layer li (E floats) into host memory
+ * `out`; a layer without one (softmax, cosine) fills it with zeros. */
+bool moert_moe_gate_bias(moert_exec *e, int li, float *out, moert_status *st);
 /* Backward: reads e->dcur (d output), writes e->dnext (d input), adds the
  * parameter gradients. */
 bool moert_moe_bwd(moert_exec *e, int li, moert_status *st);

@@ -190,6 +190,9 @@ bool moert_exec_create(moert_exec **out, const moert_model *m, moert_plan *plan,
   e->moe.keep = calloc((size_t)m->nlayers + 1, sizeof *e->moe.keep);
   e->aux_h = calloc((size_t)m->nlayers + 1, sizeof *e->aux_h);
   e->moe.variant = calloc((size_t)m->nlayers + 1, sizeof *e->moe.variant);
+  e->moe.layer_routed = calloc((size_t)m->nlayers + 1, sizeof *e->moe.layer_routed);
+  e->moe.layer_dropped = calloc((size_t)m->nlayers + 1, sizeof *e->moe.layer_dropped);
+  e->moe.entropy = calloc((size_t)m->nlayers + 1, sizeof *e->moe.entropy);
   e->layer_ms = calloc((size_t)m->nlayers + 1, sizeof *e->layer_ms);
   e->layer_marks = calloc(4 * (size_t)m->nlayers + 1, sizeof *e->layer_marks);
   e->res_in = calloc((size_t)m->nlayers + 1, sizeof *e->res_in);
@@ -199,6 +202,7 @@ bool moert_exec_create(moert_exec **out, const moert_model *m, moert_plan *plan,
     if (m->layers[i].kind == MOERT_L_MOE) loads += m->layers[i].experts;
   e->moe.load = calloc((size_t)loads + 1, sizeof *e->moe.load);
   if (!e->xin || !e->stack || !e->skip || !e->moe.capacity || !e->moe.keep || !e->aux_h || !e->moe.load || !e->moe.variant ||
+      !e->moe.layer_routed || !e->moe.layer_dropped || !e->moe.entropy ||
       !e->layer_ms || !e->layer_marks || !e->res_in || !e->res_grad) {
     moert_exec_destroy(e);
     return MOERT_FAIL(st, "out of memory");
@@ -285,6 +289,9 @@ void moert_exec_destroy(moert_exec *e) {
   free(e->zero_runs);
   free(e->moe.load);
   free(e->moe.variant);
+  free(e->moe.layer_routed);
+  free(e->moe.layer_dropped);
+  free(e->moe.entropy);
   free(e->layer_ms);
   free(e->layer_marks);
   free(e->res_in);

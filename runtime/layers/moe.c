@@ -41,6 +41,10 @@ static bool moe_slot(const moert_model *m, const moert_layer *l, int s, moert_pa
   case MOERT_MOE_GATE_W:
     p->ndim = 2, p->shape[0] = M, p->shape[1] = E;
     return !cosine;
+  case MOERT_MOE_GATE_BIAS: /* starts at 0; moved by the balancing alone */
+    p->ndim = 1, p->shape[0] = E;
+    p->init = MOERT_INIT_ZEROS, p->scale = 0, p->frozen = 1;
+    return l->gate == MOERT_GATE_SIGMOID;
   case MOERT_MOE_FC1_W:
     p->ndim = 3, p->shape[0] = E, p->shape[1] = M, p->shape[2] = H1;
     p->place = MOERT_PLACE_EXPERT_IN, p->swiglu_halves = l->act == MOERT_ACT_SWIGLU;
@@ -57,6 +61,20 @@ static bool moe_slot(const moert_model *m, const moert_layer *l, int s, moert_pa
     p->ndim = 2, p->shape[0] = E, p->shape[1] = M;
     p->scale = 1 / sqrt((double)H), p->place = MOERT_PLACE_EXPERT_REP;
     return l->bias;
+  case MOERT_MOE_SHARED_FC1_W: /* as a dense FFN's, of hidden shared_experts * H */
+    p->ndim = 2, p->shape[0] = M, p->shape[1] = l->shared_experts * H1;
+    return l->shared_experts > 0;
+  case MOERT_MOE_SHARED_FC1_B:
+    p->ndim = 1, p->shape[0] = l->shared_experts * H1;
+    return l->shared_experts > 0 && l->bias;
+  case MOERT_MOE_SHARED_FC2_W:
+    p->ndim = 2, p->shape[0] = l->shared_experts * H, p->shape[1] = M;
+    p->scale = 1 / sqrt((double)(l->shared_experts * H));
+    return l->shared_experts > 0;
+  case MOERT_MOE_SHARED_FC2_B:
+    p->ndim = 1, p->shape[0] = M;
+    p->scale = 1 / sqrt((double)(l->shared_experts * H));
+    return l->shared_experts > 0 && l->bias;
   default: return false;
   }
 }

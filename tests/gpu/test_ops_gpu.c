@@ -619,8 +619,12 @@ static void t_gate_bwd(int64_t T, int64_t E, int64_t K, bool coef, bool normaliz
     for (int64_t i = 0; i < T * K; i++) topv.h[i] *= 1e-12f;
     sync_f(topv);
   }
-  cpu->gate_bwd(scores.h, idx.h, topv.h, dgate.h, c.h, 0.01f, dl.h, T, E, K, normalize);
-  gpu->gate_bwd(scores.d, idx.d, topv.d, dgate.d, c.d, 0.01f, dl.d, T, E, K, normalize);
+  moert_cpu_gate_bwd_io hio = {.scores = scores.h, .idx = idx.h, .topv = topv.h, .dgate = dgate.h,
+                               .dscore_coef = c.h, .weight = 0.01f, .dlogits = dl.h, .normalize = normalize};
+  moert_cpu_gate_bwd_io dio = {.scores = scores.d, .idx = idx.d, .topv = topv.d, .dgate = dgate.d,
+                               .dscore_coef = c.d, .weight = 0.01f, .dlogits = dl.d, .normalize = normalize};
+  cpu->gate_bwd(&hio, T, E, K);
+  gpu->gate_bwd(&dio, T, E, K);
   check_f("dlogits", dl, TOL);
   /* the cpu's op is its pieces, to the bit */
   float *dt = host_alloc(sizeof(float) * (size_t)(T * K)), *ds = host_alloc(sizeof(float) * (size_t)(T * E)),
