@@ -17,6 +17,7 @@
 typedef struct moert_step_stats {
   double loss;        /* task loss, mean over all global tokens */
   double aux_loss;    /* weighted sum of the MoE aux losses */
+  double z_loss;      /* weighted sum of the MoE router z-losses (added to the objective as aux_loss) */
   double grad_norm;   /* before clipping */
   double lr;
   double dropped;     /* fraction of routed (token, choice) claims dropped */
