@@ -631,13 +631,190 @@ void moert_cpu_softmax_bwd(const float *scores, const float *dscores, float *dlo
   }
 }
 
+/* --- today's routers (cpu_ops.h's moert_cpu_gate_io) --- */
+
+/* The most experts a routed gate takes (its masks live on the stack). */
+#define ROUTER_MAX_EXPERTS 4096
+
+static bool plain_gate(const moert_cpu_gate_io *g) {
+  return !g->sigmoid && !g->bias && g->groups <= 1 && g->ec_capacity <= 0 && !g->z_sum && !g->entropy_sum &&
+         (g->route_scale == 0 || g->route_scale == 1);
+}
+
+static float route_scale_of(float rs) { return rs == 0 ? 1.0f : rs; }
+
+/* One token's scores: softmax or sigmoid of logits + noise. */
+static void token_scores(const float *l, const float *nz, float *s, int64_t experts, bool sigmoid) {
+  if (sigmoid) {
+    for (int64_t e = 0; e < experts; e++) s[e] = (float)(1 / (1 + exp(-((double)l[e] + (nz ? nz[e] : 0)))));
+    return;
+  }
+  double mx = -INFINITY, sum = 0;
+  for (int64_t e = 0; e < experts; e++) {
+    double v = (double)l[e] + (nz ? nz[e] : 0);
+    if (v > mx) mx = v;
+  }
+  for (int64_t e = 0; e < experts; e++) {
+    double p = exp((double)l[e] + (nz ? nz[e] : 0) - mx);
+    s[e] = (float)p;
+    sum += p;
+  }
+  for (int64_t e = 0; e < experts; e++) s[e] = (float)(s[e] / sum);
+}
+
+/* logsumexp of one token's logits + noise. */
+static double token_lse(const float *l, const float *nz, int64_t experts) {
+  double mx = -INFINITY, sum = 0;
+  for (int64_t e = 0; e < experts; e++) {
+    double v = (double)l[e] + (nz ? nz[e] : 0);
+    if (v > mx) mx = v;
+  }
+  for (int64_t e = 0; e < experts; e++) sum += exp((double)l[e] + (nz ? nz[e] : 0) - mx);
+  return mx + log(sum);
+}
+
+/* The sum of one token's scores as the statistics see them: 1 for softmax
+ * scores, the sigmoid scores' sum (floored) otherwise. */
+static double score_norm(const float *s, int64_t experts, bool sigmoid) {
+  if (!sigmoid) return 1;
+  double sum = 0;
+  for (int64_t e = 0; e < experts; e++) sum += s[e];
+  return sum > GATE_SUM_FLOOR ? sum : GATE_SUM_FLOOR;
+}
+
+/* The selection key of expert e: its score plus its bias (fp32). */
+static float sel_key(const float *s, const float *bias, int64_t e) { return bias ? s[e] + bias[e] : s[e]; }
+
+/* One token's top-k on its selection keys, within the top_groups best
+ * groups when groups > 1; topv takes the scores. */
+static void token_topk(const float *s, const float *bias, int64_t groups, int64_t top_groups, int32_t *idx,
+                       float *topv, int64_t experts, int64_t top_k) {
+  uint64_t allowed[ROUTER_MAX_EXPERTS / 64];
+  int64_t words = (experts + 63) / 64;
+  for (int64_t w = 0; w < words; w++) allowed[w] = groups > 1 ? 0 : ~0ull;
+  if (groups > 1) {
+    int64_t gs = experts / groups;
+    float gscore[ROUTER_MAX_EXPERTS];
+    for (int64_t q = 0; q < groups; q++) { /* the sum of the group's two best keys */
+      int64_t b1 = -1, b2 = -1;
+      for (int64_t e = q * gs; e < (q + 1) * gs; e++) {
+        float k = sel_key(s, bias, e);
+        if (b1 < 0 || ranks_before(k, e, sel_key(s, bias, b1), b1)) {
+          b2 = b1;
+          b1 = e;
+        } else if (b2 < 0 || ranks_before(k, e, sel_key(s, bias, b2), b2)) {
+          b2 = e;
+        }
+      }
+      gscore[q] = b2 >= 0 ? sel_key(s, bias, b1) + sel_key(s, bias, b2) : sel_key(s, bias, b1);
+    }
+    int64_t prev = -1;
+    for (int64_t j = 0; j < top_groups; j++) {
+      int64_t best = -1;
+      for (int64_t q = 0; q < groups; q++) {
+        if (prev >= 0 && !ranks_before(gscore[prev], prev, gscore[q], q)) continue;
+        if (best < 0 || ranks_before(gscore[q], q, gscore[best], best)) best = q;
+      }
+      for (int64_t e = best * gs; e < (best + 1) * gs; e++) allowed[e / 64] |= 1ull << (e % 64);
+      prev = best;
+    }
+  }
+  int64_t prev = -1;
+  for (int64_t j = 0; j < top_k; j++) {
+    int64_t best = -1;
+    for (int64_t e = 0; e < experts; e++) {
+      if (!(allowed[e / 64] >> (e % 64) & 1)) continue;
+      float k = sel_key(s, bias, e);
+      if (prev >= 0 && !ranks_before(sel_key(s, bias, prev), prev, k, e)) continue;
+      if (best < 0 || ranks_before(k, e, sel_key(s, bias, best), best)) best = e;
+    }
+    idx[j] = (int32_t)best; /* -1 only when fewer experts are allowed than top_k */
+    topv[j] = best >= 0 ? s[best] : 0;
+    prev = best;
+  }
+}
+
+/* Expert choice: each expert's min(C, tokens) best tokens, by rank (the
+ * priority order's heap sort on the expert's column; order is its scratch). */
+static void expert_choice(const moert_cpu_gate_io *g, int64_t tokens, int64_t experts) {
+  int64_t C = g->ec_capacity < tokens ? g->ec_capacity : tokens;
+  for (int64_t e = 0; e < experts; e++) {
+    moert_cpu_gate_priority_order(g->scores + e, g->order, tokens, experts);
+    for (int64_t t = 0; t < tokens; t++) g->loc[t * experts + e] = -1;
+    for (int64_t r = 0; r < C; r++) g->loc[(int64_t)g->order[r] * experts + e] = (int32_t)r;
+    g->counts[e] = (int32_t)C;
+  }
+  float rs = route_scale_of(g->route_scale);
+  for (int64_t t = 0; t < tokens; t++)
+    for (int64_t e = 0; e < experts; e++) {
+      int64_t te = t * experts + e;
+      g->idx[te] = (int32_t)e;
+      g->topv[te] = g->scores[te];
+      g->gate[te] = g->scores[te] * rs;
+    }
+}
+
+/* The statistics of the routed gate: score sums (normalized sigmoid scores),
+ * top-1 counts, and the z and entropy sums. */
+static void router_stats(const moert_cpu_gate_io *g, int64_t tokens, int64_t experts, int64_t top_k) {
+  static _Thread_local double acc[ROUTER_MAX_EXPERTS]; /* the sums, exact; nothing allocates */
+  static _Thread_local int64_t cnt[ROUTER_MAX_EXPERTS];
+  for (int64_t e = 0; e < experts; e++) acc[e] = 0, cnt[e] = 0;
+  double z = 0, ent = 0;
+  for (int64_t t = 0; t < tokens; t++) {
+    const float *s = g->scores + t * experts;
+    double norm = score_norm(s, experts, g->sigmoid);
+    int64_t top = -1;
+    for (int64_t e = 0; e < experts; e++) {
+      double p = s[e] / norm;
+      acc[e] += p;
+      if (p > 0) ent -= p * log(p);
+      if (g->ec_capacity > 0 && (top < 0 || ranks_before(s[e], e, s[top], top))) top = e;
+    }
+    if (g->ec_capacity <= 0) top = g->idx[t * top_k];
+    if (top >= 0 && top < experts) cnt[top]++;
+    if (g->z_sum) {
+      double lse = token_lse(g->logits + t * experts, g->noise ? g->noise + t * experts : NULL, experts);
+      z += lse * lse;
+    }
+  }
+  for (int64_t e = 0; e < experts; e++) {
+    g->score_sum[e] = (float)acc[e];
+    g->top1_count[e] = (float)cnt[e];
+  }
+  if (g->z_sum) *g->z_sum = (float)z;
+  if (g->entropy_sum) *g->entropy_sum = (float)ent;
+}
+
 void moert_cpu_gate_fwd(const moert_cpu_gate_io *g, int64_t tokens, int64_t experts, int64_t top_k) {
-  moert_cpu_gate_topk(g->logits, g->noise, g->scores, g->idx, g->topv, tokens, experts, top_k);
-  moert_cpu_gate_normalize(g->topv, g->gate, tokens, top_k, g->normalize);
-  if (g->order) moert_cpu_gate_priority_order(g->topv, g->order, tokens, top_k);
-  moert_cpu_gate_locations(g->idx, g->order, g->loc, g->counts, tokens, experts, top_k);
-  for (int64_t e = 0; e < experts; e++) g->score_sum[e] = g->top1_count[e] = 0;
-  moert_cpu_gate_stats(g->scores, g->idx, g->score_sum, g->top1_count, tokens, experts, top_k);
+  if (plain_gate(g)) { /* softmax top-k: the pieces, as Tutel */
+    moert_cpu_gate_topk(g->logits, g->noise, g->scores, g->idx, g->topv, tokens, experts, top_k);
+    moert_cpu_gate_normalize(g->topv, g->gate, tokens, top_k, g->normalize);
+    if (g->order) moert_cpu_gate_priority_order(g->topv, g->order, tokens, top_k);
+    moert_cpu_gate_locations(g->idx, g->order, g->loc, g->counts, tokens, experts, top_k);
+    for (int64_t e = 0; e < experts; e++) g->score_sum[e] = g->top1_count[e] = 0;
+    moert_cpu_gate_stats(g->scores, g->idx, g->score_sum, g->top1_count, tokens, experts, top_k);
+  } else {
+    assert(experts <= ROUTER_MAX_EXPERTS);
+    for (int64_t t = 0; t < tokens; t++)
+      token_scores(g->logits + t * experts, g->noise ? g->noise + t * experts : NULL, g->scores + t * experts,
+                   experts, g->sigmoid);
+    if (g->ec_capacity > 0) {
+      assert(top_k == experts && g->order);
+      expert_choice(g, tokens, experts);
+    } else {
+      for (int64_t t = 0; t < tokens; t++)
+        token_topk(g->scores + t * experts, g->bias, g->groups, g->top_groups, g->idx + t * top_k,
+                   g->topv + t * top_k, experts, top_k);
+      moert_cpu_gate_normalize(g->topv, g->gate, tokens, top_k, g->normalize);
+      float rs = route_scale_of(g->route_scale);
+      if (rs != 1)
+        for (int64_t i = 0; i < tokens * top_k; i++) g->gate[i] *= rs;
+      if (g->order) moert_cpu_gate_priority_order(g->topv, g->order, tokens, top_k);
+      moert_cpu_gate_locations(g->idx, g->order, g->loc, g->counts, tokens, experts, top_k);
+    }
+    router_stats(g, tokens, experts, top_k);
+  }
   if (g->aux_out)
     *g->aux_out = moert_cpu_aux_loss(g->score_sum, g->top1_count, g->dscore_coef, experts, g->global_tokens);
 }
@@ -648,20 +825,44 @@ void moert_cpu_gate_fwd(const moert_cpu_gate_io *g, int64_t tokens, int64_t expe
 void moert_cpu_gate_bwd(const moert_cpu_gate_bwd_io *g, int64_t tokens, int64_t experts, int64_t top_k) {
   const float *scores = g->scores, *topv = g->topv, *dgate = g->dgate, *dscore_coef = g->dscore_coef;
   const int32_t *idx = g->idx;
-  float weight = g->weight, *dlogits = g->dlogits;
-  bool normalize = g->normalize;
+  float weight = g->weight, *dlogits = g->dlogits, rs = route_scale_of(g->route_scale);
+  bool normalize = g->normalize && g->ec_capacity <= 0;
   for (int64_t t = 0; t < tokens; t++) {
-    const float *dg = dgate + t * top_k;
+    const float *s = scores + t * experts;
     float *ds = dlogits + t * experts;
-    norm_bwd n = norm_bwd_of(topv + t * top_k, dg, top_k, normalize);
     for (int64_t e = 0; e < experts; e++) ds[e] = 0;
-    if (dscore_coef)
+    if (dscore_coef && !g->sigmoid)
       for (int64_t e = 0; e < experts; e++) ds[e] = (float)(ds[e] + (double)weight * dscore_coef[e]);
-    for (int64_t j = 0; j < top_k; j++) {
-      int32_t e = idx[t * top_k + j];
-      if (e >= 0 && e < experts) ds[e] += norm_bwd_dv(&n, dg[j]);
+    if (dscore_coef && g->sigmoid) { /* through p = s / sum(s) */
+      double norm = score_norm(s, experts, true), dot = 0;
+      for (int64_t e = 0; e < experts; e++) dot += (double)weight * dscore_coef[e] * (s[e] / norm);
+      for (int64_t e = 0; e < experts; e++) ds[e] = (float)(((double)weight * dscore_coef[e] - dot) / norm);
     }
-    moert_cpu_softmax_bwd(scores + t * experts, ds, ds, 1, experts);
+    if (g->ec_capacity > 0) {
+      for (int64_t e = 0; e < experts; e++) ds[e] += rs * dgate[t * experts + e];
+    } else {
+      float dgs[ROUTER_MAX_EXPERTS];
+      const float *dg = dgate + t * top_k;
+      if (rs != 1) {
+        for (int64_t j = 0; j < top_k; j++) dgs[j] = rs * dg[j];
+        dg = dgs;
+      }
+      norm_bwd n = norm_bwd_of(topv + t * top_k, dg, top_k, normalize);
+      for (int64_t j = 0; j < top_k; j++) {
+        int32_t e = idx[t * top_k + j];
+        if (e >= 0 && e < experts) ds[e] += norm_bwd_dv(&n, dg[j]);
+      }
+    }
+    if (g->sigmoid)
+      for (int64_t e = 0; e < experts; e++) ds[e] = (float)((double)ds[e] * s[e] * (1 - (double)s[e]));
+    else
+      moert_cpu_softmax_bwd(s, ds, ds, 1, experts);
+    if (g->z_weight > 0) { /* d/dv of w lse^2 / N: 2 w lse softmax(v) / N */
+      const float *l = g->logits + t * experts, *nz = g->noise ? g->noise + t * experts : NULL;
+      double lse = token_lse(l, nz, experts), k = 2 * (double)g->z_weight * lse / g->global_tokens;
+      for (int64_t e = 0; e < experts; e++)
+        ds[e] = (float)(ds[e] + k * exp((double)l[e] + (nz ? nz[e] : 0) - lse));
+    }
   }
 }
 
