@@ -18,6 +18,7 @@ static const char *const slots[] = {
     MOERT_MOE_SLOTS(X)
 #undef X
 };
+_Static_assert(MOERT_MOE__SLOTS <= MOERT_MAX_SLOTS, "model.h's MOERT_MAX_SLOTS is below the MoE layer's slots");
 
 static bool moe_slot(const moert_model *m, const moert_layer *l, int s, moert_param *p) {
   int64_t M = m->dim, E = l->experts, H = l->hidden, H1 = l->act == MOERT_ACT_SWIGLU ? 2 * H : H;
