@@ -245,6 +245,7 @@ static bool moe_plan(moert_plan_ctx *c, moert_status *st) {
     F_(A, T * nH);
     S_(DH, T * halves * nH);
     S_(DA, T * nH);
+    S_(DX, T * M); /* their output, then their input's gradient, added after the combine / dispatch */
     if (m->dtype == MOERT_DT_BF16) {
       S_(XB, (T * M + 1) / 2);
       S_(DYB, (T * M + 1) / 2);
