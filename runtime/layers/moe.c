@@ -338,8 +338,19 @@ static int moe_specs(const moert_model *m, const moert_layer *l, moert_spec_use 
 }
 
 static void moe_describe(const moert_model *m, const moert_layer *l, char *buf, size_t n) {
-  snprintf(buf, n, "E = %lld, k = %lld, M = %lld, H = %lld, gate %s", (long long)l->experts, (long long)l->top_k,
-           (long long)m->dim, (long long)l->hidden, l->gate == MOERT_GATE_COSINE ? "cosine" : "softmax");
+  static const char *const gates[] = {"softmax", "cosine", "sigmoid"};
+  int k = snprintf(buf, n, "E = %lld, k = %lld, M = %lld, H = %lld, gate %s", (long long)l->experts,
+                   (long long)l->top_k, (long long)m->dim, (long long)l->hidden, gates[l->gate]);
+  /* today's routers, where set */
+  if (l->routing == MOERT_ROUTE_EXPERT_CHOICE && k > 0 && (size_t)k < n)
+    k += snprintf(buf + k, n - (size_t)k, ", expert choice");
+  if (l->groups > 1 && k > 0 && (size_t)k < n)
+    k += snprintf(buf + k, n - (size_t)k, ", %lld of %lld groups", (long long)l->top_groups, (long long)l->groups);
+  if (l->bias_update > 0 && k > 0 && (size_t)k < n)
+    k += snprintf(buf + k, n - (size_t)k, ", bias balancing %g", l->bias_update);
+  if (l->shared_experts > 0 && k > 0 && (size_t)k < n)
+    k += snprintf(buf + k, n - (size_t)k, ", %lld shared", (long long)l->shared_experts);
+  if (l->z_loss > 0 && k > 0 && (size_t)k < n) snprintf(buf + k, n - (size_t)k, ", z-loss %g", l->z_loss);
 }
 
 static void moe_shape(const moert_plan *p, int li, char *buf, size_t n) {
