@@ -35,6 +35,7 @@
   X(COMM, "comm", 1, "nccl|mpi|self", "how ranks talk (default under mpirun: nccl with cuda and a GPU per rank, else mpi; else self)") \
   X(VARIANT, "variant", 1, "V", "force V (r=R,d=D,a2a=linear|2dh, or LAYER:V, or cycle); repeatable") \
   X(TRACE, "trace", 1, "FILE.json", "write a Chrome trace (chrome://tracing, Perfetto) of every op of every rank") \
+  X(ROUTING_TRACE, "routing-trace", 1, "FILE", "write each MoE layer's expert load, drops and gate entropy per step to FILE (JSON lines)") \
   X(CALIBRATE, "calibrate", 1, "FILE", "measure this device (and the all-to-all under mpirun) for `moec plan --gpu FILE`; no training") \
   X(TIMEOUT, "timeout", 1, "SECONDS", "end the job when one wait for a collective lasts longer (default 600; 0: never)") \
   X(QUIET, "quiet", 0, "", "print only errors")                                                    \
@@ -138,6 +139,7 @@ int moert_main(const moert_model *m, int argc, char **argv) {
     case FLAG_KCACHE: o.kernel_cache = a; break;
     case FLAG_NO_KCACHE: o.no_kernel_cache = true; break;
     case FLAG_TRACE: o.trace = a; break;
+    case FLAG_ROUTING_TRACE: o.routing_trace = a; break;
     case FLAG_COMM: o.comm = a; ok = !strcmp(a, "mpi") || !strcmp(a, "self") || !strcmp(a, "nccl"); break;
     case FLAG_VARIANT:
       if (o.nvariants == MAX_FORCED) return usage_error(argv0, "%s", "too many --variant options (limit is 64)");
@@ -165,6 +167,8 @@ int moert_main(const moert_model *m, int argc, char **argv) {
     return usage_error(argv0, "%s", "--resume and --overwrite exclude each other: continue the checkpoint, or replace it");
   if (!m->train.has_train && o.resume)
     return usage_error(argv0, "%s", "--resume needs a model with a train block");
+  if (o.metrics && o.routing_trace && strcmp(o.metrics, o.routing_trace) == 0)
+    return usage_error(argv0, "%s", "--metrics and --routing-trace name the same file: give each its own");
   const bool want_nccl = o.comm && strcmp(o.comm, "nccl") == 0;
   if (want_nccl && o.backend && strcmp(o.backend, "cpu") == 0)
     return usage_error(argv0, "%s", "--comm nccl needs the cuda backend (NCCL moves GPU memory); with "

@@ -19,6 +19,7 @@
 #include "ckpt_io.h"
 #include "comm.h"
 #include "data.h"
+#include "moe.h"
 #include "placement.h"
 #include "rng.h"
 #include "select.h"
@@ -125,11 +126,21 @@ static void print_header(const moert_model *m, const moert_plan *p, moert_dt xdt
 /* Skipped steps (--on-nan skip) said on stderr; the metrics count them all. */
 #define MAX_SKIP_WARNINGS 10
 
-/* The table's head; MFU (model FLOPs utilization) only when a peak is known. */
-static const char *const TABLE_HEAD =
-    "   step       loss        aux        lr  grad_norm      tok/s  TFLOP/s    ms/step  dropped  variants\n";
-static const char *const TABLE_HEAD_MFU =
-    "   step       loss        aux        lr  grad_norm      tok/s  TFLOP/s    MFU    ms/step  dropped  variants\n";
+/* The table's head: z_loss only for a model with a router z-loss (so the
+ * tables of others stay as they were), MFU (model FLOPs utilization) only when
+ * a peak is known. The rows' format (the loop) follows the same columns. */
+static void print_table_head(FILE *out, bool z_loss, bool mfu) {
+  fprintf(out, "   step       loss        aux%s        lr  grad_norm      tok/s  TFLOP/s%s    ms/step  dropped  "
+          "variants\n", z_loss ? "     z_loss" : "", mfu ? "    MFU" : "");
+}
+
+/* Whether some MoE layer of m has a router z-loss: the metrics' z_loss key
+ * and the table's column are there only then. */
+static bool has_z_loss(const moert_model *m) {
+  for (int i = 0; i < m->nlayers; i++)
+    if (m->layers[i].kind == MOERT_L_MOE && m->layers[i].z_loss > 0) return true;
+  return false;
+}
 
 /* Dense bf16 tensor-core peaks per GPU, TFLOP/s (the vendor's data sheets,
  * without sparsity): MFU's denominator. The first entry whose name is in
@@ -265,13 +276,15 @@ static void stop_signals_restore(const struct sigaction old[2]) {
   for (int i = 0; i < 2; i++) sigaction(stop_signals[i], &old[i], NULL);
 }
 
-/* A resumed run's metrics file: keeps the lines of steps before the
- * checkpoint's step START and that step's own line, and cuts the file at the
- * byte after them, so the steps that follow are appended once each. Lines past
- * START, an earlier resume's marker at START (the resume writes its own) and
- * a torn last line go. A cut loses nothing a crash could: what stays is never
- * rewritten. F is open for reading and appending ("a+"). */
-static bool metrics_cut(FILE *f, const char *path, int64_t start, moert_status *st) {
+/* A resumed run's JSON-lines file of steps (the metrics, the routing trace:
+ * every line begins `{"step": N`): keeps the lines of steps up to the
+ * checkpoint's step START, and cuts the file at the byte after them, so the
+ * steps that follow are appended once each. Lines past START, an earlier
+ * resume's marker at START (the resume writes its own) and a torn last line
+ * go. A cut loses nothing a crash could: what stays is never rewritten. F is
+ * open for reading and appending ("a+"); WHAT names the file in a failure
+ * ("metrics file"). */
+static bool jsonl_cut(FILE *f, const char *what, const char *path, int64_t start, moert_status *st) {
   char *line = NULL;
   size_t cap = 0;
   ssize_t n;
@@ -286,7 +299,7 @@ static bool metrics_cut(FILE *f, const char *path, int64_t start, moert_status *
   }
   free(line);
   if (ferror(f) || fflush(f) != 0 || ftruncate(fileno(f), keep) != 0)
-    return MOERT_FAIL(st, "cannot rewrite the metrics file %s: %s", path, strerror(errno));
+    return MOERT_FAIL(st, "cannot rewrite the %s %s: %s", what, path, strerror(errno));
   return true;
 }
 
@@ -319,6 +332,10 @@ static void write_metrics(FILE *f, const moert_model *m, const moert_exec *e, in
   json_num(f, s->loss);
   fputs(", \"aux_loss\": ", f);
   json_num(f, s->aux_loss);
+  if (has_z_loss(m)) {
+    fputs(", \"z_loss\": ", f);
+    json_num(f, s->z_loss);
+  }
   fputs(", \"lr\": ", f);
   json_num(f, s->lr);
   fputs(", \"grad_norm\": ", f);
@@ -385,6 +402,49 @@ static void write_metrics(FILE *f, const moert_model *m, const moert_exec *e, in
   }
   fputs("}\n", f);
   fflush(f);
+}
+
+/* The routing trace's numbers per MoE layer, summed over ranks by one
+ * all-reduce a step: claims routed, claims dropped, the gate's entropy summed
+ * over tokens (exec.h's e->moe.layer_routed, layer_dropped, entropy). */
+enum { ROUTING_ROUTED, ROUTING_DROPPED, ROUTING_ENTROPY, ROUTING__SUMS };
+
+/* Writes the step's lines of the routing trace (--routing-trace), one per MoE
+ * layer, and flushes them: load is the E global claim counts of each MoE layer
+ * in layer order (the metrics' expert_load), sums ROUTING__SUMS per MoE layer
+ * over all ranks, tokens all ranks' tokens of the step; bias has room for the
+ * largest E floats (the sigmoid gates' bias, read from the backend before
+ * the line is begun, so a failure leaves no half line). */
+static bool write_routing(FILE *f, moert_exec *e, int64_t step, const double *load, const double *sums,
+                          double tokens, float *bias, moert_status *st) {
+  const moert_model *m = e->m;
+  for (int li = 0; li < m->nlayers; li++) {
+    const moert_layer *l = &m->layers[li];
+    if (l->kind != MOERT_L_MOE) continue;
+    const bool sigmoid = l->gate == MOERT_GATE_SIGMOID;
+    if (sigmoid) MOERT_TRY(st, moert_moe_gate_bias(e, li, bias, st));
+    fprintf(f, "{\"step\": %" PRId64 ", \"layer\": \"%s\", \"load\": [", step, l->name);
+    for (int64_t j = 0; j < l->experts; j++) fprintf(f, "%s%.0f", j ? ", " : "", load[j]);
+    const double routed = sums[ROUTING_ROUTED], dropped = sums[ROUTING_DROPPED];
+    fputs("], \"dropped\": ", f);
+    json_num(f, routed > 0 ? dropped / routed : 0);
+    fputs(", \"entropy\": ", f); /* nats per token */
+    json_num(f, tokens > 0 ? sums[ROUTING_ENTROPY] / tokens : 0);
+    if (sigmoid) {
+      fputs(", \"bias\": [", f);
+      for (int64_t j = 0; j < l->experts; j++) {
+        if (j) fputs(", ", f);
+        if (isfinite(bias[j])) fprintf(f, "%.9g", (double)bias[j]); /* a float reads back exactly */
+        else fputs("null", f);
+      }
+      fputc(']', f);
+    }
+    fputs("}\n", f);
+    load += l->experts;
+    sums += ROUTING__SUMS;
+  }
+  fflush(f); /* each step on disk as it ends: a kill loses none */
+  return true;
 }
 
 /* Sample n bytes after a prompt, temperature 0.8, from the generator, onto
@@ -616,7 +676,7 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
    * rank said why, and no rank aborts */
   bool agreed = false;
   int oom_reporter = 0, my_rank = comm->rank;
-  FILE *metrics = NULL;
+  FILE *metrics = NULL, *routing = NULL;
   moert_plan *plan = NULL;
   moert_data *data = NULL;
   moert_exec *e = NULL;
@@ -624,6 +684,9 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
   moert_trace *trace = NULL;
   moert_ckpt_lock *ckpt_lock = NULL;
   double *times = NULL;
+  double *load = NULL; /* the step's expert load, summed over ranks (E per MoE layer) */
+  double *routing_sums = NULL; /* ROUTING__SUMS per MoE layer (--routing-trace) */
+  float *routing_bias = NULL;
   int *prev = NULL;
   int rc = 1;
   struct sigaction old_actions[2];
@@ -661,6 +724,11 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
     metrics = fopen(o.metrics, o.resume ? "a+" : "w");
     if (!metrics) ok = MOERT_FAIL(&st, "cannot write the metrics file %s: %s", o.metrics, strerror(errno));
   }
+  if (ok && o.routing_trace && comm->rank == 0) { /* kept and cut on a resume, as the metrics */
+    routing = fopen(o.routing_trace, o.resume ? "a+" : "w");
+    if (!routing)
+      ok = MOERT_FAIL(&st, "cannot write the routing trace %s: %s", o.routing_trace, strerror(errno));
+  }
   if (!agree(comm, ok, argv0, &agreed, &st)) goto out;
   if (!check_memory(plan, training, b, comm, &agreed, &oom_reporter, &st)) {
     if (agreed) { /* one rank says why, before any rank exits (mpirun kills the rest then) */
@@ -685,11 +753,25 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
   if (!agree(comm, ok, argv0, &agreed, &st)) goto out;
   int64_t last_saved = o.resume ? start : -1; /* the step of the checkpoint on disk; -1: none of this run */
   if (resume_note && comm->rank == 0) fprintf(stderr, "%s: note: %s\n", argv0, resume_note);
-  if (o.resume && metrics && !metrics_cut(metrics, o.metrics, start, &st)) goto out;
+  if (o.resume && metrics && !jsonl_cut(metrics, "metrics file", o.metrics, start, &st)) goto out;
+  if (o.resume && routing && !jsonl_cut(routing, "routing trace", o.routing_trace, start, &st)) goto out;
   /* each MoE layer's time, the step's, and the stop signal (below) */
   times = calloc((size_t)m->nlayers + 2, sizeof *times);
   prev = calloc((size_t)m->nlayers + 1, sizeof *prev);
-  if (!times || !prev) {
+  /* the step's load is copied out of e->moe.load before it is summed over
+   * ranks: an evaluation's forward, later in the step, writes its own there */
+  int64_t nload = 0, max_experts = 1;
+  for (int i = 0; i < m->nlayers; i++)
+    if (m->layers[i].kind == MOERT_L_MOE) {
+      nload += m->layers[i].experts;
+      if (m->layers[i].experts > max_experts) max_experts = m->layers[i].experts;
+    }
+  load = calloc((size_t)nload + 1, sizeof *load);
+  if (o.routing_trace) {
+    routing_sums = calloc((size_t)ROUTING__SUMS * ((size_t)m->nlayers + 1), sizeof *routing_sums);
+    routing_bias = calloc((size_t)max_experts, sizeof *routing_bias);
+  }
+  if (!times || !prev || !load || (o.routing_trace && (!routing_sums || !routing_bias))) {
     MOERT_FAIL(&st, "out of memory");
     goto out;
   }
@@ -727,13 +809,10 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
       fputs("}\n", metrics);
     }
   }
-  if (out) fputs(peak > 0 ? TABLE_HEAD_MFU : TABLE_HEAD, out);
+  const bool z_cols = has_z_loss(m); /* the table's z_loss column */
+  if (out) print_table_head(out, z_cols, peak > 0);
 
   double t_all = now(), first_loss = NAN, last_loss = NAN;
-  double *load = e->moe.load;
-  int64_t nload = 0;
-  for (int i = 0; i < m->nlayers; i++)
-    if (m->layers[i].kind == MOERT_L_MOE) nload += m->layers[i].experts;
   /* SIGTERM or SIGINT (a scheduler, Ctrl-C) ends the run after the step at
    * which every rank has heard of it, with a checkpoint when one is configured */
   stop_signals_catch(old_actions);
@@ -763,7 +842,17 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
     if (!comm->all_reduce_f64(comm, times, m->nlayers + 2, MOERT_RED_MAX, &st)) goto out;
     ms = times[m->nlayers];
     stop_sig = (int)times[m->nlayers + 1];
+    memcpy(load, e->moe.load, sizeof *load * (size_t)nload);
     if (!comm->all_reduce_f64(comm, load, nload, MOERT_RED_SUM, &st)) goto out;
+    int nsums = 0; /* the routing trace's sums: every rank takes part, rank 0 writes */
+    for (int li = 0; o.routing_trace && li < m->nlayers; li++) {
+      if (m->layers[li].kind != MOERT_L_MOE) continue;
+      routing_sums[nsums + ROUTING_ROUTED] = e->moe.layer_routed[li];
+      routing_sums[nsums + ROUTING_DROPPED] = e->moe.layer_dropped[li];
+      routing_sums[nsums + ROUTING_ENTROPY] = e->moe.entropy[li];
+      nsums += ROUTING__SUMS;
+    }
+    if (nsums && !comm->all_reduce_f64(comm, routing_sums, nsums, MOERT_RED_SUM, &st)) goto out;
     bool switched = false, explored = false;
     for (int li = 0; li < m->nlayers; li++) {
       if (m->layers[li].kind != MOERT_L_MOE) continue;
@@ -800,6 +889,9 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
       write_metrics(metrics, m, e, step, &s, ms, tps, tflops, mfu, load, times, eval_loss, has_eval, &x);
       fflush(metrics);
     }
+    if (routing &&
+        !write_routing(routing, e, step, load, routing_sums, (double)o.tokens * comm->world, routing_bias, &st))
+      goto out;
     if (s.skipped && o.on_nan == MOERT_ON_NAN_STOP) {
       char kept[400];
       if (!o.checkpoint)
@@ -826,10 +918,11 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
     if (out && (step % o.log_every == 0 || step == o.steps || step == start + 1)) {
       char vbuf[64];
       variants_short(m, plan, e, vbuf, sizeof vbuf);
-      char mfu_col[16] = "";
+      char mfu_col[16] = "", z_col[24] = "";
       if (peak > 0) snprintf(mfu_col, sizeof mfu_col, " %5.1f%%", 100 * mfu);
-      fprintf(out, "%7" PRId64 " %10.4f %10.4f %9.2e %10.4f %10.0f %8.3f%s %10.2f %7.2f%%  %s\n", step, s.loss,
-              s.aux_loss, s.lr, s.grad_norm, tps, tflops, mfu_col, ms, 100 * s.dropped, vbuf);
+      if (z_cols) snprintf(z_col, sizeof z_col, " %10.4f", s.z_loss);
+      fprintf(out, "%7" PRId64 " %10.4f %10.4f%s %9.2e %10.4f %10.0f %8.3f%s %10.2f %7.2f%%  %s\n", step, s.loss,
+              s.aux_loss, z_col, s.lr, s.grad_norm, tps, tflops, mfu_col, ms, 100 * s.dropped, vbuf);
       if (has_eval) fprintf(out, "%7s eval loss %.4f\n", "", eval_loss);
       fflush(out);
     }
@@ -873,6 +966,7 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
 out:
   if (catching) stop_signals_restore(old_actions);
   if (metrics) fclose(metrics);
+  if (routing) fclose(routing);
   if (rc && comm->world > 1 && !agreed) {
     /* the other ranks may be waiting in a collective: stop them all */
     fprintf(stderr, "%s: rank %d: error: %s\n", argv0, comm->rank, st.msg);
@@ -881,6 +975,9 @@ out:
   }
   free(times);
   free(prev);
+  free(load);
+  free(routing_sums);
+  free(routing_bias);
   moert_exec_destroy(e);
   moert_selector_destroy(sel);
   moert_trace_destroy(trace);

@@ -33,6 +33,7 @@ typedef struct moert_run_opts {
   const char *backend; /* "cpu", "cuda"; NULL: cuda where a GPU is found */
   const char *comm;    /* "nccl", "mpi", "self"; NULL: as docs/RUNNING.md says */
   const char *metrics, *data, *checkpoint, *prompt, *trace, *kernel_cache;
+  const char *routing_trace; /* JSON lines of each MoE layer's routing per step (rank 0 writes); NULL: none */
   bool no_kernel_cache, resume;
   bool overwrite;      /* replace a valid checkpoint in checkpoint without resuming it */
   bool quiet;          /* print only errors */

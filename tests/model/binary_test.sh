@@ -226,6 +226,97 @@ signals)
   fi
   echo "ok: SIGTERM stops after step $n with a checkpoint there; --resume continues bit for bit" ;;
 
+routing_trace)
+  # --routing-trace (issue 16): rank 0 writes a line per step per MoE layer
+  # with the global load (the metrics' expert_load), dropped, entropy; a
+  # resume keeps the lines up to the checkpoint and appends, as the metrics;
+  # two ranks give one rank's loads. A dropless tiny (capacity_factor = 0):
+  # its layers' outputs do not depend on how the tokens are split over ranks.
+  command -v python3 >/dev/null 2>&1 || { echo "SKIP: no python3 to read the JSON"; exit 77; }
+  sed 's/top_k = 2;/top_k = 2; capacity_factor = 0;/' "$src/examples/tiny.moe" > dl.moe
+  "$moec" build dl.moe -o dl >/dev/null || fail "moec build dl.moe"
+  build tiny
+  # check TRACE METRICS FIRST LAST CLAIMS [BIASED]: TRACE holds steps
+  # FIRST..LAST, each once, one line per MoE layer in the metrics' order, with
+  # the metrics' load, CLAIMS claims a step (tokens x ranks x top_k), entropy
+  # in [0, ln E], dropped in [0, 1], and E biases for the layers named in
+  # BIASED (sigmoid gates; comma-separated), none for the others
+  check() {
+    python3 - "$@" <<'PY' || fail "the routing trace $1 is not as it should be (above)"
+import json, math, sys
+trace, metrics, first, last, claims = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+biased = set(sys.argv[6].split(",")) if len(sys.argv) > 6 else set()
+loads = {}
+for line in open(metrics):
+    m = json.loads(line)
+    if "expert_load" in m:
+        loads[m["step"]] = m["expert_load"]
+layers = list(loads[first])
+lines = [json.loads(l) for l in open(trace)]
+want = [(s, l) for s in range(first, last + 1) for l in layers]
+got = [(t["step"], t["layer"]) for t in lines]
+assert got == want, f"{trace}: (step, layer) of its lines are {got}, not {want}"
+for no, t in enumerate(lines, 1):
+    where = f"{trace}:{no}"
+    keys = {"step", "layer", "load", "dropped", "entropy"} | ({"bias"} if t["layer"] in biased else set())
+    assert set(t) == keys, f"{where}: keys {sorted(t)}, not {sorted(keys)}"
+    e = len(loads[t["step"]][t["layer"]])
+    assert t["layer"] not in biased or (len(t["bias"]) == e and all(isinstance(b, (int, float)) for b in t["bias"])), \
+        f"{where}: bias {t.get('bias')} is not {e} numbers"
+    assert t["load"] == loads[t["step"]][t["layer"]], f"{where}: load {t['load']}, metrics {loads[t['step']][t['layer']]}"
+    assert len(t["load"]) == e and sum(t["load"]) == claims, f"{where}: load {t['load']} sums to {sum(t['load'])}, not {claims}"
+    assert 0 <= t["entropy"] <= math.log(e) + 1e-9, f"{where}: entropy {t['entropy']} outside [0, ln {e}]"
+    assert 0 <= t["dropped"] <= 1, f"{where}: dropped {t['dropped']} outside [0, 1]"
+print(f"{trace}: steps {first}..{last}, {len(layers)} MoE layers, {claims} claims a step")
+PY
+  }
+  V="--variant r=1,d=1,a2a=linear" # fixed variants: a resume is bit for bit
+  # evaluations at steps 4 and 8: their forwards must not replace the step's load
+  ./dl --steps 8 --eval-every 4 $V --metrics full_m.jsonl --routing-trace full.jsonl --quiet || fail "dl, 8 steps"
+  check full.jsonl full_m.jsonl 1 8 512
+  ./tiny --steps 3 --metrics tm.jsonl --routing-trace tt.jsonl --quiet || fail "tiny, 3 steps"
+  check tt.jsonl tm.jsonl 1 3 512
+  # a run killed after step 6 (a torn line after it), its checkpoint at step 3
+  ./dl --steps 6 --eval-every 4 $V --routing-trace t.jsonl --quiet || fail "dl, 6 steps"
+  printf '{"step": 7, "layer": "exp' >> t.jsonl
+  ./dl --steps 3 --eval-every 4 $V --checkpoint ck --quiet || fail "dl, 3 steps and a checkpoint"
+  cp t.jsonl before.jsonl
+  ./dl --steps 8 --eval-every 4 $V --checkpoint ck --resume --metrics m.jsonl --routing-trace t.jsonl --quiet ||
+    fail "resumed to step 8"
+  head -6 before.jsonl > a.txt; head -6 t.jsonl > b.txt
+  cmp -s a.txt b.txt || fail "the resume changed the lines of steps 1..3"
+  cmp -s t.jsonl full.jsonl ||
+    fail "after --resume the trace is not the uninterrupted run's: steps $(sed 's/^{"step": \([0-9]*\),.*/\1/' t.jsonl | tr '\n' ' ')"
+  # a sigmoid gate's layer adds its biases (where the language has the gate)
+  sed 's/top_k = 2;/top_k = 2; capacity_factor = 0; gate = sigmoid;/' "$src/examples/tiny.moe" > sg.moe
+  if "$moec" check sg.moe >/dev/null 2>&1; then
+    "$moec" build sg.moe -o sg >/dev/null || fail "moec build sg.moe"
+    ./sg --steps 3 --metrics sm.jsonl --routing-trace st.jsonl --quiet || fail "sigmoid, 3 steps"
+    check st.jsonl sm.jsonl 1 3 512 experts_0,experts_1
+  else
+    echo "note: no \`gate = sigmoid\` in the language yet: the bias key is not checked"
+  fi
+  # a fresh run starts the file anew
+  ./dl --steps 2 $V --routing-trace t.jsonl --quiet || fail "fresh run"
+  [ "$(wc -l < t.jsonl)" = 4 ] || fail "a fresh run kept old lines: $(wc -l < t.jsonl) lines"
+  ./dl --metrics x.jsonl --routing-trace x.jsonl 2>err.txt; rc=$?
+  [ $rc = 2 ] && grep -q "name the same file" err.txt || fail "one file for both: rc $rc: $(cat err.txt)"
+  # a file that cannot be written: said once, nothing run
+  ./dl --steps 2 --routing-trace nodir/t.jsonl >out.txt 2>err.txt; rc=$?
+  [ $rc = 1 ] && [ "$(grep -c "error: cannot write the routing trace nodir/t.jsonl: No such file or directory" err.txt)" = 1 ] ||
+    fail "an unwritable trace: rc $rc: $(cat err.txt)"
+  [ -s out.txt ] && fail "an unwritable trace: the run started: $(cat out.txt)"
+  # two ranks of half the tokens: the same global batch, the same loads
+  if command -v mpirun >/dev/null 2>&1; then
+    export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_mpi_yield_when_idle=1
+    mpirun --oversubscribe -np 2 ./dl --steps 8 --eval-every 4 --tokens 128 $V --metrics m2.jsonl \
+      --routing-trace t2.jsonl --quiet || fail "dl at 2 ranks"
+    check t2.jsonl m2.jsonl 1 8 512
+    cmp -s t2.jsonl full.jsonl || { diff full.jsonl t2.jsonl | head -6; fail "2 ranks' trace differs from 1 rank's"; }
+    echo "ok: 2 ranks of 128 tokens: the same trace as 1 rank of 256"
+  fi
+  echo "ok: a routing trace line per step and MoE layer, with the metrics' load; kept and appended on --resume" ;;
+
 checkpoint_read)
   build tiny
   ./tiny --steps 3 --checkpoint ck --quiet || fail "run"
@@ -356,6 +447,7 @@ config_errors)
   sed -i 's/^  "step": 2,$/  "step": 1,/' ck/MANIFEST.json
   once 1 "ck/MANIFEST.json is damaged" --steps 4 --checkpoint ck --resume
   once 1 "error: cannot write the metrics file nodir/m.jsonl" --steps 2 --metrics nodir/m.jsonl
+  once 1 "error: cannot write the routing trace nodir/t.jsonl" --steps 2 --routing-trace nodir/t.jsonl
   echo "ok: configuration errors under mpirun -np 2: one message, no abort" ;;
 
 diverge)

@@ -8,7 +8,10 @@
  * agree to stop) ends the run after the next step with 128 + the signal, a
  * checkpoint there that resumes bit for bit, the default action set for a
  * second signal, and the caller's handlers back afterwards; one agreed on at
- * the last step changes nothing; an ignored SIGINT stays ignored. */
+ * the last step changes nothing; an ignored SIGINT stays ignored. The
+ * metrics' z_loss key and the table's z_loss column appear only for a model
+ * with a router z-loss, right after aux_loss and aux. */
+#include <fcntl.h>
 #include <math.h>
 #include <signal.h>
 #include <stdio.h>
@@ -45,6 +48,98 @@ static void hook(void *ctx, int64_t step, const moert_step_stats *s, double eval
 }
 
 static void sentinel(int sig) { (void)sig; }
+
+/* A run of `steps` steps whose table (stdout) goes to the file `table` and
+ * whose metrics go to `metrics`. Returns the run's status. */
+static int run_logged(const moert_model *m, int64_t steps, const char *metrics, const char *table) {
+  moert_run_opts o;
+  moert_run_defaults(m, &o);
+  o.steps = steps;
+  o.backend = "cpu";
+  o.comm = "self";
+  o.eval_every = 0;
+  o.log_every = 1;
+  o.metrics = metrics;
+  int argc = 1;
+  char *args[] = {"test_run", NULL}, **argv = args;
+  fflush(stdout);
+  int saved = dup(1), fd = open(table, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  if (saved < 0 || fd < 0) return -1;
+  dup2(fd, 1);
+  close(fd);
+  int rc = moert_run(m, &o, &argc, &argv, "test_run");
+  fflush(stdout);
+  dup2(saved, 1);
+  close(saved);
+  return rc;
+}
+
+/* The file's text (at most n - 1 bytes), "" when it cannot be read. */
+static void slurp(const char *path, char *buf, size_t n) {
+  FILE *f = fopen(path, "r");
+  size_t k = f ? fread(buf, 1, n - 1, f) : 0;
+  buf[k] = 0;
+  if (f) fclose(f);
+}
+
+/* Whitespace-separated fields of the table's first row (the line after the
+ * one that begins with "   step"); -1: no row. */
+static int first_row_fields(const char *table) {
+  const char *h = strstr(table, "   step ");
+  const char *row = h ? strchr(h, '\n') : NULL;
+  if (!row) return -1;
+  int n = 0;
+  for (const char *c = row + 1; *c && *c != '\n'; c++)
+    if (*c != ' ' && (c == row + 1 || c[-1] == ' ')) n++;
+  return n;
+}
+
+/* The metrics' z_loss key and the table's column: only for a model with a
+ * router z-loss (tables and metrics of other models stay as they were), and
+ * then right after aux_loss and aux. */
+static void check_z_loss(const moert_model *m, const char *dir) {
+  static char text[1 << 16];
+  char mpath[4096], tpath[4096];
+  snprintf(mpath, sizeof mpath, "%s/z.jsonl", dir);
+  snprintf(tpath, sizeof tpath, "%s/z.txt", dir);
+  int nmoe = 0;
+  for (int i = 0; i < m->nlayers; i++) nmoe += m->layers[i].kind == MOERT_L_MOE;
+  CHECK(run_logged(m, 2, mpath, tpath) == 0, "a run without a z-loss");
+  slurp(mpath, text, sizeof text);
+  CHECK(strstr(text, "\"aux_loss\": ") && !strstr(text, "z_loss"), "a model without a z-loss has z_loss in "
+        "its metrics: %.160s", text);
+  slurp(tpath, text, sizeof text);
+  CHECK(strstr(text, "   step       loss        aux        lr  grad_norm") && !strstr(text, "z_loss"),
+        "the table of a model without a z-loss changed: %.400s", text);
+  CHECK(first_row_fields(text) == 9 + nmoe, "a row of the table has %d fields, not %d", first_row_fields(text),
+        9 + nmoe);
+
+  moert_layer *ls = malloc(sizeof *ls * (size_t)m->nlayers);
+  memcpy(ls, m->layers, sizeof *ls * (size_t)m->nlayers);
+  for (int i = 0; i < m->nlayers; i++)
+    if (ls[i].kind == MOERT_L_MOE) { /* one layer with a z-loss is enough */
+      ls[i].z_loss = 1e-3;
+      break;
+    }
+  moert_model mz = *m;
+  mz.layers = ls;
+  CHECK(run_logged(&mz, 2, mpath, tpath) == 0, "a run with a z-loss");
+  slurp(mpath, text, sizeof text);
+  int lines = 0;
+  for (const char *c = text; (c = strstr(c, "\"aux_loss\": ")) != NULL; c++) {
+    const char *comma = strchr(c, ','), *next = comma ? strchr(comma + 1, ',') : NULL;
+    CHECK(comma && strncmp(comma, ", \"z_loss\": ", 12) == 0 && next && strncmp(next, ", \"lr\": ", 8) == 0,
+          "metrics line %d: z_loss does not follow aux_loss (before lr): %.80s", lines + 1, c);
+    lines++;
+  }
+  CHECK(lines == 2, "%d metrics lines with aux_loss, not 2", lines);
+  slurp(tpath, text, sizeof text);
+  CHECK(strstr(text, "   step       loss        aux     z_loss        lr  grad_norm") != NULL,
+        "the table has no z_loss column after aux: %.400s", text);
+  CHECK(first_row_fields(text) == 10 + nmoe, "a row of the table with z_loss has %d fields, not %d",
+        first_row_fields(text), 10 + nmoe);
+  free(ls);
+}
 
 static int run(const moert_model *m, int64_t steps, const char *ckpt, bool resume, seen *v) {
   moert_run_opts o;
@@ -129,6 +224,7 @@ int main(int argc, char **argv) {
   CHECK(rc == 0 && i2.n == 8, "an ignored SIGINT: status %d after %d steps", rc, i2.n);
   CHECK(sigaction(SIGINT, NULL, &cur) == 0 && cur.sa_handler == SIG_IGN, "SIGINT is no longer ignored");
   signal(SIGINT, SIG_DFL);
+  check_z_loss(m, argv[2]);
   moec_arena_destroy(a);
   printf("%d passed, %d failed\n", g_pass, g_fail);
   return g_fail ? 1 : 0;
