@@ -21,6 +21,7 @@ have_pkg libxxhash-dev   || need="$need libxxhash-dev"     # checkpoints: the fi
 have_pkg libjansson-dev  || need="$need libjansson-dev"    # checkpoints: safetensors headers, MANIFEST.json
 have_cmd mpirun          || need="$need openmpi-bin"       # mpirun, for the mpi tests
 have_cmd bible || need="$need bible-kjv"                    # text of the byte-level examples
+have_pkg python3-matplotlib || need="$need python3-matplotlib" # tools/plot_run.py: a run's metrics and routing as a PNG
 have_cmd setpriv || need="$need util-linux"                 # cli.moec as root: moec as nobody (Essential in Debian)
 
 # The Python reader of safetensors, for the test that PyTorch's loader reads

@@ -317,6 +317,59 @@ PY
   fi
   echo "ok: a routing trace line per step and MoE layer, with the metrics' load; kept and appended on --resume" ;;
 
+plot_run)
+  # tools/plot_run.py: one PNG of a run's metrics and routing trace; bad
+  # input is one line naming the file and the line, status 1, no traceback
+  py=
+  for p in python3 /usr/bin/python3; do
+    "$p" -c 'import matplotlib' 2>/dev/null && { py=$p; break; }
+  done
+  [ -n "$py" ] || { echo "SKIP: no python3 with matplotlib (apt-get install python3-matplotlib)"; exit 77; }
+  plot="$src/tools/plot_run.py"
+  build tiny
+  ./tiny --steps 12 --eval-every 4 --metrics m.jsonl --routing-trace t.jsonl --quiet || fail "tiny, 12 steps"
+  # png FILE: a PNG (its signature) of a plausible size, and its width x height
+  png() {
+    [ "$(od -An -tx1 -N8 "$1" | tr -d ' \n')" = 89504e470d0a1a0a ] || fail "$1 is not a PNG: $(od -c -N8 "$1")"
+    size=$(wc -c < "$1")
+    [ "$size" -gt 10000 ] && [ "$size" -lt 3000000 ] || fail "$1 is $size bytes"
+    # IHDR: width and height, big-endian, at bytes 16 and 20
+    od -An -tu1 -j16 -N8 "$1" | awk '{ printf "%d %d\n", $1 * 16777216 + $2 * 65536 + $3 * 256 + $4,
+                                                      $5 * 16777216 + $6 * 65536 + $7 * 256 + $8 }'
+  }
+  "$py" "$plot" m.jsonl --routing t.jsonl -o run.png 2>err.txt || fail "plot_run.py exited $?: $(cat err.txt)"
+  [ -s err.txt ] && fail "plot_run.py said: $(cat err.txt)"
+  set -- $(png run.png)
+  [ "$1" -ge 600 ] && [ "$2" -ge 600 ] || fail "run.png is $1 x $2 pixels: too small for five panels"
+  "$py" "$plot" m.jsonl -o plain.png || fail "plot_run.py without --routing exited $?"
+  h=$2; set -- $(png plain.png)
+  [ "$2" -lt "$h" ] || fail "without --routing the PNG is as tall ($2) as with its heatmaps ($h)"
+  # fails FILE... -- PATTERN: plot_run.py on those arguments exits 1 with one
+  # line matching PATTERN, no traceback and no PNG
+  fails() {
+    args=
+    while [ "$1" != -- ]; do args="$args $1"; shift; done
+    rm -f bad.png
+    # shellcheck disable=SC2086
+    "$py" "$plot" $args -o bad.png 2>err.txt; rc=$?
+    [ $rc = 1 ] || fail "plot_run.py$args exited $rc, not 1: $(cat err.txt)"
+    grep -q "Traceback" err.txt && fail "plot_run.py$args: a traceback: $(cat err.txt)"
+    [ "$(wc -l < err.txt)" = 1 ] && grep -q "^plot_run.py: error: $2" err.txt || fail "plot_run.py$args said: $(cat err.txt)"
+    [ -e bad.png ] && fail "plot_run.py$args wrote a PNG"
+    return 0
+  }
+  sed '5s/"loss": [^,]*,/"loss": oops,/' m.jsonl > bad.jsonl
+  fails bad.jsonl -- "bad.jsonl:5: not valid JSON"
+  sed '3s/"load": \[[^]]*\]/"load": "many"/' t.jsonl > badt.jsonl
+  fails m.jsonl --routing badt.jsonl -- "badt.jsonl:3: \"load\" is not a list of numbers"
+  fails missing.jsonl -- "cannot read missing.jsonl: No such file or directory"
+  : > empty.jsonl
+  fails empty.jsonl -- "empty.jsonl is empty"
+  fails t.jsonl -- "t.jsonl:1: a step's line without \"loss\""
+  "$py" "$plot" 2>err.txt; rc=$?
+  [ $rc = 2 ] && grep -q "usage: plot_run.py" err.txt || fail "no arguments: rc $rc: $(cat err.txt)"
+  echo "ok: plot_run.py writes a $(wc -c < run.png)-byte PNG; bad input is one line naming the file and line" ;;
+
 checkpoint_read)
   build tiny
   ./tiny --steps 3 --checkpoint ck --quiet || fail "run"
