@@ -5,6 +5,8 @@
 #     MoE layer switching among its parallelism variants: the loss falls;
 #  3. builds examples/bytes_small.moe, trains it on the King James Bible for
 #     a few hundred steps and prints a sample of the text it learned to write;
+#     draws the run (loss, learning rate, variants, each MoE layer's expert
+#     load from its --routing-trace) into one PNG with tools/plot_run.py;
 #  4. the same with examples/bytes_attention.moe, which reads sequences of
 #     128 bytes through causal self-attention instead of an n-gram window.
 set -eu
@@ -39,7 +41,21 @@ echo
 echo "== 3. moec build examples/bytes_small.moe -o $out/bytes_small && $out/bytes_small --generate 300"
 sh tools/make-corpus.sh
 "$moec" build examples/bytes_small.moe -o "$out/bytes_small"
-"$out/bytes_small" --generate 300 --metrics "$out/bytes_small.jsonl"
+"$out/bytes_small" --generate 300 --metrics "$out/bytes_small.jsonl" --routing-trace "$out/bytes_small.routing.jsonl"
+echo
+echo "-- the run as a picture: python3 tools/plot_run.py $out/bytes_small.jsonl --routing $out/bytes_small.routing.jsonl -o $out/run.png"
+# python3-matplotlib is Debian's: where another python3 comes first on PATH
+# (pyenv, a virtual environment), Debian's own /usr/bin/python3 has it
+py=
+for p in python3 /usr/bin/python3; do
+  "$p" -c 'import matplotlib' 2>/dev/null && { py=$p; break; }
+done
+if [ -n "$py" ]; then
+  "$py" tools/plot_run.py "$out/bytes_small.jsonl" --routing "$out/bytes_small.routing.jsonl" -o "$out/run.png"
+  echo "picture: $out/run.png"
+else
+  echo "(no python3 with matplotlib: no picture; apt-get install python3-matplotlib)"
+fi
 
 echo
 echo "== 4. moec build examples/bytes_attention.moe -o $out/bytes_attention && $out/bytes_attention --generate 300"
@@ -47,3 +63,5 @@ echo "== 4. moec build examples/bytes_attention.moe -o $out/bytes_attention && $
 "$out/bytes_attention" --backend cpu --generate 300 --metrics "$out/bytes_attention.jsonl"
 echo
 echo "metrics (one JSON object per step): $out/tiny.jsonl, $out/bytes_small.jsonl, $out/bytes_attention.jsonl"
+echo "routing trace (one JSON object per step and MoE layer): $out/bytes_small.routing.jsonl"
+if [ -n "$py" ]; then echo "picture of the bytes_small run: $out/run.png"; fi
