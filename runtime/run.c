@@ -747,6 +747,7 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
   /* a trace of at most ~200 events per layer and step (48 MB at 1M events) */
   if (o.trace && !moert_trace_create(o.trace, 1 << 20, &trace, &st)) goto out;
   e->opts.trace = trace;
+  e->opts.routing_stats = o.routing_trace != NULL; /* every rank: the entropies are summed over ranks */
   const char *resume_note = NULL;
   /* every rank loads the same checkpoint (a damaged one fails them all alike) */
   ok = !(o.resume && !moert_ckpt_load(o.checkpoint, e, &start, &resume_note, &st));

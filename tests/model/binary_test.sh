@@ -228,10 +228,11 @@ signals)
 
 routing_trace)
   # --routing-trace (issue 16): rank 0 writes a line per step per MoE layer
-  # with the global load (the metrics' expert_load), dropped, entropy; a
-  # resume keeps the lines up to the checkpoint and appends, as the metrics;
-  # two ranks give one rank's loads. A dropless tiny (capacity_factor = 0):
-  # its layers' outputs do not depend on how the tokens are split over ranks.
+  # with the global load (the metrics' expert_load), dropped, entropy (and a
+  # sigmoid gate's bias); a resume keeps the lines up to the checkpoint and
+  # appends, as the metrics; two ranks give one rank's trace. A dropless tiny
+  # (capacity_factor = 0): its layers' outputs do not depend on how the
+  # tokens are split over ranks.
   command -v python3 >/dev/null 2>&1 || { echo "SKIP: no python3 to read the JSON"; exit 77; }
   sed 's/top_k = 2;/top_k = 2; capacity_factor = 0;/' "$src/examples/tiny.moe" > dl.moe
   "$moec" build dl.moe -o dl >/dev/null || fail "moec build dl.moe"
@@ -239,8 +240,9 @@ routing_trace)
   # check TRACE METRICS FIRST LAST CLAIMS [BIASED]: TRACE holds steps
   # FIRST..LAST, each once, one line per MoE layer in the metrics' order, with
   # the metrics' load, CLAIMS claims a step (tokens x ranks x top_k), entropy
-  # in [0, ln E], dropped in [0, 1], and E biases for the layers named in
-  # BIASED (sigmoid gates; comma-separated), none for the others
+  # in [0, ln E] (and not 0 everywhere), dropped in [0, 1] whose mean over the
+  # claims of the layers is the metrics' dropped, and E biases for the layers
+  # named in BIASED (sigmoid gates; comma-separated), none for the others
   check() {
     python3 - "$@" <<'PY' || fail "the routing trace $1 is not as it should be (above)"
 import json, math, sys
@@ -267,6 +269,16 @@ for no, t in enumerate(lines, 1):
     assert len(t["load"]) == e and sum(t["load"]) == claims, f"{where}: load {t['load']} sums to {sum(t['load'])}, not {claims}"
     assert 0 <= t["entropy"] <= math.log(e) + 1e-9, f"{where}: entropy {t['entropy']} outside [0, ln {e}]"
     assert 0 <= t["dropped"] <= 1, f"{where}: dropped {t['dropped']} outside [0, 1]"
+assert any(t["entropy"] > 0 for t in lines), f"{trace}: every entropy is 0 (are the gates' entropies taken?)"
+dropped = {}
+for line in open(metrics):
+    m = json.loads(line)
+    if "dropped" in m:
+        dropped[m["step"]] = m["dropped"]
+for s in range(first, last + 1):
+    mine = [t for t in lines if t["step"] == s]
+    share = sum(t["dropped"] * sum(t["load"]) for t in mine) / sum(sum(t["load"]) for t in mine)
+    assert abs(share - dropped[s]) < 1e-12, f"{trace}: step {s}: the layers drop {share} of the claims, the metrics {dropped[s]}"
 print(f"{trace}: steps {first}..{last}, {len(layers)} MoE layers, {claims} claims a step")
 PY
   }
@@ -274,6 +286,7 @@ PY
   # evaluations at steps 4 and 8: their forwards must not replace the step's load
   ./dl --steps 8 --eval-every 4 $V --metrics full_m.jsonl --routing-trace full.jsonl --quiet || fail "dl, 8 steps"
   check full.jsonl full_m.jsonl 1 8 512
+  grep -v '"dropped": 0,' full.jsonl && fail "a dropless layer dropped claims (above)"
   ./tiny --steps 3 --metrics tm.jsonl --routing-trace tt.jsonl --quiet || fail "tiny, 3 steps"
   check tt.jsonl tm.jsonl 1 3 512
   # a run killed after step 6 (a torn line after it), its checkpoint at step 3
@@ -287,15 +300,17 @@ PY
   cmp -s a.txt b.txt || fail "the resume changed the lines of steps 1..3"
   cmp -s t.jsonl full.jsonl ||
     fail "after --resume the trace is not the uninterrupted run's: steps $(sed 's/^{"step": \([0-9]*\),.*/\1/' t.jsonl | tr '\n' ' ')"
-  # a sigmoid gate's layer adds its biases (where the language has the gate)
-  sed 's/top_k = 2;/top_k = 2; capacity_factor = 0; gate = sigmoid;/' "$src/examples/tiny.moe" > sg.moe
-  if "$moec" check sg.moe >/dev/null 2>&1; then
-    "$moec" build sg.moe -o sg >/dev/null || fail "moec build sg.moe"
-    ./sg --steps 3 --metrics sm.jsonl --routing-trace st.jsonl --quiet || fail "sigmoid, 3 steps"
-    check st.jsonl sm.jsonl 1 3 512 experts_0,experts_1
-  else
-    echo "note: no \`gate = sigmoid\` in the language yet: the bias key is not checked"
-  fi
+  # sigmoid gates with their balancing add their biases, which move; with a
+  # z-loss, the metrics' z_loss and the table's column are there
+  sed 's/top_k = 2;/top_k = 2; capacity_factor = 0; gate = sigmoid; bias_update = 0.01; z_loss = 0.001;/' \
+    "$src/examples/tiny.moe" > sg.moe
+  "$moec" build sg.moe -o sg >/dev/null || fail "moec build sg.moe"
+  ./sg --steps 3 --metrics sm.jsonl --routing-trace st.jsonl > out.txt || fail "sigmoid, 3 steps"
+  check st.jsonl sm.jsonl 1 3 512 experts_0,experts_1
+  grep '"step": 3,' st.jsonl | grep -q '"bias": \[[-0-9.e, ]*[1-9]' || fail "the biases did not move: $(cat st.jsonl)"
+  field z_loss sm.jsonl | awk '!($1 > 0) { bad = 1 } END { exit bad || NR != 3 }' ||
+    fail "the metrics' z_loss: $(field z_loss sm.jsonl | tr '\n' ' ')"
+  grep -q "^   step       loss        aux     z_loss        lr" out.txt || fail "no z_loss column: $(grep step out.txt)"
   # a fresh run starts the file anew
   ./dl --steps 2 $V --routing-trace t.jsonl --quiet || fail "fresh run"
   [ "$(wc -l < t.jsonl)" = 4 ] || fail "a fresh run kept old lines: $(wc -l < t.jsonl) lines"
@@ -312,8 +327,17 @@ PY
     mpirun --oversubscribe -np 2 ./dl --steps 8 --eval-every 4 --tokens 128 $V --metrics m2.jsonl \
       --routing-trace t2.jsonl --quiet || fail "dl at 2 ranks"
     check t2.jsonl m2.jsonl 1 8 512
-    cmp -s t2.jsonl full.jsonl || { diff full.jsonl t2.jsonl | head -6; fail "2 ranks' trace differs from 1 rank's"; }
-    echo "ok: 2 ranks of 128 tokens: the same trace as 1 rank of 256"
+    # the same but for the entropies' float sums, taken over other tokens a rank
+    python3 - full.jsonl t2.jsonl <<'PY' || fail "2 ranks' trace differs from 1 rank's (above)"
+import json, sys
+a, b = ([json.loads(l) for l in open(f)] for f in sys.argv[1:3])
+assert len(a) == len(b), f"{len(a)} lines at 1 rank, {len(b)} at 2"
+for no, (x, y) in enumerate(zip(a, b), 1):
+    ent = x.pop("entropy"), y.pop("entropy")
+    assert x == y, f"line {no}: 1 rank {x}, 2 ranks {y}"
+    assert abs(ent[0] - ent[1]) <= 1e-6 * ent[0], f"line {no}: entropy {ent[0]} at 1 rank, {ent[1]} at 2"
+PY
+    echo "ok: 2 ranks of 128 tokens: the same trace as 1 rank of 256 (entropies within 1e-6)"
   fi
   echo "ok: a routing trace line per step and MoE layer, with the metrics' load; kept and appended on --resume" ;;
 
