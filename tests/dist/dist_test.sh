@@ -75,10 +75,25 @@ generate)
   echo "ok: --generate at -np 2 runs on every rank, prints once, and samples what -np 1 samples" ;;
 invariance)
   t=32
-  run 1 ./dist --tokens $((4 * t)) --metrics w1.jsonl --quiet || fail "-np 1"
-  run 4 ./dist --tokens $t --metrics w4.jsonl --quiet || fail "-np 4"
+  run 1 ./dist --tokens $((4 * t)) --metrics w1.jsonl --routing-trace r1.jsonl --quiet || fail "-np 1"
+  run 4 ./dist --tokens $t --metrics w4.jsonl --routing-trace r4.jsonl --quiet || fail "-np 4"
   grep -v resumed w1.jsonl > a.jsonl; grep -v resumed w4.jsonl > b.jsonl
   same_losses a.jsonl b.jsonl 1e-4
+  if [ "$spec" = dist_routers ]; then # the balancing: the same bias, step by step, at both world sizes
+    python3 - r1.jsonl r4.jsonl <<'PY' || fail "the gate's bias differs between -np 1 and -np 4"
+import json, sys
+a, b = ([json.loads(l) for l in open(f)] for f in sys.argv[1:3])
+assert len(a) == len(b) == 12, "%d and %d trace lines, not 12" % (len(a), len(b))
+moved = False
+for x, y in zip(a, b):
+    assert "bias" in x and x["load"] == y["load"], "step %d: loads %s and %s" % (x["step"], x["load"], y["load"])
+    worst = max(abs(p - q) for p, q in zip(x["bias"], y["bias"]))
+    assert worst <= 1e-6, "step %d: biases %s and %s" % (x["step"], x["bias"], y["bias"])
+    moved |= any(v != 0 for v in x["bias"])
+assert moved, "the bias never moved"
+print("the same loads and biases at every step, and the bias moved")
+PY
+  fi
   echo "ok: -np 1 with $((4 * t)) tokens and -np 4 with $t tokens give the same losses" ;;
 selector)
   slow="r=0,d=1,a2a=linear"
