@@ -105,7 +105,7 @@ void moec_emit_c(const moert_model *m, const char *source_name, FILE *out) {
     for (int d = 0; d < p->ndim; d++) fprintf(out, "%s%" PRId64, d ? ", " : "", p->shape[d]);
     fprintf(out, "}, %s, ", init_names[p->init]);
     c_num(out, p->scale);
-    fprintf(out, ", %s, %d, %d},\n", place_names[p->place], p->layer, p->swiglu_halves);
+    fprintf(out, ", %s, %d, %d, %d},\n", place_names[p->place], p->layer, p->swiglu_halves, p->frozen);
   }
   if (!m->nparams) fputs("  {0},\n", out);
   fputs("};\n\n", out);
@@ -127,6 +127,15 @@ void moec_emit_c(const moert_model *m, const char *source_name, FILE *out) {
             l->normalize_gate, l->batch_prioritized);
     c_num(out, l->gate_noise);
     fprintf(out, ", .moe_index = %d", l->moe_index);
+    if (l->kind == MOERT_L_MOE) { /* today's routers (0 elsewhere) */
+      fputs(",\n          .route_scale = ", out);
+      c_num(out, l->route_scale);
+      fputs(", .bias_update = ", out);
+      c_num(out, l->bias_update);
+      fprintf(out, ", .groups = %" PRId64 ", .top_groups = %" PRId64 ", .z_loss = ", l->groups, l->top_groups);
+      c_num(out, l->z_loss);
+      fprintf(out, ", .shared_experts = %" PRId64 ", .routing = %d", l->shared_experts, (int)l->routing);
+    }
     if (l->kind == MOERT_L_ATTENTION) {
       fprintf(out, ",\n          .heads = %" PRId64 ", .kv_heads = %" PRId64 ", .head_dim = %" PRId64
                    ", .causal = %d, .rope = ",

@@ -26,7 +26,12 @@ _Static_assert((int)MOEC_DTYPE_BF16 == (int)MOERT_DT_BF16 && (int)MOEC_DTYPE_FP3
 _Static_assert((int)MOEC_ACT_RELU == (int)MOERT_ACT_RELU && (int)MOEC_ACT_GELU == (int)MOERT_ACT_GELU &&
                    (int)MOEC_ACT_SILU == (int)MOERT_ACT_SILU && (int)MOEC_ACT_SWIGLU == (int)MOERT_ACT_SWIGLU,
                "spec.def and model.h disagree on activations");
-_Static_assert((int)MOEC_GATE_COSINE == (int)MOERT_GATE_COSINE, "gate kinds");
+_Static_assert((int)MOEC_GATE_SOFTMAX == (int)MOERT_GATE_SOFTMAX && (int)MOEC_GATE_COSINE == (int)MOERT_GATE_COSINE &&
+                   (int)MOEC_GATE_SIGMOID == (int)MOERT_GATE_SIGMOID,
+               "spec.def and model.h disagree on gate kinds");
+_Static_assert((int)MOEC_ROUTING_TOKEN_CHOICE == (int)MOERT_ROUTE_TOKEN_CHOICE &&
+                   (int)MOEC_ROUTING_EXPERT_CHOICE == (int)MOERT_ROUTE_EXPERT_CHOICE,
+               "spec.def and model.h disagree on routing");
 _Static_assert(MOEC_MAX_HEAD_DIM == MOERT_MAX_HEAD_DIM, "spec.h and model.h disagree on the widest head");
 _Static_assert(MOEC_COSINE_PROJ == MOERT_COSINE_PROJ, "spec.h and model.h disagree on the cosine projection");
 _Static_assert(MOEC_MAX_TOKENS == MOERT_MAX_TOKENS && MOEC_MAX_ACT_ELEMS == MOERT_MAX_ACT_ELEMS,
@@ -140,6 +145,13 @@ static void lower_one(lowering *L, const moec_layer *l, const char *suffix) {
     x->normalize_gate = e->normalize_gate;
     x->batch_prioritized = e->batch_prioritized;
     x->gate_noise = e->gate_noise;
+    x->route_scale = e->route_scale;
+    x->bias_update = e->bias_update;
+    x->groups = e->groups;
+    x->top_groups = e->top_groups;
+    x->z_loss = e->z_loss;
+    x->shared_experts = e->shared_experts;
+    x->routing = (moert_routing)e->routing;
     x->moe_index = L->nmoe++;
     add_params(L);
     break;

@@ -54,6 +54,13 @@ static void put_layers(const moec_layer *l, int depth, FILE *out) {
       indent(out, depth + 1); fprintf(out, "normalize_gate = %s;\n", e->normalize_gate ? "true" : "false");
       indent(out, depth + 1); fprintf(out, "batch_prioritized = %s;\n", e->batch_prioritized ? "true" : "false");
       indent(out, depth + 1); fputs("gate_noise = ", out); put_num(out, e->gate_noise); fputs(";\n", out);
+      indent(out, depth + 1); fputs("route_scale = ", out); put_num(out, e->route_scale); fputs(";\n", out);
+      indent(out, depth + 1); fputs("bias_update = ", out); put_num(out, e->bias_update); fputs(";\n", out);
+      indent(out, depth + 1); fprintf(out, "groups = %" PRId64 ";\n", e->groups);
+      indent(out, depth + 1); fprintf(out, "top_groups = %" PRId64 ";\n", e->top_groups);
+      indent(out, depth + 1); fputs("z_loss = ", out); put_num(out, e->z_loss); fputs(";\n", out);
+      indent(out, depth + 1); fprintf(out, "shared_experts = %" PRId64 ";\n", e->shared_experts);
+      indent(out, depth + 1); fprintf(out, "routing = %s;\n", moec_routing_names[e->routing]);
       indent(out, depth); fputs("}\n", out);
       break;
     }

@@ -28,6 +28,11 @@ const char *const moec_gate_names[] = {
 #include "spec.def"
 #undef GATE
 };
+const char *const moec_routing_names[] = {
+#define ROUTING(k, s) s,
+#include "spec.def"
+#undef ROUTING
+};
 const char *const moec_a2a_names[] = {
 #define A2A(k, s) s,
 #include "spec.def"
@@ -84,7 +89,7 @@ static const char *const block_names[BLK__COUNT] = {"model", "moe", "ffn", "atte
 
 typedef enum {
   T_INT, T_NUM, T_BOOL, T_STRING, T_DATA, T_RLIST, T_DLIST, T_A2ALIST,
-  T_ENUM_DTYPE, T_ENUM_GATE, T_ENUM_ACT, T_ENUM_SELECT, T_ENUM_OPTIM, T_ENUM_SCHED
+  T_ENUM_DTYPE, T_ENUM_GATE, T_ENUM_ACT, T_ENUM_ROUTING, T_ENUM_SELECT, T_ENUM_OPTIM, T_ENUM_SCHED
 } key_type;
 
 typedef enum {
@@ -240,6 +245,12 @@ static void nonneg_i(sema *S, const moec_stmt *it, int64_t v) {
     moec_error(S->d, it->values->loc, "`%s` must not be negative, not %" PRId64, it->word, v);
 }
 
+static void positive_d(sema *S, const moec_stmt *it, double v) {
+  if (v <= 0)
+    moec_error(S->d, it->values->loc, "`%s` must be positive, not %s", it->word,
+               src_text(S, it->values->loc));
+}
+
 static void nonneg_d(sema *S, const moec_stmt *it, double v) {
   if (v < 0)
     moec_error(S->d, it->values->loc, "`%s` must not be negative, not %s", it->word,
@@ -374,7 +385,11 @@ int64_t moec_layer_params(const moec_spec *s, const moec_layer *l) {
                        ? sat_add(sat_add(sat_mul(m, MOEC_COSINE_PROJ), MOEC_COSINE_PROJ),
                                  sat_add(sat_mul(MOEC_COSINE_PROJ, e->experts), 1))
                        : sat_mul(m, e->experts);
-    return sat_add(gate, sat_mul(e->experts, ffn_params(m, e->hidden, e->act, e->bias)));
+    if (e->gate == MOEC_GATE_SIGMOID) gate = sat_add(gate, e->experts); /* gate_bias */
+    int64_t p = sat_add(gate, sat_mul(e->experts, ffn_params(m, e->hidden, e->act, e->bias)));
+    if (e->shared_experts > 0) /* one dense FFN of shared_experts * hidden */
+      p = sat_add(p, ffn_params(m, sat_mul(e->shared_experts, e->hidden), e->act, e->bias));
+    return p;
   }
   case MOEC_LAYER_FFN: return ffn_params(m, l->ffn.hidden, l->ffn.act, true);
   case MOEC_LAYER_ATTENTION: { /* runtime/layers/attention.c's slots */
@@ -448,6 +463,82 @@ static bool find_param_crossing(sema *S, const moec_layer *list, int64_t *budget
 
 static moec_layer *check_layers(sema *S, const moec_stmt *body, const char *parent);
 
+/* The rules of today's routers (docs/LANGUAGE.md, "Routing of today's
+ * models"): the sigmoid gate's balancing, group-limited routing and expert
+ * choice. Each is reported at the value that breaks it, and only when the
+ * values it relates are valid themselves (their own errors are reported
+ * already). */
+static void check_routing(sema *S, moec_moe *e) {
+  bool ec = e->routing == MOEC_ROUTING_EXPERT_CHOICE;
+  const moec_stmt *it;
+  if ((it = GIVEN(MOE_bias_update)) && e->bias_update > 0) {
+    if (ec)
+      moec_error(S->d, it->values->loc,
+                 "`bias_update = %s` balances token choice (it steers the experts tokens pick), "
+                 "but this layer has `routing = expert_choice`, where every expert takes the same "
+                 "number of tokens; remove `bias_update`",
+                 src_text(S, it->values->loc));
+    else if (e->gate != MOEC_GATE_SIGMOID)
+      moec_error(S->d, it->values->loc,
+                 "`bias_update = %s` moves the bias of a `sigmoid` gate, but this layer's gate is "
+                 "`%s`; set `gate = sigmoid` or remove `bias_update`",
+                 src_text(S, it->values->loc), moec_gate_names[e->gate]);
+  }
+  bool groups_ok = e->groups > 0, top_groups_ok = e->top_groups > 0;
+  if ((it = GIVEN(MOE_groups)) && ec && e->groups > 1) {
+    moec_error(S->d, it->values->loc,
+               "`groups = %" PRId64 "` limits the groups each token routes to, a rule of token "
+               "choice, but this layer has `routing = expert_choice`; remove `groups` and "
+               "`top_groups`, or use `routing = token_choice`",
+               e->groups);
+    groups_ok = false;
+  } else if (it && groups_ok && GIVEN(MOE_experts) && e->experts > 0 && e->experts % e->groups) {
+    moec_error(S->d, it->values->loc,
+               "`groups` (%" PRId64 ") must divide `experts` (%" PRId64 "): each group holds the "
+               "same number of experts; choose a divisor of %" PRId64,
+               e->groups, e->experts, e->experts);
+    groups_ok = false;
+  }
+  if ((it = GIVEN(MOE_top_groups)) && groups_ok && top_groups_ok && e->top_groups > e->groups) {
+    moec_error(S->d, it->values->loc,
+               "`top_groups` is %" PRId64 " but the layer has only %" PRId64 " group%s; "
+               "top_groups must be at most `groups`",
+               e->top_groups, e->groups, e->groups == 1 ? "" : "s");
+    top_groups_ok = false;
+  }
+  if (groups_ok && top_groups_ok && e->groups > 1 && GIVEN(MOE_top_k) && GIVEN(MOE_experts) &&
+      e->experts > 0 && e->top_k > 0 && e->top_k <= e->experts &&
+      e->top_k > e->top_groups * (e->experts / e->groups))
+    moec_error(S->d, GIVEN(MOE_top_k)->values->loc,
+               "`top_k` is %" PRId64 " but a token routes within %" PRId64 " of the %" PRId64
+               " groups, which hold only %" PRId64 " experts (`top_groups` * `experts` / "
+               "`groups`); lower `top_k` or raise `top_groups`",
+               e->top_k, e->top_groups, e->groups, e->top_groups * (e->experts / e->groups));
+  if (!ec) return;
+  if ((it = GIVEN(MOE_capacity_factor)) && e->capacity_factor <= 0)
+    moec_error(S->d, it->values->loc,
+               "`capacity_factor = %s` (%s) cannot go with `routing = expert_choice`: each expert "
+               "takes C tokens of each source rank, and C comes from a fixed factor; use a "
+               "`capacity_factor` above 0, such as 1.0",
+               src_text(S, it->values->loc), e->capacity_factor == 0 ? "dropless" : "dynamic");
+  if ((it = GIVEN(MOE_batch_prioritized)) && e->batch_prioritized)
+    moec_error(S->d, it->values->loc,
+               "`batch_prioritized = true` means nothing with `routing = expert_choice`: each "
+               "expert takes its best-scored tokens, whatever their order; remove it");
+  if ((it = GIVEN(MOE_normalize_gate)) && e->normalize_gate)
+    moec_warning(S->d, it->values->loc,
+                 "`normalize_gate = true` has no effect with `routing = expert_choice`: expert "
+                 "choice does not normalize its combine weights (a token's weights are its scores "
+                 "for the experts that took it); remove it");
+  e->normalize_gate = false;
+  if ((it = GIVEN(MOE_aux_loss)) && e->aux_loss > 0)
+    moec_warning(S->d, it->values->loc,
+                 "`aux_loss = %s` with `routing = expert_choice`: each expert takes the same "
+                 "number of tokens, so the load is balanced already; remove it (it defaults to 0 "
+                 "here) or set it to 0",
+                 src_text(S, it->values->loc));
+}
+
 static void check_moe(sema *S, const moec_stmt *st, moec_layer *l) {
   collect_keys_only(S, st->body, BLK_MOE);
   moec_moe *e = &l->moe;
@@ -457,24 +548,39 @@ static void check_moe(sema *S, const moec_stmt *st, moec_layer *l) {
   get_num(S, KEY_MOE_capacity_factor, &e->capacity_factor, 1.0, NULL);
   e->gate = (moec_gate)get_enum(S, KEY_MOE_gate, moec_gate_names, MOEC_GATE__COUNT, MOEC_GATE_SOFTMAX);
   e->act = (moec_act)get_enum(S, KEY_MOE_activation, moec_act_names, MOEC_ACT__COUNT, MOEC_ACT_RELU);
-  get_num(S, KEY_MOE_aux_loss, &e->aux_loss, 0.01, nonneg_d);
+  e->routing = (moec_routing)get_enum(S, KEY_MOE_routing, moec_routing_names, MOEC_ROUTING__COUNT,
+                                      MOEC_ROUTING_TOKEN_CHOICE);
+  /* the sigmoid gate balances with its bias, expert choice by construction */
+  bool balanced = e->gate == MOEC_GATE_SIGMOID || e->routing == MOEC_ROUTING_EXPERT_CHOICE;
+  get_num(S, KEY_MOE_aux_loss, &e->aux_loss, balanced ? 0.0 : 0.01, nonneg_d);
   e->bias = get_bool(S, KEY_MOE_bias, true);
   e->batch_prioritized = get_bool(S, KEY_MOE_batch_prioritized, false);
   get_num(S, KEY_MOE_gate_noise, &e->gate_noise, 0.0, nonneg_d);
   e->normalize_gate = get_bool(S, KEY_MOE_normalize_gate, e->top_k > 1);
+  get_num(S, KEY_MOE_route_scale, &e->route_scale, 1.0, positive_d);
+  get_num(S, KEY_MOE_bias_update, &e->bias_update, 0.0, nonneg_d);
+  get_int(S, KEY_MOE_groups, &e->groups, 1, positive);
+  get_int(S, KEY_MOE_top_groups, &e->top_groups, 1, positive);
+  get_num(S, KEY_MOE_z_loss, &e->z_loss, 0.0, nonneg_d);
+  get_int(S, KEY_MOE_shared_experts, &e->shared_experts, 0, nonneg_i);
   require(S, st, KEY_MOE_experts, st->body_error);
   require(S, st, KEY_MOE_hidden, st->body_error);
   require(S, st, KEY_MOE_top_k, st->body_error);
   if (GIVEN(MOE_experts) && e->experts > MOEC_MAX_EXPERTS)
     moec_error(S->d, GIVEN(MOE_experts)->values->loc,
                "too many experts: %" PRId64 " (limit is %d)", e->experts, MOEC_MAX_EXPERTS);
+  if (GIVEN(MOE_shared_experts) && e->shared_experts > MOEC_MAX_EXPERTS)
+    moec_error(S->d, GIVEN(MOE_shared_experts)->values->loc,
+               "too many shared experts: %" PRId64 " (limit is %d)", e->shared_experts,
+               MOEC_MAX_EXPERTS);
   if (GIVEN(MOE_top_k) && GIVEN(MOE_experts) && e->experts > 0 && e->top_k > e->experts)
     moec_error(S->d, GIVEN(MOE_top_k)->values->loc,
                "`top_k` is %" PRId64 " but the layer has only %" PRId64
                " experts; top_k must be at most `experts`",
                e->top_k, e->experts);
+  check_routing(S, e);
   if (GIVEN(MOE_capacity_factor) && e->capacity_factor > 0 && e->capacity_factor < 1 &&
-      e->top_k == 1)
+      e->top_k == 1 && e->routing == MOEC_ROUTING_TOKEN_CHOICE)
     moec_warning(S->d, GIVEN(MOE_capacity_factor)->values->loc,
                  "`capacity_factor` below 1 with `top_k = 1` drops tokens even when the load is "
                  "perfectly balanced; use 1.0 or more, or 0 for dropless");
@@ -483,6 +589,9 @@ static void check_moe(sema *S, const moec_stmt *st, moec_layer *l) {
                  "`hidden = %" PRId64 "` is not a multiple of 64; the expert GEMMs will run "
                  "below the GPU's speed",
                  e->hidden);
+  /* the model's parameter count, checked next, counts no shared experts
+   * already reported */
+  if (e->shared_experts < 0 || e->shared_experts > MOEC_MAX_EXPERTS) e->shared_experts = 0;
 }
 
 static void check_ffn(sema *S, const moec_stmt *st, moec_layer *l) {
@@ -880,11 +989,6 @@ static void unit_interval(sema *S, const moec_stmt *it, double v) {
                src_text(S, it->values->loc));
 }
 
-static void eps_rule(sema *S, const moec_stmt *it, double v) {
-  if (v <= 0)
-    moec_error(S->d, it->values->loc, "`eps` must be positive, not %s", src_text(S, it->values->loc));
-}
-
 static void check_train(sema *S, const moec_stmt *st) {
   moec_train *t = &S->spec->train;
   S->spec->has_train = true;
@@ -895,7 +999,7 @@ static void check_train(sema *S, const moec_stmt *st) {
   get_num(S, KEY_TRAIN_lr, &t->lr, 1e-3, nonneg_d);
   get_num(S, KEY_TRAIN_beta1, &t->beta1, 0.9, unit_interval);
   get_num(S, KEY_TRAIN_beta2, &t->beta2, 0.999, unit_interval);
-  get_num(S, KEY_TRAIN_eps, &t->eps, 1e-8, eps_rule);
+  get_num(S, KEY_TRAIN_eps, &t->eps, 1e-8, positive_d);
   get_num(S, KEY_TRAIN_weight_decay, &t->weight_decay, 0, nonneg_d);
   get_int(S, KEY_TRAIN_warmup, &t->warmup, 0, nonneg_i);
   t->schedule = (moec_sched)get_enum(S, KEY_TRAIN_schedule, moec_sched_names, MOEC_SCHED__COUNT, MOEC_SCHED_CONSTANT);

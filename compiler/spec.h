@@ -31,6 +31,12 @@ typedef enum {
   MOEC_GATE__COUNT
 } moec_gate;
 typedef enum {
+#define ROUTING(k, s) MOEC_ROUTING_##k,
+#include "spec.def"
+#undef ROUTING
+  MOEC_ROUTING__COUNT
+} moec_routing;
+typedef enum {
 #define A2A(k, s) MOEC_A2A_##k,
 #include "spec.def"
 #undef A2A
@@ -64,6 +70,7 @@ typedef enum {
 extern const char *const moec_dtype_names[MOEC_DTYPE__COUNT];
 extern const char *const moec_act_names[MOEC_ACT__COUNT];
 extern const char *const moec_gate_names[MOEC_GATE__COUNT];
+extern const char *const moec_routing_names[MOEC_ROUTING__COUNT];
 extern const char *const moec_a2a_names[MOEC_A2A__COUNT];
 extern const char *const moec_select_names[MOEC_SELECT__COUNT];
 extern const char *const moec_optim_names[MOEC_OPTIM__COUNT];
@@ -110,6 +117,13 @@ typedef struct moec_moe {
   double aux_loss;        /* weight of the GShard load-balancing loss */
   bool bias, normalize_gate, batch_prioritized;
   double gate_noise;
+  /* today's routers (docs/LANGUAGE.md) */
+  double route_scale;     /* the combine weights' factor */
+  double bias_update;     /* the sigmoid gate's loss-free balancing step; 0: off */
+  int64_t groups, top_groups; /* group-limited routing; 1, 1: off */
+  double z_loss;          /* weight of the router z-loss */
+  int64_t shared_experts; /* always-on experts: one dense FFN of shared_experts * hidden */
+  moec_routing routing;
 } moec_moe;
 
 typedef struct moec_ffn {

@@ -120,6 +120,7 @@ typedef struct moert_exec {
     moert_pick_fn pick;     /* chooses each MoE layer's variant; NULL: the first candidate */
     void *pick_ctx;
     moert_trace *trace;     /* NULL: no trace */
+    bool routing_stats;     /* the gates take their entropy (a routing trace is kept) */
   } opts;
   /* What the MoE layers did in the last forward: written by moe.c alone
    * (step.c allocates the arrays), read by the step, the run and tests. */

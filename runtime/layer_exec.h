@@ -32,4 +32,26 @@ static inline void moert_gemm1(moert_backend *b, bool ta, bool tb, int64_t m, in
   b->gemm_ex(&g);
 }
 
+/* A dense FFN x -> act(x w1 + b1) w2 + b2 on T rows (M -> H -> M; swiglu:
+ * w1 is M -> 2H, its two halves gated): the ffn layer's, and a MoE layer's
+ * shared experts'. dt BF16: the GEMMs take bf16 operands (w1, b1 and w2 are
+ * then the bf16 copies, x and dy are rounded into xb and dyb) with fp32 out;
+ * F32: everything fp32. Biases may be NULL (none). out and dx are written
+ * (beta 0) or added to (beta 1); the weights' gradients are written, the
+ * biases' accumulate. */
+typedef struct moert_ffn_args {
+  int64_t T, M, H;
+  moert_act act;
+  moert_dt dt;
+  const void *w1, *b1, *w2;
+  const float *b2;
+  float *dw1, *db1, *dw2, *db2;
+  void *h, *a;     /* [T, H1], [T, H] of dt: kept from the forward for the backward */
+  void *da, *dh;   /* [T, H], [T, H1] of dt: the backward's scratch */
+  void *xb, *dyb;  /* [T, M] bf16 (dt BF16 only) */
+} moert_ffn_args;
+void moert_ffn_fwd(moert_backend *b, const moert_ffn_args *a, const float *x, float *out, float beta);
+void moert_ffn_bwd(moert_backend *b, const moert_ffn_args *a, const float *x, const float *dy, float *dx,
+                   float beta);
+
 #endif

@@ -76,7 +76,7 @@ typedef enum {
 /* The widest attention head (the language's limit; the kernels' too). */
 #define MOERT_MAX_HEAD_DIM 256
 /* The most parameter slots a layer kind has (runtime/layer.h). */
-#define MOERT_MAX_SLOTS 12
+#define MOERT_MAX_SLOTS 16
 
 /* The width of the cosine gate's projection (runtime/moe.c): a row width of
  * its kernels, which kernels.cu specializes. */

@@ -205,7 +205,7 @@ static layer_geom geom(const moert_exec *e, int li) {
   const moert_layer_plan *lp = &e->plan->layers[li];
   layer_geom g;
   g.E = l->experts;
-  g.K = l->top_k;
+  g.K = moert_moe_slots_per_token(l); /* top_k, or every expert's slot (expert choice) */
   g.M = e->m->dim;
   g.H = l->hidden;
   g.halves = l->act == MOERT_ACT_SWIGLU ? 2 : 1;
@@ -496,6 +496,9 @@ typedef struct pass_ctx {
   const exchange *x;
   expert_params p;
   bool backward;
+  /* device work with no part in the exchange (the shared experts), run
+   * while the first all-to-all is in flight; NULL: none */
+  void (*overlap)(moert_exec *e, int li);
 } pass_ctx;
 
 static void work_chunk(pass_ctx *c, int64_t i, const void *rows_in, void *rows_out) {
@@ -574,6 +577,7 @@ static bool exchange_pass(pass_ctx *c, const void *in, void *out, moert_status *
     MOERT_TRY(st, comm->all_to_all_start(comm, AT(g, xs, i * x->chunk), AT(g, xr, i * x->chunk), nf, algo, &to[i], st));
     s_to[i] = a2a_started(e, to[i], before);
   }
+  if (c->overlap) c->overlap(e, li);
   for (int64_t i = 0; i < x->d; i++) {
     MOERT_TRY(st, comm->wait(comm, to[i], st));
     if (e->opts.trace) {
@@ -600,6 +604,45 @@ static bool exchange_pass(pass_ctx *c, const void *in, void *out, moert_status *
   return true;
 }
 
+/* --- the shared experts: one dense FFN of shared_experts * H, on every token --- */
+
+#define SLOT_OR_NULL(e, l, s, lowp) \
+  ((l)->bias ? ((lowp) ? PL(e, LI_(e, l), MOERT_MOE_##s) : (void *)P_(e, l, s)) : NULL)
+
+static moert_ffn_args shared_args(moert_exec *e, int li) {
+  const moert_layer *l = &e->m->layers[li];
+  bool low = e->xdt == MOERT_BF16;
+  moert_ffn_args a = {.T = e->rows, .M = e->m->dim, .H = l->shared_experts * l->hidden, .act = l->act,
+                      .dt = e->xdt, .w1 = PT_(e, l, SHARED_FC1_W), .b1 = SLOT_OR_NULL(e, l, SHARED_FC1_B, low),
+                      .w2 = PT_(e, l, SHARED_FC2_W), .b2 = SLOT_OR_NULL(e, l, SHARED_FC2_B, false),
+                      .h = F(e, li, H), .a = F(e, li, A)};
+  if (e->training) {
+    a.dw1 = G_(e, l, SHARED_FC1_W), a.dw2 = G_(e, l, SHARED_FC2_W);
+    a.db1 = l->bias ? G_(e, l, SHARED_FC1_B) : NULL, a.db2 = l->bias ? G_(e, l, SHARED_FC2_B) : NULL;
+    a.da = S(e, li, DA), a.dh = S(e, li, DH);
+  }
+  if (low) a.xb = S(e, li, XB), a.dyb = S(e, li, DYB);
+  return a;
+}
+
+/* Forward into DX (scratch, [T, M]), added to the output after the combine:
+ * the GEMMs run while the routed tokens are in their all-to-all. */
+static void shared_fwd(moert_exec *e, int li) {
+  moert_ffn_args a = shared_args(e, li);
+  int span = open_span(e, "shared experts");
+  moert_ffn_fwd(e->b, &a, e->xin[li], S(e, li, DX), 0);
+  close_span(e, span, "shared experts", "experts", MOERT_TID_COMPUTE);
+}
+
+/* Backward: the weights' gradients, and d input into DX (added to the
+ * dispatch's after it). */
+static void shared_bwd(moert_exec *e, int li) {
+  moert_ffn_args a = shared_args(e, li);
+  int span = open_span(e, "bwd shared experts");
+  moert_ffn_bwd(e->b, &a, e->xin[li], e->dcur, S(e, li, DX), 0);
+  close_span(e, span, "bwd shared experts", "experts", MOERT_TID_COMPUTE);
+}
+
 /* --- the layer --- */
 
 /* Whether this forward adds noise to the gate's logits. */
@@ -609,7 +652,7 @@ static bool gate_noise(const moert_exec *e, const moert_layer *l, int64_t step) 
 
 /* The gate, queued: nothing here waits for the device. */
 static void gate_fwd(moert_exec *e, int li, const moert_layer *l, const layer_geom *g, const float *x,
-                     int64_t step) {
+                     int64_t step, int64_t keep) {
   moert_backend *b = e->b;
   int64_t T = e->rows, M = g->M, E = g->E, K = g->K;
   if (l->gate == MOERT_GATE_COSINE) {
@@ -637,6 +680,7 @@ static void gate_fwd(moert_exec *e, int li, const moert_layer *l, const layer_ge
   /* the rest in one op (two kernels on the GPU); at one rank it also takes
    * the aux loss, whose statistics need no sum over ranks first */
   bool aux_here = l->aux_loss > 0 && e->comm->world == 1;
+  bool ec = l->routing == MOERT_ROUTE_EXPERT_CHOICE, sigmoid = l->gate == MOERT_GATE_SIGMOID;
   moert_cpu_gate_io io = {.logits = F(e, li, LOGITS),
                           .noise = noise,
                           .scores = F(e, li, SCORES),
@@ -644,14 +688,22 @@ static void gate_fwd(moert_exec *e, int li, const moert_layer *l, const layer_ge
                           .loc = I(e, li, LOC),
                           .topv = F(e, li, TOPV),
                           .gate = F(e, li, GATE),
-                          .order = l->batch_prioritized ? I(e, li, ORDER) : NULL,
+                          .order = l->batch_prioritized || ec ? I(e, li, ORDER) : NULL,
                           .counts = I(e, li, COUNTS),
                           .score_sum = F(e, li, SSUM),
                           .top1_count = F(e, li, TOP1),
                           .dscore_coef = F(e, li, DCOEF),
                           .aux_out = aux_here ? e->daux + li : NULL,
                           .global_tokens = (double)e->rows,
-                          .normalize = l->normalize_gate};
+                          .normalize = l->normalize_gate,
+                          .sigmoid = sigmoid,
+                          .bias = sigmoid ? P_(e, l, GATE_BIAS) : NULL,
+                          .groups = l->groups,
+                          .top_groups = l->top_groups,
+                          .route_scale = (float)l->route_scale,
+                          .ec_capacity = ec ? keep : 0,
+                          .z_sum = l->z_loss > 0 || e->opts.routing_stats ? F(e, li, RSTAT) : NULL,
+                          .entropy_sum = e->opts.routing_stats ? F(e, li, RSTAT) + 1 : NULL};
   b->gate_fwd(&io, T, E, K);
 }
 
@@ -704,7 +756,7 @@ static bool aux_loss(moert_exec *e, int li, const layer_geom *g, moert_status *s
 bool moert_moe_read_stats(moert_exec *e, moert_status *st) {
   const moert_model *m = e->m;
   moert_backend *b = e->b;
-  e->moe.aux = 0;
+  e->moe.aux = e->moe.z = 0;
   e->moe.routed = e->moe.dropped = 0;
   double *load = e->moe.load;
   bool any_aux = false;
@@ -714,18 +766,55 @@ bool moert_moe_read_stats(moert_exec *e, moert_status *st) {
     int64_t E = l->experts, keep = e->moe.keep[li];
     int32_t counts[4096];
     MOERT_TRY(st, b->download(b, counts, I(e, li, COUNTS), sizeof(int32_t) * (size_t)E, st));
+    double routed = 0, dropped = 0;
     for (int64_t j = 0; j < E; j++) {
       load[j] = counts[j];
-      e->moe.routed += counts[j];
-      e->moe.dropped += counts[j] > keep ? (double)(counts[j] - keep) : 0;
+      routed += counts[j];
+      dropped += counts[j] > keep ? (double)(counts[j] - keep) : 0;
     }
+    e->moe.layer_routed[li] = routed;
+    e->moe.layer_dropped[li] = dropped;
+    e->moe.routed += routed;
+    e->moe.dropped += dropped;
     load += E;
     any_aux = any_aux || l->aux_loss > 0;
+    float rs[2] = {0, 0}; /* z and entropy sums of this rank's tokens */
+    if (l->z_loss > 0 || e->opts.routing_stats)
+      MOERT_TRY(st, b->download(b, rs, F(e, li, RSTAT), sizeof rs, st));
+    /* this rank's share of the weighted global mean (the step sums the shares) */
+    if (l->z_loss > 0) e->moe.z += l->z_loss * rs[0] / ((double)e->rows * e->comm->world);
+    e->moe.entropy[li] = e->opts.routing_stats ? rs[1] : 0;
   }
   if (!any_aux) return true;
   MOERT_TRY(st, b->download(b, e->aux_h, e->daux, sizeof(float) * (size_t)m->nlayers, st));
   for (int li = 0; li < m->nlayers; li++)
     if (m->layers[li].kind == MOERT_L_MOE && m->layers[li].aux_loss > 0) e->moe.aux += m->layers[li].aux_loss * e->aux_h[li];
+  return true;
+}
+
+bool moert_moe_balance(moert_exec *e, moert_status *st) {
+  const moert_model *m = e->m;
+  const double *load = e->moe.load;
+  for (int li = 0; li < m->nlayers; li++) {
+    const moert_layer *l = &m->layers[li];
+    if (l->kind != MOERT_L_MOE) continue;
+    int64_t E = l->experts;
+    if (l->bias_update > 0) {
+      double global[4096];
+      float delta[4096];
+      memcpy(global, load, sizeof(double) * (size_t)E);
+      MOERT_TRY(st, e->comm->all_reduce_f64(e->comm, global, (int)E, MOERT_RED_SUM, st));
+      double mean = 0;
+      for (int64_t j = 0; j < E; j++) mean += global[j];
+      mean /= (double)E;
+      for (int64_t j = 0; j < E; j++) /* b_e += u sign(mean - load_e) */
+        delta[j] = (float)(l->bias_update * ((mean > global[j]) - (mean < global[j])));
+      float *dev = S(e, li, DLOGITS); /* free at the step's end */
+      MOERT_TRY(st, e->b->upload(e->b, dev, delta, sizeof(float) * (size_t)E, st));
+      e->b->add(P_(e, l, GATE_BIAS), P_(e, l, GATE_BIAS), dev, E);
+    }
+    load += E;
+  }
   return true;
 }
 
@@ -753,7 +842,7 @@ static bool moe_gate(moert_exec *e, void *ctx, moert_status *st) {
   (void)st;
   const moe_ctx *c = ctx;
   layer_geom g = geom(e, c->li);
-  gate_fwd(e, c->li, &e->m->layers[c->li], &g, c->x, c->step);
+  gate_fwd(e, c->li, &e->m->layers[c->li], &g, c->x, c->step, 0);
   return true;
 }
 
@@ -768,7 +857,7 @@ static bool moe_fwd(moert_exec *e, void *ctx, moert_status *st) {
   const float *x = c->x;
   int span = open_span(e, "gate and capacity");
   if (c->with_gate) { /* a fixed capacity: keep is the same at every step */
-    gate_fwd(e, li, l, &g, x, c->step);
+    gate_fwd(e, li, l, &g, x, c->step, c->keep);
     b->drop_beyond(I(e, li, LOC), T * K, c->keep); /* whatever the padded C, claims past keep are dropped */
   }
   if (l->aux_loss > 0) MOERT_TRY(st, aux_loss(e, li, &g, st));
@@ -784,17 +873,20 @@ static bool moe_fwd(moert_exec *e, void *ctx, moert_status *st) {
     close_span(e, span, "gather experts", "gather", gather_tid(e));
   }
   expert_params p = params_for(e, li, &g, v);
+  bool shared = l->shared_experts > 0;
   if (v->r == 0 || e->comm->world == 1) { /* the tokens stay here */
+    if (shared) shared_fwd(e, li);
     span = open_span(e, "experts");
     experts_fwd(b, g.dt, l, &p, M, C, F(e, li, SRC), F(e, li, EH), F(e, li, EA), F(e, li, SRCY));
     close_span(e, span, "experts", "experts", MOERT_TID_COMPUTE);
   } else {
     exchange xg = exchange_for(e, &g, v, C);
-    pass_ctx pc = {e, li, &g, v, &xg, p, false};
+    pass_ctx pc = {e, li, &g, v, &xg, p, false, shared ? shared_fwd : NULL};
     MOERT_TRY(st, exchange_pass(&pc, F(e, li, SRC), F(e, li, SRCY), st));
   }
   span = open_span(e, "combine");
   b->combine_t(g.dt, F(e, li, SRCY), I(e, li, IDX), I(e, li, LOC), F(e, li, GATE), F(e, li, OUT), T, K, E, C, M);
+  if (shared) b->add(F(e, li, OUT), F(e, li, OUT), S(e, li, DX), T * M);
   close_span(e, span, "combine", "combine", MOERT_TID_COMPUTE);
   return true;
 }
@@ -856,7 +948,9 @@ static bool moe_bwd(moert_exec *e, void *ctx, moert_status *st) {
     b->zero(S(e, li, DGW) + off[3], sizeof(float) * (size_t)(p0.n * M));
   }
   expert_params p = params_for(e, li, &g, v);
+  bool shared = l->shared_experts > 0;
   if (v->r == 0 || e->comm->world == 1) {
+    if (shared) shared_bwd(e, li);
     span = open_span(e, "bwd experts");
     experts_bwd(b, g.dt, l, &p, M, C, F(e, li, SRC), F(e, li, EH), F(e, li, EA), S(e, li, DSRCY), S(e, li, DEA),
                 S(e, li, DEH), S(e, li, DSRC), 0.0f);
@@ -868,7 +962,7 @@ static bool moe_bwd(moert_exec *e, void *ctx, moert_status *st) {
     }
   } else {
     exchange xg = exchange_for(e, &g, v, C);
-    pass_ctx c = {e, li, &g, v, &xg, p, true};
+    pass_ctx c = {e, li, &g, v, &xg, p, true, shared ? shared_bwd : NULL};
     MOERT_TRY(st, exchange_pass(&c, S(e, li, DSRCY), S(e, li, DSRC), st));
     if (v->r < g.S || (g.S > 1 && l->bias)) {
       span = open_span(e, "bwd scatter experts");
@@ -882,6 +976,7 @@ static bool moe_bwd(moert_exec *e, void *ctx, moert_status *st) {
   }
   span = open_span(e, "bwd dispatch");
   b->dispatch_bwd_t(g.dt, S(e, li, DSRC), I(e, li, IDX), I(e, li, LOC), e->dnext, T, K, E, C, M);
+  if (shared) b->add(e->dnext, e->dnext, S(e, li, DX), T * M);
   close_span(e, span, "bwd dispatch", "dispatch", MOERT_TID_COMPUTE);
 
   /* the gate */
@@ -889,7 +984,15 @@ static bool moe_bwd(moert_exec *e, void *ctx, moert_status *st) {
   moert_cpu_gate_bwd_io gio = {.scores = F(e, li, SCORES), .idx = I(e, li, IDX), .topv = F(e, li, TOPV),
                                .dgate = S(e, li, DGATE), .dscore_coef = l->aux_loss > 0 ? F(e, li, DCOEF) : NULL,
                                .weight = (float)l->aux_loss, .dlogits = S(e, li, DLOGITS),
-                               .normalize = l->normalize_gate};
+                               .normalize = l->normalize_gate, .sigmoid = l->gate == MOERT_GATE_SIGMOID,
+                               .route_scale = (float)l->route_scale,
+                               .ec_capacity = l->routing == MOERT_ROUTE_EXPERT_CHOICE ? e->moe.keep[li] : 0};
+  if (l->z_loss > 0) { /* the noise the forward added: a training step's (step > 0) */
+    gio.logits = F(e, li, LOGITS);
+    gio.noise = l->gate_noise > 0 ? F(e, li, NOISE) : NULL;
+    gio.z_weight = (float)l->z_loss;
+    gio.global_tokens = (double)e->rows * e->comm->world;
+  }
   b->gate_bwd(&gio, T, E, K);
   if (l->gate == MOERT_GATE_COSINE) {
     /* logits = raw * exp(temp): d temp = sum(dlogits * logits) unless clamped */

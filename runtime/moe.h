@@ -29,6 +29,13 @@ typedef enum {
   MOERT_MOE__SLOTS
 } moert_moe_slot;
 
+/* A token's gate slots ([T, slots] idx, loc, topv, gate): its top_k
+ * choices, or with expert choice one for each expert (loc -1 where the
+ * expert did not take the token). */
+static inline int64_t moert_moe_slots_per_token(const moert_layer *l) {
+  return l->routing == MOERT_ROUTE_EXPERT_CHOICE ? l->experts : l->top_k;
+}
+
 /* The sub-communicators the layers' variants need (expert groups, H-slice
  * classes), made once, collectively, in layer order. */
 bool moert_moe_setup(moert_exec *e, moert_status *st);
@@ -46,6 +53,11 @@ bool moert_moe_fwd(moert_exec *e, int li, const float *x, int64_t step, moert_st
  * e->dropped against the capacity it kept) and its aux loss (the weighted
  * sum into e->aux). */
 bool moert_moe_read_stats(moert_exec *e, moert_status *st);
+/* DeepSeek-V3's loss-free balancing, after a training step's update: each
+ * layer with bias_update > 0 moves its gate's bias by bias_update *
+ * sign(mean load - load_e), the loads (the last forward's claims) summed
+ * over ranks, so the bias is the same on every rank and at every world size. */
+bool moert_moe_balance(moert_exec *e, moert_status *st);
 /* The sigmoid gate's bias of MoE layer li (E floats) into host memory
  * `out`; a layer without one (softmax, cosine) fills it with zeros. */
 bool moert_moe_gate_bias(moert_exec *e, int li, float *out, moert_status *st);

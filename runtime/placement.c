@@ -176,12 +176,16 @@ bool moert_plan_create_nodes(const moert_model *m, int world, int rank, int64_t 
     p->layers[g->layer].params += pp->count;
   }
   /* offsets: the replicated parameters first, so their gradients are one
-   * contiguous all-reduce; then the experts' */
-  for (int pass = 0; pass < 2; pass++) {
-    for (int i = 0; i < m->nparams; i++)
-      if ((m->params[i].place == MOERT_PLACE_REPLICATED) == (pass == 0))
-        p->params[i].offset = take(&ptop, p->params[i].count);
+   * contiguous all-reduce; then the experts'; then the frozen ones (whole on
+   * every rank), past what the optimizer and the gradient norm cover */
+  for (int pass = 0; pass < 3; pass++) {
+    for (int i = 0; i < m->nparams; i++) {
+      const moert_param *g = &m->params[i];
+      int want = g->frozen ? 2 : g->place == MOERT_PLACE_REPLICATED ? 0 : 1;
+      if (want == pass) p->params[i].offset = take(&ptop, p->params[i].count);
+    }
     if (pass == 0) p->repl_elems = ptop;
+    if (pass == 1) p->trained_elems = ptop;
   }
   p->param_elems = ptop;
   p->state_elems = m->train.has_train && m->train.optimizer == MOERT_OPT_ADAM ? 2 * ptop : 0;

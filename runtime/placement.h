@@ -29,7 +29,8 @@
   X(H) X(A)                                /* ffn: [T, H1], [T, H] */           \
   X(LOGITS) X(SCORES) X(NOISE)             /* moe gate: [T, E] */               \
   X(PROJ) X(PROJN) X(PROJNORM) X(SIMN) X(SIMNORM) X(RAW) /* cosine gate */      \
-  X(TOPV) X(GATE)                          /* [T, k] */                         \
+  X(TOPV) X(GATE)                          /* [T, k] (expert choice: [T, E]) */ \
+  X(RSTAT)                                 /* moe router sums [2]: z, entropy */ \
   X(SRC) X(SRCY)  /* [E, C, M] this rank's tokens per expert, and their outputs */ \
   X(EX) X(EH) X(EA) /* expert side: the rows this rank computes, [rows, M|H1|H] */ \
   X(GW)           /* expert parameters gathered for variants with r < S */       \
@@ -122,6 +123,7 @@ typedef struct moert_plan {
   moert_layer_plan *layers;  /* [model->nlayers] */
   int64_t param_elems;       /* size of the parameter (= gradient) buffer */
   int64_t repl_elems;        /* the replicated parameters come first: [0, repl_elems) */
+  int64_t trained_elems;     /* then the experts'; the frozen ones (replicated) after: [trained_elems, param_elems) */
   int64_t state_elems;       /* optimizer state: 2x params for adam, 0 for sgd */
   int64_t act_elems;         /* saved float activations */
   int64_t int_elems;         /* saved int32 activations */

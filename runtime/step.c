@@ -730,9 +730,9 @@ bool moert_exec_objective(moert_exec *e, moert_data *d, int64_t step, bool want_
   if (want_grad) MOERT_TRY(st, backward(e, st) && reduce_grads(e, st));
   MOERT_TRY(st, read_values(e, &sum, st));
   MOERT_TRY(st, timing_end(e, st));
-  double stats[2] = {sum, e->moe.aux};
-  MOERT_TRY(st, e->comm->all_reduce_f64(e->comm, stats, 2, MOERT_RED_SUM, st));
-  *objective = stats[0] / ((double)e->rows * e->comm->world) + stats[1] / e->comm->world;
+  double stats[3] = {sum, e->moe.aux, e->moe.z}; /* aux: the same on every rank; z: each rank's share */
+  MOERT_TRY(st, e->comm->all_reduce_f64(e->comm, stats, 3, MOERT_RED_SUM, st));
+  *objective = stats[0] / ((double)e->rows * e->comm->world) + stats[1] / e->comm->world + stats[2];
   return true;
 }
 
@@ -763,10 +763,11 @@ bool moert_exec_train_step(moert_exec *e, moert_data *d, int64_t step, moert_ste
   double sum = 0;
   MOERT_TRY(st, read_values(e, &sum, st));
   MOERT_TRY(st, b->download(b, &out->grad_norm, e->dnorm, sizeof out->grad_norm, st));
-  double stats[4] = {sum, e->moe.aux, e->moe.routed, e->moe.dropped};
-  MOERT_TRY(st, e->comm->all_reduce_f64(e->comm, stats, 4, MOERT_RED_SUM, st));
+  double stats[5] = {sum, e->moe.aux, e->moe.routed, e->moe.dropped, e->moe.z};
+  MOERT_TRY(st, e->comm->all_reduce_f64(e->comm, stats, 5, MOERT_RED_SUM, st));
   out->loss = stats[0] / ((double)e->rows * e->comm->world);
   out->aux_loss = stats[1] / e->comm->world; /* the same on every rank */
+  out->z_loss = stats[4];                    /* each rank's share of the global mean */
   out->dropped = stats[2] > 0 ? stats[3] / stats[2] : 0;
   out->flops = (e->plan->flops_fwd + e->plan->flops_bwd) * e->comm->world;
   out->skipped = !isfinite(out->loss) || !isfinite(out->grad_norm);
@@ -776,7 +777,7 @@ bool moert_exec_train_step(moert_exec *e, moert_data *d, int64_t step, moert_ste
     MOERT_TRY(st, timing_end(e, st));
     return true;
   }
-  int64_t n = e->plan->param_elems;
+  int64_t n = e->plan->trained_elems; /* the frozen parameters after them are not the optimizer's */
   /* the update's time alone, from marks around it (on a device, its time on
    * the GPU; nothing waits for it here) */
   int u0 = b->mark(b, NULL);
@@ -786,11 +787,12 @@ bool moert_exec_train_step(moert_exec *e, moert_data *d, int64_t step, moert_ste
   /* the optimizer's step count: skipped steps did not advance it */
   int64_t opt_step = step - e->skipped;
   if (t->optimizer == MOERT_OPT_ADAM)
-    b->adamw(e->params, e->grads, e->state, e->state + n, n, (float)lr, (float)t->beta1, (float)t->beta2,
-             (float)t->eps, (float)t->weight_decay, opt_step, clip, low);
+    b->adamw(e->params, e->grads, e->state, e->state + e->plan->param_elems, n, (float)lr, (float)t->beta1,
+             (float)t->beta2, (float)t->eps, (float)t->weight_decay, opt_step, clip, low);
   else
     b->sgd(e->params, e->grads, n, (float)lr, (float)t->weight_decay, clip, low);
   e->wlow_fresh = low != NULL;
+  MOERT_TRY(st, moert_moe_balance(e, st)); /* the sigmoid gates' biases, from this step's loads */
   moert_nvtx_pop();
   int u1 = b->mark(b, NULL);
   moert_trace_marks(e->opts.trace, u0, u1, "optimizer", "update", MOERT_TID_COMPUTE, step);

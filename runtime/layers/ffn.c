@@ -61,60 +61,79 @@ static bool ffn_grad_written(const moert_layer *l, int s) {
 }
 
 #ifndef MOERT_LAYER_DESCRIBE_ONLY
+void moert_ffn_fwd(moert_backend *b, const moert_ffn_args *a, const float *x, float *out, float beta) {
+  int64_t T = a->T, M = a->M, H = a->H, H1 = a->act == MOERT_ACT_SWIGLU ? 2 * H : H;
+  if (a->dt == MOERT_BF16) { /* bf16 operands, fp32 in and out: x rounded, H and A kept as bf16 */
+    const moert_dt B16 = MOERT_BF16;
+    b->convert(a->xb, B16, x, MOERT_F32, T * M);
+    moert_gemm1(b, false, false, T, H1, M, B16, a->xb, a->w1, 0, B16, a->h, a->b1);
+    if (a->act == MOERT_ACT_SWIGLU) b->swiglu_fwd_t(B16, a->h, a->a, T, H);
+    else b->act_fwd_t(B16, a->act, a->h, a->a, T * H);
+    moert_gemm1(b, false, false, T, M, H, B16, a->a, a->w2, beta, MOERT_F32, out, a->b2);
+    return;
+  }
+  float *h = a->h, *act = a->a;
+  b->gemm(false, false, T, H1, M, 1, x, M, a->w1, H1, 0, h, H1);
+  if (a->b1) b->bias_add(h, a->b1, T, H1);
+  if (a->act == MOERT_ACT_SWIGLU) b->swiglu_fwd(h, act, T, H);
+  else b->act_fwd(a->act, h, act, T * H);
+  b->gemm(false, false, T, M, H, 1, act, H, a->w2, M, beta, out, M);
+  if (a->b2) b->bias_add(out, a->b2, T, M);
+}
+
+void moert_ffn_bwd(moert_backend *b, const moert_ffn_args *a, const float *x, const float *dy, float *dx,
+                   float beta) {
+  int64_t T = a->T, M = a->M, H = a->H, H1 = a->act == MOERT_ACT_SWIGLU ? 2 * H : H;
+  if (a->db2) b->bias_grad(a->db2, dy, T, M);
+  if (a->dt == MOERT_BF16) { /* as the forward: bf16 operands, fp32 gradients out */
+    const moert_dt B16 = MOERT_BF16;
+    b->convert(a->dyb, B16, dy, MOERT_F32, T * M);
+    moert_gemm1(b, true, false, H, M, T, B16, a->a, a->dyb, 0, MOERT_F32, a->dw2, NULL);
+    moert_gemm1(b, false, true, T, H, M, B16, a->dyb, a->w2, 0, B16, a->da, NULL);
+    if (a->act == MOERT_ACT_SWIGLU) b->swiglu_bwd_t(B16, a->h, a->da, a->dh, T, H);
+    else b->act_bwd_t(B16, a->act, a->h, a->da, a->dh, T * H);
+    if (a->db1) b->bias_grad_t(B16, a->db1, a->dh, 1, T, H1);
+    b->convert(a->xb, B16, x, MOERT_F32, T * M);
+    moert_gemm1(b, true, false, M, H1, T, B16, a->xb, a->dh, 0, MOERT_F32, a->dw1, NULL);
+    moert_gemm1(b, false, true, T, M, H1, B16, a->dh, a->w1, beta, MOERT_F32, dx, NULL);
+    return;
+  }
+  float *h = a->h, *act = a->a, *da = a->da, *dh = a->dh;
+  b->gemm(true, false, H, M, T, 1, act, H, dy, M, 0, a->dw2, M);
+  b->gemm(false, true, T, H, M, 1, dy, M, a->w2, M, 0, da, H);
+  if (a->act == MOERT_ACT_SWIGLU) b->swiglu_bwd(h, da, dh, T, H);
+  else b->act_bwd(a->act, h, da, dh, T * H);
+  if (a->db1) b->bias_grad(a->db1, dh, T, H1);
+  b->gemm(true, false, M, H1, T, 1, x, M, dh, H1, 0, a->dw1, H1);
+  b->gemm(false, true, T, M, H1, 1, dh, H1, a->w1, H1, beta, dx, M);
+}
+
+/* The layer's parameters and buffers as moert_ffn_fwd/bwd take them. */
+static moert_ffn_args ffn_args(moert_exec *e, int li) {
+  const moert_layer *l = &e->m->layers[li];
+  bool low = e->xdt == MOERT_BF16;
+  moert_ffn_args a = {.T = e->rows, .M = e->m->dim, .H = l->hidden, .act = l->act, .dt = e->xdt,
+                      .w1 = low ? PL(e, li, FC1_W) : (void *)P(e, li, FC1_W),
+                      .b1 = low ? PL(e, li, FC1_B) : (void *)P(e, li, FC1_B),
+                      .w2 = low ? PL(e, li, FC2_W) : (void *)P(e, li, FC2_W), .b2 = P(e, li, FC2_B),
+                      .dw1 = G(e, li, FC1_W), .db1 = G(e, li, FC1_B), .dw2 = G(e, li, FC2_W),
+                      .db2 = G(e, li, FC2_B), .h = F(e, li, H), .a = F(e, li, A), .da = S(e, li, DA),
+                      .dh = S(e, li, DH)};
+  if (low) a.xb = S(e, li, XB), a.dyb = S(e, li, DYB);
+  return a;
+}
+
 static bool ffn_fwd(moert_exec *e, int li, int64_t step, bool want_grad, moert_status *st) {
   (void)step, (void)want_grad, (void)st;
-  moert_backend *b = e->b;
-  const moert_layer *l = &e->m->layers[li];
-  const float *cur = e->xin[li];
-  int64_t T = e->rows, M = e->m->dim, H = l->hidden, H1 = h1_of(l);
-  if (e->xdt == MOERT_BF16) { /* bf16 operands, fp32 in and out: x rounded, H and A kept as bf16 */
-    const moert_dt B16 = MOERT_BF16;
-    b->convert(S(e, li, XB), B16, cur, MOERT_F32, T * M);
-    moert_gemm1(b, false, false, T, H1, M, B16, S(e, li, XB), PL(e, li, FC1_W), 0, B16, F(e, li, H),
-                PL(e, li, FC1_B));
-    if (l->act == MOERT_ACT_SWIGLU) b->swiglu_fwd_t(B16, F(e, li, H), F(e, li, A), T, H);
-    else b->act_fwd_t(B16, l->act, F(e, li, H), F(e, li, A), T * H);
-    moert_gemm1(b, false, false, T, M, H, B16, F(e, li, A), PL(e, li, FC2_W), 0, MOERT_F32, F(e, li, OUT),
-                P(e, li, FC2_B));
-    return true;
-  }
-  b->gemm(false, false, T, H1, M, 1, cur, M, P(e, li, FC1_W), H1, 0, F(e, li, H), H1);
-  b->bias_add(F(e, li, H), P(e, li, FC1_B), T, H1);
-  if (l->act == MOERT_ACT_SWIGLU) b->swiglu_fwd(F(e, li, H), F(e, li, A), T, H);
-  else b->act_fwd(l->act, F(e, li, H), F(e, li, A), T * H);
-  b->gemm(false, false, T, M, H, 1, F(e, li, A), H, P(e, li, FC2_W), M, 0, F(e, li, OUT), M);
-  b->bias_add(F(e, li, OUT), P(e, li, FC2_B), T, M);
+  moert_ffn_args a = ffn_args(e, li);
+  moert_ffn_fwd(e->b, &a, e->xin[li], F(e, li, OUT), 0);
   return true;
 }
 
 static bool ffn_bwd(moert_exec *e, int li, moert_status *st) {
   (void)st;
-  moert_backend *b = e->b;
-  const moert_layer *l = &e->m->layers[li];
-  const float *x = e->xin[li];
-  int64_t T = e->rows, M = e->m->dim, H = l->hidden, H1 = h1_of(l);
-  if (e->xdt == MOERT_BF16) { /* as the forward: bf16 operands, fp32 gradients out */
-    const moert_dt B16 = MOERT_BF16;
-    b->bias_grad(G(e, li, FC2_B), e->dcur, T, M);
-    b->convert(S(e, li, DYB), B16, e->dcur, MOERT_F32, T * M);
-    moert_gemm1(b, true, false, H, M, T, B16, F(e, li, A), S(e, li, DYB), 0, MOERT_F32, G(e, li, FC2_W), NULL);
-    moert_gemm1(b, false, true, T, H, M, B16, S(e, li, DYB), PL(e, li, FC2_W), 0, B16, S(e, li, DA), NULL);
-    if (l->act == MOERT_ACT_SWIGLU) b->swiglu_bwd_t(B16, F(e, li, H), S(e, li, DA), S(e, li, DH), T, H);
-    else b->act_bwd_t(B16, l->act, F(e, li, H), S(e, li, DA), S(e, li, DH), T * H);
-    b->bias_grad_t(B16, G(e, li, FC1_B), S(e, li, DH), 1, T, H1);
-    b->convert(S(e, li, XB), B16, x, MOERT_F32, T * M);
-    moert_gemm1(b, true, false, M, H1, T, B16, S(e, li, XB), S(e, li, DH), 0, MOERT_F32, G(e, li, FC1_W), NULL);
-    moert_gemm1(b, false, true, T, M, H1, B16, S(e, li, DH), PL(e, li, FC1_W), 0, MOERT_F32, e->dnext, NULL);
-    return true;
-  }
-  b->bias_grad(G(e, li, FC2_B), e->dcur, T, M);
-  b->gemm(true, false, H, M, T, 1, F(e, li, A), H, e->dcur, M, 0, G(e, li, FC2_W), M);
-  b->gemm(false, true, T, H, M, 1, e->dcur, M, P(e, li, FC2_W), M, 0, S(e, li, DA), H);
-  if (l->act == MOERT_ACT_SWIGLU) b->swiglu_bwd(F(e, li, H), S(e, li, DA), S(e, li, DH), T, H);
-  else b->act_bwd(l->act, F(e, li, H), S(e, li, DA), S(e, li, DH), T * H);
-  b->bias_grad(G(e, li, FC1_B), S(e, li, DH), T, H1);
-  b->gemm(true, false, M, H1, T, 1, x, M, S(e, li, DH), H1, 0, G(e, li, FC1_W), H1);
-  b->gemm(false, true, T, M, H1, 1, S(e, li, DH), H1, P(e, li, FC1_W), H1, 0, e->dnext, M);
+  moert_ffn_args a = ffn_args(e, li);
+  moert_ffn_bwd(e->b, &a, e->xin[li], e->dcur, e->dnext, 0);
   return true;
 }
 #else

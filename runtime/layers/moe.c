@@ -18,6 +18,7 @@ static const char *const slots[] = {
     MOERT_MOE_SLOTS(X)
 #undef X
 };
+_Static_assert(MOERT_MOE__SLOTS <= MOERT_MAX_SLOTS, "model.h's MOERT_MAX_SLOTS is below the MoE layer's slots");
 
 static bool moe_slot(const moert_model *m, const moert_layer *l, int s, moert_param *p) {
   int64_t M = m->dim, E = l->experts, H = l->hidden, H1 = l->act == MOERT_ACT_SWIGLU ? 2 * H : H;
@@ -230,11 +231,26 @@ static bool moe_plan(moert_plan_ctx *c, moert_status *st) {
     S_(DSIMN, COSINE_PROJ * E);
     S_(DSIM, COSINE_PROJ * E);
   }
-  F_(TOPV, T * K);
-  F_(GATE, T * K);
-  I_(IDX, T * K);
-  I_(LOC, T * K);
-  if (l->batch_prioritized) I_(ORDER, T);
+  /* a token's slots: its top_k choices, or (expert choice) one an expert */
+  int64_t Ks = moert_moe_slots_per_token(l);
+  F_(TOPV, T * Ks);
+  F_(GATE, T * Ks);
+  I_(IDX, T * Ks);
+  I_(LOC, T * Ks);
+  F_(RSTAT, 2);
+  if (l->batch_prioritized || l->routing == MOERT_ROUTE_EXPERT_CHOICE) I_(ORDER, T);
+  if (l->shared_experts > 0) { /* one dense FFN of shared_experts * H (layer_exec.h's moert_ffn_*) */
+    int64_t nH = l->shared_experts * H;
+    F_(H, T * halves * nH);
+    F_(A, T * nH);
+    S_(DH, T * halves * nH);
+    S_(DA, T * nH);
+    S_(DX, T * M); /* their output, then their input's gradient, added after the combine / dispatch */
+    if (m->dtype == MOERT_DT_BF16) {
+      S_(XB, (T * M + 1) / 2);
+      S_(DYB, (T * M + 1) / 2);
+    }
+  }
   I_(COUNTS, E);
   F_(SRC, E * Cb * M);
   F_(SRCY, E * Cb * M);
@@ -246,7 +262,7 @@ static bool moe_plan(moert_plan_ctx *c, moert_status *st) {
   F_(TOP1, E);
   F_(DCOEF, E);
   F_(OUT, T * M);
-  S_(DGATE, T * K);
+  S_(DGATE, T * Ks);
   S_(DLOGITS, T * E);
   S_(XS, X);
   S_(XR, X);
@@ -265,7 +281,8 @@ static bool moe_plan(moert_plan_ctx *c, moert_status *st) {
   }
   double gate = l->gate == MOERT_GATE_COSINE ? 2.0 * T * M * COSINE_PROJ + 2.0 * T * COSINE_PROJ * E
                                              : 2.0 * T * M * E;
-  lp->flops_fwd = gate + (double)T * K * (2.0 * M * H1 + 2.0 * H * M);
+  lp->flops_fwd = gate + (double)T * K * (2.0 * M * H1 + 2.0 * H * M) +
+                  (double)T * l->shared_experts * (2.0 * M * H1 + 2.0 * H * M);
   /* per variant: what it sends and computes on this rank per step */
   double others = world > 1 ? (double)(world - 1) / world : 0;
   for (int v = 0; v < lp->nvariants; v++) {
@@ -321,8 +338,19 @@ static int moe_specs(const moert_model *m, const moert_layer *l, moert_spec_use 
 }
 
 static void moe_describe(const moert_model *m, const moert_layer *l, char *buf, size_t n) {
-  snprintf(buf, n, "E = %lld, k = %lld, M = %lld, H = %lld, gate %s", (long long)l->experts, (long long)l->top_k,
-           (long long)m->dim, (long long)l->hidden, l->gate == MOERT_GATE_COSINE ? "cosine" : "softmax");
+  static const char *const gates[] = {"softmax", "cosine", "sigmoid"};
+  int k = snprintf(buf, n, "E = %lld, k = %lld, M = %lld, H = %lld, gate %s", (long long)l->experts,
+                   (long long)l->top_k, (long long)m->dim, (long long)l->hidden, gates[l->gate]);
+  /* today's routers, where set */
+  if (l->routing == MOERT_ROUTE_EXPERT_CHOICE && k > 0 && (size_t)k < n)
+    k += snprintf(buf + k, n - (size_t)k, ", expert choice");
+  if (l->groups > 1 && k > 0 && (size_t)k < n)
+    k += snprintf(buf + k, n - (size_t)k, ", %lld of %lld groups", (long long)l->top_groups, (long long)l->groups);
+  if (l->bias_update > 0 && k > 0 && (size_t)k < n)
+    k += snprintf(buf + k, n - (size_t)k, ", bias balancing %g", l->bias_update);
+  if (l->shared_experts > 0 && k > 0 && (size_t)k < n)
+    k += snprintf(buf + k, n - (size_t)k, ", %lld shared", (long long)l->shared_experts);
+  if (l->z_loss > 0 && k > 0 && (size_t)k < n) snprintf(buf + k, n - (size_t)k, ", z-loss %g", l->z_loss);
 }
 
 static void moe_shape(const moert_plan *p, int li, char *buf, size_t n) {
@@ -353,7 +381,8 @@ static void moe_json(const moert_plan *p, int li, FILE *out) {
 
 static bool moe_grad_written(const moert_layer *l, int s) {
   (void)l;
-  return s == MOERT_MOE_FC1_W || s == MOERT_MOE_FC2_W; /* their first GEMM runs with beta 0, in every variant */
+  /* their first GEMM runs with beta 0, in every variant; the shared experts' GEMMs too */
+  return s == MOERT_MOE_FC1_W || s == MOERT_MOE_FC2_W || s == MOERT_MOE_SHARED_FC1_W || s == MOERT_MOE_SHARED_FC2_W;
 }
 
 #ifndef MOERT_LAYER_DESCRIBE_ONLY

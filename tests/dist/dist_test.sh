@@ -9,9 +9,11 @@ field() { sed -n "s/.*\"$1\": \([^,}]*\).*/\1/p" "$2"; }
 run() { n=$1; shift; "$mpiexec" --oversubscribe -np "$n" -x MOEC_LOCAL_SIZE -x MOEC_TEST_SLOW_VARIANT -x OPENBLAS_NUM_THREADS "$@"; }
 export OPENBLAS_NUM_THREADS=1 MOEC_LOCAL_SIZE=${MOEC_LOCAL_SIZE:-} MOEC_TEST_SLOW_VARIANT=${MOEC_TEST_SLOW_VARIANT:-}
 [ -n "$MOEC_LOCAL_SIZE" ] || unset MOEC_LOCAL_SIZE
-# modes ending in _attn run dist_attn.moe (attention and experts) as ./dist
+# modes ending in _attn run dist_attn.moe (attention and experts) as ./dist, in
+# _routers dist_routers.moe (today's routers)
 case $mode in
 *_attn) spec=dist_attn; mode=${mode%_attn} ;;
+*_routers) spec=dist_routers; mode=${mode%_routers} ;;
 *) spec=dist ;;
 esac
 "$moec" build "$src/tests/dist/$spec.moe" -o dist >/dev/null || fail "moec build $spec.moe"

@@ -65,6 +65,20 @@ static const vspec specs[] = {
      "experts = 4; hidden = 16; top_k = 2; capacity_factor = 0; activation = gelu; aux_loss = 0.1; } } } } "
      "parallel { adaptive_r = auto; overlap_degree = 1, 2; all_to_all = linear, 2dh; } train { steps = 1; seed = 10; }",
      true},
+    /* today's routers: a DeepSeek-V3-like layer (sigmoid gate with its bias
+     * and balancing, groups, a shared expert, route_scale, the z-loss),
+     * dropless, E = 8 */
+    {"model g { dim = 16; tokens = 24; dtype = fp32; residual { rmsnorm; moe e { experts = 8; hidden = 16; "
+     "top_k = 2; gate = sigmoid; bias_update = 0.01; groups = 4; top_groups = 2; shared_experts = 1; "
+     "capacity_factor = 0; route_scale = 2.5; z_loss = 0.1; activation = swiglu; bias = false; } } } "
+     "parallel { adaptive_r = auto; overlap_degree = 1, 2; all_to_all = linear, 2dh; } train { steps = 1; seed = 11; }",
+     true},
+    /* expert choice (C per source rank: not the same function at another
+     * world size), with a shared expert and the z-loss; E = 2 (S = 2 at 4 ranks) */
+    {"model h { dim = 16; tokens = 24; dtype = fp32; residual { layernorm; moe e { experts = 2; hidden = 32; "
+     "top_k = 1; routing = expert_choice; capacity_factor = 1.0; shared_experts = 2; z_loss = 0.05; "
+     "activation = gelu; } } } parallel { adaptive_r = auto; overlap_degree = 1, 2; } train { steps = 1; seed = 12; }",
+     false},
 };
 
 typedef struct forced {

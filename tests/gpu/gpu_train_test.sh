@@ -169,6 +169,29 @@ variants_np*)
   bad=$(grep -c -v '"switch_bytes": 0, "switch_allocs": 0' cycle.jsonl)
   [ "$bad" = 0 ] || fail "$bad steps switched at a cost"
   echo "ok: -np $n ranks sharing the GPU: every variant, cycled, follows the fixed one and the cpu; switches cost nothing" ;;
+routers)
+  # today's routers (tests/gpu/routers.moe: sigmoid gate, bias balancing,
+  # groups, shared experts, z-loss, expert choice) on the cuda backend against
+  # the cpu; with CUDA graphs to the bit against the ops one by one (the
+  # graphs read the bias the balancing moves between steps); at -np 2 (mpi
+  # comm, the GPU shared) every variant, cycled, against a fixed one
+  "$moec" build "$src/tests/gpu/routers.moe" -o routers >/dev/null 2>&1 || fail "moec build routers"
+  ./routers --backend cpu --metrics cpu.jsonl --quiet || fail "cpu run"
+  ./routers --backend cuda --kernel-cache kc --metrics cuda.jsonl --quiet || fail "cuda run"
+  close cpu.jsonl cuda.jsonl 1e-4 8 5e-2
+  MOEC_CUDA_GRAPHS=0 ./routers --backend cuda --kernel-cache kc --steps 6 --metrics plain.jsonl --quiet ||
+    fail "cuda run without graphs"
+  ./routers --backend cuda --kernel-cache kc --steps 6 --metrics graphs.jsonl --quiet || fail "cuda run with graphs"
+  for f in loss aux_loss z_loss grad_norm; do
+    field "$f" plain.jsonl > a.txt; field "$f" graphs.jsonl > b.txt
+    [ -s a.txt ] && cmp -s a.txt b.txt || { paste a.txt b.txt; fail "$f differs with graphs"; }
+  done
+  timeout 300 "$mpiexec" --oversubscribe -np 2 ./routers --backend cuda --comm mpi --kernel-cache kc --steps 6 \
+    --tokens 64 --variant cycle --metrics cycle.jsonl --quiet > np2.txt 2>&1 || fail "-np 2 cycle: $(why np2.txt)"
+  timeout 300 "$mpiexec" --oversubscribe -np 2 ./routers --backend cuda --comm mpi --kernel-cache kc --steps 6 \
+    --tokens 64 --variant "r=1,d=1,a2a=linear" --metrics fixed.jsonl --quiet > np2f.txt 2>&1 || fail "-np 2 fixed: $(why np2f.txt)"
+  close cycle.jsonl fixed.jsonl 1e-5
+  echo "ok: today's routers on cuda follow the cpu, graphs change nothing, variants agree at -np 2" ;;
 graphs)
   # CUDA graphs: the same values, to the bit, as the ops run one by one
   # (MOEC_CUDA_GRAPHS=0), with graphs captured and launched and none refused:

@@ -16,6 +16,7 @@
 #include "exec.h"
 #include "front.h"
 #include "lower.h"
+#include "moe.h"
 
 typedef struct gcase {
   const char *name, *spec;
@@ -45,6 +46,15 @@ static const gcase cases[] = {
     {"moe_swiglu_nobias_dropless", HEAD("moe e { experts = 4; hidden = 16; top_k = 2; capacity_factor = 0; activation = swiglu; bias = false; normalize_gate = false; }")},
     {"moe_dynamic_bp_noise", HEAD("moe e { experts = 4; hidden = 16; top_k = 2; capacity_factor = -0.75; activation = silu; batch_prioritized = true; gate_noise = 1.0; aux_loss = 1.0; }")},
     {"moe_top3_of_8", HEAD("residual { layernorm; moe e { experts = 8; hidden = 8; top_k = 3; capacity_factor = 1.5; activation = gelu; } }")},
+    /* today's routers (issue 16) */
+    {"moe_sigmoid_bias_scale", HEAD("moe e { experts = 4; hidden = 16; top_k = 2; gate = sigmoid; bias_update = 0.01; route_scale = 2.5; aux_loss = 0.5; activation = gelu; }")},
+    {"moe_sigmoid_unnormalized", HEAD("moe e { experts = 4; hidden = 16; top_k = 2; gate = sigmoid; normalize_gate = false; activation = silu; }")},
+    {"moe_groups_zloss", HEAD("moe e { experts = 8; hidden = 8; top_k = 2; groups = 4; top_groups = 2; z_loss = 0.1; activation = gelu; gate_noise = 1.0; }")},
+    {"moe_shared_swiglu", HEAD("moe e { experts = 4; hidden = 8; top_k = 2; shared_experts = 2; activation = swiglu; bias = false; }")},
+    {"moe_shared_gelu_bias", HEAD("moe e { experts = 4; hidden = 8; top_k = 1; shared_experts = 1; activation = gelu; capacity_factor = 0.5; }")},
+    {"moe_expert_choice", HEAD("moe e { experts = 4; hidden = 8; top_k = 2; routing = expert_choice; z_loss = 0.1; activation = gelu; }")},
+    {"moe_ec_sigmoid_shared", HEAD("moe e { experts = 4; hidden = 8; top_k = 1; routing = expert_choice; gate = sigmoid; route_scale = 2.0; shared_experts = 1; activation = silu; aux_loss = 0.5; }")},
+    {"moe_deepseek_v3_like", HEAD("residual { rmsnorm; moe e { experts = 8; hidden = 8; top_k = 2; gate = sigmoid; bias_update = 0.001; groups = 4; top_groups = 2; shared_experts = 1; capacity_factor = 0; activation = swiglu; bias = false; route_scale = 2.5; z_loss = 0.01; } }")},
     {"lm_embed_head", VOCAB("residual { rmsnorm; moe e { experts = 4; hidden = 8; top_k = 2; activation = gelu; aux_loss = 0.5; } }")},
     /* attention: every option; head_dim 8 != dim / heads throughout (dim 8) */
     {"attn_causal_rope_mha", SEQ("attention a { heads = 2; head_dim = 8; }")},
@@ -65,7 +75,7 @@ static unsigned long routing(const moert_exec *e) {
     const moert_layer *l = &e->m->layers[li];
     if (l->kind != MOERT_L_MOE) continue;
     const moert_layer_plan *lp = &e->plan->layers[li];
-    int64_t n = e->rows * l->top_k;
+    int64_t n = e->rows * moert_moe_slots_per_token(l);
     const int32_t *idx = e->iact + lp->i[MOERT_I_IDX], *loc = e->iact + lp->i[MOERT_I_LOC];
     for (int64_t i = 0; i < n; i++) {
       int32_t kept = loc[i] < e->moe.capacity[li] ? loc[i] : -1;
