@@ -1545,10 +1545,11 @@ static void run_specialized(void) {
       t_gate_fwd(r, E, K, G_TIES | G_ORDER | G_AUX);
       t_gate_bwd(r, E, K, true, true, false);
       t_gate_bwd(r, E, K, false, false, false);
-      /* today's routers on the specialized kernels (scores in registers
-       * but for E = 600): 4 groups of E / 4 (E = 13: one expert left out);
-       * at 37 rows only (the emulation is slow) */
-      if (r != 37) continue;
+      /* today's routers on the specialized kernels with the scores in
+       * registers (E = 600's path is the generic kernels'): 4 groups of E /
+       * 4 (E = 13: one expert left out); at 37 rows only (the emulation is
+       * slow) */
+      if (r != 37 || E > 512) continue;
       t_router_fwd(r, E, K, (router){.sigmoid = true, .bias = true, .groups = 4, .top_groups = 2,
                                      .route_scale = 2.5f, .z = true, .entropy = true},
                    R_NORMALIZE | R_AUX);
