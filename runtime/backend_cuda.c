@@ -103,6 +103,11 @@ enum { SCRATCH_BYTES = 8 << 20, SCALAR_SLOTS = 16 };
 enum { MAX_PARTS = 1024 };
 /* Grid limits: x strides beyond this, y and z at most 65535. */
 enum { MAX_GRID_X = 1 << 20, MAX_GRID_Y = 65535 };
+/* gating.cu's MOERT_GATE_MAX_GROUPS (a warp's group scores live in shared
+ * memory) and MOERT_GATE_PART_EXTRA (the partials' columns past the
+ * experts: the z and entropy sums); tests/gpu/kernel_names.sh checks that
+ * they agree. */
+enum { MOERT_GATE_MAX_GROUPS = 256, MOERT_GATE_PART_EXTRA = 2 };
 
 static cuda_state G;
 
@@ -536,44 +541,82 @@ static void gate_priority_order(const float *topv, int32_t *order, int64_t token
   launch(K_gate_priority_scatter, grid_for(tokens, 256), 1, 256, 1, ARGS(&rank, &order, &tokens));
 }
 
-/* Two kernels (gating.cu): gate_topk, whose blocks leave their column sums
- * of the scores at the scratch's end, and gate_locations, which finishes
- * them (and the aux loss at one rank, its done-counter in a scalar slot);
- * the priority order's two between them when asked. */
+/* Two kernels (gating.cu): gate_topk, whose blocks leave their partial sums
+ * (the scores' columns, the z and entropy sums) at the scratch's end, and
+ * gate_locations, or gate_ec with expert choice, which finishes them (and
+ * the aux loss at one rank, its done-counter in a scalar slot); the
+ * priority order's two between them when asked (token choice). The scratch
+ * from its start: the priority ranks (token choice) or the best-scored
+ * experts (expert choice), an int a token; a sigmoid gate's per-token score
+ * sums, a double a token; expert choice's lists of taken tokens, min(C,
+ * tokens) ints a gate_ec block; the partials, experts + 2 doubles a
+ * gate_topk block. */
 static void cuda_gate_fwd(const moert_cpu_gate_io *g, int64_t tokens, int64_t experts, int64_t top_k) {
   if (experts <= 0 || !healthy()) return;
-  int64_t rank_doubles = g->order ? cdiv(tokens, 2) : 0, room = SCRATCH_DOUBLES - rank_doubles;
+  bool ec = g->ec_capacity > 0, grouped = g->groups > 1;
+  if (grouped && g->groups > MOERT_GATE_MAX_GROUPS) {
+    MOERT_FAIL(&G.err, "group-limited routing over %" PRId64 " groups exceeds the cuda gate's limit (%d)",
+               g->groups, MOERT_GATE_MAX_GROUPS);
+    return;
+  }
+  if (ec && top_k != experts) {
+    MOERT_FAIL(&G.err, "expert choice takes top_k = experts (%" PRId64 "), not %" PRId64, experts, top_k);
+    return;
+  }
+  int64_t cap = ec ? (g->ec_capacity < tokens ? g->ec_capacity : tokens) : 0;
+  int64_t ints = (g->order && !ec) || ec ? cdiv(tokens, 2) : 0, norms = g->sigmoid ? tokens : 0;
+  int64_t pw = experts + MOERT_GATE_PART_EXTRA, room = SCRATCH_DOUBLES - ints - norms;
+  /* gate_ec's blocks: as many as their lists leave half the room for */
+  int64_t ec_blocks = ec ? clamp64(experts, 1, MAX_GRID_X) : 0;
+  if (ec && cap > 0 && ec_blocks > room / 2 / cdiv(cap, 2)) ec_blocks = room / 2 / cdiv(cap, 2);
+  room -= ec ? ec_blocks * cdiv(cap, 2) : 0;
   int64_t blocks = clamp64(cdiv(tokens, 8), 1, (int64_t)G.sm_count * 8);
-  if (blocks > room / experts) blocks = room / experts;
-  if (blocks < 1) {
+  if (blocks > room / pw) blocks = room / pw;
+  if (blocks < 1 || (ec && ec_blocks < 1)) {
     MOERT_FAIL(&G.err,
                "a gate of %" PRId64 " tokens and %" PRId64 " experts%s exceeds the cuda backend's scratch "
                "(%" PRId64 " doubles); use fewer tokens per rank",
-               tokens, experts, g->order ? " in priority order" : "", (int64_t)SCRATCH_DOUBLES);
+               tokens, experts, ec ? " with expert choice" : g->order ? " in priority order" : "",
+               (int64_t)SCRATCH_DOUBLES);
     return;
   }
-  double *part = scratch_d(SCRATCH_DOUBLES - blocks * experts);
-  long long nparts = tokens > 0 ? (long long)blocks : 0;
+  int32_t *top1 = ec ? (int32_t *)scratch_d(0) : NULL;
+  double *norm = g->sigmoid ? scratch_d(ints) : NULL;
+  int32_t *list = ec ? (int32_t *)scratch_d(ints + norms) : NULL;
+  double *part = scratch_d(SCRATCH_DOUBLES - blocks * pw);
+  long long nparts = tokens > 0 ? (long long)blocks : 0, pwl = (long long)pw;
+  long long groups = grouped ? (long long)g->groups : 1, top_groups = (long long)g->top_groups;
   moert_cpu_gate_io a = *g; /* the kernels' arguments point into a copy */
-  int nz = a.normalize;
+  int nz = a.normalize, sg = a.sigmoid, eci = ec, zi = a.z_sum != NULL, hi = a.entropy_sum != NULL;
   if (tokens > 0)
     launch_spec(K_gate_topk, experts, top_k, (uint64_t)blocks, 1, 32, 8,
-                ARGS(&a.logits, &a.noise, &a.scores, &a.idx, &a.topv, &a.gate, &nz, &part, &tokens, &experts,
-                     &top_k));
-  if (a.order && tokens > 0) gate_priority_order(a.topv, a.order, tokens, top_k);
+                ARGS(&a.logits, &a.noise, &a.bias, &a.scores, &a.idx, &a.topv, &a.gate, &nz, &sg, &groups,
+                     &top_groups, &a.route_scale, &eci, &top1, &norm, &part, &pwl, &zi, &hi, &tokens,
+                     &experts, &top_k));
   unsigned *done = (unsigned *)scalar_slot(2);
+  if (ec) {
+    long long capl = (long long)cap;
+    launch(K_gate_ec, (uint64_t)ec_blocks, 1, 512, 1,
+           ARGS(&a.scores, &top1, &a.loc, &a.counts, &capl, &list, &part, &nparts, &pwl, &a.score_sum,
+                &a.top1_count, &a.dscore_coef, &a.global_tokens, &a.aux_out, &done, &a.z_sum, &a.entropy_sum,
+                &tokens, &experts));
+    return;
+  }
+  if (a.order && tokens > 0) gate_priority_order(a.topv, a.order, tokens, top_k);
   launch_spec(K_gate_locations, top_k, 0, (uint64_t)clamp64(experts, 1, MAX_GRID_X), 1, 512, 1,
-              ARGS(&a.idx, &a.order, &a.loc, &a.counts, &part, &nparts, &a.score_sum, &a.top1_count,
-                   &a.dscore_coef, &a.global_tokens, &a.aux_out, &done, &tokens, &experts, &top_k));
+              ARGS(&a.idx, &a.order, &a.loc, &a.counts, &part, &nparts, &pwl, &a.score_sum, &a.top1_count,
+                   &a.dscore_coef, &a.global_tokens, &a.aux_out, &done, &a.z_sum, &a.entropy_sum, &tokens,
+                   &experts, &top_k));
 }
 
 static void cuda_gate_bwd(const moert_cpu_gate_bwd_io *g, int64_t tokens, int64_t experts, int64_t top_k) {
   if (tokens <= 0 || experts <= 0) return;
   moert_cpu_gate_bwd_io a = *g; /* the kernel's arguments point into a copy */
-  int nz = a.normalize;
+  int nz = a.normalize, sg = a.sigmoid, ec = a.ec_capacity > 0;
   launch_spec(K_gate_bwd, experts, top_k, row_grid(tokens, 8, MAX_GRID_X), 1, 32, 8,
-              ARGS(&a.scores, &a.idx, &a.topv, &a.dgate, &a.dscore_coef, &a.weight, &a.dlogits, &tokens,
-                   &experts, &top_k, &nz));
+              ARGS(&a.scores, &a.idx, &a.topv, &a.dgate, &a.dscore_coef, &a.weight, &a.logits, &a.noise,
+                   &a.z_weight, &a.global_tokens, &a.dlogits, &tokens, &experts, &top_k, &nz, &sg,
+                   &a.route_scale, &ec));
 }
 
 static void cuda_aux_loss_to(const float *score_sum, const float *top1_count, float *dscore_coef,

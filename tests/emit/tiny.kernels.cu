@@ -32,18 +32,22 @@ extern "C" __global__ void moert_k_rmsnorm_bwd_dx__D64(const float *x, const flo
 // layer 2: moe `experts_0` (E = 4, k = 2, M = 64, H = 128, gate softmax, dtype fp32)
 // layer 6: moe `experts_1` (E = 4, k = 2, M = 64, H = 128, gate softmax, dtype fp32)
 extern "C" __global__ void moert_k_gate_topk__E4_K2(const float *logits, const float *noise,
-    float *scores, int *idx, float *topv, float *gate, int normalize, double *part,
-    long long tokens, long long experts, long long top_k) {
-  moert_gate_topk_impl<4, 2>(logits, noise, scores, idx, topv, gate, normalize, part, tokens, experts, top_k);
+    const float *bias, float *scores, int *idx, float *topv, float *gate, int normalize,
+    int sigmoid, long long groups, long long top_groups, float route_scale, int ec, int *top1,
+    double *norm, double *part, long long pw, int z, int ent, long long tokens, long long experts,
+    long long top_k) {
+  moert_gate_topk_impl<4, 2>(logits, noise, bias, scores, idx, topv, gate, normalize, sigmoid, groups, top_groups, route_scale, ec, top1, norm, part, pw, z, ent, tokens, experts, top_k);
 }
 extern "C" __global__ void moert_k_gate_locations__K2(const int *idx, const int *order, int *loc,
-    int *counts, const double *part, long long nparts, float *score_sum, float *top1_count,
-    float *dscore_coef, double global_tokens, float *loss, unsigned *done, long long tokens,
-    long long experts, long long top_k) {
-  moert_gate_locations_impl<2>(idx, order, loc, counts, part, nparts, score_sum, top1_count, dscore_coef, global_tokens, loss, done, tokens, experts, top_k);
+    int *counts, const double *part, long long nparts, long long pw, float *score_sum,
+    float *top1_count, float *dscore_coef, double global_tokens, float *loss, unsigned *done,
+    float *z_sum, float *entropy_sum, long long tokens, long long experts, long long top_k) {
+  moert_gate_locations_impl<2>(idx, order, loc, counts, part, nparts, pw, score_sum, top1_count, dscore_coef, global_tokens, loss, done, z_sum, entropy_sum, tokens, experts, top_k);
 }
 extern "C" __global__ void moert_k_gate_bwd__E4_K2(const float *scores, const int *idx,
-    const float *topv, const float *dgate, const float *dscore_coef, float weight, float *dlogits,
-    long long tokens, long long experts, long long top_k, int normalize) {
-  moert_gate_bwd_impl<4, 2>(scores, idx, topv, dgate, dscore_coef, weight, dlogits, tokens, experts, top_k, normalize);
+    const float *topv, const float *dgate, const float *dscore_coef, float weight,
+    const float *logits, const float *noise, float z_weight, double global_tokens, float *dlogits,
+    long long tokens, long long experts, long long top_k, int normalize, int sigmoid,
+    float route_scale, int ec) {
+  moert_gate_bwd_impl<4, 2>(scores, idx, topv, dgate, dscore_coef, weight, logits, noise, z_weight, global_tokens, dlogits, tokens, experts, top_k, normalize, sigmoid, route_scale, ec);
 }

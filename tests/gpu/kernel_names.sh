@@ -21,3 +21,13 @@ for k in $names; do
 done
 [ "$bad" = 0 ] || exit 1
 echo "ok: the $n kernels of the KERNELS list are defined in templates/"
+# the gate's limits that backend_cuda.c repeats from gating.cu
+for c in MOERT_GATE_MAX_GROUPS MOERT_GATE_PART_EXTRA; do
+  cu=$(sed -n "s/^#define $c \([0-9]*\).*/\1/p" "$src/templates/gating.cu")
+  be=$(grep -o "$c = [0-9]*" "$src/runtime/backend_cuda.c" | sed 's/.* = //')
+  if [ -z "$cu" ] || [ "$cu" != "$be" ]; then
+    echo "FAIL: $c is '$cu' in templates/gating.cu but '$be' in runtime/backend_cuda.c"
+    exit 1
+  fi
+done
+echo "ok: backend_cuda.c's gate limits are gating.cu's"

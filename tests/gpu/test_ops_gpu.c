@@ -3,12 +3,14 @@
  * table and every memory helper runs on both backends on the same fresh
  * random inputs (never zeros), over several shapes (odd sizes, one-element
  * edges, E and k variety, capacities that drop claims, the batch-prioritized
- * order), all of it twice: with 16-byte aligned device pointers and with
- * pointers one float off (the kernels' scalar paths). Outputs start as random
- * garbage on both sides, so an op that skips an element or writes where it
- * should accumulate is caught. Floats are compared by the norm-relative
- * error ||gpu - cpu|| / ||cpu|| (fp32 ops: 1e-5; copies: exact), integers
- * exactly; a failure prints the first mismatches and the largest difference.
+ * order; today's routers: sigmoid, bias, groups, route scale, expert
+ * choice, the z and entropy sums), all of it twice: with 16-byte aligned
+ * device pointers and with pointers one float off (the kernels' scalar
+ * paths). Outputs start as random garbage on both sides, so an op that skips
+ * an element or writes where it should accumulate is caught. Floats are
+ * compared by the norm-relative error ||gpu - cpu|| / ||cpu|| (fp32 ops:
+ * 1e-5; copies: exact), integers exactly; a failure prints the first
+ * mismatches and the largest difference.
  * Then the kernel cache: a second create hits, a corrupted entry is
  * recompiled with a warning, an unwritable directory is only warned about;
  * and a failing op is reported by the next download.
@@ -640,6 +642,161 @@ static void t_gate_bwd(int64_t T, int64_t E, int64_t K, bool coef, bool normaliz
   end();
 }
 
+/* Today's routers (moert_cpu_gate_io's fields past the Tutel gate) on both
+ * backends: a router's settings, each off when zero. */
+typedef struct router {
+  bool sigmoid, bias, z, entropy;
+  int64_t groups, top_groups;
+  float route_scale;
+  int64_t ec; /* expert choice's capacity */
+} router;
+
+enum { R_TIES = 1, R_NOISE = 2, R_NORMALIZE = 4, R_AUX = 8, R_ORDER = 16 };
+
+static int router_name(char *buf, size_t n, router r) {
+  return snprintf(buf, n, "%s%s%s%s", r.sigmoid ? " sigmoid" : " softmax", r.bias ? " bias" : "",
+                  r.z ? " z" : "", r.entropy ? " entropy" : "");
+}
+
+/* The forward: selections exact, floats to TOL; the z and entropy sums (and
+ * the aux loss) as scalars. R_TIES: logits (and biases) from a few values,
+ * so that keys, group scores and an expert's tokens tie. */
+static void t_router_fwd(int64_t T, int64_t E, int64_t K, router r, int flags) {
+  char what[96];
+  router_name(what, sizeof what, r);
+  begin("router fwd T=%lld E=%lld k=%lld%s groups=%lld/%lld scale=%g ec=%lld%s%s%s%s%s", (long long)T,
+        (long long)E, (long long)K, what, (long long)r.groups, (long long)r.top_groups, r.route_scale,
+        (long long)r.ec, flags & R_TIES ? " ties" : "", flags & R_NOISE ? " noise" : "",
+        flags & R_NORMALIZE ? " normalized" : "", flags & R_AUX ? " aux" : "",
+        flags & R_ORDER ? " priority order" : "");
+  fbuf logits = fb(T * E, -4, 4), nz = flags & R_NOISE ? fb(T * E, -0.5f, 0.5f) : (fbuf){0},
+       bias = r.bias ? fb(E, -0.3f, 0.3f) : (fbuf){0};
+  if (flags & R_TIES) {
+    for (int64_t i = 0; i < T * E; i++) logits.h[i] = (float)irand(3) * 0.5f;
+    for (int64_t e = 0; r.bias && e < E; e++) bias.h[e] = (float)irand(2) * 0.25f;
+    sync_f(logits);
+    if (r.bias) sync_f(bias);
+  }
+  fbuf scores = garbage(T * E), topv = garbage(T * K), gate = garbage(T * K), ssum = garbage(E),
+       top1 = garbage(E), coef = garbage(E), aux = garbage(1), zs = garbage(1), ent = garbage(1);
+  ibuf idx = ib(T * K, -5, 5), loc = ib(T * K, -9, 9), counts = ib(E, -9, 9),
+       order = flags & R_ORDER || r.ec ? ib(T, -3, 3) : (ibuf){0};
+  moert_cpu_gate_io h = {.logits = logits.h, .noise = nz.h, .scores = scores.h, .idx = idx.h, .loc = loc.h,
+                         .topv = topv.h, .gate = gate.h, .order = order.h, .counts = counts.h,
+                         .score_sum = ssum.h, .top1_count = top1.h, .dscore_coef = coef.h,
+                         .aux_out = flags & R_AUX ? aux.h : NULL, .global_tokens = (double)T,
+                         .normalize = flags & R_NORMALIZE, .sigmoid = r.sigmoid, .bias = bias.h,
+                         .groups = r.groups, .top_groups = r.top_groups, .route_scale = r.route_scale,
+                         .ec_capacity = r.ec, .z_sum = r.z ? zs.h : NULL, .entropy_sum = r.entropy ? ent.h : NULL};
+  moert_cpu_gate_io d = {.logits = logits.d, .noise = nz.d, .scores = scores.d, .idx = idx.d, .loc = loc.d,
+                         .topv = topv.d, .gate = gate.d, .order = r.ec ? NULL : order.d, .counts = counts.d,
+                         .score_sum = ssum.d, .top1_count = top1.d, .dscore_coef = coef.d,
+                         .aux_out = flags & R_AUX ? aux.d : NULL, .global_tokens = (double)T,
+                         .normalize = flags & R_NORMALIZE, .sigmoid = r.sigmoid, .bias = bias.d,
+                         .groups = r.groups, .top_groups = r.top_groups, .route_scale = r.route_scale,
+                         .ec_capacity = r.ec, .z_sum = r.z ? zs.d : NULL, .entropy_sum = r.entropy ? ent.d : NULL};
+  cpu->gate_fwd(&h, T, E, K);
+  /* first on other logits: nothing may carry over between launches */
+  fbuf other = fb(T * E, -4, 4);
+  d.logits = other.d;
+  gpu->gate_fwd(&d, T, E, K);
+  d.logits = logits.d;
+  gpu->gate_fwd(&d, T, E, K);
+  check_f("scores", scores, TOL_SCORES);
+  check_i("idx", idx);
+  check_f("topv", topv, TOL_SCORES);
+  check_f("gate", gate, TOL);
+  if (flags & R_ORDER && !r.ec) check_i("order", order);
+  check_i("loc", loc);
+  check_i("counts", counts);
+  check_f("score_sum (written)", ssum, TOL);
+  check_f("top1_count (written)", top1, 0);
+  float got;
+  if (r.z) {
+    download(&got, zs.d, sizeof got);
+    check_scalar("z_sum", got, zs.h[0], TOL);
+  }
+  if (r.entropy) {
+    download(&got, ent.d, sizeof got);
+    check_scalar("entropy_sum", got, ent.h[0], TOL);
+  }
+  if (flags & R_AUX) {
+    check_f("aux loss", aux, 1e-6);
+    check_f("dscore_coef", coef, TOL);
+  }
+  end();
+}
+
+/* The backward of a router: scores in (0, 1) (a sigmoid's, or rows that a
+ * softmax could not make, which the op takes alike), the z-loss from logits
+ * and noise. */
+static void t_router_bwd(int64_t T, int64_t E, int64_t K, router r, bool coef, bool normalize,
+                         float z_weight) {
+  char what[96];
+  router_name(what, sizeof what, r);
+  begin("router bwd T=%lld E=%lld k=%lld%s scale=%g ec=%lld%s%s z_weight=%g", (long long)T, (long long)E,
+        (long long)K, what, r.route_scale, (long long)r.ec, coef ? " coef" : "", normalize ? " normalized" : "",
+        z_weight);
+  ibuf idx = claims(T, K, E);
+  fbuf scores = fb(T * E, 0, 1), topv = fb(T * K, 0.01f, 1), dgate = fb(T * K, -1, 1),
+       c = coef ? fb(E, -1, 1) : (fbuf){0}, dl = garbage(T * E), logits = fb(T * E, -4, 4),
+       nz = fb(T * E, -0.5f, 0.5f);
+  moert_cpu_gate_bwd_io hio = {.scores = scores.h, .idx = idx.h, .topv = topv.h, .dgate = dgate.h,
+                               .dscore_coef = c.h, .weight = 0.01f, .logits = logits.h, .noise = nz.h,
+                               .z_weight = z_weight, .global_tokens = 3.0 * (double)T, .dlogits = dl.h,
+                               .normalize = normalize, .sigmoid = r.sigmoid, .route_scale = r.route_scale,
+                               .ec_capacity = r.ec};
+  moert_cpu_gate_bwd_io dio = {.scores = scores.d, .idx = idx.d, .topv = topv.d, .dgate = dgate.d,
+                               .dscore_coef = c.d, .weight = 0.01f, .logits = logits.d, .noise = nz.d,
+                               .z_weight = z_weight, .global_tokens = 3.0 * (double)T, .dlogits = dl.d,
+                               .normalize = normalize, .sigmoid = r.sigmoid, .route_scale = r.route_scale,
+                               .ec_capacity = r.ec};
+  cpu->gate_bwd(&hio, T, E, K);
+  gpu->gate_bwd(&dio, T, E, K);
+  check_f("dlogits", dl, TOL);
+  end();
+}
+
+static void run_routers(void) {
+  typedef struct {
+    int64_t T, E, K;
+    router r;
+    int flags;
+  } fwd_case;
+  static const fwd_case fwd[] = {
+      {37, 8, 2, {.sigmoid = true}, R_NORMALIZE | R_AUX},
+      {300, 13, 3, {.sigmoid = true, .bias = true}, R_NORMALIZE | R_ORDER | R_AUX},
+      {257, 8, 2, {.sigmoid = true, .bias = true}, R_TIES | R_NORMALIZE},
+      {300, 64, 4, {.bias = true, .route_scale = 2.5f}, R_NOISE | R_AUX},
+      {300, 64, 4, {.sigmoid = true, .bias = true, .groups = 8, .top_groups = 3, .route_scale = 2.5f},
+       R_NORMALIZE | R_AUX},
+      {257, 16, 2, {.sigmoid = true, .bias = true, .groups = 4, .top_groups = 2}, R_TIES | R_ORDER},
+      {100, 8, 3, {.groups = 8, .top_groups = 3}, R_NOISE}, /* one expert a group */
+      {100, 13, 2, {.groups = 4, .top_groups = 1}, 0},     /* expert 12 in no group */
+      {300, 40, 2, {.z = true, .entropy = true}, R_NOISE | R_NORMALIZE | R_AUX},
+      {300, 40, 2, {.sigmoid = true, .z = true, .entropy = true, .route_scale = 0.5f}, R_NOISE},
+      {1, 1, 1, {.z = true, .entropy = true}, 0},
+      /* expert choice: C < T, C >= T, ties in every column */
+      {200, 16, 16, {.ec = 25, .route_scale = 2, .z = true, .entropy = true}, R_AUX},
+      {200, 16, 16, {.sigmoid = true, .ec = 30}, R_NOISE | R_AUX},
+      {70, 8, 8, {.ec = 100}, R_TIES},
+      {300, 6, 6, {.sigmoid = true, .ec = 77}, R_TIES | R_AUX},
+      {1, 3, 3, {.ec = 1}, 0},
+      /* more taken tokens than gate_ec has threads, and tiles of keys */
+      {700, 4, 4, {.sigmoid = true, .ec = 600}, R_NOISE},
+      {700, 3, 3, {.ec = 650}, R_TIES | R_AUX},
+  };
+  for (size_t i = 0; i < sizeof fwd / sizeof fwd[0]; i++)
+    t_router_fwd(fwd[i].T, fwd[i].E, fwd[i].K, fwd[i].r, fwd[i].flags);
+  t_router_bwd(300, 13, 3, (router){.sigmoid = true}, true, true, 0);
+  t_router_bwd(300, 13, 3, (router){.sigmoid = true, .route_scale = 2.5f}, false, false, 0);
+  t_router_bwd(257, 64, 4, (router){.route_scale = 2.5f}, true, true, 0);
+  t_router_bwd(257, 64, 4, (router){.route_scale = 0.5f}, true, true, 0.01f);
+  t_router_bwd(200, 40, 2, (router){.sigmoid = true, .route_scale = 1.5f}, true, true, 0.1f);
+  t_router_bwd(200, 16, 16, (router){.ec = 25, .route_scale = 2}, true, true, 0.01f);
+  t_router_bwd(200, 16, 16, (router){.sigmoid = true, .ec = 25}, true, false, 0.01f);
+}
+
 /* --- dispatch and combine --- */
 
 /* Routing as the executor makes it: claims, locations (in token or priority
@@ -1211,6 +1368,7 @@ static void run_all(void) {
   t_gate_fwd(5000, 2048, 2, G_ORDER | G_NORMALIZE | G_AUX);
   t_gate_bwd(600, 2048, 2, true, true, false);
   t_gate_fwd(4099, 8, 1, G_TIES | G_ORDER | G_AUX);
+  run_routers();
   /* dispatch, combine */
   t_dispatch_combine(1, 1, 1, 1, 1, 1, false);
   t_dispatch_combine(37, 2, 4, 16, 16, 3, false);
@@ -1387,6 +1545,16 @@ static void run_specialized(void) {
       t_gate_fwd(r, E, K, G_TIES | G_ORDER | G_AUX);
       t_gate_bwd(r, E, K, true, true, false);
       t_gate_bwd(r, E, K, false, false, false);
+      /* today's routers on the specialized kernels with the scores in
+       * registers (E = 600's path is the generic kernels'): 4 groups of E /
+       * 4 (E = 13: one expert left out); at 37 rows only (the emulation is
+       * slow) */
+      if (r != 37 || E > 512) continue;
+      t_router_fwd(r, E, K, (router){.sigmoid = true, .bias = true, .groups = 4, .top_groups = 2,
+                                     .route_scale = 2.5f, .z = true, .entropy = true},
+                   R_NORMALIZE | R_AUX);
+      t_router_fwd(r, E, K, (router){.bias = true, .z = true}, R_TIES | R_NOISE | R_ORDER);
+      t_router_bwd(r, E, K, (router){.sigmoid = true, .route_scale = 2.5f}, true, true, 0.01f);
     }
   }
   t_l2norm_rows(9, 256, true);
