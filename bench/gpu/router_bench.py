@@ -20,6 +20,7 @@ the metrics' medians and the trace's spans are layer_bench.py's (imported).
 import json, os, sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.dont_write_bytecode = True  # no __pycache__ left in the source tree by the import
 import layer_bench  # noqa: E402
 
 ACTIVATIONS = ("relu", "gelu", "silu", "swiglu")
