@@ -7,7 +7,9 @@ reads the runs' metrics and headers, and prints the markdown table.
                                                       parallel=ITEMS (the parallel block's items instead
                                                       of one fixed variant), vocab=V (a token embedding
                                                       and softmax head on synthetic tokens instead of
-                                                      the teacher), by=WHO (the header's author)
+                                                      the teacher), by=WHO (the header's author),
+                                                      moe=ITEMS (more items of the moe block, e.g.
+                                                      "gate = sigmoid; groups = 8;": router_bench.sh)
   plan PLAN.json                                      "flops_per_step bytes" of moec plan --json
   dtype RUN.log                                       the dtype the binary says it computes in
   row CONFIG DTYPE_ASKED RUN.log METRICS WARM PLAN ACTIVATION
@@ -34,11 +36,12 @@ def cmd_spec(a):
     T, M, H, E, k = (int(x) for x in a[:5])
     f, dtype, opt, act, steps = a[5], a[6], a[7], a[8], int(a[9])
     kv = dict(x.split("=", 1) for x in a[10:])
-    unknown = set(kv) - {"parallel", "vocab", "by"}
+    unknown = set(kv) - {"parallel", "vocab", "by", "moe"}
     if unknown:
         sys.exit(f"spec: unknown KEY=VALUE {sorted(unknown)}")
     name = f"layer_T{T}_M{M}_H{H}_E{E}_k{k}_" + ("dropless" if float(f) == 0 else "f" + f.replace(".", "p"))
     vocab = int(kv.get("vocab", 0))
+    more = " " + kv["moe"].strip() if kv.get("moe", "").strip() else ""
     what = (f"synthetic tokens\n# (vocab {vocab}: an embedding and a softmax head, no teacher)" if vocab
             else "regression on\n# the teacher")
     print(f"""# {kv.get("by", "layer_bench.sh")}: one MoE layer (T={T}, M={M}, H={H}, E={E}, k={k}, f={f}), {what};\
@@ -47,7 +50,7 @@ model {name} {{
   dim = {M};
   tokens = {T};""" + (f"\n  vocab = {vocab};" if vocab else "") + f"""
   dtype = {dtype};
-  moe layer {{ experts = {E}; hidden = {H}; top_k = {k}; capacity_factor = {f}; activation = {act}; }}
+  moe layer {{ experts = {E}; hidden = {H}; top_k = {k}; capacity_factor = {f}; activation = {act};{more} }}
 }}""")
     if "parallel" in kv:
         print(f"parallel {{ {kv['parallel']} }}")
@@ -71,8 +74,10 @@ def run_dtype(log):
     return "?"
 
 
-def cmd_row(a):
-    config, asked, log, metrics, warm, plan, act = a[0], a[1], a[2], a[3], int(a[4]), a[5], a[6]
+def row_figures(config, asked, log, metrics, warm, plan, act):
+    """Our figures for one run of CONFIG (a dict): the medians over the steps
+    after WARM of the metrics file METRICS, with the plan's FLOPs and the
+    dtype the run's LOG says it computed in."""
     T, M, H, E, k, f = parse_config(config)
     rows = [json.loads(l) for l in open(metrics) if l.strip()]
     rows = [r for r in rows if "ms" in r and r["step"] > warm]
@@ -95,7 +100,11 @@ def cmd_row(a):
     mfu = [r["mfu"] for r in rows if r.get("mfu") is not None]
     if mfu:
         out["mfu_step"] = statistics.median(mfu)
-    print(json.dumps(out))
+    return out
+
+
+def cmd_row(a):
+    print(json.dumps(row_figures(a[0], a[1], a[2], a[3], int(a[4]), a[5], a[6])))
 
 
 def cmd_time(a):
@@ -107,11 +116,11 @@ def cmd_time(a):
     print(f"{dt:.3f}")
 
 
-def cmd_trace_spans(a):
-    """trace_spans TRACE WARM NAME...: for each span name, the median over the
-    steps after WARM of its summed duration a step on rank 0, in ms (0 for a
-    name no step has; an error when none of the names is there)."""
-    t, warm, names = json.load(open(a[0])), int(a[1]), a[2:]
+def span_medians(trace, warm, names):
+    """For each span name, the median over the steps after WARM of its summed
+    duration a step on rank 0 of the Chrome trace TRACE, in ms (0 for a name
+    no step has; an error when none of the names is there)."""
+    t = json.load(open(trace))
     per = {n: {} for n in names}
     for e in t["traceEvents"]:
         if e.get("ph") != "X" or e.get("pid", 0) != 0 or e.get("name") not in per:
@@ -121,8 +130,13 @@ def cmd_trace_spans(a):
             d = per[e["name"]]
             d[st] = d.get(st, 0.0) + e["dur"] / 1e3
     if not any(per.values()):
-        sys.exit(f"{a[0]}: none of the spans {names} after step {warm}")
-    print(" ".join("%.4f" % (statistics.median(per[n].values()) if per[n] else 0.0) for n in names))
+        sys.exit(f"{trace}: none of the spans {names} after step {warm}")
+    return [statistics.median(per[n].values()) if per[n] else 0.0 for n in names]
+
+
+def cmd_trace_spans(a):
+    """trace_spans TRACE WARM NAME...: span_medians, on one line."""
+    print(" ".join("%.4f" % x for x in span_medians(a[0], int(a[1]), a[2:])))
 
 
 def fmt(x, nd=2):

@@ -7,7 +7,9 @@
 # scaled_dot_product_attention (attn), the GPT-MoE with attention against the
 # n-gram one at the same steps and tokens (gpt; needs examples/data/corpus.txt,
 # carried to the machine), and the cost model's calibration of the GPU
-# (calibrate: data/calibration/h100.json and the cost model's one-GPU check). Each phase writes its
+# (calibrate: data/calibration/h100.json and the cost model's one-GPU check), and the
+# cost of each router option of today's models against the same layer without it
+# (routers: bench/gpu/router_bench.sh). Each phase writes its
 # log and its table under --out; report.md gathers them with the command, the
 # GPU, the date and the commit, ready for bench/RESULTS.md. A phase that fails
 # is recorded and the next one runs; --deadline stops starting phases in time.
@@ -16,17 +18,18 @@
 #   --out DIR            where logs, tables and report.md go (default: $OUT, else a new /tmp dir)
 #   --build DIR          the build tree (default: build); made with RelWithDebInfo when missing
 #   --phases "LIST"      of build tests layer layer_blas examples examples_nographs attn gpt calibrate
-#                        (default: all, in that order)
+#                        routers (default: all, in that order)
 #   --tests REGEX        ctest -R REGEX within the gpu label (default: every gpu test)
 #   --examples "LIST"    example names (default: every examples/*.moe that trains or runs)
 #   --steps N            steps an example runs (default 25); --warmup N: not measured (default 5)
 #   --deadline S         start no phase after S seconds (default 0: none)
-#   --backend cpu        run the examples phase on the cpu (to test this script without a GPU)
+#   --backend cpu        run the examples and routers phases on the cpu (to test this script
+#                        without a GPU; routers on a tiny config)
 # Exit: 0 every phase that ran passed, 1 one failed, 2 a usage error.
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
-out=${OUT:-} build=$root/build phases="build tests layer layer_blas examples examples_nographs attn gpt calibrate" tests_re= examples=
+out=${OUT:-} build=$root/build phases="build tests layer layer_blas examples examples_nographs attn gpt calibrate routers" tests_re= examples=
 steps=25 warm=5 deadline=0 backend=cuda
 usage() { sed -n '2,/^# Exit/s/^# \{0,1\}//p' "$0" >&2; exit 2; }
 args="$*"
@@ -47,7 +50,7 @@ while [ $# -gt 0 ]; do
   [ $# -gt 0 ] && shift
 done
 for p in $phases; do
-  case $p in build|tests|layer|layer_blas|examples|examples_nographs|attn|gpt|calibrate) ;; *) echo "session.sh: no phase '$p'" >&2; usage ;; esac
+  case $p in build|tests|layer|layer_blas|examples|examples_nographs|attn|gpt|calibrate|routers) ;; *) echo "session.sh: no phase '$p'" >&2; usage ;; esac
 done
 case $backend in cpu|cuda) ;; *) echo "session.sh: --backend is cuda or cpu" >&2; exit 2 ;; esac
 [ "$steps" -gt "$warm" ] 2>/dev/null || { echo "session.sh: --steps must exceed --warmup" >&2; exit 2; }
@@ -215,6 +218,18 @@ PY
     { echo "## The cost model: calibration of this GPU and its one-GPU check"; echo
       echo "Command: \`bench/cost_gpu.sh\` (the calibration is $out/h100.json: commit it as data/calibration/h100.json)"; echo
       echo '```'; tail -n 40 "$out/calibrate.log"; echo '```'; echo; } >> "$report"
+    ;;
+  routers)
+    # its own header (command, device, commit) and a table per config; --backend
+    # cpu runs it on a tiny config (a test of the phase, not a figure)
+    rargs=(--steps 30 --warmup 5)
+    [ "$backend" = cpu ] && rargs=(--backend cpu --configs "256,64,128,8,2" --steps "$steps" --warmup "$warm")
+    sh "$here/router_bench.sh" --moec "$build/compiler/moec" "${rargs[@]}" --out "$out/routers" \
+      > "$out/routers.md" 2> "$out/routers.err"
+    rc=$?
+    { sed 's/^# /## /' "$out/routers.md"
+      [ $rc = 0 ] || { echo; echo "Failed (exit $rc): $(tail -n 5 "$out/routers.err")"; }
+      echo; } >> "$report"
     ;;
   esac
   result "$p" "$rc" $(($(date +%s) - t0))
