@@ -492,6 +492,11 @@ static void check_routing(sema *S, moec_moe *e) {
                "`top_groups`, or use `routing = token_choice`",
                e->groups);
     groups_ok = false;
+  } else if (it && groups_ok && e->groups > MOEC_MAX_GROUPS) {
+    moec_error(S->d, it->values->loc,
+               "too many expert groups: %" PRId64 " (limit is %d); group the experts more coarsely",
+               e->groups, MOEC_MAX_GROUPS);
+    groups_ok = false;
   } else if (it && groups_ok && GIVEN(MOE_experts) && e->experts > 0 && e->experts % e->groups) {
     moec_error(S->d, it->values->loc,
                "`groups` (%" PRId64 ") must divide `experts` (%" PRId64 "): each group holds the "

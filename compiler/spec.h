@@ -93,6 +93,9 @@ extern const char *const moec_layer_names[MOEC_LAYER__COUNT];
 /* Experts per MoE layer: gating kernels keep per-expert counters in shared
  * memory, and the largest published MoE models use a few hundred. */
 #define MOEC_MAX_EXPERTS 4096
+/* Expert groups a layer may have (group-limited routing; the GPU gate keeps a
+ * token's group scores in shared memory: templates/gating.cu). */
+#define MOEC_MAX_GROUPS 256
 /* Attention heads of one layer: the row widths (heads + 2 kv_heads) *
  * head_dim stay far from overflow, and the largest published models use a
  * few hundred. */

@@ -693,6 +693,7 @@ static void token_topk(const float *s, const float *bias, int64_t groups, int64_
   int64_t words = (experts + 63) / 64;
   for (int64_t w = 0; w < words; w++) allowed[w] = groups > 1 ? 0 : ~0ull;
   if (groups > 1) {
+    assert(top_groups <= groups && experts % groups == 0);
     int64_t gs = experts / groups;
     float gscore[ROUTER_MAX_EXPERTS];
     for (int64_t q = 0; q < groups; q++) { /* the sum of the group's two best keys */

@@ -141,9 +141,11 @@ void moert_cpu_softmax_bwd(const float *scores, const float *dscores, float *dlo
  *  ec_capacity  > 0: expert choice. top_k must equal experts: slot (t, e)
  *               is expert e's (idx = e); each expert takes the
  *               min(ec_capacity, tokens) tokens of highest score (ties: the
- *               lower token) at loc = its rank among them, the rest get
+ *               lower token; the bias is not used: it is the same down an
+ *               expert's column) at loc = its rank among them, the rest get
  *               loc = -1; topv = the score, gate = topv * route_scale (no
- *               normalizing), counts = the tokens taken; order is unused;
+ *               normalizing), counts = the tokens taken; order is the cpu's
+ *               scratch ([tokens], required there; a device ignores it);
  *               top1_count counts each token's best-scored expert
  *  z_sum        [1] or NULL: written with the sum over tokens of
  *               logsumexp(logits + noise)^2 (ST-MoE's router z-loss)

@@ -331,9 +331,11 @@ static int moe_specs(const moert_model *m, const moert_layer *l, moert_spec_use 
     u[n++] = (moert_spec_use){MOERT_SPEC_l2norm_rows_fwd, MOERT_COSINE_PROJ, 0};
     u[n++] = (moert_spec_use){MOERT_SPEC_l2norm_rows_bwd, MOERT_COSINE_PROJ, 0};
   }
-  u[n++] = (moert_spec_use){MOERT_SPEC_gate_topk, l->experts, l->top_k};
-  u[n++] = (moert_spec_use){MOERT_SPEC_gate_locations, l->top_k, 0};
-  u[n++] = (moert_spec_use){MOERT_SPEC_gate_bwd, l->experts, l->top_k};
+  int64_t k = moert_moe_slots_per_token(l); /* the gate launches with expert choice's E slots a token */
+  u[n++] = (moert_spec_use){MOERT_SPEC_gate_topk, l->experts, k};
+  if (l->routing != MOERT_ROUTE_EXPERT_CHOICE) /* expert choice runs gate_ec instead */
+    u[n++] = (moert_spec_use){MOERT_SPEC_gate_locations, k, 0};
+  u[n++] = (moert_spec_use){MOERT_SPEC_gate_bwd, l->experts, k};
   return n;
 }
 
