@@ -367,8 +367,15 @@ bool moert_cuda_compile_source(const char *src, const char *arch, const char *lo
 
 /* True when the image holds name as a whole string (NUL on both sides): how
  * a cubin's string table holds its kernels' names. */
+/* Whether the image defines kernel `name`: a NUL-delimited symbol of a
+ * cubin, or an `.entry name(` of PTX. */
 static bool image_has(const image *img, const char *name) {
   size_t n = strlen(name) + 1;
+  if (img->ptx) {
+    for (const char *p = strstr(img->data, ".entry "); p; p = strstr(p + 1, ".entry "))
+      if (strncmp(p + 7, name, n - 1) == 0 && p[7 + n - 1] == '(') return true;
+    return false;
+  }
   for (size_t i = 0; i + n <= img->size; i++)
     if ((i == 0 || img->data[i - 1] == 0) && memcmp(img->data + i, name, n) == 0) return true;
   return false;
@@ -382,7 +389,7 @@ bool moert_cuda_compile_check_source(const char *src, const char *arch, int *nsp
   image img = {0};
   uint64_t key;
   bool ok = cache_key(src, arch, &key, st) && nvrtc_compile(src, arch, NULL, key, &img, st);
-  if (ok && !img.ptx) {
+  if (ok) {
     for (int k = 0; k < K_COUNT && ok; k++)
       if (!image_has(&img, moert_cuda_kernel_names[k]))
         ok = MOERT_FAIL(st, "the kernels compiled for %s have no %s", arch, moert_cuda_kernel_names[k]);
