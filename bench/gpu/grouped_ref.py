@@ -192,6 +192,9 @@ def layer_step_ms(T, M, H, E, k, f, act, scheme, opts=("sgd",), modes=("eager", 
     fwd = {"eager": layer}
     for mode in modes:
         if mode == "compile":
+            # a fresh dynamo cache a layer: every config and scheme compiles the same
+            # forward, and past its recompile limit (8) dynamo would run it eager unsaid
+            torch._dynamo.reset()
             try:
                 fwd["compile"] = torch.compile(layer)
             except Exception as e:
