@@ -10,14 +10,27 @@ reads the runs' metrics and headers, and prints the markdown table.
                                                       the teacher), by=WHO (the header's author),
                                                       moe=ITEMS (more items of the moe block, e.g.
                                                       "gate = sigmoid; groups = 8;": router_bench.sh)
+  preset NAME                                         its configurations, one line (PRESETS: issue18)
   plan PLAN.json                                      "flops_per_step bytes" of moec plan --json
   dtype RUN.log                                       the dtype the binary says it computes in
   row CONFIG DTYPE_ASKED RUN.log METRICS WARM PLAN ACTIVATION
                                                       one JSON line: our figures for the config
   time CMD...                                         wall seconds of one run of CMD (its output to /dev/null)
-  table OURS.jsonl TORCH.json|- STARTUP.txt           the markdown table (TORCH "-": none)
+  table OURS.jsonl TORCH.json|- STARTUP.txt [OPTIMIZER]
+                                                      the markdown table (TORCH "-": none); issue 18's
+                                                      columns when TORCH has grouped rows (torch_ref.py
+                                                      --grouped), for OPTIMIZER (default sgd)
+  roofline T M H E k ACT OPT PEAK_TFLOPS COPY_GBPS    issue 18's roofline of one config, JSON
 """
 import json, re, statistics, subprocess, sys, time
+
+
+# named lists of configurations (T,M,H,E,k,f[,activation]; f = 0: dropless):
+# issue 18's seven, swiglu experts for the two fine-grained ones
+PRESETS = {"issue18": ["16384,2048,2048,8,2,1.0,relu", "8192,4096,8192,8,2,1.25,relu",
+                       "4096,1024,4096,64,2,1.0,relu", "2048,4096,1024,32,8,1.0,relu",
+                       "16384,2048,2048,8,2,0,relu", "8192,2048,768,128,8,0,swiglu",
+                       "4096,2048,1408,64,6,0,swiglu"]}
 
 
 def useful_flops(T, M, H, k, act):
@@ -27,9 +40,56 @@ def useful_flops(T, M, H, k, act):
     return per * T * k * M * H
 
 
+def expert_params(M, H, E, act):
+    """P: the experts' weights (fc1 M -> H, or M -> 2H for swiglu; fc2 H -> M)."""
+    return E * M * H * (3 if act == "swiglu" else 2)
+
+
+# bytes an expert parameter moves a step in moec's scheme (issue 18): the bf16
+# weights read by the forward and the input-gradient GEMMs (2 + 2), the fp32
+# weight gradient written once (4), the optimizer reading master and gradient
+# and writing master and bf16 copy (4 + 4 + 4 + 2); AdamW reads and writes its
+# two fp32 moments (16 more)
+PARAM_BYTES = {"sgd": 22, "adam": 38}
+
+
+def activation_bytes(T, M, H, k, act):
+    """The activations' bytes a step, bf16, each tensor written once and read
+    once (2 + 2 bytes an element): on the T k routed rows, forward the gathered
+    input (M), fc1's output (H1 = H, 2H for swiglu), the activation (H), fc2's
+    output (M), backward their gradients (M, H, H1, M); on the T tokens, the
+    layer's input, output, output gradient and input gradient (4 M).
+    4 (T k (4 M + 2 H1 + 2 H) + 4 T M)."""
+    H1 = 2 * H if act == "swiglu" else H
+    return 4 * (T * k * (4 * M + 2 * H1 + 2 * H) + 4 * T * M)
+
+
+def roofline(T, M, H, E, k, act, opt, peak_tflops, copy_gbps):
+    """Issue 18's roofline of one layer step (forward + backward + optimizer):
+    max(useful FLOPs at the measured GEMM peak, bytes at the measured copy
+    bandwidth), bytes = PARAM_BYTES[opt] P + activation_bytes. A dict of ms and
+    its parts."""
+    flops = useful_flops(T, M, H, k, act)
+    P = expert_params(M, H, E, act)
+    pbytes = PARAM_BYTES[opt] * P
+    abytes = activation_bytes(T, M, H, k, act)
+    flop_ms = flops / (peak_tflops * 1e12) * 1e3
+    byte_ms = (pbytes + abytes) / (copy_gbps * 1e9) * 1e3
+    return {"ms": max(flop_ms, byte_ms), "flop_ms": flop_ms, "byte_ms": byte_ms, "flops": flops,
+            "params": P, "param_bytes": pbytes, "activation_bytes": abytes,
+            "bound": "FLOPs" if flop_ms >= byte_ms else "bytes"}
+
+
 def parse_config(c):
+    """T, M, H, E, k, f of "T,M,H,E,k,f[,activation]"."""
     v = c.split(",")
     return int(v[0]), int(v[1]), int(v[2]), int(v[3]), int(v[4]), float(v[5])
+
+
+def config_act(c, default):
+    """The activation a config names (its 7th field), else default."""
+    v = c.split(",")
+    return v[6] if len(v) > 6 else default
 
 
 def cmd_spec(a):
@@ -143,13 +203,82 @@ def fmt(x, nd=2):
     return "-" if x is None else f"{x:.{nd}f}"
 
 
+def issue18_table(ours, ref, opt):
+    """Issue 18's table: moec against the grouped-GEMM layer in moec's scheme
+    and in pure bf16, the loop layer, the useful TFLOP/s as a share of the
+    measured peak, and the roofline, for the optimizer opt."""
+    peak = ref["gemm_peak_tflops_by_dtype"].get("bf16", ref["gemm_peak_tflops"])
+    bw = ref["copy_gbps"]
+    key = lambda r: (r["T"], r["M"], r["H"], r["E"], r["k"], float(r["f"]), r.get("activation", "relu"))
+    grouped = {key(g) + (g["scheme"],): g for g in ref.get("grouped", []) if g.get("optimizer", "sgd") == opt}
+    loop = {key(r): r["torch_ms"] for r in ref.get("layers", [])
+            if r.get("optimizer", "sgd") == opt and r.get("dtype", "bf16") == "bf16"}
+    print("| config (T, M, H, E, k, f, act) | dtype | moec ms | grouped-GEMM ref, moec scheme, ms | ref / moec "
+          "| pure-bf16 ms | bf16 / moec | loop ms | loop / moec | moec TFLOP/s | of the peak | roofline ms (bound) "
+          "| moec / roofline |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    kernels, modes, notes = set(), [], []
+
+    def cell(g, ms):
+        if g is None or "best_ms" not in g:
+            return "-", "-"
+        kernels.add(g["kernel"])
+        lab = g["best_mode"] + ("" if g["kernel"] == "torch._grouped_mm" else ", loop fallback")
+        if isinstance(g.get("compile"), str):
+            notes.append(f"{g['scheme']} {g['T']},{g['M']},{g['H']},{g['E']},{g['k']}: compile {g['compile']}")
+        return f"{g['best_ms']:.2f} ({lab})", f"{g['best_ms'] / ms:.2f}"
+
+    for o in ours:
+        act = o.get("activation", "relu")
+        k = (o["T"], o["M"], o["H"], o["E"], o["k"], float(o["f"]), act)
+        ms = o["layer_ms"]
+        g_m, r_m = cell(grouped.get(k + ("moec",)), ms)
+        g_b, r_b = cell(grouped.get(k + ("bf16",)), ms)
+        lm = loop.get(k)
+        rl = roofline(o["T"], o["M"], o["H"], o["E"], o["k"], act, opt, peak, bw)
+        f = "0 (dropless)" if float(o["f"]) == 0 else str(o["f"])
+        print(f"| {o['T']}, {o['M']}, {o['H']}, {o['E']}, {o['k']}, {f}, {act} | {o['dtype']} | **{ms:.2f}** "
+              f"| {g_m} | {r_m} | {g_b} | {r_b} | {fmt(lm)} | {'-' if lm is None else '%.2f' % (lm / ms)} "
+              f"| {o['useful_tflops']:.1f} | {100 * o['useful_tflops'] / peak:.1f}% | {rl['ms']:.2f} ({rl['bound']}) "
+              f"| {ms / rl['ms']:.2f} |")
+    print()
+    print(f"Optimizer {opt}. moec: median of the layer's forward + backward + update ms (as in the default table). "
+          "Grouped-GEMM ref: bench/gpu/grouped_ref.py (fp32 top-k gate, tokens sorted by expert, "
+          "torch._grouped_mm for both expert GEMMs, the weighted index_add_ scatter; capacity drops before the "
+          "GEMMs), forward + backward + optimizer step (torch.optim, fused where available), the faster of eager "
+          "and torch.compile (in brackets); moec scheme: fp32 masters and gradients, bf16 copies for the GEMMs; "
+          "pure bf16: bf16 parameters and gradients. Loop: torch_ref.py's per-expert loop layer, bf16. "
+          "Ratios above 1: moec faster. Useful FLOPs 12 T k M H (18 for swiglu). Roofline: max(useful FLOPs at "
+          f"the measured peak {peak:.1f} TFLOP/s, bytes at the measured copy bandwidth {bw:.0f} GB/s), "
+          f"bytes = {PARAM_BYTES[opt]} P (P expert parameters) + 4 (T k (4 M + 2 H1 + 2 H) + 4 T M) "
+          "(H1 = H, 2H for swiglu).")
+    if kernels - {"torch._grouped_mm"}:
+        why = {g.get("why_not_grouped") for g in grouped.values() if g.get("why_not_grouped")}
+        print()
+        print("**Not grouped-GEMM:** cells marked loop fallback ran a per-expert loop over the sorted layout, "
+              "because torch._grouped_mm did not run here" + (f" ({'; '.join(sorted(why))})" if why else "") + ".")
+    for n in sorted(set(notes)):
+        print(f"- {n}")
+
+
 def cmd_table(a):
     ours = [json.loads(l) for l in open(a[0]) if l.strip()]
     ref = json.load(open(a[1])) if a[1] != "-" else None
     startup = open(a[2]).read().split() if len(a) > 2 else []
+    opt = a[3] if len(a) > 3 else "sgd"
+    if ref and ref.get("grouped"):
+        print(f"Device: {ref['device']}; PyTorch {ref['torch']}. GEMM peak ({ref.get('gemm_n', 8192)}^3, "
+              "measured in this run): " +
+              ", ".join(f"{d} {v:.1f} TFLOP/s" for d, v in ref["gemm_peak_tflops_by_dtype"].items()) +
+              f"; copy bandwidth {ref['copy_gbps']:.0f} GB/s.")
+        print()
+        issue18_table(ours, ref, opt)
+        return
     peaks = (ref or {}).get("gemm_peak_tflops_by_dtype", {})
     torch_ms = {}
     for r in (ref or {}).get("layers", []):
+        if r.get("optimizer", "sgd") != opt:
+            continue
         torch_ms[(r["T"], r["M"], r["H"], r["E"], r["k"], float(r["f"]), r.get("dtype", "bf16"))] = r["torch_ms"]
     if ref:
         print(f"Device: {ref['device']}; PyTorch {ref['torch']}. GEMM peak (8192^3, measured in this run): " +
@@ -200,7 +329,10 @@ def cmd_table(a):
 
 def main():
     cmd, args = sys.argv[1], sys.argv[2:]
-    {"spec": cmd_spec, "plan": cmd_plan, "trace_spans": cmd_trace_spans, "row": cmd_row, "time": cmd_time, "table": cmd_table,
+    {"preset": lambda a: print(" ".join(PRESETS[a[0]])),
+     "roofline": lambda a: print(json.dumps(roofline(*(int(x) for x in a[:5]), a[5], a[6], float(a[7]),
+                                                     float(a[8])))),
+     "spec": cmd_spec, "plan": cmd_plan, "trace_spans": cmd_trace_spans, "row": cmd_row, "time": cmd_time, "table": cmd_table,
      "dtype": lambda a: print(run_dtype(a[0]))}[cmd](args)
 
 

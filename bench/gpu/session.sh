@@ -9,7 +9,10 @@
 # carried to the machine), and the cost model's calibration of the GPU
 # (calibrate: data/calibration/h100.json and the cost model's one-GPU check), and the
 # cost of each router option of today's models against the same layer without it
-# (routers: bench/gpu/router_bench.sh). Each phase writes its
+# (routers: bench/gpu/router_bench.sh), and issue 18's references (refs: moec's
+# layer on issue 18's seven configurations, SGD and AdamW, against the
+# grouped-GEMM PyTorch layer in both precision schemes, the loop layer and the
+# roofline; bench/gpu/grouped_ref.py). Each phase writes its
 # log and its table under --out; report.md gathers them with the command, the
 # GPU, the date and the commit, ready for bench/RESULTS.md. A phase that fails
 # is recorded and the next one runs; --deadline stops starting phases in time.
@@ -18,7 +21,8 @@
 #   --out DIR            where logs, tables and report.md go (default: $OUT, else a new /tmp dir)
 #   --build DIR          the build tree (default: build); made with RelWithDebInfo when missing
 #   --phases "LIST"      of build tests layer layer_blas examples examples_nographs attn gpt calibrate
-#                        routers (default: all, in that order)
+#                        routers refs (default: all but refs, in that order; refs needs a call
+#                        of its own: about 8 minutes)
 #   --tests REGEX        ctest -R REGEX within the gpu label (default: every gpu test)
 #   --examples "LIST"    example names (default: every examples/*.moe that trains or runs)
 #   --steps N            steps an example runs (default 25); --warmup N: not measured (default 5)
@@ -50,7 +54,7 @@ while [ $# -gt 0 ]; do
   [ $# -gt 0 ] && shift
 done
 for p in $phases; do
-  case $p in build|tests|layer|layer_blas|examples|examples_nographs|attn|gpt|calibrate|routers) ;; *) echo "session.sh: no phase '$p'" >&2; usage ;; esac
+  case $p in build|tests|layer|layer_blas|examples|examples_nographs|attn|gpt|calibrate|routers|refs) ;; *) echo "session.sh: no phase '$p'" >&2; usage ;; esac
 done
 case $backend in cpu|cuda) ;; *) echo "session.sh: --backend is cuda or cpu" >&2; exit 2 ;; esac
 [ "$steps" -gt "$warm" ] 2>/dev/null || { echo "session.sh: --steps must exceed --warmup" >&2; exit 2; }
@@ -230,6 +234,50 @@ PY
     { sed 's/^# /## /' "$out/routers.md"
       [ $rc = 0 ] || { echo; echo "Failed (exit $rc): $(tail -n 5 "$out/routers.err")"; }
       echo; } >> "$report"
+    ;;
+  refs)
+    # Issue 18's table with SGD and AdamW in one call (600 s). torch_ref.py runs once
+    # for both optimizers (one torch.compile a config and scheme serves both), then
+    # moec's layers with each optimizer, sharing one NVRTC kernel cache.
+    # Expected on an H100 (not yet run): the peaks ~10 s; the loop layer, 7 configs x
+    # 2 optimizers x 13 steps, ~20 s (the 128- and 64-expert loops are 0.1-0.3 s a
+    # step); the grouped layer, 7 configs x 2 schemes, each one torch.compile of
+    # forward + backward (guessed 15-30 s cold) and 2 x 13 steps eager and compiled:
+    # 200-420 s, so --compile-until 240 starts no compile after 240 s (later configs
+    # eager only, their rows say so); moec, 7 configs x 2 optimizers at 12 steps,
+    # ~10-15 s each with its NVRTC start: ~150-200 s. About 450-500 s in all; run it
+    # alone: --phases refs (after build, in an earlier call or with it cached).
+    mkdir -p "$out/refs"
+    rc=0 refjson=()
+    [ "$backend" = cpu ] && rref=(--device cpu --configs 256,64,128,4,2,1.0 256,64,128,4,2,0,swiglu --modes eager) \
+      || rref=(--configs issue18 --compile-until 240)
+    if python3 "$here/torch_ref.py" "${rref[@]}" --optimizers sgd,adam --grouped --warmup 3 --reps 10 \
+         --json "$out/refs/torch.json" > "$out/refs/torch.txt" 2>&1; then
+      refjson=(--ref-json "$out/refs/torch.json")
+    else
+      rc=1
+      refjson=(--no-torch)
+      tail -n 5 "$out/refs/torch.txt"
+    fi
+    rcfg=(--configs issue18)
+    [ "$backend" = cpu ] && rcfg=(--backend cpu --configs "256,64,128,4,2,1.0 256,64,128,4,2,0,swiglu" --grouped --keep-going)
+    for o in sgd adam; do
+      bash "$here/layer_bench.sh" --moec "$build/compiler/moec" "${rcfg[@]}" --optimizer $o --steps 12 --warmup 3 \
+        --no-startup "${refjson[@]}" --kernel-cache "$out/refs/kc" --out "$out/refs/$o" \
+        > "$out/refs/$o.md" 2> "$out/refs/$o.err" || rc=1
+    done
+    { echo "## Issue 18: moec's layer against the grouped-GEMM references and the roofline"; echo
+      echo "Commands: \`python3 bench/gpu/torch_ref.py ${rref[*]} --optimizers sgd,adam --grouped --warmup 3 --reps 10" \
+           "--json torch.json\`, then for O in sgd, adam: \`bash bench/gpu/layer_bench.sh --moec build/compiler/moec" \
+           "${rcfg[*]} --optimizer O --steps 12 --warmup 3 --no-startup --ref-json torch.json\`"; echo
+      for o in sgd adam; do
+        echo "### $o"; echo
+        sed "s/^# /#### /" "$out/refs/$o.md"
+        [ -s "$out/refs/$o.err" ] && { echo; echo "stderr: $(tail -n 5 "$out/refs/$o.err")"; }
+        echo
+      done
+      echo "torch_ref.py's own output:"; echo; echo '```'; cat "$out/refs/torch.txt"; echo '```'; echo
+    } >> "$report"
     ;;
   esac
   result "$p" "$rc" $(($(date +%s) - t0))
