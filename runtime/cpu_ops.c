@@ -451,40 +451,6 @@ static bool ranks_before(float sa, int64_t a, float sb, int64_t b) {
   return a < b;
 }
 
-void moert_cpu_gate_topk(const float *logits, const float *noise, float *scores, int32_t *idx,
-                         float *topv, int64_t tokens, int64_t experts, int64_t top_k) {
-  assert(top_k <= experts);
-  for (int64_t t = 0; t < tokens; t++) {
-    const float *l = logits + t * experts, *nz = noise ? noise + t * experts : NULL;
-    float *s = scores + t * experts;
-    double mx = -INFINITY;
-    for (int64_t e = 0; e < experts; e++) {
-      double v = (double)l[e] + (nz ? nz[e] : 0);
-      if (v > mx) mx = v;
-    }
-    double sum = 0;
-    for (int64_t e = 0; e < experts; e++) {
-      double p = exp((double)l[e] + (nz ? nz[e] : 0) - mx);
-      s[e] = (float)p;
-      sum += p;
-    }
-    for (int64_t e = 0; e < experts; e++) s[e] = (float)(s[e] / sum);
-    /* The j-th choice is the first, in ranking order, of the experts that
-     * rank after choice j-1: O(k E), no scratch. */
-    int64_t prev = -1;
-    for (int64_t j = 0; j < top_k; j++) {
-      int64_t best = -1;
-      for (int64_t e = 0; e < experts; e++) {
-        if (prev >= 0 && !ranks_before(s[prev], prev, s[e], e)) continue;
-        if (best < 0 || ranks_before(s[e], e, s[best], best)) best = e;
-      }
-      idx[t * top_k + j] = (int32_t)best; /* -1 only when top_k > experts */
-      topv[t * top_k + j] = best >= 0 ? s[best] : 0;
-      prev = best;
-    }
-  }
-}
-
 /* The floor of the sum of the top-k scores when they are normalized. */
 #define GATE_SUM_FLOOR 1e-9
 
@@ -682,56 +648,54 @@ static double score_norm(const float *s, int64_t experts, bool sigmoid) {
   return sum > GATE_SUM_FLOOR ? sum : GATE_SUM_FLOOR;
 }
 
-/* The selection key of expert e: its score plus its bias (fp32). */
-static float sel_key(const float *s, const float *bias, int64_t e) { return bias ? s[e] + bias[e] : s[e]; }
+/* The first of v[0..n) in ranking order after prev (-1: the best), among
+ * those `allowed` (NULL: all); -1 when none is left. The j-th choice of a
+ * top-k is the next after choice j-1: O(k n), no scratch. */
+static int64_t next_ranked(const float *v, int64_t n, int64_t prev, const uint64_t *allowed) {
+  int64_t best = -1;
+  for (int64_t i = 0; i < n; i++) {
+    if (allowed && !(allowed[i / 64] >> (i % 64) & 1)) continue;
+    if (prev >= 0 && !ranks_before(v[prev], prev, v[i], i)) continue;
+    if (best < 0 || ranks_before(v[i], i, v[best], best)) best = i;
+  }
+  return best;
+}
 
-/* One token's top-k on its selection keys, within the top_groups best
- * groups when groups > 1; topv takes the scores. */
+/* One token's top-k on its selection keys (scores + bias, fp32), within the
+ * top_groups best groups when groups > 1; topv takes the scores. */
 static void token_topk(const float *s, const float *bias, int64_t groups, int64_t top_groups, int32_t *idx,
                        float *topv, int64_t experts, int64_t top_k) {
+  float key[ROUTER_MAX_EXPERTS];
+  for (int64_t e = 0; e < experts; e++) key[e] = bias ? s[e] + bias[e] : s[e];
   uint64_t allowed[ROUTER_MAX_EXPERTS / 64];
-  int64_t words = (experts + 63) / 64;
-  for (int64_t w = 0; w < words; w++) allowed[w] = groups > 1 ? 0 : ~0ull;
   if (groups > 1) {
     assert(top_groups <= groups && experts % groups == 0);
     int64_t gs = experts / groups;
     float gscore[ROUTER_MAX_EXPERTS];
     for (int64_t q = 0; q < groups; q++) { /* the sum of the group's two best keys */
-      int64_t b1 = -1, b2 = -1;
-      for (int64_t e = q * gs; e < (q + 1) * gs; e++) {
-        float k = sel_key(s, bias, e);
-        if (b1 < 0 || ranks_before(k, e, sel_key(s, bias, b1), b1)) {
-          b2 = b1;
-          b1 = e;
-        } else if (b2 < 0 || ranks_before(k, e, sel_key(s, bias, b2), b2)) {
-          b2 = e;
-        }
-      }
-      gscore[q] = b2 >= 0 ? sel_key(s, bias, b1) + sel_key(s, bias, b2) : sel_key(s, bias, b1);
+      int64_t b1 = q * gs + next_ranked(key + q * gs, gs, -1, NULL);
+      int64_t b2 = gs > 1 ? q * gs + next_ranked(key + q * gs, gs, b1 - q * gs, NULL) : -1;
+      gscore[q] = b2 >= 0 ? key[b1] + key[b2] : key[b1];
     }
-    int64_t prev = -1;
-    for (int64_t j = 0; j < top_groups; j++) {
-      int64_t best = -1;
-      for (int64_t q = 0; q < groups; q++) {
-        if (prev >= 0 && !ranks_before(gscore[prev], prev, gscore[q], q)) continue;
-        if (best < 0 || ranks_before(gscore[q], q, gscore[best], best)) best = q;
-      }
-      for (int64_t e = best * gs; e < (best + 1) * gs; e++) allowed[e / 64] |= 1ull << (e % 64);
-      prev = best;
+    for (int64_t w = 0; w < (experts + 63) / 64; w++) allowed[w] = 0;
+    for (int64_t j = 0, q = -1; j < top_groups; j++) {
+      q = next_ranked(gscore, groups, q, NULL);
+      for (int64_t e = q * gs; e < (q + 1) * gs; e++) allowed[e / 64] |= 1ull << (e % 64);
     }
   }
-  int64_t prev = -1;
-  for (int64_t j = 0; j < top_k; j++) {
-    int64_t best = -1;
-    for (int64_t e = 0; e < experts; e++) {
-      if (!(allowed[e / 64] >> (e % 64) & 1)) continue;
-      float k = sel_key(s, bias, e);
-      if (prev >= 0 && !ranks_before(sel_key(s, bias, prev), prev, k, e)) continue;
-      if (best < 0 || ranks_before(k, e, sel_key(s, bias, best), best)) best = e;
-    }
-    idx[j] = (int32_t)best; /* -1 only when fewer experts are allowed than top_k */
-    topv[j] = best >= 0 ? s[best] : 0;
-    prev = best;
+  for (int64_t j = 0, e = -1; j < top_k; j++) {
+    e = next_ranked(key, experts, e, groups > 1 ? allowed : NULL);
+    idx[j] = (int32_t)e; /* -1 only when fewer experts are allowed than top_k */
+    topv[j] = e >= 0 ? s[e] : 0;
+  }
+}
+
+void moert_cpu_gate_topk(const float *logits, const float *noise, float *scores, int32_t *idx,
+                         float *topv, int64_t tokens, int64_t experts, int64_t top_k) {
+  assert(top_k <= experts && experts <= ROUTER_MAX_EXPERTS);
+  for (int64_t t = 0; t < tokens; t++) {
+    token_scores(logits + t * experts, noise ? noise + t * experts : NULL, scores + t * experts, experts, false);
+    token_topk(scores + t * experts, NULL, 1, 1, idx + t * top_k, topv + t * top_k, experts, top_k);
   }
 }
 
