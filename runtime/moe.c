@@ -794,28 +794,39 @@ bool moert_moe_read_stats(moert_exec *e, moert_status *st) {
 
 bool moert_moe_balance(moert_exec *e, moert_status *st) {
   const moert_model *m = e->m;
-  const double *load = e->moe.load;
-  for (int li = 0; li < m->nlayers; li++) {
+  int64_t nload = 0;
+  bool any = false;
+  for (int li = 0; li < m->nlayers; li++)
+    if (m->layers[li].kind == MOERT_L_MOE) {
+      nload += m->layers[li].experts;
+      any |= m->layers[li].bias_update > 0;
+    }
+  if (!any) return true;
+  /* every layer's loads summed over ranks in one all-reduce */
+  double *global = malloc(sizeof *global * (size_t)nload);
+  if (!global) return MOERT_FAIL(st, "out of memory");
+  memcpy(global, e->moe.load, sizeof *global * (size_t)nload);
+  bool ok = e->comm->all_reduce_f64(e->comm, global, nload, MOERT_RED_SUM, st);
+  const double *load = global;
+  for (int li = 0; ok && li < m->nlayers; li++) {
     const moert_layer *l = &m->layers[li];
     if (l->kind != MOERT_L_MOE) continue;
     int64_t E = l->experts;
     if (l->bias_update > 0) {
-      double global[4096];
       float delta[4096];
-      memcpy(global, load, sizeof(double) * (size_t)E);
-      MOERT_TRY(st, e->comm->all_reduce_f64(e->comm, global, (int)E, MOERT_RED_SUM, st));
       double mean = 0;
-      for (int64_t j = 0; j < E; j++) mean += global[j];
+      for (int64_t j = 0; j < E; j++) mean += load[j];
       mean /= (double)E;
       for (int64_t j = 0; j < E; j++) /* b_e += u sign(mean - load_e) */
-        delta[j] = (float)(l->bias_update * ((mean > global[j]) - (mean < global[j])));
+        delta[j] = (float)(l->bias_update * ((mean > load[j]) - (mean < load[j])));
       float *dev = S(e, li, DLOGITS); /* free at the step's end */
-      MOERT_TRY(st, e->b->upload(e->b, dev, delta, sizeof(float) * (size_t)E, st));
-      e->b->add(P_(e, l, GATE_BIAS), P_(e, l, GATE_BIAS), dev, E);
+      ok = e->b->upload(e->b, dev, delta, sizeof(float) * (size_t)E, st);
+      if (ok) e->b->add(P_(e, l, GATE_BIAS), P_(e, l, GATE_BIAS), dev, E);
     }
     load += E;
   }
-  return true;
+  free(global);
+  return ok || MOERT_UP(st);
 }
 
 bool moert_moe_gate_bias(moert_exec *e, int li, float *out, moert_status *st) {
