@@ -7,7 +7,8 @@
 #                -np 1 and -np 2 with the same global batch: the same losses
 #                (the windows of a step do not depend on the world size)
 #   copy         a task only attention can solve: records of 15 random letters,
-#                `|`, the same letters and a newline; the model must copy
+#                `|`, the same letters and a newline; the model must copy, in
+#                training and when it generates through its key/value cache
 #   smoothing    label_smoothing changes training but not the loss reported:
 #                step 1's loss (before any update) is the plain cross-entropy,
 #                the same as without smoothing; later steps differ
@@ -85,8 +86,16 @@ model copy {
 train { steps = 200; lr = 3e-3; warmup = 20; seed = 1; data = bytes("copy.txt"); eval_every = 200; log_every = 50; }
 EOF
   "$moec" build copy.moe -o copy >/dev/null || fail "moec build"
+  # trained, the model generates 300 bytes after a prompt of one record's
+  # first half: one token's forward per byte through the key/value cache
+  # (exec.h's moert_exec_decode), far past seq = 64, where the cache is a ring
+  # of the last 64 bytes. Its records must copy: the prompt's letters, then
+  # the records it makes up itself, at least 80% of their letters (1/26 by
+  # chance).
+  prompt="qwertyuiopasdfg|"
   start=$(date +%s)
-  ./copy --backend cpu --metrics m.jsonl > out.txt || fail "training: $(tail -3 out.txt)"
+  ./copy --backend cpu --metrics m.jsonl --generate 300 --prompt "$prompt" > out.txt ||
+    fail "training: $(tail -3 out.txt)"
   end=$(date +%s)
   loss=$(field eval_loss m.jsonl | tail -1)
   [ -n "$loss" ] || fail "no eval loss"
@@ -95,7 +104,21 @@ EOF
     fail "eval loss $loss is not below 2.5: the model did not learn to copy (3.054 is the best without copying)"
   awk -v l="$loss" 'BEGIN { exit !(l > 1.6) }' ||
     fail "eval loss $loss is far below the perfect-copying floor 1.885: the targets leak (the causal mask?)"
-  echo "ok: the attention model copies: eval loss $loss, between the copying floor 1.885 and 2.5 (3.054 without copying)" ;;
+  echo "ok: the attention model copies: eval loss $loss, between the copying floor 1.885 and 2.5 (3.054 without copying)"
+  # the sample: the line after "sample (prompt in brackets):", then the lines after it
+  sed -n '/^sample (prompt in brackets):$/,$p' out.txt | tail -n +2 > sample.txt
+  head -1 sample.txt | grep -q "^\[$prompt\]" || fail "the sample does not start with the prompt: $(head -1 sample.txt)"
+  [ "$(wc -c < sample.txt)" -ge $((300 + ${#prompt} + 2)) ] || fail "fewer than 300 bytes: $(cat sample.txt)"
+  cat sample.txt
+  awk -v p="$prompt" '
+    NR == 1 { line = substr($0, length(p) + 3); want = substr(p, 1, 15)   # after "[prompt]"
+              for (i = 1; i <= 15; i++) first += substr(line, i, 1) == substr(want, i, 1); next }
+    length($0) == 31 && substr($0, 16, 1) == "|" && /^[a-z]*\|[a-z]*$/ { n++; for (i = 1; i <= 15; i++) same += substr($0, i, 1) == substr($0, 16 + i, 1) }
+    END { printf "the prompt copied: %d of 15 letters; %d records made up, %d of %d letters copied\n",
+                 first, n, same, 15 * n
+          exit !(first >= 13 && n >= 4 && same >= 0.8 * 15 * n) }' sample.txt ||
+    fail "the generated text does not copy (the decode path, or its cache past seq, is wrong)"
+  echo "ok: generating 300 bytes one token at a time with the cache, far past seq = 64, the model copies" ;;
 
 smoothing)
   words  # text.txt
