@@ -174,5 +174,7 @@ typedef struct moert_model {
 } moert_model;
 
 extern const char *const moert_layer_kind_names[MOERT_L__COUNT];
+/* The spellings of moert_act, moert_gate and moert_routing (the plan's JSON). */
+extern const char *const moert_act_names[], *const moert_gate_names[], *const moert_routing_names[];
 
 #endif

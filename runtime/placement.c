@@ -13,6 +13,9 @@ const char *const moert_layer_kind_names[MOERT_L__COUNT] = {
     MOERT_LAYER_KINDS(X)
 #undef X
 };
+const char *const moert_act_names[] = {"relu", "gelu", "silu", "swiglu", "tanh"};
+const char *const moert_gate_names[] = {"softmax", "cosine", "sigmoid"};
+const char *const moert_routing_names[] = {"token_choice", "expert_choice"};
 const char *const moert_fbuf_names[MOERT_F__COUNT] = {
 #define X(n) #n,
     MOERT_FBUFS(X)
@@ -285,6 +288,8 @@ void moert_plan_print_with(const moert_plan *p, FILE *out, bool json, moert_plan
                  ",\n  \"dim\": %" PRId64 ",\n  \"dtype\": \"%s\",\n",
             p->world, p->rank, p->tokens, m->dim, m->dtype == MOERT_DT_BF16 ? "bf16" : "fp32");
     if (m->seq) fprintf(out, "  \"seq\": %" PRId64 ",\n", m->seq); /* only where set: older plans stay */
+    if (m->vocab)
+      fprintf(out, "  \"vocab\": %" PRId64 ",\n  \"context\": %" PRId64 ",\n", m->vocab, m->context);
     fprintf(out, "  \"params\": {\"global\": %" PRId64 ", \"local\": %" PRId64 "},\n", p->global_params,
             p->param_elems);
     fprintf(out, "  \"memory_bytes\": {\"params\": %" PRId64 ", \"grads\": %" PRId64

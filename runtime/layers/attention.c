@@ -76,8 +76,10 @@ static void attn_describe(const moert_model *m, const moert_layer *l, char *buf,
 
 static void attn_json(const moert_plan *p, int li, FILE *out) {
   const moert_layer *l = &p->model->layers[li];
-  fprintf(out, ", \"heads\": %lld, \"kv_heads\": %lld, \"head_dim\": %lld", (long long)l->heads,
-          (long long)l->kv_heads, (long long)l->head_dim);
+  fprintf(out, ", \"heads\": %lld, \"kv_heads\": %lld, \"head_dim\": %lld, \"causal\": %s, \"rope\": %.17g"
+               ", \"bias\": %s",
+          (long long)l->heads, (long long)l->kv_heads, (long long)l->head_dim, l->causal ? "true" : "false", l->rope,
+          l->bias ? "true" : "false");
 }
 
 static bool attn_grad_written(const moert_layer *l, int s) {

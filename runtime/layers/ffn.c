@@ -52,7 +52,8 @@ static void ffn_describe(const moert_model *m, const moert_layer *l, char *buf, 
 }
 
 static void ffn_json(const moert_plan *p, int li, FILE *out) {
-  fprintf(out, ", \"hidden\": %lld", (long long)p->model->layers[li].hidden);
+  const moert_layer *l = &p->model->layers[li];
+  fprintf(out, ", \"hidden\": %lld, \"activation\": \"%s\"", (long long)l->hidden, moert_act_names[l->act]);
 }
 
 static bool ffn_grad_written(const moert_layer *l, int s) {

@@ -340,9 +340,8 @@ static int moe_specs(const moert_model *m, const moert_layer *l, moert_spec_use 
 }
 
 static void moe_describe(const moert_model *m, const moert_layer *l, char *buf, size_t n) {
-  static const char *const gates[] = {"softmax", "cosine", "sigmoid"};
   int k = snprintf(buf, n, "E = %lld, k = %lld, M = %lld, H = %lld, gate %s", (long long)l->experts,
-                   (long long)l->top_k, (long long)m->dim, (long long)l->hidden, gates[l->gate]);
+                   (long long)l->top_k, (long long)m->dim, (long long)l->hidden, moert_gate_names[l->gate]);
   /* today's routers, where set */
   if (l->routing == MOERT_ROUTE_EXPERT_CHOICE && k > 0 && (size_t)k < n)
     k += snprintf(buf + k, n - (size_t)k, ", expert choice");
@@ -369,6 +368,15 @@ static void moe_json(const moert_plan *p, int li, FILE *out) {
                ", \"capacity_bound\": %lld, \"capacity_align\": %lld",
           (long long)l->experts, (long long)l->top_k, (long long)l->hidden, (long long)lp->experts_local,
           (long long)lp->shards, (long long)lp->capacity_bound, (long long)lp->align);
+  /* the layer's function, as the spec says it (what a twin of the model needs) */
+  fprintf(out, ", \"gate\": \"%s\", \"activation\": \"%s\", \"routing\": \"%s\", \"capacity_factor\": %.17g"
+               ", \"aux_loss\": %.17g, \"bias\": %s, \"normalize_gate\": %s, \"batch_prioritized\": %s"
+               ", \"gate_noise\": %.17g, \"route_scale\": %.17g, \"bias_update\": %.17g, \"groups\": %lld"
+               ", \"top_groups\": %lld, \"z_loss\": %.17g, \"shared_experts\": %lld",
+          moert_gate_names[l->gate], moert_act_names[l->act], moert_routing_names[l->routing], l->capacity_factor,
+          l->aux_loss, l->bias ? "true" : "false", l->normalize_gate ? "true" : "false",
+          l->batch_prioritized ? "true" : "false", l->gate_noise, l->route_scale, l->bias_update,
+          (long long)l->groups, (long long)l->top_groups, l->z_loss, (long long)l->shared_experts);
   fputs(", \"variants\": [", out);
   for (int v = 0; v < lp->nvariants; v++) {
     const moert_variant *vv = &lp->variants[v];
