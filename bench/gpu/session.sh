@@ -12,7 +12,10 @@
 # (routers: bench/gpu/router_bench.sh), and issue 18's references (refs: moec's
 # layer on issue 18's seven configurations, SGD and AdamW, against the
 # grouped-GEMM PyTorch layer in both precision schemes, the loop layer and the
-# roofline; bench/gpu/grouped_ref.py). Each phase writes its
+# roofline; bench/gpu/grouped_ref.py), and whole models against their PyTorch
+# twins (twin: bench/gpu/model_ref.py, the same model with SDPA attention and the
+# grouped-GEMM MoE in moec's precision scheme, timed in the same call with the
+# same-run bf16 GEMM peak). Each phase writes its
 # log and its table under --out; report.md gathers them with the command, the
 # GPU, the date and the commit, ready for bench/RESULTS.md. A phase that fails
 # is recorded and the next one runs; --deadline stops starting phases in time.
@@ -21,20 +24,24 @@
 #   --out DIR            where logs, tables and report.md go (default: $OUT, else a new /tmp dir)
 #   --build DIR          the build tree (default: build); made with RelWithDebInfo when missing
 #   --phases "LIST"      of build tests layer layer_blas examples examples_nographs attn gpt calibrate
-#                        routers refs (default: all but refs, in that order; refs needs a call
-#                        of its own: about 8 minutes)
+#                        routers twin refs (default: all but twin and refs, in that order; refs
+#                        needs a call of its own: about 8 minutes; twin about 4)
 #   --tests REGEX        ctest -R REGEX within the gpu label (default: every gpu test)
 #   --examples "LIST"    example names (default: every examples/*.moe that trains or runs)
 #   --steps N            steps an example runs (default 25); --warmup N: not measured (default 5)
+#   --twin "LIST"        specs the twin phase runs (default: examples/gpt_moe.moe examples/gpt_moe_bytes.moe)
+#   --twin-data FILE     the bytes they train on (default: each spec's own data)
 #   --deadline S         start no phase after S seconds (default 0: none)
-#   --backend cpu        run the examples and routers phases on the cpu (to test this script
-#                        without a GPU; routers on a tiny config)
+#   --backend cpu        run the examples, routers, refs and twin phases on the cpu (to test
+#                        this script without a GPU; routers and refs on tiny configs)
+# The twin and refs phases run PyTorch with $MOEC_TORCH_PYTHON (default python3).
 # Exit: 0 every phase that ran passed, 1 one failed, 2 a usage error.
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 out=${OUT:-} build=$root/build phases="build tests layer layer_blas examples examples_nographs attn gpt calibrate routers" tests_re= examples=
-steps=25 warm=5 deadline=0 backend=cuda
+steps=25 warm=5 deadline=0 backend=cuda twin="examples/gpt_moe.moe examples/gpt_moe_bytes.moe" twin_data=
+py=${MOEC_TORCH_PYTHON:-python3}
 usage() { sed -n '2,/^# Exit/s/^# \{0,1\}//p' "$0" >&2; exit 2; }
 args="$*"
 while [ $# -gt 0 ]; do
@@ -47,6 +54,8 @@ while [ $# -gt 0 ]; do
   --steps) steps=$2; shift ;;
   --warmup) warm=$2; shift ;;
   --deadline) deadline=$2; shift ;;
+  --twin) twin=$2; shift ;;
+  --twin-data) twin_data=$2; shift ;;
   --backend) backend=$2; shift ;;
   -h|--help) usage ;;
   *) echo "session.sh: unknown option $1" >&2; usage ;;
@@ -54,7 +63,7 @@ while [ $# -gt 0 ]; do
   [ $# -gt 0 ] && shift
 done
 for p in $phases; do
-  case $p in build|tests|layer|layer_blas|examples|examples_nographs|attn|gpt|calibrate|routers|refs) ;; *) echo "session.sh: no phase '$p'" >&2; usage ;; esac
+  case $p in build|tests|layer|layer_blas|examples|examples_nographs|attn|gpt|calibrate|routers|twin|refs) ;; *) echo "session.sh: no phase '$p'" >&2; usage ;; esac
 done
 case $backend in cpu|cuda) ;; *) echo "session.sh: --backend is cuda or cpu" >&2; exit 2 ;; esac
 [ "$steps" -gt "$warm" ] 2>/dev/null || { echo "session.sh: --steps must exceed --warmup" >&2; exit 2; }
@@ -235,6 +244,70 @@ PY
       [ $rc = 0 ] || { echo; echo "Failed (exit $rc): $(tail -n 5 "$out/routers.err")"; }
       echo; } >> "$report"
     ;;
+  twin)
+    # Issue 18: each model against its PyTorch twin, both trained $steps steps on
+    # the same data in this call; MFU of both against the bf16 GEMM peak measured
+    # here (on the cpu: no peak, and the twin runs eager only).
+    mkdir -p "$out/twin"
+    rc=0 rows=()
+    tdev=cuda tmodes=eager,compile peak=
+    [ "$backend" = cpu ] && tdev=cpu tmodes=eager
+    if [ "$backend" = cuda ]; then
+      peak=$("$py" -c "import sys; sys.path.insert(0, sys.argv[1]); import torch_ref; print('%.1f' % torch_ref.gemm_peak())" \
+        "$here" 2> "$out/twin/peak.err") || { peak=; rc=1; }
+    fi
+    for spec in $twin; do
+      case $spec in /*) ;; *) spec=$root/$spec ;; esac
+      x=$(basename "$spec" .moe) d=$out/twin/$x
+      mkdir -p "$d"
+      dflag=()
+      [ -n "$twin_data" ] && dflag=(--data "$twin_data")
+      tdata=$twin_data
+      [ -n "$tdata" ] || tdata=$(sed -n 's/.*data *= *bytes("\([^"]*\)").*/\1/p' "$spec" | head -n 1)
+      case $tdata in /*) ;; *) tdata=$root/$tdata ;; esac
+      if ! "$build/compiler/moec" plan --json "$spec" > "$d/plan.json" 2> "$d/build.log" ||
+         ! "$build/compiler/moec" build "$spec" -o "$d/model" >> "$d/build.log" 2>&1; then
+        echo "$x: moec failed: $(tail -n 3 "$d/build.log")" >> "$out/twin/errors.txt"; rc=1; continue
+      fi
+      (cd "$root" && timeout 400 "$d/model" --backend "$backend" --steps "$steps" --metrics "$d/moec.jsonl" \
+        --kernel-cache "$out/kc" --log-every 1000 "${dflag[@]}" > "$d/moec.log" 2>&1) || {
+        echo "$x: the moec run failed: $(tail -n 3 "$d/moec.log")" >> "$out/twin/errors.txt"; rc=1; continue; }
+      "$py" "$here/model_ref.py" bench "$d/plan.json" --data "$tdata" --device $tdev --steps "$steps" --warmup "$warm" \
+        --modes $tmodes --json "$d/twin.json" > "$d/twin.txt" 2>&1 || {
+        echo "$x: the twin failed: $(tail -n 3 "$d/twin.txt")" >> "$out/twin/errors.txt"; rc=1; continue; }
+      rows+=("$x")
+    done
+    { echo "## Whole models against their PyTorch twins"; echo
+      echo "Per model: \`moec build SPEC -o M && ./M --backend $backend --steps $steps --metrics moec.jsonl\`, then" \
+           "\`$py bench/gpu/model_ref.py bench plan.json --device $tdev --steps $steps --warmup $warm --modes $tmodes\`" \
+           "on the plan of the same spec (\`moec plan --json SPEC\`). Medians over steps $((warm + 1))-$steps; TFLOP/s" \
+           "with the plan's FLOPs for both; MFU against the bf16 GEMM peak measured in this call${peak:+ ($peak TFLOP/s)}."
+      echo
+      "$py" - "$out/twin" "$warm" "$peak" "${rows[@]}" <<'PY'
+import json, os, sys
+d, warm, peak, names = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+peak = float(peak) if peak else None
+def med(v):
+    v = sorted(v)
+    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+def mfu(t):
+    return "-" if peak is None else "%.1f%%" % (100 * t / peak)
+print("| model | moec ms | moec TFLOP/s | moec MFU | twin ms (mode) | twin TFLOP/s | twin MFU | MoE kernel | twin / moec |")
+print("|---|---:|---:|---:|---:|---:|---:|---|---:|")
+for n in names:
+    plan = json.load(open(os.path.join(d, n, "plan.json")))
+    flops = plan["flops_per_step"]["forward"] + plan["flops_per_step"]["backward"]
+    rows = [json.loads(l) for l in open(os.path.join(d, n, "moec.jsonl"))]
+    ms = med([r["ms"] for r in rows if r.get("step", 0) > warm and "ms" in r])
+    t = json.load(open(os.path.join(d, n, "twin.json")))
+    tm = t["best_ms"]
+    print("| %s | %.2f | %.1f | %s | %.2f (%s) | %.1f | %s | %s | **%.2fx** |" % (
+        n, ms, flops / ms / 1e9, mfu(flops / ms / 1e9), tm, t["best_mode"], flops / tm / 1e9, mfu(flops / tm / 1e9),
+        t["moe_kernel"], tm / ms))
+PY
+      [ -s "$out/twin/errors.txt" ] && { echo; sed 's/^/- /' "$out/twin/errors.txt"; }
+      echo; } >> "$report"
+    ;;
   refs)
     # Issue 18's table with SGD and AdamW in one call (600 s). torch_ref.py runs once
     # for both optimizers (one torch.compile a config and scheme serves both), then
@@ -251,7 +324,7 @@ PY
     rc=0 refjson=()
     [ "$backend" = cpu ] && rref=(--device cpu --configs 256,64,128,4,2,1.0 256,64,128,4,2,0,swiglu --modes eager) \
       || rref=(--configs issue18 --compile-until 240)
-    if python3 "$here/torch_ref.py" "${rref[@]}" --optimizers sgd,adam --grouped --warmup 3 --reps 10 \
+    if "$py" "$here/torch_ref.py" "${rref[@]}" --optimizers sgd,adam --grouped --warmup 3 --reps 10 \
          --json "$out/refs/torch.json" > "$out/refs/torch.txt" 2>&1; then
       refjson=(--ref-json "$out/refs/torch.json")
     else
