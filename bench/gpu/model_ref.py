@@ -11,11 +11,11 @@ grouped-query heads), dense FFNs, and MoE layers built as current trainers
 build them (bench/gpu/grouped_ref.py: an fp32 gate, the choices sorted by
 expert, torch._grouped_mm for both expert GEMMs on CUDA, index_add_ back),
 and the cross-entropy head. Supported gates: softmax and sigmoid (with its
-frozen bias, groups and route_scale), token choice, shared experts. Cosine
-gates, expert choice and gate noise are refused with a message. The twin's MoE
-layers are dropless: where the spec sets a capacity, moec drops the claims past
-it and the twin keeps them (the same work where nothing overflows; say so when
-comparing losses).
+frozen bias, groups and route_scale), token choice, shared experts, and moec's
+capacities (fixed, dynamic, dropless; the claims past an expert's capacity are
+dropped in moec's order: all tokens' first choices, then their second, ...;
+batch-prioritized by the first choice's score where the spec says so). Cosine
+gates, expert choice and gate noise are refused with a message.
 
 Precision schemes: fp32 (everything in fp32: the cpu backend's numbers) and
 moec (fp32 master parameters and gradients, every GEMM but the gate's on a bf16
@@ -23,12 +23,16 @@ copy made in the forward, norms, softmax and the loss in fp32: the scheme of
 moec's bf16 models).
 
 Commands:
-  check PLAN --ckpt DIR --data FILE --eval-loss X [--tol R]
+  check PLAN --ckpt DIR --data FILE --eval-loss X [--tol R] [--device D]
+             [--scheme fp32|moec]
       load moec's checkpoint DIR (model.safetensors), compute the held-out loss
       on the same windows of FILE as moec's evaluation (runtime/data.c), in
-      fp32, and compare with X (moec's eval_loss at the checkpoint's step):
-      exit 1 when the relative difference exceeds R (default 1e-6; a correct
-      twin of an fp32 model agrees to about 1e-7).
+      fp32 on the cpu by default, and compare with X (moec's eval_loss at the
+      checkpoint's step): exit 1 when the relative difference exceeds R
+      (default 1e-6; a correct twin agrees to about 1e-7 with moec's cpu
+      backend). --device cuda --scheme moec checks moec's bf16 model on the
+      GPU against the twin's (bf16 GEMMs on both sides, in other orders: give
+      a tolerance such as 1e-2).
   bench PLAN --data FILE [--device cuda] [--steps N] [--warmup W]
              [--modes eager,compile] [--lr LR] [--clip C] [--json OUT]
       train the twin (AdamW, fused where it can be, the moec scheme on CUDA,
@@ -48,13 +52,68 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from grouped_ref import expert_gemm, grouped_mm_ok, grouped_mm_why_not, route  # noqa: E402
+from grouped_ref import expert_gemm, grouped_mm_ok, grouped_mm_why_not  # noqa: E402
 
 LN_EPS, RMS_EPS = 1e-5, 1e-6  # runtime/cpu_ops.h
 
 
 class Unsupported(Exception):
     pass
+
+
+def moec_capacity(l, tokens, max_claims):
+    """The claims an expert keeps (runtime/placement.c's moert_capacity):
+    k floor(f ceil(T / E)) for f > 0; the most claimed for dropless; that,
+    capped at k floor(|f| ceil(T / E)), for dynamic (f < 0)."""
+    spe = -(-tokens // l["experts"])
+    f, k = l["capacity_factor"], l["top_k"]
+    if f > 0:
+        c = k * math.floor(f * spe)
+    else:
+        c = max_claims
+        if f < 0:
+            c = min(c, k * math.floor(-f * spe))
+    return max(c, 1)
+
+
+def kept_claims(l, topi, topv):
+    """[T, k] bool: the claims moec keeps. Each expert's claims take slots in
+    moec's order (runtime/cpu_ops.c's moert_cpu_gate_locations): the first
+    choices of all tokens, then the second choices, ...; tokens in order, or by
+    their first choice's score (descending, ties to the lower token) when
+    batch_prioritized. A claim whose slot is past the capacity is dropped."""
+    T, k = topi.shape
+    E = l["experts"]
+    counts = torch.zeros(E, dtype=torch.int64, device=topi.device).scatter_add_(
+        0, topi.reshape(-1), torch.ones_like(topi.reshape(-1)))
+    keep = moec_capacity(l, T, int(counts.max()))
+    if keep >= int(counts.max()):
+        return None
+    perm = torch.arange(T, device=topi.device)
+    if l["batch_prioritized"]:
+        perm = torch.argsort(-topv[:, 0], stable=True)
+    sm = topi[perm].t().reshape(-1)  # claim (choice j, the i-th token of perm) at j T + i
+    o = torch.argsort(sm, stable=True)
+    start = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(sm)
+    rank[o] = torch.arange(sm.numel(), device=sm.device) - start[sm[o]]
+    kept = torch.empty(T, k, dtype=torch.bool, device=topi.device)
+    kept[perm] = (rank < keep).reshape(k, T).t()
+    return kept
+
+
+def route(topi, E, kept):
+    """The sorted layout of the kept choices: (order, counts), order [n] the
+    flat indices t k + j sorted by expert (each expert's in token order),
+    counts [E] the kept choices of each expert."""
+    flat = topi.reshape(-1)
+    if kept is not None:
+        flat = torch.where(kept.reshape(-1), flat, torch.full_like(flat, E))  # E: dropped, sorted last
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(E + 1, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    if kept is not None:
+        order = order[: int(counts[:E].sum())]  # a host sync, as moec's one read of the counts
+    return order, counts[:E]
 
 
 def act_fn(h, act):
@@ -224,8 +283,9 @@ class Twin(torch.nn.Module):
         return self.lin(act_fn(h, l["activation"]), self.p(l, prefix + "fc2_w"), self.p(l, prefix + "fc2_b"))
 
     def gate(self, l, x):
-        """(topv-derived combine weights [T, k], topi [T, k], scores [T, E],
-        logits) in fp32, as moert_cpu_gate_io computes them."""
+        """(combine weights [T, k], topi [T, k], topv [T, k] (the chosen
+        scores), scores [T, E], logits) in fp32, as moert_cpu_gate_io
+        computes them."""
         E, k = l["experts"], l["top_k"]
         logits = x.float() @ self.p(l, "gate_w").float()
         if l["gate"] == "sigmoid":
@@ -242,15 +302,16 @@ class Twin(torch.nn.Module):
             key = key.masked_fill(~keep.repeat_interleave(E // G, dim=1), float("-inf"))
         topi = key.topk(k, dim=1).indices
         topv = scores.gather(1, topi)
+        w = topv
         if l["normalize_gate"]:
-            topv = topv / topv.sum(dim=1, keepdim=True).clamp(min=1e-9)
+            w = topv / topv.sum(dim=1, keepdim=True).clamp(min=1e-9)
         rs = l["route_scale"] if l["route_scale"] != 0 else 1.0
-        return topv * rs, topi, scores, logits
+        return w * rs, topi, topv, scores, logits
 
     def moe(self, l, x):
         E, k = l["experts"], l["top_k"]
-        w, topi, scores, logits = self.gate(l, x)
-        order, counts = route(topi, E, None)
+        w, topi, topv, scores, logits = self.gate(l, x)
+        order, counts = route(topi, E, kept_claims(l, topi, topv))
         offs = torch.cumsum(counts, 0).to(torch.int32)
         tok = order // k
         xs = x[tok].to(self.cdt)
@@ -393,15 +454,17 @@ def load_plan(path):
 def cmd_check(a):
     plan = load_plan(a.plan)
     check_plan(plan)
-    twin = Twin(plan, "fp32", "cpu")
+    dev = torch.device(a.device)
+    twin = Twin(plan, a.scheme, dev)
     twin.load_moec(read_safetensors(os.path.join(a.ckpt, "model.safetensors")))
     data = Bytes(a.data, plan["tokens_per_rank"] * plan["world"], plan.get("seq", 0), plan["context"])
-    win, nxt = data.eval_batch()
+    win, nxt = (t.to(dev) for t in data.eval_batch())
     with torch.no_grad():
         loss, _ = twin(win, nxt)
     loss = float(loss)
     rel = abs(loss - a.eval_loss) / max(abs(a.eval_loss), 1e-30)
-    print(f"twin eval loss {loss:.9f}, moec {a.eval_loss:.9f}, relative difference {rel:.2e} (tolerance {a.tol:g})")
+    print(f"twin eval loss {loss:.9f} ({a.scheme} on {dev.type}), moec {a.eval_loss:.9f}, relative difference "
+          f"{rel:.2e} (tolerance {a.tol:g})")
     return 0 if rel <= a.tol else 1
 
 
@@ -484,6 +547,8 @@ def main():
     c.add_argument("--data", required=True)
     c.add_argument("--eval-loss", type=float, required=True)
     c.add_argument("--tol", type=float, default=1e-6)
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--scheme", choices=("fp32", "moec"), default="fp32")
     b = sub.add_parser("bench", help="train the twin and time its steps")
     b.add_argument("plan")
     b.add_argument("--data", required=True)

@@ -250,8 +250,8 @@ PY
     # here (on the cpu: no peak, and the twin runs eager only).
     mkdir -p "$out/twin"
     rc=0 rows=()
-    tdev=cuda tmodes=eager,compile peak=
-    [ "$backend" = cpu ] && tdev=cpu tmodes=eager
+    tdev=cuda tmodes=eager,compile peak= tscheme=moec ttol=1e-2
+    [ "$backend" = cpu ] && tdev=cpu tmodes=eager tscheme=fp32 ttol=1e-6
     if [ "$backend" = cuda ]; then
       peak=$("$py" -c "import sys; sys.path.insert(0, sys.argv[1]); import torch_ref; print('%.1f' % torch_ref.gemm_peak())" \
         "$here" 2> "$out/twin/peak.err") || { peak=; rc=1; }
@@ -269,19 +269,29 @@ PY
          ! "$build/compiler/moec" build "$spec" -o "$d/model" >> "$d/build.log" 2>&1; then
         echo "$x: moec failed: $(tail -n 3 "$d/build.log")" >> "$out/twin/errors.txt"; rc=1; continue
       fi
+      # the held-out loss at the last step and the checkpoint there: the twin's check
       (cd "$root" && timeout 400 "$d/model" --backend "$backend" --steps "$steps" --metrics "$d/moec.jsonl" \
-        --kernel-cache "$out/kc" --log-every 1000 "${dflag[@]}" > "$d/moec.log" 2>&1) || {
+        --kernel-cache "$out/kc" --log-every 1000 --eval-every "$steps" --checkpoint "$d/ck" --overwrite \
+        "${dflag[@]}" > "$d/moec.log" 2>&1) || {
         echo "$x: the moec run failed: $(tail -n 3 "$d/moec.log")" >> "$out/twin/errors.txt"; rc=1; continue; }
       "$py" "$here/model_ref.py" bench "$d/plan.json" --data "$tdata" --device $tdev --steps "$steps" --warmup "$warm" \
         --modes $tmodes --json "$d/twin.json" > "$d/twin.txt" 2>&1 || {
         echo "$x: the twin failed: $(tail -n 3 "$d/twin.txt")" >> "$out/twin/errors.txt"; rc=1; continue; }
+      ev=$(python3 -c 'import json,sys; print(repr([json.loads(l) for l in open(sys.argv[1])][-1]["eval_loss"]))' \
+        "$d/moec.jsonl" 2> /dev/null)
+      "$py" "$here/model_ref.py" check "$d/plan.json" --ckpt "$d/ck" --data "$tdata" --eval-loss "${ev:-nan}" \
+        --device $tdev --scheme $tscheme --tol $ttol > "$d/check.txt" 2>&1 || {
+        echo "$x: the twin's held-out loss on moec's checkpoint is not moec's: $(tail -n 1 "$d/check.txt")" \
+          >> "$out/twin/errors.txt"; rc=1; }
       rows+=("$x")
     done
     { echo "## Whole models against their PyTorch twins"; echo
       echo "Per model: \`moec build SPEC -o M && ./M --backend $backend --steps $steps --metrics moec.jsonl\`, then" \
            "\`$py bench/gpu/model_ref.py bench plan.json --device $tdev --steps $steps --warmup $warm --modes $tmodes\`" \
            "on the plan of the same spec (\`moec plan --json SPEC\`). Medians over steps $((warm + 1))-$steps; TFLOP/s" \
-           "with the plan's FLOPs for both; MFU against the bf16 GEMM peak measured in this call${peak:+ ($peak TFLOP/s)}."
+           "with the plan's FLOPs for both; MFU against the bf16 GEMM peak measured in this call${peak:+ ($peak TFLOP/s)}." \
+           "Same function: moec's held-out loss after the last step against the twin's on moec's checkpoint" \
+           "(\`model_ref.py check --scheme $tscheme --device $tdev\`; tolerance $ttol relative)."
       echo
       "$py" - "$out/twin" "$warm" "$peak" "${rows[@]}" <<'PY'
 import json, os, sys
@@ -292,8 +302,9 @@ def med(v):
     return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
 def mfu(t):
     return "-" if peak is None else "%.1f%%" % (100 * t / peak)
-print("| model | moec ms | moec TFLOP/s | moec MFU | twin ms (mode) | twin TFLOP/s | twin MFU | MoE kernel | twin / moec |")
-print("|---|---:|---:|---:|---:|---:|---:|---|---:|")
+print("| model | moec ms | moec TFLOP/s | moec MFU | twin ms (mode) | twin TFLOP/s | twin MFU | MoE kernel | twin / moec "
+      "| held-out loss: moec, twin (difference) |")
+print("|---|---:|---:|---:|---:|---:|---:|---|---:|---|")
 for n in names:
     plan = json.load(open(os.path.join(d, n, "plan.json")))
     flops = plan["flops_per_step"]["forward"] + plan["flops_per_step"]["backward"]
@@ -301,9 +312,14 @@ for n in names:
     ms = med([r["ms"] for r in rows if r.get("step", 0) > warm and "ms" in r])
     t = json.load(open(os.path.join(d, n, "twin.json")))
     tm = t["best_ms"]
-    print("| %s | %.2f | %.1f | %s | %.2f (%s) | %.1f | %s | %s | **%.2fx** |" % (
+    try:
+        chk = open(os.path.join(d, n, "check.txt")).read().split()
+        same = "%s, %s (%s)" % (chk[chk.index("moec") + 1].rstrip(","), chk[3], chk[chk.index("difference") + 1])
+    except (OSError, ValueError, IndexError):
+        same = "no check"
+    print("| %s | %.2f | %.1f | %s | %.2f (%s) | %.1f | %s | %s | **%.2fx** | %s |" % (
         n, ms, flops / ms / 1e9, mfu(flops / ms / 1e9), tm, t["best_mode"], flops / tm / 1e9, mfu(flops / tm / 1e9),
-        t["moe_kernel"], tm / ms))
+        t["moe_kernel"], tm / ms, same))
 PY
       [ -s "$out/twin/errors.txt" ] && { echo; sed 's/^/- /' "$out/twin/errors.txt"; }
       echo; } >> "$report"
