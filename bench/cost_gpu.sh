@@ -9,8 +9,10 @@
 # The calibration is `./cost_gpu --calibrate` of bench/cost_gpu.moe at one
 # rank (the GEMM curve at its shapes, the kernels' bandwidth; no all-to-all:
 # one GPU has no NVLink to measure); the validation is bench/cost_validate.py
-# with the cuda backend: the compute terms against the trace at one rank, and
-# the ranking at 2 ranks sharing the GPU (the staged comm).
+# with the cuda backend: the compute terms against the trace at one rank, the
+# same for each of $CONFIGS (default issue18: the performance issue's seven
+# one-layer configurations; CONFIGS= skips them), and the ranking at 2 ranks
+# sharing the GPU (the staged comm).
 # It builds the tree first when BUILD_DIR has none: that needs what
 # tools/install-deps.sh installs (bison >= 3.6, flex, jansson, xxhash, MPI).
 set -eu
@@ -25,4 +27,4 @@ mkdir -p "$out"
 "$build/compiler/moec" build --gpu none bench/cost_gpu.moe -o "$out/cost_gpu"
 "$out/cost_gpu" --backend cuda --calibrate "$cal"
 python3 bench/cost_validate.py --moec "$build/compiler/moec" --spec bench/cost_gpu.moe --backend cuda \
-  --np "${NP:-2}" --steps "${STEPS:-8}" --out "$out"
+  --np "${NP:-2}" --steps "${STEPS:-8}" --out "$out" --configs "${CONFIGS-issue18}"

@@ -4,6 +4,7 @@ this machine: the tables of bench/RESULTS.md, "The cost model".
 
   bench/cost_validate.py [--moec build/compiler/moec] [--spec bench/cost_cpu.moe]
                          [--backend cpu|cuda] [--np 2,4] [--steps 8] [--out DIR]
+                         [--configs "T,M,H,E,k,f[,act] ..." | --configs issue18]
 
 1. Calibrates: `./model --calibrate` at 1 rank, and under mpirun at each
    --np (the all-to-all's alpha and beta there, GEMM rates with the cores
@@ -17,6 +18,10 @@ this machine: the tables of bench/RESULTS.md, "The cost model".
    ranks; fastest of the steps after the first two), against the predicted
    totals (the network: `nvlink=measured,alpha_intra=measured`, and
    overlap=0 on the cpu, where compute and the all-to-all share cores).
+4. With --configs: step 2 for each configuration's one-layer spec (written by
+   bench/gpu/layer_bench.py spec, bf16, SGD; issue18: the performance issue's
+   seven), predicted from the calibration of step 1, with the sum of the
+   three terms and whether it is within 15%.
 Prints markdown. Needs mpirun for --np > 1 (Open MPI: run as root with
 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1).
 """
@@ -42,8 +47,8 @@ def mpirun(np_, argv):
     return ["mpirun", "--oversubscribe", "-np", str(np_)] + argv if np_ > 1 else argv
 
 
-def plan(a, cal, world, net):
-    cmd = [a.moec, "plan", "--json", "--gpu", cal, "--ranks", str(world), a.spec]
+def plan(a, cal, world, net, spec=None):
+    cmd = [a.moec, "plan", "--json", "--gpu", cal, "--ranks", str(world), spec or a.spec]
     if net:
         cmd += ["--net", net]
     return json.loads(run(cmd))
@@ -56,9 +61,9 @@ def least_after(values, skip=2):
     return min(v)
 
 
-def compute_terms(a, model, cal, out):
-    trace = os.path.join(out, "trace1.json")
-    p = plan(a, cal, 1, None)["prediction"]
+def compute_terms(a, model, cal, out, spec=None, tag="1"):
+    trace = os.path.join(out, "trace%s.json" % tag)
+    p = plan(a, cal, 1, None, spec)["prediction"]
     # the variant that runs the experts whole, with no gather (r = 1 at one rank)
     v = "r=1,d=1,a2a=linear"
     run([model, "--backend", a.backend, "--steps", str(a.steps), "--trace", trace, "--variant", v, "--quiet"])
@@ -79,6 +84,36 @@ def compute_terms(a, model, cal, out):
         meas = least_after([per[term][s] for s in steps]) / 1e3 if steps else float("nan")
         rows.append((term, pred, meas))
     return rows
+
+
+LAYER_BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu", "layer_bench.py")
+
+
+def configs_table(a, cal, out):
+    """Step 4: each configuration's compute terms, predicted and measured."""
+    cs = a.configs.split()
+    if len(cs) == 1 and "," not in cs[0]:
+        cs = run([sys.executable, LAYER_BENCH, "preset", cs[0]]).split()
+    print("\nCompute terms of one MoE layer per configuration (T, M, H, E, k, f, activation; bf16, SGD), one "
+          "rank, ms per step; the prediction from the calibration above\n")
+    print("| config | experts pred / meas | gate pred / meas | dispatch+combine pred / meas | sum pred / meas "
+          "| sum error |\n|---|---|---|---|---|---|")
+    ok = 0
+    for i, c in enumerate(cs):
+        f = c.split(",")
+        act = f[6] if len(f) > 6 else "relu"
+        spec = os.path.join(out, "config%d.moe" % i)
+        with open(spec, "w") as fh:
+            fh.write(run([sys.executable, LAYER_BENCH, "spec"] + f[:6] + ["bf16", "sgd", act, str(a.steps)]))
+        model = os.path.join(out, "config%d" % i)
+        run([a.moec, "build", spec, "-o", model])
+        rows = compute_terms(a, model, cal, out, spec, "_config%d" % i)
+        ps, ms = sum(r[1] for r in rows), sum(r[2] for r in rows)
+        err = (ps - ms) / ms
+        ok += abs(err) <= 0.15
+        print("| %s | %s | %.0f%% |" % (c, " | ".join("%.3f / %.3f" % (r[1], r[2]) for r in rows + [("sum", ps, ms)]),
+                                        100 * err))
+    print("\nwithin 15%%: %d of %d configurations" % (ok, len(cs)))
 
 
 def ranking(a, model, np_, out):
@@ -118,6 +153,7 @@ def main():
     ap.add_argument("--np", default="2,4")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--out", default="/tmp/moec_cost_validate")
+    ap.add_argument("--configs", default="", help="T,M,H,E,k,f[,act] ... or a layer_bench.py preset (issue18)")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     model = os.path.join(a.out, "model")
@@ -131,6 +167,8 @@ def main():
     print("| term | predicted | measured | error |\n|---|---|---|---|")
     for term, pred, meas in compute_terms(a, model, cal1, a.out):
         print("| %s | %.3f | %.3f | %+.0f%% |" % (term, pred, meas, 100 * (pred - meas) / meas))
+    if a.configs:
+        configs_table(a, cal1, a.out)
     for np_ in [int(x) for x in a.np.split(",") if x]:
         cal, names, pred, meas = ranking(a, model, np_, a.out)
         ag, tot = kendall(names, pred, meas)

@@ -229,8 +229,9 @@ PY
     (cd "$root" && OUT_DIR="$out/cost" bash bench/cost_gpu.sh "$out/h100.json" "$build") > "$out/calibrate.log" 2>&1
     rc=$?
     { echo "## The cost model: calibration of this GPU and its one-GPU check"; echo
-      echo "Command: \`bench/cost_gpu.sh\` (the calibration is $out/h100.json: commit it as data/calibration/h100.json)"; echo
-      echo '```'; tail -n 40 "$out/calibrate.log"; echo '```'; echo; } >> "$report"
+      echo "Command: \`bench/cost_gpu.sh\` (the calibration is $out/h100.json: commit it as data/calibration/h100.json;" \
+           "its validation includes the compute terms of issue 18's seven configurations)"; echo
+      echo '```'; tail -n 80 "$out/calibrate.log"; echo '```'; echo; } >> "$report"
     ;;
   routers)
     # its own header (command, device, commit) and a table per config; --backend
