@@ -779,13 +779,28 @@ static void token_launch8(int k, int64_t tokens, int64_t dim, void **args) {
   launch(k, (uint64_t)clamp64(tokens, 1, MAX_GRID_X), 1, threads_for(cdiv(dim, 8)), 1, args);
 }
 
-static void cuda_dispatch_t(moert_dt dt, const float *x, const int32_t *idx, const int32_t *loc, void *buf,
-                            int64_t tokens, int64_t top_k, int64_t experts, int64_t capacity, int64_t dim) {
-  if (dt == MOERT_F32) {
-    cuda_dispatch(x, idx, loc, buf, tokens, top_k, experts, capacity, dim);
+/* The expert-side buffer's slots that no kept claim fills: with the claim
+ * counts, the slots past each expert's kept claims (a kernel), else all of
+ * them (a memset before the scatter). */
+static void zero_unfilled(void *buf, const int32_t *counts, int64_t keep, int64_t experts, int64_t capacity,
+                          int64_t row_bytes) {
+  if (!counts) {
+    cuda_zero(buf, (size_t)(experts * capacity * row_bytes));
     return;
   }
-  cuda_zero(buf, 2 * (size_t)(experts * capacity * dim));
+  uint64_t gx = (uint64_t)clamp64(cdiv(capacity * row_bytes, 16 * 256 * 4), 1, 64);
+  launch(K_zero_tails, gx, (uint64_t)clamp64(experts, 1, 65535), 256, 1,
+         ARGS(&buf, &counts, &keep, &experts, &capacity, &row_bytes));
+}
+
+static void cuda_dispatch_t(moert_dt dt, const float *x, const int32_t *idx, const int32_t *loc,
+                            const int32_t *counts, int64_t keep, void *buf, int64_t tokens, int64_t top_k,
+                            int64_t experts, int64_t capacity, int64_t dim) {
+  zero_unfilled(buf, counts, keep, experts, capacity, dim * (dt == MOERT_F32 ? 4 : 2));
+  if (dt == MOERT_F32) {
+    token_launch(K_dispatch, tokens, dim, ARGS(&x, &idx, &loc, &buf, &tokens, &top_k, &experts, &capacity, &dim));
+    return;
+  }
   token_launch8(K_dispatch_bf16, tokens, dim, ARGS(&x, &idx, &loc, &buf, &tokens, &top_k, &experts, &capacity, &dim));
 }
 
@@ -810,13 +825,15 @@ static void cuda_combine_t(moert_dt dt, const void *buf, const int32_t *idx, con
 }
 
 static void cuda_combine_bwd_t(moert_dt dt, const float *dy, const void *buf, const int32_t *idx,
-                               const int32_t *loc, const float *gate, void *dbuf, float *dgate, int64_t tokens,
-                               int64_t top_k, int64_t experts, int64_t capacity, int64_t dim) {
+                               const int32_t *loc, const int32_t *counts, int64_t keep, const float *gate,
+                               void *dbuf, float *dgate, int64_t tokens, int64_t top_k, int64_t experts,
+                               int64_t capacity, int64_t dim) {
+  zero_unfilled(dbuf, counts, keep, experts, capacity, dim * (dt == MOERT_F32 ? 4 : 2));
   if (dt == MOERT_F32) {
-    cuda_combine_bwd(dy, buf, idx, loc, gate, dbuf, dgate, tokens, top_k, experts, capacity, dim);
+    token_launch(K_combine_bwd, tokens, dim,
+                 ARGS(&dy, &buf, &idx, &loc, &gate, &dbuf, &dgate, &tokens, &top_k, &experts, &capacity, &dim));
     return;
   }
-  cuda_zero(dbuf, 2 * (size_t)(experts * capacity * dim));
   token_launch8(K_combine_bwd_bf16, tokens, dim,
                 ARGS(&dy, &buf, &idx, &loc, &gate, &dbuf, &dgate, &tokens, &top_k, &experts, &capacity, &dim));
 }

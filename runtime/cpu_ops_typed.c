@@ -142,8 +142,9 @@ void moert_cpu_swiglu_bwd_t(moert_dt dt, const void *h, const void *da, void *dh
 }
 
 void moert_cpu_dispatch_t(moert_dt dt, const float *x, const int32_t *idx, const int32_t *loc,
-                          void *buf, int64_t tokens, int64_t top_k, int64_t experts,
-                          int64_t capacity, int64_t dim) {
+                          const int32_t *counts, int64_t keep, void *buf, int64_t tokens,
+                          int64_t top_k, int64_t experts, int64_t capacity, int64_t dim) {
+  (void)counts, (void)keep; /* the whole buffer is written */
   int64_t n = experts * capacity * dim;
   float *w = dt == MOERT_F32 ? buf : must_alloc(n);
   moert_cpu_dispatch(x, idx, loc, w, tokens, top_k, experts, capacity, dim);
@@ -167,9 +168,10 @@ void moert_cpu_combine_t(moert_dt dt, const void *buf, const int32_t *idx, const
 }
 
 void moert_cpu_combine_bwd_t(moert_dt dt, const float *dy, const void *buf, const int32_t *idx,
-                             const int32_t *loc, const float *gate, void *dbuf, float *dgate,
-                             int64_t tokens, int64_t top_k, int64_t experts, int64_t capacity,
-                             int64_t dim) {
+                             const int32_t *loc, const int32_t *counts, int64_t keep,
+                             const float *gate, void *dbuf, float *dgate, int64_t tokens,
+                             int64_t top_k, int64_t experts, int64_t capacity, int64_t dim) {
+  (void)counts, (void)keep; /* the whole buffer is written */
   int64_t n = experts * capacity * dim;
   float *w = widen(buf, dt, n), *dw = dt == MOERT_F32 ? dbuf : must_alloc(n);
   moert_cpu_combine_bwd(dy, w, idx, loc, gate, dw, dgate, tokens, top_k, experts, capacity, dim);

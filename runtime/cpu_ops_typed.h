@@ -81,10 +81,15 @@ void moert_cpu_act_bwd_t(moert_dt dt, moert_act act, const void *h, const void *
 void moert_cpu_swiglu_fwd_t(moert_dt dt, const void *h, void *a, int64_t rows, int64_t hid);
 void moert_cpu_swiglu_bwd_t(moert_dt dt, const void *h, const void *da, void *dh, int64_t rows,
                             int64_t hid);
-/* dispatch and combine with buf/dbuf of type dt; x, dx, y, dy, gate fp32 */
+/* dispatch and combine with buf/dbuf of type dt; x, dx, y, dy, gate fp32.
+ * dispatch_t and combine_bwd_t write every slot of buf/dbuf: the kept claims'
+ * rows, zeros elsewhere. counts (NULL: not known) are the claims on each
+ * expert, whose kept ones fill its slots [0, min(counts[e], keep)) (as
+ * gate_locations and drop_beyond number them), so that a device zeroes only
+ * the slots past them instead of the whole buffer; the cpu zeroes it all. */
 void moert_cpu_dispatch_t(moert_dt dt, const float *x, const int32_t *idx, const int32_t *loc,
-                          void *buf, int64_t tokens, int64_t top_k, int64_t experts,
-                          int64_t capacity, int64_t dim);
+                          const int32_t *counts, int64_t keep, void *buf, int64_t tokens,
+                          int64_t top_k, int64_t experts, int64_t capacity, int64_t dim);
 void moert_cpu_dispatch_bwd_t(moert_dt dt, const void *dbuf, const int32_t *idx,
                               const int32_t *loc, float *dx, int64_t tokens, int64_t top_k,
                               int64_t experts, int64_t capacity, int64_t dim);
@@ -92,9 +97,9 @@ void moert_cpu_combine_t(moert_dt dt, const void *buf, const int32_t *idx, const
                          const float *gate, float *y, int64_t tokens, int64_t top_k,
                          int64_t experts, int64_t capacity, int64_t dim);
 void moert_cpu_combine_bwd_t(moert_dt dt, const float *dy, const void *buf, const int32_t *idx,
-                             const int32_t *loc, const float *gate, void *dbuf, float *dgate,
-                             int64_t tokens, int64_t top_k, int64_t experts, int64_t capacity,
-                             int64_t dim);
+                             const int32_t *loc, const int32_t *counts, int64_t keep,
+                             const float *gate, void *dbuf, float *dgate, int64_t tokens,
+                             int64_t top_k, int64_t experts, int64_t capacity, int64_t dim);
 
 /* attention (cpu_ops.h) with qkv, o, dout and dqkv of type dt; lse and
  * scratch fp32. bf16: the inputs as stored, computed in fp32, each output

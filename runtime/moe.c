@@ -875,7 +875,7 @@ static bool moe_fwd(moert_exec *e, void *ctx, moert_status *st) {
   close_span(e, span, "gate and capacity", "gate", MOERT_TID_COMPUTE);
 
   span = open_span(e, "dispatch");
-  b->dispatch_t(g.dt, x, I(e, li, IDX), I(e, li, LOC), F(e, li, SRC), T, K, E, C, M);
+  b->dispatch_t(g.dt, x, I(e, li, IDX), I(e, li, LOC), I(e, li, COUNTS), c->keep, F(e, li, SRC), T, K, E, C, M);
   close_span(e, span, "dispatch", "dispatch", MOERT_TID_COMPUTE);
   if (v->r == 0 || v->r < g.S) {
     span = open_span(e, "gather experts");
@@ -946,8 +946,8 @@ static bool moe_bwd(moert_exec *e, void *ctx, moert_status *st) {
   const moert_variant *v = &lp->variants[e->moe.variant[li]];
   const float *x = e->xin[li];
   int span = open_span(e, "bwd combine");
-  b->combine_bwd_t(g.dt, e->dcur, F(e, li, SRCY), I(e, li, IDX), I(e, li, LOC), F(e, li, GATE), S(e, li, DSRCY),
-                   S(e, li, DGATE), T, K, E, C, M);
+  b->combine_bwd_t(g.dt, e->dcur, F(e, li, SRCY), I(e, li, IDX), I(e, li, LOC), I(e, li, COUNTS), e->moe.keep[li],
+                   F(e, li, GATE), S(e, li, DSRCY), S(e, li, DGATE), T, K, E, C, M);
   close_span(e, span, "bwd combine", "combine", MOERT_TID_COMPUTE);
   bool gathered = v->r == 0 || v->r < g.S;
   if (gathered && lp->s[MOERT_S_DGW] >= 0 && l->bias) {

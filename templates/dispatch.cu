@@ -8,9 +8,10 @@
 // over the tokens), 16-byte loads and stores when dim % 4 == 0 and the
 // pointers are aligned. Token-side outputs (dx, y) are gathers, written once
 // in choice order as the cpu sums them. Expert-side outputs (buf, dbuf) are
-// scatters of whole rows: the caller zeroes the buffer first (cuMemsetD8Async)
-// and the kept claims fill their slots; two claims on one slot (which
-// gate_locations never makes) would race.
+// scatters of whole rows: the kept claims fill their slots, and the caller
+// zeroes the others first: with the claim counts, only the slots past each
+// expert's kept claims (zero_tails), else the whole buffer (cuMemsetD8Async);
+// two claims on one slot (which gate_locations never makes) would race.
 //
 // Launch (runtime/backend_cuda.c): dispatch, dispatch_bwd, combine and
 // combine_bwd: a block a token (at most 2^20 blocks, striding beyond), 32 to
@@ -145,6 +146,29 @@ extern "C" __global__ void moert_k_combine_bwd(const float *dy, const float *buf
       }
       dot = moert_block_sum_d(dot, sh);
       if (threadIdx.x == 0) dgate[tj] = (float)dot;
+    }
+  }
+}
+
+// The slots past each expert's kept claims, [min(counts[e], keep), capacity)
+// of buf [experts, capacity, row_bytes bytes], set to zero: the kept claims
+// fill [0, min(counts[e], keep)) (gate_locations numbers an expert's claims
+// from 0, drop_beyond drops those from keep on), which dispatch and
+// combine_bwd write. 16-byte stores where the tail allows.
+extern "C" __global__ void moert_k_zero_tails(unsigned char *buf, const int *counts, long long keep,
+                                              long long experts, long long capacity,
+                                              long long row_bytes) {
+  for (long long e = blockIdx.y; e < experts; e += gridDim.y) {
+    long long c = counts[e];
+    c = c < 0 ? 0 : c > keep ? keep : c;
+    c = c > capacity ? capacity : c;
+    unsigned char *p = buf + (e * capacity + c) * row_bytes;
+    long long n = (capacity - c) * row_bytes;
+    long long i0 = (long long)blockIdx.x * blockDim.x + threadIdx.x, step = (long long)gridDim.x * blockDim.x;
+    if (((unsigned long long)p & 15) == 0 && n % 16 == 0) {
+      for (long long i = i0; i < n / 16; i += step) ((uint4 *)p)[i] = make_uint4(0, 0, 0, 0);
+    } else {
+      for (long long i = i0; i < n; i += step) p[i] = 0;
     }
   }
 }

@@ -1221,11 +1221,22 @@ static void t_dispatch_bf16(int64_t T, int64_t K, int64_t E, int64_t C, int64_t 
   moert_cpu_gate_locations(idx.h, NULL, loc.h, counts.h, T, E, K);
   cpu->drop_beyond(loc.h, T * K, keep);
   sync_i(loc);
+  sync_i(counts);
   fbuf x = fb(T * M, -1, 1);
+  /* the buffers start full of values: the slots no claim fills must come out zero, the
+   * device zeroing only those past each expert's kept claims (counts), or all (NULL) */
   hbuf buf = hb(E * C * M, -7, 7);
-  moert_cpu_dispatch_t(MOERT_BF16, x.h, idx.h, loc.h, buf.h, T, K, E, C, M);
-  gpu->dispatch_t(MOERT_BF16, x.d, idx.d, loc.d, buf.d, T, K, E, C, M);
-  check_h("buf (dispatch_t)", buf, 0);
+  moert_cpu_dispatch_t(MOERT_BF16, x.h, idx.h, loc.h, counts.h, keep, buf.h, T, K, E, C, M);
+  gpu->dispatch_t(MOERT_BF16, x.d, idx.d, loc.d, counts.d, keep, buf.d, T, K, E, C, M);
+  check_h("buf (dispatch_t, zeroing past the kept claims)", buf, 0);
+  hbuf buf0 = hb(E * C * M, -7, 7);
+  moert_cpu_dispatch_t(MOERT_BF16, x.h, idx.h, loc.h, NULL, 0, buf0.h, T, K, E, C, M);
+  gpu->dispatch_t(MOERT_BF16, x.d, idx.d, loc.d, NULL, 0, buf0.d, T, K, E, C, M);
+  check_h("buf (dispatch_t, zeroing all)", buf0, 0);
+  fbuf buf32 = fb(E * C * M, -7, 7); /* the fp32 storage type: the same zeroing */
+  moert_cpu_dispatch_t(MOERT_F32, x.h, idx.h, loc.h, counts.h, keep, buf32.h, T, K, E, C, M);
+  gpu->dispatch_t(MOERT_F32, x.d, idx.d, loc.d, counts.d, keep, buf32.d, T, K, E, C, M);
+  check_f("buf (dispatch_t, fp32)", buf32, 0);
   hbuf dbuf = hb(E * C * M, -1, 1);
   fbuf dx = garbage(T * M);
   moert_cpu_dispatch_bwd_t(MOERT_BF16, dbuf.h, idx.h, loc.h, dx.h, T, K, E, C, M);
@@ -1237,8 +1248,9 @@ static void t_dispatch_bf16(int64_t T, int64_t K, int64_t E, int64_t C, int64_t 
   check_f("y (combine_t)", y, 1e-6);
   fbuf dy = fb(T * M, -1, 1), dgate = garbage(T * K);
   hbuf dbuf2 = hb(E * C * M, -7, 7);
-  moert_cpu_combine_bwd_t(MOERT_BF16, dy.h, dbuf.h, idx.h, loc.h, gate.h, dbuf2.h, dgate.h, T, K, E, C, M);
-  gpu->combine_bwd_t(MOERT_BF16, dy.d, dbuf.d, idx.d, loc.d, gate.d, dbuf2.d, dgate.d, T, K, E, C, M);
+  moert_cpu_combine_bwd_t(MOERT_BF16, dy.h, dbuf.h, idx.h, loc.h, counts.h, keep, gate.h, dbuf2.h, dgate.h, T, K, E,
+                          C, M);
+  gpu->combine_bwd_t(MOERT_BF16, dy.d, dbuf.d, idx.d, loc.d, counts.d, keep, gate.d, dbuf2.d, dgate.d, T, K, E, C, M);
   check_h("dbuf (combine_bwd_t)", dbuf2, 0);
   check_f("dgate (combine_bwd_t)", dgate, 1e-5);
   /* strided block copies of bf16, plain and summed */
