@@ -875,6 +875,11 @@ static bool moe_fwd(moert_exec *e, void *ctx, moert_status *st) {
   close_span(e, span, "gate and capacity", "gate", MOERT_TID_COMPUTE);
 
   span = open_span(e, "dispatch");
+  /* the slots past min(count, keep) are zeroed. A graph of C replays the keep it
+   * was captured with, which is safe: a fixed keep never changes; dropless never
+   * has count > keep; a dynamic keep below the cap has count <= keep, and at
+   * the cap no captured keep is larger (a smaller one only zeroes slots that
+   * the dispatch then fills). The same holds for combine_bwd_t. */
   b->dispatch_t(g.dt, x, I(e, li, IDX), I(e, li, LOC), I(e, li, COUNTS), c->keep, F(e, li, SRC), T, K, E, C, M);
   close_span(e, span, "dispatch", "dispatch", MOERT_TID_COMPUTE);
   if (v->r == 0 || v->r < g.S) {
