@@ -87,6 +87,12 @@ void moert_cpu_gemm_ex(const moert_gemm *g) {
       moert_act act = g->act == MOERT_EPI_RELU ? MOERT_ACT_RELU : MOERT_ACT_GELU;
       for (int64_t r = 0; r < g->m; r++) moert_cpu_act_fwd(act, c + r * g->ldc, c + r * g->ldc, g->n);
     }
+    if (g->bias_grad) /* the column sums of op(B) */
+      for (int64_t j = 0; j < g->n; j++) {
+        double sum = 0;
+        for (int64_t r = 0; r < g->k; r++) sum += b[g->trans_b ? j * g->ldb + r : r * g->ldb + j];
+        g->bias_grad[i * g->n + j] = (float)sum;
+      }
     drop(ai, a);
     drop(bi, b);
     narrow(ci, g->c_type, c, nc);

@@ -46,11 +46,16 @@ typedef enum { MOERT_EPI_NONE, MOERT_EPI_RELU, MOERT_EPI_GELU } moert_epi;
  *   pre_i = alpha op(A_i) op(B_i) + beta C_i + bias_i   (bias_i broadcast over rows)
  *   C_i   = act(pre_i)
  *   aux_i = pre_i                                       (when aux is not NULL)
+ *   bias_grad_i[j] = sum over k of op(B_i)[k, j]        (when bias_grad is not NULL)
  * all in fp32, each result rounded once to its type where it is stored.
  * bias (NULL: none) is in C's type, bias_i = bias + i * stride_bias; aux is
  * in C's type with C's layout (ldc, stride_c). The backward of gelu needs
  * aux; that of relu can use C, since relu(h) > 0 iff h > 0 (the executor
- * does). A zeroed descriptor's epilogue is none. */
+ * does). bias_grad (fp32, [count, n], written) is the column sums of op(B):
+ * in a weight-gradient GEMM dW = X^T dY, the bias gradient dY's rows sum to
+ * (cuBLASLt's BGRADA epilogue); it needs C fp32, no bias, aux or act, and B
+ * packed and not transposed (ldb = n, stride_b = k n). A zeroed descriptor's
+ * epilogue is none. */
 typedef struct moert_gemm {
   bool trans_a, trans_b;
   int64_t m, n, k, count;
@@ -65,6 +70,7 @@ typedef struct moert_gemm {
   int64_t stride_bias;
   moert_epi act;
   void *aux;
+  float *bias_grad;
 } moert_gemm;
 void moert_cpu_gemm_ex(const moert_gemm *g);
 

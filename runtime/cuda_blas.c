@@ -190,7 +190,9 @@ static void blas_gemm_ex(const moert_gemm *g) {
  * the bias (a row of n) is a vector over D's rows, what its BIAS epilogues
  * broadcast, and aux has C's layout. Epilogues: BIAS, RELU(_BIAS),
  * GELU(_BIAS), GELU_AUX(_BIAS): D = act(alpha A B + beta C + bias), aux the
- * pre-activation, computed in fp32 and rounded once to D's type (bias and
+ * pre-activation; BGRADA: the bias gradient, its A (our B) summed over k
+ * (our column sums of B), fp32 through the bias pointer (when cuBLASLt has
+ * no algorithm for it, the GEMM runs without it and a kernel sums); computed in fp32 and rounded once to D's type (bias and
  * aux of D's type: the default of BIAS_DATA_TYPE and EPILOGUE_AUX_DATA_TYPE
  * for bf16 and fp32 outputs). cuBLASLt's GELU is taken to be the tanh form,
  * as the cpu's (PyTorch's _addmm_activation assumes it too; the header does
@@ -212,6 +214,8 @@ static int32_t align_of(const void *p, int64_t stride_bytes, int64_t count) {
  * batch stride multiples of 8). */
 static int lt_epilogue(const moert_gemm *g) {
   bool b = g->bias != NULL;
+  if (g->bias_grad) /* our B's column sums: cuBLASLt's A reduced over k */
+    return !b && !g->aux && g->act == MOERT_EPI_NONE ? CUBLASLT_EPILOGUE_BGRADA : -1;
   if (g->aux && (g->act != MOERT_EPI_GELU || g->ldc % 8 || (g->count > 1 && g->stride_c % 8))) return -1;
   switch (g->act) {
   case MOERT_EPI_NONE: return b ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
@@ -246,7 +250,7 @@ static void lt_plan_free(lt_plan *p) {
 /* Sets the pointers the epilogue reads or writes on p's descriptor (the
  * heuristic reads their alignment; each call sets its own). */
 static bool lt_pointers(lt_plan *p, const moert_gemm *g) {
-  const void *bias = g->bias;
+  const void *bias = g->bias ? g->bias : g->bias_grad; /* BGRADA writes through the bias pointer */
   void *aux = g->aux;
   return (!bias || LT_SET(cublasLtMatmulDescSetAttribute, p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias)) &&
          (!aux || LT_SET(cublasLtMatmulDescSetAttribute, p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, aux));
@@ -264,6 +268,10 @@ static bool lt_plan_make(lt_plan *p, const moert_gemm *g, int epi) {
             lt_pointers(p, g);
   if (ok && g->bias && g->count > 1)
     ok = LT_SET(cublasLtMatmulDescSetAttribute, p->desc, CUBLASLT_MATMUL_DESC_BIAS_BATCH_STRIDE, g->stride_bias);
+  if (ok && g->bias_grad && g->count > 1) { /* [count, n] in D's type, fp32 (BIAS_DATA_TYPE's default) */
+    int64_t stride = g->n;
+    ok = LT_SET(cublasLtMatmulDescSetAttribute, p->desc, CUBLASLT_MATMUL_DESC_BIAS_BATCH_STRIDE, stride);
+  }
   if (ok && g->aux)
     ok = LT_SET(cublasLtMatmulDescSetAttribute, p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, g->ldc) &&
          (g->count == 1 || LT_SET(cublasLtMatmulDescSetAttribute, p->desc,
@@ -304,13 +312,15 @@ static lt_plan *lt_plan_for(const moert_gemm *g, const void *d, int epi) {
   k.m = g->m, k.n = g->n, k.k = g->k, k.count = g->count;
   k.lda = g->lda, k.ldb = g->ldb, k.ldc = g->ldc;
   k.stride_a = g->stride_a, k.stride_b = g->stride_b, k.stride_c = g->stride_c;
-  k.stride_bias = g->bias ? g->stride_bias : 0;
+  k.stride_bias = g->bias ? g->stride_bias : g->bias_grad ? g->n : 0;
   k.trans_a = g->trans_a, k.trans_b = g->trans_b, k.ab_type = g->ab_type, k.c_type = g->c_type, k.epilogue = epi;
   k.align_a = align_of(g->a, g->stride_a * es, g->count);
   k.align_b = align_of(g->b, g->stride_b * es, g->count);
   int32_t align_c = align_of(g->c, g->stride_c * cs, g->count), align_d = align_of(d, g->stride_c * cs, g->count);
   k.align_c = align_c < align_d ? align_c : align_d;
-  k.align_bias = g->bias ? align_of(g->bias, g->stride_bias * cs, g->count) : 0;
+  k.align_bias = g->bias       ? align_of(g->bias, g->stride_bias * cs, g->count)
+                 : g->bias_grad ? align_of(g->bias_grad, g->n * 4, g->count)
+                                : 0;
   k.align_aux = g->aux ? align_of(g->aux, g->stride_c * cs, g->count) : 0;
   for (int i = 0; i < B.nplans; i++)
     if (memcmp(&B.plans[i].key, &k, sizeof k) == 0) return &B.plans[i];
@@ -407,12 +417,28 @@ void moert_cuda_gemm_ex(const moert_gemm *g) {
     MOERT_FAIL(&B.s->err, "a GEMM of fp32 operands into a bf16 result (not supported)");
     return;
   }
-  if (lt_gemm_ex(g)) {
+  if (g->bias_grad && (g->c_type != MOERT_F32 || g->bias || g->aux || g->act != MOERT_EPI_NONE || g->trans_b ||
+                       g->ldb != g->n || (g->count > 1 && g->stride_b != g->k * g->n))) {
+    MOERT_FAIL(&B.s->err, "a GEMM's bias gradient needs C fp32, no other epilogue, and B packed, not transposed");
+    return;
+  }
+  if (lt_gemm_ex(g)) { /* the bias gradient too, in the BGRADA epilogue */
     B.lt_gemms++;
     return;
   }
-  B.blas_gemms++;
-  blas_gemm_ex(g);
+  moert_gemm h = *g;
+  h.bias_grad = NULL;
+  if (lt_gemm_ex(&h)) {
+    B.lt_gemms++;
+  } else {
+    B.blas_gemms++;
+    blas_gemm_ex(&h);
+  }
+  if (g->bias_grad) { /* no epilogue for it: the bias_grad kernel's column sums of B, written */
+    const moert_backend *ops = &B.s->b;
+    ops->zero(g->bias_grad, sizeof(float) * (size_t)(g->count * g->n));
+    ops->bias_grad_t(g->ab_type, g->bias_grad, g->b, g->count, g->k, g->n);
+  }
 }
 
 /* ------------------------------------------------------------ setup */

@@ -142,6 +142,19 @@ static void gemm_t(moert_backend *b, bool ta, bool tb, int64_t m, int64_t n, int
   b->gemm_ex(&g);
 }
 
+/* A weight gradient dW = X^T dY (fp32, beta as gemm_t's) over count experts
+ * of k rows, and, when db is not NULL, the bias gradient: dY's column sums,
+ * in the GEMM's epilogue where beta is 0 (the step's first chunk, before
+ * which db is zero: written equals accumulated), else added by a kernel. */
+static void wgrad_t(moert_backend *b, int64_t m, int64_t n, int64_t k, int64_t count, moert_dt dt, const void *x,
+                    const void *dy, float beta, float *dw, float *db) {
+  if (db && beta != 0) b->bias_grad_t(dt, db, dy, count, k, n);
+  moert_gemm g = {.trans_a = true, .m = m, .n = n, .k = k, .count = count, .alpha = 1, .beta = beta, .a = x,
+                  .b = dy, .ab_type = dt, .lda = m, .stride_a = m * k, .ldb = n, .stride_b = k * n, .c = dw,
+                  .c_type = MOERT_F32, .ldc = n, .stride_c = m * n, .bias_grad = beta == 0 ? db : NULL};
+  b->gemm_ex(&g);
+}
+
 /* fc1's epilogue and what the backward differentiates the activation at:
  * relu and gelu run in fc1's epilogue. relu writes EA alone and the
  * backward takes relu' at EA (relu(h) > 0 iff h > 0, so the same values as
@@ -182,13 +195,11 @@ static void experts_bwd(moert_backend *b, moert_dt dt, const moert_layer *l, con
     }
     return;
   }
-  if (p->db2) b->bias_grad_t(dt, p->db2, dy, n, rows, M);
-  gemm_t(b, true, false, hx, M, rows, n, dt, ea, dy, beta, MOERT_F32, p->dw2, NULL, MOERT_EPI_NONE, NULL);
+  wgrad_t(b, hx, M, rows, n, dt, ea, dy, beta, p->dw2, p->db2);
   gemm_t(b, false, true, rows, hx, M, n, dt, dy, p->w2, 0, dt, dea, NULL, MOERT_EPI_NONE, NULL);
   if (swiglu) b->swiglu_bwd_t(dt, eh, dea, deh, n * rows, hx);
   else b->act_bwd_t(dt, (moert_act)l->act, fc1_epilogue(l) == MOERT_EPI_RELU ? ea : eh, dea, deh, n * rows * hx);
-  if (p->db1) b->bias_grad_t(dt, p->db1, deh, n, rows, h1);
-  gemm_t(b, true, false, M, h1, rows, n, dt, x, deh, beta, MOERT_F32, p->dw1, NULL, MOERT_EPI_NONE, NULL);
+  wgrad_t(b, M, h1, rows, n, dt, x, deh, beta, p->dw1, p->db1);
   gemm_t(b, false, true, rows, M, h1, n, dt, deh, p->w1, 0, dt, dx, NULL, MOERT_EPI_NONE, NULL);
 }
 

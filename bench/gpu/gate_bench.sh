@@ -8,7 +8,7 @@
 # the layer's median time with graphs (layer_ms + update_ms of the metrics).
 #
 # usage: bench/gpu/gate_bench.sh [options] MOEC [MOEC ...]
-#   --configs "T,M,H,E,k,f ..."  (default: layer_bench.sh's three)
+#   --configs "T,M,H,E,k,f[,act] ..."  (default: layer_bench.sh's three; act: relu)
 #   --steps N (default 30)  --warmup N (default 5)  --dtype bf16|fp32 (default bf16)
 #   --out DIR  where specs, binaries, traces and logs go (default: a new /tmp dir)
 # Exit: 0 done, 1 a failure, 2 a usage error.
@@ -46,9 +46,10 @@ for moec in "$@"; do
   for c in $configs; do
     i=$((i + 1))
     set -- $(echo "$c" | tr ',' ' ')
-    [ $# = 6 ] || die "a config is T,M,H,E,k,f, not $c"
+    [ $# = 6 ] || [ $# = 7 ] || die "a config is T,M,H,E,k,f[,act], not $c"
+    act=${7:-relu}
     s=$out/b${b}c$i
-    py spec "$1" "$2" "$3" "$4" "$5" "$6" "$dtype" sgd relu "$steps" > "$s.moe"
+    py spec "$1" "$2" "$3" "$4" "$5" "$6" "$dtype" sgd "$act" "$steps" > "$s.moe"
     "$moec" build "$s.moe" -o "$s" >/dev/null || die "$moec build $s.moe failed"
     "$moec" plan --json "$s.moe" > "$s.plan.json" || die "$moec plan $s.moe failed"
     timeout 300 "$s" --backend cuda --steps "$steps" --kernel-cache "$out/kc$b" --trace "$s.trace.json" \
@@ -61,7 +62,7 @@ for moec in "$@"; do
       die "cannot read $s.trace.json"
     set -- $spans
     set -- "$(awk -v a="$1" -v b="$2" 'BEGIN {printf "%.4f", a + b}')" "$3"
-    lm=$(py row "$c" "$dtype" "$s.log" "$s.jsonl" "$warm" "$s.plan.json" relu |
+    lm=$(py row "$c" "$dtype" "$s.log" "$s.jsonl" "$warm" "$s.plan.json" "$act" |
       python3 -c 'import json,sys; print("%.3f" % json.load(sys.stdin)["layer_ms"])') || die "cannot read $s.jsonl"
     echo "| $moec | $c | $1 | $2 | $(awk -v a="$1" -v b="$2" 'BEGIN {printf "%.3f", a + b}') | $lm |"
   done

@@ -24,11 +24,13 @@
 #   --out DIR            where logs, tables and report.md go (default: $OUT, else a new /tmp dir)
 #   --build DIR          the build tree (default: build); made with RelWithDebInfo when missing
 #   --phases "LIST"      of build tests layer layer_blas examples examples_nographs attn gpt calibrate
-#                        routers twin refs (default: all but twin and refs, in that order; refs
-#                        needs a call of its own: about 8 minutes; twin about 4)
+#                        routers twin refs ab (default: all but twin, refs and ab, in that order;
+#                        refs needs a call of its own: about 8 minutes; twin about 4; ab about 7)
 #   --tests REGEX        ctest -R REGEX within the gpu label (default: every gpu test)
 #   --examples "LIST"    example names (default: every examples/*.moe that trains or runs)
 #   --steps N            steps an example runs (default 25); --warmup N: not measured (default 5)
+#   --ab-base REV        the ab phase: the tree at REV (git archive, built under --out) against this
+#                        one, gate and layer time on issue 18's configurations (bench/gpu/gate_bench.sh)
 #   --twin "LIST"        specs the twin phase runs (default: examples/gpt_moe.moe examples/gpt_moe_bytes.moe)
 #   --twin-data FILE     the bytes they train on (default: each spec's own data)
 #   --deadline S         start no phase after S seconds (default 0: none)
@@ -41,7 +43,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 out=${OUT:-} build=$root/build phases="build tests layer layer_blas examples examples_nographs attn gpt calibrate routers" tests_re= examples=
 steps=25 warm=5 deadline=0 backend=cuda twin="examples/gpt_moe.moe examples/gpt_moe_bytes.moe" twin_data=
-py=${MOEC_TORCH_PYTHON:-python3}
+py=${MOEC_TORCH_PYTHON:-python3} ab_base=
 usage() { sed -n '2,/^# Exit/s/^# \{0,1\}//p' "$0" >&2; exit 2; }
 args="$*"
 while [ $# -gt 0 ]; do
@@ -55,6 +57,7 @@ while [ $# -gt 0 ]; do
   --warmup) warm=$2; shift ;;
   --deadline) deadline=$2; shift ;;
   --twin) twin=$2; shift ;;
+  --ab-base) ab_base=$2; shift ;;
   --twin-data) twin_data=$2; shift ;;
   --backend) backend=$2; shift ;;
   -h|--help) usage ;;
@@ -63,9 +66,13 @@ while [ $# -gt 0 ]; do
   [ $# -gt 0 ] && shift
 done
 for p in $phases; do
-  case $p in build|tests|layer|layer_blas|examples|examples_nographs|attn|gpt|calibrate|routers|twin|refs) ;; *) echo "session.sh: no phase '$p'" >&2; usage ;; esac
+  case $p in build|tests|layer|layer_blas|examples|examples_nographs|attn|gpt|calibrate|routers|twin|refs|ab) ;; *) echo "session.sh: no phase '$p'" >&2; usage ;; esac
 done
 case $backend in cpu|cuda) ;; *) echo "session.sh: --backend is cuda or cpu" >&2; exit 2 ;; esac
+case " $phases " in
+*" ab "*) [ -n "$ab_base" ] && git -C "$root" rev-parse --verify -q "$ab_base^{commit}" > /dev/null ||
+  { echo "session.sh: the ab phase needs --ab-base REV, a commit of this repository" >&2; exit 2; } ;;
+esac
 [ "$steps" -gt "$warm" ] 2>/dev/null || { echo "session.sh: --steps must exceed --warmup" >&2; exit 2; }
 [ -n "$out" ] || out=$(mktemp -d /tmp/moec-session.XXXXXX)
 mkdir -p "$out" || { echo "session.sh: cannot make $out" >&2; exit 1; }
@@ -323,6 +330,31 @@ for n in names:
         t["moe_kernel"], tm / ms, same))
 PY
       [ -s "$out/twin/errors.txt" ] && { echo; sed 's/^/- /' "$out/twin/errors.txt"; }
+      echo; } >> "$report"
+    ;;
+  ab)
+    # This tree against the one at --ab-base, built here from git archive: the gate's
+    # spans (traced) and the layer's time (untraced, with graphs) on issue 18's
+    # configurations, each build in turn (bench/gpu/gate_bench.sh; SGD, bf16).
+    mkdir -p "$out/ab/src"
+    rc=0
+    base=$(git -C "$root" rev-parse --short "$ab_base")
+    if git -C "$root" archive "$ab_base" | tar -x -C "$out/ab/src" &&
+       cmake -S "$out/ab/src" -B "$out/ab/build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo > "$out/ab/build.log" 2>&1 &&
+       cmake --build "$out/ab/build" >> "$out/ab/build.log" 2>&1; then
+      abcfg=$(python3 "$here/layer_bench.py" preset issue18)
+      sh "$here/gate_bench.sh" --configs "$abcfg" --steps 20 --warmup 5 --out "$out/ab/runs" \
+        "$out/ab/build/compiler/moec" "$build/compiler/moec" > "$out/ab.md" 2> "$out/ab.err" || rc=1
+    else
+      rc=1
+      tail -n 20 "$out/ab/build.log"
+    fi
+    { echo "## A/B: this tree against $base (issue 18's configurations)"; echo
+      echo "Command: \`bash bench/gpu/session.sh --phases ab --ab-base $ab_base\` (the base built from git archive," \
+           "then \`bench/gpu/gate_bench.sh --steps 20 --warmup 5 BASE_MOEC THIS_MOEC\` on \`layer_bench.py preset" \
+           "issue18\`). The first rows are the base's."; echo
+      cat "$out/ab.md"
+      [ $rc = 0 ] || { echo; echo "Failed: $(tail -n 5 "$out/ab.err" 2> /dev/null)"; }
       echo; } >> "$report"
     ;;
   refs)

@@ -11,8 +11,10 @@
  * over its columns, BIAS_BATCH_STRIDE apart) is added before the activation;
  * GELU is the tanh form 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)));
  * the AUX ones also store the activation's input, in D's type, at
- * EPILOGUE_AUX_POINTER (EPILOGUE_AUX_LD, EPILOGUE_AUX_BATCH_STRIDE). All in
- * fp32, each result rounded once to its type.
+ * EPILOGUE_AUX_POINTER (EPILOGUE_AUX_LD, EPILOGUE_AUX_BATCH_STRIDE); BGRADA
+ * stores op(A) summed over k (one value per row of D) through BIAS_POINTER, in
+ * D's type, BIAS_BATCH_STRIDE apart. All in fp32, each result rounded once to
+ * its type.
  * It is not: fast; reduced precision (no TF32); asynchronous (each call has
  * finished when it returns; the workspace goes unused); a choice of
  * algorithms (the heuristic offers one, needing no workspace). What it does
@@ -80,13 +82,19 @@ typedef struct {
   uint32_t epilogue;
   bool bias, aux;
   act act;
+  bool bgrad_a; /* writes op(A)'s sums over k through the bias pointer */
 } epilogue_info;
 
 static const epilogue_info EPILOGUES[] = {
-    {CUBLASLT_EPILOGUE_DEFAULT, false, false, ACT_NONE}, {CUBLASLT_EPILOGUE_BIAS, true, false, ACT_NONE},
-    {CUBLASLT_EPILOGUE_RELU, false, false, ACT_RELU},    {CUBLASLT_EPILOGUE_RELU_BIAS, true, false, ACT_RELU},
-    {CUBLASLT_EPILOGUE_GELU, false, false, ACT_GELU},    {CUBLASLT_EPILOGUE_GELU_BIAS, true, false, ACT_GELU},
-    {CUBLASLT_EPILOGUE_GELU_AUX, false, true, ACT_GELU}, {CUBLASLT_EPILOGUE_GELU_AUX_BIAS, true, true, ACT_GELU},
+    {CUBLASLT_EPILOGUE_BGRADA, false, false, ACT_NONE, true},
+    {CUBLASLT_EPILOGUE_DEFAULT, false, false, ACT_NONE, false},
+    {CUBLASLT_EPILOGUE_BIAS, true, false, ACT_NONE, false},
+    {CUBLASLT_EPILOGUE_RELU, false, false, ACT_RELU, false},
+    {CUBLASLT_EPILOGUE_RELU_BIAS, true, false, ACT_RELU, false},
+    {CUBLASLT_EPILOGUE_GELU, false, false, ACT_GELU, false},
+    {CUBLASLT_EPILOGUE_GELU_BIAS, true, false, ACT_GELU, false},
+    {CUBLASLT_EPILOGUE_GELU_AUX, false, true, ACT_GELU, false},
+    {CUBLASLT_EPILOGUE_GELU_AUX_BIAS, true, true, ACT_GELU, false},
 };
 
 /* ------------------------------------------------------------ handle */
@@ -278,7 +286,8 @@ static cublasStatus_t plan_make(lt_plan *p, cublasLtMatmulDesc_t matmulDesc, cub
       (int64_t)(g->trans_b ? B->rows : B->cols) != g->n || C->rows != D->rows || C->cols != D->cols)
     return CUBLAS_STATUS_INVALID_VALUE;
   p->type = (cudaDataType)D->type;
-  if (p->e->bias && d->bias_type != -1 && d->bias_type != (int32_t)D->type) return CUBLAS_STATUS_NOT_SUPPORTED;
+  if ((p->e->bias || p->e->bgrad_a) && d->bias_type != -1 && d->bias_type != (int32_t)D->type)
+    return CUBLAS_STATUS_NOT_SUPPORTED;
   if (p->e->aux) {
     if (d->aux_type != -1 && d->aux_type != (int32_t)D->type) return CUBLAS_STATUS_NOT_SUPPORTED;
     /* GELU's aux: ld at least D's rows; ld and batch stride multiples of 8 */
@@ -339,6 +348,29 @@ cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t lightHandle, cubl
   return CUBLAS_STATUS_SUCCESS;
 }
 
+/* Runs a plan: the product with its epilogue, then BGRADA's sums of op(A)
+ * over k (of A as it is, before alpha), one per row of D. */
+static cublasStatus_t run(const lt_plan *p) {
+  cublasStatus_t st = emu_blas_gemm(&p->g, epilogue, p);
+  if (st != CUBLAS_STATUS_SUCCESS || !p->e->bgrad_a) return st;
+  const emu_gemm *g = &p->g;
+  int64_t es = (int64_t)emu_blas_size(p->type), as = (int64_t)emu_blas_size(g->a.type);
+  for (int64_t z = 0; z < g->count; z++) {
+    const char *a = (const char *)g->a.p + z * g->a.stride * as;
+    float *sums = malloc(sizeof *sums * (size_t)emu_blas_max1(g->m));
+    if (!sums) return CUBLAS_STATUS_ALLOC_FAILED;
+    for (int64_t i = 0; i < g->m; i++) {
+      double s = 0;
+      for (int64_t kk = 0; kk < g->k; kk++)
+        s += emu_blas_get(a, g->a.type, g->trans_a ? kk + i * g->a.ld : i + kk * g->a.ld);
+      sums[i] = (float)s;
+    }
+    emu_blas_store((char *)p->d->bias + z * p->d->bias_stride * es, p->type, emu_blas_max1(g->m), sums, g->m, 1);
+    free(sums);
+  }
+  return CUBLAS_STATUS_SUCCESS;
+}
+
 /* A matmul recorded in a capture: its plan, and the descriptor the plan
  * points at, copied. */
 typedef struct {
@@ -348,7 +380,7 @@ typedef struct {
 
 static void replay(void *data) {
   lt_recorded *r = data;
-  if (emu_blas_gemm(&r->p.g, epilogue, &r->p) != CUBLAS_STATUS_SUCCESS)
+  if (run(&r->p) != CUBLAS_STATUS_SUCCESS)
     fprintf(stderr, "moec emu: a cuBLASLt matmul in a graph failed at its replay: out of host memory\n");
 }
 
@@ -366,12 +398,13 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t lightHandle, cublasLtMatmulDesc_t
   emu_gemm *g = &p.g;
   g->alpha = *(const float *)alpha, g->beta = *(const float *)beta;
   bool product = g->k > 0 && g->alpha != 0;
-  if ((product && (!A || !B)) || (g->beta != 0 && !C) || (p.e->bias && !p.d->bias) || (p.e->aux && !p.d->aux))
+  if ((product && (!A || !B)) || (g->beta != 0 && !C) || ((p.e->bias || p.e->bgrad_a) && !p.d->bias) ||
+      (p.e->aux && !p.d->aux) || (p.e->bgrad_a && !A))
     return CUBLAS_STATUS_INVALID_VALUE;
   /* in place (C = D): one layout */
   if (C == D && (g->c.ld != g->ldd || g->c.stride != g->stride_d)) return CUBLAS_STATUS_INVALID_VALUE;
   g->a.p = A, g->b.p = B, g->c.p = C, g->d = D;
-  if (!emu_blas_capturing(stream)) return emu_blas_gemm(g, epilogue, &p);
+  if (!emu_blas_capturing(stream)) return run(&p);
   lt_recorded *copy = malloc(sizeof *copy);
   if (!copy) return CUBLAS_STATUS_ALLOC_FAILED;
   copy->p = p, copy->d = *p.d;

@@ -575,7 +575,7 @@ static void lt_refusals(void) {
   static const uint32_t others[] = {
       CUBLASLT_EPILOGUE_RELU_AUX,    CUBLASLT_EPILOGUE_RELU_AUX_BIAS, CUBLASLT_EPILOGUE_DRELU,
       CUBLASLT_EPILOGUE_DRELU_BGRAD, CUBLASLT_EPILOGUE_DGELU,         CUBLASLT_EPILOGUE_DGELU_BGRAD,
-      CUBLASLT_EPILOGUE_BGRADA,      CUBLASLT_EPILOGUE_BGRADB,        12345};
+      CUBLASLT_EPILOGUE_BGRADB,      12345};
   for (size_t i = 0; i < sizeof others / sizeof others[0]; i++) {
     LT_SET(cublasLtMatmulDescSetAttribute, desc, CUBLASLT_MATMUL_DESC_EPILOGUE, others[i]);
     STATUS(CUBLAS_STATUS_NOT_SUPPORTED, lt_heuristic(desc, la, lb, ld, ld, &res, &found));
@@ -650,6 +650,56 @@ static uint16_t lt_bf16_1x1(float bias) {
   return bits;
 }
 
+/* BGRADA (the backend's weight gradients with their biases'): D as DEFAULT's,
+ * and through the bias pointer (D's type, BIAS_BATCH_STRIDE apart) op(A)
+ * summed over k, one value per row of D, of A as it is (alpha not applied). */
+static void lt_bgrad_case(cudaDataType ab, cudaDataType cd, bool ta, bool tb, int count) {
+  const int m = 13, n = 6, k = 11;
+  int ar = ta ? k : m, ac = ta ? m : k, br = tb ? n : k, bc = tb ? k : n;
+  int64_t batched = count > 1;
+  mat A = mat_make(ab, ar, ac, ar + 2, batched * ((ar + 2) * ac + 7), count);
+  mat B = mat_make(ab, br, bc, br + 1, batched * ((br + 1) * bc + 3), count);
+  mat D = mat_make(cd, m, n, m + 1, batched * ((m + 1) * n + 5), count);
+  mat sums = mat_make(cd, m, 1, m, m + 3, count);
+  mat_random(&A), mat_random(&B);
+  memset(sums.p, 0xff, (size_t)sums.len * esize(cd));
+  float alpha = 0.875f, beta = 0;
+  size_t len = (size_t)(count * m * n);
+  double *pre = malloc(len * sizeof(double)), *mag = malloc(len * sizeof(double));
+  double *want = malloc((size_t)(count * m) * sizeof(double)), *wmag = malloc((size_t)(count * m) * sizeof(double));
+  ref_gemm r = {ta, tb, m, n, k, count, alpha, beta, &A, &B, &D, NULL};
+  reference(&r, pre, mag);
+  for (int64_t z = 0; z < count; z++)
+    for (int64_t i = 0; i < m; i++) {
+      double s = 0, sm = 0;
+      for (int64_t l = 0; l < k; l++) {
+        double a = ta ? get(&A, z, l, i) : get(&A, z, i, l);
+        s += a, sm += fabs(a);
+      }
+      want[z * m + i] = s, wmag[z * m + i] = sm;
+    }
+  cublasLtMatmulDesc_t desc = lt_desc(ta, tb, CUBLASLT_EPILOGUE_BGRADA);
+  int64_t stride = sums.stride;
+  LT_SET(cublasLtMatmulDescSetAttribute, desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, sums.p);
+  LT_SET(cublasLtMatmulDescSetAttribute, desc, CUBLASLT_MATMUL_DESC_BIAS_BATCH_STRIDE, stride);
+  cublasLtMatrixLayout_t la = lt_layout(&A), lb = lt_layout(&B), ld = lt_layout(&D);
+  cublasLtMatmulHeuristicResult_t res;
+  int found;
+  STATUS(CUBLAS_STATUS_SUCCESS, lt_heuristic(desc, la, lb, ld, ld, &res, &found));
+  STATUS(CUBLAS_STATUS_SUCCESS,
+         lt.cublasLtMatmul(g_lt, desc, &alpha, A.p, la, B.p, lb, &beta, D.p, ld, D.p, ld, &res.algo, NULL, 0, NULL));
+  char what[160];
+  snprintf(what, sizeof what, "cublasLtMatmul BGRADA %s->%s op %c%c x%d", type_name(ab), type_name(cd),
+           ta ? 'T' : 'N', tb ? 'T' : 'N', count);
+  check_mat(what, &D, pre, mag);
+  strcat(what, ": the sums");
+  check_mat(what, &sums, want, wmag);
+  lt.cublasLtMatrixLayoutDestroy(la), lt.cublasLtMatrixLayoutDestroy(lb), lt.cublasLtMatrixLayoutDestroy(ld);
+  lt.cublasLtMatmulDescDestroy(desc);
+  free(pre), free(mag), free(want), free(wmag);
+  free(A.p), free(B.p), free(D.p), free(sums.p);
+}
+
 static void test_cublaslt(void) {
   STATUS(CUBLAS_STATUS_SUCCESS, lt.cublasLtCreate(&g_lt));
   static const cudaDataType types[][2] = {
@@ -663,6 +713,11 @@ static void test_cublaslt(void) {
           bool in_place = v & 4, shared_bias = v & 8;
           lt_case(&EPIS[ie], types[t][0], types[t][1], tr & 1, tr & 2, count, beta, in_place, shared_bias);
         }
+  for (int t = 0; t < 3; t++)
+    for (int tr = 0; tr < 4; tr++) {
+      lt_bgrad_case(types[t][0], types[t][1], tr & 1, tr & 2, 1);
+      lt_bgrad_case(types[t][0], types[t][1], tr & 1, tr & 2, 3);
+    }
   lt_refusals();
   CHECK(lt_bf16_1x1(0x1p-8f) == 0x3f80, "cuBLASLt: 1 + 2^-8 (a tie) rounds to 1: %#x", lt_bf16_1x1(0x1p-8f));
   CHECK(lt_bf16_1x1(0x3p-9f) == 0x3f81, "cuBLASLt: 1 + 3 2^-9 rounds to 1 + 2^-7: %#x", lt_bf16_1x1(0x3p-9f));

@@ -1159,6 +1159,39 @@ static void t_gemm_epi(moert_dt ab, moert_dt ct, bool ta, bool tb_, int64_t m, i
   moert_backend_cuda_set_cublaslt(gpu, true);
 }
 
+/* A weight-gradient gemm_ex with the bias gradient (the column sums of B,
+ * written over values already there), fp32 C, against the cpu's. The
+ * emulation's cuBLASLt has the BGRADA epilogue, so there it must run on
+ * cuBLASLt; on a GPU the case's name says which ran (no algorithm for it: the
+ * GEMM on cuBLASLt without it, and a kernel's sums). */
+static void t_gemm_bgrad(moert_dt ab, bool ta, int64_t m, int64_t n, int64_t k, int64_t count, float beta, bool lt) {
+  bool on = moert_backend_cuda_set_cublaslt(gpu, lt);
+  begin("gemm_ex %s%s %lldx%lldx%lld x%lld -> fp32 +bias_grad beta=%g", ab == MOERT_BF16 ? "bf16" : "fp32",
+        ta ? " A^T" : "", (long long)m, (long long)n, (long long)k, (long long)count, beta);
+  tbuf a = tb(ab, count * m * k, -1, 1), b = tb(ab, count * k * n, -1, 1), c = tb(MOERT_F32, count * m * n, -1, 1);
+  fbuf db = fb(count * n, -7, 7);
+  moert_gemm g = {.trans_a = ta, .m = m, .n = n, .k = k, .count = count, .alpha = 1, .beta = beta, .ab_type = ab,
+                  .lda = ta ? m : k, .stride_a = m * k, .ldb = n, .stride_b = k * n, .c_type = MOERT_F32, .ldc = n,
+                  .stride_c = m * n};
+  moert_gemm h = g;
+  g.a = a.d, g.b = b.d, g.c = c.d, g.bias_grad = db.d, h.a = a.h, h.b = b.h, h.c = c.h, h.bias_grad = db.h;
+  int64_t lt0, blas0, lt1, blas1;
+  int plans0, plans1;
+  moert_backend_cuda_gemm_counts(gpu, &lt0, &blas0, &plans0);
+  moert_cpu_gemm_ex(&h);
+  gpu->gemm_ex(&g);
+  moert_backend_cuda_gemm_counts(gpu, &lt1, &blas1, &plans1);
+  size_t len = strlen(case_name);
+  snprintf(case_name + len, sizeof case_name - len, " on %s", lt1 > lt0 ? "cuBLASLt" : "cuBLAS");
+  check_t("C", c, 1e-5);
+  check_f("bias_grad", db, 1e-5);
+  checks++;
+  if (on && !misalign && lt1 == lt0 && getenv("MOEC_EMU_GPUS"))
+    fail_header("ran on cuBLAS: the emulation's cuBLASLt has the BGRADA epilogue");
+  end();
+  moert_backend_cuda_set_cublaslt(gpu, true);
+}
+
 static void run_gemm_epi(void) {
   static const moert_dt types[3][2] = {{MOERT_F32, MOERT_F32}, {MOERT_BF16, MOERT_BF16}, {MOERT_BF16, MOERT_F32}};
   for (int lt = 1; lt >= 0; lt--)
@@ -1180,6 +1213,12 @@ static void run_gemm_epi(void) {
       t_gemm_epi(ab, ct, false, false, 256, 512, 256, 1, true, MOERT_EPI_GELU, true, 0, lt, bf);
       t_gemm_epi(ab, ct, true, false, 48, 64, 200, 4, false, MOERT_EPI_NONE, false, 1, lt, false);
       t_gemm_epi(ab, ct, false, true, 200, 48, 64, 4, false, MOERT_EPI_NONE, false, 0, lt, false);
+      /* the weight gradients with their biases' (fp32 C): experts, one GEMM, odd sizes */
+      if (t != 1) {
+        t_gemm_bgrad(ab, true, 96, 64, 128, 3, 0, lt);
+        t_gemm_bgrad(ab, true, 64, 256, 512, 1, 0, lt);
+        t_gemm_bgrad(ab, true, 37, 50, 23, 2, 0, lt);
+      }
     }
 }
 
