@@ -159,7 +159,9 @@ static void run_kernel(cal *c, void *p) {
     b->gate_bwd(&io, k->T, k->E, k->K);
     break;
   }
-  case MOERT_K_DISPATCH: b->dispatch_t(c->dt, k->x, k->idx, k->loc, k->counts, k->C, k->buf, k->T, k->K, k->E, k->C, k->M); break;
+  case MOERT_K_DISPATCH:
+    b->dispatch_t(c->dt, k->x, k->idx, k->loc, k->counts, k->C, k->buf, k->T, k->K, k->E, k->C, k->M);
+    break;
   case MOERT_K_COMBINE: b->combine_t(c->dt, k->buf, k->idx, k->loc, k->gate, k->y, k->T, k->K, k->E, k->C, k->M); break;
   case MOERT_K_DISPATCH_BWD:
     b->dispatch_bwd_t(c->dt, k->dbuf, k->idx, k->loc, k->y, k->T, k->K, k->E, k->C, k->M);

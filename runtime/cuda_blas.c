@@ -190,16 +190,17 @@ static void blas_gemm_ex(const moert_gemm *g) {
  * the bias (a row of n) is a vector over D's rows, what its BIAS epilogues
  * broadcast, and aux has C's layout. Epilogues: BIAS, RELU(_BIAS),
  * GELU(_BIAS), GELU_AUX(_BIAS): D = act(alpha A B + beta C + bias), aux the
- * pre-activation; BGRADA: the bias gradient, its A (our B) summed over k
- * (our column sums of B), fp32 through the bias pointer (when cuBLASLt has
- * no algorithm for it, the GEMM runs without it and a kernel sums); computed in fp32 and rounded once to D's type (bias and
+ * pre-activation, computed in fp32 and rounded once to D's type (bias and
  * aux of D's type: the default of BIAS_DATA_TYPE and EPILOGUE_AUX_DATA_TYPE
  * for bf16 and fp32 outputs). cuBLASLt's GELU is taken to be the tanh form,
  * as the cpu's (PyTorch's _addmm_activation assumes it too; the header does
  * not say): it is used for bf16 results only, where even the erf form (at
  * most 5e-4 away) is below the rounding; fp32 results get the kernel's gelu.
  * CUBLAS_COMPUTE_32F: fp32 operands are computed in fp32 (no TF32), bf16
- * ones accumulated in fp32. */
+ * ones accumulated in fp32. BGRADA (a weight gradient's bias gradient): its
+ * A (our B) summed over k, our column sums of B, fp32 through the bias
+ * pointer; where cuBLASLt has no algorithm for it, the GEMM runs without it
+ * and the bias_grad kernel sums (moert_cuda_gemm_ex). */
 
 /* The largest power of two, at most 256, dividing the address of every
  * batch's operand. */
