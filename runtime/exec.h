@@ -128,7 +128,9 @@ typedef struct moert_exec {
     int64_t *capacity;      /* [nlayers] the padded C each MoE layer used */
     int64_t *keep;          /* [nlayers] the claims each kept per expert (<= C) */
     int *variant;           /* [nlayers] the variant each ran */
-    double *load;           /* per MoE layer, E global claim counts */
+    double *load;           /* per MoE layer, E claim counts of this rank's tokens */
+    double *load_sum;       /* the same summed over ranks, when load_summed: the */
+    bool load_summed;       /* balancing summed them this step (no second sum) */
     double routed, dropped; /* claims routed and dropped, all MoE layers */
     double aux;             /* the weighted sum of their aux losses */
     double z;               /* the weighted sum of their router z-losses */

@@ -770,6 +770,7 @@ bool moert_moe_read_stats(moert_exec *e, moert_status *st) {
   e->moe.aux = e->moe.z = 0;
   e->moe.routed = e->moe.dropped = 0;
   double *load = e->moe.load;
+  e->moe.load_summed = false; /* this forward's loads, not yet summed over ranks */
   bool any_aux = false;
   for (int li = 0; li < m->nlayers; li++) {
     const moert_layer *l = &m->layers[li];
@@ -813,11 +814,12 @@ bool moert_moe_balance(moert_exec *e, moert_status *st) {
       any |= m->layers[li].bias_update > 0;
     }
   if (!any) return true;
-  /* every layer's loads summed over ranks in one all-reduce */
-  double *global = malloc(sizeof *global * (size_t)nload);
-  if (!global) return MOERT_FAIL(st, "out of memory");
+  /* every layer's loads summed over ranks in one all-reduce, kept for the
+   * step's metrics (load_sum) */
+  double *global = e->moe.load_sum;
   memcpy(global, e->moe.load, sizeof *global * (size_t)nload);
   bool ok = e->comm->all_reduce_f64(e->comm, global, nload, MOERT_RED_SUM, st);
+  e->moe.load_summed = ok;
   const double *load = global;
   for (int li = 0; ok && li < m->nlayers; li++) {
     const moert_layer *l = &m->layers[li];
@@ -836,7 +838,6 @@ bool moert_moe_balance(moert_exec *e, moert_status *st) {
     }
     load += E;
   }
-  free(global);
   return ok || MOERT_UP(st);
 }
 

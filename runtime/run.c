@@ -843,8 +843,12 @@ int moert_run(const moert_model *m, const moert_run_opts *opts, int *argc, char 
     if (!comm->all_reduce_f64(comm, times, m->nlayers + 2, MOERT_RED_MAX, &st)) goto out;
     ms = times[m->nlayers];
     stop_sig = (int)times[m->nlayers + 1];
-    memcpy(load, e->moe.load, sizeof *load * (size_t)nload);
-    if (!comm->all_reduce_f64(comm, load, nload, MOERT_RED_SUM, &st)) goto out;
+    if (e->moe.load_summed) { /* the step's balancing summed them over ranks already (on every rank alike) */
+      memcpy(load, e->moe.load_sum, sizeof *load * (size_t)nload);
+    } else {
+      memcpy(load, e->moe.load, sizeof *load * (size_t)nload);
+      if (!comm->all_reduce_f64(comm, load, nload, MOERT_RED_SUM, &st)) goto out;
+    }
     int nsums = 0; /* the routing trace's sums: every rank takes part, rank 0 writes */
     for (int li = 0; o.routing_trace && li < m->nlayers; li++) {
       if (m->layers[li].kind != MOERT_L_MOE) continue;

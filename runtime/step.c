@@ -201,7 +201,9 @@ bool moert_exec_create(moert_exec **out, const moert_model *m, moert_plan *plan,
   for (int i = 0; i < m->nlayers; i++)
     if (m->layers[i].kind == MOERT_L_MOE) loads += m->layers[i].experts;
   e->moe.load = calloc((size_t)loads + 1, sizeof *e->moe.load);
-  if (!e->xin || !e->stack || !e->skip || !e->moe.capacity || !e->moe.keep || !e->aux_h || !e->moe.load || !e->moe.variant ||
+  e->moe.load_sum = calloc((size_t)loads + 1, sizeof *e->moe.load_sum);
+  if (!e->xin || !e->stack || !e->skip || !e->moe.capacity || !e->moe.keep || !e->aux_h || !e->moe.load ||
+      !e->moe.load_sum || !e->moe.variant ||
       !e->moe.layer_routed || !e->moe.layer_dropped || !e->moe.entropy ||
       !e->layer_ms || !e->layer_marks || !e->res_in || !e->res_grad) {
     moert_exec_destroy(e);
@@ -288,6 +290,7 @@ void moert_exec_destroy(moert_exec *e) {
   free(e->aux_h);
   free(e->zero_runs);
   free(e->moe.load);
+  free(e->moe.load_sum);
   free(e->moe.variant);
   free(e->moe.layer_routed);
   free(e->moe.layer_dropped);
