@@ -24,8 +24,11 @@
 #   --out DIR            where logs, tables and report.md go (default: $OUT, else a new /tmp dir)
 #   --build DIR          the build tree (default: build); made with RelWithDebInfo when missing
 #   --phases "LIST"      of build tests layer layer_blas examples examples_nographs attn gpt calibrate
-#                        routers twin refs ab (default: all but twin, refs and ab, in that order;
-#                        refs needs a call of its own: about 8 minutes; twin about 4; ab about 7)
+#                        routers twin refs ab profile (default: all but twin, refs, ab and profile,
+#                        in that order; refs needs a call of its own: about 8 minutes; twin about
+#                        4; ab about 7; profile, ncu on issue 18's configurations, unknown: try it
+#                        with --profile-configs on one first)
+#   --profile-configs L  the profile phase's configurations (default issue18)
 #   --tests REGEX        ctest -R REGEX within the gpu label (default: every gpu test)
 #   --examples "LIST"    example names (default: every examples/*.moe that trains or runs)
 #   --steps N            steps an example runs (default 25); --warmup N: not measured (default 5)
@@ -43,7 +46,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 out=${OUT:-} build=$root/build phases="build tests layer layer_blas examples examples_nographs attn gpt calibrate routers" tests_re= examples=
 steps=25 warm=5 deadline=0 backend=cuda twin="examples/gpt_moe.moe examples/gpt_moe_bytes.moe" twin_data=
-py=${MOEC_TORCH_PYTHON:-python3} ab_base=
+py=${MOEC_TORCH_PYTHON:-python3} ab_base= profile_configs=issue18
 usage() { sed -n '2,/^# Exit/s/^# \{0,1\}//p' "$0" >&2; exit 2; }
 args="$*"
 while [ $# -gt 0 ]; do
@@ -58,6 +61,7 @@ while [ $# -gt 0 ]; do
   --deadline) deadline=$2; shift ;;
   --twin) twin=$2; shift ;;
   --ab-base) ab_base=$2; shift ;;
+  --profile-configs) profile_configs=$2; shift ;;
   --twin-data) twin_data=$2; shift ;;
   --backend) backend=$2; shift ;;
   -h|--help) usage ;;
@@ -66,7 +70,7 @@ while [ $# -gt 0 ]; do
   [ $# -gt 0 ] && shift
 done
 for p in $phases; do
-  case $p in build|tests|layer|layer_blas|examples|examples_nographs|attn|gpt|calibrate|routers|twin|refs|ab) ;; *) echo "session.sh: no phase '$p'" >&2; usage ;; esac
+  case $p in build|tests|layer|layer_blas|examples|examples_nographs|attn|gpt|calibrate|routers|twin|refs|ab|profile) ;; *) echo "session.sh: no phase '$p'" >&2; usage ;; esac
 done
 case $backend in cpu|cuda) ;; *) echo "session.sh: --backend is cuda or cpu" >&2; exit 2 ;; esac
 case " $phases " in
@@ -355,6 +359,21 @@ PY
            "issue18\`). The first rows are the base's."; echo
       cat "$out/ab.md"
       [ $rc = 0 ] || { echo; echo "Failed: $(tail -n 5 "$out/ab.err" 2> /dev/null)"; }
+      echo; } >> "$report"
+    ;;
+  profile)
+    # Where a layer's step goes, kernel by kernel (ncu, each kernel's time and DRAM
+    # bytes), against the copy bandwidth measured here (bench/gpu/kernel_profile.py).
+    bw=$("$py" -c "import sys; sys.path.insert(0, sys.argv[1]); import torch_ref; print('%.0f' % torch_ref.copy_bandwidth())" \
+      "$here" 2> "$out/profile_bw.err") || bw=
+    python3 "$here/kernel_profile.py" run --moec "$build/compiler/moec" --configs "$profile_configs" --steps 2 \
+      ${bw:+--copy-gbps "$bw"} --out "$out/profile" > "$out/profile.md" 2> "$out/profile.err"
+    rc=$?
+    { echo "## Kernel profile: where the layer's step goes"; echo
+      echo "Command: \`python3 bench/gpu/kernel_profile.py run --configs \"$profile_configs\" --steps 2${bw:+ --copy-gbps $bw}\`" \
+           "(copy bandwidth measured in this call by torch_ref.copy_bandwidth)."; echo
+      sed 's/^# /### /' "$out/profile.md"
+      [ $rc = 0 ] || { echo; echo "Failed (exit $rc): $(tail -n 5 "$out/profile.err")"; }
       echo; } >> "$report"
     ;;
   refs)
