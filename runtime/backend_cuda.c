@@ -1008,9 +1008,18 @@ static void cuda_embed_fwd(const float *table, const int32_t *win, float *x, int
                ARGS(&table, &win, &x, &tokens, &context, &vocab, &dim));
 }
 
+/* The embedding's gradient: a block a row of the table, the tokens' additions
+ * in order (the same bits at every run) up to EMBED_ROWS_MAX rows; beyond, a
+ * block a token with atomics (each row's additions in any order). */
+enum { EMBED_ROWS_MAX = 1 << 16 };
 static void cuda_embed_bwd(const float *dx, const int32_t *win, float *dtable, int64_t tokens,
                            int64_t context, int64_t vocab, int64_t dim) {
   if (tokens <= 0) return;
+  if (context * vocab <= EMBED_ROWS_MAX) {
+    launch(K_embed_bwd_rows, (uint64_t)clamp64(context * vocab, 1, MAX_GRID_X), 1, 256, 1,
+           ARGS(&dx, &win, &dtable, &tokens, &context, &vocab, &dim));
+    return;
+  }
   launch(K_embed_bwd, (uint64_t)clamp64(tokens, 1, MAX_GRID_X), 1, threads_for(dim), 1,
          ARGS(&dx, &win, &dtable, &tokens, &context, &vocab, &dim));
 }

@@ -23,7 +23,7 @@
   X(l2norm_cols_finish) X(l2norm_cols_apply) X(gate_topk) X(gate_priority_rank)                 \
   X(gate_priority_scatter) X(gate_locations) X(gate_ec) X(aux_loss) X(gate_bwd) X(dispatch)      \
   X(dispatch_bwd) X(combine) X(combine_bwd) X(drop_beyond) X(zero_tails) X(copy_blocks)         \
-  X(embed_fwd) X(embed_bwd) X(xent) X(mse) X(dot) X(adamw) X(sgd) X(norm_split) X(clip_factor)   \
+  X(embed_fwd) X(embed_bwd) X(embed_bwd_rows) X(xent) X(mse) X(dot) X(adamw) X(sgd) X(norm_split) X(clip_factor)   \
   X(scale_by_exp) X(add_dot_unclamped) X(scale) X(add) X(axpy) X(bias_add)                       \
   X(bias_grad_part) X(scale_rows) X(cvt_f2bf) X(cvt_bf2f) X(dispatch_bf16) X(dispatch_bwd_bf16)     \
   X(combine_bf16) X(combine_bwd_bf16) X(act_fwd_relu_bf16) X(act_fwd_gelu_bf16)                  \

@@ -52,7 +52,8 @@ extern "C" __global__ void moert_k_embed_fwd(const float *table, const int *win,
 }
 
 // dtable[c, win[t*context + c], :] += dx[t, :] (atomic: tokens share words, so
-// the order of the additions, and the last bits, vary from run to run).
+// the order of the additions, and the last bits, vary from run to run; used
+// where vocab * context is too large for embed_bwd_rows).
 extern "C" __global__ void moert_k_embed_bwd(const float *dx, const int *win, float *dtable,
                                              long long tokens, long long context,
                                              long long vocab, long long dim) {
@@ -63,6 +64,61 @@ extern "C" __global__ void moert_k_embed_bwd(const float *dx, const int *win, fl
       if (wd < 0 || wd >= vocab) continue;
       float *row = dtable + (c * vocab + wd) * dim;
       for (long long i = threadIdx.x; i < dim; i += blockDim.x) atomicAdd(row + i, dxt[i]);
+    }
+  }
+}
+
+// The same sums, deterministic: a block a row of dtable (a key c * vocab + w,
+// blocks striding over the keys) adds the dx of the tokens whose window holds
+// w at c, in token order, to the row as it was: the cpu's order of
+// additions, so the same bits at every run (and with CUDA graphs or without).
+// Each block reads every token's window at c (tiles of 256 tokens: each
+// thread tests one, thread 0 lists the hits in order) and the hits' dx rows,
+// EMBED_R elements a thread at a time. Launch: 256 threads; for vocab *
+// context keys up to 65536 (backend_cuda.c; beyond, the atomic kernel).
+#define EMBED_R 8
+extern "C" __global__ void moert_k_embed_bwd_rows(const float *dx, const int *win, float *dtable,
+                                                  long long tokens, long long context,
+                                                  long long vocab, long long dim) {
+  __shared__ int hit[256], list[256];
+  __shared__ int nlist;
+  long long keys = context * vocab;
+  for (long long key = blockIdx.x; key < keys; key += gridDim.x) {
+    long long c = key / vocab, w = key % vocab;
+    float *row = dtable + key * dim;
+    for (long long i0 = 0; i0 < dim; i0 += (long long)blockDim.x * EMBED_R) {
+      float acc[EMBED_R];
+      for (int r = 0; r < EMBED_R; r++) {
+        long long i = i0 + (long long)r * blockDim.x + threadIdx.x;
+        acc[r] = i < dim ? row[i] : 0.0f;
+      }
+      bool any = false;
+      for (long long t0 = 0; t0 < tokens; t0 += blockDim.x) {
+        long long t = t0 + threadIdx.x;
+        hit[threadIdx.x] = t < tokens && (long long)win[t * context + c] == w;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+          int n = 0;
+          for (int j = 0; j < (int)blockDim.x; j++)
+            if (hit[j]) list[n++] = j;
+          nlist = n;
+        }
+        __syncthreads();
+        for (int m = 0; m < nlist; m++) {
+          const float *dxt = dx + (t0 + list[m]) * dim;
+          for (int r = 0; r < EMBED_R; r++) {
+            long long i = i0 + (long long)r * blockDim.x + threadIdx.x;
+            if (i < dim) acc[r] += dxt[i];
+          }
+        }
+        any = any || nlist > 0;
+        __syncthreads();
+      }
+      if (any)
+        for (int r = 0; r < EMBED_R; r++) {
+          long long i = i0 + (long long)r * blockDim.x + threadIdx.x;
+          if (i < dim) row[i] = acc[r];
+        }
     }
   }
 }
