@@ -251,6 +251,7 @@ static int refuses_bidirectional(void) {
 }
 
 int main(int argc, char **argv) {
+  setvbuf(stdout, NULL, _IOLBF, 0); /* each case's line out before a crash in the next */
   const char *mode = argc > 1 ? argv[1] : "";
   bool cuda = strcmp(mode, "cuda") == 0;
   bf16_mode = strcmp(mode, "bf16") == 0;
