@@ -55,6 +55,9 @@ typedef struct moert_req moert_req;
 
 struct moert_comm {
   const char *name;          /* "self", "mpi", "nccl" */
+  /* the float collectives take the backend's memory (the staging comm over a
+   * host one, and nccl): what a device backend's executor needs */
+  bool device_buffers;
   int world, rank;
   int nodes, node, local_size, local_rank;
   /* This rank's index among the ranks on its machine, and their number, from

@@ -582,7 +582,7 @@ static nccl_comm *comm_new(moert_comm *host, bool owns_host, moert_backend *b) {
   k->compute = (CUstream)moert_backend_cuda_stream(b);
   moert_comm *c = &k->pub;
   *c = (moert_comm){
-      .name = "nccl", .world = host->world, .rank = host->rank, .nodes = host->nodes,
+      .name = "nccl", .device_buffers = true, .world = host->world, .rank = host->rank, .nodes = host->nodes,
       .node = host->node, .local_size = host->local_size, .local_rank = host->local_rank,
       .host_rank = host->host_rank, .host_size = host->host_size,
       .all_reduce_f64 = nccl_all_reduce_f64, .all_reduce_f32 = nccl_all_reduce_f32,

@@ -162,7 +162,7 @@ static bool wrap(moert_comm *inner, moert_backend *b, bool owns_inner, moert_com
   s->inner = inner;
   s->b = b;
   *c = (moert_comm){
-      .name = inner->name, .world = inner->world, .rank = inner->rank, .nodes = inner->nodes,
+      .name = inner->name, .device_buffers = true, .world = inner->world, .rank = inner->rank, .nodes = inner->nodes,
       .node = inner->node, .local_size = inner->local_size, .local_rank = inner->local_rank,
       .host_rank = inner->host_rank, .host_size = inner->host_size,
       .all_reduce_f64 = st_f64, .all_reduce_f32 = st_f32, .all_reduce_i64 = st_i64,

@@ -175,6 +175,10 @@ static bool oom(const moert_plan *plan, bool training, const moert_backend *b, m
 bool moert_exec_create(moert_exec **out, const moert_model *m, moert_plan *plan, moert_backend *b,
                        moert_comm *comm, bool training, uint64_t seed, moert_status *st) {
   *out = NULL;
+  if (b != moert_backend_cpu() && !comm->device_buffers)
+    return MOERT_FAIL(st, "the %s backend's executor was given the %s comm, whose collectives take host memory: "
+                      "wrap it with moert_comm_staged_create (as runtime/run.c does), or use nccl",
+                      b->name, comm->name);
   moert_exec *e = calloc(1, sizeof *e);
   if (!e) return MOERT_FAIL(st, "out of memory");
   e->m = m;

@@ -43,8 +43,11 @@ static const dcase cases[] = {
 };
 
 static bool bf16_mode;
-/* The backend the cases run on: the cpu, or (argument cuda) the GPU's. */
+/* The backend the cases run on: the cpu, or (argument cuda) the GPU's, and
+ * the comm of its executors (one rank: self, staged through the host for the
+ * GPU's memory, as runtime/run.c makes it). */
 static moert_backend *backend;
+static moert_comm *comm;
 
 /* The spec with DT made fp32 or bf16. */
 static char *spec_text(const char *spec) {
@@ -133,7 +136,7 @@ static int run_case(const dcase *c) {
   float *again = malloc(sizeof *again * (size_t)V);
   int fails = 0;
   if (!moert_plan_create(m, 1, 0, m->tokens, false, &p, &st) ||
-      !moert_exec_create(&e, m, p, backend, moert_comm_self(), false, 11, &st)) {
+      !moert_exec_create(&e, m, p, backend, comm, false, 11, &st)) {
     printf("FAIL %s: %s\n", c->name, st.msg);
     fails = 1;
     goto out;
@@ -239,7 +242,7 @@ static int refuses_bidirectional(void) {
   int32_t win[2] = {1, -1};
   float *logits = malloc(sizeof(float) * (size_t)m->vocab);
   bool ok = moert_plan_create(m, 1, 0, m->tokens, false, &p, &st) &&
-            moert_exec_create(&e, m, p, backend, moert_comm_self(), false, 11, &st) &&
+            moert_exec_create(&e, m, p, backend, comm, false, 11, &st) &&
             moert_exec_decode_begin(e, &st) && moert_exec_decode(e, win, logits, &st);
   int fail = ok || !strstr(st.msg, "bidirectional");
   printf("%-4s a bidirectional model's decode is refused: %s\n", fail ? "FAIL" : "ok", ok ? "(it ran)" : st.msg);
@@ -256,13 +259,15 @@ int main(int argc, char **argv) {
   bool cuda = strcmp(mode, "cuda") == 0;
   bf16_mode = strcmp(mode, "bf16") == 0;
   backend = moert_backend_cpu();
+  comm = moert_comm_self();
   if (cuda) {
     moert_status st = {0};
     if (!moert_cuda_available()) {
       printf("SKIP: no GPU (the cuda backend's decode needs one)\n");
       return 77;
     }
-    if (!moert_backend_cuda_create(&backend, 0, NULL, true, NULL, &st)) {
+    if (!moert_backend_cuda_create(&backend, 0, NULL, true, NULL, &st) ||
+        !moert_comm_staged_create(moert_comm_self(), backend, &comm, &st)) {
       printf("FAIL: the cuda backend: %s\n", st.msg);
       return 1;
     }
@@ -274,7 +279,10 @@ int main(int argc, char **argv) {
     fails += refuses_bidirectional();
     n++;
   }
-  if (cuda) moert_backend_cuda_destroy(backend);
+  if (cuda) {
+    comm->destroy(comm);
+    moert_backend_cuda_destroy(backend);
+  }
   printf("%d passed, %d failed\n", n - fails, fails);
   return fails ? 1 : 0;
 }
