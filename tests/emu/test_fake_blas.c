@@ -482,14 +482,25 @@ static cublasLtMatmulDesc_t lt_desc(bool ta, bool tb, uint32_t epilogue) {
 /* One cuBLASLt matmul as the backend makes it (m 13, n 6, k 11): in place
  * (C = D) or not, the bias per batch or shared (batch stride 0), aux with its
  * own ld and batch stride. */
-static void lt_case(const epi_spec *e, cudaDataType ab, cudaDataType cd, bool ta, bool tb, int count, float beta,
-                    bool in_place, bool shared_bias) {
-  const int m = 13, n = 6, k = 11;
+/* The operands of the cuBLASLt cases, op(A) m x k and op(B) k x n with m 13,
+ * n 6, k 11, and D, each with a leading dimension past its rows and (batched)
+ * a batch stride past its matrix, so that padding is never read or written. */
+enum { LT_M = 13, LT_N = 6, LT_K = 11 };
+static void lt_operands(cudaDataType ab, cudaDataType cd, bool ta, bool tb, int count, mat *A, mat *B, mat *D) {
+  const int m = LT_M, n = LT_N, k = LT_K;
   int ar = ta ? k : m, ac = ta ? m : k, br = tb ? n : k, bc = tb ? k : n;
   int64_t batched = count > 1;
-  mat A = mat_make(ab, ar, ac, ar + 2, batched * ((ar + 2) * ac + 7), count);
-  mat B = mat_make(ab, br, bc, br + 1, batched * ((br + 1) * bc + 3), count);
-  mat D = mat_make(cd, m, n, m + 1, batched * ((m + 1) * n + 5), count);
+  *A = mat_make(ab, ar, ac, ar + 2, batched * ((ar + 2) * ac + 7), count);
+  *B = mat_make(ab, br, bc, br + 1, batched * ((br + 1) * bc + 3), count);
+  *D = mat_make(cd, m, n, m + 1, batched * ((m + 1) * n + 5), count);
+}
+
+static void lt_case(const epi_spec *e, cudaDataType ab, cudaDataType cd, bool ta, bool tb, int count, float beta,
+                    bool in_place, bool shared_bias) {
+  const int m = LT_M, n = LT_N, k = LT_K;
+  int64_t batched = count > 1;
+  mat A, B, D;
+  lt_operands(ab, cd, ta, tb, count, &A, &B, &D);
   mat C = in_place ? D : mat_make(cd, m, n, m + 2, batched * ((m + 2) * n + 2), count);
   mat bias = mat_make(cd, m, 1, m, shared_bias ? 0 : m + 3, count);
   mat aux = mat_make(cd, m, n, 16, batched * (16 * n + 8), count);
@@ -654,12 +665,9 @@ static uint16_t lt_bf16_1x1(float bias) {
  * and through the bias pointer (D's type, BIAS_BATCH_STRIDE apart) op(A)
  * summed over k, one value per row of D, of A as it is (alpha not applied). */
 static void lt_bgrad_case(cudaDataType ab, cudaDataType cd, bool ta, bool tb, int count) {
-  const int m = 13, n = 6, k = 11;
-  int ar = ta ? k : m, ac = ta ? m : k, br = tb ? n : k, bc = tb ? k : n;
-  int64_t batched = count > 1;
-  mat A = mat_make(ab, ar, ac, ar + 2, batched * ((ar + 2) * ac + 7), count);
-  mat B = mat_make(ab, br, bc, br + 1, batched * ((br + 1) * bc + 3), count);
-  mat D = mat_make(cd, m, n, m + 1, batched * ((m + 1) * n + 5), count);
+  const int m = LT_M, n = LT_N, k = LT_K;
+  mat A, B, D;
+  lt_operands(ab, cd, ta, tb, count, &A, &B, &D);
   mat sums = mat_make(cd, m, 1, m, m + 3, count);
   mat_random(&A), mat_random(&B);
   memset(sums.p, 0xff, (size_t)sums.len * esize(cd));

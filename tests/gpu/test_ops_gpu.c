@@ -1118,6 +1118,21 @@ static void check_t(const char *what, tbuf b, double tol) {
 
 static const char *const epi_names[] = {"", " relu", " gelu"};
 
+/* h on the cpu and g on the GPU; the case's name says which library ran g.
+ * True when it was cuBLASLt; *plans: the cuBLASLt plans made so far. */
+static bool gemm_both(moert_gemm *h, moert_gemm *g, int64_t *lt_after, int *plans) {
+  int64_t lt0, blas0, blas1;
+  int plans0;
+  moert_backend_cuda_gemm_counts(gpu, &lt0, &blas0, &plans0);
+  moert_cpu_gemm_ex(h);
+  gpu->gemm_ex(g);
+  moert_backend_cuda_gemm_counts(gpu, lt_after, &blas1, plans);
+  bool ran_lt = *lt_after > lt0;
+  size_t len = strlen(case_name);
+  snprintf(case_name + len, sizeof case_name - len, " on %s", ran_lt ? "cuBLASLt" : "cuBLAS");
+  return ran_lt;
+}
+
 /* One gemm_ex with an epilogue, on cuBLASLt (lt) or cuBLAS. want_lt: the
  * aligned pass must have run it on cuBLASLt (when it loaded). */
 static void t_gemm_epi(moert_dt ab, moert_dt ct, bool ta, bool tb_, int64_t m, int64_t n, int64_t k,
@@ -1135,15 +1150,9 @@ static void t_gemm_epi(moert_dt ab, moert_dt ct, bool ta, bool tb_, int64_t m, i
   g.a = a.d, g.b = b.d, g.c = c.d, h.a = a.h, h.b = b.h, h.c = c.h;
   if (bias) g.bias = bs.d, h.bias = bs.h;
   if (aux) g.aux = x.d, h.aux = x.h;
-  int64_t lt0, blas0, lt1, blas1;
-  int plans0, plans1;
-  moert_backend_cuda_gemm_counts(gpu, &lt0, &blas0, &plans0);
-  moert_cpu_gemm_ex(&h);
-  gpu->gemm_ex(&g);
-  moert_backend_cuda_gemm_counts(gpu, &lt1, &blas1, &plans1);
-  bool ran_lt = lt1 > lt0;
-  size_t len = strlen(case_name);
-  snprintf(case_name + len, sizeof case_name - len, " on %s", ran_lt ? "cuBLASLt" : "cuBLAS");
+  int64_t lt1;
+  int plans1;
+  bool ran_lt = gemm_both(&h, &g, &lt1, &plans1);
   double tol = ct == MOERT_F32 ? 1e-5 : TOLB;
   check_t("C", c, tol);
   if (aux) check_t("aux (the pre-activation)", x, tol);
@@ -1178,18 +1187,13 @@ static void t_gemm_bgrad(moert_dt ab, bool ta, int64_t m, int64_t n, int64_t k, 
                   .stride_c = m * n};
   moert_gemm h = g;
   g.a = a.d, g.b = b.d, g.c = c.d, g.bias_grad = db.d, h.a = a.h, h.b = b.h, h.c = c.h, h.bias_grad = db.h;
-  int64_t lt0, blas0, lt1, blas1;
-  int plans0, plans1;
-  moert_backend_cuda_gemm_counts(gpu, &lt0, &blas0, &plans0);
-  moert_cpu_gemm_ex(&h);
-  gpu->gemm_ex(&g);
-  moert_backend_cuda_gemm_counts(gpu, &lt1, &blas1, &plans1);
-  size_t len = strlen(case_name);
-  snprintf(case_name + len, sizeof case_name - len, " on %s", lt1 > lt0 ? "cuBLASLt" : "cuBLAS");
+  int64_t lt1;
+  int plans1;
+  bool ran_lt = gemm_both(&h, &g, &lt1, &plans1);
   check_t("C", c, 1e-5);
   check_f("bias_grad", db, 1e-5);
   checks++;
-  if (on && !misalign && lt1 == lt0 && getenv("MOEC_EMU_GPUS"))
+  if (on && !misalign && !ran_lt && getenv("MOEC_EMU_GPUS"))
     fail_header("ran on cuBLAS: the emulation's cuBLASLt has the BGRADA epilogue");
   end();
   moert_backend_cuda_set_cublaslt(gpu, true);
